@@ -1,0 +1,159 @@
+"""A model of PyTorch's CUDA caching allocator (c10/cuda/CUDACachingAllocator.cpp, default settings).
+
+Replays allocation requests and releases and reports what torch.cuda would: allocated bytes (sum of the
+blocks handed out, which can exceed the sum of tensor sizes) and reserved bytes (sum of cudaMalloc'd
+segments). Rules, with the constants of the C++ source:
+
+- a request rounds up to a multiple of 512 B (kMinBlockSize), at least 512 B;
+- rounded sizes <= 1 MiB (kSmallSize) use the small pool, larger ones the large pool;
+- a request is served by the smallest free block of its pool that is large enough (best fit; ties go to
+  the lower address);
+- with no such block a new segment is cudaMalloc'd: 2 MiB (kSmallBuffer) for small requests, 20 MiB
+  (kLargeBuffer) for large ones under 10 MiB (kMinLargeAlloc), else the size rounded up to 2 MiB;
+- a block is split, keeping the front for the request, when the remainder is >= 512 B (small pool) or
+  > 1 MiB (large pool); an unsplit block counts whole in allocated bytes;
+- a freed block merges with free neighbours in its segment; segments are only returned to the driver
+  when a cudaMalloc would exceed the device (release_cached_blocks, then one retry) or on empty_cache.
+Single stream, default settings (no max_split_size, no expandable segments, no garbage threshold).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+MIN_BLOCK = 512
+SMALL_SIZE = 1 << 20
+SMALL_BUFFER = 2 << 20
+LARGE_BUFFER = 20 << 20
+MIN_LARGE_ALLOC = 10 << 20
+ROUND_LARGE = 2 << 20
+
+
+def round_size(nbytes: int) -> int:
+    return MIN_BLOCK if nbytes < MIN_BLOCK else -(-nbytes // MIN_BLOCK) * MIN_BLOCK
+
+
+def segment_size(rounded: int) -> int:
+    if rounded <= SMALL_SIZE:
+        return SMALL_BUFFER
+    if rounded < MIN_LARGE_ALLOC:
+        return LARGE_BUFFER
+    return -(-rounded // ROUND_LARGE) * ROUND_LARGE
+
+
+class SimulatedOOM(Exception):
+    def __init__(self, requested: int, allocated: int, reserved: int, capacity: int):
+        self.requested, self.allocated, self.reserved, self.capacity = requested, allocated, reserved, capacity
+        super().__init__(f"tried to allocate {requested} B with {reserved} B reserved of {capacity} B usable")
+
+
+@dataclass(eq=False)
+class Block:
+    addr: int
+    size: int
+    small: bool
+    segment: int
+    free: bool = True
+    prev: "Block | None" = None
+    next: "Block | None" = None
+
+
+class CachingAllocatorModel:
+    """Best-fit caching allocator; `capacity` (bytes the device leaves for segments) enables OOM."""
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
+        self.allocated = 0
+        self.reserved = 0
+        self.peak_allocated = 0
+        self.peak_reserved = 0
+        self._free = {True: [], False: []}  # pool (small?) -> sorted [(size, addr, block)]
+        self._blocks: dict[int, Block] = {}  # request id -> block
+        self._next_addr = 0
+        self._segments = 0
+
+    # --- free lists ---------------------------------------------------------------------------------
+    def _insert(self, b: Block) -> None:
+        bisect.insort(self._free[b.small], (b.size, b.addr, b))
+
+    def _remove(self, b: Block) -> None:
+        lst = self._free[b.small]
+        del lst[bisect.bisect_left(lst, (b.size, b.addr))]
+
+    def _best_fit(self, small: bool, size: int) -> Block | None:
+        lst = self._free[small]
+        i = bisect.bisect_left(lst, (size, -1))
+        return lst[i][2] if i < len(lst) else None
+
+    # --- segments -----------------------------------------------------------------------------------
+    def _new_segment(self, small: bool, size: int, rounded: int) -> Block:
+        if self.capacity is not None and self.reserved + size > self.capacity:
+            self.release_cached()
+            if self.reserved + size > self.capacity:
+                raise SimulatedOOM(rounded, self.allocated, self.reserved, self.capacity)
+        # segments sit at increasing addresses; the gap keeps segments from looking adjacent
+        self._segments += 1
+        block = Block(self._next_addr, size, small, self._segments)
+        self._next_addr += size + ROUND_LARGE
+        self.reserved += size
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        return block
+
+    def release_cached(self) -> None:
+        """Return every entirely free segment to the driver (what empty_cache and the OOM retry do)."""
+        for small in (True, False):
+            for size, _addr, b in list(self._free[small]):
+                if b.prev is None and b.next is None:
+                    self._remove(b)
+                    self.reserved -= size
+
+    # --- requests -----------------------------------------------------------------------------------
+    def malloc(self, rid: int, nbytes: int) -> int:
+        """Serve request `rid`; returns the bytes it adds to `allocated` (its block's size)."""
+        size = round_size(nbytes)
+        small = size <= SMALL_SIZE
+        block = self._best_fit(small, size)
+        if block is not None:
+            self._remove(block)
+        else:
+            block = self._new_segment(small, segment_size(size), size)
+        remaining = block.size - size
+        if (remaining >= MIN_BLOCK) if small else (remaining > SMALL_SIZE):
+            rest = Block(block.addr + size, remaining, small, block.segment, True, block, block.next)
+            if block.next is not None:
+                block.next.prev = rest
+            block.next = rest
+            block.size = size
+            self._insert(rest)
+        block.free = False
+        self._blocks[rid] = block
+        self.allocated += block.size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        return block.size
+
+    def free(self, rid: int) -> int:
+        """Release request `rid`; returns the bytes it gave back."""
+        block = self._blocks.pop(rid)
+        freed = block.size
+        self.allocated -= freed
+        block.free = True
+        for neighbour in (block.prev, block.next):
+            if neighbour is not None and neighbour.free:
+                self._remove(neighbour)
+                if neighbour is block.prev:
+                    neighbour.size += block.size
+                    neighbour.next = block.next
+                    if block.next is not None:
+                        block.next.prev = neighbour
+                    block = neighbour
+                else:
+                    block.size += neighbour.size
+                    block.next = neighbour.next
+                    if neighbour.next is not None:
+                        neighbour.next.prev = block
+        self._insert(block)
+        return freed
+
+    def block_size(self, rid: int) -> int:
+        return self._blocks[rid].size

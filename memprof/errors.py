@@ -1,0 +1,14 @@
+"""The one exception type that the command line turns into a one-line error with exit code 2."""
+
+import difflib
+
+
+class UsageError(Exception):
+    """Bad input from the user: the message says what was wrong and how to fix it."""
+
+
+def unknown_name(kind: str, name: str, choices, list_command: str) -> UsageError:
+    """An error for a misspelled name, with the closest matches and the command that lists all."""
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return UsageError(f"unknown {kind} '{name}': {hint}`{list_command}` lists them all")

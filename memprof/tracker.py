@@ -1,0 +1,107 @@
+"""Storage lifetimes as an event stream: what a device allocator would be asked for, op by op.
+
+A TorchDispatchMode sees every aten op below autograd. Each op output whose storage is new (the op's
+schema says the output is not an alias of an input, and the storage has not been seen) is one allocation
+request of `storage.nbytes()` bytes; a weakref on the storage logs its release when the last tensor using
+it dies. Views and in-place ops allocate nothing. Tensors made from Python literals (`torch.tensor(0.0)`,
+e.g. the optimizers' step counters) reach dispatch only as `lift_fresh`, an alias: they are host memory
+on CUDA too, and are not counted.
+
+Rules (memprof.rules) may add requests CUDA makes that the CPU does not (library workspaces, kernel
+temporaries) through `synthetic_alloc` and `free_synthetic`.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ALLOC, FREE = 0, 1
+
+
+def _may_allocate(func) -> bool:
+    """False when every output of the op aliases an input (views, in-place and out= ops)."""
+    returns = func._schema.returns
+    return any(r.alias_info is None and "Tensor" in str(r.type) for r in returns)
+
+
+class StorageTracker(TorchDispatchMode):
+    """Logs (ALLOC, id, nbytes, phase, op) and (FREE, id) events for every device storage."""
+
+    def __init__(self, rules=()):
+        super().__init__()
+        self.rules = tuple(rules)
+        self.events: list[tuple] = []
+        self.phase = "setup"
+        self.step = 0
+        self.origin: dict[int, str] = {}  # storage id -> what made it (for the op at the peak)
+        self._by_cdata: dict[int, int] = {}
+        self._refs: dict[int, weakref.ref] = {}
+        self._next_id = 0
+        self._allocating: dict = {}
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def register(self, tensor: torch.Tensor, op: str) -> int | None:
+        """Count `tensor`'s storage as allocated now, unless already counted; returns its id."""
+        st = tensor.untyped_storage()
+        key = st._cdata
+        sid = self._by_cdata.get(key)
+        if sid is not None or st.nbytes() == 0:
+            return sid
+        sid = self._new_id()
+        self._by_cdata[key] = sid
+        self._refs[sid] = weakref.ref(st, lambda _r, sid=sid, key=key: self._released(sid, key))
+        self.events.append((ALLOC, sid, st.nbytes(), self.phase, op))
+        self.origin[sid] = op
+        return sid
+
+    def _released(self, sid: int, key: int) -> None:
+        self._by_cdata.pop(key, None)
+        self._refs.pop(sid, None)
+        self.events.append((FREE, sid))
+
+    def storage_id(self, tensor: torch.Tensor) -> int | None:
+        return self._by_cdata.get(tensor.untyped_storage()._cdata)
+
+    def synthetic_alloc(self, nbytes: int, op: str) -> int:
+        """A request CUDA makes that has no tensor here (e.g. a cuBLAS workspace)."""
+        sid = self._new_id()
+        self.events.append((ALLOC, sid, nbytes, self.phase, op))
+        self.origin[sid] = op
+        return sid
+
+    def free_synthetic(self, sid: int) -> None:
+        self.events.append((FREE, sid))
+
+    def set_phase(self, phase: str, step: int | None = None) -> None:
+        self.phase = phase
+        if step is not None:
+            self.step = step
+
+    # --- dispatch ----------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for rule in self.rules:
+            rule.before_op(self, func, args, kwargs)
+        out = func(*args, **kwargs)
+        may = self._allocating.get(func)
+        if may is None:
+            may = self._allocating[func] = _may_allocate(func)
+        if may:
+            op = str(func)
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    self.register(t, op)
+                elif isinstance(t, (tuple, list)):  # foreach ops return lists
+                    for u in t:
+                        if isinstance(u, torch.Tensor):
+                            self.register(u, op)
+        for rule in self.rules:
+            rule.after_op(self, func, args, kwargs, out)
+        return out
