@@ -7,8 +7,10 @@ docstring says and are listed so a prediction names everything it assumed.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from torch.overrides import TorchFunctionMode
+import torch.nn.functional as F
 
 from memprof.budget import DeviceProfile
 
@@ -46,9 +48,16 @@ class ForeachOptimizer(Rule):
 
 class HostLiterals(Rule):
     name = "host-literals"
-    summary = ("tensors made from Python literals without a device (the optimizers' step counters) stay in host "
-               "memory on CUDA and are not counted")
-    source = "torch/optim/adam.py _init_group: state['step'] = torch.tensor(0.0) unless capturable or fused"
+    summary = ("tensors made from Python literals without a device (the optimizers' step counters) and values "
+               "shape functions put on the meta device (attention RNG seed/offset) are host memory on CUDA: "
+               "not counted")
+    source = ("torch/optim/adam.py _init_group: state['step'] = torch.tensor(0.0) unless capturable or fused; "
+              "attention.cu _efficient_attention_forward: seed/offset are at::empty({}, kLong) on the CPU")
+
+    def after_op(self, tracker, func, args, kwargs, out) -> None:
+        if func is aten._scaled_dot_product_efficient_attention.default:
+            for rng_state in out[2:4]:
+                tracker.treat_as_host(rng_state)
 
 
 class MemEfficientAttention(Rule):
@@ -67,8 +76,22 @@ class MemEfficientAttention(Rule):
                "returns a [B, L, H, K]-strided output (the reshape after it copies when B > 1)")
     source = "aten/src/ATen/native/transformers/cuda/sdp_utils.cpp; torch/_meta_registrations.py"
 
-    def mode(self) -> TorchFunctionMode:
-        return _EfficientAttentionMode()
+    @contextlib.contextmanager
+    def mode(self):
+        """While active, torch.nn.functional.scaled_dot_product_attention (which multi_head_attention_forward
+        and open_clip look up at call time) takes the path CUDA takes for fp32."""
+        original = F.scaled_dot_product_attention
+
+        def sdpa(query, key, value, *args, **kwargs):
+            if query.dtype == torch.float32 and query.size(-1) % 4 == 0 and not kwargs.get("enable_gqa"):
+                return efficient_sdpa(query, key, value, *args, **kwargs)
+            return original(query, key, value, *args, **kwargs)
+
+        F.scaled_dot_product_attention = sdpa
+        try:
+            yield
+        finally:
+            F.scaled_dot_product_attention = original
 
 
 def efficient_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -79,42 +102,52 @@ def efficient_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         query, key, value, attn_mask, needs_lse, dropout_p, is_causal, scale=scale)[0]
 
 
-class _EfficientAttentionMode(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            q = args[0]
-            if q.dtype == torch.float32 and q.size(-1) % 4 == 0 and not kwargs.get("enable_gqa"):
-                return efficient_sdpa(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
 MATMUL_OPS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
                         aten.addbmm.default, aten._addmm_activation.default, aten.addmv.default,
                         aten.mv.default, aten.dot.default})
+
+
+LT_OPS = frozenset({aten.addmm.default, aten._addmm_activation.default})  # a 1-D bias: the cuBLASLt path
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 class CublasWorkspace(Rule):
     """cuBLAS keeps one workspace per (handle, stream), taken from the caching allocator and never freed.
 
     Handles are per thread: the forward runs on the Python thread, the backward on autograd's device
-    thread, so a training step holds two workspaces from the first backward matmul on.
+    thread, so a training step holds two workspaces from the first backward matmul on. From torch 2.9 to
+    2.11 cuBLASLt (addmm with a bias) kept a separate cached 1 MiB workspace per (handle, stream); from
+    2.12 it shares the cuBLAS one.
     """
 
     name = "cublas-workspace"
-    summary = "each thread that runs a matmul (forward; autograd's backward thread) holds one cuBLAS workspace"
-    source = "aten/src/ATen/cuda/CublasHandlePool.cpp getChosenWorkspaceSize, getCurrentCUDABlasHandle"
+    summary = ("each thread that runs a matmul (forward; autograd's backward thread) holds one cuBLAS workspace "
+               "(plus a 1 MiB cuBLASLt one for addmm on torch 2.9-2.11)")
+    source = "aten/src/ATen/cuda/CublasHandlePool.cpp getChosenWorkspaceSize, getCUDABlasLtWorkspace"
 
-    def __init__(self, device: DeviceProfile):
+    def __init__(self, device: DeviceProfile, version: tuple[int, int] | None = None):
         self.nbytes = cublas_workspace_bytes(device)
-        self._threads: set[str] = set()
+        self.lt_separate = (2, 9) <= (version or torch_version()) < (2, 12)
+        self._held: set[tuple[str, str]] = set()
+
+    def _hold(self, tracker, kind: str, nbytes: int) -> None:
+        thread = "autograd" if tracker.phase == "backward" else "main"
+        if (kind, thread) not in self._held:
+            self._held.add((kind, thread))
+            tracker.synthetic_alloc(nbytes, f"{kind} workspace ({thread} thread)")
 
     def after_op(self, tracker, func, args, kwargs, out) -> None:
         if func in MATMUL_OPS:
-            thread = "autograd" if tracker.phase == "backward" else "main"
-            if thread not in self._threads:
-                self._threads.add(thread)
-                tracker.synthetic_alloc(self.nbytes, f"cuBLAS workspace ({thread} thread)")
+            self._hold(tracker, "cuBLAS", self.nbytes)
+            if self.lt_separate and func in LT_OPS:
+                self._hold(tracker, "cuBLASLt", LT_WORKSPACE_BYTES)
+
+
+LT_WORKSPACE_BYTES = 1 << 20  # CUBLASLT_WORKSPACE_SIZE default, 1024 KiB
 
 
 def cublas_workspace_bytes(device: DeviceProfile) -> int:
@@ -125,35 +158,51 @@ def cublas_workspace_bytes(device: DeviceProfile) -> int:
     return 4096 * 1024 * 2 + 16 * 1024 * 8
 
 
-class EfficientAttentionBackwardDelta(Rule):
-    """The memory-efficient backward computes delta = (grad_out * out).sum(-1) in fp32 before its kernel.
+class EfficientAttentionBackward(Rule):
+    """What the fp32 memory-efficient backward allocates besides the gradients its shape function returns.
 
-    The product is a transient tensor the size of the output, freed once delta ([B, H, L] fp32) exists;
-    delta lives until the kernel returns. The CPU trace never sees either (the shape function allocates
-    only the gradients), so both are added around the op.
+    In `_efficient_attention_backward` (after grad_q/k/v are allocated): `grad_out.contiguous()` copies a
+    non-contiguous incoming gradient; for fp32 (kKernelComputesDelta is false unless half precision)
+    `delta = (grad_out.float() * out.float()).sum(-1).transpose(-2, -1).contiguous()` makes the product
+    [B, M, H, Kv], the sum [B, M, H] and delta [B, H, M] (the first two die at the end of that statement);
+    on sm70+ the split-key kernel accumulates grad_q in a workspace of
+    B*H*align4(ceil(M/BI)*ceil(K/BJ)*(4 + BI*BJ))*4 bytes (BI x BJ = 64 x 64 for head dim <= 64, else
+    128 x 64). All of them are released when the op returns.
     """
 
-    name = "efficient-attention-backward-delta"
-    summary = "the fp32 memory-efficient backward allocates grad_out*out (transient) and delta [B, H, L] fp32"
-    source = "aten/src/ATen/native/transformers/cuda/attention_backward.cu _efficient_attention_backward"
+    name = "efficient-attention-backward-temporaries"
+    summary = ("the fp32 memory-efficient backward allocates grad_out*out, its sum, delta [B, H, L] fp32 and, on "
+               "sm70+, a grad_q accumulation workspace, all released when it returns")
+    source = ("aten/src/ATen/native/transformers/cuda/attention_backward.cu _efficient_attention_backward; "
+              "mem_eff_attention/kernel_backward.h workspace_size")
 
-    def __init__(self):
-        self._delta: list[int] = []
-
-    def before_op(self, tracker, func, args, kwargs) -> None:
-        if func is aten._scaled_dot_product_efficient_attention_backward.default:
-            grad_out = args[0]
-            b, h, m = grad_out.shape[0], grad_out.shape[1], grad_out.shape[2]
-            product = tracker.synthetic_alloc(grad_out.numel() * 4, "attention backward grad_out*out")
-            self._delta.append(tracker.synthetic_alloc(b * h * m * 4, "attention backward delta"))
-            tracker.free_synthetic(product)
+    def __init__(self, device: DeviceProfile):
+        cc = device.compute_capability
+        self.split_keys = cc is not None and cc >= (7, 0)
 
     def after_op(self, tracker, func, args, kwargs, out) -> None:
-        if func is aten._scaled_dot_product_efficient_attention_backward.default:
-            tracker.free_synthetic(self._delta.pop())
+        if func is not aten._scaled_dot_product_efficient_attention_backward.default:
+            return
+        grad_out, query = args[0], args[1]
+        b, h, m, k = query.shape
+        temps = []
+        if not grad_out.is_contiguous():
+            temps.append(tracker.synthetic_alloc(grad_out.numel() * grad_out.element_size(),
+                                                 "attention backward grad_out.contiguous()"))
+        product = tracker.synthetic_alloc(grad_out.numel() * 4, "attention backward grad_out*out")
+        summed = tracker.synthetic_alloc(b * h * m * 4, "attention backward (grad_out*out).sum(-1)")
+        temps.append(tracker.synthetic_alloc(b * h * m * 4, "attention backward delta"))
+        tracker.free_synthetic(product)
+        tracker.free_synthetic(summed)
+        if self.split_keys:
+            bi, bj = (64, 64) if k <= 64 else (128, 64)
+            elems = -(-m // bi) * -(-k // bj) * (4 + bi * bj)
+            temps.append(tracker.synthetic_alloc(b * h * (-(-elems // 4) * 4) * 4, "attention backward workspace"))
+        for sid in reversed(temps):
+            tracker.free_synthetic(sid)
 
 
 def cuda_rules(device: DeviceProfile) -> list[Rule]:
     """Fresh rule instances for one simulated run on `device` (the workspace rule keeps per-run state)."""
     return [CachingAllocator(), ForeachOptimizer(), HostLiterals(), MemEfficientAttention(),
-            CublasWorkspace(device), EfficientAttentionBackwardDelta()]
+            CublasWorkspace(device), EfficientAttentionBackward(device)]

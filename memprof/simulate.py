@@ -114,7 +114,7 @@ def _categorize(events, params, grads, states, origin) -> dict:
                 category[sid] = "gradients"
             elif sid in states:
                 category[sid] = "optimizer_state"
-            elif origin[sid].startswith("cuBLAS workspace"):
+            elif origin[sid].startswith("cuBLAS"):
                 category[sid] = "workspace"
             elif phase == "forward":
                 live_forward.add(sid)

@@ -5,7 +5,7 @@ schema says the output is not an alias of an input, and the storage has not been
 request of `storage.nbytes()` bytes; a weakref on the storage logs its release when the last tensor using
 it dies. Views and in-place ops allocate nothing. Tensors made from Python literals (`torch.tensor(0.0)`,
 e.g. the optimizers' step counters) reach dispatch only as `lift_fresh`, an alias: they are host memory
-on CUDA too, and are not counted.
+on CUDA too, and are not counted. Rules can declare other outputs host memory (`treat_as_host`).
 
 Rules (memprof.rules) may add requests CUDA makes that the CPU does not (library workspaces, kernel
 temporaries) through `synthetic_alloc` and `free_synthetic`.
@@ -65,6 +65,18 @@ class StorageTracker(TorchDispatchMode):
         self._by_cdata.pop(key, None)
         self._refs.pop(sid, None)
         self.events.append((FREE, sid))
+
+    def treat_as_host(self, tensor: torch.Tensor) -> None:
+        """Un-count a storage just registered: CUDA keeps it in host memory."""
+        sid = self._by_cdata.pop(tensor.untyped_storage()._cdata, None)
+        if sid is None:
+            return
+        del self._refs[sid]  # the weakref goes, so its release is never logged
+        del self.origin[sid]
+        for i in range(len(self.events) - 1, -1, -1):
+            if self.events[i][0] == ALLOC and self.events[i][1] == sid:
+                del self.events[i]
+                break
 
     def storage_id(self, tensor: torch.Tensor) -> int | None:
         return self._by_cdata.get(tensor.untyped_storage()._cdata)

@@ -1,0 +1,161 @@
+"""Each CUDA-vs-CPU correction against a hand-computed case, and each one's negative control."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from memprof.budget import PROFILES, parse_budget
+from memprof.rules import (CublasWorkspace, EfficientAttentionBackward, HostLiterals, MemEfficientAttention,
+                           cublas_workspace_bytes)
+from memprof.tracker import ALLOC, FREE, StorageTracker
+
+
+def allocs(tracker, contains=""):
+    return [ev for ev in tracker.events if ev[0] == ALLOC and contains in ev[4]]
+
+
+def test_cublas_workspace_sizes():
+    assert cublas_workspace_bytes(PROFILES["titan-x"]) == 8_519_680  # 4096 KiB x 2 + 16 KiB x 8
+    assert cublas_workspace_bytes(PROFILES["a100-80g"]) == 8_519_680
+    assert cublas_workspace_bytes(PROFILES["h100-80g"]) == 32 * 1024 * 1024
+    assert cublas_workspace_bytes(parse_budget("12GiB")) == 8_519_680  # unknown card: pre-Hopper default
+
+
+def _linear_step(rules, with_matmul=True):
+    with FakeTensorMode():
+        layer = nn.Linear(8, 4) if with_matmul else nn.LayerNorm(8)
+        x = torch.randn(3, 8)
+        tracker = StorageTracker(rules)
+        with tracker:
+            tracker.set_phase("forward")
+            out = layer(x).sum()
+            tracker.set_phase("backward")
+            out.backward()
+    return tracker
+
+
+def test_cublas_workspace_once_per_thread():
+    tracker = _linear_step([CublasWorkspace(PROFILES["titan-x"], (2, 14))])
+    ws = allocs(tracker, "cuBLAS")
+    assert [(ev[2], ev[3]) for ev in ws] == [(8_519_680, "forward"), (8_519_680, "backward")]
+    assert not any(ev[0] == FREE and ev[1] in {w[1] for w in ws} for ev in tracker.events)  # never freed
+
+
+@pytest.mark.parametrize("version, lt", [((2, 11), [(1 << 20, "forward")]), ((2, 14), []), ((2, 8), [])])
+def test_cublaslt_workspace_by_torch_version(version, lt):
+    """torch 2.9-2.11 keep a separate 1 MiB cuBLASLt workspace for addmm (the forward's biased Linear)."""
+    tracker = _linear_step([CublasWorkspace(PROFILES["h100-80g"], version)])
+    assert [(ev[2], ev[3]) for ev in allocs(tracker, "cuBLASLt")] == lt
+    assert [ev[2] for ev in allocs(tracker, "cuBLAS workspace")] == [32 << 20, 32 << 20]
+
+
+def test_no_workspace_without_matmul():
+    tracker = _linear_step([CublasWorkspace(PROFILES["titan-x"])], with_matmul=False)
+    assert allocs(tracker, "cuBLAS workspace") == []
+
+
+def _mha(batch, rules, backward=False):
+    """nn.MultiheadAttention as open_clip calls it: batch_first, need_weights=False, training."""
+    mode = next((r.mode() for r in rules if isinstance(r, MemEfficientAttention)), None)
+    with FakeTensorMode():
+        mha = nn.MultiheadAttention(64, 2, batch_first=True)
+        x = torch.randn(batch, 10, 64, requires_grad=True)
+        tracker = StorageTracker(rules)
+        with tracker:
+            if mode is not None:
+                with mode:
+                    out = mha(x, x, x, need_weights=False)[0]
+            else:
+                out = mha(x, x, x, need_weights=False)[0]
+            if backward:
+                tracker.set_phase("backward")
+                out.sum().backward()
+    return tracker
+
+
+def test_efficient_attention_saves_padded_logsumexp():
+    tracker = _mha(2, [MemEfficientAttention(), HostLiterals()])
+    att = allocs(tracker, "_scaled_dot_product_efficient_attention")
+    # output [B, L, H, K] = 2*10*2*32 fp32, logsumexp [B, H, ceil(L/32)*32] = 2*2*32 fp32; seed and offset
+    # are host tensors on CUDA
+    assert sorted(ev[2] for ev in att) == sorted([2 * 10 * 64 * 4, 2 * 2 * 32 * 4])
+
+
+def test_attention_rng_state_counts_without_host_rule():
+    """Negative control: without the host rule the two int64 RNG scalars would be device allocations."""
+    tracker = _mha(2, [MemEfficientAttention()])
+    att = allocs(tracker, "_scaled_dot_product_efficient_attention")
+    assert sorted(ev[2] for ev in att) == sorted([8, 8, 2 * 10 * 64 * 4, 2 * 2 * 32 * 4])
+
+
+def test_cpu_attention_differs_without_the_rule():
+    """Negative control: the CPU flash kernel is what runs without the rule (logsumexp [B, L, H])."""
+    tracker = _mha(2, [])
+    assert allocs(tracker, "_scaled_dot_product_efficient_attention") == []
+    cpu = allocs(tracker, "_scaled_dot_product_flash_attention_for_cpu")
+    assert sorted(ev[2] for ev in cpu) == sorted([2 * 10 * 64 * 4, 2 * 10 * 2 * 4])
+
+
+@pytest.mark.parametrize("batch, copies", [(1, 0), (2, 1)])
+def test_reshape_after_efficient_attention_copies_only_when_batch_above_1(batch, copies):
+    tracker = _mha(batch, [MemEfficientAttention()])
+    ops = [ev[4] for ev in tracker.events if ev[0] == ALLOC]
+    i = max(k for k, op in enumerate(ops) if "efficient_attention" in op)
+    after = [op for op in ops[i + 1:] if "clone" in op or "_unsafe_view" in op or "copy" in op]
+    assert len(after) == copies
+
+
+@pytest.mark.parametrize("card, workspace", [("titan-x", None), ("a100-80g", 2 * 2 * 4100 * 4)])
+def test_efficient_backward_temporaries(card, workspace):
+    rules = [MemEfficientAttention(), EfficientAttentionBackward(PROFILES[card])]
+    tracker = _mha(2, rules, backward=True)
+    sizes = {ev[4]: ev[2] for ev in allocs(tracker, "attention backward")}
+    assert sizes["attention backward grad_out*out"] == 2 * 10 * 2 * 32 * 4  # [B, M, H, Kv] fp32
+    assert sizes["attention backward (grad_out*out).sum(-1)"] == 2 * 10 * 2 * 4
+    assert sizes["attention backward delta"] == 2 * 2 * 10 * 4  # [B, H, M] fp32
+    # sm70+: B*H*align4(ceil(10/64)*ceil(32/64)*(4 + 64*64))*4; none before Volta
+    assert sizes.get("attention backward workspace") == workspace
+    freed = {ev[1] for ev in tracker.events if ev[0] == FREE}
+    assert all(ev[1] in freed for ev in allocs(tracker, "attention backward"))
+
+
+def test_no_backward_temporaries_without_backward():
+    tracker = _mha(2, [MemEfficientAttention(), EfficientAttentionBackward(PROFILES["a100-80g"])])
+    assert allocs(tracker, "attention backward") == []
+
+
+def test_torch_picks_foreach_on_cuda():
+    """The optimizer registry's foreach=True is what torch itself chooses for CUDA parameters."""
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.optim import optimizer
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        cuda_param = torch.empty(4, device="cuda")
+        cpu_param = torch.empty(4, device="cpu")
+    # torch also checks the tensor's type is a plain Tensor; let the fake stand in for one
+    with mock.patch.object(optimizer, "_foreach_supported_types", [FakeTensor]):
+        assert _default_to_fused_or_foreach([cuda_param], False, False) == (False, True)
+        assert _default_to_fused_or_foreach([cpu_param], False, False) == (False, False)  # the CPU would not
+
+
+def test_host_literals_are_not_counted():
+    """AdamW's step counters are torch.tensor(0.0) literals: host memory on CUDA, absent from the trace."""
+    from memprof.optims import REGISTRY, build_optimizer
+
+    with FakeTensorMode():
+        p = nn.Parameter(torch.randn(1000))
+        tracker = StorageTracker()
+        with tracker:
+            tracker.register(p, "param")
+            p.grad = torch.randn(1000)
+            opt = build_optimizer(REGISTRY["adamw"], [p])
+            tracker.set_phase("optimizer")
+            opt.step()
+        state_ids = {tracker.storage_id(t) for t in opt.state[p].values()}
+    assert tracker.storage_id(opt.state[p]["step"]) is None
+    # exp_avg and exp_avg_sq are counted; the step counter is not
+    assert len(state_ids - {None}) == 2
