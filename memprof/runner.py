@@ -35,7 +35,7 @@ def _timed_predict(spec):
 
 def run_grid(entries: list[GridEntry], out_dir: str, progress: bool = True, jobs: int = 1) -> list[dict]:
     """Predict every entry with the simulation; returns the records (in grid order), which are also appended
-    to out_dir/results.jsonl as each configuration finishes. `jobs` > 1 predicts in forked worker processes.
+    to out_dir/results.jsonl as each configuration finishes. `jobs` > 1 predicts in that many worker processes (spawned: autograd does not survive fork).
     """
     path = os.path.join(out_dir, RESULTS_FILE)
     env = environment("simulate", "cpu-simulated")
@@ -59,7 +59,7 @@ def run_grid(entries: list[GridEntry], out_dir: str, progress: bool = True, jobs
         else:
             todo.append(i)
     if jobs > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(_timed_predict, entries[i].spec): i for i in todo}
             for fut in as_completed(futures):
                 i = futures[fut]
