@@ -48,9 +48,8 @@ class ForeachOptimizer(Rule):
 
 class HostLiterals(Rule):
     name = "host-literals"
-    summary = ("tensors made from Python literals without a device (the optimizers' step counters) and values "
-               "shape functions put on the meta device (attention RNG seed/offset) are host memory on CUDA: "
-               "not counted")
+    summary = ("tensors made from Python literals without a device (the optimizers' step counters) and the "
+               "memory-efficient attention's RNG seed and offset are host memory on CUDA: not counted")
     source = ("torch/optim/adam.py _init_group: state['step'] = torch.tensor(0.0) unless capturable or fused; "
               "attention.cu _efficient_attention_forward: seed/offset are at::empty({}, kLong) on the CPU")
 
@@ -200,6 +199,10 @@ class EfficientAttentionBackward(Rule):
             temps.append(tracker.synthetic_alloc(b * h * (-(-elems // 4) * 4) * 4, "attention backward workspace"))
         for sid in reversed(temps):
             tracker.free_synthetic(sid)
+
+
+RULES = {r.name: r for r in (CachingAllocator, ForeachOptimizer, HostLiterals, MemEfficientAttention,
+                             CublasWorkspace, EfficientAttentionBackward)}
 
 
 def cuda_rules(device: DeviceProfile) -> list[Rule]:

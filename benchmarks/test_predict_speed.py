@@ -1,0 +1,19 @@
+"""Timing of the simulation (run: python -m pytest benchmarks --benchmark-enable).
+
+Prediction time per paper model under AdamW (the optimizer with the most ops), in one process; peak
+allocated bytes go to extra_info so a benchmark JSON also carries what was predicted.
+"""
+
+import pytest
+
+from memprof.simulate import predict
+from memprof.spec import RunSpec
+
+
+@pytest.mark.parametrize("model", ["test-vit", "vit-b-16", "vit-l-14", "vit-h-14"])
+def test_predict(benchmark, model):
+    status, metrics = benchmark.pedantic(predict, args=(RunSpec(model, "adamw"),), rounds=3, iterations=1,
+                                         warmup_rounds=1)
+    benchmark.extra_info["peak_allocated_bytes"] = metrics["peak_allocated_bytes"]
+    benchmark.extra_info["alloc_requests"] = metrics["alloc_requests"]
+    assert status in ("ok", "oom")
