@@ -39,20 +39,24 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
     DeviceProfile("a100-80g", "NVIDIA A100, 80 GiB", 80 * GiB, (8, 0)),
     DeviceProfile("rtx4090", "NVIDIA GeForce RTX 4090, 24 GiB", 24 * GiB, (8, 9)),
     DeviceProfile("h100-80g", "NVIDIA H100, 80 GiB", 80 * GiB, (9, 0)),
+    DeviceProfile("h200", "NVIDIA H200, 141 GB", 143771 * MiB, (9, 0)),
 )}
 
 DEFAULT_BUDGET = "titan-x"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|MiB)\s*$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|MiB)(?:@(\d+)\.(\d+))?\s*$")
 
 
 def parse_budget(text: str) -> DeviceProfile:
-    """A card name from PROFILES, or a bare size such as `12GiB` or `11264MiB`."""
+    """A card name from PROFILES, or a size such as `12GiB` or `11264MiB`, optionally with the card's compute
+    capability (`143771MiB@9.0`), which decides e.g. the cuBLAS workspace size."""
     if text in PROFILES:
         return PROFILES[text]
     m = _SIZE.match(text)
     if not m:
-        raise UsageError(f"malformed --budget '{text}': use a card ({', '.join(PROFILES)}) or a size like 12GiB")
+        raise UsageError(f"malformed --budget '{text}': use a card ({', '.join(PROFILES)}) or a size like 12GiB "
+                         f"(optionally @<compute capability>, e.g. 80GiB@9.0)")
     size = int(float(m.group(1)) * (GiB if m.group(2) == "GiB" else MiB))
     if size <= CONTEXT_ESTIMATE_BYTES:
         raise UsageError(f"--budget {text} is smaller than the CUDA context alone (~400 MiB): give a larger size")
-    return DeviceProfile(text, f"{text} device (compute capability unknown)", size, None)
+    cc = (int(m.group(3)), int(m.group(4))) if m.group(3) else None
+    return DeviceProfile(text, f"{text} device" + ("" if cc else " (compute capability unknown)"), size, cc)

@@ -36,10 +36,47 @@ def _default_out() -> str:
     return os.path.join("reports", "runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
-def cmd_run(args) -> int:
+def _resolve_backend(requested: str) -> str:
+    """auto: cuda where a GPU is present, else simulate; announced on stderr in one line."""
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    if requested == "cuda" and not has_gpu:
+        raise UsageError("--backend cuda needs a CUDA GPU and none is visible: use --backend simulate (predicts) "
+                         "or --backend cpu (measures on the CPU)")
+    backend = ("cuda" if has_gpu else "simulate") if requested == "auto" else requested
+    what = {"cuda": f"measuring on {torch.cuda.get_device_name() if has_gpu else ''} with torch.cuda and NVML",
+            "simulate": "every figure is predicted, not measured",
+            "cpu": "measuring live tensor bytes on the CPU"}[backend]
+    why = "" if requested != "auto" else (" (a CUDA GPU is present)" if has_gpu else " (no CUDA GPU here)")
+    print(f"memprof: backend {backend}{why}: {what}", file=sys.stderr)
+    return backend
+
+
+def _resolve_budget(budget: str | None, backend: str) -> str:
     from memprof.budget import parse_budget
+
+    if budget is None:
+        return "titan-x" if backend == "simulate" else "device"
+    if budget == "device":
+        if backend == "simulate":
+            raise UsageError("--budget device: the simulation predicts for a named card; give one, e.g. titan-x")
+        return budget
+    profile = parse_budget(budget)
+    if backend == "cuda":
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        if profile.total_bytes > total:
+            raise UsageError(f"--budget {budget} ({profile.total_bytes / (1 << 30):.0f} GiB) is larger than this GPU "
+                             f"({total / (1 << 30):.0f} GiB): pick a smaller budget, or `device`")
+    return budget
+
+
+def cmd_run(args) -> int:
     from memprof.models import parse_models
     from memprof.optims import parse_optims
+    from memprof.results import RESULTS_FILE, load
     from memprof.spec import MIN_STEPS, expand_grid, parse_ints, parse_switch
 
     models = parse_models(args.models)
@@ -47,7 +84,6 @@ def cmd_run(args) -> int:
     grad_ckpt = parse_switch(args.grad_ckpt, "--grad-ckpt")
     state_bits = parse_ints(args.state_bits, "--state-bits", 1)
     batch_sizes = parse_ints(args.batch_size, "--batch-size", 1)
-    parse_budget(args.budget)
     if args.steps < MIN_STEPS:
         raise UsageError(f"--steps {args.steps}: use at least {MIN_STEPS}, so the measured step runs with "
                          f"optimizer state present")
@@ -55,29 +91,42 @@ def cmd_run(args) -> int:
         raise UsageError(f"--jobs {args.jobs}: use at least 1")
     if args.num_classes < 2:
         raise UsageError(f"--num-classes {args.num_classes}: use at least 2")
+    if args.resume and not args.out:
+        raise UsageError("--resume needs --out DIR: the run directory whose results.jsonl to continue")
+    if args.budget is not None and args.budget != "device":
+        from memprof.budget import parse_budget
+
+        parse_budget(args.budget)
     out_dir = _writable_dir(args.out or _default_out())
     if args.pretrained:
         _check_pretrained(models, args.pretrained, args.num_classes)
+    backend = _resolve_backend(args.backend)
+    budget = _resolve_budget(args.budget, backend)
     entries = expand_grid(models, optims, grad_ckpt, state_bits, batch_sizes, steps=args.steps,
-                          budget=args.budget, num_classes=args.num_classes, pretrained=args.pretrained)
+                          budget=budget, num_classes=args.num_classes, pretrained=args.pretrained)
+    results_path = os.path.join(out_dir, RESULTS_FILE)
+    if args.resume and os.path.exists(results_path):
+        finished = {r["key"] for r in load(results_path)}
+        entries = [e for e in entries if e.spec.key not in finished]
+        print(f"memprof: resuming: {len(finished)} configurations already in {results_path}, "
+              f"{len(entries)} to run", file=sys.stderr)
 
-    import torch
-
-    why = ("a CUDA GPU is present, but measuring on it is not built yet" if torch.cuda.is_available()
-           else "no CUDA GPU here")
-    print(f"memprof: backend simulate ({why}): every figure is predicted, not measured", file=sys.stderr)
-
-    from memprof.report import render_markdown, write_reports
+    from memprof.report import default_metric, render_markdown, write_reports
     from memprof.runner import default_jobs, run_grid
 
+    options = {"cuda": {"snapshot_dir": args.snapshot, "nvml_period_ms": args.nvml_period_ms}}.get(backend, {})
     try:
-        records = run_grid(entries, out_dir, progress=not args.no_progress, jobs=args.jobs or default_jobs())
+        run_grid(entries, out_dir, backend, progress=not args.no_progress, jobs=args.jobs or default_jobs(),
+                 options=options, timeout_s=args.timeout_s)
     except KeyboardInterrupt:
-        print(f"memprof: interrupted; finished configurations are in {out_dir}/results.jsonl", file=sys.stderr)
+        print(f"memprof: interrupted; finished configurations are in {results_path} (continue with --resume)",
+              file=sys.stderr)
         return 130
-    paths = write_reports(records, out_dir, args.metric)
-    print(render_markdown(records, args.metric))
-    print(f"memprof: wrote {out_dir}/results.jsonl and {', '.join(sorted(paths.values()))}", file=sys.stderr)
+    records = load(results_path)
+    metric = args.metric or default_metric(records)
+    paths = write_reports(records, out_dir, metric)
+    print(render_markdown(records, metric))
+    print(f"memprof: wrote {results_path} and {', '.join(sorted(paths.values()))}", file=sys.stderr)
     return 0
 
 
@@ -94,22 +143,46 @@ def _check_pretrained(models, pretrained: str, num_classes: int) -> None:
 
 
 def cmd_table(args) -> int:
-    from memprof.report import render_markdown, write_reports
-    from memprof.results import load
+    from memprof.report import default_metric, render_markdown, write_reports
 
-    if not os.path.exists(args.results):
-        raise UsageError(f"no results at {args.results}: give a results.jsonl or a run directory")
-    try:
-        records = load(args.results)
-    except (ValueError, KeyError) as exc:
-        raise UsageError(f"{args.results} is not a memprof results file ({exc}): give a results.jsonl") from None
-    if not records:
-        raise UsageError(f"{args.results} holds no records: run `memprof run` first")
+    records = _load_records(args.results)
     out_dir = _writable_dir(args.out or (args.results if os.path.isdir(args.results)
                                          else os.path.dirname(args.results) or "."))
-    paths = write_reports(records, out_dir, args.metric)
-    print(render_markdown(records, args.metric))
+    metric = args.metric or default_metric(records)
+    paths = write_reports(records, out_dir, metric)
+    print(render_markdown(records, metric))
     print(f"memprof: wrote {', '.join(sorted(paths.values()))}", file=sys.stderr)
+    return 0
+
+
+def _load_records(path: str) -> list[dict]:
+    from memprof.results import load
+
+    if not os.path.exists(path):
+        raise UsageError(f"no results at {path}: give a results.jsonl or a run directory")
+    try:
+        records = load(path)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"{path} is not a memprof results file ({exc}): give a results.jsonl") from None
+    if not records:
+        raise UsageError(f"{path} holds no records: run `memprof run` first")
+    return records
+
+
+def cmd_fidelity(args) -> int:
+    import json
+
+    from memprof.report import fidelity_rows, render_fidelity
+
+    measured, predicted = _load_records(args.measured), _load_records(args.predicted)
+    text = render_fidelity(measured, predicted)
+    print(text)
+    if args.out:
+        _writable_dir(args.out)
+        with open(os.path.join(args.out, "fidelity.md"), "w", encoding="utf-8") as fh:
+            fh.write(text)
+        with open(os.path.join(args.out, "fidelity.json"), "w", encoding="utf-8") as fh:
+            json.dump(fidelity_rows(measured, predicted), fh, indent=2, sort_keys=True)
     return 0
 
 
@@ -141,6 +214,8 @@ def cmd_list(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from memprof.report import METRICS
+
     parser = _Parser(prog="memprof", description="Peak GPU memory of fine-tuning vision transformers: "
                      "measured on a GPU, predicted by a CUDA-faithful simulation on a CPU.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -154,15 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-bits", default="32", help="optimizer state bits: 32 (8 arrives with bitsandbytes)")
     run.add_argument("--batch-size", default="1", help="micro-batch sizes, comma list (default: 1)")
     run.add_argument("--steps", type=int, default=2, help="training steps per config (default: 2, the minimum)")
-    run.add_argument("--budget", default="titan-x",
-                     help="target card or size for the OOM verdict: titan-x (the paper's 12 GB card, default), "
-                          "v100-16g, a100-40g, a100-80g, rtx4090, h100-80g, or e.g. 11GiB")
+    run.add_argument("--budget", default=None,
+                     help="card or size whose memory decides OOM: titan-x (the paper's 12 GB card; the simulation's "
+                          "default), v100-16g, a100-40g, a100-80g, rtx4090, h100-80g, h200, a size such as 11GiB, "
+                          "or device (the whole GPU; the measuring backends' default). On a bigger GPU the cuda "
+                          "backend emulates the budget by capping the allocator")
     run.add_argument("--num-classes", type=int, default=10, help="classes of the new linear head (default: 10)")
     run.add_argument("--pretrained", help="weights: a local file, or an open_clip tag found in the local cache")
-    run.add_argument("--backend", choices=["auto", "simulate"], default="auto",
-                     help="auto (default) or simulate; measuring backends arrive with the cuda backend")
-    run.add_argument("--metric", choices=["reserved", "allocated", "device"], default="reserved",
-                     help="figure shown in the table (default: reserved)")
+    run.add_argument("--backend", choices=["auto", "cuda", "simulate", "cpu"], default="auto",
+                     help="auto (default: cuda where a GPU is present, else simulate), cuda (measure with torch.cuda "
+                          "and NVML), simulate (predict), cpu (measure live tensor bytes on the CPU)")
+    run.add_argument("--metric", choices=list(METRICS), default=None,
+                     help="figure shown in the table (default: reserved; live for the cpu backend)")
+    run.add_argument("--resume", action="store_true", help="skip configurations already in --out's results.jsonl")
+    run.add_argument("--snapshot", metavar="DIR", help="cuda: record allocator history, dump a snapshot per config")
+    run.add_argument("--nvml-period-ms", type=float, default=5.0, help="cuda: NVML sampling period, 0 = off")
+    run.add_argument("--timeout-s", type=float, default=None, help="cpu/cuda: a worker running longer is crashed")
     run.add_argument("--out", help="output directory (default: reports/runs/<timestamp>)")
     run.add_argument("--jobs", type=int, default=None, help="worker processes (default: up to 2, one per core)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -170,9 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     table = sub.add_parser("table", help="render Table 4 from a results.jsonl (markdown, CSV, JSON, PNG)")
     table.add_argument("results", help="results.jsonl or a run directory")
-    table.add_argument("--metric", choices=["reserved", "allocated", "device"], default="reserved")
+    table.add_argument("--metric", choices=list(METRICS), default=None)
     table.add_argument("--out", help="directory for table4.* (default: beside the results)")
     table.set_defaults(func=cmd_table)
+
+    fid = sub.add_parser("fidelity", help="predicted vs measured peaks, % error per configuration")
+    fid.add_argument("measured", help="results of a measuring backend (results.jsonl or run directory)")
+    fid.add_argument("predicted", help="results of the simulation for the same configurations")
+    fid.add_argument("--out", help="directory for fidelity.md and fidelity.json")
+    fid.set_defaults(func=cmd_fidelity)
 
     lst = sub.add_parser("list", help="list registered models, optimizers or budget cards")
     lst.add_argument("what", choices=["models", "optims", "budgets"])

@@ -24,6 +24,7 @@ class Prepared:
     model_info: ModelInfo
     optim_info: OptimInfo
     frozen: list[str]
+    pretrained_state: dict | None = None
 
 
 def prepare(spec: RunSpec, load_weights: bool = True) -> Prepared:
@@ -34,6 +35,7 @@ def prepare(spec: RunSpec, load_weights: bool = True) -> Prepared:
     """
     info, optim = resolve_model(spec.model), OPTIMS[spec.optim]
     model = build_model(info, spec.num_classes)
+    state = None
     if spec.pretrained:
         state = read_pretrained(info, spec.pretrained)
         check_pretrained(model, state, spec.pretrained)
@@ -43,7 +45,22 @@ def prepare(spec: RunSpec, load_weights: bool = True) -> Prepared:
         model.visual.set_grad_checkpointing(True)
     model.train()
     frozen = freeze_embedding(model, info) if optim.freeze_embed else []
-    return Prepared(model, info, optim, frozen)
+    return Prepared(model, info, optim, frozen, state)
+
+
+def materialize(model, device) -> None:
+    """Give a model built on the meta device real storage on `device`, in `Module.to` order, and initialise it
+    in place (each module's reset_parameters; N(0, 0.02) for bare parameters): no allocation beyond the
+    parameters themselves, unlike building on the device (init temporaries) or on the CPU (minutes for
+    ViT-H/14)."""
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            else:
+                for p in module.parameters(recurse=False):
+                    p.normal_(0.0, 0.02)
 
 
 def train_steps(model, optimizer, spec: RunSpec, device, on_phase) -> None:

@@ -23,7 +23,9 @@ GIB = 1 << 30
 METRICS = {
     "reserved": ("peak_reserved_bytes", "peak reserved (torch.cuda.max_memory_reserved)"),
     "allocated": ("peak_allocated_bytes", "peak allocated (torch.cuda.max_memory_allocated)"),
-    "device": ("predicted_device_bytes", "peak reserved + estimated CUDA context (what NVML would show)"),
+    "nvml-process": ("nvml_process_peak_bytes", "peak NVML process memory (predicted: peak reserved + estimated "
+                                                "CUDA context)"),
+    "live": ("peak_live_bytes", "peak live tensor bytes (no allocator rounding)"),
 }
 
 # The seed paper's Table 4 claims (Kumar et al., ICLR 2024, section 5): AdamW's extra memory over each
@@ -37,6 +39,11 @@ PAPER_CLAIMS = (
     ("vit-h-14", "sgd-fe-nomom", 60, "AdamW runs out of memory at 12 GB, SGD (freeze-embed, no momentum) runs: "
                                      "gain at least 60%"),
 )
+
+
+def default_metric(records: list[dict]) -> str:
+    """reserved where any record has it (cuda, simulate), else live tensor bytes (the cpu backend)."""
+    return "reserved" if any("peak_reserved_bytes" in r["metrics"] for r in records) else "live"
 
 
 def _setting(rec: dict) -> tuple:
@@ -83,6 +90,10 @@ def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
     return rows
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB // 10 else f"{nbytes / (1 << 20):.1f} MiB"
+
+
 def _cell(row: dict, metric: str) -> str:
     status = row["status"]
     if status == "skipped":
@@ -90,9 +101,16 @@ def _cell(row: dict, metric: str) -> str:
     if status == "error":
         return "error (see results.jsonl)"
     gib = row[f"{metric}_gib"]
+    if status == "crashed":
+        return "crashed (see results.jsonl)"
+    if status == "oom" and (gib is None or row["over_budget_bytes"] is None):
+        return f"OOM ({row['source']})"
+    if gib is None:
+        return f"n/a (no {metric} figure)"
+    value = row[f"{metric}_bytes"]
     if status == "oom":
-        return f"OOM ({row['source']}): needs {gib:.2f} GiB, {row['over_budget_bytes'] / GIB:.2f} GiB over"
-    text = f"{gib:.2f} GiB"
+        return f"OOM ({row['source']}): needs {_size(value)}, {_size(row['over_budget_bytes'])} over"
+    text = _size(value)
     if row["optim"] != "adamw" and row["adamw_extra_pct"] is not None:
         oom = " (AdamW OOM)" if row["adamw_status"] == "oom" else ""
         text += f", AdamW {row['adamw_extra_pct']:+.0f}%{oom}"
@@ -102,7 +120,7 @@ def _cell(row: dict, metric: str) -> str:
 def render_markdown(records: list[dict], metric: str = "reserved") -> str:
     _, label = METRICS[metric]
     rows = table_rows(records, metric)
-    out = [f"# Table 4: peak GPU memory per optimizer and model\n",
+    out = [f"# Table 4: peak memory per optimizer and model\n",
            f"Figures: **{_source(records)}**, {label}. A cell is the peak and how much more memory AdamW "
            f"needs than that row (the paper's comparison).\n"]
     settings = list(OrderedDict.fromkeys(r["setting"] for r in rows))
@@ -115,6 +133,7 @@ def render_markdown(records: list[dict], metric: str = "reserved") -> str:
         out.append(f"## {setting}\n")
         out.append(tabulate(table, headers=["method"] + models, tablefmt="github") + "\n")
     out.append(render_claims(records, metric))
+    out.append(render_reconciliation(records))
     out.append(render_rules(records))
     return "\n".join(x for x in out if x)
 
@@ -133,7 +152,7 @@ def _ours(row: dict | None) -> str:
 def render_claims(records: list[dict], metric: str = "reserved") -> str:
     """The paper's claims beside ours, for the paper's setting (micro-batch 1, no checkpointing, 32-bit)."""
     rows = _paper_setting_rows(records, metric)
-    device_rows = _paper_setting_rows(records, "device")
+    device_rows = _paper_setting_rows(records, "nvml-process")
     lines = []
     for model, optim, paper_pct, claim in PAPER_CLAIMS:
         row = rows.get((model, optim))
@@ -154,11 +173,11 @@ def render_claims(records: list[dict], metric: str = "reserved") -> str:
     head = ("## The paper's claims beside ours\n\n"
             "Paper: peak memory from Weights & Biases system metrics (NVML: the whole process, CUDA context "
             "included) on a 12 GB Titan-X, with the PyTorch of 2022. Ours: " + METRICS[metric][1] + " and, "
-            "closer to what NVML sees, " + METRICS["device"][1] + f"; {_source(records)}. Today's PyTorch runs "
+            "closer to what NVML sees, " + METRICS["nvml-process"][1] + f"; {_source(records)}. Today's PyTorch runs "
             "AdamW in its foreach implementation, whose step holds one extra full-size copy of the trainable "
             "parameters, which widens the gap; a fixed per-process overhead (context, anything else the process "
             "keeps on the GPU) narrows the paper's percentages.\n")
-    return head + "\n" + tabulate(lines, headers=["model", "paper", f"ours ({metric})", "ours (device)", "verdict"],
+    return head + "\n" + tabulate(lines, headers=["model", "paper", f"ours ({metric})", "ours (nvml-process)", "verdict"],
                                   tablefmt="github") + "\n"
 
 
@@ -176,6 +195,68 @@ def render_rules(records: list[dict]) -> str:
             "every storage's allocation and release was replayed through a model of CUDA's caching allocator "
             "with these rules:\n\n" + tabulate(lines, headers=["rule", "what it models", "source"],
                                                 tablefmt="github") + "\n")
+
+
+def render_reconciliation(records: list[dict]) -> str:
+    """One view per configuration: allocated -> reserved (allocator cache) -> NVML process (context and
+    memory outside PyTorch) -> NVML device (other processes)."""
+    rows = []
+    for r in sorted(records, key=lambda r: r["key"]):
+        m = r["metrics"]
+        if r["status"] not in ("ok", "oom") or "peak_reserved_bytes" not in m:
+            continue
+        alloc, res, proc, dev = (m.get(k) for k in ("peak_allocated_bytes", "peak_reserved_bytes",
+                                                     "nvml_process_peak_bytes", "nvml_device_peak_bytes"))
+        mib = lambda v: "n/a" if v is None else f"{v / (1 << 20):,.0f}"  # noqa: E731
+        rows.append([r["key"], r["source"], mib(alloc), mib(res - alloc), mib(res),
+                     mib(None if proc is None else proc - res), mib(proc),
+                     mib(None if dev is None or proc is None else dev - proc), mib(dev)])
+    if not rows:
+        return ""
+    return ("## One view: allocated, reserved, NVML (MiB, each at its own peak)\n\n"
+            "Predicted NVML process memory is peak reserved plus an estimated CUDA context; measured NVML "
+            "figures are sampled by PID (other processes count only in the device column).\n\n"
+            + tabulate(rows, headers=["config", "source", "allocated", "+ cache", "= reserved", "+ context/other",
+                                      "= NVML process", "+ other processes", "= NVML device"],
+                       tablefmt="github") + "\n")
+
+
+def _config(rec: dict) -> str:
+    """A key without its budget: the same configuration measured on one card and predicted for it."""
+    return rec["key"].rsplit("/", 1)[0]
+
+
+def fidelity_rows(measured: list[dict], predicted: list[dict]) -> list[dict]:
+    """Predicted vs measured allocated and reserved peaks, % error per configuration (both ran to the end)."""
+    pred = {_config(r): r for r in predicted if r["source"] == "predicted"}
+    rows = []
+    for m in sorted(measured, key=_config):
+        p = pred.get(_config(m))
+        if m["source"] != "measured" or p is None or m["status"] != "ok":
+            continue
+        row = {"config": _config(m), "device": m["environment"]["device"]}
+        for field in ("peak_allocated_bytes", "peak_reserved_bytes"):
+            mv, pv = m["metrics"].get(field), p["metrics"].get(field)
+            row[f"measured_{field}"], row[f"predicted_{field}"] = mv, pv
+            row[f"{field.split('_')[1]}_error_pct"] = round(100 * (pv - mv) / mv, 2) if mv and pv is not None else None
+        rows.append(row)
+    return rows
+
+
+def render_fidelity(measured: list[dict], predicted: list[dict]) -> str:
+    rows = fidelity_rows(measured, predicted)
+    if not rows:
+        return "No configuration was both measured (status ok) and predicted.\n"
+    gib = lambda v: "n/a" if v is None else f"{v / GIB:.3f}"  # noqa: E731
+    table = [[r["config"], gib(r["predicted_peak_allocated_bytes"]), gib(r["measured_peak_allocated_bytes"]),
+              r["allocated_error_pct"], gib(r["predicted_peak_reserved_bytes"]),
+              gib(r["measured_peak_reserved_bytes"]), r["reserved_error_pct"]] for r in rows]
+    worst = max(abs(r["allocated_error_pct"] or 0) for r in rows)
+    return (f"# Simulation fidelity: predicted vs measured on {rows[0]['device']}\n\n"
+            f"Error = (predicted - measured) / measured. Largest allocated error: {worst:.2f}%.\n\n"
+            + tabulate(table, headers=["config", "predicted alloc GiB", "measured alloc GiB", "alloc err %",
+                                       "predicted reserved GiB", "measured reserved GiB", "reserved err %"],
+                       tablefmt="github") + "\n")
 
 
 def render_csv(records: list[dict], metric: str = "reserved") -> str:
@@ -199,7 +280,7 @@ def render_plot(records: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from memprof.simulate import CATEGORIES
+    from memprof.tracing import CATEGORIES
 
     recs = [r for r in records if r["status"] in ("ok", "oom") and r["metrics"].get("breakdown_at_peak_bytes")]
     recs.sort(key=lambda r: (list(MODELS).index(r["spec"]["model"]) if r["spec"]["model"] in MODELS else 99,
@@ -213,13 +294,13 @@ def render_plot(records: list[dict], path: str) -> None:
     for i, r in enumerate(recs):
         if r["status"] == "oom":
             ax.text(i, bottoms[i], "OOM", ha="center", va="bottom", fontsize=8, color="red")
-    budgets = {r["metrics"]["budget_bytes"] for r in recs if "budget_bytes" in r["metrics"]}
+    budgets = {r["metrics"]["budget_bytes"] for r in recs if r["metrics"].get("budget_bytes")}
     for b in budgets:
         ax.axhline(b / GIB, color="red", linestyle="--", linewidth=1, label=f"budget {b / GIB:.0f} GiB")
     labels = [f"{r['spec']['model']}\n{r['spec']['optim']}" + ("\nckpt" if r["spec"]["grad_ckpt"] else "")
               for r in recs]
     ax.set_xticks(range(len(recs)), labels, rotation=90, fontsize=7)
-    ax.set_ylabel("GiB at the peak (allocated)")
+    ax.set_ylabel("GiB at the peak, by category")
     ax.set_title(f"Peak memory by category: {_source(records)}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()

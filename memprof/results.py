@@ -12,7 +12,7 @@ import platform
 from importlib import metadata
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "oom", "error", "skipped")
+STATUSES = ("ok", "oom", "error", "crashed", "skipped")
 
 
 def _version(dist: str) -> str | None:

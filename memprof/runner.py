@@ -1,14 +1,21 @@
 """Runs a grid of specs through a backend, one record per configuration, appended as each finishes.
 
-A configuration that fails at run time is recorded with its error (status "error") and the rest go on;
-an out-of-memory verdict is a result (status "oom"). Bad input (memprof.errors.UsageError) stops the run.
+`simulate` predicts in this process (or in `jobs` spawned workers); the measuring backends (`cpu`,
+`cuda`) run each configuration in a fresh worker process (memprof.worker), one at a time. A
+configuration that fails at run time is recorded with its error (status "error"), a worker that dies
+(segfault, kill, timeout) as "crashed" with its exit code and last stderr lines, and an out-of-memory
+verdict is a result (status "oom"); the rest go on. Bad input (UsageError) stops the run.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -16,9 +23,10 @@ from tqdm import tqdm
 
 from memprof.errors import UsageError
 from memprof.results import RESULTS_FILE, append, environment, make_record
-from memprof.spec import GridEntry
+from memprof.spec import GridEntry, RunSpec
 
-PREDICTED = "predicted"
+PREDICTED, MEASURED = "predicted", "measured"
+STDERR_TAIL_LINES = 8
 
 
 def default_jobs() -> int:
@@ -33,12 +41,36 @@ def _timed_predict(spec):
     return status, metrics, time.perf_counter() - start
 
 
-def run_grid(entries: list[GridEntry], out_dir: str, progress: bool = True, jobs: int = 1) -> list[dict]:
-    """Predict every entry with the simulation; returns the records (in grid order), which are also appended
-    to out_dir/results.jsonl as each configuration finishes. `jobs` > 1 predicts in that many worker processes (spawned: autograd does not survive fork).
-    """
+def run_isolated(spec: RunSpec, backend: str, options: dict | None = None, timeout_s: float | None = None) -> dict:
+    """Run one configuration in a fresh `python -m memprof.worker` process; a dead worker is a result."""
+    with tempfile.TemporaryDirectory(prefix="memprof-") as tmp:
+        request, result, stderr = (os.path.join(tmp, n) for n in ("request.json", "result.json", "stderr"))
+        with open(request, "w", encoding="utf-8") as fh:
+            json.dump({"spec": spec.to_dict(), "backend": backend, "options": options or {}}, fh)
+        with open(stderr, "w", encoding="utf-8") as err:
+            try:
+                rc = subprocess.run([sys.executable, "-m", "memprof.worker", request, result],
+                                    stdout=subprocess.DEVNULL, stderr=err, timeout=timeout_s).returncode
+            except subprocess.TimeoutExpired:
+                rc = None
+        if rc == 0 and os.path.exists(result):
+            with open(result, encoding="utf-8") as fh:
+                return json.load(fh)
+        with open(stderr, encoding="utf-8", errors="replace") as fh:
+            tail = [line.rstrip() for line in fh.readlines()[-STDERR_TAIL_LINES:]]
+    how = (f"timed out after {timeout_s} s" if rc is None else
+           f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with code {rc}")
+    return {"status": "crashed", "metrics": {"exit_code": rc}, "device": None,
+            "error": f"worker {how}" + (": " + " | ".join(tail) if tail else "")}
+
+
+def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", progress: bool = True,
+             jobs: int = 1, options: dict | None = None, timeout_s: float | None = None) -> list[dict]:
+    """Run every entry; returns the records (in grid order), which are also appended to
+    out_dir/results.jsonl as each configuration finishes."""
     path = os.path.join(out_dir, RESULTS_FILE)
-    env = environment("simulate", "cpu-simulated")
+    source = PREDICTED if backend == "simulate" else MEASURED
+    env = environment(backend, "cpu-simulated" if backend == "simulate" else None)
     bar = tqdm(total=len(entries), desc="memprof", unit="config", file=sys.stderr, disable=not progress,
                bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
     done: dict[int, dict] = {}
@@ -46,26 +78,33 @@ def run_grid(entries: list[GridEntry], out_dir: str, progress: bool = True, jobs
     def finish(i: int, record: dict) -> None:
         append(path, record)
         done[i] = record
-        bar.set_postfix_str(entries[i].spec.key)
         bar.update()
 
     def failed(i: int, exc: Exception) -> dict:
-        return make_record(entries[i].spec, "error", PREDICTED, env, error=f"{type(exc).__name__}: {exc}")
+        return make_record(entries[i].spec, "error", source, env, error=f"{type(exc).__name__}: {exc}")
 
     todo = []
     for i, entry in enumerate(entries):
         if entry.skip_reason:
-            finish(i, make_record(entry.spec, "skipped", PREDICTED, env, skip_reason=entry.skip_reason))
+            finish(i, make_record(entry.spec, "skipped", source, env, skip_reason=entry.skip_reason))
         else:
             todo.append(i)
-    if jobs > 1 and len(todo) > 1:
+    if backend != "simulate":
+        for i in todo:
+            bar.set_postfix_str(entries[i].spec.key)
+            start = time.perf_counter()
+            out = run_isolated(entries[i].spec, backend, options, timeout_s)
+            finish(i, make_record(entries[i].spec, out["status"], source, {**env, "device": out["device"]},
+                                  out["metrics"], error=out["error"], elapsed_s=time.perf_counter() - start))
+    elif jobs > 1 and len(todo) > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(_timed_predict, entries[i].spec): i for i in todo}
             for fut in as_completed(futures):
                 i = futures[fut]
+                bar.set_postfix_str(entries[i].spec.key)
                 try:
                     status, metrics, elapsed = fut.result()
-                    finish(i, make_record(entries[i].spec, status, PREDICTED, env, metrics, elapsed_s=elapsed))
+                    finish(i, make_record(entries[i].spec, status, source, env, metrics, elapsed_s=elapsed))
                 except UsageError:
                     raise
                 except Exception as exc:  # a failing configuration is a result; the grid goes on
@@ -75,11 +114,10 @@ def run_grid(entries: list[GridEntry], out_dir: str, progress: bool = True, jobs
             bar.set_postfix_str(entries[i].spec.key)
             try:
                 status, metrics, elapsed = _timed_predict(entries[i].spec)
-                finish(i, make_record(entries[i].spec, status, PREDICTED, env, metrics, elapsed_s=elapsed))
+                finish(i, make_record(entries[i].spec, status, source, env, metrics, elapsed_s=elapsed))
             except UsageError:
                 raise
             except Exception as exc:  # a failing configuration is a result; the grid goes on
                 finish(i, failed(i, exc))
     bar.close()
     return [done[i] for i in sorted(done)]
-

@@ -11,116 +11,15 @@ budget card's usable memory, for the out-of-memory verdict. The model moves to t
 
 from __future__ import annotations
 
-import gc
 from collections import defaultdict
-from dataclasses import dataclass, field
-
-import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from dataclasses import dataclass
 
 from memprof.allocator import CachingAllocatorModel, SimulatedOOM
-from memprof.budget import DeviceProfile, parse_budget
-from memprof.harness import prepare, train_steps
-from memprof.optims import build_optimizer
-from memprof.rules import MemEfficientAttention, cuda_rules
+from memprof.budget import parse_budget
+from memprof.rules import cuda_rules
 from memprof.spec import RunSpec
-from memprof.tracker import ALLOC, FREE, StorageTracker
-
-PHASE = 2  # event kind: (PHASE, name, step)
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "workspace")
-
-
-@dataclass
-class Trace:
-    """The request stream of one simulated run and what each storage was."""
-
-    events: list
-    category: dict  # storage id -> one of CATEGORIES
-    origin: dict  # storage id -> op that made it
-    params_total: int
-    params_trainable: int
-    frozen: list
-    state_bytes: int  # exact bytes of the optimizer's device state tensors
-    rules: list = field(default_factory=list)
-
-
-def trace(spec: RunSpec, device: DeviceProfile) -> Trace:
-    """Run the harness on fake tensors and log every storage's life."""
-    rules = cuda_rules(device)
-    attention = next(r for r in rules if isinstance(r, MemEfficientAttention))
-    was_enabled = gc.isenabled()
-    gc.disable()  # releases then follow reference counts alone: the same order every run
-    try:
-        with FakeTensorMode():
-            prepared = prepare(spec, load_weights=False)
-            model = prepared.model
-            tracker = StorageTracker(rules)
-            params, grads, states = set(), set(), set()
-            with tracker, attention.mode():
-                for t in to_device_order(model):
-                    params.add(tracker.register(t, "Module.to (parameters and buffers)"))
-                trainable = [p for p in model.parameters() if p.requires_grad]
-                optimizer = build_optimizer(prepared.optim_info, trainable)
-
-                def on_phase(phase, step):
-                    if phase == "optimizer":
-                        grads.update(tracker.storage_id(p.grad) for p in trainable if p.grad is not None)
-                    tracker.events.append((PHASE, phase, step))
-                    tracker.set_phase(phase, step)
-
-                tracker.events.append((PHASE, "setup", 0))
-                train_steps(model, optimizer, spec, "cpu", on_phase)
-                events = list(tracker.events)
-                state_tensors = [t for s in optimizer.state.values() for t in s.values()
-                                 if isinstance(t, torch.Tensor) and tracker.storage_id(t) is not None]
-                states.update(tracker.storage_id(t) for t in state_tensors)
-                state_bytes = sum(t.untyped_storage().nbytes() for t in state_tensors)
-            info = Trace(events, {}, dict(tracker.origin),
-                         params_total=sum(p.numel() for p in model.parameters()),
-                         params_trainable=sum(p.numel() for p in trainable), frozen=prepared.frozen,
-                         state_bytes=state_bytes, rules=[r.describe() for r in rules])
-            del model, optimizer, trainable, prepared, state_tensors
-    finally:
-        if was_enabled:
-            gc.enable()
-    info.category = _categorize(events, params, grads, states, info.origin)
-    return info
-
-
-def to_device_order(module):
-    """Parameters and buffers in the order `Module.to(device)` copies them (Module._apply: children first)."""
-    for child in module.children():
-        yield from to_device_order(child)
-    yield from (p for p in module._parameters.values() if p is not None)
-    yield from (b for b in module._buffers.values() if b is not None)
-
-
-def _categorize(events, params, grads, states, origin) -> dict:
-    """Each storage's role; saved activations are forward allocations still alive when backward starts."""
-    category, live_forward, phase = {}, set(), "setup"
-    for ev in events:
-        if ev[0] == PHASE:
-            if phase == "forward" and ev[1] == "backward":
-                for sid in live_forward:
-                    category.setdefault(sid, "activations")
-            if ev[1] == "forward":
-                live_forward = set()
-            phase = ev[1]
-        elif ev[0] == ALLOC:
-            sid = ev[1]
-            if sid in params:
-                category[sid] = "parameters"
-            elif sid in grads:
-                category[sid] = "gradients"
-            elif sid in states:
-                category[sid] = "optimizer_state"
-            elif origin[sid].startswith("cuBLAS"):
-                category[sid] = "workspace"
-            elif phase == "forward":
-                live_forward.add(sid)
-        elif ev[0] == FREE:
-            live_forward.discard(ev[1])
-    return {sid: category.get(sid, "temporaries") for sid in origin}
+from memprof.tracing import CATEGORIES, Trace, common_metrics, live_peak, phase_at, trace
+from memprof.tracker import ALLOC, FREE
 
 
 @dataclass
@@ -157,52 +56,48 @@ def replay(events, capacity: int | None = None, stop_at: int | None = None) -> R
     return Replay(peak, alloc.peak_reserved, peak_index, dict(phase_peaks), alloc)
 
 
-def _phase_at(events, index: int) -> tuple[str, int]:
-    for ev in reversed(events[: index + 1]):
-        if ev[0] == PHASE:
-            return ev[1], ev[2]
-    return "setup", 0
-
-
 def predict(spec: RunSpec) -> tuple[str, dict]:
-    """(status, metrics) for `spec`: status is "ok" or "oom" (does not fit the budget card)."""
+    """(status, metrics) for `spec` on a CUDA device: status is "ok" or "oom" (does not fit the budget card)."""
     device = parse_budget(spec.budget)
-    t = trace(spec, device)
+    t = trace(spec, cuda_rules(device))
     full = replay(t.events)
     at_peak = replay(t.events, stop_at=full.peak_index).allocator
     breakdown = dict.fromkeys(CATEGORIES, 0)
     for sid, block in at_peak._blocks.items():
         breakdown[t.category[sid]] += block.size
-    peak_ev = t.events[full.peak_index]
-    phase, step = _phase_at(t.events, full.peak_index)
+    phase, step = phase_at(t.events, full.peak_index)
     metrics = {
         "peak_allocated_bytes": full.peak_allocated,
         "peak_reserved_bytes": full.peak_reserved,
+        "peak_live_bytes": live_peak(t).peak_bytes,
         "peak_phase": phase,
         "peak_step": step,
-        "peak_op": peak_ev[4],
+        "peak_op": t.events[full.peak_index][4],
         "breakdown_at_peak_bytes": breakdown,
         "phase_peak_allocated_bytes": {p: full.phase_peaks.get(p, 0) for p in ("forward", "backward", "optimizer")},
-        "params_total": t.params_total,
-        "params_trainable": t.params_trainable,
-        "params_frozen": t.params_total - t.params_trainable,
-        "frozen_parameter_names": t.frozen,
-        "optimizer_state_bytes": t.state_bytes,
-        "alloc_requests": sum(1 for ev in t.events if ev[0] == ALLOC),
+        **common_metrics(t),
         "budget_device": device.label,
         "budget_bytes": device.total_bytes,
         "context_bytes_estimate": device.context_bytes,
-        "predicted_device_bytes": full.peak_reserved + device.context_bytes,
+        "nvml_process_peak_bytes": full.peak_reserved + device.context_bytes,
         "over_budget_bytes": max(0, full.peak_reserved + device.context_bytes - device.total_bytes),
         "rules": [r["name"] for r in t.rules],
     }
     try:
         replay(t.events, capacity=device.usable_bytes)
     except SimulatedOOM as oom:
-        oom_phase, oom_step = _phase_at(t.events, oom.index)
+        oom_phase, oom_step = phase_at(t.events, oom.index)
         metrics["oom"] = {"phase": oom_phase, "step": oom_step, "op": t.events[oom.index][4],
                           "requested_bytes": oom.requested, "allocated_bytes": oom.allocated,
                           "reserved_bytes": oom.reserved, "usable_bytes": oom.capacity}
         return "oom", metrics
     return "ok", metrics
 
+
+def predict_cpu(spec: RunSpec) -> tuple[Trace, dict]:
+    """The prediction under CPU rules (no CUDA corrections, no allocator): peak live tensor bytes. The
+    `cpu` backend measures the same quantity on real tensors; on a small model the two agree exactly."""
+    t = trace(spec, rules=())
+    peak = live_peak(t)
+    return t, {"peak_live_bytes": peak.peak_bytes, "phase_peak_live_bytes": peak.phase_peaks,
+               "breakdown_at_peak_bytes": peak.breakdown, **common_metrics(t)}

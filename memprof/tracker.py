@@ -18,7 +18,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ALLOC, FREE = 0, 1
+ALLOC, FREE, PHASE = 0, 1, 2  # events: (ALLOC, id, nbytes, phase, op), (FREE, id), (PHASE, name, step)
 
 
 def _may_allocate(func) -> bool:
@@ -30,9 +30,12 @@ def _may_allocate(func) -> bool:
 class StorageTracker(TorchDispatchMode):
     """Logs (ALLOC, id, nbytes, phase, op) and (FREE, id) events for every device storage."""
 
-    def __init__(self, rules=()):
+    def __init__(self, rules=(), limit_bytes: int | None = None):
         super().__init__()
         self.rules = tuple(rules)
+        self.limit_bytes = limit_bytes
+        self.live_bytes = 0
+        self._sizes: dict[int, int] = {}
         self.events: list[tuple] = []
         self.phase = "setup"
         self.step = 0
@@ -57,13 +60,24 @@ class StorageTracker(TorchDispatchMode):
         sid = self._new_id()
         self._by_cdata[key] = sid
         self._refs[sid] = weakref.ref(st, lambda _r, sid=sid, key=key: self._released(sid, key))
-        self.events.append((ALLOC, sid, st.nbytes(), self.phase, op))
-        self.origin[sid] = op
+        self._log_alloc(sid, st.nbytes(), op)
         return sid
+
+    def _log_alloc(self, sid: int, nbytes: int, op: str) -> None:
+        self.events.append((ALLOC, sid, nbytes, self.phase, op))
+        self.origin[sid] = op
+        self._sizes[sid] = nbytes
+        self.live_bytes += nbytes
+        if self.limit_bytes is not None and self.live_bytes > self.limit_bytes:
+            err = torch.OutOfMemoryError(f"live tensor bytes would reach {self.live_bytes} B, over the budget of "
+                                         f"{self.limit_bytes} B ({op} asked for {nbytes} B)")
+            err.requested_bytes, err.live_bytes = nbytes, self.live_bytes
+            raise err
 
     def _released(self, sid: int, key: int) -> None:
         self._by_cdata.pop(key, None)
         self._refs.pop(sid, None)
+        self.live_bytes -= self._sizes.pop(sid, 0)
         self.events.append((FREE, sid))
 
     def treat_as_host(self, tensor: torch.Tensor) -> None:
@@ -73,6 +87,7 @@ class StorageTracker(TorchDispatchMode):
             return
         del self._refs[sid]  # the weakref goes, so its release is never logged
         del self.origin[sid]
+        self.live_bytes -= self._sizes.pop(sid)
         for i in range(len(self.events) - 1, -1, -1):
             if self.events[i][0] == ALLOC and self.events[i][1] == sid:
                 del self.events[i]
@@ -84,17 +99,17 @@ class StorageTracker(TorchDispatchMode):
     def synthetic_alloc(self, nbytes: int, op: str) -> int:
         """A request CUDA makes that has no tensor here (e.g. a cuBLAS workspace)."""
         sid = self._new_id()
-        self.events.append((ALLOC, sid, nbytes, self.phase, op))
-        self.origin[sid] = op
+        self._log_alloc(sid, nbytes, op)
         return sid
 
     def free_synthetic(self, sid: int) -> None:
+        self.live_bytes -= self._sizes.pop(sid)
         self.events.append((FREE, sid))
 
-    def set_phase(self, phase: str, step: int | None = None) -> None:
-        self.phase = phase
-        if step is not None:
-            self.step = step
+    def set_phase(self, phase: str, step: int = 0) -> None:
+        """Mark a phase boundary in the stream (setup, forward, backward, optimizer, done)."""
+        self.phase, self.step = phase, step
+        self.events.append((PHASE, phase, step))
 
     # --- dispatch ----------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from memprof import simulate
+from memprof import tracing
 from memprof.models import REGISTRY as MODELS, build_model, freeze_embedding
 from memprof.optims import REGISTRY as OPTIMS
-from memprof.simulate import predict, to_device_order
+from memprof.simulate import predict
+from memprof.tracing import to_device_order
 from memprof.spec import RunSpec
 
 PAPER_MODELS = ["vit-b-16", "vit-l-14", "vit-h-14"]
@@ -112,7 +113,7 @@ def test_prediction_is_deterministic():
 def test_a_retained_tensor_raises_the_peak(monkeypatch):
     """Negative control for the tracker: keep one extra activation alive and the peak grows by its block."""
     kept = []
-    original = simulate.train_steps
+    original = tracing.train_steps
 
     def leaky(model, optimizer, spec, device, on_phase):
         hook = model.head.register_forward_hook(lambda mod, inp, out: kept.append(out * 1.0) if not kept else None)
@@ -127,7 +128,7 @@ def test_a_retained_tensor_raises_the_peak(monkeypatch):
         big.clear()
 
     _, base = predict(RunSpec("test-vit", "adamw"))
-    monkeypatch.setattr(simulate, "train_steps", leaky)
+    monkeypatch.setattr(tracing, "train_steps", leaky)
     _, leaked = predict(RunSpec("test-vit", "adamw"))
     assert leaked["peak_allocated_bytes"] - base["peak_allocated_bytes"] >= 4 << 20
 

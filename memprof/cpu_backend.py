@@ -1,0 +1,50 @@
+"""Backend `cpu`: the training steps on real CPU tensors, measured with the simulation's own tracker.
+
+Measured: peak live tensor bytes (the sum of every live storage's size, op by op, through the same
+StorageTracker the simulation uses, with no CUDA rules), per phase, with its breakdown; the median step
+time (steps after the first); the process's peak resident memory. A budget (`--budget`) caps live tensor
+bytes at the card's usable memory: going over is recorded as `oom` (emulated on the host).
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+
+import torch
+
+from memprof.budget import parse_budget
+from memprof.spec import RunSpec
+from memprof.tracing import common_metrics, live_peak, median_ms, phase_at, trace
+
+
+def device_name() -> str:
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def measure(spec: RunSpec, **_) -> tuple[str, dict]:
+    budget = None if spec.budget == "device" else parse_budget(spec.budget)
+    limit = budget.usable_bytes if budget else None
+    base = {"budget_device": budget.label if budget else "host memory (no cap)",
+            "budget_bytes": budget.total_bytes if budget else None}
+    try:
+        t = trace(spec, rules=(), fake=False, limit_bytes=limit)
+    except torch.OutOfMemoryError as oom:
+        return "oom", {**base, "oom": {"phase": getattr(oom, "phase", None), "step": getattr(oom, "step", None),
+                                       "requested_bytes": getattr(oom, "requested_bytes", None),
+                                       "live_bytes": getattr(oom, "live_bytes", None), "usable_bytes": limit,
+                                       "message": str(oom).splitlines()[0]}}
+    peak = live_peak(t)
+    phase, step = phase_at(t.events, peak.peak_index)
+    return "ok", {
+        "peak_live_bytes": peak.peak_bytes,
+        "phase_peak_live_bytes": peak.phase_peaks,
+        "peak_phase": phase,
+        "peak_step": step,
+        "peak_op": t.events[peak.peak_index][4],
+        "breakdown_at_peak_bytes": peak.breakdown,
+        **common_metrics(t),
+        "step_ms_median": median_ms(t.step_ms),
+        "host_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **base,
+    }

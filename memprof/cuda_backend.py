@@ -1,0 +1,154 @@
+"""Backend `cuda`: measured peak memory from torch.cuda and NVML, one configuration per process.
+
+Method, in order: NVML process and device memory are read before CUDA is initialised; CUDA is initialised
+with one small tensor and the CUDA context is measured as NVML process memory minus torch's reserved
+bytes; a smaller `--budget` than the card caps the caching allocator (set_per_process_memory_fraction)
+so that usable memory matches that card after the measured context ("emulated"); the model is built on
+the meta device and given storage on the GPU in `Module.to` order (memprof.harness.materialize), then the
+optimizer. `reset_peak_memory_stats` follows, and the NVML sampler starts. At every phase boundary
+(forward, backward, optimizer step) the device is synchronised, the phase's max_memory_allocated and
+max_memory_reserved are read, and the peaks are reset: the overall peak is the largest phase peak, so
+per-phase peaks do not clobber it. Step time is the median wall time of the steps after the first, each
+bounded by synchronisations. Only torch.OutOfMemoryError is caught: status `oom` with the phase, the
+bytes requested and what was allocated and reserved then. `--snapshot DIR` records allocator history and
+dumps a snapshot that https://pytorch.org/memory_viz opens (always on OOM).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import time
+
+import torch
+
+from memprof.budget import GiB, parse_budget
+from memprof.errors import UsageError
+from memprof.harness import materialize, prepare, train_steps
+from memprof.nvml import Nvml, Sampler
+from memprof.optims import build_optimizer
+from memprof.spec import RunSpec
+
+_REQUEST = re.compile(r"Tried to allocate ([\d.]+) (B|KiB|MiB|GiB)")
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+PHASES = ("forward", "backward", "optimizer")
+
+
+def requested_bytes(message: str) -> int | None:
+    """The size in torch's OOM message ("Tried to allocate 2.00 GiB"), as precise as the message is."""
+    m = _REQUEST.search(message)
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+
+
+def emulation_fraction(budget_bytes: int, context_bytes: int, device_total_bytes: int) -> float:
+    """The allocator cap that leaves a process `budget - context` bytes, as on a card of `budget` bytes."""
+    if budget_bytes > device_total_bytes:
+        raise UsageError(f"--budget of {budget_bytes / GiB:.1f} GiB is larger than this GPU "
+                         f"({device_total_bytes / GiB:.1f} GiB): pick a smaller budget or `device`")
+    return max(0.0, (budget_bytes - context_bytes) / device_total_bytes)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+
+
+def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: float = 5.0) -> tuple[str, dict]:
+    if not torch.cuda.is_available():
+        raise UsageError("--backend cuda needs a CUDA GPU: use --backend simulate (predicts) or cpu")
+    props = torch.cuda.get_device_properties(0)
+    nvml = Nvml(0, str(getattr(props, "uuid", "")) or None)
+    nvml_before = nvml.read()
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    process_after_init = nvml.process_bytes()
+    context = None if process_after_init is None else process_after_init - torch.cuda.memory_reserved()
+    metrics: dict = {"device_name": props.name, "device_total_bytes": props.total_memory,
+                     "compute_capability": f"{props.major}.{props.minor}",
+                     "nvml_process_before_init_bytes": nvml_before[0], "nvml_device_before_init_bytes": nvml_before[1],
+                     "context_bytes": context}
+    if spec.budget != "device":
+        budget = parse_budget(spec.budget)
+        fraction = emulation_fraction(budget.total_bytes, context or budget.context_bytes, props.total_memory)
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        metrics.update(budget_device=f"emulated {budget.name} ({budget.total_bytes / GiB:.0f} GiB) on {props.name}",
+                       budget_bytes=budget.total_bytes, allocator_fraction=round(fraction, 6))
+    else:
+        metrics.update(budget_device=props.name, budget_bytes=props.total_memory)
+    if snapshot_dir:
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
+
+    with torch.device("meta"):
+        prepared = prepare(spec, load_weights=False)
+    model = prepared.model
+    materialize(model, "cuda")
+    if prepared.pretrained_state is not None:
+        model.visual.load_state_dict(prepared.pretrained_state)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(prepared.optim_info, trainable)
+    torch.cuda.synchronize()
+    metrics.update(params_total=sum(p.numel() for p in model.parameters()),
+                   params_trainable=sum(p.numel() for p in trainable), frozen_parameter_names=prepared.frozen,
+                   setup_allocated_bytes=torch.cuda.memory_allocated())
+    torch.cuda.reset_peak_memory_stats()
+
+    allocated, reserved = {}, {}
+    state = {"phase": "setup", "step": 0, "starts": []}
+
+    def close_phase():
+        torch.cuda.synchronize()
+        ph = state["phase"]
+        allocated[ph] = max(allocated.get(ph, 0), torch.cuda.max_memory_allocated())
+        reserved[ph] = max(reserved.get(ph, 0), torch.cuda.max_memory_reserved())
+        torch.cuda.reset_peak_memory_stats()
+
+    def on_phase(phase, step):
+        close_phase()
+        if phase in ("forward", "done"):
+            state["starts"].append(time.perf_counter())
+        state["phase"], state["step"] = phase, step
+
+    sampler = Sampler(nvml.read, nvml_period_ms / 1000).start() if nvml.available and nvml_period_ms > 0 else None
+    status = "ok"
+    try:
+        train_steps(model, optimizer, spec, "cuda", on_phase)
+    except torch.OutOfMemoryError as oom:
+        status = "oom"
+        metrics["oom"] = {"phase": state["phase"], "step": state["step"],
+                          "requested_bytes": requested_bytes(str(oom)),
+                          "allocated_bytes": torch.cuda.memory_allocated(),
+                          "reserved_bytes": torch.cuda.memory_reserved(),
+                          "message": str(oom).splitlines()[0][:300]}
+        close_phase()
+    finally:
+        sampled = sampler.stop() if sampler else None
+    stats = torch.cuda.memory_stats()
+    peak_phase = max(allocated, key=allocated.get)
+    starts = state["starts"]
+    step_ms = [1000 * (b - a) for a, b in zip(starts[1:], starts[2:])]
+    metrics.update({
+        "peak_allocated_bytes": max(allocated.values()),
+        "peak_reserved_bytes": max(reserved.values()),
+        "peak_phase": peak_phase,
+        "phase_peak_allocated_bytes": {p: allocated.get(p, 0) for p in PHASES},
+        "phase_peak_reserved_bytes": {p: reserved.get(p, 0) for p in PHASES},
+        "step_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
+        "allocator_stats": {k: v for k, v in stats.items() if k.endswith((".all.current", ".all.peak"))
+                            or k.startswith("num_")},
+        "nvml_available": sampled is not None and sampled.process_peak_bytes is not None,
+        "nvml_reason": nvml.reason,
+    })
+    if sampled is not None:
+        metrics.update(nvml_process_peak_bytes=sampled.process_peak_bytes,
+                       nvml_device_peak_bytes=sampled.device_peak_bytes,
+                       nvml_others_peak_bytes=sampled.others_peak_bytes, nvml_samples=sampled.samples,
+                       nvml_period_ms=sampled.period_ms, nvml_series=sampled.series)
+    if snapshot_dir:
+        _dump_snapshot(snapshot_dir, spec)
+    return status, metrics
+
+
+def _dump_snapshot(snapshot_dir: str, spec: RunSpec) -> None:
+    os.makedirs(snapshot_dir, exist_ok=True)
+    torch.cuda.memory._dump_snapshot(os.path.join(snapshot_dir, spec.key.replace("/", "_") + ".pickle"))
+    torch.cuda.memory._record_memory_history(enabled=None)

@@ -1,0 +1,129 @@
+"""NVML through one guarded door, and a background sampler of this process's and the device's memory.
+
+Every NVML call goes through `_call`, which turns any NVMLError into a "not available" reason; callers
+get None and the reason, never an exception, so torch.cuda figures stand where NVML is missing or refuses
+(no driver, a container without PID visibility).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+class Nvml:
+    """The NVML device that CUDA device `index` is, or why NVML is not available."""
+
+    def __init__(self, index: int = 0, uuid: str | None = None):
+        self.reason: str | None = None
+        self._nv = None
+        self._handle = None
+        try:
+            import pynvml
+        except ImportError:
+            self.reason = "nvidia-ml-py is not installed"
+            return
+        self._nv = pynvml
+        self._call(pynvml.nvmlInit)
+        if self.reason:
+            return
+        handle = None
+        if uuid:
+            handle = self._call(pynvml.nvmlDeviceGetHandleByUUID, uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        if handle is None:
+            self.reason = None
+            handle = self._call(pynvml.nvmlDeviceGetHandleByIndex, index)
+        self._handle = handle
+
+    @property
+    def available(self) -> bool:
+        return self._handle is not None
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as exc:  # NVMLError_* (and ctypes errors without a driver): not available
+            self.reason = f"{fn.__name__}: {exc}"
+            return None
+
+    def device_used_bytes(self) -> int | None:
+        if not self.available:
+            return None
+        info = self._call(self._nv.nvmlDeviceGetMemoryInfo, self._handle)
+        return None if info is None else int(info.used)
+
+    def process_bytes(self, pid: int | None = None) -> int | None:
+        """This process's usedGpuMemory, found by PID (other processes on the GPU do not count)."""
+        if not self.available:
+            return None
+        pid = pid or os.getpid()
+        procs = self._call(self._nv.nvmlDeviceGetComputeRunningProcesses, self._handle)
+        if procs is None:
+            return None
+        for p in procs:
+            if p.pid == pid:
+                if p.usedGpuMemory is None:
+                    self.reason = "NVML does not report per-process memory here"
+                    return None
+                return int(p.usedGpuMemory)
+        self.reason = f"PID {pid} is not among NVML's compute processes (no PID visibility in this container?)"
+        return None
+
+    def read(self) -> tuple[int | None, int | None]:
+        return self.process_bytes(), self.device_used_bytes()
+
+
+@dataclass
+class SamplerResult:
+    process_peak_bytes: int | None
+    device_peak_bytes: int | None
+    others_peak_bytes: int | None  # device used minus this process, at its largest
+    samples: int
+    period_ms: float | None  # the period achieved
+    series: list = field(default_factory=list)  # [t_ms, process_bytes, device_bytes], at most `keep` rows
+
+
+class Sampler:
+    """Polls `read() -> (process_bytes, device_bytes)` every `period_s` on a daemon thread, keeping peaks
+    and a time series thinned to at most `keep` rows."""
+
+    def __init__(self, read, period_s: float = 0.005, keep: int = 500):
+        self.read, self.period_s, self.keep = read, period_s, keep
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memprof-nvml", daemon=True)
+        self._proc = self._dev = self._others = None
+        self._samples = 0
+        self._series: list = []
+        self._t0 = 0.0
+
+    def _run(self) -> None:
+        stride = 1
+        while not self._stop.is_set():
+            proc, dev = self.read()
+            self._samples += 1
+            if proc is not None:
+                self._proc = max(self._proc or 0, proc)
+            if dev is not None:
+                self._dev = max(self._dev or 0, dev)
+            if proc is not None and dev is not None:
+                self._others = max(self._others or 0, dev - proc)
+            if self._samples % stride == 0:
+                self._series.append([round(1000 * (time.perf_counter() - self._t0), 2), proc, dev])
+                if len(self._series) >= self.keep:
+                    self._series = self._series[::2]
+                    stride *= 2
+            self._stop.wait(self.period_s)
+
+    def start(self) -> "Sampler":
+        self._t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def stop(self) -> SamplerResult:
+        self._stop.set()
+        self._thread.join()
+        elapsed = time.perf_counter() - self._t0
+        return SamplerResult(self._proc, self._dev, self._others, self._samples,
+                             round(1000 * elapsed / self._samples, 3) if self._samples else None, self._series)
