@@ -36,8 +36,8 @@ def _default_out() -> str:
     return os.path.join("reports", "runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
-def _resolve_backend(requested: str) -> str:
-    """auto: cuda where a GPU is present, else simulate; announced on stderr in one line."""
+def _resolve_backend(requested: str) -> tuple[str, str]:
+    """auto: cuda where a GPU is present, else simulate; returns it with the line that announces it."""
     import torch
 
     has_gpu = torch.cuda.is_available()
@@ -49,8 +49,7 @@ def _resolve_backend(requested: str) -> str:
             "simulate": "every figure is predicted, not measured",
             "cpu": "measuring live tensor bytes on the CPU"}[backend]
     why = "" if requested != "auto" else (" (a CUDA GPU is present)" if has_gpu else " (no CUDA GPU here)")
-    print(f"memprof: backend {backend}{why}: {what}", file=sys.stderr)
-    return backend
+    return backend, f"memprof: backend {backend}{why}: {what}"
 
 
 def _resolve_budget(budget: str | None, backend: str) -> str:
@@ -100,10 +99,11 @@ def cmd_run(args) -> int:
     out_dir = _writable_dir(args.out or _default_out())
     if args.pretrained:
         _check_pretrained(models, args.pretrained, args.num_classes)
-    backend = _resolve_backend(args.backend)
+    backend, announce = _resolve_backend(args.backend)
     budget = _resolve_budget(args.budget, backend)
     entries = expand_grid(models, optims, grad_ckpt, state_bits, batch_sizes, steps=args.steps,
                           budget=budget, num_classes=args.num_classes, pretrained=args.pretrained)
+    print(announce, file=sys.stderr)
     results_path = os.path.join(out_dir, RESULTS_FILE)
     if args.resume and os.path.exists(results_path):
         finished = {r["key"] for r in load(results_path)}

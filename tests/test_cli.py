@@ -84,6 +84,10 @@ def test_pretrained_local_file_is_accepted(tmp_path, tower_file):
     (["run", "--models", "vit-b-16", "--pretrained", "openai"], "not in the local cache"),
     (["run", "--models", "vit-b-16", "--pretrained", "no-such-tag"], "not a known tag"),
     (["run", "--backend", "quantum"], "invalid choice"),
+    (["run", "--backend", "cuda"], "needs a CUDA GPU"),
+    (["run", "--backend", "simulate", "--budget", "device"], "predicts for a named card"),
+    (["run", "--resume"], "--resume needs --out"),
+    (["fidelity", "/nonexistent/a", "/nonexistent/b"], "no results at"),
     (["table", "/nonexistent/results.jsonl"], "no results at"),
     (["frobnicate"], "invalid choice"),
 ])

@@ -1,0 +1,134 @@
+"""Measuring backends without a GPU: the cpu backend, process isolation, crash/OOM recording, resume,
+budget emulation arithmetic, fidelity; GPU-only checks carry the `gpu` marker."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from memprof import cpu_backend
+from memprof.budget import GiB
+from memprof.cuda_backend import emulation_fraction, requested_bytes
+from memprof.errors import UsageError
+from memprof.models import REGISTRY as MODELS
+from memprof.optims import REGISTRY as OPTIMS
+from memprof.report import fidelity_rows, render_fidelity
+from memprof.runner import run_grid, run_isolated
+from memprof.simulate import predict_cpu
+from memprof.spec import RunSpec, expand_grid
+
+
+@pytest.mark.parametrize("optim, ckpt, batch", [("adamw", False, 1), ("sgd-fe", True, 1), ("lamb", False, 4),
+                                                ("sgd-fe-nomom", True, 4)])
+def test_cpu_measurement_equals_prediction_under_cpu_rules(optim, ckpt, batch):
+    spec = RunSpec("test-vit", optim, grad_ckpt=ckpt, batch_size=batch, budget="device")
+    status, measured = cpu_backend.measure(spec)
+    _, predicted = predict_cpu(spec)
+    assert status == "ok"
+    for field in ("peak_live_bytes", "phase_peak_live_bytes", "breakdown_at_peak_bytes", "optimizer_state_bytes"):
+        assert measured[field] == predicted[field], field
+    assert measured["step_ms_median"] > 0
+
+
+def test_cpu_budget_is_an_oom_result():
+    status, m = cpu_backend.measure(RunSpec("test-vit", "adamw", budget="401MiB"))  # 1 MiB usable
+    assert status == "oom"
+    assert m["oom"]["phase"] == "optimizer" and m["oom"]["requested_bytes"] > 0
+    assert m["oom"]["live_bytes"] > m["oom"]["usable_bytes"]
+
+
+def test_isolated_worker_measures():
+    out = run_isolated(RunSpec("test-vit", "sgd", budget="device"), "cpu")
+    assert out["status"] == "ok" and out["device"].startswith("cpu")
+    assert out["metrics"]["peak_live_bytes"] > 0
+
+
+def test_killed_worker_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMPROF_TEST_CRASH", "/sgd/")
+    entries = expand_grid([MODELS["test-vit"]], [OPTIMS["adamw"], OPTIMS["sgd"], OPTIMS["sgd-fe"]], [False], [32], [1],
+                          budget="device")
+    records = run_grid(entries, str(tmp_path), "cpu", progress=False)
+    assert [r["status"] for r in records] == ["ok", "crashed", "ok"]
+    assert "killed by SIGKILL" in records[1]["error"] and records[1]["metrics"]["exit_code"] == -9
+    assert {r["source"] for r in records} == {"measured"}
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+
+
+def test_worker_runtime_error_is_an_error_record(tmp_path):
+    out = run_isolated(RunSpec("test-vit", "sgd", budget="device", pretrained="/nonexistent.pt"), "cpu")
+    assert out["status"] == "error" and "no such file" in out["error"]
+
+
+def test_resume_and_interrupt(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "memprof", "run", "--backend", "cpu", "--models", "test-vit", "--optims",
+           "adamw,sgd,sgd-fe,sgd-fe-nomom", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    results = out / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (results.exists() and results.read_text().strip()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C after the first configuration finished
+    _, err = proc.communicate(timeout=120)
+    kept = [json.loads(line) for line in results.read_text().splitlines()]
+    if proc.returncode == 130:
+        assert "continue with --resume" in err
+    assert 1 <= len(kept) <= 4 and all(r["status"] == "ok" for r in kept)
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(kept)} configurations already" in r.stderr
+    keys = [json.loads(line)["key"] for line in results.read_text().splitlines()]
+    assert len(keys) == 4 and len(set(keys)) == 4  # nothing lost, nothing run twice
+
+
+def test_emulation_fraction():
+    # a 12 GiB card with a 500 MiB context, emulated on an 80 GiB device
+    f = emulation_fraction(12 * GiB, 500 << 20, 80 * GiB)
+    assert f * 80 * GiB == pytest.approx(12 * GiB - (500 << 20))
+    with pytest.raises(UsageError, match="larger than this GPU"):
+        emulation_fraction(141 * GiB, 500 << 20, 80 * GiB)
+
+
+def test_requested_bytes_from_oom_message():
+    msg = "CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of 11.91 GiB"
+    assert requested_bytes(msg) == int(2.5 * GiB)
+    assert requested_bytes("Tried to allocate 512.00 KiB") == 512 * 1024
+    assert requested_bytes("something else") is None
+
+
+def _record(key, source, alloc, reserved, status="ok", device="NVIDIA H200"):
+    return {"key": key, "source": source, "status": status, "environment": {"device": device},
+            "metrics": {"peak_allocated_bytes": alloc, "peak_reserved_bytes": reserved}}
+
+
+def test_fidelity_rows_match_configs_across_budgets():
+    measured = [_record("vit-b-16/sgd/ckpt-off/32bit/bs1/fp32/steps2/device", "measured", 100, 200),
+                _record("vit-b-16/adamw/ckpt-off/32bit/bs1/fp32/steps2/device", "measured", 100, 200, "oom")]
+    predicted = [_record("vit-b-16/sgd/ckpt-off/32bit/bs1/fp32/steps2/143771MiB@9.0", "predicted", 110, 200),
+                 _record("vit-b-16/adamw/ckpt-off/32bit/bs1/fp32/steps2/143771MiB@9.0", "predicted", 100, 200)]
+    rows = fidelity_rows(measured, predicted)
+    assert len(rows) == 1  # the OOM measurement has no peak to grade
+    assert rows[0]["allocated_error_pct"] == 10.0 and rows[0]["reserved_error_pct"] == 0.0
+    assert "10.00%" in render_fidelity(measured, predicted)
+
+
+@pytest.mark.gpu
+def test_cuda_measures_test_model():
+    from memprof import cuda_backend
+
+    status, m = cuda_backend.measure(RunSpec("test-vit", "adamw", budget="device"))
+    assert status == "ok"
+    assert m["peak_allocated_bytes"] <= m["peak_reserved_bytes"]
+    assert m["peak_allocated_bytes"] == max(m["phase_peak_allocated_bytes"].values())
+    assert m["step_ms_median"] > 0
+
+
+@pytest.mark.gpu
+def test_cuda_emulated_titan_x_oom_pattern():
+    out = {o: run_isolated(RunSpec("vit-h-14", o, budget="titan-x"), "cuda") for o in ("adamw", "sgd-fe-nomom")}
+    assert out["adamw"]["status"] == "oom" and out["adamw"]["metrics"]["oom"]["phase"]
+    assert out["sgd-fe-nomom"]["status"] == "ok"
