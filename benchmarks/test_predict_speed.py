@@ -17,3 +17,14 @@ def test_predict(benchmark, model):
     benchmark.extra_info["peak_allocated_bytes"] = metrics["peak_allocated_bytes"]
     benchmark.extra_info["alloc_requests"] = metrics["alloc_requests"]
     assert status in ("ok", "oom")
+
+
+def test_cpu_training_step(benchmark):
+    """One real CPU run of the test model (2 steps, AdamW), through the tracker, as the cpu backend does."""
+    from memprof import cpu_backend
+
+    status, metrics = benchmark.pedantic(cpu_backend.measure, args=(RunSpec("test-vit", "adamw", budget="device"),),
+                                         rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["peak_live_bytes"] = metrics["peak_live_bytes"]
+    benchmark.extra_info["step_ms_median"] = metrics["step_ms_median"]
+    assert status == "ok"

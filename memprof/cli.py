@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from memprof.errors import UsageError
 
@@ -72,7 +73,19 @@ def _resolve_budget(budget: str | None, backend: str) -> str:
     return budget
 
 
-def cmd_run(args) -> int:
+@dataclass
+class RunPlan:
+    """A validated `memprof run`: what to run, where, how."""
+
+    entries: list
+    out_dir: str
+    backend: str
+    announce: str
+    args: argparse.Namespace
+
+
+def plan_run(args) -> RunPlan:
+    """Validate every option of `memprof run` (UsageError on bad input) before anything runs."""
     from memprof.models import parse_models
     from memprof.optims import parse_optims
     from memprof.results import RESULTS_FILE, load
@@ -103,30 +116,75 @@ def cmd_run(args) -> int:
     budget = _resolve_budget(args.budget, backend)
     entries = expand_grid(models, optims, grad_ckpt, state_bits, batch_sizes, steps=args.steps,
                           budget=budget, num_classes=args.num_classes, pretrained=args.pretrained)
-    print(announce, file=sys.stderr)
     results_path = os.path.join(out_dir, RESULTS_FILE)
     if args.resume and os.path.exists(results_path):
         finished = {r["key"] for r in load(results_path)}
         entries = [e for e in entries if e.spec.key not in finished]
-        print(f"memprof: resuming: {len(finished)} configurations already in {results_path}, "
-              f"{len(entries)} to run", file=sys.stderr)
+        announce += (f"\nmemprof: resuming: {len(finished)} configurations already in {results_path}, "
+                     f"{len(entries)} to run")
+    return RunPlan(entries, out_dir, backend, announce, args)
 
-    from memprof.report import default_metric, render_markdown, write_reports
+
+def execute(plan: RunPlan) -> None:
+    """Run a plan; its records are appended to plan.out_dir/results.jsonl as each finishes."""
     from memprof.runner import default_jobs, run_grid
 
-    options = {"cuda": {"snapshot_dir": args.snapshot, "nvml_period_ms": args.nvml_period_ms}}.get(backend, {})
-    try:
-        run_grid(entries, out_dir, backend, progress=not args.no_progress, jobs=args.jobs or default_jobs(),
-                 options=options, timeout_s=args.timeout_s)
-    except KeyboardInterrupt:
-        print(f"memprof: interrupted; finished configurations are in {results_path} (continue with --resume)",
-              file=sys.stderr)
-        return 130
-    records = load(results_path)
-    metric = args.metric or default_metric(records)
+    args = plan.args
+    print(plan.announce, file=sys.stderr)
+    options = {"cuda": {"snapshot_dir": args.snapshot, "nvml_period_ms": args.nvml_period_ms}}.get(plan.backend, {})
+    run_grid(plan.entries, plan.out_dir, plan.backend, progress=not args.no_progress,
+             jobs=args.jobs or default_jobs(), options=options, timeout_s=args.timeout_s)
+
+
+def report(out_dir: str, metric: str | None) -> None:
+    """Table 4 from everything in out_dir/results.jsonl: printed, and written beside it."""
+    from memprof.report import default_metric, render_markdown, write_reports
+    from memprof.results import load
+
+    records = load(out_dir)
+    metric = metric or default_metric(records)
     paths = write_reports(records, out_dir, metric)
     print(render_markdown(records, metric))
-    print(f"memprof: wrote {results_path} and {', '.join(sorted(paths.values()))}", file=sys.stderr)
+    print(f"memprof: wrote {os.path.join(out_dir, 'results.jsonl')} and {', '.join(sorted(paths.values()))}",
+          file=sys.stderr)
+
+
+def _interrupted(out_dir: str) -> int:
+    print(f"memprof: interrupted; finished configurations are in {out_dir}/results.jsonl (continue with "
+          f"--resume)", file=sys.stderr)
+    return 130
+
+
+def cmd_run(args) -> int:
+    plan = plan_run(args)
+    try:
+        execute(plan)
+    except KeyboardInterrupt:
+        return _interrupted(plan.out_dir)
+    report(plan.out_dir, args.metric)
+    return 0
+
+
+def cmd_suite(args) -> int:
+    """Every [[run]] of a suite file into one results.jsonl; all runs are validated before the first starts."""
+    from memprof.suite import load_suite, run_arguments
+
+    runs = load_suite(args.file)
+    name = os.path.splitext(os.path.basename(args.file))[0]
+    out_dir = _writable_dir(args.out or os.path.join("reports", "runs", f"suite-{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    plans = []
+    for run in runs:
+        try:
+            run_args = build_parser().parse_args(run_arguments(run, out_dir) + (["--resume"] if args.resume else []))
+            plans.append(plan_run(run_args))
+        except UsageError as exc:
+            raise UsageError(f"{args.file}:{run.line}: {exc}") from None
+    try:
+        for plan in plans:
+            execute(plan)
+    except KeyboardInterrupt:
+        return _interrupted(out_dir)
+    report(out_dir, None)
     return 0
 
 
@@ -183,6 +241,46 @@ def cmd_fidelity(args) -> int:
             fh.write(text)
         with open(os.path.join(args.out, "fidelity.json"), "w", encoding="utf-8") as fh:
             json.dump(fidelity_rows(measured, predicted), fh, indent=2, sort_keys=True)
+    return 0
+
+
+DEFAULT_FAIL = ("peak_allocated:0%", "peak_reserved:0%", "peak_live:0%")
+
+
+def cmd_baseline_save(args) -> int:
+    import json
+
+    from memprof.baseline import diff_text, load_any, make_baseline
+
+    new = make_baseline(_load_records(args.results))
+    if os.path.exists(args.output):
+        print(f"changes against {args.output}:\n{diff_text(load_any(args.output), new)}")
+    _writable_dir(os.path.dirname(os.path.abspath(args.output)))
+    with open(args.output, "w", encoding="utf-8") as fh:
+        json.dump(new, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    print(f"memprof: wrote baseline {args.output} ({len(new['benchmarks'])} configurations)", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from tabulate import tabulate
+
+    from memprof.baseline import compare, load_any, parse_threshold
+
+    thresholds = [parse_threshold(t) for t in (args.fail or DEFAULT_FAIL)]
+    base, current = load_any(args.baseline), load_any(args.current)
+    result = compare(base, current, thresholds)
+    if result.rows:
+        print(tabulate(result.rows, headers=["config", "field", "baseline", "current", "delta", "verdict"]))
+    for note in result.notes:
+        print(note)
+    if result.regressions:
+        print(f"\n{len(result.regressions)} regression(s):")
+        for r in result.regressions:
+            print(f"  {r}")
+        return 1
+    print(f"\nno regression ({len(result.rows)} comparisons)")
     return 0
 
 
@@ -250,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
+    suite = sub.add_parser("suite", help="run a suite file (suites/*.toml): several grids into one results.jsonl")
+    suite.add_argument("file", help="suite file, e.g. suites/ci.toml")
+    suite.add_argument("--out", help="output directory (default: reports/runs/suite-<name>-<timestamp>)")
+    suite.add_argument("--resume", action="store_true", help="skip configurations already in --out")
+    suite.set_defaults(func=cmd_suite)
+
     table = sub.add_parser("table", help="render Table 4 from a results.jsonl (markdown, CSV, JSON, PNG)")
     table.add_argument("results", help="results.jsonl or a run directory")
     table.add_argument("--metric", choices=list(METRICS), default=None)
@@ -261,6 +365,23 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("predicted", help="results of the simulation for the same configurations")
     fid.add_argument("--out", help="directory for fidelity.md and fidelity.json")
     fid.set_defaults(func=cmd_fidelity)
+
+    base = sub.add_parser("baseline", help="save results as a regression baseline")
+    base_sub = base.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    save = base_sub.add_parser("save", help="write a baseline JSON from results; prints what changed")
+    save.add_argument("results", help="results.jsonl or a run directory")
+    save.add_argument("-o", "--output", default=os.path.join("reports", "baselines", "ci.json"),
+                      help="baseline file (default: reports/baselines/ci.json)")
+    save.set_defaults(func=cmd_baseline_save)
+
+    cmp_ = sub.add_parser("compare", help="fail (exit 1) when CURRENT regresses against BASELINE")
+    cmp_.add_argument("baseline", help="baseline JSON (or results, or pytest-benchmark JSON)")
+    cmp_.add_argument("current", help="results.jsonl, run directory, baseline or pytest-benchmark JSON")
+    cmp_.add_argument("--fail", action="append", metavar="FIELD:N[%]",
+                      help="regression threshold, repeatable: " + ", ".join(
+                          ["peak_allocated", "peak_reserved", "peak_live", "nvml_process", "step_ms", "state_bytes"])
+                      + " or any stats field; bigger is worse (default: " + ", ".join(DEFAULT_FAIL) + ")")
+    cmp_.set_defaults(func=cmd_compare)
 
     lst = sub.add_parser("list", help="list registered models, optimizers or budget cards")
     lst.add_argument("what", choices=["models", "optims", "budgets"])

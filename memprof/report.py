@@ -47,14 +47,16 @@ def default_metric(records: list[dict]) -> str:
 
 
 def _setting(rec: dict) -> tuple:
+    """Records in one table share these; a table never mixes predicted and measured figures."""
     s = rec["spec"]
-    return (s["grad_ckpt"], s["state_bits"], s["batch_size"], s["budget"], s["precision"])
+    return (s["grad_ckpt"], s["state_bits"], s["batch_size"], s["budget"], s["precision"], rec["source"],
+            rec["environment"].get("device") or "unknown device")
 
 
 def _setting_title(setting: tuple) -> str:
-    ckpt, bits, bs, budget, precision = setting
+    ckpt, bits, bs, budget, precision, source, device = setting
     return (f"micro-batch {bs}, {precision}, {bits}-bit optimizer states, gradient checkpointing "
-            f"{'on' if ckpt else 'off'}, budget {budget}")
+            f"{'on' if ckpt else 'off'}, budget {budget}: {source} ({device})")
 
 
 def _ordered(names, registry):

@@ -1,0 +1,93 @@
+"""Suites as files: TOML with one `[[run]]` table per grid, each run like `memprof run` with those options.
+
+    [[run]]
+    backend = "simulate"     # simulate | cpu | cuda | auto
+    models = "paper"
+    optims = "paper"
+    grad_ckpt = "off,on"
+
+Unknown keys or values are an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+
+from memprof.errors import UsageError
+
+KEYS = {"backend": str, "models": str, "optims": str, "grad_ckpt": str, "state_bits": (str, int),
+        "batch_size": (str, int), "steps": int, "budget": str, "num_classes": int, "pretrained": str}
+BACKENDS = ("auto", "simulate", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    line: int
+    options: dict
+
+
+def _line_of(text: str, run_index: int, key: str | None) -> int:
+    """1-based line of `key` inside the run_index-th [[run]] table (or of the table header)."""
+    lines = text.splitlines()
+    headers = [i for i, line in enumerate(lines) if re.match(r"\s*\[\[\s*run\s*\]\]", line)]
+    if run_index >= len(headers):
+        return 1
+    start = headers[run_index]
+    end = headers[run_index + 1] if run_index + 1 < len(headers) else len(lines)
+    if key is not None:
+        for i in range(start, end):
+            if re.match(rf"\s*{re.escape(key)}\s*=", lines[i]):
+                return i + 1
+    return start + 1
+
+
+def load_suite(path: str) -> list[SuiteRun]:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise UsageError(f"suite {path}: {exc.strerror}; give a suite file such as suites/ci.toml") from None
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML ({exc})") from None
+    extra = sorted(set(data) - {"run", "description"})
+    if extra:
+        line = next((i + 1 for i, s in enumerate(text.splitlines()) if re.match(rf"\s*\[?{extra[0]}\b", s)), 1)
+        raise UsageError(f"{path}:{line}: unknown key '{extra[0]}': a suite has [[run]] tables and a description")
+    runs = data.get("run")
+    if not isinstance(runs, list) or not runs:
+        raise UsageError(f"{path}: no [[run]] tables: add at least one")
+    out = []
+    from memprof.models import parse_models
+    from memprof.optims import parse_optims
+
+    for i, run in enumerate(runs):
+        for key, value in run.items():
+            line = _line_of(text, i, key)
+            if key not in KEYS:
+                raise UsageError(f"{path}:{line}: unknown key '{key}' (known: {', '.join(KEYS)})")
+            if not isinstance(value, KEYS[key]):
+                raise UsageError(f"{path}:{line}: '{key}' has the wrong type ({type(value).__name__})")
+            try:
+                if key == "backend" and value not in BACKENDS:
+                    raise UsageError(f"backend '{value}': use one of {', '.join(BACKENDS)}")
+                if key == "models":
+                    parse_models(value)
+                if key == "optims":
+                    parse_optims(value)
+            except UsageError as exc:
+                raise UsageError(f"{path}:{line}: {exc}") from None
+        out.append(SuiteRun(_line_of(text, i, None), dict(run)))
+    return out
+
+
+def run_arguments(run: SuiteRun, out_dir: str) -> list[str]:
+    """The `memprof run` command line that one suite run stands for."""
+    args = ["run", "--out", out_dir, "--no-progress"]
+    for key, value in run.options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
