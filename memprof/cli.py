@@ -103,6 +103,8 @@ def plan_run(args) -> RunPlan:
         raise UsageError(f"--jobs {args.jobs}: use at least 1")
     if args.num_classes < 2:
         raise UsageError(f"--num-classes {args.num_classes}: use at least 2")
+    if args.paged and 8 not in state_bits:
+        raise UsageError("--paged applies to 8-bit states: add --state-bits 8 (or 32,8)")
     if args.resume and not args.out:
         raise UsageError("--resume needs --out DIR: the run directory whose results.jsonl to continue")
     if args.budget is not None and args.budget != "device":
@@ -114,8 +116,12 @@ def plan_run(args) -> RunPlan:
         _check_pretrained(models, args.pretrained, args.num_classes)
     backend, announce = _resolve_backend(args.backend)
     budget = _resolve_budget(args.budget, backend)
-    entries = expand_grid(models, optims, grad_ckpt, state_bits, batch_sizes, steps=args.steps,
+    entries = expand_grid(models, optims, grad_ckpt, state_bits, batch_sizes, paged=args.paged, steps=args.steps,
                           budget=budget, num_classes=args.num_classes, pretrained=args.pretrained)
+    if any(e.spec.state_bits == 8 and not e.skip_reason for e in entries):
+        from memprof.optims import require_bitsandbytes
+
+        require_bitsandbytes()
     results_path = os.path.join(out_dir, RESULTS_FILE)
     if args.resume and os.path.exists(results_path):
         finished = {r["key"] for r in load(results_path)}
@@ -298,9 +304,10 @@ def cmd_list(args) -> int:
     elif args.what == "optims":
         from memprof.optims import REGISTRY
 
-        rows = [[o.name, o.label, o.factory, "yes" if o.freeze_embed else "", o.state_tensors_per_param,
-                 o.description] for o in REGISTRY.values()]
-        print(tabulate(rows, headers=["name", "paper name", "class", "freeze-embed", "states/param", "description"]))
+        rows = [[o.name, o.label, o.factory, o.bnb_8bit or "-", "yes" if o.freeze_embed else "",
+                 o.state_tensors_per_param, o.description] for o in REGISTRY.values()]
+        print(tabulate(rows, headers=["name", "paper name", "class", "8-bit class", "freeze-embed", "states/param",
+                                      "description"]))
         print("\n`--optims all` runs all of them; `--optims paper` runs Table 4's four.")
     else:
         from memprof.budget import PROFILES
@@ -324,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--models", default="paper", help="comma list of models, or `paper` (default: paper)")
     run.add_argument("--optims", default="paper", help="comma list of optimizers, `paper` or `all` (default: paper)")
     run.add_argument("--grad-ckpt", default="off", help="off, on or off,on (default: off)")
-    run.add_argument("--state-bits", default="32", help="optimizer state bits: 32 (8 arrives with bitsandbytes)")
+    run.add_argument("--state-bits", default="32", help="optimizer state bits: 32, 8 or 32,8 (8: bitsandbytes "
+                                                        "block-wise 8-bit states)")
+    run.add_argument("--paged", action="store_true", help="8-bit states in bitsandbytes' paged optimizers "
+                                                          "(CUDA managed memory, outside torch's allocator)")
     run.add_argument("--batch-size", default="1", help="micro-batch sizes, comma list (default: 1)")
     run.add_argument("--steps", type=int, default=2, help="training steps per config (default: 2, the minimum)")
     run.add_argument("--budget", default=None,

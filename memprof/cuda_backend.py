@@ -85,7 +85,7 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
     if prepared.pretrained_state is not None:
         model.visual.load_state_dict(prepared.pretrained_state)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(prepared.optim_info, trainable)
+    optimizer = build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged)
     torch.cuda.synchronize()
     metrics.update(params_total=sum(p.numel() for p in model.parameters()),
                    params_trainable=sum(p.numel() for p in trainable), frozen_parameter_names=prepared.frozen,

@@ -8,6 +8,7 @@ CUDA parameters, so a CPU run executes the same code, and allocates the same tem
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 
 from memprof.errors import UsageError, unknown_name
@@ -24,30 +25,39 @@ class OptimInfo:
     freeze_embed: bool = False
     state_tensors_per_param: int = 0  # fp32 state tensors shaped like each trainable parameter
     paper: bool = False  # one of Table 4's four methods
+    bnb_8bit: str | None = None  # bitsandbytes class with block-wise 8-bit states
+    bnb_paged: str | None = None  # its paged variant (states in CUDA managed memory), if bitsandbytes has one
 
 
 ADAMW = (("betas", (0.9, 0.999)), ("eps", 1e-8), ("weight_decay", 0.01))
 SGD_MOMENTUM = (("momentum", 0.9), ("weight_decay", 0.0), ("dampening", 0.0))
 SGD_PLAIN = (("momentum", 0.0), ("weight_decay", 0.0))
+BNB_ADAMW, BNB_PAGED_ADAMW = "bitsandbytes.optim.AdamW8bit", "bitsandbytes.optim.PagedAdamW8bit"
+BNB_SGD = "bitsandbytes.optim.SGD8bit"
+BNB_INSTALL = "pip install bitsandbytes (or pip install -e '.[8bit]')"
 
 REGISTRY: dict[str, OptimInfo] = {o.name: o for o in (
     OptimInfo("adamw", "AdamW", "torch AdamW, betas (0.9, 0.999), eps 1e-8, weight decay 0.01",
-              "torch.optim.AdamW", 1e-5, ADAMW, state_tensors_per_param=2, paper=True),
+              "torch.optim.AdamW", 1e-5, ADAMW, state_tensors_per_param=2, paper=True, bnb_8bit=BNB_ADAMW,
+              bnb_paged=BNB_PAGED_ADAMW),
     OptimInfo("sgd", "SGD", "torch SGD, momentum 0.9, weight decay 0",
-              "torch.optim.SGD", 1e-3, SGD_MOMENTUM, state_tensors_per_param=1, paper=True),
+              "torch.optim.SGD", 1e-3, SGD_MOMENTUM, state_tensors_per_param=1, paper=True, bnb_8bit=BNB_SGD),
     OptimInfo("sgd-fe", "SGD (freeze-embed)", "SGD with momentum 0.9, embedding layer frozen",
-              "torch.optim.SGD", 1e-3, SGD_MOMENTUM, freeze_embed=True, state_tensors_per_param=1, paper=True),
+              "torch.optim.SGD", 1e-3, SGD_MOMENTUM, freeze_embed=True, state_tensors_per_param=1, paper=True,
+              bnb_8bit=BNB_SGD),
     OptimInfo("sgd-fe-nomom", "SGD (freeze-embed, no momentum)", "SGD without momentum, embedding layer frozen",
               "torch.optim.SGD", 1e-3, SGD_PLAIN, freeze_embed=True, paper=True),
     OptimInfo("sgd-nomom", "SGD (no momentum)", "SGD without momentum",
               "torch.optim.SGD", 1e-3, SGD_PLAIN),
     OptimInfo("adamw-fe", "AdamW (freeze-embed)", "AdamW with the embedding layer frozen (paper Appendix D)",
-              "torch.optim.AdamW", 1e-5, ADAMW, freeze_embed=True, state_tensors_per_param=2),
+              "torch.optim.AdamW", 1e-5, ADAMW, freeze_embed=True, state_tensors_per_param=2, bnb_8bit=BNB_ADAMW,
+              bnb_paged=BNB_PAGED_ADAMW),
     OptimInfo("lars", "LARS", "timm LARS, momentum 0.9 (paper Table 5)",
-              "timm.optim.Lars", 1e-3, (("momentum", 0.9),), state_tensors_per_param=1),
+              "timm.optim.Lars", 1e-3, (("momentum", 0.9),), state_tensors_per_param=1,
+              bnb_8bit="bitsandbytes.optim.LARS8bit"),
     OptimInfo("lamb", "LAMB", "timm LAMB, betas (0.9, 0.999), weight decay 0.01 (paper Table 5)",
               "timm.optim.Lamb", 1e-3, (("betas", (0.9, 0.999)), ("weight_decay", 0.01)),
-              state_tensors_per_param=2),
+              state_tensors_per_param=2, bnb_8bit="bitsandbytes.optim.LAMB8bit"),
 )}
 
 PAPER_OPTIMS = tuple(o.name for o in REGISTRY.values() if o.paper)
@@ -69,8 +79,31 @@ def parse_optims(text: str) -> list[OptimInfo]:
     return out
 
 
-def build_optimizer(info: OptimInfo, params):
-    """The optimizer over `params` (only trainable ones should be passed), in its foreach implementation."""
-    module, _, cls_name = info.factory.rpartition(".")
+def optimizer_class(info: OptimInfo, state_bits: int = 32, paged: bool = False) -> str:
+    """Dotted path of the class for these settings (bitsandbytes for 8-bit states)."""
+    if state_bits == 8:
+        return (info.bnb_paged if paged else info.bnb_8bit) or ""
+    return info.factory
+
+
+def require_bitsandbytes() -> None:
+    # its CPU backend logs a warning at import about an optional 4-bit kernel memprof never uses
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--state-bits 8 needs bitsandbytes, which is not installed: {BNB_INSTALL}") from None
+
+
+def build_optimizer(info: OptimInfo, params, state_bits: int = 32, paged: bool = False):
+    """The optimizer over `params` (only trainable ones should be passed): torch/timm in their foreach
+    implementation for 32-bit states, bitsandbytes for 8-bit ones."""
+    path = optimizer_class(info, state_bits, paged)
+    if not path:
+        raise ValueError(f"{info.name} has no {'paged ' if paged else ''}{state_bits}-bit implementation")
+    if state_bits == 8:
+        require_bitsandbytes()
+    module, _, cls_name = path.rpartition(".")
     cls = getattr(importlib.import_module(module), cls_name)
-    return cls(params, lr=info.lr, foreach=True, **dict(info.kwargs))
+    extra = {"foreach": True} if state_bits == 32 else {}
+    return cls(params, lr=info.lr, **extra, **dict(info.kwargs))

@@ -49,14 +49,26 @@ def default_metric(records: list[dict]) -> str:
 def _setting(rec: dict) -> tuple:
     """Records in one table share these; a table never mixes predicted and measured figures."""
     s = rec["spec"]
-    return (s["grad_ckpt"], s["state_bits"], s["batch_size"], s["budget"], s["precision"], rec["source"],
+    return (s["grad_ckpt"], s["batch_size"], s["budget"], s["precision"], rec["source"],
             rec["environment"].get("device") or "unknown device")
 
 
 def _setting_title(setting: tuple) -> str:
-    ckpt, bits, bs, budget, precision, source, device = setting
-    return (f"micro-batch {bs}, {precision}, {bits}-bit optimizer states, gradient checkpointing "
-            f"{'on' if ckpt else 'off'}, budget {budget}: {source} ({device})")
+    ckpt, bs, budget, precision, source, device = setting
+    return (f"micro-batch {bs}, {precision}, gradient checkpointing {'on' if ckpt else 'off'}, budget {budget}: "
+            f"{source} ({device})")
+
+
+def _method(rec: dict) -> tuple:
+    """A table row: the optimizer and how its states are kept (32-bit, 8-bit, 8-bit paged)."""
+    s = rec["spec"]
+    return s["optim"], s["state_bits"], s.get("paged", False)
+
+
+def _method_label(method: tuple) -> str:
+    optim, bits, paged = method
+    label = OPTIMS[optim].label if optim in OPTIMS else optim
+    return label if bits == 32 else f"{label}, 8-bit states" + (" (paged)" if paged else "")
 
 
 def _ordered(names, registry):
@@ -73,16 +85,17 @@ def _source(records: list[dict]) -> str:
 def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
     """One row per (setting, optimizer, model) with raw numbers: the data behind every format."""
     field, _ = METRICS[metric]
-    by_key = {(_setting(r), r["spec"]["optim"], r["spec"]["model"]): r for r in records}
+    by_key = {(_setting(r), _method(r), r["spec"]["model"]): r for r in records}
     rows = []
-    for (setting, optim, model), rec in by_key.items():
+    for (setting, method, model), rec in by_key.items():
         value = rec["metrics"].get(field)
-        adamw = by_key.get((setting, "adamw", model))
+        adamw = by_key.get((setting, ("adamw", 32, False), model))
         adamw_value = adamw["metrics"].get(field) if adamw else None
         extra = (round(100 * (adamw_value / value - 1), 1)
                  if value and adamw_value and rec["status"] in ("ok", "oom") else None)
         rows.append({
-            "setting": _setting_title(setting), "optim": optim, "model": model, "status": rec["status"],
+            "setting": _setting_title(setting), "optim": method[0], "state_bits": method[1], "paged": method[2],
+            "method": _method_label(method), "model": model, "status": rec["status"],
             "source": rec["source"], "metric": metric, f"{metric}_bytes": value,
             f"{metric}_gib": None if value is None else round(value / GIB, 3),
             "adamw_extra_pct": extra, "adamw_status": adamw["status"] if adamw else None,
@@ -99,7 +112,7 @@ def _size(nbytes: int) -> str:
 def _cell(row: dict, metric: str) -> str:
     status = row["status"]
     if status == "skipped":
-        return f"skipped: {row['skip_reason']}"
+        return "skipped*"
     if status == "error":
         return "error (see results.jsonl)"
     gib = row[f"{metric}_gib"]
@@ -113,7 +126,7 @@ def _cell(row: dict, metric: str) -> str:
     if status == "oom":
         return f"OOM ({row['source']}): needs {_size(value)}, {_size(row['over_budget_bytes'])} over"
     text = _size(value)
-    if row["optim"] != "adamw" and row["adamw_extra_pct"] is not None:
+    if (row["optim"], row["state_bits"], row["paged"]) != ("adamw", 32, False) and row["adamw_extra_pct"] is not None:
         oom = " (AdamW OOM)" if row["adamw_status"] == "oom" else ""
         text += f", AdamW {row['adamw_extra_pct']:+.0f}%{oom}"
     return text
@@ -129,12 +142,19 @@ def render_markdown(records: list[dict], metric: str = "reserved") -> str:
     for setting in settings:
         sub = [r for r in rows if r["setting"] == setting]
         models = _ordered({r["model"] for r in sub}, MODELS)
-        optims = _ordered({r["optim"] for r in sub}, OPTIMS)
-        cells = {(r["optim"], r["model"]): _cell(r, metric) for r in sub}
-        table = [[OPTIMS[o].label if o in OPTIMS else o] + [cells.get((o, m), "") for m in models] for o in optims]
+        order = list(OPTIMS)
+        methods = sorted({(r["optim"], r["state_bits"], r["paged"]) for r in sub},
+                         key=lambda m: (-m[1], m[2], order.index(m[0]) if m[0] in order else 99, m[0]))
+        cells = {((r["optim"], r["state_bits"], r["paged"]), r["model"]): _cell(r, metric) for r in sub}
+        table = [[_method_label(m)] + [cells.get((m, model), "") for model in models] for m in methods]
         out.append(f"## {setting}\n")
         out.append(tabulate(table, headers=["method"] + models, tablefmt="github") + "\n")
+        reasons = sorted({r["skip_reason"] for r in sub if r["status"] == "skipped"})
+        if reasons:
+            out.append("\n".join(f"\\* skipped: {reason}" for reason in reasons) + "\n")
     out.append(render_claims(records, metric))
+    out.append(render_eight_bit_check(records, metric))
+    out.append(render_state_bytes(records))
     out.append(render_reconciliation(records))
     out.append(render_rules(records))
     return "\n".join(x for x in out if x)
@@ -142,7 +162,7 @@ def render_markdown(records: list[dict], metric: str = "reserved") -> str:
 
 def _paper_setting_rows(records: list[dict], metric: str) -> dict:
     return {(r["model"], r["optim"]): r for r in table_rows(records, metric)
-            if r["setting"].startswith("micro-batch 1, fp32, 32-bit") and "checkpointing off" in r["setting"]}
+            if r["setting"].startswith("micro-batch 1, fp32, gradient checkpointing off") and r["state_bits"] == 32}
 
 
 def _ours(row: dict | None) -> str:
@@ -183,6 +203,24 @@ def render_claims(records: list[dict], metric: str = "reserved") -> str:
                                   tablefmt="github") + "\n"
 
 
+def render_eight_bit_check(records: list[dict], metric: str) -> str:
+    """Does 8-bit AdamW need less than fp32 SGD with momentum? Said for every model where both ran."""
+    rows = {(r["model"], r["optim"], r["state_bits"], r["setting"]): r for r in table_rows(records, metric)}
+    lines = []
+    for (model, optim, bits, setting), row in sorted(rows.items()):
+        if (optim, bits) != ("adamw", 8) or row[f"{metric}_bytes"] is None:
+            continue
+        sgd = rows.get((model, "sgd", 32, setting))
+        if sgd is None or sgd[f"{metric}_bytes"] is None:
+            continue
+        below = row[f"{metric}_bytes"] < sgd[f"{metric}_bytes"]
+        lines.append(f"- {model} ({setting}): AdamW with 8-bit states {_size(row[f'{metric}_bytes'])} vs SGD "
+                     f"{_size(sgd[f'{metric}_bytes'])}: {'below' if below else 'NOT below'} fp32 SGD with momentum")
+    if not lines:
+        return ""
+    return "## 8-bit AdamW against fp32 SGD with momentum\n\n" + "\n".join(lines) + "\n"
+
+
 def render_rules(records: list[dict]) -> str:
     """What a prediction assumed: every CUDA rule the records name, with its summary and source."""
     names = list(OrderedDict.fromkeys(n for r in records if r["source"] == "predicted"
@@ -197,6 +235,29 @@ def render_rules(records: list[dict]) -> str:
             "every storage's allocation and release was replayed through a model of CUDA's caching allocator "
             "with these rules:\n\n" + tabulate(lines, headers=["rule", "what it models", "source"],
                                                 tablefmt="github") + "\n")
+
+
+def render_state_bytes(records: list[dict]) -> str:
+    """Optimizer state bytes per trainable parameter, measured from the state tensors themselves."""
+    rows = {}
+    for r in records:
+        m = r["metrics"]
+        if r["status"] in ("ok", "oom") and m.get("state_bytes_per_trainable_param") is not None:
+            method = _method(r)
+            rows.setdefault((method, r["spec"]["model"]), [_method_label(method), r["spec"]["model"],
+                            m["state_bytes_per_trainable_param"], m.get("state_params_fp32_kept", ""),
+                            4 + 4 + m["state_bytes_per_trainable_param"]])
+    if not rows:
+        return ""
+    order = list(OPTIMS)
+    table = [rows[k] for k in sorted(rows, key=lambda k: (list(MODELS).index(k[1]) if k[1] in MODELS else 99, k[1],
+                                                           -k[0][1], k[0][2], order.index(k[0][0]) if k[0][0] in order else 99))]
+    return ("## Bytes per trainable parameter\n\nOptimizer state bytes per trainable parameter, read from the "
+            "state tensors after the run (for 8-bit states: uint8 states, fp32 absmax per 256-element block, "
+            "fp32 states for tensors under 4096 elements, the shared quantization maps). With the fp32 weight "
+            "and gradient added, the paper's accounting: AdamW 16, SGD with momentum 12, without 8.\n\n"
+            + tabulate(table, headers=["method", "model", "state B/param", "params kept fp32", "weight+grad+state B/param"],
+                       tablefmt="github") + "\n")
 
 
 def render_reconciliation(records: list[dict]) -> str:

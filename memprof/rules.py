@@ -8,6 +8,7 @@ docstring says and are listed so a prediction names everything it assumed.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,13 @@ class Rule:
 
     def after_op(self, tracker, func, args, kwargs, out) -> None:
         pass
+
+    def attach(self, tracker, optimizer) -> None:
+        """Called once the optimizer is built, for rules that act on it."""
+
+    def metrics(self) -> dict:
+        """Figures the rule adds to a prediction."""
+        return {}
 
     def describe(self) -> dict:
         return {"name": self.name, "summary": self.summary, "source": self.source}
@@ -201,11 +209,62 @@ class EfficientAttentionBackward(Rule):
             tracker.free_synthetic(sid)
 
 
+PAGED_MIN_NUMEL = 100_000  # bitsandbytes get_state_buffer: smaller states are never paged
+
+
+class Bitsandbytes8bit(Rule):
+    """bitsandbytes 8-bit optimizers on fake tensors, as they allocate on CUDA.
+
+    State creation runs bitsandbytes' own `init_state` (uint8 states shaped like the parameter, fp32 absmax
+    per 256-element block, fp32 states below `min_8bit_size`), so a bitsandbytes change shows up. Its
+    quantization maps are built on the host and moved to the device at the first `init_state`: counted
+    then, once per map. The update is one in-place kernel with no temporaries, which cannot run on fake
+    tensors (a data-dependent .item()): it is skipped. Paged optimizers put states of 100k elements or
+    more in CUDA managed memory (cudaMallocManaged), which torch's allocator never sees: they are taken out
+    of the stream and reported as `paged_state_bytes`, outside the allocator.
+    """
+
+    name = "bitsandbytes-8bit"
+    summary = ("8-bit states from bitsandbytes' own init_state; quantization maps moved to the device once; the "
+               "in-place update kernel allocates nothing; paged states live outside torch's allocator")
+    source = "bitsandbytes/optim/optimizer.py Optimizer2State.init_state, get_state_buffer, fill_qmap"
+
+    def __init__(self):
+        self.paged_bytes = 0
+        self.active = False
+
+    def attach(self, tracker, optimizer) -> None:
+        if not type(optimizer).__module__.startswith("bitsandbytes"):
+            return
+        self.active = True
+        init_state, paged = optimizer.init_state, getattr(optimizer, "is_paged", False)
+
+        def traced_init_state(group, p, gindex, pindex):
+            with warnings.catch_warnings():  # "paged optimizers are not supported on CPU": we model CUDA here
+                warnings.simplefilter("ignore")
+                init_state(group, p, gindex, pindex)
+            st = optimizer.state[p]
+            for key in ("qmap1", "qmap2"):
+                if key in st and tracker.storage_id(st[key]) is None:
+                    tracker.register(st[key], f"bitsandbytes {key} .to(device)")
+            if paged and p.numel() >= PAGED_MIN_NUMEL:
+                for key in ("state1", "state2"):
+                    if key in st:
+                        self.paged_bytes += st[key].untyped_storage().nbytes()
+                        tracker.treat_as_host(st[key])
+
+        optimizer.init_state = traced_init_state
+        optimizer.update_step = lambda group, p, gindex, pindex: None
+
+    def metrics(self) -> dict:
+        return {"paged_state_bytes": self.paged_bytes} if self.active else {}
+
+
 RULES = {r.name: r for r in (CachingAllocator, ForeachOptimizer, HostLiterals, MemEfficientAttention,
-                             CublasWorkspace, EfficientAttentionBackward)}
+                             CublasWorkspace, EfficientAttentionBackward, Bitsandbytes8bit)}
 
 
 def cuda_rules(device: DeviceProfile) -> list[Rule]:
-    """Fresh rule instances for one simulated run on `device` (the workspace rule keeps per-run state)."""
+    """Fresh rule instances for one simulated run on `device` (several keep per-run state)."""
     return [CachingAllocator(), ForeachOptimizer(), HostLiterals(), MemEfficientAttention(),
-            CublasWorkspace(device), EfficientAttentionBackward(device)]
+            CublasWorkspace(device), EfficientAttentionBackward(device), Bitsandbytes8bit()]

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from memprof.budget import DEFAULT_BUDGET
 from memprof.errors import UsageError
 from memprof.models import ModelInfo
-from memprof.optims import OptimInfo, REGISTRY as OPTIMS
+from memprof.optims import OptimInfo
 
 MIN_STEPS = 2  # the optimizer creates its state in step 1; step 2 runs with that state present
 
@@ -29,11 +29,13 @@ class RunSpec:
     budget: str = DEFAULT_BUDGET
     num_classes: int = 10
     pretrained: str | None = None
+    paged: bool = False  # 8-bit states in CUDA managed memory (bitsandbytes' paged optimizers)
 
     @property
     def key(self) -> str:
         """A stable, readable identity (used to resume and to compare runs)."""
-        return (f"{self.model}/{self.optim}/ckpt-{'on' if self.grad_ckpt else 'off'}/{self.state_bits}bit/"
+        bits = f"{self.state_bits}bit" + ("-paged" if self.paged else "")
+        return (f"{self.model}/{self.optim}/ckpt-{'on' if self.grad_ckpt else 'off'}/{bits}/"
                 f"bs{self.batch_size}/{self.precision}/steps{self.steps}/{self.budget}")
 
     def to_dict(self) -> dict:
@@ -65,28 +67,28 @@ def parse_switch(text: str, flag: str) -> list[bool]:
     return [w == "on" for w in dict.fromkeys(words)]
 
 
-def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int) -> str | None:
+def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool = False) -> str | None:
     if optim.freeze_embed and not model.embedding_modules:
         return f"{model.name} declares no embedding layer, so {optim.name} has nothing to freeze"
     if state_bits == 8 and optim.state_tensors_per_param == 0:
         return f"{optim.name} keeps no optimizer state, so 8-bit states change nothing"
-    if state_bits == 8:
-        return "8-bit optimizer states (bitsandbytes) are not implemented yet"
+    if state_bits == 8 and not optim.bnb_8bit:
+        return f"bitsandbytes has no 8-bit version of {optim.name}"
+    if paged and not optim.bnb_paged:
+        return f"bitsandbytes has no paged version of {optim.name}"
     return None
 
 
 def expand_grid(models: list[ModelInfo], optims: list[OptimInfo], grad_ckpt: list[bool],
-                state_bits: list[int], batch_sizes: list[int], **common) -> list[GridEntry]:
+                state_bits: list[int], batch_sizes: list[int], paged: bool = False, **common) -> list[GridEntry]:
     """The product of the axes, in the order given, each entry with its skip reason (or None)."""
     for bits in state_bits:
         if bits not in (32, 8):
             raise UsageError(f"--state-bits {bits}: use 32, 8 or 32,8")
     entries = []
     for m, o, ck, bits, bs in itertools.product(models, optims, grad_ckpt, state_bits, batch_sizes):
-        spec = RunSpec(model=m.name, optim=o.name, grad_ckpt=ck, state_bits=bits, batch_size=bs, **common)
-        entries.append(GridEntry(spec, skip_reason(m, o, bits)))
+        spec = RunSpec(model=m.name, optim=o.name, grad_ckpt=ck, state_bits=bits, batch_size=bs,
+                       paged=paged and bits == 8, **common)
+        entries.append(GridEntry(spec, skip_reason(m, o, bits, spec.paged)))
     return entries
 
-
-def optim_info(spec: RunSpec) -> OptimInfo:
-    return OPTIMS[spec.optim]

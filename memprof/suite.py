@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from memprof.errors import UsageError
 
 KEYS = {"backend": str, "models": str, "optims": str, "grad_ckpt": str, "state_bits": (str, int),
-        "batch_size": (str, int), "steps": int, "budget": str, "num_classes": int, "pretrained": str}
+        "batch_size": (str, int), "steps": int, "budget": str, "num_classes": int, "pretrained": str, "paged": bool}
 BACKENDS = ("auto", "simulate", "cpu", "cuda")
 
 
@@ -89,5 +89,6 @@ def run_arguments(run: SuiteRun, out_dir: str) -> list[str]:
     """The `memprof run` command line that one suite run stands for."""
     args = ["run", "--out", out_dir, "--no-progress"]
     for key, value in run.options.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        args += ([flag] if value else []) if isinstance(value, bool) else [flag, str(value)]
     return args

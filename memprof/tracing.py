@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from memprof.harness import prepare, train_steps
 from memprof.optims import build_optimizer
@@ -32,9 +32,10 @@ class Trace:
     params_total: int
     params_trainable: int
     frozen: list
-    state_bytes: int  # exact bytes of the optimizer's device state tensors
+    state: dict  # memprof.tracing.state_summary of the optimizer after the last step
     step_ms: list = field(default_factory=list)  # wall time of each step after the first (real runs)
     rules: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # metrics the rules add
 
 
 def to_device_order(module):
@@ -59,6 +60,11 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
         with FakeTensorMode() if fake else contextlib.nullcontext(), contextlib.ExitStack() as stack:
             prepared = prepare(spec, load_weights=not fake)
             model = prepared.model
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            # built outside the fake mode and the tracker: constructors allocate no device memory, and
+            # bitsandbytes computes its quantization maps on the host here
+            with unset_fake_temporarily():
+                optimizer = build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged)
             tracker = StorageTracker(rules, limit_bytes=limit_bytes)
             params, grads, states, starts = set(), set(), set(), []
             stack.enter_context(tracker)
@@ -66,8 +72,8 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                 stack.enter_context(mode)
             for t in to_device_order(model):
                 params.add(tracker.register(t, "Module.to (parameters and buffers)"))
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            optimizer = build_optimizer(prepared.optim_info, trainable)
+            for rule in rules:
+                rule.attach(tracker, optimizer)
 
             def on_phase(phase, step):
                 if phase == "optimizer":
@@ -82,21 +88,44 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                 oom.phase, oom.step = tracker.phase, tracker.step
                 raise
             events = list(tracker.events)
-            state_tensors = [t for s in optimizer.state.values() for t in s.values()
-                             if isinstance(t, torch.Tensor) and tracker.storage_id(t) is not None]
-            states.update(tracker.storage_id(t) for t in state_tensors)
+            states.update(tracker.storage_id(t) for s in optimizer.state.values() for t in s.values()
+                          if isinstance(t, torch.Tensor))
             result = Trace(events, {}, dict(tracker.origin),
                            params_total=sum(p.numel() for p in model.parameters()),
                            params_trainable=sum(p.numel() for p in trainable), frozen=prepared.frozen,
-                           state_bytes=sum(t.untyped_storage().nbytes() for t in state_tensors),
+                           state=state_summary(optimizer),
                            step_ms=[1000 * (b - a) for a, b in zip(starts[1:], starts[2:])],
-                           rules=[r.describe() for r in rules])
-            del model, optimizer, trainable, prepared, state_tensors
+                           rules=[r.describe() for r in rules],
+                           extra={k: v for r in rules for k, v in r.metrics().items()})
+            del model, optimizer, trainable, prepared
     finally:
         if was_enabled:
             gc.enable()
     result.category = _categorize(events, params, grads, states, result.origin)
     return result
+
+
+def state_summary(optimizer) -> dict:
+    """What the optimizer's state holds, read from the state tensors themselves: bytes of every distinct
+    storage (shared ones, e.g. bitsandbytes' quantization maps, once), without the host-side step counters;
+    for bitsandbytes, how many parameters kept fp32 states (under min_8bit_size) and how many are 8-bit."""
+    seen, nbytes, fp32_kept, quantized = set(), 0, 0, 0
+    for st in optimizer.state.values():
+        if "state1" in st:
+            if st["state1"].dtype == torch.uint8:
+                quantized += 1
+            else:
+                fp32_kept += 1
+        for key, t in st.items():
+            if isinstance(t, torch.Tensor) and key != "step":
+                storage = t.untyped_storage()
+                if storage._cdata not in seen:
+                    seen.add(storage._cdata)
+                    nbytes += storage.nbytes()
+    out = {"optimizer_state_bytes": nbytes}
+    if fp32_kept or quantized:
+        out.update(state_params_fp32_kept=fp32_kept, state_params_8bit=quantized)
+    return out
 
 
 def _categorize(events, params, grads, states, origin) -> dict:
@@ -177,8 +206,11 @@ def common_metrics(t: Trace) -> dict:
         "params_trainable": t.params_trainable,
         "params_frozen": t.params_total - t.params_trainable,
         "frozen_parameter_names": t.frozen,
-        "optimizer_state_bytes": t.state_bytes,
+        **t.state,
+        "state_bytes_per_trainable_param": round(t.state["optimizer_state_bytes"] / t.params_trainable, 4)
+        if t.params_trainable else None,
         "alloc_requests": sum(1 for ev in t.events if ev[0] == ALLOC),
+        **t.extra,
     }
 
 

@@ -35,8 +35,14 @@ def test_every_figure_is_labelled_predicted():
     assert "OOM (predicted)" in md  # ViT-H/14 AdamW at 12 GB
 
 
+def test_report_states_bytes_per_parameter_and_the_8bit_check():
+    md = render_markdown(records())
+    assert "| AdamW, 8-bit states" in md and "Bytes per trainable parameter" in md
+    assert md.count("below fp32 SGD with momentum") == 3 and "NOT below" not in md
+
+
 def test_percentages_are_adamw_over_the_row():
-    rows = {(r["model"], r["optim"]): r for r in table_rows(records(), "allocated")}
+    rows = {(r["model"], r["optim"]): r for r in table_rows(records(), "allocated") if r["state_bits"] == 32}
     adamw = rows[("vit-b-16", "adamw")]["allocated_bytes"]
     fe = rows[("vit-b-16", "sgd-fe")]["allocated_bytes"]
     assert rows[("vit-b-16", "sgd-fe")]["adamw_extra_pct"] == round(100 * (adamw / fe - 1), 1)
@@ -44,9 +50,9 @@ def test_percentages_are_adamw_over_the_row():
 
 def test_csv_and_json_carry_raw_numbers():
     rows = list(csv.DictReader(io.StringIO(render_csv(records()))))
-    assert len(rows) == 12 and {"reserved_bytes", "adamw_extra_pct", "source"} <= set(rows[0])
+    assert len(rows) == 24 and {"reserved_bytes", "adamw_extra_pct", "source", "state_bits"} <= set(rows[0])
     data = json.loads(render_json(records()))
-    assert data["metric"] == "reserved" and len(data["rows"]) == 12
+    assert data["metric"] == "reserved" and len(data["rows"]) == 24  # 3 models x 4 methods x 32/8-bit
 
 
 def test_write_reports_writes_all_formats(tmp_path):
