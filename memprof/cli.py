@@ -147,10 +147,13 @@ def report(out_dir: str, metric: str | None) -> None:
     from memprof.report import default_metric, render_markdown, write_reports
     from memprof.results import load
 
+    from memprof.accuracy import load_verdicts
+
     records = load(out_dir)
+    verdicts = load_verdicts(out_dir)
     metric = metric or default_metric(records)
-    paths = write_reports(records, out_dir, metric)
-    print(render_markdown(records, metric))
+    paths = write_reports(records, out_dir, metric, verdicts)
+    print(render_markdown(records, metric, verdicts))
     print(f"memprof: wrote {os.path.join(out_dir, 'results.jsonl')} and {', '.join(sorted(paths.values()))}",
           file=sys.stderr)
 
@@ -163,11 +166,86 @@ def _interrupted(out_dir: str) -> int:
 
 def cmd_run(args) -> int:
     plan = plan_run(args)
+    accuracy = plan_accuracy(args) if args.accuracy else None
     try:
         execute(plan)
+        if accuracy:
+            execute_accuracy(args, accuracy[0], accuracy[1], plan.out_dir)
     except KeyboardInterrupt:
         return _interrupted(plan.out_dir)
     report(plan.out_dir, args.metric)
+    return 0
+
+
+def _accuracy_device(backend: str, models) -> str:
+    import torch
+
+    from memprof.recipe import CPU_PARAM_LIMIT
+
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--backend cuda needs a CUDA GPU: use --backend cpu (or auto)")
+    device = "cuda" if backend == "cuda" or (backend == "auto" and torch.cuda.is_available()) else "cpu"
+    if device == "cpu":
+        from memprof.models import build_model
+
+        for info in models:
+            with torch.device("meta"):
+                n = sum(p.numel() for p in build_model(info, 2).parameters())
+            if n > CPU_PARAM_LIMIT:
+                raise UsageError(f"accuracy mode trains for real: {info.name} ({n / 1e6:.0f}M parameters) would take "
+                                 f"hours on the CPU; use --models test-vit here, or a GPU")
+    return device
+
+
+def plan_accuracy(args, models=None):
+    """Validated accuracy grid (the same axes as `memprof run`) and its device."""
+    from memprof.models import parse_models
+    from memprof.optims import parse_optims, require_bitsandbytes
+    from memprof.spec import expand_grid, parse_ints, parse_switch
+
+    models = models or parse_models(args.models)
+    optims = parse_optims(args.optims)
+    entries = expand_grid(models, optims, parse_switch(args.grad_ckpt, "--grad-ckpt"),
+                          parse_ints(args.state_bits, "--state-bits", 1), parse_ints(args.batch_size, "--batch-size", 1),
+                          pretrained=args.pretrained, budget="device")
+    if args.train_steps < 60:
+        raise UsageError(f"--train-steps {args.train_steps}: use at least 60 (the 8-bit check compares step 50)")
+    if any(e.spec.state_bits == 8 and not e.skip_reason for e in entries):
+        require_bitsandbytes()
+    if args.data:
+        from memprof.accuracy import load_data
+
+        load_data((32, 32), args.data)  # the folder's errors, before anything trains
+    if args.pretrained:
+        _check_pretrained(models, args.pretrained, args.num_classes)
+    return entries, _accuracy_device(args.accuracy_backend, models)
+
+
+def execute_accuracy(args, entries, device: str, out_dir: str) -> None:
+    from memprof.accuracy import run_accuracy
+
+    print(f"memprof: accuracy mode on {device}: {len(entries)} configurations, {args.train_steps} steps each",
+          file=sys.stderr)
+    run_accuracy(entries, out_dir, device, args.train_steps, args.lr_sgd, args.lr_adaptive, args.data, args.seed,
+                 progress=not args.no_progress)
+
+
+def cmd_accuracy(args) -> int:
+    from memprof.accuracy import ACCURACY_FILE, load_verdicts
+    from memprof.report import render_verdicts
+
+    entries, device = plan_accuracy(args)
+    out_dir = _writable_dir(args.out or _default_out())
+    try:
+        execute_accuracy(args, entries, device, out_dir)
+    except KeyboardInterrupt:
+        return _interrupted(out_dir)
+    text = render_verdicts(list(load_verdicts(out_dir).values()))
+    with open(os.path.join(out_dir, "accuracy.md"), "w", encoding="utf-8") as fh:
+        fh.write(text)
+    print(text)
+    print(f"memprof: wrote {os.path.join(out_dir, ACCURACY_FILE)} and {os.path.join(out_dir, 'accuracy.md')}",
+          file=sys.stderr)
     return 0
 
 
@@ -318,6 +396,23 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _accuracy_options(p) -> None:
+    from memprof.recipe import DEFAULT_LR_ADAPTIVE, DEFAULT_LR_SGD, DEFAULT_STEPS
+
+    p.add_argument("--train-steps", type=int, default=DEFAULT_STEPS,
+                   help=f"accuracy: training steps per configuration (default: {DEFAULT_STEPS})")
+    p.add_argument("--lr-sgd", type=float, default=DEFAULT_LR_SGD,
+                   help=f"accuracy: peak learning rate of SGD and LARS, cosine to 0 (default: {DEFAULT_LR_SGD}; the "
+                        "paper sweeps 3e-5..1e-2 for pretrained weights)")
+    p.add_argument("--lr-adaptive", type=float, default=DEFAULT_LR_ADAPTIVE,
+                   help=f"accuracy: peak learning rate of AdamW and LAMB, cosine to 0 (default: {DEFAULT_LR_ADAPTIVE}; "
+                        "the paper sweeps 3e-7..1e-4 for pretrained weights; random init needs more)")
+    p.add_argument("--data", help="accuracy: an ImageFolder (default: scikit-learn's digits, shipped with it)")
+    p.add_argument("--seed", type=int, default=0, help="accuracy: seed of init and batch order (default: 0)")
+    p.add_argument("--accuracy-backend", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="accuracy: where to train (default: cuda where present, else cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from memprof.report import METRICS
 
@@ -356,7 +451,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output directory (default: reports/runs/<timestamp>)")
     run.add_argument("--jobs", type=int, default=None, help="worker processes (default: up to 2, one per core)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--accuracy", action="store_true",
+                     help="then train each configuration for real and add its verdict to the table (see `accuracy`)")
+    _accuracy_options(run)
     run.set_defaults(func=cmd_run)
+
+    acc = sub.add_parser("accuracy", help="train each configuration for real: does the memory setting still train?",
+                         description="Trains each configuration at its micro-batch size (cosine schedule to 0) and "
+                                     "checks: it learns, frozen means frozen, checkpointing is exact, 8-bit tracks "
+                                     "32-bit. One verdict per configuration.")
+    acc.add_argument("--models", default="test-vit", help="comma list (default: test-vit; paper models need a GPU)")
+    acc.add_argument("--optims", default="paper", help="comma list, `paper` or `all` (default: paper)")
+    acc.add_argument("--grad-ckpt", default="off,on", help="off, on or off,on (default: off,on)")
+    acc.add_argument("--state-bits", default="32,8", help="32, 8 or 32,8 (default: 32,8)")
+    acc.add_argument("--batch-size", default="1", help="micro-batch size (default: 1)")
+    acc.add_argument("--num-classes", type=int, default=10, help=argparse.SUPPRESS)
+    acc.add_argument("--pretrained", help="weights: a local file, or an open_clip tag found in the local cache")
+    acc.add_argument("--out", help="output directory (default: reports/runs/<timestamp>)")
+    acc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _accuracy_options(acc)
+    acc.set_defaults(func=cmd_accuracy)
 
     suite = sub.add_parser("suite", help="run a suite file (suites/*.toml): several grids into one results.jsonl")
     suite.add_argument("file", help="suite file, e.g. suites/ci.toml")

@@ -94,6 +94,7 @@ def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
         extra = (round(100 * (adamw_value / value - 1), 1)
                  if value and adamw_value and rec["status"] in ("ok", "oom") else None)
         rows.append({
+            "config": "/".join(rec["key"].split("/")[:6]),
             "setting": _setting_title(setting), "optim": method[0], "state_bits": method[1], "paged": method[2],
             "method": _method_label(method), "model": model, "status": rec["status"],
             "source": rec["source"], "metric": metric, f"{metric}_bytes": value,
@@ -107,6 +108,17 @@ def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
 
 def _size(nbytes: int) -> str:
     return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB // 10 else f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def _verdict_text(verdict: dict | None) -> str:
+    if verdict is None:
+        return ""
+    v = verdict["verdict"]
+    if v == "pass":
+        return "trains: pass"
+    if v == "fail":
+        return "trains: FAIL (" + ", ".join(verdict["failed"]) + ")"
+    return f"trains: {v}"
 
 
 def _cell(row: dict, metric: str) -> str:
@@ -132,7 +144,7 @@ def _cell(row: dict, metric: str) -> str:
     return text
 
 
-def render_markdown(records: list[dict], metric: str = "reserved") -> str:
+def render_markdown(records: list[dict], metric: str = "reserved", verdicts: dict | None = None) -> str:
     _, label = METRICS[metric]
     rows = table_rows(records, metric)
     out = [f"# Table 4: peak memory per optimizer and model\n",
@@ -146,12 +158,20 @@ def render_markdown(records: list[dict], metric: str = "reserved") -> str:
         methods = sorted({(r["optim"], r["state_bits"], r["paged"]) for r in sub},
                          key=lambda m: (-m[1], m[2], order.index(m[0]) if m[0] in order else 99, m[0]))
         cells = {((r["optim"], r["state_bits"], r["paged"]), r["model"]): _cell(r, metric) for r in sub}
+        if verdicts:
+            for r in sub:
+                text = _verdict_text(verdicts.get(r["config"]))
+                if text:
+                    cells[((r["optim"], r["state_bits"], r["paged"]), r["model"])] += f"; {text}"
         table = [[_method_label(m)] + [cells.get((m, model), "") for model in models] for m in methods]
         out.append(f"## {setting}\n")
         out.append(tabulate(table, headers=["method"] + models, tablefmt="github") + "\n")
         reasons = sorted({r["skip_reason"] for r in sub if r["status"] == "skipped"})
         if reasons:
             out.append("\n".join(f"\\* skipped: {reason}" for reason in reasons) + "\n")
+    if verdicts:
+        out.append("Accuracy verdicts (`trains: ...`) come from accuracy mode: real training of that "
+                   "configuration; see accuracy.md beside this report for the checks and their figures.\n")
     out.append(render_claims(records, metric))
     out.append(render_eight_bit_check(records, metric))
     out.append(render_state_bytes(records))
@@ -371,11 +391,53 @@ def render_plot(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def write_reports(records: list[dict], out_dir: str, metric: str = "reserved", stem: str = "table4") -> dict:
-    """Writes <stem>.md/.csv/.json/.png into out_dir; returns the paths."""
+def write_reports(records: list[dict], out_dir: str, metric: str = "reserved", verdicts: dict | None = None,
+                  stem: str = "table4") -> dict:
+    """Writes <stem>.md/.csv/.json/.png (and accuracy.md when there are verdicts) into out_dir; returns the
+    paths."""
     paths = {ext: os.path.join(out_dir, f"{stem}.{ext}") for ext in ("md", "csv", "json", "png")}
-    for ext, render in (("md", render_markdown), ("csv", render_csv), ("json", render_json)):
+    texts = {"md": render_markdown(records, metric, verdicts), "csv": render_csv(records, metric),
+             "json": render_json(records, metric)}
+    if verdicts:
+        paths["accuracy"] = os.path.join(out_dir, "accuracy.md")
+        texts["accuracy"] = render_verdicts(list(verdicts.values()))
+    for ext, text in texts.items():
         with open(paths[ext], "w", encoding="utf-8") as fh:
-            fh.write(render(records, metric))
+            fh.write(text)
     render_plot(records, paths["png"])
     return paths
+
+
+def render_verdicts(verdicts: list[dict]) -> str:
+    """Accuracy mode's verdicts: one row per configuration, the figures of every check."""
+    rows = []
+    for v in sorted(verdicts, key=lambda v: v["key"]):
+        checks = v.get("checks", {})
+        figures = []
+        if "learns" in checks:
+            c = checks["learns"]
+            figures.append(f"loss -{c['loss_drop']:.0%}, acc {c['test_accuracy']:.1%} (chance {c['chance']:.0%})")
+        if "frozen" in checks:
+            c = checks["frozen"]
+            figures.append(f"{len(c['frozen'])} frozen, {c['trained']} trained"
+                           + (f", {len(c['trained_that_did_not_move'])} did not move" if c["trained_that_did_not_move"] else "")
+                           + (f", {len(c['frozen_that_moved'])} frozen moved" if c["frozen_that_moved"] else ""))
+        if "checkpointing_exact" in checks:
+            figures.append(f"ckpt max |dgrad| {checks['checkpointing_exact']['max_abs_grad_diff']:.1e}")
+        if "eight_bit_tracks_32bit" in checks:
+            c = checks["eight_bit_tracks_32bit"]
+            figures.append(f"8-bit cos {c['update_cosine']:.3f}, acc {c['accuracy_8bit']:.1%} vs {c['accuracy_32bit']:.1%}")
+        verdict = v["verdict"] + (f" ({', '.join(v['failed'])})" if v.get("failed") else "")
+        rows.append([v["key"], verdict, "; ".join(figures) or v.get("skip_reason") or v.get("error", ""),
+                     v.get("seconds", "")])
+    if not rows:
+        return ""
+    first = verdicts[0]
+    return ("# Accuracy mode: does each memory setting still train?\n\n"
+            f"Measured on {first['environment']['device']}; data: {first.get('data', 'n/a')}; weights: "
+            f"{first.get('weights')} (with random init, accuracy shows the setting trains, not how well a "
+            "pretrained model fine-tunes). Checks: learns (probe loss falls >= 10%, held-out accuracy >= 2x "
+            "chance), frozen (frozen parameters bit-identical, trained ones changed), checkpointing exact "
+            "(gradients and first losses equal with and without), 8-bit tracks 32-bit (update cosine >= 0.9 "
+            "after 50 steps, accuracy within 10 points).\n\n"
+            + tabulate(rows, headers=["config", "verdict", "figures", "seconds"], tablefmt="github") + "\n")

@@ -1,0 +1,126 @@
+"""Accuracy mode: verdicts per configuration, and the negative controls that must fail the right check."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from memprof import accuracy
+from memprof.spec import RunSpec
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return accuracy.load_data((32, 32))
+
+
+def test_digits_ship_with_scikit_learn(digits):
+    assert digits.num_classes == 10
+    assert digits.x_train.shape[1:] == (3, 32, 32) and len(digits.y_train) + len(digits.y_test) == 1797
+    assert float(digits.x_train.min()) >= -1 and float(digits.x_train.max()) <= 1
+
+
+def test_a_sound_setting_passes_every_check(digits):
+    r = accuracy.evaluate_config(RunSpec("test-vit", "sgd-fe", grad_ckpt=True, state_bits=8), digits)
+    assert r["verdict"] == "pass", r["failed"]
+    assert set(r["checks"]) == {"learns", "frozen", "checkpointing_exact", "eight_bit_tracks_32bit"}
+    assert r["checks"]["frozen"]["frozen"] == ["visual.conv1.weight", "visual.ln_pre.bias", "visual.ln_pre.weight"]
+    assert r["checks"]["checkpointing_exact"]["max_abs_grad_diff"] <= 1e-6
+
+
+def test_zero_learning_rate_fails_learns(digits):
+    r = accuracy.evaluate_config(RunSpec("test-vit", "adamw"), digits, lr=0.0)
+    assert r["verdict"] == "fail" and "learns" in r["failed"]
+
+
+def test_silently_freezing_everything_fails_frozen(digits):
+    def freeze_all(model, optimizer):  # the optimizer updates copies: the model never changes, nothing says so
+        for group in optimizer.param_groups:
+            group["params"] = [p.detach().clone().requires_grad_() for p in group["params"]]
+
+    r = accuracy.evaluate_config(RunSpec("test-vit", "sgd"), digits, optimizer_hook=freeze_all)
+    assert r["verdict"] == "fail" and "frozen" in r["failed"]
+    assert len(r["checks"]["frozen"]["trained_that_did_not_move"]) == r["checks"]["frozen"]["trained"]
+
+
+def test_perturbed_recompute_fails_checkpointing(digits):
+    """Blocks that compute differently when autograd re-runs them (inside backward) break exactness."""
+    def perturb_recompute(model):
+        for block in model.visual.transformer.resblocks:
+            forward = block.forward
+
+            def perturbed(x, *args, _forward=forward, **kwargs):
+                recomputing = torch._C._current_graph_task_id() != -1  # autograd re-runs the block in backward
+                return _forward(x + 1e-2 * x.roll(1, -1) if recomputing else x, *args, **kwargs)  # not LN-invariant
+
+            block.forward = perturbed
+
+    r = accuracy.evaluate_config(RunSpec("test-vit", "sgd", grad_ckpt=True), digits, model_hook=perturb_recompute)
+    assert "checkpointing_exact" in r["failed"]
+    assert r["checks"]["checkpointing_exact"]["max_abs_grad_diff"] > 1e-6
+
+
+def test_eight_bit_check_fails_against_an_unrelated_run(digits):
+    t8 = accuracy.train(RunSpec("test-vit", "adamw", state_bits=8), digits, 60, 1e-3, seed=0)
+    other = accuracy.train(RunSpec("test-vit", "adamw"), digits, 60, 1e-3, seed=7)  # another init and order
+    assert not accuracy.check_eight_bit(t8, other)["pass"]
+    same = accuracy.train(RunSpec("test-vit", "adamw"), digits, 60, 1e-3, seed=0)
+    assert accuracy.check_eight_bit(t8, same)["pass"]
+
+
+def test_image_folder_data(tmp_path):
+    from PIL import Image
+
+    for cls, shade in (("cats", 30), ("dogs", 220)):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.new("RGB", (20, 20), (shade, shade, shade)).save(tmp_path / cls / f"{i}.png")
+    data = accuracy.load_data((32, 32), str(tmp_path))
+    assert data.num_classes == 2 and len(data.y_train) == 8 and data.x_test.shape[1:] == (3, 32, 32)
+
+
+def memprof(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "memprof", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("setup, expect", [
+    (lambda p: None, "no such folder"),
+    (lambda p: p.mkdir(), "one sub-folder of images per class"),
+    (lambda p: (p / "only").mkdir(parents=True) or __import__("PIL.Image").Image.new("RGB", (4, 4)).save(
+        p / "only" / "a.png"), "only one class"),
+])
+def test_bad_data_folders_exit_2(tmp_path, setup, expect):
+    folder = tmp_path / "data"
+    setup(folder)
+    r = memprof("accuracy", "--data", str(folder), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["accuracy", "--models", "vit-b-61"], "did you mean vit-b-16"),
+    (["accuracy", "--models", "vit-b-16"], "would take hours on the CPU"),
+    (["accuracy", "--train-steps", "10"], "at least 60"),
+])
+def test_bad_accuracy_input_exit_2(args, expect, tmp_path):
+    r = memprof(*args, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_mismatched_pretrained_file_exit_2(tmp_path):
+    from memprof.models import REGISTRY, build_model
+
+    other = tmp_path / "other.pt"
+    cfg = dict(REGISTRY["test-vit"].vision_cfg)
+    torch.save({"conv1.weight": torch.zeros(64, 3, 4, 4)}, other)
+    r = memprof("accuracy", "--pretrained", str(other), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "does not match this architecture" in r.stderr, (r.stderr, cfg)
+
+
+def test_run_with_accuracy_puts_verdicts_beside_memory(tmp_path):
+    r = memprof("run", "--models", "test-vit", "--optims", "sgd-fe", "--accuracy", "--state-bits", "32",
+                "--grad-ckpt", "off", "--out", str(tmp_path), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    table = (tmp_path / "table4.md").read_text()
+    assert "trains: pass" in table and (tmp_path / "accuracy.md").exists()
