@@ -31,7 +31,7 @@ FIELDS = {
     "step_ms": "step_ms_median",
     "state_bytes": "optimizer_state_bytes",
 }
-FAILED = ("oom", "error", "crashed")
+FAILED = ("oom", "error", "crashed", "skipped")  # a configuration that stops producing figures
 
 
 def _git(*args) -> str | None:
@@ -143,6 +143,11 @@ def compare(base: dict, current: dict, thresholds: list[Threshold]) -> Compariso
         notes.append(f"warning: backends differ: baseline {base.get('backends')}, current {current.get('backends')}")
     b_entries = {e["name"]: e for e in base["benchmarks"]}
     c_entries = {e["name"]: e for e in current["benchmarks"]}
+    known = {k for e in list(b_entries.values()) + list(c_entries.values()) for k in e["stats"]}
+    for t in thresholds:
+        if t.field not in known:
+            raise UsageError(f"--fail {t.name}: no configuration has that field; use one of "
+                             f"{', '.join(FIELDS)} or a stats field such as {', '.join(sorted(known)[:4])}")
     for name in sorted(set(b_entries) - set(c_entries)):
         notes.append(f"missing in current: {name}")
     for name in sorted(set(c_entries) - set(b_entries)):
@@ -155,7 +160,11 @@ def compare(base: dict, current: dict, thresholds: list[Threshold]) -> Compariso
             continue
         for t in thresholds:
             bv, cv = b["stats"].get(t.field), c["stats"].get(t.field)
-            if bv is None or cv is None:
+            if bv is None:
+                continue
+            if cv is None:
+                regressions.append(f"{name}: {t.name} is missing now (baseline {bv})")
+                rows.append([name, t.name, bv, "missing", "", "REGRESSION"])
                 continue
             delta = f"{100 * (cv - bv) / bv:+.2f}%" if bv else ""
             bad = t.exceeded(bv, cv)

@@ -16,6 +16,7 @@ from memprof.errors import UsageError
 MiB = 1 << 20
 GiB = 1 << 30
 CONTEXT_ESTIMATE_BYTES = 400 * MiB
+NOMINAL_TOLERANCE = 0.03  # card names carry nominal sizes; real cards report up to a few % less
 
 
 @dataclass(frozen=True)

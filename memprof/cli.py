@@ -66,8 +66,10 @@ def _resolve_budget(budget: str | None, backend: str) -> str:
     if backend == "cuda":
         import torch
 
+        from memprof.budget import NOMINAL_TOLERANCE
+
         total = torch.cuda.get_device_properties(0).total_memory
-        if profile.total_bytes > total:
+        if profile.total_bytes > total * (1 + NOMINAL_TOLERANCE):
             raise UsageError(f"--budget {budget} ({profile.total_bytes / (1 << 30):.0f} GiB) is larger than this GPU "
                              f"({total / (1 << 30):.0f} GiB): pick a smaller budget, or `device`")
     return budget
@@ -88,7 +90,7 @@ def plan_run(args) -> RunPlan:
     """Validate every option of `memprof run` (UsageError on bad input) before anything runs."""
     from memprof.models import parse_models
     from memprof.optims import parse_optims
-    from memprof.results import RESULTS_FILE, load
+    from memprof.results import RESULTS_FILE
     from memprof.spec import MIN_STEPS, expand_grid, parse_ints, parse_switch
 
     models = parse_models(args.models)
@@ -101,6 +103,8 @@ def plan_run(args) -> RunPlan:
                          f"optimizer state present")
     if args.jobs is not None and args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: use at least 1")
+    if args.timeout_s is not None and args.timeout_s <= 0:
+        raise UsageError(f"--timeout-s {args.timeout_s:g}: give a positive number of seconds")
     if args.num_classes < 2:
         raise UsageError(f"--num-classes {args.num_classes}: use at least 2")
     if args.paged and 8 not in state_bits:
@@ -124,7 +128,7 @@ def plan_run(args) -> RunPlan:
         require_bitsandbytes()
     results_path = os.path.join(out_dir, RESULTS_FILE)
     if args.resume and os.path.exists(results_path):
-        finished = {r["key"] for r in load(results_path)}
+        finished = {r["key"] for r in _load_records(results_path)}
         entries = [e for e in entries if e.spec.key not in finished]
         announce += (f"\nmemprof: resuming: {len(finished)} configurations already in {results_path}, "
                      f"{len(entries)} to run")
@@ -144,12 +148,10 @@ def execute(plan: RunPlan) -> None:
 
 def report(out_dir: str, metric: str | None) -> None:
     """Table 4 from everything in out_dir/results.jsonl: printed, and written beside it."""
-    from memprof.report import default_metric, render_markdown, write_reports
-    from memprof.results import load
-
     from memprof.accuracy import load_verdicts
+    from memprof.report import default_metric, render_markdown, write_reports
 
-    records = load(out_dir)
+    records = _load_records(out_dir)
     verdicts = load_verdicts(out_dir)
     metric = metric or default_metric(records)
     paths = write_reports(records, out_dir, metric, verdicts)
@@ -304,6 +306,8 @@ def _load_records(path: str) -> list[dict]:
         raise UsageError(f"no results at {path}: give a results.jsonl or a run directory")
     try:
         records = load(path)
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}; give a results.jsonl or a run directory that holds one") from None
     except (ValueError, KeyError) as exc:
         raise UsageError(f"{path} is not a memprof results file ({exc}): give a results.jsonl") from None
     if not records:

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from memprof.budget import GiB, parse_budget
+from memprof.budget import NOMINAL_TOLERANCE, GiB, parse_budget
 from memprof.errors import UsageError
 from memprof.harness import materialize, prepare, train_steps
 from memprof.nvml import Nvml, Sampler
@@ -42,11 +42,12 @@ def requested_bytes(message: str) -> int | None:
 
 
 def emulation_fraction(budget_bytes: int, context_bytes: int, device_total_bytes: int) -> float:
-    """The allocator cap that leaves a process `budget - context` bytes, as on a card of `budget` bytes."""
-    if budget_bytes > device_total_bytes:
+    """The allocator cap that leaves a process `budget - context` bytes, as on a card of `budget` bytes (a
+    nominal size a few % above this card's counts as this card)."""
+    if budget_bytes > device_total_bytes * (1 + NOMINAL_TOLERANCE):
         raise UsageError(f"--budget of {budget_bytes / GiB:.1f} GiB is larger than this GPU "
                          f"({device_total_bytes / GiB:.1f} GiB): pick a smaller budget or `device`")
-    return max(0.0, (budget_bytes - context_bytes) / device_total_bytes)
+    return min(1.0, max(0.0, (budget_bytes - context_bytes) / device_total_bytes))
 
 
 def device_name() -> str:
@@ -58,15 +59,14 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
         raise UsageError("--backend cuda needs a CUDA GPU: use --backend simulate (predicts) or cpu")
     props = torch.cuda.get_device_properties(0)
     nvml = Nvml(0, str(getattr(props, "uuid", "")) or None)
-    nvml_before = nvml.read()
+    device_before = nvml.device_used_bytes()  # no process entry exists before CUDA is initialised
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
     process_after_init = nvml.process_bytes()
     context = None if process_after_init is None else process_after_init - torch.cuda.memory_reserved()
     metrics: dict = {"device_name": props.name, "device_total_bytes": props.total_memory,
                      "compute_capability": f"{props.major}.{props.minor}",
-                     "nvml_process_before_init_bytes": nvml_before[0], "nvml_device_before_init_bytes": nvml_before[1],
-                     "context_bytes": context}
+                     "nvml_device_before_init_bytes": device_before, "context_bytes": context}
     if spec.budget != "device":
         budget = parse_budget(spec.budget)
         fraction = emulation_fraction(budget.total_bytes, context or budget.context_bytes, props.total_memory)
@@ -80,18 +80,6 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
 
     with torch.device("meta"):
         prepared = prepare(spec, load_weights=False)
-    model = prepared.model
-    materialize(model, "cuda")
-    if prepared.pretrained_state is not None:
-        model.visual.load_state_dict(prepared.pretrained_state)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged)
-    torch.cuda.synchronize()
-    metrics.update(params_total=sum(p.numel() for p in model.parameters()),
-                   params_trainable=sum(p.numel() for p in trainable), frozen_parameter_names=prepared.frozen,
-                   setup_allocated_bytes=torch.cuda.memory_allocated())
-    torch.cuda.reset_peak_memory_stats()
-
     allocated, reserved = {}, {}
     state = {"phase": "setup", "step": 0, "starts": []}
 
@@ -111,6 +99,17 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
     sampler = Sampler(nvml.read, nvml_period_ms / 1000).start() if nvml.available and nvml_period_ms > 0 else None
     status = "ok"
     try:
+        model = prepared.model
+        materialize(model, "cuda")  # setup: an OOM here (a small emulated budget) is a result too
+        if prepared.pretrained_state is not None:
+            model.visual.load_state_dict(prepared.pretrained_state)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged)
+        torch.cuda.synchronize()
+        metrics.update(params_total=sum(p.numel() for p in model.parameters()),
+                       params_trainable=sum(p.numel() for p in trainable), frozen_parameter_names=prepared.frozen,
+                       setup_allocated_bytes=torch.cuda.memory_allocated())
+        close_phase()
         train_steps(model, optimizer, spec, "cuda", on_phase)
     except torch.OutOfMemoryError as oom:
         status = "oom"
@@ -133,8 +132,8 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
         "phase_peak_allocated_bytes": {p: allocated.get(p, 0) for p in PHASES},
         "phase_peak_reserved_bytes": {p: reserved.get(p, 0) for p in PHASES},
         "step_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
-        "allocator_stats": {k: v for k, v in stats.items() if k.endswith((".all.current", ".all.peak"))
-                            or k.startswith("num_")},
+        # current values and counters only: the ".peak" ones were reset at every phase boundary
+        "allocator_stats": {k: v for k, v in stats.items() if k.endswith(".all.current") or k.startswith("num_")},
         "nvml_available": sampled is not None and sampled.process_peak_bytes is not None,
         "nvml_reason": nvml.reason,
     })

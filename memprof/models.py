@@ -25,6 +25,7 @@ class ModelInfo:
     embed_dim: int = 0  # output width of the tower when vision_cfg is given
     embedding_modules: tuple[str, ...] = CLIP_VIT_EMBEDDING  # submodules of the tower that freeze-embed freezes
     paper: bool = False  # one of the seed paper's Table 4 models
+    vit: bool = True  # open_clip's VisionTransformer (its set_grad_checkpointing works; ResNet/timm towers differ)
 
 
 REGISTRY: dict[str, ModelInfo] = {m.name: m for m in (
@@ -59,7 +60,7 @@ def resolve_model(name: str) -> ModelInfo:
         vision = open_clip.get_model_config(name)["vision_cfg"]
         is_vit = isinstance(vision.get("layers"), int) and not vision.get("timm_model_name")
         return ModelInfo(name, f"open_clip {name} image tower", open_clip_config=name,
-                         embedding_modules=CLIP_VIT_EMBEDDING if is_vit else ())
+                         embedding_modules=CLIP_VIT_EMBEDDING if is_vit else (), vit=is_vit)
     raise unknown_name("model", name, list(REGISTRY) + list(open_clip_names()), "memprof list models")
 
 

@@ -67,6 +67,7 @@ class Nvml:
                 if p.usedGpuMemory is None:
                     self.reason = "NVML does not report per-process memory here"
                     return None
+                self.reason = None
                 return int(p.usedGpuMemory)
         self.reason = f"PID {pid} is not among NVML's compute processes (no PID visibility in this container?)"
         return None

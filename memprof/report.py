@@ -23,8 +23,8 @@ GIB = 1 << 30
 METRICS = {
     "reserved": ("peak_reserved_bytes", "peak reserved (torch.cuda.max_memory_reserved)"),
     "allocated": ("peak_allocated_bytes", "peak allocated (torch.cuda.max_memory_allocated)"),
-    "nvml-process": ("nvml_process_peak_bytes", "peak NVML process memory (predicted: peak reserved + estimated "
-                                                "CUDA context)"),
+    "nvml-process": ("nvml_process_peak_bytes", "peak NVML process memory (measured: sampled by PID; predicted: "
+                                                "peak reserved + estimated CUDA context)"),
     "live": ("peak_live_bytes", "peak live tensor bytes (no allocator rounding)"),
 }
 
@@ -78,7 +78,7 @@ def _ordered(names, registry):
 
 def _source(records: list[dict]) -> str:
     sources = sorted({r["source"] for r in records})
-    devices = sorted({r["environment"]["device"] for r in records})
+    devices = sorted({str(r["environment"].get("device") or "unknown device") for r in records})
     return f"{'/'.join(sources)} ({', '.join(devices)})"
 
 
@@ -91,8 +91,10 @@ def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
         value = rec["metrics"].get(field)
         adamw = by_key.get((setting, ("adamw", 32, False), model))
         adamw_value = adamw["metrics"].get(field) if adamw else None
+        # a measured OOM's peak is cut short by the budget: no percentage can be computed from it
+        truncated = adamw is not None and adamw["status"] == "oom" and adamw["source"] == "measured"
         extra = (round(100 * (adamw_value / value - 1), 1)
-                 if value and adamw_value and rec["status"] in ("ok", "oom") else None)
+                 if value and adamw_value and rec["status"] in ("ok", "oom") and not truncated else None)
         rows.append({
             "config": "/".join(rec["key"].split("/")[:6]),
             "setting": _setting_title(setting), "optim": method[0], "state_bits": method[1], "paged": method[2],
@@ -138,9 +140,13 @@ def _cell(row: dict, metric: str) -> str:
     if status == "oom":
         return f"OOM ({row['source']}): needs {_size(value)}, {_size(row['over_budget_bytes'])} over"
     text = _size(value)
-    if (row["optim"], row["state_bits"], row["paged"]) != ("adamw", 32, False) and row["adamw_extra_pct"] is not None:
+    if (row["optim"], row["state_bits"], row["paged"]) == ("adamw", 32, False):
+        return text
+    if row["adamw_extra_pct"] is not None:
         oom = " (AdamW OOM)" if row["adamw_status"] == "oom" else ""
         text += f", AdamW {row['adamw_extra_pct']:+.0f}%{oom}"
+    elif row["adamw_status"] == "oom":
+        text += ", AdamW OOM"
     return text
 
 
@@ -203,6 +209,8 @@ def render_claims(records: list[dict], metric: str = "reserved") -> str:
         ours = row["adamw_extra_pct"]
         if row["status"] != "ok":
             verdict = f"differs: this method is {row['status']} here"
+        elif model == "vit-h-14" and row["adamw_status"] == "oom" and ours is None:
+            verdict = "agrees (AdamW OOM; its full need was not measured)"
         elif model == "vit-h-14":
             verdict = ("agrees" if row["adamw_status"] == "oom" and ours is not None and ours >= paper_pct
                        else "differs")
@@ -357,7 +365,9 @@ def render_json(records: list[dict], metric: str = "reserved") -> str:
 
 
 def render_plot(records: list[dict], path: str) -> None:
-    """Stacked bars of the breakdown at the peak (allocated bytes by category), one bar per config."""
+    """Stacked bars of the breakdown at the peak (allocated bytes by category), one bar per config; a
+    measured CUDA run has no breakdown and shows its peak allocated as one grey bar. Labels say [predicted]
+    or [measured]."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,23 +375,29 @@ def render_plot(records: list[dict], path: str) -> None:
 
     from memprof.tracing import CATEGORIES
 
-    recs = [r for r in records if r["status"] in ("ok", "oom") and r["metrics"].get("breakdown_at_peak_bytes")]
+    recs = [r for r in records if r["status"] in ("ok", "oom") and (
+        r["metrics"].get("breakdown_at_peak_bytes") or r["metrics"].get("peak_allocated_bytes"))]
     recs.sort(key=lambda r: (list(MODELS).index(r["spec"]["model"]) if r["spec"]["model"] in MODELS else 99,
-                             _setting(r), list(OPTIMS).index(r["spec"]["optim"])))
+                             str(_setting(r)), _method(r)[1] * -1, list(OPTIMS).index(r["spec"]["optim"])))
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(recs) + 2), 5))
     bottoms = [0.0] * len(recs)
     for cat in CATEGORIES:
-        vals = [r["metrics"]["breakdown_at_peak_bytes"].get(cat, 0) / GIB for r in recs]
+        vals = [(r["metrics"].get("breakdown_at_peak_bytes") or {}).get(cat, 0) / GIB for r in recs]
         ax.bar(range(len(recs)), vals, bottom=bottoms, label=cat.replace("_", " "))
         bottoms = [b + v for b, v in zip(bottoms, vals)]
+    whole = [0.0 if r["metrics"].get("breakdown_at_peak_bytes") else r["metrics"]["peak_allocated_bytes"] / GIB
+             for r in recs]
+    if any(whole):
+        ax.bar(range(len(recs)), whole, bottom=bottoms, color="grey", label="measured peak allocated")
+        bottoms = [b + v for b, v in zip(bottoms, whole)]
     for i, r in enumerate(recs):
         if r["status"] == "oom":
             ax.text(i, bottoms[i], "OOM", ha="center", va="bottom", fontsize=8, color="red")
     budgets = {r["metrics"]["budget_bytes"] for r in recs if r["metrics"].get("budget_bytes")}
     for b in budgets:
         ax.axhline(b / GIB, color="red", linestyle="--", linewidth=1, label=f"budget {b / GIB:.0f} GiB")
-    labels = [f"{r['spec']['model']}\n{r['spec']['optim']}" + ("\nckpt" if r["spec"]["grad_ckpt"] else "")
-              for r in recs]
+    labels = [f"{r['spec']['model']}\n{r['spec']['optim']}" + ("\n8-bit" if r["spec"]["state_bits"] == 8 else "")
+              + ("\nckpt" if r["spec"]["grad_ckpt"] else "") + f"\n[{r['source']}]" for r in recs]
     ax.set_xticks(range(len(recs)), labels, rotation=90, fontsize=7)
     ax.set_ylabel("GiB at the peak, by category")
     ax.set_title(f"Peak memory by category: {_source(records)}", fontsize=9)

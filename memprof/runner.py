@@ -29,6 +29,19 @@ PREDICTED, MEASURED = "predicted", "measured"
 STDERR_TAIL_LINES = 8
 
 
+def device_name(backend: str) -> str:
+    """What a backend runs on, named in the parent (a crashed or skipped configuration still says it)."""
+    if backend == "simulate":
+        return "cpu-simulated"
+    if backend == "cuda":
+        from memprof.cuda_backend import device_name as cuda_name
+
+        return cuda_name()
+    from memprof.cpu_backend import device_name as cpu_name
+
+    return cpu_name()
+
+
 def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
@@ -70,7 +83,7 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
     out_dir/results.jsonl as each configuration finishes."""
     path = os.path.join(out_dir, RESULTS_FILE)
     source = PREDICTED if backend == "simulate" else MEASURED
-    env = environment(backend, "cpu-simulated" if backend == "simulate" else None)
+    env = environment(backend, device_name(backend))
     bar = tqdm(total=len(entries), desc="memprof", unit="config", file=sys.stderr, disable=not progress,
                bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
     done: dict[int, dict] = {}
@@ -94,10 +107,11 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
             bar.set_postfix_str(entries[i].spec.key)
             start = time.perf_counter()
             out = run_isolated(entries[i].spec, backend, options, timeout_s)
-            finish(i, make_record(entries[i].spec, out["status"], source, {**env, "device": out["device"]},
+            finish(i, make_record(entries[i].spec, out["status"], source, {**env, "device": out["device"] or env["device"]},
                                   out["metrics"], error=out["error"], elapsed_s=time.perf_counter() - start))
     elif jobs > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        try:
             futures = {pool.submit(_timed_predict, entries[i].spec): i for i in todo}
             for fut in as_completed(futures):
                 i = futures[fut]
@@ -109,6 +123,12 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
                     raise
                 except Exception as exc:  # a failing configuration is a result; the grid goes on
                     finish(i, failed(i, exc))
+        except BaseException:  # Ctrl-C or bad input: stop at once; what finished is already on disk
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     else:
         for i in todo:
             bar.set_postfix_str(entries[i].spec.key)

@@ -67,7 +67,10 @@ def parse_switch(text: str, flag: str) -> list[bool]:
     return [w == "on" for w in dict.fromkeys(words)]
 
 
-def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool = False) -> str | None:
+def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool = False,
+                grad_ckpt: bool = False) -> str | None:
+    if grad_ckpt and not model.vit:
+        return f"{model.name} is not an open_clip VisionTransformer: its gradient checkpointing is not supported"
     if optim.freeze_embed and not model.embedding_modules:
         return f"{model.name} declares no embedding layer, so {optim.name} has nothing to freeze"
     if state_bits == 8 and optim.state_tensors_per_param == 0:
@@ -89,6 +92,6 @@ def expand_grid(models: list[ModelInfo], optims: list[OptimInfo], grad_ckpt: lis
     for m, o, ck, bits, bs in itertools.product(models, optims, grad_ckpt, state_bits, batch_sizes):
         spec = RunSpec(model=m.name, optim=o.name, grad_ckpt=ck, state_bits=bits, batch_size=bs,
                        paged=paged and bits == 8, **common)
-        entries.append(GridEntry(spec, skip_reason(m, o, bits, spec.paged)))
+        entries.append(GridEntry(spec, skip_reason(m, o, bits, spec.paged, ck)))
     return entries
 

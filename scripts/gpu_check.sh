@@ -18,6 +18,7 @@ if [ -d .whl ] && ! $py -c "import open_clip" 2>/dev/null; then
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+$py -c "import open_clip, timm, tabulate, tqdm, memprof.cli" || { echo "gpu_check: a dependency does not import"; exit 1; }
 export PYTHONUNBUFFERED=1
 read -r gpu card < <($py - <<'PY'
 import torch
@@ -33,7 +34,9 @@ out=${OUT:+$OUT/gpu}
 out=${out:-reports/gpu/$gpu}
 mkdir -p "$out"
 log="$out/gpu_check.log"
-m() { echo "+ memprof $*" | tee -a "$log"; $py -m memprof "$@" >>"$log" 2>&1; echo "  rc=$?" | tee -a "$log"; }
+failures=0
+m() { echo "+ memprof $*" | tee -a "$log"; $py -m memprof "$@" >>"$log" 2>&1; rc=$?; echo "  rc=$rc" | tee -a "$log"
+      [ $rc -eq 0 ] || failures=$((failures + 1)); }
 grids=("--models paper --optims paper"
        "--models vit-b-16 --optims paper --grad-ckpt on"
        "--models vit-b-16 --optims adamw,sgd-fe-nomom --grad-ckpt off,on --batch-size 32")
@@ -55,6 +58,9 @@ print(f"NVML sampler overhead on ViT-B/16 SGD step time: {on} ms with 5 ms sampl
 PY
 fi
 m table "$out/simulate" --out "$out/simulate"
-echo "elapsed: $(( $(date +%s) - start )) s" | tee -a "$log"
-[ -n "${OUT:-}" ] && tar -czf "$OUT/gpu_check.tar.gz" -C "$out" . && cp "$out"/fidelity.md "$out"/cuda/table4.md "$OUT"/ 2>/dev/null
-exit 0
+echo "elapsed: $(( $(date +%s) - start )) s; failed steps: $failures" | tee -a "$log"
+if [ -n "${OUT:-}" ]; then
+  tar -czf "$OUT/gpu_check.tar.gz" -C "$out" .
+  for f in "$out/fidelity.md" "$out/cuda/table4.md"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+fi
+[ $failures -eq 0 ]

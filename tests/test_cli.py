@@ -87,6 +87,9 @@ def test_pretrained_local_file_is_accepted(tmp_path, tower_file):
     (["run", "--backend", "simulate", "--budget", "device"], "predicts for a named card"),
     (["run", "--resume"], "--resume needs --out"),
     (["fidelity", "/nonexistent/a", "/nonexistent/b"], "no results at"),
+    (["run", "--backend", "cpu", "--timeout-s", "-1"], "positive number of seconds"),
+    (["table", "."], "give a results.jsonl or a run directory that holds one"),
+    (["baseline", "save", "."], "give a results.jsonl or a run directory that holds one"),
     (["table", "/nonexistent/results.jsonl"], "no results at"),
     (["frobnicate"], "invalid choice"),
 ])

@@ -101,8 +101,19 @@ def test_missing_configs_and_versions_are_reported(ci_results, tmp_path):
     assert f"missing in current: {dropped['key']}" in r.stdout
 
 
+def test_a_vanished_field_or_a_newly_skipped_config_fails(ci_results, tmp_path):
+    path, key = _edited(ci_results, tmp_path, "vit-l-14/sgd/ckpt-off/32bit", lambda r: r["metrics"].pop("peak_reserved_bytes"))
+    r = memprof("compare", str(BASELINE), str(path))
+    assert r.returncode == 1 and f"{key}: peak_reserved is missing now" in r.stdout
+    path, key = _edited(ci_results, tmp_path, "vit-l-14/sgd/ckpt-off/32bit", lambda r: r.update(status="skipped"))
+    r = memprof("compare", str(BASELINE), str(path))
+    assert r.returncode == 1 and f"{key}: newly skipped" in r.stdout
+
+
 @pytest.mark.parametrize("args, expect", [
     (["compare", "reports/baselines/ci.json", "reports/baselines/ci.json", "--fail", "peak:abc"], "use FIELD:N%"),
+    (["compare", "reports/baselines/ci.json", "reports/baselines/ci.json", "--fail", "peak_alocated:0%"],
+     "no configuration has that field"),
     (["compare", "reports/baselines/missing.json", "reports/baselines/ci.json"], "no baseline or results at"),
     (["suite", "suites/nonexistent.toml"], "suites/nonexistent.toml"),
 ])

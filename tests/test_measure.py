@@ -56,6 +56,11 @@ def test_killed_worker_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
     assert "killed by SIGKILL" in records[1]["error"] and records[1]["metrics"]["exit_code"] == -9
     assert {r["source"] for r in records} == {"measured"}
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+    assert records[1]["environment"]["device"].startswith("cpu")  # named by the parent, though the worker died
+    from memprof.report import render_markdown, write_reports
+
+    write_reports(records, str(tmp_path), "live")  # a crashed configuration is a cell, not a traceback
+    assert "crashed (see results.jsonl)" in render_markdown(records, "live")
 
 
 def test_worker_runtime_error_is_an_error_record(tmp_path):
@@ -114,6 +119,23 @@ def test_fidelity_rows_match_configs_across_budgets():
     assert len(rows) == 1  # the OOM measurement has no peak to grade
     assert rows[0]["allocated_error_pct"] == 10.0 and rows[0]["reserved_error_pct"] == 0.0
     assert "10.00%" in render_fidelity(measured, predicted)
+
+
+def test_measured_adamw_oom_gives_no_percentage():
+    """A measured OOM's peak is cut short by the budget: no "AdamW +X%" may be computed from it."""
+    from memprof.report import render_markdown, table_rows
+
+    def rec(optim, status, alloc):
+        return {"key": f"vit-h-14/{optim}/ckpt-off/32bit/bs1/fp32/steps2/titan-x", "source": "measured",
+                "status": status, "spec": RunSpec("vit-h-14", optim).to_dict(), "skip_reason": None, "error": None,
+                "environment": {"device": "NVIDIA H200"},
+                "metrics": {"peak_allocated_bytes": alloc, "peak_reserved_bytes": alloc, "over_budget_bytes": None}}
+
+    records = [rec("adamw", "oom", 11 * GiB), rec("sgd-fe", "ok", 8 * GiB)]
+    rows = {r["optim"]: r for r in table_rows(records, "reserved")}
+    assert rows["sgd-fe"]["adamw_extra_pct"] is None
+    md = render_markdown(records)
+    assert "AdamW OOM" in md and "OOM (measured)" in md and "agrees (AdamW OOM" in md
 
 
 @pytest.mark.gpu

@@ -63,6 +63,8 @@ def test_grid_skips_say_why():
     assert "nothing to freeze" in reasons[("RN50", "sgd-fe", 32)]
     assert "keeps no optimizer state" in reasons[("vit-b-16", "sgd-fe-nomom", 8)]
     assert reasons[("vit-b-16", "adamw", 8)] is None  # bitsandbytes AdamW8bit
+    ckpt = expand_grid(models, parse_optims("sgd"), [True], [32], [1])
+    assert [e.skip_reason is None for e in ckpt] == [True, False]  # RN50: no open_clip ViT checkpointing
     lars = expand_grid(models[:1], parse_optims("lars,sgd"), [False], [8], [1], paged=True)
     assert [e.skip_reason for e in lars] == ["bitsandbytes has no paged version of lars",
                                              "bitsandbytes has no paged version of sgd"]
