@@ -255,7 +255,7 @@ def run_accuracy(entries, out_dir: str, device: str, steps: int, lr_sgd: float |
 
     env = environment(f"accuracy-{device}", device)
     path = os.path.join(out_dir, ACCURACY_FILE)
-    cache, records = {}, []
+    cache, records, sizes = {}, [], {}
     for entry in tqdm(entries, desc="accuracy", unit="config", file=sys.stderr, disable=not progress):
         spec = entry.spec
         key = config_of(spec.key) + f"/train{steps}"
@@ -265,9 +265,10 @@ def run_accuracy(entries, out_dir: str, device: str, steps: int, lr_sgd: float |
             record.update(verdict="skipped", skip_reason=entry.skip_reason)
         else:
             try:
-                with torch.device("meta"):
-                    size = input_size(build_model(resolve_model(spec.model), 2))
-                data = load_data(size, data_path)
+                if spec.model not in sizes:
+                    with torch.device("meta"):
+                        sizes[spec.model] = input_size(build_model(resolve_model(spec.model), 2))
+                data = load_data(sizes[spec.model], data_path)
                 record["data"] = data.source
                 adaptive = REGISTRY[spec.optim].state_tensors_per_param == 2
                 lr = (lr_adaptive if adaptive else lr_sgd)

@@ -1,4 +1,4 @@
-"""Command line: `memprof run`, `memprof table`, `memprof list`.
+"""Command line: `memprof run | suite | accuracy | table | fidelity | baseline save | compare | list`.
 
 Bad input ends in one line naming the fix and exit code 2, never a traceback.
 """

@@ -12,6 +12,7 @@ import platform
 from importlib import metadata
 
 SCHEMA_VERSION = 1
+RESULTS_FILE = "results.jsonl"
 STATUSES = ("ok", "oom", "error", "crashed", "skipped")
 
 
@@ -71,6 +72,3 @@ def load(path: str) -> list[dict]:
                 rec = json.loads(line)
                 records[rec["key"]] = rec
     return list(records.values())
-
-
-RESULTS_FILE = "results.jsonl"
