@@ -256,7 +256,7 @@ def run_accuracy(entries, out_dir: str, device: str, steps: int, lr_sgd: float |
     env = environment(f"accuracy-{device}", device)
     path = os.path.join(out_dir, ACCURACY_FILE)
     cache, records, sizes = {}, [], {}
-    for entry in tqdm(entries, desc="accuracy", unit="config", file=sys.stderr, disable=not progress):
+    for entry in tqdm(entries, desc="accuracy", unit="config", file=sys.stderr, disable=None if progress else True):
         spec = entry.spec
         key = config_of(spec.key) + f"/train{steps}"
         record = {"key": key, "spec": spec.to_dict(), "source": "measured", "environment": env,

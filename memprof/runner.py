@@ -84,7 +84,7 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
     path = os.path.join(out_dir, RESULTS_FILE)
     source = PREDICTED if backend == "simulate" else MEASURED
     env = environment(backend, device_name(backend))
-    bar = tqdm(total=len(entries), desc="memprof", unit="config", file=sys.stderr, disable=not progress,
+    bar = tqdm(total=len(entries), desc="memprof", unit="config", file=sys.stderr, disable=None if progress else True,
                bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
     done: dict[int, dict] = {}
 
