@@ -210,6 +210,9 @@ def plan_accuracy(args, models=None):
     entries = expand_grid(models, optims, parse_switch(args.grad_ckpt, "--grad-ckpt"),
                           parse_ints(args.state_bits, "--state-bits", 1), parse_ints(args.batch_size, "--batch-size", 1),
                           pretrained=args.pretrained, budget="device")
+    for flag, lr in (("--lr-sgd", args.lr_sgd), ("--lr-adaptive", args.lr_adaptive)):
+        if not lr >= 0:
+            raise UsageError(f"{flag} {lr}: a learning rate must be zero or positive")
     if args.train_steps < 60:
         raise UsageError(f"--train-steps {args.train_steps}: use at least 60 (the 8-bit check compares step 50)")
     if any(e.spec.state_bits == 8 and not e.skip_reason for e in entries):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from memprof.models import (ModelInfo, build_model, check_pretrained, freeze_embedding, input_size,
+from memprof.models import (build_model, check_pretrained, freeze_embedding, input_size,
                             read_pretrained, resolve_model)
 from memprof.optims import OptimInfo, REGISTRY as OPTIMS
 from memprof.spec import RunSpec
@@ -21,7 +21,6 @@ from memprof.spec import RunSpec
 @dataclass
 class Prepared:
     model: torch.nn.Module
-    model_info: ModelInfo
     optim_info: OptimInfo
     frozen: list[str]
     pretrained_state: dict | None = None
@@ -45,7 +44,7 @@ def prepare(spec: RunSpec, load_weights: bool = True) -> Prepared:
         model.visual.set_grad_checkpointing(True)
     model.train()
     frozen = freeze_embedding(model, info) if optim.freeze_embed else []
-    return Prepared(model, info, optim, frozen, state)
+    return Prepared(model, optim, frozen, state)
 
 
 def materialize(model, device) -> None:

@@ -8,7 +8,7 @@ declares its embedding layer as the seed paper's Appendix A does: for CLIP ViTs 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 from memprof.errors import UsageError, unknown_name

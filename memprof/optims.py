@@ -90,7 +90,7 @@ def require_bitsandbytes() -> None:
     # its CPU backend logs a warning at import about an optional 4-bit kernel memprof never uses
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  (only whether it imports)
     except ImportError:
         raise UsageError(f"--state-bits 8 needs bitsandbytes, which is not installed: {BNB_INSTALL}") from None
 

@@ -153,7 +153,7 @@ def _cell(row: dict, metric: str) -> str:
 def render_markdown(records: list[dict], metric: str = "reserved", verdicts: dict | None = None) -> str:
     _, label = METRICS[metric]
     rows = table_rows(records, metric)
-    out = [f"# Table 4: peak memory per optimizer and model\n",
+    out = ["# Table 4: peak memory per optimizer and model\n",
            f"Figures: **{_source(records)}**, {label}. A cell is the peak and how much more memory AdamW "
            f"needs than that row (the paper's comparison).\n"]
     settings = list(OrderedDict.fromkeys(r["setting"] for r in rows))

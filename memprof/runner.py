@@ -93,8 +93,16 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
         done[i] = record
         bar.update()
 
-    def failed(i: int, exc: Exception) -> dict:
-        return make_record(entries[i].spec, "error", source, env, error=f"{type(exc).__name__}: {exc}")
+    def predicted(i: int, call) -> None:
+        """Record what call() -> (status, metrics, seconds) predicts for entry i; a failure is a result too."""
+        bar.set_postfix_str(entries[i].spec.key)
+        try:
+            status, metrics, elapsed = call()
+            finish(i, make_record(entries[i].spec, status, source, env, metrics, elapsed_s=elapsed))
+        except UsageError:
+            raise
+        except Exception as exc:  # a failing configuration is a result; the grid goes on
+            finish(i, make_record(entries[i].spec, "error", source, env, error=f"{type(exc).__name__}: {exc}"))
 
     todo = []
     for i, entry in enumerate(entries):
@@ -114,15 +122,7 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
         try:
             futures = {pool.submit(_timed_predict, entries[i].spec): i for i in todo}
             for fut in as_completed(futures):
-                i = futures[fut]
-                bar.set_postfix_str(entries[i].spec.key)
-                try:
-                    status, metrics, elapsed = fut.result()
-                    finish(i, make_record(entries[i].spec, status, source, env, metrics, elapsed_s=elapsed))
-                except UsageError:
-                    raise
-                except Exception as exc:  # a failing configuration is a result; the grid goes on
-                    finish(i, failed(i, exc))
+                predicted(futures[fut], fut.result)
         except BaseException:  # Ctrl-C or bad input: stop at once; what finished is already on disk
             for proc in list(getattr(pool, "_processes", {}).values()):
                 proc.terminate()
@@ -131,13 +131,6 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
         pool.shutdown()
     else:
         for i in todo:
-            bar.set_postfix_str(entries[i].spec.key)
-            try:
-                status, metrics, elapsed = _timed_predict(entries[i].spec)
-                finish(i, make_record(entries[i].spec, status, source, env, metrics, elapsed_s=elapsed))
-            except UsageError:
-                raise
-            except Exception as exc:  # a failing configuration is a result; the grid goes on
-                finish(i, failed(i, exc))
+            predicted(i, lambda spec=entries[i].spec: _timed_predict(spec))
     bar.close()
     return [done[i] for i in sorted(done)]

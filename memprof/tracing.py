@@ -97,7 +97,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                            step_ms=[1000 * (b - a) for a, b in zip(starts[1:], starts[2:])],
                            rules=[r.describe() for r in rules],
                            extra={k: v for r in rules for k, v in r.metrics().items()})
-            del model, optimizer, trainable, prepared
+            del model, optimizer, prepared  # (trainable stays: on_phase closes over it)
     finally:
         if was_enabled:
             gc.enable()

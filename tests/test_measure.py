@@ -2,7 +2,6 @@
 budget emulation arithmetic, fidelity; GPU-only checks carry the `gpu` marker."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
