@@ -3,9 +3,13 @@
 A baseline is JSON: machine_info, commit_info, datetime, version, versions (torch, open_clip, timm),
 backends, and one entry per configuration in `benchmarks` (name = the config key, params = the spec,
 status, source, device, `stats` = every numeric metric). `compare` checks named fields with thresholds
-(`peak_allocated:1%`, `step_ms:20%`, or absolute `peak_reserved:1048576`): bigger is worse; every
-regression is collected and reported once; a configuration that newly fails (oom, error, crashed) is a
-regression; one missing on either side is reported; version or backend differences are warned about.
+(`peak_allocated:1%`, `step_ms:20%`, or absolute `peak_reserved:1048576`). A measured figure regresses when
+it grows past the threshold (bigger is worse); a predicted one, from a deterministic simulator, when it
+moves past it in either direction (a shrinking prediction can be a rule that stopped applying), until the
+baseline is updated in the same commit. Every regression is collected and reported once; a configuration
+that newly fails (oom, error, crashed, skipped) is a regression, and so is one missing from the current
+results unless allowed; nothing in common is a usage error. Versions are read from the records (what ran),
+and differences are warned about.
 pytest-benchmark JSON files are read too (fields: their stats, e.g. `min`, `mean`, and extra_info).
 """
 
@@ -20,7 +24,7 @@ import subprocess
 from dataclasses import dataclass
 
 from memprof.errors import UsageError
-from memprof.results import SCHEMA_VERSION, load
+from memprof.results import SCHEMA_VERSION, read_records
 
 # short names for the command line -> fields of a memprof record's metrics
 FIELDS = {
@@ -32,6 +36,8 @@ FIELDS = {
     "state_bytes": "optimizer_state_bytes",
 }
 FAILED = ("oom", "error", "crashed", "skipped")  # a configuration that stops producing figures
+DEFAULT_FAIL = ("peak_allocated:0%", "peak_reserved:0%", "peak_live:0%")
+VERSIONED = ("torch", "open_clip_torch", "timm")
 
 
 def _git(*args) -> str | None:
@@ -39,6 +45,15 @@ def _git(*args) -> str | None:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def record_versions(records: list[dict]) -> dict:
+    """torch/open_clip/timm as the records say they ran (several versions joined by ' | ')."""
+    out = {}
+    for key in VERSIONED:
+        seen = sorted({str(r["environment"].get(key)) for r in records})
+        out[key] = " | ".join(seen) if seen else None
+    return out
 
 
 def make_baseline(records: list[dict]) -> dict:
@@ -60,24 +75,40 @@ def make_baseline(records: list[dict]) -> dict:
                          "platform": env["platform"], "cpu_count": os.cpu_count()},
         "commit_info": {"id": _git("rev-parse", "HEAD"), "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
                         "dirty": bool(_git("status", "--porcelain"))},
-        "versions": {k: env[k] for k in ("torch", "open_clip_torch", "timm")},
+        "versions": record_versions(records),
         "backends": sorted({e["backend"] for e in entries}),
         "benchmarks": entries,
     }
 
 
-def _from_pytest_benchmark(data: dict) -> dict:
+def _from_pytest_benchmark(data: dict, path: str) -> dict:
     """pytest-benchmark's JSON as baseline entries: stats (seconds) and numeric extra_info."""
     entries = []
-    for b in data.get("benchmarks", []):
-        stats = {k: v for k, v in b.get("stats", {}).items() if isinstance(v, (int, float))}
-        stats.update({k: v for k, v in b.get("extra_info", {}).items() if isinstance(v, (int, float))})
+    if not isinstance(data["benchmarks"], list) or not all(
+            isinstance(b, dict) and isinstance(b.get("name"), str) for b in data["benchmarks"]):
+        raise UsageError(f"{path}: pytest-benchmark JSON whose 'benchmarks' is not a list of named entries")
+    for b in data["benchmarks"]:
+        stats = {k: v for k, v in (b.get("stats") or {}).items() if isinstance(v, (int, float))}
+        stats.update({k: v for k, v in (b.get("extra_info") or {}).items() if isinstance(v, (int, float))})
         entries.append({"name": b.get("fullname") or b["name"], "params": b.get("params"), "status": "ok",
                         "source": "measured", "backend": "pytest-benchmark", "device": None, "stats": stats})
     versions = {"torch": None, "open_clip_torch": None, "timm": None}
     return {"kind": "pytest-benchmark", "versions": versions, "backends": ["pytest-benchmark"],
             "machine_info": data.get("machine_info", {}), "commit_info": data.get("commit_info", {}),
             "benchmarks": entries}
+
+
+def _check_baseline(data, path: str) -> dict:
+    """A baseline's shape, checked: every entry a dict with a name, a status and numeric stats."""
+    entries = data.get("benchmarks")
+    if not isinstance(entries, list):
+        raise UsageError(f"{path}: a baseline without a 'benchmarks' list: save one with `memprof baseline save`")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not isinstance(e.get("stats"), dict):
+            raise UsageError(f"{path}: benchmarks[{i}] lacks a name or a 'stats' object: save the baseline again "
+                             f"with `memprof baseline save`")
+        e.setdefault("status", "ok")
+    return data
 
 
 def load_any(path: str) -> dict:
@@ -90,15 +121,16 @@ def load_any(path: str) -> dict:
                 data = json.load(fh)
         except (OSError, ValueError) as exc:
             raise UsageError(f"{path} is not readable JSON ({exc}): give a baseline saved by memprof") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{path}: a JSON {type(data).__name__}, not a baseline: give a baseline saved by "
+                             f"`memprof baseline save`, or pytest-benchmark JSON")
         if data.get("kind") == "memprof-baseline":
-            return data
+            return _check_baseline(data, path)
         if "benchmarks" in data and "machine_info" in data:
-            return _from_pytest_benchmark(data)
-        raise UsageError(f"{path} is neither a memprof baseline nor pytest-benchmark JSON")
-    try:
-        return make_baseline(load(path))
-    except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"{path} is not a memprof results file ({exc})") from None
+            return _check_baseline(_from_pytest_benchmark(data, path), path)
+        raise UsageError(f"{path} is neither a memprof baseline nor pytest-benchmark JSON: save one with "
+                         f"`memprof baseline save`")
+    return make_baseline(read_records(path))
 
 
 @dataclass(frozen=True)
@@ -108,9 +140,11 @@ class Threshold:
     value: float
     percent: bool
 
-    def exceeded(self, base: float, current: float) -> bool:
-        limit = base * self.value / 100 if self.percent else self.value
-        return current - base > limit
+    def exceeded(self, base: float, current: float, both_ways: bool = False) -> bool:
+        """Past the threshold: grown by more than it (bigger is worse), or, `both_ways`, moved by more."""
+        limit = abs(base) * self.value / 100 if self.percent else self.value
+        delta = current - base
+        return (abs(delta) if both_ways else delta) > limit
 
 
 _THRESHOLD = re.compile(r"^([A-Za-z_][\w.]*):(\d+(?:\.\d+)?)(%?)$")
@@ -131,11 +165,17 @@ class Comparison:
     rows: list  # [name, field, base, current, delta %, verdict]
     regressions: list  # text per regression
     notes: list  # missing configs, version/backend differences
+    configs: int = 0  # configurations present in both
 
 
-def compare(base: dict, current: dict, thresholds: list[Threshold]) -> Comparison:
+def _deterministic(b: dict, c: dict) -> bool:
+    """Both figures predicted (the simulation gives the same figure every run): a change either way counts."""
+    return b.get("source") == "predicted" and c.get("source") == "predicted"
+
+
+def compare(base: dict, current: dict, thresholds: list[Threshold], allow_missing: bool = False) -> Comparison:
     rows, regressions, notes = [], [], []
-    for key in ("torch", "open_clip_torch", "timm"):
+    for key in VERSIONED:
         b, c = base.get("versions", {}).get(key), current.get("versions", {}).get(key)
         if b != c:
             notes.append(f"warning: {key} differs: baseline {b}, current {c}")
@@ -143,21 +183,30 @@ def compare(base: dict, current: dict, thresholds: list[Threshold]) -> Compariso
         notes.append(f"warning: backends differ: baseline {base.get('backends')}, current {current.get('backends')}")
     b_entries = {e["name"]: e for e in base["benchmarks"]}
     c_entries = {e["name"]: e for e in current["benchmarks"]}
+    common = sorted(set(b_entries) & set(c_entries))
+    if not common:
+        raise UsageError("baseline and current have no configuration in common: compare results of the same grid "
+                         "(the names are the record keys, e.g. vit-b-16/adamw/.../titan-x@simulate)")
     known = {k for e in list(b_entries.values()) + list(c_entries.values()) for k in e["stats"]}
     for t in thresholds:
         if t.field not in known:
             raise UsageError(f"--fail {t.name}: no configuration has that field; use one of "
                              f"{', '.join(FIELDS)} or a stats field such as {', '.join(sorted(known)[:4])}")
     for name in sorted(set(b_entries) - set(c_entries)):
-        notes.append(f"missing in current: {name}")
+        if allow_missing:
+            notes.append(f"missing in current (allowed): {name}")
+        else:
+            regressions.append(f"{name}: missing in current (a dropped configuration; --allow-missing accepts it)")
+            rows.append([name, "present", "yes", "missing", "", "REGRESSION"])
     for name in sorted(set(c_entries) - set(b_entries)):
         notes.append(f"new in current (no baseline): {name}")
-    for name in sorted(set(b_entries) & set(c_entries)):
+    for name in common:
         b, c = b_entries[name], c_entries[name]
         if c["status"] in FAILED and b["status"] not in FAILED:
             regressions.append(f"{name}: newly {c['status']} (baseline {b['status']})")
             rows.append([name, "status", b["status"], c["status"], "", "REGRESSION"])
             continue
+        both_ways = _deterministic(b, c)
         for t in thresholds:
             bv, cv = b["stats"].get(t.field), c["stats"].get(t.field)
             if bv is None:
@@ -167,11 +216,13 @@ def compare(base: dict, current: dict, thresholds: list[Threshold]) -> Compariso
                 rows.append([name, t.name, bv, "missing", "", "REGRESSION"])
                 continue
             delta = f"{100 * (cv - bv) / bv:+.2f}%" if bv else ""
-            bad = t.exceeded(bv, cv)
+            bad = t.exceeded(bv, cv, both_ways)
             if bad:
-                regressions.append(f"{name}: {t.name} {bv} -> {cv} ({delta}), over {t.value:g}{'%' if t.percent else ''}")
+                how = "grew" if cv > bv else "shrank (a deterministic prediction moved: if intended, update the baseline)"
+                regressions.append(f"{name}: {t.name} {how}: {bv} -> {cv} ({delta}), past "
+                                   f"{t.value:g}{'%' if t.percent else ''}")
             rows.append([name, t.name, bv, cv, delta, "REGRESSION" if bad else "ok"])
-    return Comparison(rows, regressions, notes)
+    return Comparison(rows, regressions, notes, len(common))
 
 
 def diff_text(old: dict, new: dict) -> str:

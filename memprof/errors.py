@@ -4,7 +4,12 @@ import difflib
 
 
 class UsageError(Exception):
-    """Bad input from the user: the message says what was wrong and how to fix it."""
+    """Bad input from the user: the message says what was wrong and how to fix it. `option` names the
+    option it concerns (e.g. "budget"), so a suite file can point at that key's line."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 def unknown_name(kind: str, name: str, choices, list_command: str) -> UsageError:

@@ -1,19 +1,31 @@
 """Result records: one JSON object per configuration, appended to a JSONL file as each one finishes.
 
 A record holds the spec (what was run), the status, where its figures come from (`source`:
-"predicted" or "measured"), the metrics with units in their field names, and the environment.
+"predicted" or "measured"), the metrics with units in their field names, and the environment. Its key
+is the spec's key plus the backend (`...@simulate`), so a suite that predicts and measures the same
+configuration keeps both.
+
+This module is the one reader (`read_records`: every line validated, errors name file, line and fix)
+and the one writer (`ResultsFile`: a locked run directory, appends that are flushed and fsynced, a
+torn last line repaired first) of results.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
 from importlib import metadata
 
+from memprof.errors import UsageError
+
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.jsonl"
-STATUSES = ("ok", "oom", "error", "crashed", "skipped")
+LOCK_FILE = ".memprof.lock"
+STATUSES = ("ok", "oom", "skipped", "error", "crashed")
+FAILED = ("error", "crashed")  # a configuration that gave no result: the run exits 1
+REQUIRED = {"key": str, "spec": dict, "status": str, "source": str, "metrics": dict, "environment": dict}
 
 
 def _version(dist: str) -> str | None:
@@ -36,12 +48,17 @@ def environment(backend: str, device: str) -> dict:
     }
 
 
+def record_key(spec, backend: str) -> str:
+    """What identifies a record completely: the configuration and the backend that ran it."""
+    return f"{spec.key}@{backend}"
+
+
 def make_record(spec, status: str, source: str, env: dict, metrics: dict | None = None,
                 error: str | None = None, skip_reason: str | None = None, elapsed_s: float | None = None) -> dict:
     assert status in STATUSES, status
     return {
         "schema_version": SCHEMA_VERSION,
-        "key": spec.key,
+        "key": record_key(spec, env["backend"]),
         "spec": spec.to_dict(),
         "status": status,
         "source": source,
@@ -53,22 +70,135 @@ def make_record(spec, status: str, source: str, env: dict, metrics: dict | None 
     }
 
 
+def write_error(path: str, exc: OSError) -> UsageError:
+    return UsageError(f"cannot write {path}: {exc.strerror or exc}; free space or choose a writable --out "
+                      f"(everything written before is kept)")
+
+
 def append(path: str, record: dict) -> None:
-    """Append one record and flush it to disk, so a crash or Ctrl-C loses nothing already finished."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append one record and flush it to disk, so a crash or Ctrl-C loses nothing already finished.
+
+    A file whose last line lacks its newline (a run killed mid-write, an editor) gets one first, so the
+    new record never joins it. A failing write is a UsageError naming the path and the OS error."""
+    line = json.dumps(record, sort_keys=True) + "\n"
+    try:
+        with open(path, "a+b") as fh:
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    line = "\n" + line
+            fh.write(line.encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise write_error(path, exc) from None
 
 
-def load(path: str) -> list[dict]:
-    """Records from a JSONL file or from a run directory's results.jsonl; later records of a key win."""
-    if os.path.isdir(path):
-        path = os.path.join(path, RESULTS_FILE)
+def write_text(path: str, text: str) -> None:
+    """Write a report file; a failure is one line naming the path (a UsageError), not a traceback."""
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
+def results_path(path: str) -> str:
+    """A run directory's results.jsonl, or the file itself."""
+    return os.path.join(path, RESULTS_FILE) if os.path.isdir(path) else path
+
+
+def _check(rec, where: str) -> None:
+    if not isinstance(rec, dict):
+        raise UsageError(f"{where}: a {type(rec).__name__}, not a record (a JSON object with "
+                         f"{', '.join(REQUIRED)}); remove the line or give a memprof results file")
+    for field, kind in REQUIRED.items():
+        if field not in rec:
+            raise UsageError(f"{where}: the record has no '{field}'; remove the line or give a memprof results file")
+        if not isinstance(rec[field], kind):
+            raise UsageError(f"{where}: '{field}' is a {type(rec[field]).__name__}, expected a {kind.__name__}; "
+                             f"remove the line or give a memprof results file")
+    if rec["status"] not in STATUSES:
+        raise UsageError(f"{where}: unknown status '{rec['status']}' (known: {', '.join(STATUSES)})")
+
+
+def read_records(path: str, name: str = "results") -> list[dict]:
+    """Every record of a results.jsonl (or a run directory's), validated; later records of a key win.
+
+    Bad input is a UsageError naming the file, the line and what is wrong."""
+    file = results_path(path)
+    if os.path.isdir(path) and not os.path.exists(file):
+        raise UsageError(f"{path} has no {RESULTS_FILE}: give a run directory written by `memprof run --out DIR`, "
+                         f"or a results.jsonl")
+    if not os.path.exists(file):
+        raise UsageError(f"no {name} at {path}: give a results.jsonl or a run directory")
+    if os.path.isdir(file):
+        raise UsageError(f"{file} is a directory, not a results file: give a results.jsonl or a run directory")
     records: dict[str, dict] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                rec = json.loads(line)
-                records[rec["key"]] = rec
+    try:
+        with open(file, encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise UsageError(f"{file}: {why}; give a results.jsonl written by memprof") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{file}:{number}"
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:
+            torn = number == len(lines)  # no newline after it: a run stopped while writing it
+            raise UsageError(f"{where}: not JSON ({exc.msg})" + (
+                "; the last line is incomplete (a run stopped while writing it): delete that line, then --resume"
+                if torn else "; remove the line or give a memprof results file")) from None
+        _check(rec, where)
+        records[rec["key"]] = rec
+    if not records:
+        raise UsageError(f"{file} holds no records: run `memprof run` first")
     return list(records.values())
+
+
+class RunDirectory:
+    """An output directory held by one run: an exclusive lock (fcntl) on its lock file, which names the
+    holder, for as long as the run writes there. A second run on the same directory is refused at once."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.results = os.path.join(out_dir, RESULTS_FILE)
+        self._fh = None
+
+    def __enter__(self) -> "RunDirectory":
+        lock = os.path.join(self.out_dir, LOCK_FILE)
+        try:
+            fh = open(lock, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise write_error(lock, exc) from None
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise UsageError(f"--out {self.out_dir} is in use by another memprof run ({holder}): wait for it to "
+                             f"finish, or choose another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {platform.node()}")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+
+
+def status_counts(records: list[dict]) -> dict:
+    return {s: sum(1 for r in records if r["status"] == s) for s in STATUSES}
+
+
+def summary_line(records: list[dict]) -> str:
+    """`12 configurations: 9 ok, 1 oom, 2 skipped, 0 error, 0 crashed` (the last line of a run)."""
+    counts = status_counts(records)
+    return f"{len(records)} configurations: " + ", ".join(f"{n} {s}" for s, n in counts.items())

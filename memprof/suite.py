@@ -6,7 +6,8 @@
     optims = "paper"
     grad_ckpt = "off,on"
 
-Unknown keys or values are an error naming the file and line.
+Unknown keys or values are an error naming the file and the line of the key (values are validated by
+memprof.plan, as for `memprof run`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from memprof.errors import UsageError
 
 KEYS = {"backend": str, "models": str, "optims": str, "grad_ckpt": str, "state_bits": (str, int),
         "batch_size": (str, int), "steps": int, "budget": str, "num_classes": int, "pretrained": str, "paged": bool}
-BACKENDS = ("auto", "simulate", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class SuiteRun:
-    line: int
+    line: int  # of its [[run]] header
     options: dict
+    key_lines: dict  # option -> line of its key
+
+    def line_of(self, option: str | None) -> int:
+        """The line an error about `option` points at: its key's, else the [[run]] header's."""
+        return self.key_lines.get(option, self.line)
 
 
 def _line_of(text: str, run_index: int, key: str | None) -> int:
@@ -62,8 +67,6 @@ def load_suite(path: str) -> list[SuiteRun]:
     if not isinstance(runs, list) or not runs:
         raise UsageError(f"{path}: no [[run]] tables: add at least one")
     out = []
-    from memprof.models import parse_models
-    from memprof.optims import parse_optims
 
     for i, run in enumerate(runs):
         for key, value in run.items():
@@ -72,23 +75,5 @@ def load_suite(path: str) -> list[SuiteRun]:
                 raise UsageError(f"{path}:{line}: unknown key '{key}' (known: {', '.join(KEYS)})")
             if not isinstance(value, KEYS[key]):
                 raise UsageError(f"{path}:{line}: '{key}' has the wrong type ({type(value).__name__})")
-            try:
-                if key == "backend" and value not in BACKENDS:
-                    raise UsageError(f"backend '{value}': use one of {', '.join(BACKENDS)}")
-                if key == "models":
-                    parse_models(value)
-                if key == "optims":
-                    parse_optims(value)
-            except UsageError as exc:
-                raise UsageError(f"{path}:{line}: {exc}") from None
-        out.append(SuiteRun(_line_of(text, i, None), dict(run)))
+        out.append(SuiteRun(_line_of(text, i, None), dict(run), {k: _line_of(text, i, k) for k in run}))
     return out
-
-
-def run_arguments(run: SuiteRun, out_dir: str) -> list[str]:
-    """The `memprof run` command line that one suite run stands for."""
-    args = ["run", "--out", out_dir, "--no-progress"]
-    for key, value in run.options.items():
-        flag = f"--{key.replace('_', '-')}"
-        args += ([flag] if value else []) if isinstance(value, bool) else [flag, str(value)]
-    return args

@@ -41,16 +41,16 @@ grids=("--models paper --optims paper"
        "--models vit-b-16 --optims paper --grad-ckpt on"
        "--models vit-b-16 --optims adamw,sgd-fe-nomom --grad-ckpt off,on --batch-size 32")
 echo "device: $gpu ($card); $(date -u)" | tee "$log"
-for g in "${grids[@]}"; do m run --no-progress --backend simulate --budget "$card" --jobs 8 $g --out "$out/simulate"; done
+for g in "${grids[@]}"; do m run --no-progress --backend simulate --budget "$card" --jobs 8 $g --out "$out/simulate" --resume; done
 if [ "$gpu" != "no-gpu" ]; then
-  for g in "${grids[@]}"; do m run --no-progress --backend cuda --budget device --timeout-s 150 $g --out "$out/cuda"; done
+  for g in "${grids[@]}"; do m run --no-progress --backend cuda --budget device --timeout-s 150 $g --out "$out/cuda" --resume; done
   m run --no-progress --backend cuda --budget titan-x --timeout-s 150 --models vit-h-14 --optims paper --out "$out/titan-x-emulated"
   for p in 5 0; do m run --no-progress --backend cuda --budget device --steps 12 --nvml-period-ms $p --models vit-b-16 --optims sgd --out "$out/overhead-nvml-$p"; done
   m table "$out/cuda" --out "$out/cuda"
   m fidelity "$out/cuda" "$out/simulate" --out "$out"
   $py - "$out" <<'PY' | tee -a "$log"
 import sys, json
-from memprof.results import load
+from memprof.results import read_records as load
 o = sys.argv[1]
 on, off = (load(f"{o}/overhead-nvml-{p}")[0]["metrics"].get("step_ms_median") for p in (5, 0))
 print(f"NVML sampler overhead on ViT-B/16 SGD step time: {on} ms with 5 ms sampling vs {off} ms without "

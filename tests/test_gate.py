@@ -1,11 +1,11 @@
 """The CI memory-regression gate: the CI suite against the committed baseline, and its negative controls.
 
-The suite's results stay in reports/runs/ci-gate/ so .ci/run can print the comparison table.
+The suite runs into a temporary directory (nothing is written into the checkout).
 """
 
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +14,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "reports" / "baselines" / "ci.json"
-GATE_OUT = ROOT / "reports" / "runs" / "ci-gate"
 
 
 def memprof(*args):
@@ -23,11 +22,11 @@ def memprof(*args):
 
 
 @pytest.fixture(scope="module")
-def ci_results():
-    shutil.rmtree(GATE_OUT, ignore_errors=True)
-    r = memprof("suite", "suites/ci.toml", "--out", str(GATE_OUT))
+def ci_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ci-gate")
+    r = memprof("suite", "suites/ci.toml", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
-    return GATE_OUT / "results.jsonl"
+    return out / "results.jsonl"
 
 
 def test_ci_suite_matches_committed_baseline(ci_results):
@@ -90,15 +89,64 @@ def test_thresholds_allow_what_they_say(ci_results, tmp_path):
     assert memprof("compare", str(BASELINE), str(path), "--fail", "peak_allocated:100000000").returncode == 0
 
 
-def test_missing_configs_and_versions_are_reported(ci_results, tmp_path):
+def test_dropped_configs_fail_unless_allowed_and_versions_come_from_the_records(ci_results, tmp_path):
+    """A configuration missing from the current run fails the gate (exit 1) unless --allow-missing; the
+    torch version the warning compares is the one the records ran with, not this Python's."""
     records = [json.loads(line) for line in ci_results.read_text().splitlines()]
     records[0]["environment"]["torch"] = "0.0.1"
     dropped = records.pop()
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     r = memprof("compare", str(BASELINE), str(path))
-    assert r.returncode == 0
-    assert f"missing in current: {dropped['key']}" in r.stdout
+    assert r.returncode == 1 and f"{dropped['key']}: missing in current" in r.stdout
+    assert "warning: torch differs" in r.stdout and "0.0.1" in r.stdout
+    r = memprof("compare", str(BASELINE), str(path), "--allow-missing")
+    assert r.returncode == 0 and f"missing in current (allowed): {dropped['key']}" in r.stdout
+
+
+def test_versions_unchanged_give_no_warning(ci_results):
+    """Negative control of the version warning: the same records against themselves warn about nothing."""
+    r = memprof("compare", str(ci_results), str(ci_results))
+    assert r.returncode == 0 and "differs" not in r.stdout
+
+
+def test_a_shrinking_prediction_fails_and_a_shrinking_measurement_passes(ci_results, tmp_path):
+    """The simulation is deterministic: a predicted figure that moves down fails too (a rule may have stopped
+    applying) until the baseline is updated; a measured figure may shrink."""
+    def shrink(r):
+        r["metrics"]["peak_allocated_bytes"] -= 512
+
+    path, key = _edited(ci_results, tmp_path, "vit-b-16/sgd-fe/ckpt-off/32bit", shrink)
+    r = memprof("compare", str(BASELINE), str(path), "--fail", "peak_allocated:0%")
+    assert r.returncode == 1 and f"{key}: peak_allocated shrank" in r.stdout
+    cpu_key = next(json.loads(line)["key"] for line in ci_results.read_text().splitlines() if "@cpu" in line)
+
+    def shrink_live(r):
+        r["metrics"]["peak_live_bytes"] -= 512
+
+    path, key = _edited(ci_results, tmp_path, cpu_key, shrink_live)
+    assert memprof("compare", str(BASELINE), str(path), "--fail", "peak_live:0%").returncode == 0
+
+
+def test_nothing_in_common_is_a_usage_error(ci_results, tmp_path):
+    records = [json.loads(line) for line in ci_results.read_text().splitlines()]
+    for rec in records:
+        rec["key"] = "renamed/" + rec["key"]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = memprof("compare", str(BASELINE), str(path))
+    assert r.returncode == 2 and "no configuration in common" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_readme_gate_example_passes_on_a_fresh_run(ci_results, tmp_path):
+    """README's `memprof compare` line, run as written (with the fresh suite's results), must pass."""
+    readme = (ROOT / "README.md").read_text()
+    line = next(x.strip() for x in readme.splitlines() if x.strip().startswith("memprof compare "))
+    args = line.split()[1:]
+    args = [str(ci_results) if a.startswith("reports/runs/") else a for a in args]
+    r = memprof(*args)
+    assert r.returncode == 0, (line, r.stdout)
+    assert re.search(r"no regression \(\d+ comparisons", r.stdout)
 
 
 def test_a_vanished_field_or_a_newly_skipped_config_fails(ci_results, tmp_path):

@@ -1,0 +1,356 @@
+"""Validation and run specs in one place: what `memprof run` (and a suite's [[run]]) asks for, checked.
+
+`plan_run(options)` turns options (the CLI's flags, a suite's keys, a Python caller's keywords; see
+RUN_OPTIONS for names and defaults) into a RunPlan: the grid of specs, the output directory, the backend
+and the notes to print, or a UsageError naming the option and the fix, before anything runs.
+`execute(plan)` runs it into the locked output directory and returns every record the directory holds.
+The CLI and the suite runner are thin users of these two functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+from memprof.errors import UsageError
+from memprof.results import FAILED, RESULTS_FILE, RunDirectory, read_records
+
+# every option of a run, with its default (CLI flags are these names with dashes)
+RUN_OPTIONS = {
+    "models": "paper", "optims": "paper", "grad_ckpt": "off", "state_bits": "32", "paged": False,
+    "batch_size": "1", "steps": 2, "budget": None, "num_classes": 10, "pretrained": None, "backend": "auto",
+    "out": None, "resume": False, "retry_failed": False, "jobs": None, "timeout_s": None, "snapshot": None,
+    "nvml_period_ms": None, "progress": True,
+}
+BACKENDS = ("auto", "cuda", "simulate", "cpu")
+DEFAULT_NVML_PERIOD_MS = 5.0
+
+
+@contextlib.contextmanager
+def option(name: str):
+    """Errors raised inside name the option they concern (for a suite file's line)."""
+    try:
+        yield
+    except UsageError as exc:
+        if exc.option is None:
+            exc.option = name
+        raise
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def default_out() -> str:
+    return os.path.join("reports", "runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def writable_dir(path: str, name: str = "out") -> str:
+    """Create `path` if needed and prove it writable, or a UsageError naming the option."""
+    if not path or not path.strip():
+        raise UsageError(f"{flag(name)} is empty: give a directory, e.g. {flag(name)} reports/runs/mine", option=name)
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".memprof-write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"{flag(name)} {path} is not writable ({exc.strerror}): choose a directory you can write",
+                         option=name) from None
+    return path
+
+
+def finite(value: float | None, name: str, positive: bool = False, allow_zero: bool = False) -> None:
+    """Reject nan and inf (and values <= 0 or < 0 as asked) for a numeric option."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise UsageError(f"{flag(name)} {value}: give a finite number", option=name)
+    if positive and (value < 0 or (value == 0 and not allow_zero)):
+        raise UsageError(f"{flag(name)} {value:g}: give a positive number" + (" (or 0)" if allow_zero else ""),
+                         option=name)
+
+
+def resolve_backend(requested: str) -> tuple[str, str]:
+    """auto: cuda where a GPU is present, else simulate; returns it with the line that announces it."""
+    import torch
+
+    if requested not in BACKENDS:
+        raise UsageError(f"backend '{requested}': use one of {', '.join(BACKENDS)}", option="backend")
+    has_gpu = torch.cuda.is_available()
+    if requested == "cuda" and not has_gpu:
+        raise UsageError("--backend cuda needs a CUDA GPU and none is visible: use --backend simulate (predicts) "
+                         "or --backend cpu (measures on the CPU)", option="backend")
+    backend = ("cuda" if has_gpu else "simulate") if requested == "auto" else requested
+    what = {"cuda": f"measuring on {torch.cuda.get_device_name() if has_gpu else ''} with torch.cuda and NVML",
+            "simulate": "every figure is predicted, not measured",
+            "cpu": "measuring live tensor bytes on the CPU"}[backend]
+    why = "" if requested != "auto" else (" (a CUDA GPU is present)" if has_gpu else " (no CUDA GPU here)")
+    return backend, f"memprof: backend {backend}{why}: {what}"
+
+
+def resolve_budget(budget: str | None, backend: str, notes: list) -> str:
+    from memprof.budget import parse_budget
+
+    if budget is None:
+        return "titan-x" if backend == "simulate" else "device"
+    if budget == "device":
+        if backend == "simulate":
+            raise UsageError("--budget device: the simulation predicts for a named card; give one, e.g. titan-x",
+                             option="budget")
+        return budget
+    profile = parse_budget(budget)
+    if backend == "cpu":
+        notes.append(f"memprof: note: on the cpu backend --budget {budget} caps live tensor bytes at the card's "
+                     f"usable memory (emulated on the host, no allocator model)")
+    if backend == "cuda":
+        import torch
+
+        from memprof.budget import NOMINAL_TOLERANCE
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        if profile.total_bytes > total * (1 + NOMINAL_TOLERANCE):
+            raise UsageError(f"--budget {budget} ({profile.total_bytes / (1 << 30):.0f} GiB) is larger than this GPU "
+                             f"({total / (1 << 30):.0f} GiB): pick a smaller budget, or `device`", option="budget")
+    return budget
+
+
+def unique(values: list, name: str, notes: list) -> list:
+    """Each value once, in order; a repeated value is said once, in one line."""
+    seen = list(dict.fromkeys(values))
+    if len(seen) < len(values):
+        twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+        notes.append(f"memprof: note: {flag(name)} repeats {', '.join(map(str, twice))}: each runs once")
+    return seen
+
+
+def check_pretrained(models, pretrained: str, num_classes: int) -> None:
+    """Fail fast, before the grid, when the weights are missing or do not fit a model."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memprof.models import build_model, check_pretrained as check, read_pretrained
+
+    for info in models:
+        state = read_pretrained(info, pretrained)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            check(build_model(info, num_classes), state, pretrained)
+
+
+@dataclass
+class RunPlan:
+    """A validated run: what to run (grid entries), where, on which backend, and how."""
+
+    entries: list
+    out_dir: str
+    backend: str
+    announce: str
+    options: dict
+    notes: list = field(default_factory=list)
+
+    @property
+    def worker_options(self) -> dict:
+        if self.backend != "cuda":
+            return {}
+        period = self.options["nvml_period_ms"]
+        return {"snapshot_dir": self.options["snapshot"],
+                "nvml_period_ms": DEFAULT_NVML_PERIOD_MS if period is None else period}
+
+
+def run_options(**given) -> dict:
+    """RUN_OPTIONS with `given` applied; an unknown name is a UsageError listing the known ones."""
+    unknown = sorted(set(given) - set(RUN_OPTIONS))
+    if unknown:
+        raise UsageError(f"unknown option '{unknown[0]}' (known: {', '.join(RUN_OPTIONS)})", option=unknown[0])
+    return {**RUN_OPTIONS, **given}
+
+
+def plan_run(opts: dict) -> RunPlan:
+    """Validate every option of a run (UsageError, naming the option, on bad input) before anything runs."""
+    from memprof.models import parse_models
+    from memprof.optims import parse_optims
+    from memprof.spec import MIN_STEPS, expand_grid, parse_ints, parse_switch
+
+    notes: list[str] = []
+    with option("models"):
+        models = parse_models(opts["models"])
+    with option("optims"):
+        optims = parse_optims(opts["optims"])
+    with option("grad_ckpt"):
+        grad_ckpt = parse_switch(opts["grad_ckpt"], "--grad-ckpt")
+    with option("state_bits"):
+        state_bits = unique(parse_ints(str(opts["state_bits"]), "--state-bits", 1), "state_bits", notes)
+    with option("batch_size"):
+        batch_sizes = unique(parse_ints(str(opts["batch_size"]), "--batch-size", 1), "batch_size", notes)
+    if opts["steps"] < MIN_STEPS:
+        raise UsageError(f"--steps {opts['steps']}: use at least {MIN_STEPS}, so the measured step runs with "
+                         f"optimizer state present", option="steps")
+    if opts["jobs"] is not None and opts["jobs"] < 1:
+        raise UsageError(f"--jobs {opts['jobs']}: use at least 1", option="jobs")
+    finite(opts["timeout_s"], "timeout_s", positive=True)
+    finite(opts["nvml_period_ms"], "nvml_period_ms", positive=True, allow_zero=True)
+    if opts["num_classes"] < 2:
+        raise UsageError(f"--num-classes {opts['num_classes']}: use at least 2", option="num_classes")
+    if opts["paged"] and 8 not in state_bits:
+        raise UsageError("--paged applies to 8-bit states: add --state-bits 8 (or 32,8)", option="paged")
+    resume = opts["resume"] or opts["retry_failed"]
+    if resume and not opts["out"]:
+        raise UsageError(f"{'--retry-failed' if opts['retry_failed'] else '--resume'} needs --out DIR: the run "
+                         f"directory whose results.jsonl to continue", option="out")
+    if opts["budget"] not in (None, "device"):
+        from memprof.budget import parse_budget
+
+        with option("budget"):
+            parse_budget(opts["budget"])
+    backend, announce = resolve_backend(opts["backend"])
+    if backend != "cuda":
+        for name in ("snapshot", "nvml_period_ms"):
+            if opts[name] is not None:
+                raise UsageError(f"{flag(name)} applies to the cuda backend (measured snapshots and NVML); the "
+                                 f"{backend} backend has neither: drop {flag(name)}", option=name)
+    out_dir = writable_dir(opts["out"] if opts["out"] is not None else default_out())
+    if opts["pretrained"]:
+        with option("pretrained"):
+            check_pretrained(models, opts["pretrained"], opts["num_classes"])
+    with option("budget"):
+        budget = resolve_budget(opts["budget"], backend, notes)
+    entries = expand_grid(models, optims, grad_ckpt, state_bits, batch_sizes, paged=opts["paged"],
+                          steps=opts["steps"], budget=budget, num_classes=opts["num_classes"],
+                          pretrained=opts["pretrained"])
+    if any(e.spec.state_bits == 8 and not e.skip_reason for e in entries):
+        from memprof.optims import require_bitsandbytes
+
+        with option("state_bits"):
+            require_bitsandbytes()
+    entries = _remaining(entries, out_dir, backend, resume, opts["retry_failed"], notes)
+    return RunPlan(entries, out_dir, backend, announce, opts, notes)
+
+
+def _remaining(entries, out_dir: str, backend: str, resume: bool, retry_failed: bool, notes: list) -> list:
+    """The entries still to run in out_dir: all of them for a new directory; with --resume those without a
+    record (and, with --retry-failed, those whose record is an error or a crash). Reusing a directory
+    that holds results without --resume is refused: two runs would silently merge."""
+    from memprof.results import record_key
+
+    path = os.path.join(out_dir, RESULTS_FILE)
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return entries
+    records = read_records(path)
+    if not resume:
+        raise UsageError(f"--out {out_dir} already holds results of a run ({len(records)} configurations): add "
+                         f"--resume to continue it, or choose a new --out", option="out")
+    done = {r["key"] for r in records if not (retry_failed and r["status"] in FAILED)}
+    todo = [e for e in entries if record_key(e.spec, backend) not in done]
+    failed = sum(1 for r in records if r["status"] in FAILED)
+    notes.append(f"memprof: resuming: {len(entries) - len(todo)} configurations already in {path}, {len(todo)} to run"
+                 + (f" ({failed} failed earlier: --retry-failed reruns them)" if failed and not retry_failed else ""))
+    return todo
+
+
+def execute(plan: RunPlan, lock: bool = True) -> list[dict]:
+    """Run a plan in its output directory (locked for the run unless the caller holds the lock); each record
+    is appended to results.jsonl as it finishes. Returns every record the directory holds afterwards (this
+    run's and any resumed ones)."""
+    from memprof.runner import default_jobs, run_grid
+
+    with RunDirectory(plan.out_dir) if lock else contextlib.nullcontext():
+        run_grid(plan.entries, plan.out_dir, plan.backend, progress=plan.options["progress"],
+                 jobs=plan.options["jobs"] or default_jobs(), options=plan.worker_options,
+                 timeout_s=plan.options["timeout_s"])
+    return read_records(plan.out_dir)
+
+
+# --- accuracy mode --------------------------------------------------------------------------------------
+
+ACCURACY_OPTIONS = {
+    "models": "test-vit", "optims": "paper", "grad_ckpt": "off,on", "state_bits": "32,8", "batch_size": "1",
+    "pretrained": None, "num_classes": 10, "train_steps": None, "lr_sgd": None, "lr_adaptive": None,
+    "data": None, "seed": 0, "backend": "auto", "progress": True,
+}
+
+
+def accuracy_options(**given) -> dict:
+    from memprof.recipe import DEFAULT_LR_ADAPTIVE, DEFAULT_LR_SGD, DEFAULT_STEPS
+
+    unknown = sorted(set(given) - set(ACCURACY_OPTIONS))
+    if unknown:
+        raise UsageError(f"unknown option '{unknown[0]}' (known: {', '.join(ACCURACY_OPTIONS)})")
+    opts = {**ACCURACY_OPTIONS, **{k: v for k, v in given.items() if v is not None}}
+    for name, default in (("train_steps", DEFAULT_STEPS), ("lr_sgd", DEFAULT_LR_SGD),
+                          ("lr_adaptive", DEFAULT_LR_ADAPTIVE)):
+        if opts[name] is None:
+            opts[name] = default
+    return opts
+
+
+@dataclass
+class AccuracyPlan:
+    entries: list
+    device: str
+    options: dict
+
+
+def _accuracy_device(backend: str, models) -> str:
+    import torch
+
+    from memprof.recipe import CPU_PARAM_LIMIT
+
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--accuracy-backend cuda needs a CUDA GPU and none is visible: use --accuracy-backend cpu "
+                         "(or auto)", option="accuracy_backend")
+    device = "cuda" if backend == "cuda" or (backend == "auto" and torch.cuda.is_available()) else "cpu"
+    if device == "cpu":
+        from memprof.models import build_model
+
+        for info in models:
+            with torch.device("meta"):
+                n = sum(p.numel() for p in build_model(info, 2).parameters())
+            if n > CPU_PARAM_LIMIT:
+                raise UsageError(f"accuracy mode trains for real: {info.name} ({n / 1e6:.0f}M parameters) would take "
+                                 f"hours on the CPU; use --models test-vit here, or a GPU", option="models")
+    return device
+
+
+def plan_accuracy(opts: dict) -> AccuracyPlan:
+    """Validated accuracy grid (the same axes as a run) and the device it trains on."""
+    from memprof.models import parse_models
+    from memprof.optims import parse_optims, require_bitsandbytes
+    from memprof.spec import expand_grid, parse_ints, parse_switch
+
+    notes: list[str] = []
+    with option("models"):
+        models = parse_models(opts["models"])
+    with option("optims"):
+        optims = parse_optims(opts["optims"])
+    entries = expand_grid(models, optims, parse_switch(opts["grad_ckpt"], "--grad-ckpt"),
+                          unique(parse_ints(str(opts["state_bits"]), "--state-bits", 1), "state_bits", notes),
+                          unique(parse_ints(str(opts["batch_size"]), "--batch-size", 1), "batch_size", notes),
+                          pretrained=opts["pretrained"], budget="device")
+    for name in ("lr_sgd", "lr_adaptive"):
+        value = opts[name]
+        if not math.isfinite(value) or value < 0:
+            raise UsageError(f"{flag(name)} {value}: a learning rate must be a finite number, zero or positive",
+                             option=name)
+    if opts["train_steps"] < 60:
+        raise UsageError(f"--train-steps {opts['train_steps']}: use at least 60 (the 8-bit check compares step 50)",
+                         option="train_steps")
+    if any(e.spec.state_bits == 8 and not e.skip_reason for e in entries):
+        require_bitsandbytes()
+    if opts["data"]:
+        from memprof.accuracy import load_data
+
+        load_data((32, 32), opts["data"])  # the folder's errors, before anything trains
+    if opts["pretrained"]:
+        check_pretrained(models, opts["pretrained"], opts["num_classes"])
+    return AccuracyPlan(entries, _accuracy_device(opts["backend"], models), opts)
+
+
+def execute_accuracy(plan: AccuracyPlan, out_dir: str) -> list[dict]:
+    from memprof.accuracy import run_accuracy
+
+    o = plan.options
+    return run_accuracy(plan.entries, out_dir, plan.device, o["train_steps"], o["lr_sgd"], o["lr_adaptive"],
+                        o["data"], o["seed"], progress=o["progress"])
