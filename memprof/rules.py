@@ -157,10 +157,14 @@ class CublasWorkspace(Rule):
 LT_WORKSPACE_BYTES = 1 << 20  # CUBLASLT_WORKSPACE_SIZE default, 1024 KiB
 
 
+WORKSPACE_32MIB_MAJORS = (9, 10, 12)  # Hopper and Blackwell (datacenter 10.x, consumer 12.x)
+
+
 def cublas_workspace_bytes(device: DeviceProfile) -> int:
-    """CUBLAS_WORKSPACE_CONFIG default: ':4096:2:16:8' (8,519,680 B) before Hopper, ':4096:8' (32 MiB) on sm90+."""
+    """CUBLAS_WORKSPACE_CONFIG default: ':4096:8' (32 MiB) for compute capability majors 9, 10 and 12, else
+    ':4096:2:16:8' (8,519,680 B), as CublasHandlePool.cpp parseChosenWorkspaceSize decides (`use32mb`)."""
     cc = device.compute_capability
-    if cc is not None and cc >= (9, 0):
+    if cc is not None and cc[0] in WORKSPACE_32MIB_MAJORS:
         return 4096 * 1024 * 8
     return 4096 * 1024 * 2 + 16 * 1024 * 8
 
@@ -168,8 +172,10 @@ def cublas_workspace_bytes(device: DeviceProfile) -> int:
 class EfficientAttentionBackward(Rule):
     """What the fp32 memory-efficient backward allocates besides the gradients its shape function returns.
 
-    In `_efficient_attention_backward` (after grad_q/k/v are allocated): `grad_out.contiguous()` copies a
-    non-contiguous incoming gradient; for fp32 (kKernelComputesDelta is false unless half precision)
+    `_scaled_dot_product_efficient_attention_backward_cuda` passes `grad_out_.transpose(1, 2)` ([B, M, H, K])
+    on, and `_efficient_attention_backward` copies it with `.contiguous()` unless that transposed view is
+    already contiguous (e.g. at batch 1 under nn.MultiheadAttention, whose [B, L, E] gradient viewed as
+    [B, H, L, K] transposes back to a contiguous [1, L, H, K]); for fp32 (kKernelComputesDelta is false unless half precision)
     `delta = (grad_out.float() * out.float()).sum(-1).transpose(-2, -1).contiguous()` makes the product
     [B, M, H, Kv], the sum [B, M, H] and delta [B, H, M] (the first two die at the end of that statement);
     on sm70+ the split-key kernel accumulates grad_q in a workspace of
@@ -178,7 +184,8 @@ class EfficientAttentionBackward(Rule):
     """
 
     name = "efficient-attention-backward-temporaries"
-    summary = ("the fp32 memory-efficient backward allocates grad_out*out, its sum, delta [B, H, L] fp32 and, on "
+    summary = ("the fp32 memory-efficient backward copies grad_out unless its [B, M, H, K] view is contiguous, "
+               "allocates grad_out*out, its sum, delta [B, H, L] fp32 and, on "
                "sm70+, a grad_q accumulation workspace, all released when it returns")
     source = ("aten/src/ATen/native/transformers/cuda/attention_backward.cu _efficient_attention_backward; "
               "mem_eff_attention/kernel_backward.h workspace_size")
@@ -193,9 +200,9 @@ class EfficientAttentionBackward(Rule):
         grad_out, query = args[0], args[1]
         b, h, m, k = query.shape
         temps = []
-        if not grad_out.is_contiguous():
+        if not grad_out.transpose(1, 2).is_contiguous():
             temps.append(tracker.synthetic_alloc(grad_out.numel() * grad_out.element_size(),
-                                                 "attention backward grad_out.contiguous()"))
+                                                 "attention backward grad_out.transpose(1, 2).contiguous()"))
         product = tracker.synthetic_alloc(grad_out.numel() * 4, "attention backward grad_out*out")
         summed = tracker.synthetic_alloc(b * h * m * 4, "attention backward (grad_out*out).sum(-1)")
         temps.append(tracker.synthetic_alloc(b * h * m * 4, "attention backward delta"))
@@ -207,6 +214,65 @@ class EfficientAttentionBackward(Rule):
             temps.append(tracker.synthetic_alloc(b * h * (-(-elems // 4) * 4) * 4, "attention backward workspace"))
         for sid in reversed(temps):
             tracker.free_synthetic(sid)
+
+
+class TimmForeachChunks(Rule):
+    """timm's foreach optimizers (LAMB, AdamW, Adan, ...: every step function wrapped in `_foreach_chunked`)
+    run their update over chunks of parameters on CUDA when the card's L2 cache is large.
+
+    timm/optim/_helpers.py `_foreach_chunk_elements`: on a CUDA device the chunk holds at most
+    L2_cache_size // (4 * element_size) elements, and only when that is at least 2**22 elements (so for fp32
+    an L2 of 64 MiB or more); on the CPU it returns None (one chunk). `_foreach_chunks` then packs consecutive
+    parameters while their total stays within the chunk (a larger tensor is a chunk of its own), so the step's
+    full-size temporaries (LAMB: the clipped grads, sqrt(exp_avg_sq), the updates) exist for one chunk at a
+    time. Here timm's own function runs with the card's L2 size standing in for the CUDA query, so timm's
+    threshold and its TIMM_FOREACH_CHUNK_SIZE override (`_FOREACH_CHUNK_OVERRIDE`) apply unchanged.
+    """
+
+    name = "timm-foreach-chunks"
+    summary = ("timm foreach optimizers split their update into chunks of L2 bytes / (4 x element size) elements "
+               "when that is >= 2**22 (L2 >= 64 MiB for fp32), as on CUDA; never on an unknown card")
+    source = "timm/optim/_helpers.py _foreach_chunk_elements, _foreach_chunks, _foreach_chunked"
+
+    def __init__(self, device: DeviceProfile):
+        self.l2_bytes = device.l2_cache_bytes
+        self.chunk_elements: dict[int, int | None] = {}  # element size -> chunk elements, as timm decided
+
+    @contextlib.contextmanager
+    def mode(self):
+        try:
+            from timm.optim import _helpers
+        except ImportError:
+            yield
+            return
+        original = _helpers._foreach_chunk_elements
+        key = torch.device("cuda", 0)  # the device timm would query; its cached L2 size is ours meanwhile
+        saved = _helpers._L2_CACHE_SIZE.get(key)
+
+        def chunk_elements(device, element_size):
+            if self.l2_bytes is None:
+                n = original(device, element_size)  # the parameters' own (CPU) device: only the override applies
+            else:
+                n = original(key, element_size)
+            self.chunk_elements[element_size] = n
+            return n
+
+        if self.l2_bytes is not None:
+            _helpers._L2_CACHE_SIZE[key] = self.l2_bytes
+        _helpers._foreach_chunk_elements = chunk_elements
+        try:
+            yield
+        finally:
+            _helpers._foreach_chunk_elements = original
+            if saved is None:
+                _helpers._L2_CACHE_SIZE.pop(key, None)
+            else:
+                _helpers._L2_CACHE_SIZE[key] = saved
+
+    def metrics(self) -> dict:
+        if not self.chunk_elements:
+            return {}
+        return {"foreach_chunk_elements": {str(k): v for k, v in sorted(self.chunk_elements.items())}}
 
 
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes get_state_buffer: smaller states are never paged
@@ -261,10 +327,10 @@ class Bitsandbytes8bit(Rule):
 
 
 RULES = {r.name: r for r in (CachingAllocator, ForeachOptimizer, HostLiterals, MemEfficientAttention,
-                             CublasWorkspace, EfficientAttentionBackward, Bitsandbytes8bit)}
+                             CublasWorkspace, EfficientAttentionBackward, TimmForeachChunks, Bitsandbytes8bit)}
 
 
 def cuda_rules(device: DeviceProfile) -> list[Rule]:
     """Fresh rule instances for one simulated run on `device` (several keep per-run state)."""
     return [CachingAllocator(), ForeachOptimizer(), HostLiterals(), MemEfficientAttention(),
-            CublasWorkspace(device), EfficientAttentionBackward(device), Bitsandbytes8bit()]
+            CublasWorkspace(device), EfficientAttentionBackward(device), TimmForeachChunks(device), Bitsandbytes8bit()]
