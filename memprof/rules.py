@@ -275,6 +275,63 @@ class TimmForeachChunks(Rule):
         return {"foreach_chunk_elements": {str(k): v for k, v in sorted(self.chunk_elements.items())}}
 
 
+CONV_OPS = frozenset({aten.convolution.default, aten.convolution_backward.default})
+
+
+class ConvWorkspaceBound(Rule):
+    """Not modelled, only bounded: the cuDNN workspace of each convolution (ViT: the patch embedding).
+
+    A kernel's own scratch (allocated and freed inside the op) is invisible at dispatch level. On CUDA,
+    torch (benchmark off, the default) takes cuDNN's heuristic engine list and allocates the first one's
+    workspace from the caching allocator, moving to the next engine if that allocation fails
+    (aten/src/ATen/native/cudnn/Conv_v8.cpp try_plans); the size depends on the engine cuDNN picks, and
+    torch caps it only if CUDNN_CONV_WSCAP_DBG is set. The bound used here is an estimate, not a guarantee:
+    the explicit-GEMM (im2col) matrix, B * C_in * kh * kw * H_out * W_out elements, plus a layout-transformed
+    copy of every operand (forward: input, weight; backward: grad_output, input, weight). Each workspace is
+    released when its op returns, so the largest over the run is reported.
+    """
+
+    name = "cudnn-conv-workspace-bound"
+    summary = ("convolution workspaces are not modelled; bounded by im2col + one copy of each operand, reported "
+               "in `unmodelled` and the prediction's upper band")
+    source = ("aten/src/ATen/native/cudnn/Conv_v8.cpp try_plans (next engine when the workspace allocation fails); "
+              "torch docs, CUDA environment variables: CUDNN_CONV_WSCAP_DBG")
+
+    def __init__(self):
+        self.bound_bytes = 0
+        self.ops = 0
+
+    def after_op(self, tracker, func, args, kwargs, out) -> None:
+        if func not in CONV_OPS:
+            return
+        if func is aten.convolution.default:
+            inp, weight, result = args[0], args[1], out
+            operands = (inp, weight)
+        else:
+            grad_out, inp, weight = args[0], args[1], args[2]
+            result = grad_out
+            operands = (grad_out, inp, weight)
+        if weight.dim() < 3:
+            return
+        kernel = 1
+        for k in weight.shape[2:]:
+            kernel *= k
+        spatial_out = 1
+        for d in result.shape[2:]:
+            spatial_out *= d
+        im2col = inp.shape[0] * inp.shape[1] * kernel * spatial_out * inp.element_size()
+        bound = im2col + sum(t.numel() * t.element_size() for t in operands)
+        self.ops += 1
+        self.bound_bytes = max(self.bound_bytes, bound)
+
+    def metrics(self) -> dict:
+        if not self.ops:
+            return {}
+        return {"unmodelled": [{"what": f"cuDNN convolution workspace (largest of {self.ops} convolution ops; "
+                                        "the engine cuDNN's heuristics pick decides the real size)",
+                                "bound_bytes": self.bound_bytes, "source": self.source}]}
+
+
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes get_state_buffer: smaller states are never paged
 
 
@@ -327,10 +384,12 @@ class Bitsandbytes8bit(Rule):
 
 
 RULES = {r.name: r for r in (CachingAllocator, ForeachOptimizer, HostLiterals, MemEfficientAttention,
-                             CublasWorkspace, EfficientAttentionBackward, TimmForeachChunks, Bitsandbytes8bit)}
+                             CublasWorkspace, EfficientAttentionBackward, TimmForeachChunks, ConvWorkspaceBound,
+                             Bitsandbytes8bit)}
 
 
 def cuda_rules(device: DeviceProfile) -> list[Rule]:
     """Fresh rule instances for one simulated run on `device` (several keep per-run state)."""
     return [CachingAllocator(), ForeachOptimizer(), HostLiterals(), MemEfficientAttention(),
-            CublasWorkspace(device), EfficientAttentionBackward(device), TimmForeachChunks(device), Bitsandbytes8bit()]
+            CublasWorkspace(device), EfficientAttentionBackward(device), TimmForeachChunks(device),
+            ConvWorkspaceBound(), Bitsandbytes8bit()]
