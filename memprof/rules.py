@@ -275,6 +275,70 @@ class TimmForeachChunks(Rule):
         return {"foreach_chunk_elements": {str(k): v for k, v in sorted(self.chunk_elements.items())}}
 
 
+class InPlaceGradAccumulation(Rule):
+    """Autograd sums a gradient that reaches one tensor twice (a residual stream, a weight used twice, a grad
+    kept across micro-batches) in place on CUDA, out of place under any TorchDispatchMode.
+
+    torch/csrc/autograd/input_buffer.cpp (accumulate) and functions/accumulate_grad.h (accumulateGrad) add
+    in place (`old.add_(new)`) when grad mode is off, autograd holds the last reference to the old gradient
+    and neither tensor is `isTensorSubclassLike`; that test is true for every tensor while a dispatch mode is
+    active (c10::impl::dispatch_mode_enabled()), so the trace shows `old + new` (aten.add.Tensor): a new
+    storage, then the old one released at once. Here such an add during backward whose first operand has the
+    result's shape and dtype, and whose storage dies before the next allocation, is rewritten as the in-place
+    add CUDA performs: no new allocation, and the old storage lives on as the result.
+    """
+
+    name = "in-place-grad-accumulation"
+    summary = ("gradients reaching a tensor more than once are summed in place on CUDA (out of place under the "
+               "tracing dispatch mode): the out-of-place sum's allocation is folded into the old gradient")
+    source = "torch/csrc/autograd/input_buffer.cpp accumulate; torch/csrc/autograd/functions/accumulate_grad.h"
+
+    def __init__(self):
+        self.candidates: dict[int, int] = {}  # result storage id -> first operand's storage id
+        self.folded = 0
+
+    def after_op(self, tracker, func, args, kwargs, out) -> None:
+        if func is not aten.add.Tensor or tracker.phase != "backward" or kwargs.get("alpha", 1) != 1:
+            return
+        old, new = args[0], args[1]
+        if not (isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)):
+            return
+        if old.shape != out.shape or old.dtype != out.dtype or not old.is_contiguous():
+            return
+        out_sid, old_sid = tracker.storage_id(out), tracker.storage_id(old)
+        if out_sid is not None and old_sid is not None:
+            self.candidates[out_sid] = old_sid
+
+    def rewrite(self, events: list) -> list:
+        """The stream with each qualifying out-of-place accumulation made in place."""
+        from memprof.tracker import ALLOC, FREE
+
+        alias: dict[int, int] = {}  # folded result id -> the storage it lives in
+        drop: set[int] = set()  # indices of the old gradients' releases that no longer happen
+        result = []
+        for i, ev in enumerate(events):
+            if i in drop:
+                continue
+            if ev[0] == ALLOC and ev[1] in self.candidates:
+                old = alias.get(self.candidates[ev[1]], self.candidates[ev[1]])
+                for j in range(i + 1, len(events)):
+                    later = events[j]
+                    if later[0] == ALLOC:
+                        break
+                    if later[0] == FREE and alias.get(later[1], later[1]) == old:
+                        alias[ev[1]] = old
+                        drop.add(j)
+                        self.folded += 1
+                        break
+                if ev[1] in alias:
+                    continue
+            if ev[0] == FREE and ev[1] in alias:
+                ev = (FREE, alias[ev[1]])
+            result.append(ev)
+        return result
+
+
+
 CONV_OPS = frozenset({aten.convolution.default, aten.convolution_backward.default})
 
 
@@ -385,11 +449,11 @@ class Bitsandbytes8bit(Rule):
 
 RULES = {r.name: r for r in (CachingAllocator, ForeachOptimizer, HostLiterals, MemEfficientAttention,
                              CublasWorkspace, EfficientAttentionBackward, TimmForeachChunks, ConvWorkspaceBound,
-                             Bitsandbytes8bit)}
+                             InPlaceGradAccumulation, Bitsandbytes8bit)}
 
 
 def cuda_rules(device: DeviceProfile) -> list[Rule]:
     """Fresh rule instances for one simulated run on `device` (several keep per-run state)."""
     return [CachingAllocator(), ForeachOptimizer(), HostLiterals(), MemEfficientAttention(),
             CublasWorkspace(device), EfficientAttentionBackward(device), TimmForeachChunks(device),
-            ConvWorkspaceBound(), Bitsandbytes8bit()]
+            ConvWorkspaceBound(), InPlaceGradAccumulation(), Bitsandbytes8bit()]

@@ -63,7 +63,13 @@ def replay(events, capacity: int | None = None, stop_at: int | None = None) -> R
 def predict(spec: RunSpec) -> tuple[str, dict]:
     """(status, metrics) for `spec` on a CUDA device: status is "ok" or "oom" (does not fit the budget card)."""
     device = parse_budget(spec.budget)
-    t = trace(spec, cuda_rules(device))
+    rules = cuda_rules(device)
+    t = trace(spec, rules)
+    folded = 0
+    for rule in rules:
+        if hasattr(rule, "rewrite"):  # rules that change the stream once it is complete
+            t.events = rule.rewrite(t.events)
+            folded += rule.folded
     full = replay(t.events)
     at_peak = replay(t.events, stop_at=full.peak_index).allocator
     breakdown = dict.fromkeys(CATEGORIES, 0)
@@ -86,6 +92,7 @@ def predict(spec: RunSpec) -> tuple[str, dict]:
         "nvml_process_peak_bytes": full.peak_reserved + device.context_bytes,
         "over_budget_bytes": max(0, full.peak_reserved + device.context_bytes - device.total_bytes),
         "rules": [r["name"] for r in t.rules],
+        "in_place_accumulations": folded,
     }
     metrics.update(band(metrics, device))
     try:

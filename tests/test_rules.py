@@ -251,3 +251,50 @@ def test_timm_chunking_never_on_unknown_card():
     """A bare size has no L2 figure: timm's CPU answer (one chunk) stands."""
     _, rule = _lamb_step_peak(parse_budget("24GiB"))
     assert rule.metrics() == {"foreach_chunk_elements": {"4": None}}
+
+
+def _twice_used_step(rules):
+    """y = lin(lin(x)) + x on fake tensors: lin's weight and bias and x each receive two gradients."""
+    with FakeTensorMode():
+        lin = nn.Linear(4, 4)
+        x = torch.randn(2, 4, requires_grad=True)
+        tracker = StorageTracker(rules)
+        with tracker:
+            for t in (lin.weight, lin.bias, x):
+                tracker.register(t, "param")
+            tracker.set_phase("forward")
+            y = lin(lin(x)) + x
+            tracker.set_phase("backward")
+            y.sum().backward()
+    return tracker
+
+
+def test_gradient_accumulation_is_out_of_place_under_the_tracer():
+    """Negative control: under a dispatch mode autograd sums twice-received gradients with aten.add.Tensor,
+    a new storage each: the weight's 4x4 (64 B), the bias's 4 (16 B) and x's 2x4 (32 B)."""
+    tracker = _twice_used_step([])
+    assert sorted(ev[2] for ev in allocs(tracker, "aten.add.Tensor") if ev[3] == "backward") == [16, 32, 64]
+
+
+def test_in_place_accumulation_folds_the_dense_sums():
+    """On CUDA the weight's (64 B) and bias's (16 B) sums are in place: their old gradients are dense mm / sum
+    results held only by autograd. x's first gradient is the broadcast (expanded, not dense) ones of
+    `sum`'s backward, which CUDA cannot add into either, so its 32 B sum stays. The rewritten stream loses
+    those two allocations and the two old gradients' releases, and stays well formed."""
+    from memprof.rules import InPlaceGradAccumulation
+
+    rule = InPlaceGradAccumulation()
+    tracker = _twice_used_step([rule])
+    events = rule.rewrite(tracker.events)
+    assert rule.folded == 2
+    added = {ev[1]: ev[2] for ev in allocs(tracker, "aten.add.Tensor") if ev[3] == "backward"}
+    kept = [added[ev[1]] for ev in events if ev[0] == ALLOC and ev[1] in added]
+    assert kept == [32]
+    assert sum(ev[0] == FREE for ev in tracker.events) - sum(ev[0] == FREE for ev in events) == 2
+    freed, live = set(), set()
+    for ev in events:  # every allocation is released at most once, and only after it was made
+        if ev[0] == ALLOC:
+            live.add(ev[1])
+        elif ev[0] == FREE:
+            assert ev[1] in live and ev[1] not in freed
+            freed.add(ev[1])
