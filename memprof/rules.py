@@ -157,10 +157,14 @@ class CublasWorkspace(Rule):
 LT_WORKSPACE_BYTES = 1 << 20  # CUBLASLT_WORKSPACE_SIZE default, 1024 KiB
 
 
+WORKSPACE_32MIB_MAJORS = (9, 10, 12)  # Hopper and Blackwell (datacenter 10.x, consumer 12.x)
+
+
 def cublas_workspace_bytes(device: DeviceProfile) -> int:
-    """CUBLAS_WORKSPACE_CONFIG default: ':4096:2:16:8' (8,519,680 B) before Hopper, ':4096:8' (32 MiB) on sm90+."""
+    """CUBLAS_WORKSPACE_CONFIG default: ':4096:8' (32 MiB) for compute capability majors 9, 10 and 12, else
+    ':4096:2:16:8' (8,519,680 B), as CublasHandlePool.cpp parseChosenWorkspaceSize decides (`use32mb`)."""
     cc = device.compute_capability
-    if cc is not None and cc >= (9, 0):
+    if cc is not None and cc[0] in WORKSPACE_32MIB_MAJORS:
         return 4096 * 1024 * 8
     return 4096 * 1024 * 2 + 16 * 1024 * 8
 
@@ -168,8 +172,10 @@ def cublas_workspace_bytes(device: DeviceProfile) -> int:
 class EfficientAttentionBackward(Rule):
     """What the fp32 memory-efficient backward allocates besides the gradients its shape function returns.
 
-    In `_efficient_attention_backward` (after grad_q/k/v are allocated): `grad_out.contiguous()` copies a
-    non-contiguous incoming gradient; for fp32 (kKernelComputesDelta is false unless half precision)
+    `_scaled_dot_product_efficient_attention_backward_cuda` passes `grad_out_.transpose(1, 2)` ([B, M, H, K])
+    on, and `_efficient_attention_backward` copies it with `.contiguous()` unless that transposed view is
+    already contiguous (e.g. at batch 1 under nn.MultiheadAttention, whose [B, L, E] gradient viewed as
+    [B, H, L, K] transposes back to a contiguous [1, L, H, K]); for fp32 (kKernelComputesDelta is false unless half precision)
     `delta = (grad_out.float() * out.float()).sum(-1).transpose(-2, -1).contiguous()` makes the product
     [B, M, H, Kv], the sum [B, M, H] and delta [B, H, M] (the first two die at the end of that statement);
     on sm70+ the split-key kernel accumulates grad_q in a workspace of
@@ -178,7 +184,8 @@ class EfficientAttentionBackward(Rule):
     """
 
     name = "efficient-attention-backward-temporaries"
-    summary = ("the fp32 memory-efficient backward allocates grad_out*out, its sum, delta [B, H, L] fp32 and, on "
+    summary = ("the fp32 memory-efficient backward copies grad_out unless its [B, M, H, K] view is contiguous, "
+               "allocates grad_out*out, its sum, delta [B, H, L] fp32 and, on "
                "sm70+, a grad_q accumulation workspace, all released when it returns")
     source = ("aten/src/ATen/native/transformers/cuda/attention_backward.cu _efficient_attention_backward; "
               "mem_eff_attention/kernel_backward.h workspace_size")
@@ -193,9 +200,9 @@ class EfficientAttentionBackward(Rule):
         grad_out, query = args[0], args[1]
         b, h, m, k = query.shape
         temps = []
-        if not grad_out.is_contiguous():
+        if not grad_out.transpose(1, 2).is_contiguous():
             temps.append(tracker.synthetic_alloc(grad_out.numel() * grad_out.element_size(),
-                                                 "attention backward grad_out.contiguous()"))
+                                                 "attention backward grad_out.transpose(1, 2).contiguous()"))
         product = tracker.synthetic_alloc(grad_out.numel() * 4, "attention backward grad_out*out")
         summed = tracker.synthetic_alloc(b * h * m * 4, "attention backward (grad_out*out).sum(-1)")
         temps.append(tracker.synthetic_alloc(b * h * m * 4, "attention backward delta"))
@@ -207,6 +214,186 @@ class EfficientAttentionBackward(Rule):
             temps.append(tracker.synthetic_alloc(b * h * (-(-elems // 4) * 4) * 4, "attention backward workspace"))
         for sid in reversed(temps):
             tracker.free_synthetic(sid)
+
+
+class TimmForeachChunks(Rule):
+    """timm's foreach optimizers (LAMB, AdamW, Adan, ...: every step function wrapped in `_foreach_chunked`)
+    run their update over chunks of parameters on CUDA when the card's L2 cache is large.
+
+    timm/optim/_helpers.py `_foreach_chunk_elements`: on a CUDA device the chunk holds at most
+    L2_cache_size // (4 * element_size) elements, and only when that is at least 2**22 elements (so for fp32
+    an L2 of 64 MiB or more); on the CPU it returns None (one chunk). `_foreach_chunks` then packs consecutive
+    parameters while their total stays within the chunk (a larger tensor is a chunk of its own), so the step's
+    full-size temporaries (LAMB: the clipped grads, sqrt(exp_avg_sq), the updates) exist for one chunk at a
+    time. Here timm's own function runs with the card's L2 size standing in for the CUDA query, so timm's
+    threshold and its TIMM_FOREACH_CHUNK_SIZE override (`_FOREACH_CHUNK_OVERRIDE`) apply unchanged.
+    """
+
+    name = "timm-foreach-chunks"
+    summary = ("timm foreach optimizers split their update into chunks of L2 bytes / (4 x element size) elements "
+               "when that is >= 2**22 (L2 >= 64 MiB for fp32), as on CUDA; never on an unknown card")
+    source = "timm/optim/_helpers.py _foreach_chunk_elements, _foreach_chunks, _foreach_chunked"
+
+    def __init__(self, device: DeviceProfile):
+        self.l2_bytes = device.l2_cache_bytes
+        self.chunk_elements: dict[int, int | None] = {}  # element size -> chunk elements, as timm decided
+
+    @contextlib.contextmanager
+    def mode(self):
+        try:
+            from timm.optim import _helpers
+        except ImportError:
+            yield
+            return
+        original = _helpers._foreach_chunk_elements
+        key = torch.device("cuda", 0)  # the device timm would query; its cached L2 size is ours meanwhile
+        saved = _helpers._L2_CACHE_SIZE.get(key)
+
+        def chunk_elements(device, element_size):
+            if self.l2_bytes is None:
+                n = original(device, element_size)  # the parameters' own (CPU) device: only the override applies
+            else:
+                n = original(key, element_size)
+            self.chunk_elements[element_size] = n
+            return n
+
+        if self.l2_bytes is not None:
+            _helpers._L2_CACHE_SIZE[key] = self.l2_bytes
+        _helpers._foreach_chunk_elements = chunk_elements
+        try:
+            yield
+        finally:
+            _helpers._foreach_chunk_elements = original
+            if saved is None:
+                _helpers._L2_CACHE_SIZE.pop(key, None)
+            else:
+                _helpers._L2_CACHE_SIZE[key] = saved
+
+    def metrics(self) -> dict:
+        if not self.chunk_elements:
+            return {}
+        return {"foreach_chunk_elements": {str(k): v for k, v in sorted(self.chunk_elements.items())}}
+
+
+class InPlaceGradAccumulation(Rule):
+    """Autograd sums a gradient that reaches one tensor twice (a residual stream, a weight used twice, a grad
+    kept across micro-batches) in place on CUDA, out of place under any TorchDispatchMode.
+
+    torch/csrc/autograd/input_buffer.cpp (accumulate) and functions/accumulate_grad.h (accumulateGrad) add
+    in place (`old.add_(new)`) when grad mode is off, autograd holds the last reference to the old gradient
+    and neither tensor is `isTensorSubclassLike`; that test is true for every tensor while a dispatch mode is
+    active (c10::impl::dispatch_mode_enabled()), so the trace shows `old + new` (aten.add.Tensor): a new
+    storage, then the old one released at once. Here such an add during backward whose first operand has the
+    result's shape and dtype, and whose storage dies before the next allocation, is rewritten as the in-place
+    add CUDA performs: no new allocation, and the old storage lives on as the result.
+    """
+
+    name = "in-place-grad-accumulation"
+    summary = ("gradients reaching a tensor more than once are summed in place on CUDA (out of place under the "
+               "tracing dispatch mode): the out-of-place sum's allocation is folded into the old gradient")
+    source = "torch/csrc/autograd/input_buffer.cpp accumulate; torch/csrc/autograd/functions/accumulate_grad.h"
+
+    def __init__(self):
+        self.candidates: dict[int, int] = {}  # result storage id -> first operand's storage id
+        self.folded = 0
+
+    def after_op(self, tracker, func, args, kwargs, out) -> None:
+        if func is not aten.add.Tensor or tracker.phase != "backward" or kwargs.get("alpha", 1) != 1:
+            return
+        old, new = args[0], args[1]
+        if not (isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)):
+            return
+        if old.shape != out.shape or old.dtype != out.dtype or not old.is_contiguous():
+            return
+        out_sid, old_sid = tracker.storage_id(out), tracker.storage_id(old)
+        if out_sid is not None and old_sid is not None:
+            self.candidates[out_sid] = old_sid
+
+    def rewrite(self, events: list) -> list:
+        """The stream with each qualifying out-of-place accumulation made in place."""
+        from memprof.tracker import ALLOC, FREE
+
+        alias: dict[int, int] = {}  # folded result id -> the storage it lives in
+        drop: set[int] = set()  # indices of the old gradients' releases that no longer happen
+        result = []
+        for i, ev in enumerate(events):
+            if i in drop:
+                continue
+            if ev[0] == ALLOC and ev[1] in self.candidates:
+                old = alias.get(self.candidates[ev[1]], self.candidates[ev[1]])
+                for j in range(i + 1, len(events)):
+                    later = events[j]
+                    if later[0] == ALLOC:
+                        break
+                    if later[0] == FREE and alias.get(later[1], later[1]) == old:
+                        alias[ev[1]] = old
+                        drop.add(j)
+                        self.folded += 1
+                        break
+                if ev[1] in alias:
+                    continue
+            if ev[0] == FREE and ev[1] in alias:
+                ev = (FREE, alias[ev[1]])
+            result.append(ev)
+        return result
+
+
+
+CONV_OPS = frozenset({aten.convolution.default, aten.convolution_backward.default})
+
+
+class ConvWorkspaceBound(Rule):
+    """Not modelled, only bounded: the cuDNN workspace of each convolution (ViT: the patch embedding).
+
+    A kernel's own scratch (allocated and freed inside the op) is invisible at dispatch level. On CUDA,
+    torch (benchmark off, the default) takes cuDNN's heuristic engine list and allocates the first one's
+    workspace from the caching allocator, moving to the next engine if that allocation fails
+    (aten/src/ATen/native/cudnn/Conv_v8.cpp try_plans); the size depends on the engine cuDNN picks, and
+    torch caps it only if CUDNN_CONV_WSCAP_DBG is set. The bound used here is an estimate, not a guarantee:
+    the explicit-GEMM (im2col) matrix, B * C_in * kh * kw * H_out * W_out elements, plus a layout-transformed
+    copy of every operand (forward: input, weight; backward: grad_output, input, weight). Each workspace is
+    released when its op returns, so the largest over the run is reported.
+    """
+
+    name = "cudnn-conv-workspace-bound"
+    summary = ("convolution workspaces are not modelled; bounded by im2col + one copy of each operand, reported "
+               "in `unmodelled` and the prediction's upper band")
+    source = ("aten/src/ATen/native/cudnn/Conv_v8.cpp try_plans (next engine when the workspace allocation fails); "
+              "torch docs, CUDA environment variables: CUDNN_CONV_WSCAP_DBG")
+
+    def __init__(self):
+        self.bound_bytes = 0
+        self.ops = 0
+
+    def after_op(self, tracker, func, args, kwargs, out) -> None:
+        if func not in CONV_OPS:
+            return
+        if func is aten.convolution.default:
+            inp, weight, result = args[0], args[1], out
+            operands = (inp, weight)
+        else:
+            grad_out, inp, weight = args[0], args[1], args[2]
+            result = grad_out
+            operands = (grad_out, inp, weight)
+        if weight.dim() < 3:
+            return
+        kernel = 1
+        for k in weight.shape[2:]:
+            kernel *= k
+        spatial_out = 1
+        for d in result.shape[2:]:
+            spatial_out *= d
+        im2col = inp.shape[0] * inp.shape[1] * kernel * spatial_out * inp.element_size()
+        bound = im2col + sum(t.numel() * t.element_size() for t in operands)
+        self.ops += 1
+        self.bound_bytes = max(self.bound_bytes, bound)
+
+    def metrics(self) -> dict:
+        if not self.ops:
+            return {}
+        return {"unmodelled": [{"what": f"cuDNN convolution workspace (largest of {self.ops} convolution ops; "
+                                        "the engine cuDNN's heuristics pick decides the real size)",
+                                "bound_bytes": self.bound_bytes, "source": self.source}]}
 
 
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes get_state_buffer: smaller states are never paged
@@ -261,10 +448,12 @@ class Bitsandbytes8bit(Rule):
 
 
 RULES = {r.name: r for r in (CachingAllocator, ForeachOptimizer, HostLiterals, MemEfficientAttention,
-                             CublasWorkspace, EfficientAttentionBackward, Bitsandbytes8bit)}
+                             CublasWorkspace, EfficientAttentionBackward, TimmForeachChunks, ConvWorkspaceBound,
+                             InPlaceGradAccumulation, Bitsandbytes8bit)}
 
 
 def cuda_rules(device: DeviceProfile) -> list[Rule]:
     """Fresh rule instances for one simulated run on `device` (several keep per-run state)."""
     return [CachingAllocator(), ForeachOptimizer(), HostLiterals(), MemEfficientAttention(),
-            CublasWorkspace(device), EfficientAttentionBackward(device), Bitsandbytes8bit()]
+            CublasWorkspace(device), EfficientAttentionBackward(device), TimmForeachChunks(device),
+            ConvWorkspaceBound(), InPlaceGradAccumulation(), Bitsandbytes8bit()]

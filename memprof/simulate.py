@@ -7,6 +7,10 @@ resulting request stream is replayed through the caching-allocator model twice: 
 peaks torch.cuda reports on a card with room (max_memory_allocated / max_memory_reserved), and with the
 budget card's usable memory, for the out-of-memory verdict. The model moves to the device in
 `Module.to` order. Every figure this module produces is a prediction.
+
+Allocations that nothing here models (a kernel's own scratch, e.g. cuDNN's convolution workspace) are listed
+in `unmodelled` with a bound each; `peak_allocated_bytes_upper` adds them to the peak, and `fits` reads
+"may not fit" when the predicted status is "ok" but the band reaches past the budget.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from memprof.allocator import CachingAllocatorModel, SimulatedOOM
+from memprof.allocator import CachingAllocatorModel, SimulatedOOM, round_size, segment_size
 from memprof.budget import parse_budget
 from memprof.rules import cuda_rules
 from memprof.spec import RunSpec
@@ -59,7 +63,13 @@ def replay(events, capacity: int | None = None, stop_at: int | None = None) -> R
 def predict(spec: RunSpec) -> tuple[str, dict]:
     """(status, metrics) for `spec` on a CUDA device: status is "ok" or "oom" (does not fit the budget card)."""
     device = parse_budget(spec.budget)
-    t = trace(spec, cuda_rules(device))
+    rules = cuda_rules(device)
+    t = trace(spec, rules)
+    folded = 0
+    for rule in rules:
+        if hasattr(rule, "rewrite"):  # rules that change the stream once it is complete
+            t.events = rule.rewrite(t.events)
+            folded += rule.folded
     full = replay(t.events)
     at_peak = replay(t.events, stop_at=full.peak_index).allocator
     breakdown = dict.fromkeys(CATEGORIES, 0)
@@ -82,7 +92,9 @@ def predict(spec: RunSpec) -> tuple[str, dict]:
         "nvml_process_peak_bytes": full.peak_reserved + device.context_bytes,
         "over_budget_bytes": max(0, full.peak_reserved + device.context_bytes - device.total_bytes),
         "rules": [r["name"] for r in t.rules],
+        "in_place_accumulations": folded,
     }
+    metrics.update(band(metrics, device))
     try:
         replay(t.events, capacity=device.usable_bytes)
     except SimulatedOOM as oom:
@@ -90,8 +102,31 @@ def predict(spec: RunSpec) -> tuple[str, dict]:
         metrics["oom"] = {"phase": oom_phase, "step": oom_step, "op": t.events[oom.index][4],
                           "requested_bytes": oom.requested, "allocated_bytes": oom.allocated,
                           "reserved_bytes": oom.reserved, "usable_bytes": oom.capacity}
+        metrics["fits"] = "no"
         return "oom", metrics
     return "ok", metrics
+
+
+def band(metrics: dict, device) -> dict:
+    """The prediction's upper band: every unmodelled allocation at its bound, all at the peak at once.
+
+    Allocated: the bounds rounded as the allocator rounds a request. Reserved: each bound as a new segment
+    (the worst case: no cached block serves it). `fits` is "yes" when even the upper reserved figure plus the
+    context fits the card, else "may not fit" (the caller sets "no" when the prediction itself runs out).
+    """
+    items = metrics.get("unmodelled", [])
+    extra_alloc = sum(round_size(i["bound_bytes"]) for i in items if i["bound_bytes"])
+    extra_reserved = sum(segment_size(round_size(i["bound_bytes"])) for i in items if i["bound_bytes"])
+    upper_reserved = metrics["peak_reserved_bytes"] + extra_reserved
+    return {"unmodelled": items,
+            "peak_allocated_bytes_upper": metrics["peak_allocated_bytes"] + extra_alloc,
+            "peak_reserved_bytes_upper": upper_reserved,
+            "fits": "yes" if upper_reserved + device.context_bytes <= device.total_bytes else "may not fit"}
+
+
+HOST_SCALARS_NOTE = ("optimizer step counters (torch.tensor(0.0) per parameter, 4 B each) are host memory on CUDA and "
+                     "absent from every prediction, but a CPU allocator counter counts them: compare the cpu backend "
+                     "with a prediction or a GPU measurement only after allowing for them")
 
 
 def predict_cpu(spec: RunSpec) -> tuple[Trace, dict]:
@@ -100,4 +135,4 @@ def predict_cpu(spec: RunSpec) -> tuple[Trace, dict]:
     t = trace(spec, rules=())
     peak = live_peak(t)
     return t, {"peak_live_bytes": peak.peak_bytes, "phase_peak_live_bytes": peak.phase_peaks,
-               "breakdown_at_peak_bytes": peak.breakdown, **common_metrics(t)}
+               "breakdown_at_peak_bytes": peak.breakdown, **common_metrics(t), "host_scalars_note": HOST_SCALARS_NOTE}

@@ -7,7 +7,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memprof.budget import PROFILES, parse_budget
 from memprof.rules import (CublasWorkspace, EfficientAttentionBackward, HostLiterals, MemEfficientAttention,
-                           cublas_workspace_bytes)
+                           TimmForeachChunks, cublas_workspace_bytes)
 from memprof.tracker import ALLOC, FREE, StorageTracker
 
 
@@ -19,7 +19,16 @@ def test_cublas_workspace_sizes():
     assert cublas_workspace_bytes(PROFILES["titan-x"]) == 8_519_680  # 4096 KiB x 2 + 16 KiB x 8
     assert cublas_workspace_bytes(PROFILES["a100-80g"]) == 8_519_680
     assert cublas_workspace_bytes(PROFILES["h100-80g"]) == 32 * 1024 * 1024
+    assert cublas_workspace_bytes(PROFILES["rtx5090"]) == 32 * 1024 * 1024  # sm_120
     assert cublas_workspace_bytes(parse_budget("12GiB")) == 8_519_680  # unknown card: pre-Hopper default
+
+
+@pytest.mark.parametrize("cc, nbytes", [("9.0", 32 << 20), ("10.0", 32 << 20), ("12.0", 32 << 20), ("12.1", 32 << 20),
+                                        ("11.0", 8_519_680), ("8.9", 8_519_680), ("7.5", 8_519_680)])
+def test_cublas_32mib_only_for_majors_9_10_12(cc, nbytes):
+    """CublasHandlePool.cpp: use32mb = major == 9 || major == 10 || major == 12; a `cc >= 9.0` test would give
+    sm_110 32 MiB (negative control: 11.0 stays at 4096 KiB x 2 + 16 KiB x 8)."""
+    assert cublas_workspace_bytes(parse_budget(f"40GiB@{cc}")) == nbytes
 
 
 def _linear_step(rules, with_matmul=True):
@@ -106,9 +115,10 @@ def test_reshape_after_efficient_attention_copies_only_when_batch_above_1(batch,
     assert len(after) == copies
 
 
-@pytest.mark.parametrize("card, workspace", [("titan-x", None), ("a100-80g", 2 * 2 * 4100 * 4)])
+@pytest.mark.parametrize("card, workspace", [("12GiB@6.1", None), ("titan-x", 2 * 2 * 4100 * 4),
+                                             ("a100-80g", 2 * 2 * 4100 * 4)])
 def test_efficient_backward_temporaries(card, workspace):
-    rules = [MemEfficientAttention(), EfficientAttentionBackward(PROFILES[card])]
+    rules = [MemEfficientAttention(), EfficientAttentionBackward(parse_budget(card))]
     tracker = _mha(2, rules, backward=True)
     sizes = {ev[4]: ev[2] for ev in allocs(tracker, "attention backward")}
     assert sizes["attention backward grad_out*out"] == 2 * 10 * 2 * 32 * 4  # [B, M, H, Kv] fp32
@@ -159,3 +169,132 @@ def test_host_literals_are_not_counted():
     assert tracker.storage_id(opt.state[p]["step"]) is None
     # exp_avg and exp_avg_sq are counted; the step counter is not
     assert len(state_ids - {None}) == 2
+
+
+@pytest.mark.parametrize("batch, copied", [(1, None), (2, 2 * 10 * 64 * 4)])
+def test_attention_backward_copies_grad_out_only_when_its_transpose_is_strided(batch, copied):
+    """CUDA copies `grad_out.transpose(1, 2)` ([B, M, H, K]) with .contiguous(): under nn.MultiheadAttention the
+    incoming gradient is laid out [L, B, H, K], so the view is contiguous at batch 1 (no copy) and strided at
+    batch 2 (a copy of B*L*E fp32 = 2*10*64*4 B)."""
+    rules = [MemEfficientAttention(), EfficientAttentionBackward(PROFILES["a100-80g"])]
+    sizes = {ev[4]: ev[2] for ev in allocs(_mha(batch, rules, backward=True), "attention backward")}
+    assert sizes.get("attention backward grad_out.transpose(1, 2).contiguous()") == copied
+
+
+def test_attention_backward_copy_negative_control():
+    """Negative control: the [B, H, M, K] gradient itself is never contiguous here, so testing it (the old
+    rule) would add a copy at batch 1 too."""
+    seen = {}
+
+    class Probe(EfficientAttentionBackward):
+        def after_op(self, tracker, func, args, kwargs, out):
+            if func is torch.ops.aten._scaled_dot_product_efficient_attention_backward.default:
+                seen["grad_out"] = args[0].is_contiguous()
+                seen["view"] = args[0].transpose(1, 2).is_contiguous()
+
+    _mha(1, [MemEfficientAttention(), Probe(PROFILES["a100-80g"])], backward=True)
+    assert seen == {"grad_out": False, "view": True}
+
+
+def _lamb_step_peak(device, numels=(3_000_000,) * 3):
+    """Live-byte peak of one timm LAMB (foreach) step over fake fp32 parameters, under the chunking rule."""
+    from memprof.optims import REGISTRY, build_optimizer
+    from memprof.tracker import ALLOC, FREE
+
+    rule = TimmForeachChunks(device)
+    with FakeTensorMode():
+        params = [nn.Parameter(torch.randn(n)) for n in numels]
+        for p in params:
+            p.grad = torch.randn(p.numel())
+        opt = build_optimizer(REGISTRY["lamb"], params)
+        tracker = StorageTracker([rule])
+        with tracker, rule.mode():
+            tracker.set_phase("optimizer")
+            opt.step()
+    live = peak = 0
+    sizes = {}
+    for ev in tracker.events:
+        if ev[0] == ALLOC:
+            sizes[ev[1]] = ev[2]
+            live += ev[2]
+            peak = max(peak, live)
+        elif ev[0] == FREE:
+            live -= sizes.pop(ev[1], 0)
+    return peak, rule
+
+
+def test_timm_lamb_chunks_on_a_72mib_l2_card():
+    """RTX 4090 (72 MiB L2): chunk = 72 MiB // (4 * 4 B) = 4,718,592 elements, so three 3M-element parameters
+    form three chunks. LAMB's step keeps three full-size temporaries per chunk (grads / clip norm, sqrt of
+    exp_avg_sq, updates), so the peak drops by 3 temporaries x 2 parameters x 3M x 4 B = 72,000,000 B (plus
+    a few bytes of per-parameter norm scalars that chunking frees earlier)."""
+    chunked, rule = _lamb_step_peak(PROFILES["rtx4090"])
+    whole, _ = _lamb_step_peak(PROFILES["h100-80g"])  # 50 MiB L2: 3,276,800 < 2**22 elements, no chunking
+    assert rule.metrics() == {"foreach_chunk_elements": {"4": 72 * 2**20 // 16}}
+    assert 72_000_000 <= whole - chunked < 72_000_000 + 4096
+
+
+def test_timm_lamb_chunk_override_restores_the_whole_update(monkeypatch):
+    """Negative control: TIMM_FOREACH_CHUNK_SIZE=0 (timm's `_FOREACH_CHUNK_OVERRIDE`) turns chunking off, and
+    the 72 MiB card's prediction rises back to the unchunked one."""
+    from timm.optim import _helpers
+
+    chunked, _ = _lamb_step_peak(PROFILES["rtx4090"])
+    monkeypatch.setattr(_helpers, "_FOREACH_CHUNK_OVERRIDE", 0)
+    overridden, rule = _lamb_step_peak(PROFILES["rtx4090"])
+    whole, _ = _lamb_step_peak(PROFILES["h100-80g"])
+    assert overridden == whole and overridden - chunked >= 72_000_000
+    assert rule.metrics() == {"foreach_chunk_elements": {"4": None}}
+
+
+def test_timm_chunking_never_on_unknown_card():
+    """A bare size has no L2 figure: timm's CPU answer (one chunk) stands."""
+    _, rule = _lamb_step_peak(parse_budget("24GiB"))
+    assert rule.metrics() == {"foreach_chunk_elements": {"4": None}}
+
+
+def _twice_used_step(rules):
+    """y = lin(lin(x)) + x on fake tensors: lin's weight and bias and x each receive two gradients."""
+    with FakeTensorMode():
+        lin = nn.Linear(4, 4)
+        x = torch.randn(2, 4, requires_grad=True)
+        tracker = StorageTracker(rules)
+        with tracker:
+            for t in (lin.weight, lin.bias, x):
+                tracker.register(t, "param")
+            tracker.set_phase("forward")
+            y = lin(lin(x)) + x
+            tracker.set_phase("backward")
+            y.sum().backward()
+    return tracker
+
+
+def test_gradient_accumulation_is_out_of_place_under_the_tracer():
+    """Negative control: under a dispatch mode autograd sums twice-received gradients with aten.add.Tensor,
+    a new storage each: the weight's 4x4 (64 B), the bias's 4 (16 B) and x's 2x4 (32 B)."""
+    tracker = _twice_used_step([])
+    assert sorted(ev[2] for ev in allocs(tracker, "aten.add.Tensor") if ev[3] == "backward") == [16, 32, 64]
+
+
+def test_in_place_accumulation_folds_the_dense_sums():
+    """On CUDA the weight's (64 B) and bias's (16 B) sums are in place: their old gradients are dense mm / sum
+    results held only by autograd. x's first gradient is the broadcast (expanded, not dense) ones of
+    `sum`'s backward, which CUDA cannot add into either, so its 32 B sum stays. The rewritten stream loses
+    those two allocations and the two old gradients' releases, and stays well formed."""
+    from memprof.rules import InPlaceGradAccumulation
+
+    rule = InPlaceGradAccumulation()
+    tracker = _twice_used_step([rule])
+    events = rule.rewrite(tracker.events)
+    assert rule.folded == 2
+    added = {ev[1]: ev[2] for ev in allocs(tracker, "aten.add.Tensor") if ev[3] == "backward"}
+    kept = [added[ev[1]] for ev in events if ev[0] == ALLOC and ev[1] in added]
+    assert kept == [32]
+    assert sum(ev[0] == FREE for ev in tracker.events) - sum(ev[0] == FREE for ev in events) == 2
+    freed, live = set(), set()
+    for ev in events:  # every allocation is released at most once, and only after it was made
+        if ev[0] == ALLOC:
+            live.add(ev[1])
+        elif ev[0] == FREE:
+            assert ev[1] in live and ev[1] not in freed
+            freed.add(ev[1])

@@ -140,3 +140,36 @@ def test_to_device_order_matches_module_apply():
     model._apply(lambda t: seen.append(id(t)) or t)
     assert [id(t) for t in to_device_order(model)] == seen
     assert [id(p) for p in model.parameters()] != seen  # parameters() is a different order: the test can fail
+
+
+def test_unmodelled_conv_workspace_is_bounded_by_hand():
+    """test-vit at batch 1: the patch embedding (3 -> 64 channels, 8x8 kernel, 32 px -> 4x4) is the only
+    convolution. Its backward's bound is im2col 1*3*64*16*4 = 12,288 B plus grad_output 64*16*4 = 4,096 B,
+    input 3*32*32*4 = 12,288 B and weight 64*3*64*4 = 49,152 B: 77,824 B (the forward's is 73,728 B)."""
+    status, m = predict(RunSpec("test-vit", "sgd"))
+    assert status == "ok"
+    [item] = m["unmodelled"]
+    assert item["bound_bytes"] == 77_824 and "cuDNN" in item["what"] and "Conv_v8.cpp" in item["source"]
+    assert m["peak_allocated_bytes_upper"] == m["peak_allocated_bytes"] + 77_824  # already a multiple of 512 B
+    assert m["peak_reserved_bytes_upper"] == m["peak_reserved_bytes"] + (2 << 20)  # a small-pool segment
+    assert m["fits"] == "yes"
+
+
+def test_near_budget_reads_may_not_fit():
+    """A card with 1 MiB to spare over the predicted reserved bytes (plus context) fits the prediction but
+    not its band (one more 2 MiB segment); 2 MiB more fits both; 2 MiB less does not fit at all."""
+    _, m = predict(RunSpec("test-vit", "sgd"))
+    tight = (m["peak_reserved_bytes"] + m["context_bytes_estimate"]) // (1 << 20) + 1
+    status, near = predict(RunSpec("test-vit", "sgd", budget=f"{tight}MiB"))
+    assert (status, near["fits"]) == ("ok", "may not fit")
+    status, roomy = predict(RunSpec("test-vit", "sgd", budget=f"{tight + 2}MiB"))
+    assert (status, roomy["fits"]) == ("ok", "yes")
+    status, short = predict(RunSpec("test-vit", "sgd", budget=f"{tight - 3}MiB"))
+    assert (status, short["fits"]) == ("oom", "no")
+
+
+def test_cpu_prediction_says_step_counters_differ():
+    from memprof.simulate import predict_cpu
+
+    _, m = predict_cpu(RunSpec("test-vit", "adamw", budget="device"))
+    assert "step counters" in m["host_scalars_note"] and "host memory on CUDA" in m["host_scalars_note"]
