@@ -77,6 +77,8 @@ def parse_budget(text: str) -> DeviceProfile:
         return PROFILES[text]
     m = _SIZE.match(text)
     if not m:
+        if text.strip().startswith("-") and _LOOKS_LIKE_SIZE.match(text.strip()[1:]):
+            raise UsageError(f"--budget {text}: a size must be positive, e.g. 12GiB")
         if not _LOOKS_LIKE_SIZE.match(text):
             raise unknown_name("budget", text, PROFILES, "memprof list budgets")
         raise UsageError(f"malformed --budget '{text}': use a card ({', '.join(PROFILES)}) or a size like 12GiB "

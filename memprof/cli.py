@@ -269,15 +269,16 @@ def cmd_list(args) -> int:
 
         rows = [[o.name, o.label, o.factory, o.bnb_8bit or "-", "yes" if o.freeze_embed else "",
                  o.state_tensors_per_param, o.description] for o in REGISTRY.values()]
-        print(fit_table(rows, ["name", "paper name", "class", "8-bit class", "freeze-embed", "states/param",
+        print(fit_table(rows, ["name", "paper name", "class", "8-bit class", "freeze-embed", "states per param",
                                "description"], width))
         print("\n`--optims all` runs all of them; `--optims paper` runs Table 4's four.")
     else:
         from memprof.budget import PROFILES
 
-        rows = [[p.name, p.label, f"{p.total_bytes / (1 << 30):.0f} GiB", p.compute_capability]
-                for p in PROFILES.values()]
-        print(fit_table(rows, ["name", "card", "memory", "compute capability"], width))
+        rows = [[p.name, p.label, f"{p.total_bytes / (1 << 30):.0f} GiB",
+                 ".".join(map(str, p.compute_capability)) if p.compute_capability else "unknown",
+                 f"{p.l2_cache_bytes / (1 << 20):g} MiB" if p.l2_cache_bytes else "unknown"] for p in PROFILES.values()]
+        print(fit_table(rows, ["name", "card", "memory", "compute capability", "L2 cache"], width))
         print("\nOr a size: --budget 11GiB (optionally with a compute capability: 80GiB@9.0)")
     return EXIT_OK
 
@@ -300,6 +301,8 @@ def _accuracy_options(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from memprof.budget import PROFILES
+
     parser = _Parser(prog="memprof", description="Peak GPU memory of fine-tuning vision transformers: "
                      "measured on a GPU, predicted by a CUDA-faithful simulation on a CPU.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -320,9 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=2, help="training steps per config (default: 2, the minimum)")
     run.add_argument("--budget", default=None,
                      help="card or size whose memory decides OOM: titan-x (12 GiB, the paper's card size; the "
-                          "simulation's default), v100-16g, a100-40g, a100-80g, rtx4090, h100-80g, h200 (`memprof "
-                          "list budgets`), a size such as 11GiB, or device (the whole GPU; the measuring backends' "
-                          "default). On a bigger GPU the cuda backend emulates the budget by capping the allocator")
+                          f"simulation's default), {', '.join(list(PROFILES)[1:])} (`memprof list budgets`), a size "
+                          "such as 11GiB, or device (the whole GPU; the measuring backends' default). On a bigger "
+                          "GPU the cuda backend emulates the budget by capping the allocator")
     run.add_argument("--num-classes", type=int, default=10, help="classes of the new linear head (default: 10)")
     run.add_argument("--pretrained", help="weights: a local file, or an open_clip tag found in the local cache")
     run.add_argument("--backend", choices=["auto", "cuda", "simulate", "cpu"], default="auto",
@@ -423,6 +426,9 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"memprof: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader went away (`memprof list models | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

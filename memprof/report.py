@@ -113,19 +113,22 @@ def _size(nbytes: int) -> str:
 
 
 def fit_table(rows: list, headers: list, width: int, tablefmt: str = "simple") -> str:
-    """A table for the terminal, `width` columns wide at most where it can be: the widest columns wrap
-    (tabulate's maxcolwidths) until it fits. Files keep the full text."""
+    """A table for the terminal, `width` columns wide at most where it can be: headers wrap to their
+    column, and the widest columns wrap (tabulate's maxcolwidths), prose before names, until it fits.
+    Files keep the full text."""
     cells = [[str(c) for c in row] for row in rows]
-    natural = [max([len(str(h))] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    words = [max([len(w) for w in str(h).replace("-", "- ").split()] or [1]) for h in headers]
+    natural = [max([words[i]] + [len(r[i]) for r in cells]) for i in range(len(headers))]
     limits = list(natural)
     gap = 2 * len(headers)
-    while sum(limits) + gap > width:
-        widest = max(range(len(limits)), key=limits.__getitem__)
-        if limits[widest] <= 12:
-            break
-        limits[widest] -= 1
-    wrap = [lim if lim < nat else None for lim, nat in zip(limits, natural)]
-    return tabulate(cells, headers=headers, tablefmt=tablefmt, maxcolwidths=wrap if any(wrap) else None,
+    prose = [any(" " in r[i] for r in cells) for i in range(len(headers))]  # wraps at spaces; names would break
+    for wrappable in (lambda i: prose[i], lambda i: True):
+        while sum(limits) + gap > width:
+            candidates = [i for i in range(len(limits)) if wrappable(i) and limits[i] > max(10, words[i])]
+            if not candidates:
+                break
+            limits[max(candidates, key=limits.__getitem__)] -= 1
+    return tabulate(cells, headers=headers, tablefmt=tablefmt, maxcolwidths=limits, maxheadercolwidths=limits,
                     disable_numparse=True)
 
 
@@ -218,19 +221,27 @@ def render_markdown(records: list[dict], metric: str = "reserved", verdicts: dic
 
 
 def render_terminal(records: list[dict], metric: str, verdicts: dict | None, width: int) -> str:
-    """What a run prints: Table 4's sections and the paper's claims, fitted to the terminal's width. The
-    full report (every table, full configuration keys) is table4.md beside the results."""
-    out = [_intro(records, metric).replace("**", "")]
+    """What a run prints: Table 4's sections and the paper's claims, fitted to the terminal's width (prose
+    wrapped, tables fitted). The full report (every table, full configuration keys) is table4.md."""
+    import textwrap
+
+    def prose(text: str) -> str:
+        return "\n".join(textwrap.fill(p, width, subsequent_indent="  " if p.startswith(("-", "*")) else "")
+                         for p in text.replace("**", "").replace("## ", "").splitlines() if p.strip())
+
+    out = [prose(_intro(records, metric))]
     for setting, headers, table, reasons in _sections(records, metric, verdicts):
-        out.append(setting)
-        out.append(fit_table(table, headers, width) + "\n")
-        out.extend(f"* skipped: {reason}" for reason in reasons)
-    out.append(render_ordering_notes(records))
+        out.append("\n" + prose(setting))
+        out.append(fit_table(table, headers, width))
+        out.extend(prose(f"* skipped: {reason}") for reason in reasons)
+    notes = render_ordering_notes(records)
+    if notes:
+        out.append("\n" + prose(notes))
     claims = _claim_rows(records, metric)
     if claims:
-        out.append("The paper's claims beside ours (details in table4.md):")
+        out.append("\nThe paper's claims beside ours (details in table4.md):")
         out.append(fit_table(claims, claim_headers(metric), width))
-    return "\n".join(x for x in out if x)
+    return "\n".join(out)
 
 
 # (a method that should need less, the one it is compared with): freezing or dropping momentum removes memory
@@ -469,6 +480,16 @@ def _plot_label(r: dict) -> str:
                       + (["ckpt"] if s["grad_ckpt"] else []) + [f"bs{s['batch_size']}", f"[{r['source']}]"])
 
 
+def plot_rows(records: list[dict]) -> list[tuple[dict, str]]:
+    """The plot's rows, top to bottom: every record (none dropped) with the note written in its row."""
+    order = list(OPTIMS)
+    recs = sorted(records, key=lambda r: (list(MODELS).index(r["spec"]["model"]) if r["spec"]["model"] in MODELS
+                                          else 99, r["spec"]["model"], str(_setting(r)), -_method(r)[1],
+                                          order.index(r["spec"]["optim"]) if r["spec"]["optim"] in order else 99))
+    notes = {"oom": "OOM", "skipped": "skipped", "error": "error", "crashed": "crashed"}
+    return [(r, notes.get(r["status"], "")) for r in recs]
+
+
 def render_plot(records: list[dict], path: str) -> None:
     """Horizontal stacked bars of the breakdown at the peak (allocated bytes by category), one bar per
     configuration, its label on one line (readable for any number of configurations); a measured CUDA run
@@ -481,10 +502,7 @@ def render_plot(records: list[dict], path: str) -> None:
 
     from memprof.tracing import CATEGORIES
 
-    order = list(OPTIMS)
-    recs = sorted(records, key=lambda r: (list(MODELS).index(r["spec"]["model"]) if r["spec"]["model"] in MODELS
-                                          else 99, r["spec"]["model"], str(_setting(r)), -_method(r)[1],
-                                          order.index(r["spec"]["optim"]) if r["spec"]["optim"] in order else 99))
+    recs = [r for r, _ in plot_rows(records)]
     n = max(1, len(recs))
     fig, ax = plt.subplots(figsize=(10, 1.6 + 0.28 * n))
     y = list(range(n))[::-1]
@@ -498,8 +516,7 @@ def render_plot(records: list[dict], path: str) -> None:
     if any(whole):
         ax.barh(y[:len(recs)], whole, left=lefts, color="grey", label="measured peak allocated")
         lefts = [a + v for a, v in zip(lefts, whole)]
-    for i, r in enumerate(recs):
-        note = {"oom": "OOM", "skipped": "skipped", "error": "error", "crashed": "crashed"}.get(r["status"])
+    for i, (r, note) in enumerate(plot_rows(records)):
         if note:
             ax.text(lefts[i], y[i], f" {note}", va="center", fontsize=7, color="red" if note == "OOM" else "dimgrey")
     budgets = {r["metrics"]["budget_bytes"] for r in recs if r["metrics"].get("budget_bytes")}
