@@ -17,6 +17,7 @@ from collections import OrderedDict
 from tabulate import tabulate
 
 from memprof.models import REGISTRY as MODELS
+from memprof.overhead import render_overhead
 from memprof.optims import REGISTRY as OPTIMS
 
 GIB = 1 << 30
@@ -213,6 +214,7 @@ def render_markdown(records: list[dict], metric: str = "reserved", verdicts: dic
                    "configuration; see accuracy.md beside this report for the checks and their figures.\n")
     out.append(render_ordering_notes(records))
     out.append(render_claims(records, metric))
+    out.append(render_overhead(overhead_sets(records), METRICS["reserved"][0]))
     out.append(render_eight_bit_check(records, metric))
     out.append(render_state_bytes(records))
     out.append(render_reconciliation(records))
@@ -339,6 +341,14 @@ def render_claims(records: list[dict], metric: str = "reserved") -> str:
             "parameters, which widens the gap; a fixed per-process overhead (context, anything else the process "
             "keeps on the GPU) narrows the paper's percentages.\n")
     return head + "\n" + tabulate(lines, headers=claim_headers(metric), tablefmt="github") + "\n"
+
+
+def overhead_sets(records: list[dict]) -> dict:
+    """Records per source and device, each judged on its own (a table never mixes predicted and measured)."""
+    sets: dict = {}
+    for r in records:
+        sets.setdefault(f"{r['source']} ({r['environment'].get('device') or 'unknown device'})", []).append(r)
+    return sets
 
 
 def render_eight_bit_check(records: list[dict], metric: str) -> str:
