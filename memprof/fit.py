@@ -1,0 +1,204 @@
+"""`memprof fit`: the largest micro-batch that fits a budget, per configuration.
+
+Each probe is a full prediction (or, on the cuda backend, a measurement in a fresh process) at one batch
+size; a probe fits when its status is "ok". The search gallops upward from batch 1, each step
+extrapolated from the last two probes' peaks toward the budget (doubling when it cannot be), until a probe
+does not fit, then narrows the bracket by interpolation and bisection (`search`). The answer is a batch that fits whose next batch does not, with no probed smaller
+batch failing; where peaks are not monotone in batch size (allocator effects) the result says so and
+keeps the largest batch below the smallest failing one. The linear fit over every probe that ran to the
+end is reported with its largest residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+DEFAULT_MAX_BATCH_SIZE = 4096
+PEAK_FIELD = "peak_reserved_bytes"  # what the OOM verdict compares with the card's usable memory
+
+
+@dataclass
+class Probe:
+    batch_size: int
+    status: str  # "ok", "oom", "error", "crashed"
+    peak_bytes: int | None  # PEAK_FIELD of the probe (an OOM prediction still has its full need)
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class FitResult:
+    max_batch_size: int | None  # None: not even batch 1 fits
+    probes: list[Probe]
+    capped: bool  # the search reached the upper bound and it still fits
+    monotone: bool
+    fixed_bytes: float | None  # linear fit: peak = fixed + per_sample * batch
+    per_sample_bytes: float | None
+    residual_bytes: float | None  # largest |peak - fit| over the probes
+    failed: str | None = None  # a probe that errored or crashed (the search stops there)
+
+    @property
+    def at_max(self) -> Probe | None:
+        return next((p for p in self.probes if p.batch_size == self.max_batch_size), None)
+
+    @property
+    def next_up(self) -> Probe | None:
+        return next((p for p in self.probes if self.max_batch_size is not None
+                     and p.batch_size == self.max_batch_size + 1), None)
+
+
+def linear_fit(points: list[tuple[int, float]]) -> tuple[float, float, float] | None:
+    """Least squares peak = a + b * batch over (batch, peak) points; (a, b, largest |residual|)."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    a = my - b * mx
+    return a, b, max(abs(y - (a + b * x)) for x, y in points)
+
+
+def search(probe: Callable[[int], Probe], budget_bytes: float, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> FitResult:
+    """The largest batch in [1, max_batch_size] whose probe fits (see the module docstring).
+
+    Probes carry their peak even when they do not fit (a prediction's full need), so the search
+    interpolates: it extrapolates from the last two fitting probes to bracket the answer, then narrows the
+    bracket by linear interpolation between its ends (regula falsi), falling back to bisection when a
+    step makes no progress or a probe has no peak (a measured OOM)."""
+    probes: dict[int, Probe] = {}
+
+    def run(batch: int) -> Probe:
+        if batch not in probes:
+            probes[batch] = probe(batch)
+        return probes[batch]
+
+    def done(best: int | None, capped: bool = False, failed: str | None = None) -> FitResult:
+        ordered = sorted(probes.values(), key=lambda p: p.batch_size)
+        points = [(p.batch_size, p.peak_bytes) for p in ordered if p.peak_bytes is not None
+                  and p.status in ("ok", "oom")]
+        lf = linear_fit(points)
+        peaks = [y for _, y in points]
+        return FitResult(best, ordered, capped, monotone=peaks == sorted(peaks), failed=failed,
+                         fixed_bytes=lf and lf[0], per_sample_bytes=lf and lf[1], residual_bytes=lf and lf[2])
+
+    def broken(p: Probe) -> str | None:
+        return None if p.status in ("ok", "oom") else f"batch {p.batch_size}: {p.status}: {p.error}"
+
+    def toward_budget(a: Probe, b: Probe) -> float | None:
+        """The batch where the line through probes a and b reaches the budget."""
+        if a.peak_bytes is None or b.peak_bytes is None or b.peak_bytes <= a.peak_bytes:
+            return None
+        slope = (b.peak_bytes - a.peak_bytes) / (b.batch_size - a.batch_size)
+        return a.batch_size + (budget_bytes - a.peak_bytes) / slope
+
+    prev = run(1)
+    if broken(prev):
+        return done(None, failed=broken(prev))
+    if not prev.fits:
+        return done(None)
+    lo, hi, nxt = 1, None, 2
+    while hi is None:  # bracket: extrapolate from the last two fits (doubling when that cannot be done)
+        if lo >= max_batch_size:
+            return done(lo, capped=True)
+        cur = run(min(nxt, max_batch_size))
+        if broken(cur):
+            return done(lo, failed=broken(cur))
+        if not cur.fits:
+            hi = cur.batch_size
+            break
+        lo = cur.batch_size
+        target = toward_budget(prev, cur)
+        nxt = 2 * lo if target is None else max(lo + 1, int(target) + 1)
+        prev = cur
+    while True:
+        stalled = 0
+        while hi - lo > 1:  # narrow: lo fits, hi does not
+            target = toward_budget(probes[lo], probes[hi])
+            mid = (lo + hi) // 2 if target is None or stalled >= 2 else min(max(int(target), lo + 1), hi - 1)
+            if mid == lo + 1 or mid == hi - 1:
+                stalled += 1
+            p = run(mid)
+            if broken(p):
+                return done(lo, failed=broken(p))
+            lo, hi = (mid, hi) if p.fits else (lo, mid)
+        smallest_fail = min(b for b, p in probes.items() if not p.fits)
+        if smallest_fail >= lo:
+            return done(lo)
+        # not monotone: a smaller batch failed; the answer lies below the smallest failure
+        hi = smallest_fail
+        lo = max(b for b, p in probes.items() if p.fits and b < smallest_fail)
+
+
+def simulate_probe(spec) -> Callable[[int], Probe]:
+    """Probes by prediction, in this process."""
+    from dataclasses import replace
+
+    from memprof.simulate import predict
+
+    def probe(batch: int) -> Probe:
+        try:
+            status, metrics = predict(replace(spec, batch_size=batch))
+        except Exception as exc:  # a probe that fails is a result: the search stops and says why
+            from memprof.worker import describe
+
+            return Probe(batch, "error", None, {}, describe(exc))
+        return Probe(batch, status, metrics.get(PEAK_FIELD), metrics)
+
+    return probe
+
+
+def isolated_probe(spec, backend: str, options: dict | None = None, timeout_s: float | None = None):
+    """Probes by measurement, each in a fresh worker process (a real OOM decides)."""
+    from dataclasses import replace
+
+    from memprof.runner import run_isolated
+
+    def probe(batch: int) -> Probe:
+        out = run_isolated(replace(spec, batch_size=batch), backend, options, timeout_s)
+        return Probe(batch, out["status"], out["metrics"].get(PEAK_FIELD), out["metrics"], out.get("error"))
+
+    return probe
+
+
+def usable_bytes(budget: str) -> float:
+    """What the allocator may take on the budget card (total minus the CUDA context)."""
+    from memprof.budget import parse_budget
+
+    return parse_budget(budget).usable_bytes
+
+
+def fit_metrics(result: FitResult, budget_bytes: float) -> dict:
+    """A fit as record metrics: the answer, the peak there and the verdict at the next batch, the probes,
+    the linear fit."""
+    at = result.at_max
+    nxt = result.next_up
+    return {
+        **(at.metrics if at else {}),
+        "max_batch_size": result.max_batch_size,
+        "next_batch_status": nxt.status if nxt else None,
+        "capped_at_max_batch_size": result.capped,
+        "monotone": result.monotone,
+        "fit_fixed_bytes": None if result.fixed_bytes is None else round(result.fixed_bytes),
+        "fit_bytes_per_sample": None if result.per_sample_bytes is None else round(result.per_sample_bytes),
+        "fit_residual_bytes": None if result.residual_bytes is None else round(result.residual_bytes),
+        "search_budget_bytes": budget_bytes,
+        "probes": [{"batch_size": p.batch_size, "status": p.status, PEAK_FIELD: p.peak_bytes,
+                    "peak_reserved_bytes": p.metrics.get("peak_reserved_bytes")} for p in result.probes],
+        "search_failure": result.failed,
+    }
+
+
+def fit_config(spec, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> tuple[str, dict]:
+    """(status, metrics) of the search for `spec` (its batch size is ignored) by prediction: "ok" with a
+    max_batch_size, "oom" when not even batch 1 fits, "error" when a probe failed before an answer."""
+    budget = usable_bytes(spec.budget)
+    result = search(simulate_probe(spec), budget, max_batch_size)
+    status = "error" if result.failed and result.max_batch_size is None else (
+        "oom" if result.max_batch_size is None else "ok")
+    return status, fit_metrics(result, budget)
