@@ -88,10 +88,10 @@ class SamplerResult:
 
 class Sampler:
     """Polls `read() -> (process_bytes, device_bytes)` every `period_s` on a daemon thread, keeping peaks
-    and a time series thinned to at most `keep` rows."""
+    and a time series thinned to at most `keep` rows; times come from `clock` (seconds)."""
 
-    def __init__(self, read, period_s: float = 0.005, keep: int = 500):
-        self.read, self.period_s, self.keep = read, period_s, keep
+    def __init__(self, read, period_s: float = 0.005, keep: int = 500, clock=time.perf_counter):
+        self.read, self.period_s, self.keep, self.clock = read, period_s, keep, clock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memprof-nvml", daemon=True)
         self._proc = self._dev = self._others = None
@@ -111,20 +111,20 @@ class Sampler:
             if proc is not None and dev is not None:
                 self._others = max(self._others or 0, dev - proc)
             if self._samples % stride == 0:
-                self._series.append([round(1000 * (time.perf_counter() - self._t0), 2), proc, dev])
+                self._series.append([round(1000 * (self.clock() - self._t0), 2), proc, dev])
                 if len(self._series) >= self.keep:
-                    self._series = self._series[::2]
+                    self._series = self._series[1::2]  # keeps samples stride*2, stride*4, ...: evenly spaced
                     stride *= 2
             self._stop.wait(self.period_s)
 
     def start(self) -> "Sampler":
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
         self._thread.start()
         return self
 
     def stop(self) -> SamplerResult:
         self._stop.set()
         self._thread.join()
-        elapsed = time.perf_counter() - self._t0
+        elapsed = self.clock() - self._t0
         return SamplerResult(self._proc, self._dev, self._others, self._samples,
                              round(1000 * elapsed / self._samples, 3) if self._samples else None, self._series)

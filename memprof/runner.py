@@ -1,29 +1,32 @@
 """Runs a grid of specs through a backend, one record per configuration, appended as each finishes.
 
-`simulate` predicts in this process (or in `jobs` spawned workers); the measuring backends (`cpu`,
-`cuda`) run each configuration in a fresh worker process (memprof.worker), one at a time. A
-configuration that fails at run time is recorded with its error (status "error"), a worker that dies
-(segfault, kill, timeout) as "crashed" with its exit code and last stderr lines, and an out-of-memory
-verdict is a result (status "oom"); the rest go on. Bad input (UsageError) stops the run.
+`simulate` predicts in this process (`jobs` 1) or in `jobs` worker processes; the measuring backends
+(`cpu`, `cuda`) run each configuration in a fresh worker process, one at a time. Workers are
+`python -m memprof.worker` children that talk JSON over pipes and die with this process (memprof.worker).
+A configuration that fails at run time is recorded with its error as text (status "error", "<Type>:
+<message>"), a worker that dies (segfault, kill, timeout) as "crashed" with its exit code and last
+stderr lines, and an out-of-memory verdict is a result (status "oom"); the rest go on. Bad input
+(UsageError) stops the run; so does Ctrl-C, which kills every worker first.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm import tqdm
 
 from memprof.errors import UsageError
 from memprof.results import RESULTS_FILE, append, environment, make_record
 from memprof.spec import GridEntry, RunSpec
+from memprof.worker import describe
 
 PREDICTED, MEASURED = "predicted", "measured"
 STDERR_TAIL_LINES = 8
@@ -46,63 +49,154 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def _timed_predict(spec):
-    from memprof.simulate import predict
+class WorkerProcess:
+    """A `python -m memprof.worker` child: requests go to its stdin, result lines come back on its stdout
+    (read by a thread into the pool's event queue), its stderr goes to a temporary file kept for a crash
+    report. The child dies with this process (memprof.worker), so a killed run leaves no worker behind."""
 
-    start = time.perf_counter()
-    status, metrics = predict(spec)
-    return status, metrics, time.perf_counter() - start
+    def __init__(self, events: queue.Queue):
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "memprof.worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr)
+        self.task: int | None = None
+        self.started_s = 0.0
+        self.served = 0
+        threading.Thread(target=self._read, args=(events,), name="memprof-worker-reader", daemon=True).start()
+
+    def _read(self, events: queue.Queue) -> None:
+        for line in self.proc.stdout:
+            events.put((self, line))
+        events.put((self, None))  # end of file: the worker exited or died
+
+    def send(self, task: int, request: dict) -> None:
+        self.task, self.started_s = task, time.monotonic()
+        try:
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError:  # it died before reading: its reader reports the end of file, and the task crashed
+            pass
+
+    def stop(self, kill: bool = False) -> int | None:
+        """Close its stdin (it exits), or kill it; returns the exit code (negative: killed by that signal)."""
+        if kill:
+            self.proc.kill()
+        try:
+            self.proc.stdin.close()
+        except OSError:  # it already died: the pipe is broken
+            pass
+        try:
+            rc = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.stderr.close()
+        return rc
+
+    def crash(self, timed_out_s: float | None = None) -> dict:
+        """The result of a task whose worker died, or is killed now for running past `timed_out_s`."""
+        if timed_out_s is not None:
+            self.proc.kill()
+        rc = self.proc.wait()
+        self.stderr.seek(0)
+        lines = self.stderr.read().decode(errors="replace").splitlines()
+        tail = [line.rstrip() for line in lines[-STDERR_TAIL_LINES:]]
+        self.stop()
+        how = (f"timed out after {timed_out_s} s" if timed_out_s is not None else
+               f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with code {rc}")
+        return {"status": "crashed", "metrics": {"exit_code": None if timed_out_s is not None else rc},
+                "device": None, "elapsed_s": None, "error": f"worker {how}" + (": " + " | ".join(tail) if tail else "")}
+
+
+def run_in_workers(requests: dict, jobs: int, on_result, on_start=None, fresh: bool = False,
+                   timeout_s: float | None = None) -> None:
+    """Run {task: request} in up to `jobs` worker processes, calling on_result(task, result) as each ends
+    (result: the worker's JSON answer, see memprof.worker) and on_start(task) as each is sent.
+
+    A worker that dies is replaced and its task's result is "crashed" with its exit code; one running past
+    `timeout_s` is killed and "crashed" too. `fresh`: a new process for every task. On any exception
+    (Ctrl-C included) every worker is killed before it propagates."""
+    events: queue.Queue = queue.Queue()
+    pending = list(requests)
+    workers: list[WorkerProcess] = []
+    try:
+        while pending or any(w.task is not None for w in workers):
+            for w in [w for w in workers if w.task is None and (not pending or fresh and w.served)]:
+                workers.remove(w)
+                w.stop()
+            while pending and (len(workers) < jobs or any(w.task is None for w in workers)):
+                idle = [w for w in workers if w.task is None]
+                w = idle[0] if idle else WorkerProcess(events)
+                if not idle:
+                    workers.append(w)
+                task = pending.pop(0)
+                if on_start:
+                    on_start(task)
+                w.send(task, requests[task])
+            busy = [w for w in workers if w.task is not None]
+            deadline = min(w.started_s for w in busy) + timeout_s if timeout_s and busy else None
+            try:
+                w, line = events.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                late = min(busy, key=lambda b: b.started_s)
+                workers.remove(late)
+                on_result(late.task, late.crash(timed_out_s=timeout_s))
+                continue
+            if w not in workers:  # a worker stopped already (killed on time-out): its last words are stale
+                continue
+            task, w.task = w.task, None
+            if line is None:
+                workers.remove(w)
+                if task is not None:
+                    on_result(task, w.crash())
+                else:
+                    w.stop()
+                continue
+            w.served += 1
+            on_result(task, json.loads(line))
+    except BaseException:
+        for w in workers:
+            w.stop(kill=True)
+        raise
+    for w in workers:
+        w.stop()
 
 
 def run_isolated(spec: RunSpec, backend: str, options: dict | None = None, timeout_s: float | None = None) -> dict:
-    """Run one configuration in a fresh `python -m memprof.worker` process; a dead worker is a result."""
-    with tempfile.TemporaryDirectory(prefix="memprof-") as tmp:
-        request, result, stderr = (os.path.join(tmp, n) for n in ("request.json", "result.json", "stderr"))
-        with open(request, "w", encoding="utf-8") as fh:
-            json.dump({"spec": spec.to_dict(), "backend": backend, "options": options or {}}, fh)
-        with open(stderr, "w", encoding="utf-8") as err:
-            try:
-                rc = subprocess.run([sys.executable, "-m", "memprof.worker", request, result],
-                                    stdout=subprocess.DEVNULL, stderr=err, timeout=timeout_s).returncode
-            except subprocess.TimeoutExpired:
-                rc = None
-        if rc == 0 and os.path.exists(result):
-            with open(result, encoding="utf-8") as fh:
-                return json.load(fh)
-        with open(stderr, encoding="utf-8", errors="replace") as fh:
-            tail = [line.rstrip() for line in fh.readlines()[-STDERR_TAIL_LINES:]]
-    how = (f"timed out after {timeout_s} s" if rc is None else
-           f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with code {rc}")
-    return {"status": "crashed", "metrics": {"exit_code": rc}, "device": None,
-            "error": f"worker {how}" + (": " + " | ".join(tail) if tail else "")}
+    """Run one configuration in a fresh worker process; returns its status, metrics, error and device (a
+    dead worker is a result: "crashed")."""
+    out: dict = {}
+    run_in_workers({0: {"spec": spec.to_dict(), "backend": backend, "options": options or {}}}, 1,
+                   lambda _, result: out.update(result), fresh=True, timeout_s=timeout_s)
+    return out
 
 
 def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", progress: bool = True,
              jobs: int = 1, options: dict | None = None, timeout_s: float | None = None) -> list[dict]:
     """Run every entry; returns the records (in grid order), which are also appended to
-    out_dir/results.jsonl as each configuration finishes."""
+    out_dir/results.jsonl as each configuration finishes. `timeout_s` applies to the measuring backends."""
     path = os.path.join(out_dir, RESULTS_FILE)
     source = PREDICTED if backend == "simulate" else MEASURED
     env = environment(backend, device_name(backend))
     bar = tqdm(total=len(entries), desc="memprof", unit="config", file=sys.stderr, disable=None if progress else True,
                bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
     done: dict[int, dict] = {}
+    started: dict[int, float] = {}
 
     def finish(i: int, record: dict) -> None:
         append(path, record)
         done[i] = record
         bar.update()
 
-    def predicted(i: int, call) -> None:
-        """Record what call() -> (status, metrics, seconds) predicts for entry i; a failure is a result too."""
+    def start(i: int) -> None:
+        started[i] = time.perf_counter()
         bar.set_postfix_str(entries[i].spec.key)
-        try:
-            status, metrics, elapsed = call()
-            finish(i, make_record(entries[i].spec, status, source, env, metrics, elapsed_s=elapsed))
-        except UsageError:
-            raise
-        except Exception as exc:  # a failing configuration is a result; the grid goes on
-            finish(i, make_record(entries[i].spec, "error", source, env, error=f"{type(exc).__name__}: {exc}"))
+
+    def from_worker(i: int, out: dict) -> None:
+        # predictions are timed inside the worker; a measurement by the parent, process start included
+        elapsed = out["elapsed_s"] if source == PREDICTED and out["elapsed_s"] is not None else (
+            time.perf_counter() - started[i])
+        finish(i, make_record(entries[i].spec, out["status"], source, {**env, "device": out["device"] or env["device"]},
+                              out["metrics"], error=out["error"], elapsed_s=elapsed))
 
     todo = []
     for i, entry in enumerate(entries):
@@ -110,27 +204,23 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
             finish(i, make_record(entry.spec, "skipped", source, env, skip_reason=entry.skip_reason))
         else:
             todo.append(i)
-    if backend != "simulate":
-        for i in todo:
-            bar.set_postfix_str(entries[i].spec.key)
-            start = time.perf_counter()
-            out = run_isolated(entries[i].spec, backend, options, timeout_s)
-            finish(i, make_record(entries[i].spec, out["status"], source, {**env, "device": out["device"] or env["device"]},
-                                  out["metrics"], error=out["error"], elapsed_s=time.perf_counter() - start))
-    elif jobs > 1 and len(todo) > 1:
-        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
-        try:
-            futures = {pool.submit(_timed_predict, entries[i].spec): i for i in todo}
-            for fut in as_completed(futures):
-                predicted(futures[fut], fut.result)
-        except BaseException:  # Ctrl-C or bad input: stop at once; what finished is already on disk
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown()
+    if backend != "simulate" or (jobs > 1 and len(todo) > 1):
+        requests = {i: {"spec": entries[i].spec.to_dict(), "backend": backend, "options": options or {}} for i in todo}
+        measuring = backend != "simulate"
+        run_in_workers(requests, 1 if measuring else jobs, from_worker, on_start=start, fresh=measuring,
+                       timeout_s=timeout_s if measuring else None)
     else:
+        from memprof.simulate import predict
+
         for i in todo:
-            predicted(i, lambda spec=entries[i].spec: _timed_predict(spec))
+            start(i)
+            try:
+                status, metrics = predict(entries[i].spec)
+                finish(i, make_record(entries[i].spec, status, source, env, metrics,
+                                      elapsed_s=time.perf_counter() - started[i]))
+            except UsageError:
+                raise
+            except Exception as exc:  # a failing configuration is a result; the grid goes on
+                finish(i, make_record(entries[i].spec, "error", source, env, error=describe(exc)))
     bar.close()
     return [done[i] for i in sorted(done)]

@@ -1,60 +1,132 @@
-"""One configuration in a fresh process: `python -m memprof.worker REQUEST.json RESULT.json`.
+"""A worker process: `python -m memprof.worker` runs configurations for its parent (memprof.runner).
 
-The request names the spec, the backend and its options; the result file gets status, metrics, error
-and device. A fresh process per configuration keeps one configuration's allocator cache, CUDA context or
-leak away from the next, and a crash (segfault, kill) away from the suite: the parent records it.
+Protocol: one JSON request a line on stdin ({"spec", "backend", "options"}), one JSON result a line
+({"status", "metrics", "error", "device", "elapsed_s"}) on the stdout the worker started with; whatever
+a backend prints goes to stderr instead. Everything a configuration raises is caught here and sent as
+text, "<OriginalType>: <message> (at <module>:<line> in <function>)", status "error"; nothing crosses
+the pipe but JSON, so no error can be hidden by a failure to pickle it.
 
-For testing that crash handling, MEMPROF_TEST_CRASH=<text> makes the worker of a spec whose key contains
-<text> kill itself (SIGKILL) once its backend is loaded.
+Lifetime: the worker never outlives its parent. It exits as soon as its stdin reaches end-of-file, which
+happens when the parent closes it or dies in any way (the kernel closes a dead process's pipes; checked
+by a watcher thread, so it also works while a configuration is running, on every POSIX system). On
+Linux the kernel also sends it SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG). It ignores SIGINT:
+on Ctrl-C the parent stops its workers itself, so no worker prints a KeyboardInterrupt of its own.
+
+For tests: MEMPROF_TEST_CRASH=<text> makes the worker kill itself (SIGKILL) on a spec whose key contains
+<text>; MEMPROF_TEST_WORKER_HOOK=<module>:<function> is imported and called once at start-up (e.g. to
+monkeypatch a backend inside the worker).
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import json
 import os
+import queue
 import signal
 import sys
+import threading
+import time
+import traceback
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def run(request: dict) -> dict:
-    from memprof.errors import UsageError
-    from memprof.spec import RunSpec
-
-    spec = RunSpec(**request["spec"])
-    backend = _backend(request["backend"])
-    crash = os.environ.get("MEMPROF_TEST_CRASH")
-    if crash and crash in spec.key:
-        os.kill(os.getpid(), signal.SIGKILL)
+def die_with_parent() -> bool:
+    """Ask the Linux kernel to SIGKILL this process when its parent dies; False where that is unavailable
+    (other systems, or no libc prctl): then the stdin watcher alone ends the worker."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        status, metrics = backend.measure(spec, **request.get("options", {}))
-        return {"status": status, "metrics": metrics, "error": None, "device": backend.device_name()}
-    except UsageError as exc:
-        return {"status": "error", "metrics": {}, "error": f"usage: {exc}", "device": backend.device_name()}
-    except Exception as exc:  # a configuration that fails at run time is a result, with its error
-        return {"status": "error", "metrics": {}, "error": f"{type(exc).__name__}: {exc}",
-                "device": backend.device_name()}
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as text: its type, its message and the innermost frame that raised it."""
+    try:
+        message = str(exc)
+    except Exception as inner:  # an exception whose __str__ fails still gets named
+        message = f"<message not printable: {type(inner).__name__}>"
+    text = f"{type(exc).__name__}: {message}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        module = os.path.splitext(os.path.basename(last.filename))[0]
+        text += f" (at {module}:{last.lineno} in {last.name})"
+    return text
 
 
 def _backend(name: str):
+    if name == "simulate":
+        from memprof import simulate
+
+        return simulate.predict, lambda: "cpu-simulated"
     if name == "cuda":
         from memprof import cuda_backend
 
-        return cuda_backend
+        return cuda_backend.measure, cuda_backend.device_name
     if name == "cpu":
         from memprof import cpu_backend
 
-        return cpu_backend
+        return cpu_backend.measure, cpu_backend.device_name
     raise ValueError(f"unknown backend {name}")
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    with open(argv[0], encoding="utf-8") as fh:
-        request = json.load(fh)
-    result = run(request)
-    with open(argv[1], "w", encoding="utf-8") as fh:
-        json.dump(result, fh)
-    return 0
+def handle(request: dict) -> dict:
+    """One configuration; always returns a JSON-serialisable result, whatever the backend raised."""
+    from memprof.errors import UsageError
+    from memprof.spec import RunSpec
+
+    start = time.perf_counter()
+    device = None
+    try:
+        spec = RunSpec(**request["spec"])
+        run, device_name = _backend(request["backend"])
+        device = device_name()
+        crash = os.environ.get("MEMPROF_TEST_CRASH")
+        if crash and crash in spec.key:
+            os.kill(os.getpid(), signal.SIGKILL)
+        status, metrics = run(spec, **(request.get("options") or {}))
+        out = {"status": status, "metrics": metrics, "error": None}
+    except UsageError as exc:
+        out = {"status": "error", "metrics": {}, "error": f"usage: {exc}"}
+    except Exception as exc:  # a configuration that fails at run time is a result, with its error
+        out = {"status": "error", "metrics": {}, "error": describe(exc)}
+    out.update(device=device, elapsed_s=time.perf_counter() - start)
+    try:
+        json.dumps(out)
+    except (TypeError, ValueError) as exc:
+        out = {"status": "error", "metrics": {}, "device": device, "elapsed_s": out["elapsed_s"],
+               "error": f"the result could not be sent to the parent: {describe(exc)}"}
+    return out
+
+
+def _watch_stdin(stdin, requests: queue.Queue) -> None:
+    """Queue each request line; at end-of-file (the parent closed the pipe or died) end the process."""
+    for line in stdin:
+        requests.put(line)
+    os._exit(0)
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    results = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints go to stderr, not into the protocol
+    hook = os.environ.get("MEMPROF_TEST_WORKER_HOOK")
+    if hook:
+        module, _, function = hook.partition(":")
+        getattr(importlib.import_module(module), function)()
+    requests: queue.Queue = queue.Queue()
+    threading.Thread(target=_watch_stdin, args=(sys.stdin, requests), name="memprof-stdin", daemon=True).start()
+    while True:
+        result = handle(json.loads(requests.get()))
+        results.write(json.dumps(result) + "\n")
+        results.flush()
 
 
 if __name__ == "__main__":

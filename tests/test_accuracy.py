@@ -44,6 +44,52 @@ def test_silently_freezing_everything_fails_frozen(digits):
     assert len(r["checks"]["frozen"]["trained_that_did_not_move"]) == r["checks"]["frozen"]["trained"]
 
 
+def test_unfrozen_embedding_fails_frozen(digits):
+    """The setting freezes the embedding, but the optimizer is handed it anyway: the check must see it move."""
+    def unfreeze_embedding(model):
+        for p in (*model.visual.conv1.parameters(), *model.visual.ln_pre.parameters()):
+            p.requires_grad_(True)
+
+    spec = RunSpec("test-vit", "sgd-fe")
+    sound = accuracy.check_frozen(accuracy.train(spec, digits, 60, 0.01))
+    broken = accuracy.check_frozen(accuracy.train(spec, digits, 60, 0.01, model_hook=unfreeze_embedding))
+    assert sound["pass"] and not broken["pass"]
+    assert broken["frozen_that_moved"] == sound["frozen"] and broken["trained_that_did_not_move"] == []
+
+
+def test_eight_bit_run_that_diverges_fails_the_accuracy_half(digits):
+    """Same first EIGHT_BIT_STEPS steps as the healthy 8-bit run (so the cosine half passes), then every
+    update is blown up 1000x: held-out accuracy collapses and only the within-10-points half can catch it."""
+    from memprof.recipe import EIGHT_BIT_ACC_MARGIN, EIGHT_BIT_STEPS
+
+    def diverge_after_k(model, optimizer):
+        params, before, count = [p for g in optimizer.param_groups for p in g["params"]], [], [0]
+
+        def remember(*_):
+            before[:] = [p.detach().clone() for p in params]
+
+        def blow_up(*_):
+            count[0] += 1
+            if count[0] > EIGHT_BIT_STEPS:
+                with torch.no_grad():
+                    for p, b in zip(params, before):
+                        p.copy_(b + 1000 * (p - b))
+
+        optimizer.register_step_pre_hook(remember)
+        optimizer.register_step_post_hook(blow_up)
+
+    # batch 16 for 80 steps reaches ~45% held-out accuracy (chance 10%): room for a 10-point fall
+    spec32, spec8 = RunSpec("test-vit", "adamw", batch_size=16), RunSpec("test-vit", "adamw", batch_size=16, state_bits=8)
+    t32 = accuracy.train(spec32, digits, 80, 1e-3, seed=0)
+    t8 = accuracy.train(spec8, digits, 80, 1e-3, seed=0)
+    broken = accuracy.train(spec8, digits, 80, 1e-3, seed=0, optimizer_hook=diverge_after_k)
+    healthy, diverged = accuracy.check_eight_bit(t8, t32), accuracy.check_eight_bit(broken, t32)
+    assert healthy["pass"], healthy
+    assert torch.equal(broken.update_at_k, t8.update_at_k)  # identical up to step k
+    assert diverged["update_cosine"] == healthy["update_cosine"] and diverged["update_cosine"] >= 0.9
+    assert not diverged["pass"] and diverged["accuracy_8bit"] < diverged["accuracy_32bit"] - EIGHT_BIT_ACC_MARGIN
+
+
 def test_perturbed_recompute_fails_checkpointing(digits):
     """Blocks that compute differently when autograd re-runs them (inside backward) break exactness."""
     def perturb_recompute(model):
@@ -100,7 +146,8 @@ def test_bad_data_folders_exit_2(tmp_path, setup, expect):
 
 @pytest.mark.parametrize("args, expect", [
     (["accuracy", "--models", "vit-b-61"], "did you mean vit-b-16"),
-    (["accuracy", "--models", "vit-b-16"], "would take hours on the CPU"),
+    pytest.param(["accuracy", "--models", "vit-b-16"], "would take hours on the CPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="assumes no GPU: with one, ViT-B/16 is allowed")),
     (["accuracy", "--train-steps", "10"], "at least 60"),
     (["accuracy", "--lr-sgd", "-0.1"], "zero or positive"),
 ])
