@@ -14,7 +14,7 @@ from memprof.report import fit_table, render_markdown, render_terminal, table_ro
 from memprof.results import read_records
 
 DATA = Path(__file__).parent / "data"
-RUN = ["run", "--models", "test-vit", "--optims", "sgd", "--jobs", "1", "--no-progress"]
+RUN = ["run", "--models", "test-vit", "--optims", "sgd", "--jobs", "1", "--no-progress", "--backend", "simulate"]
 
 
 def main(capsys, *args):

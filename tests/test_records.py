@@ -17,7 +17,7 @@ from memprof import cli
 from memprof.errors import UsageError
 from memprof.results import RunDirectory, append, read_records
 
-RUN = ["run", "--models", "test-vit", "--optims", "sgd,sgd-fe", "--jobs", "1", "--no-progress"]
+RUN = ["run", "--models", "test-vit", "--optims", "sgd,sgd-fe", "--jobs", "1", "--no-progress", "--backend", "simulate"]
 
 
 def main(capsys, *args):
@@ -235,6 +235,7 @@ def test_a_crashed_configuration_exits_1_after_writing_everything(tmp_path):
 
 def test_oom_and_skipped_are_results_exit_0(tmp_path, capsys):
     code, _, err = main(capsys, "run", "--models", "test-vit", "--optims", "adamw,sgd-fe-nomom", "--state-bits", "8",
-                        "--budget", "410MiB", "--jobs", "1", "--no-progress", "--out", str(tmp_path / "o"))
+                        "--budget", "410MiB", "--jobs", "1", "--no-progress", "--backend", "simulate",
+                        "--out", str(tmp_path / "o"))
     assert code == 0, err
     assert "2 configurations: 0 ok, 1 oom, 1 skipped, 0 error, 0 crashed" in err
