@@ -64,13 +64,13 @@ def _finish(records: list[dict], out_dir: str) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _run_options(args) -> dict:
+def _run_options(args, **extra) -> dict:
     from memprof.plan import run_options
 
     names = ("models", "optims", "grad_ckpt", "state_bits", "paged", "batch_size", "steps", "budget", "num_classes",
              "pretrained", "backend", "out", "resume", "retry_failed", "jobs", "timeout_s", "snapshot",
              "nvml_period_ms")
-    return run_options(progress=not args.no_progress, **{n: getattr(args, n) for n in names})
+    return run_options(progress=not args.no_progress, **{n: getattr(args, n) for n in names}, **extra)
 
 
 def report(records: list[dict], out_dir: str, metric: str | None) -> None:
@@ -101,6 +101,32 @@ def cmd_run(args) -> int:
     except KeyboardInterrupt:
         return _interrupted(plan.out_dir)
     report(records, plan.out_dir, args.metric)
+    return _finish(records, plan.out_dir)
+
+
+def cmd_fit(args) -> int:
+    from memprof.plan import execute, plan_fit
+    from memprof.plan_report import render_fit, write_fit_reports
+    from memprof.results import RunDirectory
+
+    plan = plan_fit(_run_options(args, max_batch_size=args.max_batch_size))
+    try:
+        with RunDirectory(plan.out_dir):
+            for line in [plan.announce, *plan.notes]:
+                _note(line)
+            records = execute(plan, lock=False)
+    except KeyboardInterrupt:
+        return _interrupted(plan.out_dir)
+    tried = [r for r in records if r["status"] != "skipped"]
+    if tried and all(r["status"] == "oom" for r in tried) and plan.backend == "simulate":
+        from memprof.fit import largest_that_fits
+
+        best = largest_that_fits(tried[0]["spec"]["budget"], sorted({r["spec"]["optim"] for r in tried}))
+        raise UsageError(f"--budget {tried[0]['spec']['budget']} is too small for batch 1 of every configuration "
+                         f"asked for; the largest that fits: {best or 'none of the registered models'}")
+    paths = write_fit_reports(records, plan.out_dir)
+    print(render_fit(records))
+    _note(f"memprof: wrote {os.path.join(plan.out_dir, 'results.jsonl')} and {', '.join(sorted(paths.values()))}")
     return _finish(records, plan.out_dir)
 
 
@@ -300,6 +326,37 @@ def _accuracy_options(p) -> None:
                    help="accuracy: where to train (default: cuda where present, else cpu)")
 
 
+def _grid_options(p, profiles) -> None:
+    """The options of a grid that `run` and `fit` share."""
+    p.add_argument("--models", default="paper", help="comma list of models, or `paper` (default: paper)")
+    p.add_argument("--optims", default="paper", help="comma list of optimizers, `paper` or `all` (default: paper)")
+    p.add_argument("--grad-ckpt", default="off", help="off, on or off,on (default: off)")
+    p.add_argument("--state-bits", default="32", help="optimizer state bits: 32, 8 or 32,8 (8: bitsandbytes "
+                                                      "block-wise 8-bit states)")
+    p.add_argument("--paged", action="store_true", help="8-bit states in bitsandbytes' paged optimizers "
+                                                        "(CUDA managed memory, outside torch's allocator)")
+    p.add_argument("--steps", type=int, default=2, help="training steps per config (default: 2, the minimum)")
+    p.add_argument("--budget", default=None,
+                   help="card or size whose memory decides OOM: titan-x (12 GiB, the paper's card size; the "
+                        f"simulation's default), {', '.join(list(profiles)[1:])} (`memprof list budgets`), a size "
+                        "such as 11GiB, or device (the whole GPU; the measuring backends' default). On a bigger "
+                        "GPU the cuda backend emulates the budget by capping the allocator")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the new linear head (default: 10)")
+    p.add_argument("--pretrained", help="weights: a local file, or an open_clip tag found in the local cache")
+    p.add_argument("--backend", choices=["auto", "cuda", "simulate", "cpu"], default="auto",
+                   help="auto (default: cuda where a GPU is present, else simulate), cuda (measure with torch.cuda "
+                        "and NVML), simulate (predict), cpu (measure live tensor bytes on the CPU)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out: skip configurations already "
+                                                         "in its results.jsonl")
+    p.add_argument("--retry-failed", action="store_true", help="with --resume: also rerun configurations that "
+                                                               "errored or crashed")
+    p.add_argument("--timeout-s", type=float, default=None, help="cpu/cuda: a worker running longer is crashed")
+    p.add_argument("--out", help="output directory (default: reports/runs/<timestamp>); one that holds results "
+                                 "needs --resume")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: up to 2, one per core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from memprof.budget import PROFILES
 
@@ -312,45 +369,31 @@ def build_parser() -> argparse.ArgumentParser:
                                      "peak memory. Without a GPU the figures are predicted by the simulation. "
                                      "Exit status: 0 when every configuration gave a result (ok, oom, skipped), "
                                      "1 when any errored or crashed, 2 for bad input.")
-    run.add_argument("--models", default="paper", help="comma list of models, or `paper` (default: paper)")
-    run.add_argument("--optims", default="paper", help="comma list of optimizers, `paper` or `all` (default: paper)")
-    run.add_argument("--grad-ckpt", default="off", help="off, on or off,on (default: off)")
-    run.add_argument("--state-bits", default="32", help="optimizer state bits: 32, 8 or 32,8 (8: bitsandbytes "
-                                                        "block-wise 8-bit states)")
-    run.add_argument("--paged", action="store_true", help="8-bit states in bitsandbytes' paged optimizers "
-                                                          "(CUDA managed memory, outside torch's allocator)")
+    _grid_options(run, PROFILES)
     run.add_argument("--batch-size", default="1", help="micro-batch sizes, comma list (default: 1)")
-    run.add_argument("--steps", type=int, default=2, help="training steps per config (default: 2, the minimum)")
-    run.add_argument("--budget", default=None,
-                     help="card or size whose memory decides OOM: titan-x (12 GiB, the paper's card size; the "
-                          f"simulation's default), {', '.join(list(PROFILES)[1:])} (`memprof list budgets`), a size "
-                          "such as 11GiB, or device (the whole GPU; the measuring backends' default). On a bigger "
-                          "GPU the cuda backend emulates the budget by capping the allocator")
-    run.add_argument("--num-classes", type=int, default=10, help="classes of the new linear head (default: 10)")
-    run.add_argument("--pretrained", help="weights: a local file, or an open_clip tag found in the local cache")
-    run.add_argument("--backend", choices=["auto", "cuda", "simulate", "cpu"], default="auto",
-                     help="auto (default: cuda where a GPU is present, else simulate), cuda (measure with torch.cuda "
-                          "and NVML), simulate (predict), cpu (measure live tensor bytes on the CPU)")
     from memprof.report import METRICS
 
     run.add_argument("--metric", choices=list(METRICS), default=None,
                      help="figure shown in the table (default: reserved; live for the cpu backend)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out: skip configurations already "
-                                                           "in its results.jsonl")
-    run.add_argument("--retry-failed", action="store_true", help="with --resume: also rerun configurations that "
-                                                                 "errored or crashed")
     run.add_argument("--snapshot", metavar="DIR", help="cuda: record allocator history, dump a snapshot per config")
     run.add_argument("--nvml-period-ms", type=float, default=None, help="cuda: NVML sampling period (default: 5; "
                                                                         "0 = off)")
-    run.add_argument("--timeout-s", type=float, default=None, help="cpu/cuda: a worker running longer is crashed")
-    run.add_argument("--out", help="output directory (default: reports/runs/<timestamp>); one that holds results "
-                                   "needs --resume")
-    run.add_argument("--jobs", type=int, default=None, help="worker processes (default: up to 2, one per core)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--accuracy", action="store_true",
                      help="then train each configuration for real and add its verdict to the table (see `accuracy`)")
     _accuracy_options(run)
     run.set_defaults(func=cmd_run)
+
+    fit = sub.add_parser("fit", help="the largest micro-batch that fits a budget, per configuration",
+                         description="For every configuration (the grid of `run` without batch sizes), searches "
+                                     "the largest micro-batch whose peak fits the budget: each probe a full "
+                                     "prediction (simulate) or a measurement in a fresh process (cuda). Writes "
+                                     "results.jsonl (one search per configuration, with its probes), fit.md/.csv and "
+                                     "fit.png (peak against batch size).")
+    _grid_options(fit, PROFILES)
+    fit.add_argument("--max-batch-size", type=int, default=None,
+                     help="upper bound of the search (default: 4096); reaching it is said")
+    fit.add_argument("--batch-size", default=None, help=argparse.SUPPRESS)  # rejected: fit searches it
+    fit.set_defaults(func=cmd_fit, snapshot=None, nvml_period_ms=None)
 
     acc = sub.add_parser("accuracy", help="train each configuration for real: does the memory setting still train?",
                          description="Trains each configuration at its micro-batch size (cosine schedule to 0) and "

@@ -92,7 +92,8 @@ def search(probe: Callable[[int], Probe], budget_bytes: float, max_batch_size: i
 
     def toward_budget(a: Probe, b: Probe) -> float | None:
         """The batch where the line through probes a and b reaches the budget."""
-        if a.peak_bytes is None or b.peak_bytes is None or b.peak_bytes <= a.peak_bytes:
+        if a.peak_bytes is None or b.peak_bytes is None or b.peak_bytes <= a.peak_bytes \
+                or budget_bytes == float("inf"):
             return None
         slope = (b.peak_bytes - a.peak_bytes) / (b.batch_size - a.batch_size)
         return a.batch_size + (budget_bytes - a.peak_bytes) / slope
@@ -161,7 +162,9 @@ def isolated_probe(spec, backend: str, options: dict | None = None, timeout_s: f
 
     def probe(batch: int) -> Probe:
         out = run_isolated(replace(spec, batch_size=batch), backend, options, timeout_s)
-        return Probe(batch, out["status"], out["metrics"].get(PEAK_FIELD), out["metrics"], out.get("error"))
+        # a measured OOM stops at the failing request: its peak is not the full need, so it is not used
+        peak = out["metrics"].get(PEAK_FIELD) if out["status"] == "ok" else None
+        return Probe(batch, out["status"], peak, out["metrics"], out.get("error"))
 
     return probe
 
@@ -194,11 +197,38 @@ def fit_metrics(result: FitResult, budget_bytes: float) -> dict:
     }
 
 
-def fit_config(spec, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> tuple[str, dict]:
-    """(status, metrics) of the search for `spec` (its batch size is ignored) by prediction: "ok" with a
-    max_batch_size, "oom" when not even batch 1 fits, "error" when a probe failed before an answer."""
-    budget = usable_bytes(spec.budget)
-    result = search(simulate_probe(spec), budget, max_batch_size)
+def fit_config(spec, backend: str = "simulate", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+               probe_options: dict | None = None, timeout_s: float | None = None) -> tuple[str, dict]:
+    """(status, metrics) of the search for `spec` (its batch size is ignored): "ok" with a max_batch_size,
+    "oom" when not even batch 1 fits, "error" when a probe failed before any answer. Probes predict in this
+    process (`simulate`) or measure, each in a fresh worker process (`cuda`, `cpu`)."""
+    budget = usable_bytes(spec.budget) if spec.budget != "device" else device_usable_bytes(backend)
+    probe = simulate_probe(spec) if backend == "simulate" else isolated_probe(spec, backend, probe_options, timeout_s)
+    result = search(probe, budget, max_batch_size)
     status = "error" if result.failed and result.max_batch_size is None else (
         "oom" if result.max_batch_size is None else "ok")
     return status, fit_metrics(result, budget)
+
+
+def device_usable_bytes(backend: str) -> float:
+    """The whole device's memory (budget `device`): the GPU's total on cuda; unbounded on the cpu backend."""
+    if backend == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+    return float("inf")
+
+
+def largest_that_fits(budget: str, optims: list[str]) -> str | None:
+    """The first (model, optimizer) that fits `budget` at batch 1, from the largest registered model down and
+    the given optimizers then the leanest one: what to say when nothing asked for fits."""
+    from memprof.models import PAPER_MODELS
+    from memprof.simulate import predict
+    from memprof.spec import RunSpec
+
+    for model in [*reversed(PAPER_MODELS), "test-vit"]:
+        for optim in dict.fromkeys([*optims, "sgd-fe-nomom"]):
+            status, metrics = predict(RunSpec(model, optim, budget=budget))
+            if status == "ok":
+                return f"{model} with {optim} (peak reserved {metrics['peak_reserved_bytes'] / (1 << 30):.2f} GiB)"
+    return None

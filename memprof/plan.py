@@ -23,7 +23,7 @@ RUN_OPTIONS = {
     "models": "paper", "optims": "paper", "grad_ckpt": "off", "state_bits": "32", "paged": False,
     "batch_size": "1", "steps": 2, "budget": None, "num_classes": 10, "pretrained": None, "backend": "auto",
     "out": None, "resume": False, "retry_failed": False, "jobs": None, "timeout_s": None, "snapshot": None,
-    "nvml_period_ms": None, "progress": True,
+    "nvml_period_ms": None, "progress": True, "max_batch_size": None,
 }
 BACKENDS = ("auto", "cuda", "simulate", "cpu")
 DEFAULT_NVML_PERIOD_MS = 5.0
@@ -150,14 +150,21 @@ class RunPlan:
     announce: str
     options: dict
     notes: list = field(default_factory=list)
+    task: str = "run"  # or "fit": each entry is a batch-size search (memprof.fit)
 
     @property
     def worker_options(self) -> dict:
-        if self.backend != "cuda":
-            return {}
-        period = self.options["nvml_period_ms"]
-        return {"snapshot_dir": self.options["snapshot"],
-                "nvml_period_ms": DEFAULT_NVML_PERIOD_MS if period is None else period}
+        backend = {}
+        if self.backend == "cuda":
+            period = self.options["nvml_period_ms"]
+            backend = {"snapshot_dir": self.options["snapshot"],
+                       "nvml_period_ms": DEFAULT_NVML_PERIOD_MS if period is None else period}
+        if self.task == "fit":
+            from memprof.fit import DEFAULT_MAX_BATCH_SIZE
+
+            return {"max_batch_size": self.options["max_batch_size"] or DEFAULT_MAX_BATCH_SIZE,
+                    "probe_options": backend, "timeout_s": self.options["timeout_s"]}
+        return backend
 
 
 def run_options(**given) -> dict:
@@ -168,7 +175,20 @@ def run_options(**given) -> dict:
     return {**RUN_OPTIONS, **given}
 
 
-def plan_run(opts: dict) -> RunPlan:
+def plan_fit(opts: dict) -> RunPlan:
+    """A validated `memprof fit`: the grid of a run without batch sizes (the search finds them)."""
+    if opts["batch_size"] is not None:
+        raise UsageError(f"fit searches the batch size: drop --batch-size {opts['batch_size']} (bound the search with "
+                         f"--max-batch-size)", option="batch_size")
+    if opts["max_batch_size"] is not None and opts["max_batch_size"] < 1:
+        raise UsageError(f"--max-batch-size {opts['max_batch_size']}: use at least 1", option="max_batch_size")
+    if opts["backend"] == "cpu":
+        raise UsageError("fit probes with the simulation (predicts) or the cuda backend (measures): use --backend "
+                         "simulate or cuda", option="backend")
+    return plan_run({**opts, "batch_size": "1"}, task="fit")
+
+
+def plan_run(opts: dict, task: str = "run") -> RunPlan:
     """Validate every option of a run (UsageError, naming the option, on bad input) before anything runs."""
     from memprof.models import parse_models
     from memprof.optims import parse_optims
@@ -225,11 +245,12 @@ def plan_run(opts: dict) -> RunPlan:
 
         with option("state_bits"):
             require_bitsandbytes()
-    entries = _remaining(entries, out_dir, backend, resume, opts["retry_failed"], notes)
-    return RunPlan(entries, out_dir, backend, announce, opts, notes)
+    entries = _remaining(entries, out_dir, backend, resume, opts["retry_failed"], notes, task)
+    return RunPlan(entries, out_dir, backend, announce, opts, notes, task)
 
 
-def _remaining(entries, out_dir: str, backend: str, resume: bool, retry_failed: bool, notes: list) -> list:
+def _remaining(entries, out_dir: str, backend: str, resume: bool, retry_failed: bool, notes: list,
+               task: str = "run") -> list:
     """The entries still to run in out_dir: all of them for a new directory; with --resume those without a
     record (and, with --retry-failed, those whose record is an error or a crash). Reusing a directory
     that holds results without --resume is refused: two runs would silently merge."""
@@ -243,7 +264,7 @@ def _remaining(entries, out_dir: str, backend: str, resume: bool, retry_failed: 
         raise UsageError(f"--out {out_dir} already holds results of a run ({len(records)} configurations): add "
                          f"--resume to continue it, or choose a new --out", option="out")
     done = {r["key"] for r in records if not (retry_failed and r["status"] in FAILED)}
-    todo = [e for e in entries if record_key(e.spec, backend) not in done]
+    todo = [e for e in entries if record_key(e.spec, backend, task) not in done]
     failed = sum(1 for r in records if r["status"] in FAILED)
     notes.append(f"memprof: resuming: {len(entries) - len(todo)} configurations already in {path}, {len(todo)} to run"
                  + (f" ({failed} failed earlier: --retry-failed reruns them)" if failed and not retry_failed else ""))
@@ -259,7 +280,7 @@ def execute(plan: RunPlan, lock: bool = True) -> list[dict]:
     with RunDirectory(plan.out_dir) if lock else contextlib.nullcontext():
         run_grid(plan.entries, plan.out_dir, plan.backend, progress=plan.options["progress"],
                  jobs=plan.options["jobs"] or default_jobs(), options=plan.worker_options,
-                 timeout_s=plan.options["timeout_s"])
+                 timeout_s=plan.options["timeout_s"], task=plan.task)
     return read_records(plan.out_dir)
 
 

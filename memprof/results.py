@@ -48,17 +48,20 @@ def environment(backend: str, device: str) -> dict:
     }
 
 
-def record_key(spec, backend: str) -> str:
-    """What identifies a record completely: the configuration and the backend that ran it."""
-    return f"{spec.key}@{backend}"
+def record_key(spec, backend: str, task: str = "run") -> str:
+    """What identifies a record completely: the configuration, the backend that ran it, and the task when
+    it is not a plain run (`#fit`: a batch-size search starting from the spec, whose batch size is 1)."""
+    return f"{spec.key}@{backend}" + ("" if task == "run" else f"#{task}")
 
 
 def make_record(spec, status: str, source: str, env: dict, metrics: dict | None = None,
-                error: str | None = None, skip_reason: str | None = None, elapsed_s: float | None = None) -> dict:
+                error: str | None = None, skip_reason: str | None = None, elapsed_s: float | None = None,
+                task: str = "run") -> dict:
     assert status in STATUSES, status
     return {
         "schema_version": SCHEMA_VERSION,
-        "key": record_key(spec, env["backend"]),
+        "key": record_key(spec, env["backend"], task),
+        "task": task,
         "spec": spec.to_dict(),
         "status": status,
         "source": source,

@@ -171,9 +171,11 @@ def run_isolated(spec: RunSpec, backend: str, options: dict | None = None, timeo
 
 
 def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", progress: bool = True,
-             jobs: int = 1, options: dict | None = None, timeout_s: float | None = None) -> list[dict]:
+             jobs: int = 1, options: dict | None = None, timeout_s: float | None = None, task: str = "run") -> list[dict]:
     """Run every entry; returns the records (in grid order), which are also appended to
-    out_dir/results.jsonl as each configuration finishes. `timeout_s` applies to the measuring backends."""
+    out_dir/results.jsonl as each configuration finishes. `timeout_s` applies to the measuring backends.
+    `task` "fit": each entry is a batch-size search (memprof.fit) whose probes use `backend`; searches run
+    in `jobs` workers (each probe of a measuring backend in a fresh process of its own)."""
     path = os.path.join(out_dir, RESULTS_FILE)
     source = PREDICTED if backend == "simulate" else MEASURED
     env = environment(backend, device_name(backend))
@@ -196,31 +198,33 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
         elapsed = out["elapsed_s"] if source == PREDICTED and out["elapsed_s"] is not None else (
             time.perf_counter() - started[i])
         finish(i, make_record(entries[i].spec, out["status"], source, {**env, "device": out["device"] or env["device"]},
-                              out["metrics"], error=out["error"], elapsed_s=elapsed))
+                              out["metrics"], error=out["error"], elapsed_s=elapsed, task=task))
 
     todo = []
     for i, entry in enumerate(entries):
         if entry.skip_reason:
-            finish(i, make_record(entry.spec, "skipped", source, env, skip_reason=entry.skip_reason))
+            finish(i, make_record(entry.spec, "skipped", source, env, skip_reason=entry.skip_reason, task=task))
         else:
             todo.append(i)
     if backend != "simulate" or (jobs > 1 and len(todo) > 1):
-        requests = {i: {"spec": entries[i].spec.to_dict(), "backend": backend, "options": options or {}} for i in todo}
-        measuring = backend != "simulate"
-        run_in_workers(requests, 1 if measuring else jobs, from_worker, on_start=start, fresh=measuring,
-                       timeout_s=timeout_s if measuring else None)
+        requests = {i: {"spec": entries[i].spec.to_dict(), "backend": backend, "options": options or {}, "task": task}
+                    for i in todo}
+        measuring = backend != "simulate"  # one configuration at a time on the device, each in a fresh process
+        run_in_workers(requests, 1 if measuring else jobs, from_worker, on_start=start,
+                       fresh=measuring and task == "run", timeout_s=timeout_s if measuring and task == "run" else None)
     else:
-        from memprof.simulate import predict
+        from memprof.worker import _backend
 
+        run, _ = _backend(backend, task)
         for i in todo:
             start(i)
             try:
-                status, metrics = predict(entries[i].spec)
+                status, metrics = run(entries[i].spec, **(options or {}))
                 finish(i, make_record(entries[i].spec, status, source, env, metrics,
-                                      elapsed_s=time.perf_counter() - started[i]))
+                                      elapsed_s=time.perf_counter() - started[i], task=task))
             except UsageError:
                 raise
             except Exception as exc:  # a failing configuration is a result; the grid goes on
-                finish(i, make_record(entries[i].spec, "error", source, env, error=describe(exc)))
+                finish(i, make_record(entries[i].spec, "error", source, env, error=describe(exc), task=task))
     bar.close()
     return [done[i] for i in sorted(done)]

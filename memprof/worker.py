@@ -1,6 +1,6 @@
 """A worker process: `python -m memprof.worker` runs configurations for its parent (memprof.runner).
 
-Protocol: one JSON request a line on stdin ({"spec", "backend", "options"}), one JSON result a line
+Protocol: one JSON request a line on stdin ({"spec", "backend", "options", optional "task": "fit"}), one JSON result a line
 ({"status", "metrics", "error", "device", "elapsed_s"}) on the stdout the worker started with; whatever
 a backend prints goes to stderr instead. Everything a configuration raises is caught here and sent as
 text, "<OriginalType>: <message> (at <module>:<line> in <function>)", status "error"; nothing crosses
@@ -60,7 +60,14 @@ def describe(exc: BaseException) -> str:
     return text
 
 
-def _backend(name: str):
+def _backend(name: str, task: str = "run"):
+    """(run(spec, **options) -> (status, metrics), device_name()) for a backend; task "fit" searches the
+    largest batch that fits instead (memprof.fit), probing with that backend."""
+    if task == "fit":
+        from memprof import fit
+
+        _, device_name = _backend(name)
+        return (lambda spec, **options: fit.fit_config(spec, name, **options)), device_name
     if name == "simulate":
         from memprof import simulate
 
@@ -85,7 +92,7 @@ def handle(request: dict) -> dict:
     device = None
     try:
         spec = RunSpec(**request["spec"])
-        run, device_name = _backend(request["backend"])
+        run, device_name = _backend(request["backend"], request.get("task", "run"))
         device = device_name()
         crash = os.environ.get("MEMPROF_TEST_CRASH")
         if crash and crash in spec.key:
