@@ -3,9 +3,9 @@
 Each probe is a full prediction (or, on the cuda backend, a measurement in a fresh process) at one batch
 size; a probe fits when its status is "ok". The search gallops upward from batch 1, each step
 extrapolated from the last two probes' peaks toward the budget (doubling when it cannot be), until a probe
-does not fit, then narrows the bracket by interpolation and bisection (`search`). The answer is a batch that fits whose next batch does not, with no probed smaller
-batch failing; where peaks are not monotone in batch size (allocator effects) the result says so and
-keeps the largest batch below the smallest failing one. The linear fit over every probe that ran to the
+does not fit, then narrows the bracket by interpolation and bisection (`search`). The answer is a batch that fits whose next batch does not, and no probed smaller batch
+fails (every failure seen bounds the search from above); where the probes' peaks are not monotone in batch
+size (allocator effects) the result says so. The linear fit over every probe that ran to the
 end is reported with its largest residual.
 """
 
@@ -117,23 +117,17 @@ def search(probe: Callable[[int], Probe], budget_bytes: float, max_batch_size: i
         target = toward_budget(prev, cur)
         nxt = 2 * lo if target is None else max(lo + 1, int(target) + 1)
         prev = cur
-    while True:
-        stalled = 0
-        while hi - lo > 1:  # narrow: lo fits, hi does not
-            target = toward_budget(probes[lo], probes[hi])
-            mid = (lo + hi) // 2 if target is None or stalled >= 2 else min(max(int(target), lo + 1), hi - 1)
-            if mid == lo + 1 or mid == hi - 1:
-                stalled += 1
-            p = run(mid)
-            if broken(p):
-                return done(lo, failed=broken(p))
-            lo, hi = (mid, hi) if p.fits else (lo, mid)
-        smallest_fail = min(b for b, p in probes.items() if not p.fits)
-        if smallest_fail >= lo:
-            return done(lo)
-        # not monotone: a smaller batch failed; the answer lies below the smallest failure
-        hi = smallest_fail
-        lo = max(b for b, p in probes.items() if p.fits and b < smallest_fail)
+    stalled = 0
+    while hi - lo > 1:  # narrow: lo fits, hi does not (every failure seen is at or above hi)
+        target = toward_budget(probes[lo], probes[hi])
+        mid = (lo + hi) // 2 if target is None or stalled >= 2 else min(max(int(target), lo + 1), hi - 1)
+        if mid == lo + 1 or mid == hi - 1:
+            stalled += 1
+        p = run(mid)
+        if broken(p):
+            return done(lo, failed=broken(p))
+        lo, hi = (mid, hi) if p.fits else (lo, mid)
+    return done(lo)
 
 
 def simulate_probe(spec) -> Callable[[int], Probe]:
@@ -222,11 +216,18 @@ def device_usable_bytes(backend: str) -> float:
 def largest_that_fits(budget: str, optims: list[str]) -> str | None:
     """The first (model, optimizer) that fits `budget` at batch 1, from the largest registered model down and
     the given optimizers then the leanest one: what to say when nothing asked for fits."""
-    from memprof.models import PAPER_MODELS
+    import torch
+
+    from memprof.models import PAPER_MODELS, build_model, resolve_model
     from memprof.simulate import predict
     from memprof.spec import RunSpec
 
+    usable = usable_bytes(budget)
     for model in [*reversed(PAPER_MODELS), "test-vit"]:
+        with torch.device("meta"):
+            weights = sum(p.numel() * 4 for p in build_model(resolve_model(model), 10).parameters())
+        if weights > usable:  # its fp32 weights alone do not fit: no need to predict
+            continue
         for optim in dict.fromkeys([*optims, "sgd-fe-nomom"]):
             status, metrics = predict(RunSpec(model, optim, budget=budget))
             if status == "ok":

@@ -39,8 +39,7 @@ def fit_rows(records: list[dict]) -> list[dict]:
         if m.get("capped_at_max_batch_size"):
             notes.append(f"still fits at the search bound {m['max_batch_size']} (--max-batch-size)")
         if m.get("monotone") is False:
-            notes.append("peak is not monotone in batch size (allocator effects): the largest batch below the "
-                         "smallest failing one")
+            notes.append("peak is not monotone in batch size (allocator effects)")
         if m.get("search_failure") and r["status"] == "ok":
             notes.append(f"search stopped: {m['search_failure']}")
         rows.append({
