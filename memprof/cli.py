@@ -70,7 +70,7 @@ def _run_options(args, **extra) -> dict:
     names = ("models", "optims", "grad_ckpt", "state_bits", "paged", "batch_size", "steps", "budget", "num_classes",
              "pretrained", "backend", "out", "resume", "retry_failed", "jobs", "timeout_s", "snapshot",
              "nvml_period_ms")
-    return run_options(progress=not args.no_progress, **{n: getattr(args, n) for n in names}, **extra)
+    return run_options(progress=not args.no_progress, **{n: getattr(args, n) for n in names if n not in extra}, **extra)
 
 
 def report(records: list[dict], out_dir: str, metric: str | None) -> None:
@@ -128,6 +128,37 @@ def cmd_fit(args) -> int:
     print(render_fit(records))
     _note(f"memprof: wrote {os.path.join(plan.out_dir, 'results.jsonl')} and {', '.join(sorted(paths.values()))}")
     return _finish(records, plan.out_dir)
+
+
+def cmd_advise(args) -> int:
+    from memprof.accuracy import load_verdicts
+    from memprof.advise import advice, render_advice
+    from memprof.plan import execute, plan_advise
+    from memprof.results import RunDirectory, write_text
+
+    verdicts = load_verdicts(args.accuracy_from) if args.accuracy_from else {}
+    if args.accuracy_from and not verdicts:
+        raise UsageError(f"--accuracy-from {args.accuracy_from}: no accuracy.jsonl there; run `memprof accuracy "
+                         f"--out DIR` first")
+    ap = plan_advise(_run_options(args, resume=False, retry_failed=False, snapshot=None, nvml_period_ms=None))
+    try:
+        with RunDirectory(ap.run.out_dir):
+            _note(ap.run.announce)
+            records = {r["spec_key"]: r for r in _with_spec_keys(execute(ap.run, lock=False))}
+    except KeyboardInterrupt:
+        return _interrupted(ap.run.out_dir)
+    result = advice(ap.candidates, records, ap.not_modelled, ap.not_applicable, verdicts)
+    write_text(os.path.join(ap.run.out_dir, "advise.md"), render_advice(result))
+    print(render_advice(result, terminal_width()))
+    _note(f"memprof: wrote {os.path.join(ap.run.out_dir, 'results.jsonl')} and "
+          f"{os.path.join(ap.run.out_dir, 'advise.md')}")
+    return _finish(list(records.values()), ap.run.out_dir)
+
+
+def _with_spec_keys(records: list[dict]) -> list[dict]:
+    from memprof.spec import RunSpec
+
+    return [{**r, "spec_key": RunSpec(**r["spec"]).key} for r in records]
 
 
 def _plan_accuracy(args):
@@ -382,6 +413,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="then train each configuration for real and add its verdict to the table (see `accuracy`)")
     _accuracy_options(run)
     run.set_defaults(func=cmd_run)
+
+    adv = sub.add_parser("advise", help="from one configuration: which changes make it fit a budget, and at what cost",
+                         description="Predicts every single change memprof can model (freeze-embed, SGD "
+                                     "(freeze-embed), no momentum, 8-bit states, gradient checkpointing, a smaller "
+                                     "micro-batch with accumulation, ...) and the pairs of them, ranks them by peak, "
+                                     "and says the cheapest that fits first.")
+    adv.add_argument("--models", required=True, help="one model")
+    adv.add_argument("--optims", required=True, help="one optimizer")
+    adv.add_argument("--batch-size", default="1", help="micro-batch size (default: 1)")
+    adv.add_argument("--grad-ckpt", default="off", help="off or on (default: off)")
+    adv.add_argument("--state-bits", default="32", help="32 or 8 (default: 32)")
+    adv.add_argument("--budget", default=None, help="card or size to fit (default: titan-x; `memprof list budgets`)")
+    adv.add_argument("--backend", choices=["auto", "cuda", "simulate"], default="simulate",
+                     help="simulate (default: predicts) or cuda (measures each candidate in a fresh process)")
+    adv.add_argument("--accuracy-from", metavar="DIR", help="a run directory with accuracy.jsonl (`memprof accuracy`): "
+                                                            "its verdicts are shown per setting")
+    adv.add_argument("--out", help="output directory (default: reports/runs/<timestamp>)")
+    adv.add_argument("--jobs", type=int, default=None, help="worker processes (default: up to 2, one per core)")
+    adv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    adv.set_defaults(func=cmd_advise, paged=False, steps=2, num_classes=10, pretrained=None, timeout_s=None)
 
     fit = sub.add_parser("fit", help="the largest micro-batch that fits a budget, per configuration",
                          description="For every configuration (the grid of `run` without batch sizes), searches "

@@ -188,6 +188,37 @@ def plan_fit(opts: dict) -> RunPlan:
     return plan_run({**opts, "batch_size": "1"}, task="fit")
 
 
+@dataclass
+class AdvisePlan:
+    run: RunPlan  # every candidate's spec, once
+    candidates: list
+    not_modelled: list
+    not_applicable: list
+
+
+def plan_advise(opts: dict) -> AdvisePlan:
+    """A validated `memprof advise`: one configuration, and every change of it (memprof.advise) to predict."""
+    from memprof.advise import candidates
+    from memprof.spec import GridEntry
+
+    for name in ("models", "optims", "batch_size", "grad_ckpt", "state_bits"):
+        value = str(opts[name])
+        if "," in value or value in ("paper", "all"):
+            raise UsageError(f"advise starts from one configuration: give one value to {flag(name)} (got '{value}')",
+                             option=name)
+    plan = plan_run(opts)
+    base = plan.entries[0]
+    if base.skip_reason:
+        raise UsageError(f"this configuration cannot run: {base.skip_reason}")
+    cands, not_modelled, not_applicable = candidates(base.spec)
+    plan.entries = [GridEntry(spec) for spec in dict.fromkeys(c.spec for c in cands)]
+    if any(e.spec.state_bits == 8 for e in plan.entries):
+        from memprof.optims import require_bitsandbytes
+
+        require_bitsandbytes()
+    return AdvisePlan(plan, cands, not_modelled, not_applicable)
+
+
 def plan_run(opts: dict, task: str = "run") -> RunPlan:
     """Validate every option of a run (UsageError, naming the option, on bad input) before anything runs."""
     from memprof.models import parse_models

@@ -1,0 +1,233 @@
+"""`memprof advise`: from one configuration, every single change memprof can model and the pairs of them,
+predicted and ranked, with what each costs and whether it fits the budget.
+
+A change is data (`Change`): what it does to a RunSpec, the axis it moves (two changes combine only across
+axes), its cost rank and what it costs in words. Changes an axis does not support in this version are
+listed as not modelled, never dropped. The cheapest change that fits (lowest cost rank, then lowest peak)
+is the first line of the answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Change:
+    name: str
+    axis: str
+    cost_rank: int  # 0: free; higher: costs more (accuracy risk, speed, a different optimizer)
+    cost: str
+    apply: Callable  # RunSpec -> RunSpec | None (None: does not apply to this configuration)
+    modelled: Callable = lambda: True  # whether this version can predict it
+    not_modelled_why: str = ""
+
+
+def _optim(target: str):
+    def apply(spec):
+        return None if spec.optim == target else dataclasses.replace(spec, optim=target)
+    return apply
+
+
+def _freeze_embed(spec):
+    from memprof.optims import REGISTRY
+
+    target = f"{spec.optim}-fe" if not spec.optim.endswith("-fe") else None
+    return dataclasses.replace(spec, optim=target) if target in REGISTRY else None
+
+
+def _no_momentum(spec):
+    target = {"sgd": "sgd-nomom", "sgd-fe": "sgd-fe-nomom"}.get(spec.optim)
+    return dataclasses.replace(spec, optim=target) if target else None
+
+
+def _field(name: str, value):
+    def apply(spec):
+        if not hasattr(spec, name) or getattr(spec, name) == value:
+            return None
+        return dataclasses.replace(spec, **{name: value})
+    return apply
+
+
+def _has_field(name: str):
+    from memprof.spec import RunSpec
+
+    return lambda: name in {f.name for f in dataclasses.fields(RunSpec)}
+
+
+def _precision_modelled(value: str):
+    def modelled():
+        from memprof import spec
+
+        return value in getattr(spec, "PRECISIONS", ("fp32",))
+    return modelled
+
+
+def _accumulate(spec):
+    if spec.batch_size < 2:
+        return None
+    return dataclasses.replace(spec, batch_size=spec.batch_size // 2)
+
+
+CHANGES = (
+    Change("freeze-embed", "optimizer", 1, "the patch embedding stops training (~0.7% of a ViT's parameters); the "
+           "paper finds no accuracy loss", _freeze_embed),
+    Change("SGD (freeze-embed)", "optimizer", 3, "a different optimizer: SGD with momentum, embedding frozen; the "
+           "paper finds it matches AdamW when fine-tuning", _optim("sgd-fe")),
+    Change("SGD (freeze-embed, no momentum)", "optimizer", 4, "SGD without momentum, embedding frozen: the "
+           "paper's leanest method, slightly less accurate in its Table 5", _optim("sgd-fe-nomom")),
+    Change("no momentum", "optimizer", 4, "drops SGD's momentum buffer (can train slower)", _no_momentum),
+    Change("8-bit optimizer states", "state_bits", 2, "block-wise 8-bit states (bitsandbytes): quantization "
+           "noise in the update", _field("state_bits", 8)),
+    Change("gradient checkpointing", "grad_ckpt", 2, "recompute: about one extra forward pass per step "
+           "(~20-30% slower)", _field("grad_ckpt", True)),
+    Change("half the micro-batch, 2x gradient accumulation", "batch_size", 2, "the same effective batch in twice "
+           "the steps (slower; batch-norm-free ViTs train the same)", _accumulate),
+    Change("fused optimizer", "optim_impl", 0, "none: the same update in one kernel per step", _field("optim_impl", "fused"),
+           _has_field("optim_impl"), "this version has no --optim-impl axis"),
+    Change("for-loop optimizer", "optim_impl", 1, "none in results; a slower step (one kernel per tensor)",
+           _field("optim_impl", "forloop"), _has_field("optim_impl"), "this version has no --optim-impl axis"),
+    Change("optimizer in backward", "optim_in_backward", 1, "steps each parameter as its gradient is ready: no "
+           "gradient clipping over all parameters, no gradient accumulation", _field("optim_in_backward", True),
+           _has_field("optim_in_backward"), "this version has no --optim-in-backward axis"),
+    Change("bf16 autocast", "precision", 2, "forward and backward in bfloat16 with fp32 master weights: lower "
+           "numeric precision in activations", _field("precision", "bf16-amp"), _precision_modelled("bf16-amp"),
+           "this version predicts fp32 only"),
+)
+
+
+@dataclass
+class Candidate:
+    changes: tuple[Change, ...]
+    spec: object  # RunSpec
+
+    @property
+    def label(self) -> str:
+        return " + ".join(c.name for c in self.changes) or "(as given)"
+
+    @property
+    def cost_rank(self) -> int:
+        return sum(c.cost_rank for c in self.changes)
+
+
+def candidates(base, changes=CHANGES) -> tuple[list[Candidate], list[Change], list[tuple[str, str]]]:
+    """(the base and every single change and cross-axis pair that applies, the changes not modelled, the
+    combinations that do not apply with their reason)."""
+    from memprof.models import resolve_model
+    from memprof.optims import REGISTRY
+    from memprof.spec import skip_reason
+
+    modelled = [c for c in changes if c.modelled()]
+    out, not_applicable = [Candidate((), base)], []
+    singles = [(c, c.apply(base)) for c in modelled]
+    singles = [(c, s) for c, s in singles if s is not None]
+    combos = [((c,), s) for c, s in singles]
+    for (c1, _), (c2, _) in itertools.combinations(singles, 2):
+        if c1.axis == c2.axis:
+            continue
+        spec = c1.apply(base)
+        spec = spec and c2.apply(spec)
+        if spec is not None:
+            combos.append(((c1, c2), spec))
+    for chs, spec in combos:
+        why = skip_reason(resolve_model(spec.model), REGISTRY[spec.optim], spec.state_bits, spec.paged, spec.grad_ckpt)
+        if why:
+            not_applicable.append((" + ".join(c.name for c in chs), why))
+        else:
+            out.append(Candidate(chs, spec))
+    return out, [c for c in changes if not c.modelled()], not_applicable
+
+
+@dataclass
+class Advice:
+    rows: list[dict]
+    not_modelled: list[Change]
+    not_applicable: list[tuple[str, str]]
+    budget_label: str
+    usable_bytes: int
+    source: str
+
+    @property
+    def answer(self) -> str:
+        base = next(r for r in self.rows if not r["changes"])
+        if base["fits"]:
+            return (f"the configuration already fits {self.budget_label}: {_gib(base['peak_reserved_bytes'])} GiB "
+                    f"reserved, {_gib(base['headroom_bytes'])} GiB headroom ({self.source})")
+        fitting = sorted((r for r in self.rows if r["fits"] and r["changes"]),
+                         key=lambda r: (r["cost_rank"], r["peak_reserved_bytes"]))
+        if not fitting:
+            closest = min((r for r in self.rows if r["peak_reserved_bytes"] is not None),
+                          key=lambda r: r["peak_reserved_bytes"])
+            return (f"no single change or pair fits {self.budget_label}; the closest: {closest['change']} "
+                    f"({_gib(closest['peak_reserved_bytes'])} GiB reserved, {self.source})")
+        best = fitting[0]
+        return (f"cheapest change that fits: {best['change']} ({_gib(best['peak_reserved_bytes'])} GiB reserved, "
+                f"{_gib(best['headroom_bytes'])} GiB headroom on {self.budget_label}; cost: {best['cost']}; "
+                f"{self.source})")
+
+
+def _gib(v) -> str:
+    return "n/a" if v is None else f"{v / GIB:.2f}"
+
+
+def advice(candidates_: list[Candidate], records: dict, not_modelled, not_applicable, verdicts: dict) -> Advice:
+    """Rank the candidates by predicted peak; `records` maps a spec's key to its record."""
+    from memprof.budget import parse_budget
+
+    budget = parse_budget(candidates_[0].spec.budget)
+    rows = []
+    for cand in candidates_:
+        rec = records[cand.spec.key]
+        m = rec["metrics"]
+        reserved = m.get("peak_reserved_bytes")
+        rows.append({
+            "change": cand.label, "changes": [c.name for c in cand.changes], "key": rec["key"],
+            "status": rec["status"], "fits": rec["status"] == "ok", "may_not_fit": m.get("fits") == "may not fit",
+            "peak_reserved_bytes": reserved, "peak_allocated_bytes": m.get("peak_allocated_bytes"),
+            "headroom_bytes": None if reserved is None else budget.usable_bytes - reserved,
+            "cost_rank": cand.cost_rank, "cost": "; ".join(c.cost for c in cand.changes) or "none",
+            "accuracy": _verdict(verdicts, cand.spec), "error": rec.get("error"),
+        })
+    rows.sort(key=lambda r: (r["peak_reserved_bytes"] is None, r["peak_reserved_bytes"] or 0))
+    source = f"{records[candidates_[0].spec.key]['source']}, {records[candidates_[0].spec.key]['environment'].get('device')}"
+    return Advice(rows, not_modelled, not_applicable, budget.name, budget.usable_bytes, source)
+
+
+def _verdict(verdicts: dict, spec) -> str:
+    """Accuracy mode's verdict for this setting (optimizer, checkpointing, state bits), from any model; the
+    model is named when it is not this one."""
+    for v in verdicts.values():
+        s = v.get("spec", {})
+        if (s.get("optim"), s.get("grad_ckpt"), s.get("state_bits")) == (spec.optim, spec.grad_ckpt, spec.state_bits):
+            return v["verdict"] + ("" if s.get("model") == spec.model else f" ({s.get('model')})")
+    return ""
+
+
+def render_advice(a: Advice, width: int | None = None) -> str:
+    """The answer, then every candidate ranked; `width`: fitted to a terminal that wide (else markdown)."""
+    from tabulate import tabulate
+
+    from memprof.report import fit_table
+
+    table = [[r["change"], _gib(r["peak_reserved_bytes"]), _gib(r["headroom_bytes"]),
+              "yes" if r["fits"] and not r["may_not_fit"] else "may not" if r["fits"] else
+              ("no" if r["status"] == "oom" else r["status"]), r["cost"], r["accuracy"]] for r in a.rows]
+    out = [a.answer, "", f"# What fits {a.budget_label}", "",
+           f"Every figure is {a.source}; ranked by peak reserved. Headroom: the card's usable memory "
+           f"({_gib(a.usable_bytes)} GiB, after the CUDA context) minus peak reserved. 'may not': fits, but the "
+           "prediction's uncertainty band reaches past the budget. Accuracy: accuracy mode's verdict for that "
+           "setting, where one was given (`--accuracy-from`).", "",
+           ""]
+    headers = ["change", "peak reserved GiB", "headroom GiB", "fits", "cost", "accuracy"]
+    out[-1] = fit_table(table, headers, width) if width else tabulate(table, headers=headers, tablefmt="github")
+    if a.not_modelled:
+        out += ["", "Not modelled in this version (no prediction): " + "; ".join(
+            f"{c.name} ({c.not_modelled_why})" for c in a.not_modelled) + "."]
+    if a.not_applicable:
+        out += ["", "Not applicable here: " + "; ".join(f"{name} ({why})" for name, why in a.not_applicable) + "."]
+    return "\n".join(out) + "\n"

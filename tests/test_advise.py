@@ -1,0 +1,61 @@
+"""`memprof advise`: candidates from one configuration, the cheapest change that fits first, changes this
+version cannot model listed, not dropped."""
+
+import pytest
+
+from memprof import cli
+from memprof.advise import CHANGES, candidates
+from memprof.spec import RunSpec
+
+
+def test_candidates_cover_single_changes_and_cross_axis_pairs():
+    cands, not_modelled, not_applicable = candidates(RunSpec("test-vit", "adamw", batch_size=4))
+    labels = {c.label for c in cands}
+    assert {"(as given)", "freeze-embed", "SGD (freeze-embed)", "8-bit optimizer states", "gradient checkpointing",
+            "half the micro-batch, 2x gradient accumulation", "SGD (freeze-embed) + gradient checkpointing"} <= labels
+    assert not any("freeze-embed + SGD" in label for label in labels)  # one axis moves once
+    assert ("SGD (freeze-embed, no momentum) + 8-bit optimizer states",
+            "sgd-fe-nomom keeps no optimizer state, so 8-bit states change nothing") in not_applicable
+    modelled = {c.name for c in CHANGES if c.modelled()}
+    assert {c.name for c in not_modelled} == {c.name for c in CHANGES} - modelled
+
+
+def test_batch_1_has_no_accumulation_change():
+    cands, _, _ = candidates(RunSpec("test-vit", "adamw", batch_size=1))
+    assert not any("accumulation" in c.label for c in cands)
+
+
+def _advise(capsys, tmp_path, budget, *extra):
+    code = cli.main(["advise", "--models", "test-vit", "--optims", "adamw", "--budget", budget, "--jobs", "1",
+                     "--no-progress", "--out", str(tmp_path / budget), *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_first_line_answers_and_a_roomy_budget_needs_nothing(capsys, tmp_path):
+    code, out, err = _advise(capsys, tmp_path, "423MiB")  # 23 MiB usable: AdamW on test-vit reserves 24 MiB
+    assert code == 0, err
+    first = out.splitlines()[0]
+    assert first.startswith("cheapest change that fits: ") and "predicted" in first
+    assert "SGD (freeze-embed)" in out and "| no " not in first
+    code, out, err = _advise(capsys, tmp_path, "8GiB")  # negative control: nothing to change
+    assert code == 0 and out.startswith("the configuration already fits 8GiB")
+
+
+def test_advise_starts_from_one_configuration(capsys, tmp_path):
+    code = cli.main(["advise", "--models", "test-vit", "--optims", "adamw,sgd", "--out", str(tmp_path / "o")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "advise starts from one configuration: give one value to --optims" in err
+
+
+@pytest.mark.slow
+def test_vit_h14_adamw_on_the_papers_card(capsys, tmp_path):
+    """The paper's question: ViT-H/14 with AdamW does not fit 12 GB; SGD (freeze-embed) does, and so does at
+    least one other change (consistent with Table 4)."""
+    code = cli.main(["advise", "--models", "vit-h-14", "--optims", "adamw", "--budget", "titan-x",
+                     "--no-progress", "--out", str(tmp_path / "o")])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert " yes " in rows["SGD (freeze-embed)"] and " no " in rows["(as given)"]
+    assert sum(" yes " in line for name, line in rows.items() if name != "SGD (freeze-embed)") >= 1
