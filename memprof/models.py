@@ -104,7 +104,10 @@ def build_model(info: ModelInfo, num_classes: int):
             self.head = nn.Linear(embed_dim, num_classes)
 
         def forward(self, images):
-            return self.head(self.visual(images))
+            features = self.visual(images)
+            if isinstance(features, tuple):  # towers with output_tokens (CoCa): (pooled, tokens)
+                features = features[0]
+            return self.head(features)
 
     return ImageClassifier()
 
