@@ -18,6 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from memprof.fake_compat import fake_storage
 from memprof.harness import prepare, train_steps
+from memprof.models import resolve_model
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 from memprof.tracker import ALLOC, FREE, PHASE, StorageTracker
@@ -59,6 +60,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
     gc.disable()
     try:
         if fake:  # constructors run outside the fake mode, on the meta device (memprof.fake_compat)
+            resolve_model(spec.model, "simulate")  # a name the simulation cannot predict says why
             with torch.device("meta"):
                 prepared = prepare(spec, load_weights=False)
         with FakeTensorMode() if fake else contextlib.nullcontext(), contextlib.ExitStack() as stack:
