@@ -32,7 +32,7 @@ def prepare(spec: RunSpec, load_weights: bool = True) -> Prepared:
     With `load_weights=False` pretrained weights are only checked against the architecture (the
     simulation: weights do not change memory).
     """
-    info, optim = resolve_model(spec.model), OPTIMS[spec.optim]
+    info, optim = resolve_model(spec.model, backend=None), OPTIMS[spec.optim]  # backends check their own names
     model = build_model(info, spec.num_classes)
     state = None
     if spec.pretrained:

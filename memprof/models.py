@@ -50,10 +50,52 @@ def open_clip_names() -> tuple[str, ...]:
     return tuple(open_clip.list_models())
 
 
-def resolve_model(name: str) -> ModelInfo:
-    """A registered memprof name, or any open_clip architecture name (ViT-B-32, ViT-g-14, ...)."""
+# open_clip architecture names the simulation cannot predict: name -> (one-line reason, whether the `cpu`
+# backend runs it). Filled from the coverage benchmark (benchmarks/open_clip_coverage.py); every other
+# name in open_clip.list_models() predicts.
+UNSUPPORTED: dict[str, tuple[str, bool]] = {}
+
+
+
+def unsupported_table_problems(table: dict | None = None) -> list[str]:
+    """What is wrong with the UNSUPPORTED table (or `table`): names open_clip does not list, memprof's own
+    names (which always run), entries without a one-line reason or without the cpu flag. Empty when sound."""
+    table = UNSUPPORTED if table is None else table
+    problems = []
+    for name, entry in table.items():
+        if name in REGISTRY:
+            problems.append(f"{name}: a memprof model, which always runs")
+        elif name not in open_clip_names():
+            problems.append(f"{name}: not an open_clip architecture name (stale entry)")
+        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], bool)):
+            problems.append(f"{name}: entry must be (reason, cpu backend runs it)")
+        elif not isinstance(entry[0], str) or not entry[0].strip() or "\n" in entry[0]:
+            problems.append(f"{name}: reason must be one non-empty line")
+    return problems
+
+
+def listed_models() -> tuple[list[str], dict[str, str]]:
+    """What `memprof list models` shows besides REGISTRY: (the open_clip names every backend runs, in
+    open_clip's order; {name: reason} for the ones the simulation cannot predict). Together they are
+    exactly open_clip.list_models()."""
+    names = open_clip_names()
+    return [n for n in names if n not in UNSUPPORTED], {n: UNSUPPORTED[n][0] for n in names if n in UNSUPPORTED}
+
+
+def resolve_model(name: str, backend: str | None = "simulate") -> ModelInfo:
+    """A registered memprof name, or any open_clip architecture name (ViT-B-32, ViT-g-14, ...).
+
+    `backend` is the backend that will run it (simulate, cpu, cuda; None: no check): a name in
+    UNSUPPORTED raises a UsageError with its reason for the simulation, suggesting `--backend cpu` where
+    that runs it.
+    """
     if name in REGISTRY:
         return REGISTRY[name]
+    if name in UNSUPPORTED and backend == "simulate":
+        reason, cpu_runs = UNSUPPORTED[name]
+        hint = ("use --backend cpu (measures on the CPU) or --backend cuda" if cpu_runs
+                else "only --backend cuda (on a GPU) runs it")
+        raise UsageError(f"model '{name}' cannot be predicted by the simulation: {reason}; {hint}")
     if name in open_clip_names():
         import open_clip
 
@@ -64,15 +106,15 @@ def resolve_model(name: str) -> ModelInfo:
     raise unknown_name("model", name, list(REGISTRY) + list(open_clip_names()), "memprof list models")
 
 
-def parse_models(text: str) -> list[ModelInfo]:
-    """A comma-separated list; `paper` is the three Table 4 models."""
+def parse_models(text: str, backend: str | None = "simulate") -> list[ModelInfo]:
+    """A comma-separated list; `paper` is the three Table 4 models. `backend` as for resolve_model."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise UsageError("--models is empty: give model names, e.g. --models vit-b-16,vit-l-14 or --models paper")
     out: list[ModelInfo] = []
     for n in names:
         for m in (PAPER_MODELS if n == "paper" else (n,)):
-            info = resolve_model(m)
+            info = resolve_model(m, backend)
             if info not in out:
                 out.append(info)
     return out
@@ -104,7 +146,10 @@ def build_model(info: ModelInfo, num_classes: int):
             self.head = nn.Linear(embed_dim, num_classes)
 
         def forward(self, images):
-            return self.head(self.visual(images))
+            features = self.visual(images)
+            if isinstance(features, tuple):  # towers with output_tokens (CoCa): (pooled, tokens)
+                features = features[0]
+            return self.head(features)
 
     return ImageClassifier()
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
+from memprof.fake_compat import fake_storage
 from memprof.harness import prepare, train_steps
+from memprof.models import resolve_model
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 from memprof.tracker import ALLOC, FREE, PHASE, StorageTracker
@@ -57,8 +59,15 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
     was_enabled = gc.isenabled()
     gc.disable()
     try:
+        if fake:  # constructors run outside the fake mode, on the meta device (memprof.fake_compat)
+            resolve_model(spec.model, "simulate")  # a name the simulation cannot predict says why
+            with torch.device("meta"):
+                prepared = prepare(spec, load_weights=False)
         with FakeTensorMode() if fake else contextlib.nullcontext(), contextlib.ExitStack() as stack:
-            prepared = prepare(spec, load_weights=not fake)
+            if fake:
+                fake_storage(prepared.model)
+            else:
+                prepared = prepare(spec)
             model = prepared.model
             trainable = [p for p in model.parameters() if p.requires_grad]
             # built outside the fake mode and the tracker: constructors allocate no device memory, and
