@@ -310,12 +310,12 @@ def cmd_list(args) -> int:
 
     width = terminal_width()
     if args.what == "models":
-        from memprof.models import REGISTRY, listed_open_clip_models
+        from memprof.models import REGISTRY, listed_models
 
         rows = [[m.name, m.open_clip_config or "-", "+".join(m.embedding_modules), m.description]
                 for m in REGISTRY.values()]
         print(fit_table(rows, ["name", "open_clip config", "embedding layer", "description"], width))
-        runnable, unsupported = listed_open_clip_models()
+        runnable, unsupported = listed_models()
         print(f"\nAlso accepted: any of these {len(runnable)} open_clip architecture names:")
         print(textwrap.fill("  ".join(runnable), width=width))
         if unsupported:

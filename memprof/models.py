@@ -251,8 +251,3 @@ def check_pretrained(model, state: dict, source: str) -> None:
                  else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
         raise UsageError(f"--pretrained {source}: does not match this architecture ({first}); "
                          f"pick the file saved from the same open_clip model")
-
-
-def listed_open_clip_models() -> tuple[list[str], dict[str, str]]:
-    """open_clip architecture names memprof accepts, and those it does not with the reason."""
-    return list(open_clip_names()), {}
