@@ -317,7 +317,7 @@ def cmd_list(args) -> int:
         print(fit_table(rows, ["name", "open_clip config", "embedding layer", "description"], width))
         runnable, unsupported = listed_models()
         print(f"\nAlso accepted: any of these {len(runnable)} open_clip architecture names:")
-        print(textwrap.fill("  ".join(runnable), width=width))
+        print(textwrap.fill("  ".join(runnable), width=width, break_on_hyphens=False, break_long_words=False))
         if unsupported:
             print(f"\nNot supported ({len(unsupported)}), with the reason:")
             print(fit_table([[n, why] for n, why in unsupported.items()], ["name", "reason"], width))
