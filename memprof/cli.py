@@ -69,7 +69,7 @@ def _run_options(args) -> dict:
 
     names = ("models", "optims", "grad_ckpt", "state_bits", "paged", "batch_size", "steps", "budget", "num_classes",
              "pretrained", "backend", "out", "resume", "retry_failed", "jobs", "timeout_s", "snapshot",
-             "nvml_period_ms")
+             "nvml_period_ms", "precision", "optim_impl", "optim_in_backward")
     return run_options(progress=not args.no_progress, **{n: getattr(args, n) for n in names})
 
 
@@ -111,7 +111,8 @@ def _plan_accuracy(args):
         models=args.models, optims=args.optims, grad_ckpt=args.grad_ckpt, state_bits=args.state_bits,
         batch_size=args.batch_size, pretrained=args.pretrained, num_classes=args.num_classes,
         train_steps=args.train_steps, lr_sgd=args.lr_sgd, lr_adaptive=args.lr_adaptive, data=args.data,
-        seed=args.seed, backend=args.accuracy_backend, progress=not args.no_progress))
+        seed=args.seed, backend=args.accuracy_backend, progress=not args.no_progress, precision=args.precision,
+        optim_impl=args.optim_impl, optim_in_backward=args.optim_in_backward))
 
 
 def _execute_accuracy(accuracy, out_dir: str) -> None:
@@ -299,6 +300,15 @@ def _accuracy_options(p) -> None:
                    help="accuracy: where to train (default: cuda where present, else cpu)")
 
 
+def _training_options(p) -> None:
+    p.add_argument("--precision", default="fp32", help="fp32, bf16-amp, fp16-amp, bf16 (model in bfloat16), comma "
+                   "list or all (default: fp32)")
+    p.add_argument("--optim-impl", default="foreach", help="optimizer implementation: foreach, fused, forloop, comma "
+                   "list or all (default: foreach)")
+    p.add_argument("--optim-in-backward", default="off", help="step each parameter from its post-accumulate-grad "
+                   "hook: off, on or off,on (default: off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="memprof", description="Peak GPU memory of fine-tuning vision transformers: "
                      "measured on a GPU, predicted by a CUDA-faithful simulation on a CPU.")
@@ -317,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--paged", action="store_true", help="8-bit states in bitsandbytes' paged optimizers "
                                                           "(CUDA managed memory, outside torch's allocator)")
     run.add_argument("--batch-size", default="1", help="micro-batch sizes, comma list (default: 1)")
+    _training_options(run)
     run.add_argument("--steps", type=int, default=2, help="training steps per config (default: 2, the minimum)")
     run.add_argument("--budget", default=None,
                      help="card or size whose memory decides OOM: titan-x (12 GiB, the paper's card size; the "
@@ -358,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--grad-ckpt", default="off,on", help="off, on or off,on (default: off,on)")
     acc.add_argument("--state-bits", default="32,8", help="32, 8 or 32,8 (default: 32,8)")
     acc.add_argument("--batch-size", default="1", help="micro-batch size (default: 1)")
+    _training_options(acc)
     acc.add_argument("--num-classes", type=int, default=10, help=argparse.SUPPRESS)
     acc.add_argument("--pretrained", help="weights: a local file, or an open_clip tag found in the local cache")
     acc.add_argument("--out", help="output directory (default: reports/runs/<timestamp>)")
