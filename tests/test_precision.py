@@ -281,13 +281,14 @@ def test_implementations_match_and_a_changed_update_does_not(digits, kw, check):
 
     bad = accuracy.check_matches(spec, dataclasses.replace(spec, optim_impl="foreach", optim_in_backward=False),
                                  digits, 1e-3, 0, "cpu", optimizer_hook=double_lr)
-    assert not bad["pass"] and bad["max_abs_param_diff"] > 0
+    assert not bad["pass"] and bad["update_rel_diff"] > 0.5
     r = accuracy.evaluate_config(spec, digits, steps=60)
-    assert check in r["checks"] and r["checks"][check]["pass"]
+    assert check in r["checks"] and r["checks"][check]["pass"], r["checks"][check]
 
 
+@pytest.mark.slow  # 1000 real bf16-autocast steps on the CPU: ~8 minutes on 2 busy cores
 def test_amp_still_learns_and_zero_lr_does_not(digits):
-    r = accuracy.evaluate_config(RunSpec("test-vit", "adamw", precision="bf16-amp"), digits, steps=60)
+    r = accuracy.evaluate_config(RunSpec("test-vit", "adamw", precision="bf16-amp"), digits)
     assert r["checks"]["learns"]["pass"], r["checks"]["learns"]
     bad = accuracy.evaluate_config(RunSpec("test-vit", "adamw", precision="bf16-amp"), digits, steps=60, lr=0.0)
     assert "learns" in bad["failed"]
