@@ -414,14 +414,9 @@ def render_floor(records: list[dict]) -> str:
                      "n/a" if peak is None else _size(peak), m.get("peak_to_floor_ratio") or "n/a"])
     if not rows:
         return ""
-    return ("## Floor: weights + gradients + optimizer state
-
-The peak (allocated; live bytes on the cpu backend) "
-            "as a multiple of the floor, each figure predicted or measured as its source says.
-
-"
-            + tabulate(rows, headers=["config", "source", "floor", "peak", "peak / floor"], tablefmt="github") + "
-")
+    return ("## Floor: weights + gradients + optimizer state\n\nThe peak (allocated; live bytes on the cpu backend) "
+            "as a multiple of the floor, each figure predicted or measured as its source says.\n\n"
+            + tabulate(rows, headers=["config", "source", "floor", "peak", "peak / floor"], tablefmt="github") + "\n")
 
 
 def render_reconciliation(records: list[dict]) -> str:

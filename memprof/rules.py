@@ -656,21 +656,26 @@ class HalfPrecisionAttention(Rule):
                 query, key, value = (t.to(low) for t in (query, key, value))
             if query.dtype not in (torch.float16, torch.bfloat16) or enable_gqa:
                 return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-            kind = self.backend(query.dtype, query.size(-1), attn_mask is not None)
-            self.kernels[kind] = self.kernels.get(kind, 0) + 1
-            if kind == "flash":
-                return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal,
-                                                                scale=scale)[0]
-            if kind == "efficient":
-                return efficient_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
-            return aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
-                                                           scale=scale)[0]
+            # SDPA's autocast kernel redispatches with autocast excluded: the kernel's own ops (the math path's
+            # matmuls and softmax) run in the dtype they are given
+            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CPU):
+                return self._run(query, key, value, attn_mask, dropout_p, is_causal, scale)
 
         F.scaled_dot_product_attention = sdpa
         try:
             yield
         finally:
             F.scaled_dot_product_attention = original
+
+    def _run(self, query, key, value, attn_mask, dropout_p, is_causal, scale):
+        kind = self.backend(query.dtype, query.size(-1), attn_mask is not None)
+        self.kernels[kind] = self.kernels.get(kind, 0) + 1
+        if kind == "flash":
+            return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
+        if kind == "efficient":
+            return efficient_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
+        return aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
+                                                       scale=scale)[0]
 
     def after_op(self, tracker, func, args, kwargs, out) -> None:
         if func is aten._scaled_dot_product_flash_attention.default:

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from memprof import accuracy, cpu_backend
+from memprof import accuracy
 from memprof.budget import parse_budget
 from memprof.errors import UsageError
 from memprof.optims import REGISTRY as OPTIMS, build_optimizer
 from memprof.plan import plan_run, run_options
 from memprof.rules import (CudaAutocastPolicy, FlashAttentionBackward, HalfPrecisionAttention, LayerNormStatsFp32,
                            cuda_autocast_lists, cuda_rules)
-from memprof.simulate import predict, predict_cpu
+from memprof.simulate import predict
 from memprof.spec import RunSpec, skip_reason
 from memprof.models import REGISTRY as MODELS
 from memprof.tracker import ALLOC, StorageTracker
@@ -225,21 +225,6 @@ def test_records_carry_the_floor():
     _, bf16 = predict(RunSpec("test-vit", "adamw", precision="bf16"))
     assert fp32["floor_bytes"] == 4 * 464168 and bf16["floor_bytes"] == 2 * 464168
     assert fp32["peak_to_floor_ratio"] == round(fp32["peak_allocated_bytes"] / fp32["floor_bytes"], 4) > 1
-
-
-# --- CPU backend equals the simulation under CPU rules -----------------------------------------------
-
-@pytest.mark.parametrize("kw", [dict(precision="bf16-amp"), dict(precision="fp16-amp", optim_impl="fused"),
-                                dict(precision="bf16", optim_impl="forloop"), dict(optim_in_backward=True),
-                                dict(precision="bf16-amp", optim_impl="fused", optim_in_backward=True)])
-def test_cpu_measurement_equals_prediction_on_the_new_axes(kw):
-    spec = RunSpec("test-vit", "adamw", batch_size=2, budget="device", **kw)
-    status, measured = cpu_backend.measure(spec)
-    _, predicted = predict_cpu(spec)
-    assert status == "ok"
-    for field in ("peak_live_bytes", "phase_peak_live_bytes", "breakdown_at_peak_bytes", "optimizer_state_bytes",
-                  "floor_bytes"):
-        assert measured[field] == predicted[field], field
 
 
 def test_in_backward_has_no_optimizer_phase_and_fewer_gradients():
