@@ -11,7 +11,12 @@ rates), then four checks, each with its figures:
 - checkpointing exact (gradient checkpointing on): on one batch, gradients with checkpointing equal those
   without (rtol 1e-5, atol 1e-7), and the first 3 training losses match (same seed, same batches);
 - 8-bit tracks 32-bit (8-bit states): after 50 steps the parameter update points the same way as the
-  32-bit run's (cosine similarity >= 0.9), and final held-out accuracy is within 10 points of it.
+  32-bit run's (cosine similarity >= 0.9), and final held-out accuracy is within 10 points of it;
+- implementation matches foreach (--optim-impl fused or forloop): the same seed and batches for the first
+  5 steps give a parameter update within 2% (relative L2 norm) of the foreach run's;
+- in-backward matches the ordinary step (--optim-in-backward on): likewise against the same configuration
+  stepped after backward.
+Mixed precision (bf16-amp, fp16-amp with its GradScaler, bf16) is judged by `learns`: AMP must still learn.
 
 Data: scikit-learn's digits (1,797 8x8 images, 10 classes, shipped inside the package), resized to the
 model's input, 80/20 split with a fixed seed; or `--data PATH`, an ImageFolder. Nothing is downloaded.
@@ -19,6 +24,7 @@ model's input, 80/20 split with a fixed seed; or `--data PATH`, an ImageFolder. 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -30,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from memprof.errors import UsageError
-from memprof.harness import prepare
+from memprof.harness import apply_precision, autocast_dtype, grad_scaler, model_dtype, prepare
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 
@@ -100,11 +106,16 @@ class Training:
     seconds: float
 
 
+MATCH_STEPS, MATCH_UPDATE_RTOL = 5, 0.02  # implementation / in-backward checks
+
+
 def _evaluate(model, data: Dataset, device) -> tuple[float, float]:
     model.eval()
+    dtype = next(model.parameters()).dtype
     with torch.no_grad():
-        probe = F.cross_entropy(model(data.x_train[:PROBE_SIZE].to(device)), data.y_train[:PROBE_SIZE].to(device))
-        correct = sum(int((model(data.x_test[i:i + 256].to(device)).argmax(1).cpu() == data.y_test[i:i + 256]).sum())
+        probe = F.cross_entropy(model(data.x_train[:PROBE_SIZE].to(device, dtype)).float(),
+                                data.y_train[:PROBE_SIZE].to(device))
+        correct = sum(int((model(data.x_test[i:i + 256].to(device, dtype)).argmax(1).cpu() == data.y_test[i:i + 256]).sum())
                       for i in range(0, len(data.y_test), 256))
     model.train()
     return float(probe), correct / len(data.y_test)
@@ -113,6 +124,7 @@ def _evaluate(model, data: Dataset, device) -> tuple[float, float]:
 def _build(spec: RunSpec, data: Dataset, seed: int, device, model_hook=None):
     torch.manual_seed(seed)
     prepared = prepare(dataclasses.replace(spec, num_classes=data.num_classes))
+    apply_precision(prepared.model, spec)
     model = prepared.model.to(device)
     if model_hook is not None:
         model_hook(model)
@@ -129,10 +141,13 @@ def train(spec: RunSpec, data: Dataset, steps: int, lr: float, seed: int = 0, de
     prepared, model = _build(spec, data, seed, device, model_hook)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(dataclasses.replace(prepared.optim_info, lr=lr), trainable_params,
-                                spec.state_bits, spec.paged)
+                                spec.state_bits, spec.paged, spec.optim_impl, spec.optim_in_backward)
     if optimizer_hook is not None:
         optimizer_hook(model, optimizer)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0)
+    stepped = list(optimizer.optimizers.values()) if spec.optim_in_backward else [optimizer]
+    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps, eta_min=0.0) for o in stepped]
+    device_type = torch.device(device).type
+    amp, scaler, dtype = autocast_dtype(spec), grad_scaler(spec, device), model_dtype(spec)
     names = dict(model.named_parameters())
     trainable = set(names) - set(prepared.frozen)
     initial = {n: p.detach().cpu().clone() for n, p in names.items()}
@@ -141,11 +156,18 @@ def train(spec: RunSpec, data: Dataset, steps: int, lr: float, seed: int = 0, de
     start = time.perf_counter()
     for step in range(steps):
         idx = order[step]
-        loss = F.cross_entropy(model(data.x_train[idx].to(device)), data.y_train[idx].to(device))
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext():
+            loss = F.cross_entropy(model(data.x_train[idx].to(device, dtype)), data.y_train[idx].to(device))
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if not spec.optim_in_backward:  # otherwise each parameter was stepped, and its gradient freed, in backward
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for schedule in schedules:
+            schedule.step()
         losses.append(loss.item())
         if step + 1 == EIGHT_BIT_STEPS:
             update_at_k = torch.cat([(p.detach().cpu() - initial[n]).flatten() for n, p in names.items()
@@ -204,6 +226,25 @@ def check_eight_bit(t8: Training, t32: Training) -> dict:
                     f"{EIGHT_BIT_ACC_MARGIN:.0%} of 32-bit"}
 
 
+def check_matches(spec: RunSpec, reference: RunSpec, data: Dataset, lr: float, seed: int, device,
+                  model_hook=None, optimizer_hook=None) -> dict:
+    """`spec` and `reference` trained from the same seed on the same batches for MATCH_STEPS steps (hooks act on
+    `spec`'s run only): every parameter allclose at the end."""
+    a = train(spec, data, MATCH_STEPS, lr, seed, device, model_hook, optimizer_hook)
+    b = train(reference, data, MATCH_STEPS, lr, seed, device)
+    if a.final.keys() != b.final.keys():
+        return {"pass": False, "reference": reference.key, "rule": "the same parameters"}
+    names = sorted(b.trainable)
+    update_a = torch.cat([(a.final[n].float() - a.initial[n].float()).flatten() for n in names])
+    update_b = torch.cat([(b.final[n].float() - b.initial[n].float()).flatten() for n in names])
+    rel = float((update_a - update_b).norm() / update_b.norm()) if float(update_b.norm()) else float("inf")
+    worst = max(float((a.final[n].float() - b.final[n].float()).abs().max()) for n in b.final)
+    return {"pass": rel <= MATCH_UPDATE_RTOL, "update_rel_diff": round(rel, 6), "max_abs_param_diff": worst,
+            "reference": reference.key,
+            "rule": f"after {MATCH_STEPS} steps from the same seed and batches, |update - reference update| <= "
+                    f"{MATCH_UPDATE_RTOL} x |reference update| (rounding order differs between implementations)"}
+
+
 def evaluate_config(spec: RunSpec, data: Dataset, steps: int = DEFAULT_STEPS, lr: float | None = None,
                     seed: int = 0, device="cpu", cache: dict | None = None, model_hook=None,
                     optimizer_hook=None) -> dict:
@@ -229,6 +270,12 @@ def evaluate_config(spec: RunSpec, data: Dataset, steps: int = DEFAULT_STEPS, lr
         checks["checkpointing_exact"] = check_checkpointing(spec, data, lr, seed, device, model_hook)
     if spec.state_bits == 8:
         checks["eight_bit_tracks_32bit"] = check_eight_bit(t, run(dataclasses.replace(spec, state_bits=32, paged=False)))
+    if spec.optim_impl != "foreach":
+        checks["matches_foreach"] = check_matches(spec, dataclasses.replace(spec, optim_impl="foreach"), data, lr,
+                                                  seed, device, model_hook, optimizer_hook)
+    if spec.optim_in_backward:
+        checks["in_backward_matches_step"] = check_matches(spec, dataclasses.replace(spec, optim_in_backward=False),
+                                                           data, lr, seed, device, model_hook, optimizer_hook)
     failed = [name for name, c in checks.items() if not c["pass"]]
     return {"verdict": "fail" if failed else "pass", "failed": failed, "checks": checks, "lr": lr,
             "train_steps": steps, "seconds": round(time.perf_counter() - start, 2)}
@@ -238,7 +285,8 @@ ACCURACY_FILE = "accuracy.jsonl"
 
 
 def config_of(key: str) -> str:
-    """model/optim/ckpt/bits/batch/precision: what a memory record and an accuracy record share."""
+    """model/optim/ckpt/bits/batch/training (precision[+impl][+in-backward]): what a memory record and an
+    accuracy record share."""
     return "/".join(key.split("/")[:6])
 
 

@@ -69,7 +69,7 @@ def _run_options(args, **extra) -> dict:
 
     names = ("models", "optims", "grad_ckpt", "state_bits", "paged", "batch_size", "steps", "budget", "num_classes",
              "pretrained", "backend", "out", "resume", "retry_failed", "jobs", "timeout_s", "snapshot",
-             "nvml_period_ms")
+             "nvml_period_ms", "precision", "optim_impl", "optim_in_backward")
     return run_options(progress=not args.no_progress, **{n: getattr(args, n) for n in names if n not in extra}, **extra)
 
 
@@ -168,7 +168,8 @@ def _plan_accuracy(args):
         models=args.models, optims=args.optims, grad_ckpt=args.grad_ckpt, state_bits=args.state_bits,
         batch_size=args.batch_size, pretrained=args.pretrained, num_classes=args.num_classes,
         train_steps=args.train_steps, lr_sgd=args.lr_sgd, lr_adaptive=args.lr_adaptive, data=args.data,
-        seed=args.seed, backend=args.accuracy_backend, progress=not args.no_progress))
+        seed=args.seed, backend=args.accuracy_backend, progress=not args.no_progress, precision=args.precision,
+        optim_impl=args.optim_impl, optim_in_backward=args.optim_in_backward))
 
 
 def _execute_accuracy(accuracy, out_dir: str) -> None:
@@ -386,6 +387,16 @@ def _grid_options(p, profiles) -> None:
                                  "needs --resume")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: up to 2, one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _training_options(p)
+
+
+def _training_options(p) -> None:
+    p.add_argument("--precision", default="fp32", help="fp32, bf16-amp, fp16-amp, bf16 (model in bfloat16), comma "
+                   "list or all (default: fp32)")
+    p.add_argument("--optim-impl", default="foreach", help="optimizer implementation: foreach, fused, forloop, comma "
+                   "list or all (default: foreach)")
+    p.add_argument("--optim-in-backward", default="off", help="step each parameter from its post-accumulate-grad "
+                   "hook: off, on or off,on (default: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -427,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--budget", default=None, help="card or size to fit (default: titan-x; `memprof list budgets`)")
     adv.add_argument("--backend", choices=["auto", "cuda", "simulate"], default="simulate",
                      help="simulate (default: predicts) or cuda (measures each candidate in a fresh process)")
+    _training_options(adv)
     adv.add_argument("--accuracy-from", metavar="DIR", help="a run directory with accuracy.jsonl (`memprof accuracy`): "
                                                             "its verdicts are shown per setting")
     adv.add_argument("--out", help="output directory (default: reports/runs/<timestamp>)")
@@ -455,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--grad-ckpt", default="off,on", help="off, on or off,on (default: off,on)")
     acc.add_argument("--state-bits", default="32,8", help="32, 8 or 32,8 (default: 32,8)")
     acc.add_argument("--batch-size", default="1", help="micro-batch size (default: 1)")
+    _training_options(acc)
     acc.add_argument("--num-classes", type=int, default=10, help=argparse.SUPPRESS)
     acc.add_argument("--pretrained", help="weights: a local file, or an open_clip tag found in the local cache")
     acc.add_argument("--out", help="output directory (default: reports/runs/<timestamp>)")

@@ -15,7 +15,7 @@ import torch
 
 from memprof.budget import parse_budget
 from memprof.spec import RunSpec
-from memprof.tracing import common_metrics, live_peak, median_ms, phase_at, trace
+from memprof.tracing import common_metrics, live_peak, median_ms, peak_to_floor, phase_at, trace
 
 
 def device_name() -> str:
@@ -38,6 +38,7 @@ def measure(spec: RunSpec, **_) -> tuple[str, dict]:
     phase, step = phase_at(t.events, peak.peak_index)
     return "ok", {
         "peak_live_bytes": peak.peak_bytes,
+        "peak_to_floor_ratio": peak_to_floor(peak.peak_bytes, t.extra.get("floor_bytes")),
         "phase_peak_live_bytes": peak.phase_peaks,
         "peak_phase": phase,
         "peak_step": step,

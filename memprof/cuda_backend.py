@@ -25,10 +25,11 @@ import torch
 
 from memprof.budget import NOMINAL_TOLERANCE, GiB, parse_budget
 from memprof.errors import UsageError
-from memprof.harness import materialize, prepare, train_steps
+from memprof.harness import apply_precision, grad_scaler, materialize, prepare, train_steps
 from memprof.nvml import Nvml, Sampler
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
+from memprof.tracing import floor, peak_to_floor
 
 _REQUEST = re.compile(r"Tried to allocate ([\d.]+) (B|KiB|MiB|GiB)")
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
@@ -80,6 +81,7 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
 
     with torch.device("meta"):
         prepared = prepare(spec, load_weights=False)
+        apply_precision(prepared.model, spec)
     allocated, reserved = {}, {}
     state = {"phase": "setup", "step": 0, "starts": []}
 
@@ -104,13 +106,15 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
         if prepared.pretrained_state is not None:
             model.visual.load_state_dict(prepared.pretrained_state)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged)
+        optimizer = build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged, spec.optim_impl,
+                                    spec.optim_in_backward)
         torch.cuda.synchronize()
         metrics.update(params_total=sum(p.numel() for p in model.parameters()),
                        params_trainable=sum(p.numel() for p in trainable), frozen_parameter_names=prepared.frozen,
                        setup_allocated_bytes=torch.cuda.memory_allocated())
         close_phase()
-        train_steps(model, optimizer, spec, "cuda", on_phase)
+        train_steps(model, optimizer, spec, "cuda", on_phase, grad_scaler(spec, "cuda"))
+        metrics.update(floor(model, trainable, optimizer))
     except torch.OutOfMemoryError as oom:
         status = "oom"
         metrics["oom"] = {"phase": state["phase"], "step": state["step"],
@@ -130,6 +134,7 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
         "peak_reserved_bytes": max(reserved.values()),
         "peak_phase": peak_phase,
         "phase_peak_allocated_bytes": {p: allocated.get(p, 0) for p in PHASES},
+        "peak_to_floor_ratio": peak_to_floor(max(allocated.values()), metrics.get("floor_bytes")),
         "phase_peak_reserved_bytes": {p: reserved.get(p, 0) for p in PHASES},
         "step_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
         # current values and counters only: the ".peak" ones were reset at every phase boundary

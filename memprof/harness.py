@@ -7,6 +7,7 @@ simulation under fake tensors with a tracker, real backends on a device.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from memprof.models import (build_model, check_pretrained, freeze_embedding, input_size,
                             read_pretrained, resolve_model)
 from memprof.optims import OptimInfo, REGISTRY as OPTIMS
-from memprof.spec import RunSpec
+from memprof.spec import AMP_DTYPES, MODEL_DTYPES, RunSpec
 
 
 @dataclass
@@ -62,21 +63,68 @@ def materialize(model, device) -> None:
                     p.normal_(0.0, 0.02)
 
 
-def train_steps(model, optimizer, spec: RunSpec, device, on_phase) -> None:
-    """`spec.steps` steps at micro-batch `spec.batch_size`: a fresh batch is created on the device, forward
-    and cross-entropy, backward, optimizer step, zero_grad(set_to_none=True). `on_phase(name, step)` is
-    called as each of forward / backward / optimizer begins, and once with "done" at the end.
+def model_dtype(spec: RunSpec) -> torch.dtype:
+    """The dtype of weights, gradients and optimizer state: bfloat16 for `bf16`, else float32 (AMP keeps fp32
+    master weights)."""
+    return getattr(torch, MODEL_DTYPES.get(spec.precision, "float32"))
+
+
+def autocast_dtype(spec: RunSpec) -> torch.dtype | None:
+    name = AMP_DTYPES.get(spec.precision)
+    return getattr(torch, name) if name else None
+
+
+def apply_precision(model, spec: RunSpec) -> None:
+    """Cast the model's floating-point parameters and buffers to its training dtype (only `bf16` changes
+    anything), before anything is counted; each parameter keeps its requires_grad. (Rebinding instead of
+    Module.to: fake parameters that a tracer holds weak references to cannot be swapped in place.)"""
+    dtype = model_dtype(spec)
+    if dtype == torch.float32:
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and p.is_floating_point():
+                    module._parameters[name] = torch.nn.Parameter(p.to(dtype), requires_grad=p.requires_grad)
+            for name, b in list(module._buffers.items()):
+                if b is not None and b.is_floating_point():
+                    module._buffers[name] = b.to(dtype)
+
+
+def grad_scaler(spec: RunSpec, device):
+    """torch.amp.GradScaler for fp16-amp (its scale tensors are created lazily, inside the first step), else None."""
+    if spec.precision != "fp16-amp":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
+def train_steps(model, optimizer, spec: RunSpec, device, on_phase, scaler=None) -> None:
+    """`spec.steps` steps at micro-batch `spec.batch_size`: a fresh batch is created on the device (in the
+    model's dtype), forward and cross-entropy (under torch.autocast for *-amp), backward (of the scaled loss
+    with a GradScaler), optimizer step (scaler.step and scaler.update with one), zero_grad(set_to_none=True).
+    `on_phase(name, step)` is called as each of forward / backward / optimizer begins, and once with "done" at
+    the end. With optimizer-in-backward (`optimizer` an optims.InBackward) parameters are stepped and their
+    gradients freed inside backward, so there is no optimizer phase and nothing left to zero.
     """
     h, w = input_size(model)
+    amp = autocast_dtype(spec)
+    device_type = torch.device(device).type
+    in_backward = getattr(optimizer, "optimizers", None) is not None
     for step in range(spec.steps):
         on_phase("forward", step)
-        images = torch.randn(spec.batch_size, 3, h, w, device=device)
+        images = torch.randn(spec.batch_size, 3, h, w, device=device, dtype=model_dtype(spec))
         labels = torch.randint(0, spec.num_classes, (spec.batch_size,), device=device)
-        loss = F.cross_entropy(model(images), labels)
+        with torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext():
+            loss = F.cross_entropy(model(images), labels)
         on_phase("backward", step)
-        loss.backward()
-        on_phase("optimizer", step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if not in_backward:
+            on_phase("optimizer", step)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         del images, labels, loss
     on_phase("done", spec.steps)

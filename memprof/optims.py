@@ -1,8 +1,11 @@
 """Optimizer registry: one frozen spec per entry, with the seed paper's defaults (PyTorch's, Appendix A).
 
-Every optimizer is built with `foreach=True`, the multi-tensor implementation that torch
+By default every optimizer is built with `foreach=True`, the multi-tensor implementation that torch
 (`torch.optim.optimizer._default_to_fused_or_foreach`) and timm (`_resolve_foreach`) pick by default for
 CUDA parameters, so a CPU run executes the same code, and allocates the same temporaries, as a GPU run.
+`impl` picks another: `fused=True` (one kernel per dtype group, no temporaries) or the for-loop
+(`foreach=False`: one parameter at a time). Optimizer-in-backward (`InBackward`) builds one optimizer per
+parameter and steps it from the parameter's post-accumulate-grad hook, freeing the gradient at once.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class OptimInfo:
     paper: bool = False  # one of Table 4's four methods
     bnb_8bit: str | None = None  # bitsandbytes class with block-wise 8-bit states
     bnb_paged: str | None = None  # its paged variant (states in CUDA managed memory), if bitsandbytes has one
+    impls: tuple = ("foreach", "fused", "forloop")  # the implementations its class offers (torch: all three)
+    global_step: str = ""  # why its update needs every gradient at once (then optimizer-in-backward cannot run it)
 
 
 ADAMW = (("betas", (0.9, 0.999)), ("eps", 1e-8), ("weight_decay", 0.01))
@@ -54,10 +59,14 @@ REGISTRY: dict[str, OptimInfo] = {o.name: o for o in (
               bnb_paged=BNB_PAGED_ADAMW),
     OptimInfo("lars", "LARS", "timm LARS, momentum 0.9 (paper Table 5)",
               "timm.optim.Lars", 1e-3, (("momentum", 0.9),), state_tensors_per_param=1,
-              bnb_8bit="bitsandbytes.optim.LARS8bit"),
+              bnb_8bit="bitsandbytes.optim.LARS8bit", impls=("foreach", "forloop")),
     OptimInfo("lamb", "LAMB", "timm LAMB, betas (0.9, 0.999), weight decay 0.01 (paper Table 5)",
               "timm.optim.Lamb", 1e-3, (("betas", (0.9, 0.999)), ("weight_decay", 0.01)),
-              state_tensors_per_param=2, bnb_8bit="bitsandbytes.optim.LAMB8bit"),
+              state_tensors_per_param=2, bnb_8bit="bitsandbytes.optim.LAMB8bit", impls=("foreach", "forloop"),
+              global_step="clips by the gradient norm over all parameters (max_grad_norm 1.0)"),
+    OptimInfo("adam", "Adam", "torch Adam, betas (0.9, 0.999), eps 1e-8, weight decay 0",
+              "torch.optim.Adam", 1e-5, (("betas", (0.9, 0.999)), ("eps", 1e-8), ("weight_decay", 0.0)),
+              state_tensors_per_param=2),
 )}
 
 PAPER_OPTIMS = tuple(o.name for o in REGISTRY.values() if o.paper)
@@ -95,9 +104,13 @@ def require_bitsandbytes() -> None:
         raise UsageError(f"--state-bits 8 needs bitsandbytes, which is not installed: {BNB_INSTALL}") from None
 
 
-def build_optimizer(info: OptimInfo, params, state_bits: int = 32, paged: bool = False):
-    """The optimizer over `params` (only trainable ones should be passed): torch/timm in their foreach
-    implementation for 32-bit states, bitsandbytes for 8-bit ones."""
+IMPL_KWARGS = {"foreach": {"foreach": True}, "fused": {"fused": True}, "forloop": {"foreach": False}}
+
+
+def build_optimizer(info: OptimInfo, params, state_bits: int = 32, paged: bool = False, impl: str = "foreach",
+                    in_backward: bool = False):
+    """The optimizer over `params` (only trainable ones should be passed): torch/timm in implementation
+    `impl` for 32-bit states, bitsandbytes for 8-bit ones; with `in_backward`, an InBackward over them."""
     path = optimizer_class(info, state_bits, paged)
     if not path:
         raise ValueError(f"{info.name} has no {'paged ' if paged else ''}{state_bits}-bit implementation")
@@ -105,5 +118,41 @@ def build_optimizer(info: OptimInfo, params, state_bits: int = 32, paged: bool =
         require_bitsandbytes()
     module, _, cls_name = path.rpartition(".")
     cls = getattr(importlib.import_module(module), cls_name)
-    extra = {"foreach": True} if state_bits == 32 else {}
-    return cls(params, lr=info.lr, **extra, **dict(info.kwargs))
+    if state_bits == 32 and impl not in info.impls:
+        raise ValueError(f"{info.name} has no {impl} implementation")
+    extra = IMPL_KWARGS[impl] if state_bits == 32 else {}
+
+    def make(ps):
+        return cls(ps, lr=info.lr, **extra, **dict(info.kwargs))
+
+    return InBackward(list(params), make) if in_backward else make(params)
+
+
+class InBackward:
+    """Optimizer-in-backward: one optimizer per parameter, stepped by the parameter's post-accumulate-grad hook
+    the moment its gradient is complete, then `zero_grad(set_to_none=True)` frees that gradient (PyTorch
+    tutorial "How to save memory by fusing the optimizer step into the backward pass"). Full gradients never
+    coexist, and no optimizer phase follows backward. `on_grad(p)`, if set, is called before each step (a
+    tracer records the gradient's storage there). `state` merges the per-parameter states."""
+
+    def __init__(self, params: list, make):
+        self.optimizers = {p: make([p]) for p in params}
+        self.on_grad = None
+        self.steps = 0
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+
+    def _hook(self, p) -> None:
+        if self.on_grad is not None:
+            self.on_grad(p)
+        opt = self.optimizers[p]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.steps += 1
+
+    @property
+    def state(self) -> dict:
+        return {p: st for opt in self.optimizers.values() for p, st in opt.state.items()}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()

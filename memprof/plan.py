@@ -23,7 +23,8 @@ RUN_OPTIONS = {
     "models": "paper", "optims": "paper", "grad_ckpt": "off", "state_bits": "32", "paged": False,
     "batch_size": "1", "steps": 2, "budget": None, "num_classes": 10, "pretrained": None, "backend": "auto",
     "out": None, "resume": False, "retry_failed": False, "jobs": None, "timeout_s": None, "snapshot": None,
-    "nvml_period_ms": None, "progress": True, "max_batch_size": None,
+    "nvml_period_ms": None, "progress": True, "max_batch_size": None, "precision": "fp32", "optim_impl": "foreach",
+    "optim_in_backward": "off",
 }
 BACKENDS = ("auto", "cuda", "simulate", "cpu")
 DEFAULT_NVML_PERIOD_MS = 5.0
@@ -201,7 +202,8 @@ def plan_advise(opts: dict) -> AdvisePlan:
     from memprof.advise import candidates
     from memprof.spec import GridEntry
 
-    for name in ("models", "optims", "batch_size", "grad_ckpt", "state_bits"):
+    for name in ("models", "optims", "batch_size", "grad_ckpt", "state_bits", "precision", "optim_impl",
+                 "optim_in_backward"):
         value = str(opts[name])
         if "," in value or value in ("paper", "all"):
             raise UsageError(f"advise starts from one configuration: give one value to {flag(name)} (got '{value}')",
@@ -236,6 +238,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
         state_bits = unique(parse_ints(str(opts["state_bits"]), "--state-bits", 1), "state_bits", notes)
     with option("batch_size"):
         batch_sizes = unique(parse_ints(str(opts["batch_size"]), "--batch-size", 1), "batch_size", notes)
+    training = training_axes(opts)
     if opts["steps"] < MIN_STEPS:
         raise UsageError(f"--steps {opts['steps']}: use at least {MIN_STEPS}, so the measured step runs with "
                          f"optimizer state present", option="steps")
@@ -270,7 +273,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
         budget = resolve_budget(opts["budget"], backend, notes)
     entries = expand_grid(models, optims, grad_ckpt, state_bits, batch_sizes, paged=opts["paged"],
                           steps=opts["steps"], budget=budget, num_classes=opts["num_classes"],
-                          pretrained=opts["pretrained"])
+                          pretrained=opts["pretrained"], **training)
     if any(e.spec.state_bits == 8 and not e.skip_reason for e in entries):
         from memprof.optims import require_bitsandbytes
 
@@ -278,6 +281,23 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
             require_bitsandbytes()
     entries = _remaining(entries, out_dir, backend, resume, opts["retry_failed"], notes, task)
     return RunPlan(entries, out_dir, backend, announce, opts, notes, task)
+
+
+def training_axes(opts: dict) -> dict:
+    """--precision, --optim-impl and --optim-in-backward, validated: the expand_grid keywords."""
+    from memprof.spec import parse_optim_impls, parse_precisions, parse_switch
+
+    with option("precision"):
+        precisions = parse_precisions(str(opts.get("precision", "fp32")))
+    with option("optim_impl"):
+        impls = parse_optim_impls(str(opts.get("optim_impl", "foreach")))
+    with option("optim_in_backward"):
+        in_backward = parse_switch(str(opts.get("optim_in_backward", "off")), "--optim-in-backward")
+    if in_backward == [True] and precisions == ["fp16-amp"]:
+        raise UsageError("--optim-in-backward on cannot honour --precision fp16-amp: GradScaler must see every gradient "
+                         "(to skip the whole step on inf/nan) before any parameter is updated; use bf16-amp, or "
+                         "--optim-in-backward off", option="optim_in_backward")
+    return {"precisions": precisions, "optim_impls": impls, "in_backward": in_backward}
 
 
 def _remaining(entries, out_dir: str, backend: str, resume: bool, retry_failed: bool, notes: list,
@@ -320,7 +340,8 @@ def execute(plan: RunPlan, lock: bool = True) -> list[dict]:
 ACCURACY_OPTIONS = {
     "models": "test-vit", "optims": "paper", "grad_ckpt": "off,on", "state_bits": "32,8", "batch_size": "1",
     "pretrained": None, "num_classes": 10, "train_steps": None, "lr_sgd": None, "lr_adaptive": None,
-    "data": None, "seed": 0, "backend": "auto", "progress": True,
+    "data": None, "seed": 0, "backend": "auto", "progress": True, "precision": "fp32", "optim_impl": "foreach",
+    "optim_in_backward": "off",
 }
 
 
@@ -380,7 +401,7 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
     entries = expand_grid(models, optims, parse_switch(opts["grad_ckpt"], "--grad-ckpt"),
                           unique(parse_ints(str(opts["state_bits"]), "--state-bits", 1), "state_bits", notes),
                           unique(parse_ints(str(opts["batch_size"]), "--batch-size", 1), "batch_size", notes),
-                          pretrained=opts["pretrained"], budget="device")
+                          pretrained=opts["pretrained"], budget="device", **training_axes(opts))
     for name in ("lr_sgd", "lr_adaptive"):
         value = opts[name]
         if not math.isfinite(value) or value < 0:

@@ -47,17 +47,29 @@ def default_metric(records: list[dict]) -> str:
     return "reserved" if any("peak_reserved_bytes" in r["metrics"] for r in records) else "live"
 
 
+def _training(spec: dict) -> tuple:
+    """How a record trains: precision, optimizer implementation, optimizer-in-backward (older records: defaults)."""
+    return spec.get("precision", "fp32"), spec.get("optim_impl", "foreach"), bool(spec.get("optim_in_backward"))
+
+
+def _training_label(training: tuple) -> str:
+    precision, impl, in_backward = training
+    return ", ".join([precision] + ([f"{impl} optimizer"] if impl != "foreach" else [])
+                     + (["optimizer in backward"] if in_backward else []))
+
+
 def _setting(rec: dict) -> tuple:
-    """Records in one table share these; a table never mixes predicted and measured figures."""
+    """Records in one table share these (a section per precision and optimizer implementation); a table never
+    mixes predicted and measured figures."""
     s = rec["spec"]
-    return (s["grad_ckpt"], s["batch_size"], s["budget"], s["precision"], rec["source"],
+    return (s["grad_ckpt"], s["batch_size"], s["budget"], _training(s), rec["source"],
             rec["environment"].get("device") or "unknown device")
 
 
 def _setting_title(setting: tuple) -> str:
-    ckpt, bs, budget, precision, source, device = setting
-    return (f"micro-batch {bs}, {precision}, gradient checkpointing {'on' if ckpt else 'off'}, budget {budget}: "
-            f"{source} ({device})")
+    ckpt, bs, budget, training, source, device = setting
+    return (f"micro-batch {bs}, {_training_label(training)}, gradient checkpointing {'on' if ckpt else 'off'}, "
+            f"budget {budget}: {source} ({device})")
 
 
 def _method(rec: dict) -> tuple:
@@ -217,6 +229,7 @@ def render_markdown(records: list[dict], metric: str = "reserved", verdicts: dic
     out.append(render_overhead(overhead_sets(records), METRICS["reserved"][0]))
     out.append(render_eight_bit_check(records, metric))
     out.append(render_state_bytes(records))
+    out.append(render_floor(records))
     out.append(render_reconciliation(records))
     out.append(render_rules(records))
     return "\n".join(x for x in out if x)
@@ -408,6 +421,25 @@ def render_state_bytes(records: list[dict]) -> str:
                        tablefmt="github") + "\n")
 
 
+def render_floor(records: list[dict]) -> str:
+    """Each configuration's floor (weights + gradients + optimizer state, in the dtypes it keeps them) and its
+    peak allocated (or live) bytes as a multiple of it: how far a setup is from the least any implementation
+    could need."""
+    rows = []
+    for r in sorted(records, key=lambda r: r["key"]):
+        m = r["metrics"]
+        if r["status"] not in ("ok", "oom") or not m.get("floor_bytes"):
+            continue
+        peak = m.get("peak_allocated_bytes", m.get("peak_live_bytes"))
+        rows.append([r["key"].rsplit("/", 2)[0], r["source"], _size(m["floor_bytes"]),
+                     "n/a" if peak is None else _size(peak), m.get("peak_to_floor_ratio") or "n/a"])
+    if not rows:
+        return ""
+    return ("## Floor: weights + gradients + optimizer state\n\nThe peak (allocated; live bytes on the cpu backend) "
+            "as a multiple of the floor, each figure predicted or measured as its source says.\n\n"
+            + tabulate(rows, headers=["config", "source", "floor", "peak", "peak / floor"], tablefmt="github") + "\n")
+
+
 def render_reconciliation(records: list[dict]) -> str:
     """One view per configuration: allocated -> reserved (allocator cache) -> NVML process (context and
     memory outside PyTorch) -> NVML device (other processes)."""
@@ -433,7 +465,8 @@ def render_reconciliation(records: list[dict]) -> str:
 
 
 def _config(rec: dict) -> str:
-    """A key without its budget: the same configuration measured on one card and predicted for it."""
+    """A key without its budget: the same configuration measured on one card and predicted for it (the key's
+    sixth segment, e.g. `bf16-amp+fused+in-backward`, keeps precision and optimizer implementation apart)."""
     return rec["key"].rsplit("/", 1)[0]
 
 

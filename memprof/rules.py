@@ -447,13 +447,353 @@ class Bitsandbytes8bit(Rule):
         return {"paged_state_bytes": self.paged_bytes} if self.active else {}
 
 
+
+
+# --- mixed precision ----------------------------------------------------------------------------------
+
+AUTOCAST_LISTS = ("AT_FORALL_LOWER_PRECISION_FP", "AT_FORALL_FP32", "AT_FORALL_FP32_SET_OPT_DTYPE",
+                  "AT_FORALL_PROMOTE")
+_AUTOCAST_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+
+def cuda_autocast_lists(header: str | None = None) -> dict[str, list[str]]:
+    """CUDA's autocast op lists as the installed torch compiled them: the four macros of ATen/autocast_mode.h
+    (autocast_mode.cpp expands them for the Autocast(CUDA) key; the CPU's lists are written out separately
+    there). Each entry is `name` or `name.overload`."""
+    import os
+    import re
+
+    path = header or os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "autocast_mode.h")
+    with open(path) as fh:
+        text = fh.read()
+    out = {}
+    for macro in AUTOCAST_LISTS:
+        m = re.search(rf"#define {macro}\(_\)(.*?)(?:\n\s*\n|\n#)", text, re.S)
+        if not m:
+            raise RuntimeError(f"{path}: no {macro}: this torch's autocast lists cannot be read")
+        out[macro] = [a + (f".{b}" if b else "") for a, b in re.findall(r"_\((\w+)(?:,\s*(\w+))?\)", m.group(1))]
+    return out
+
+
+def _op(name: str):
+    base, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.aten, base), overload or "default")
+
+
+class CudaAutocastPolicy(Rule):
+    """Fake CPU tensors follow CPU autocast (AutocastCPU key); CUDA's policy differs. This rule makes CPU
+    autocast apply CUDA's, op by op, as autocast_mode.cpp does for the Autocast(CUDA) key.
+
+    While active it registers a Python kernel at the AutocastCPU key for every op on CUDA's four lists (read
+    from the installed ATen/autocast_mode.h) and a fallthrough for every op that has a CPU autocast kernel but
+    no CUDA one (e.g. cross_entropy_loss, which CUDA leaves to its parts: a low-precision log_softmax is saved
+    and nll_loss casts it to fp32). The kernels, as in autocast_mode.cpp:
+    - lower precision (linear, addmm, matmul, bmm, conv2d, SDPA, ...): each eligible argument (floating point,
+      not float64) not already in the autocast dtype is cast to it; a cast of an fp32 leaf that requires grad
+      and is not a view (a weight) goes into the cast cache and is reused until the outermost autocast region
+      exits (`cached_cast`, `clear_autocast_cache`): one low-precision copy per weight per region;
+    - fp32 (layer_norm, native_layer_norm, nll_loss, ...): eligible arguments are cast to float32 (CPU
+      autocast runs layer_norm in the input dtype);
+    - fp32 with an optional dtype (softmax, log_softmax, sum, cumsum, ...): when the first argument is
+      eligible and no dtype is given, dtype=float32 is passed;
+    - promote (addcmul, index_put, ...): every eligible argument is cast to the widest of the autocast dtype
+      and the arguments' dtypes.
+    Ops with a CUDA autocast kernel outside the four lists (norm, binary_cross_entropy, cudnn_*, _cudnn_rnn)
+    keep the CPU behaviour; none of them runs in a ViT. The kernels are removed when the rule's mode exits.
+    """
+
+    name = "cuda-autocast-policy"
+    summary = ("autocast follows CUDA's op lists (autocast_mode.h), not the CPU's: low-precision matmuls/convs/"
+               "SDPA with one cached cast per weight per region; layer_norm, softmax, nll_loss in fp32; "
+               "cross_entropy_loss unlisted (its log_softmax is low precision)")
+    source = "aten/src/ATen/autocast_mode.h AT_FORALL_*; aten/src/ATen/autocast_mode.cpp cached_cast, set_opt_dtype"
+
+    def __init__(self):
+        self.cache: dict[int, tuple] = {}
+        self.cache_hits = 0
+        self.casts = 0
+
+    # the policies ---------------------------------------------------------------------------------
+    @staticmethod
+    def eligible(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+
+    def cast(self, t, dtype):
+        if not self.eligible(t) or t.dtype == dtype:
+            return t
+        cacheable = (dtype == torch.get_autocast_dtype("cpu") and t.dtype == torch.float32 and t.requires_grad
+                     and t.is_leaf and not t._is_view() and torch.is_autocast_cache_enabled())
+        if cacheable:
+            hit = self.cache.get(id(t))
+            if hit is not None and hit[0] is t:
+                self.cache_hits += 1
+                return hit[1]
+        out = t.to(dtype)
+        self.casts += 1
+        if cacheable:
+            self.cache[id(t)] = (t, out)
+        return out
+
+    def _map(self, values, fn):
+        return [[fn(u) for u in v] if isinstance(v, (list, tuple)) else fn(v) for v in values]
+
+    def kernel(self, op, policy: str):
+        dtype_arg = next(((i, a.kwarg_only) for i, a in enumerate(op._schema.arguments) if a.name == "dtype"), None)
+
+        def run(*args, **kwargs):
+            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CPU):
+                if policy == "lower":
+                    low = torch.get_autocast_dtype("cpu")
+                    args = self._map(args, lambda t: self.cast(t, low))
+                    kwargs = dict(zip(kwargs, self._map(kwargs.values(), lambda t: self.cast(t, low))))
+                elif policy == "fp32":
+                    args = self._map(args, lambda t: self.cast(t, torch.float32))
+                    kwargs = dict(zip(kwargs, self._map(kwargs.values(), lambda t: self.cast(t, torch.float32))))
+                elif policy == "fp32_set_opt_dtype":
+                    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                    if self.eligible(first) and dtype_arg is not None:
+                        i, kw_only = dtype_arg
+                        if kw_only or i >= len(args):
+                            kwargs = {**kwargs, "dtype": kwargs.get("dtype") or torch.float32}
+                        elif args[i] is None:
+                            args = list(args)
+                            args[i] = torch.float32
+                else:  # promote
+                    widest = torch.get_autocast_dtype("cpu")
+                    for t in [*args, *kwargs.values()]:
+                        for u in t if isinstance(t, (list, tuple)) else (t,):
+                            if self.eligible(u):
+                                widest = torch.promote_types(widest, u.dtype)
+                    args = self._map(args, lambda t: self.cast(t, widest))
+                    kwargs = dict(zip(kwargs, self._map(kwargs.values(), lambda t: self.cast(t, widest))))
+                return op(*args, **kwargs)
+
+        return run
+
+    @contextlib.contextmanager
+    def mode(self):
+        lists = cuda_autocast_lists()
+        policies = {"AT_FORALL_LOWER_PRECISION_FP": "lower", "AT_FORALL_FP32": "fp32",
+                    "AT_FORALL_FP32_SET_OPT_DTYPE": "fp32_set_opt_dtype", "AT_FORALL_PROMOTE": "promote"}
+        cuda_ops = {name: policies[macro] for macro, names in lists.items() for name in names}
+        cpu_only = [n.removeprefix("aten::") for n in _cpu_autocast_ops()
+                    if n.removeprefix("aten::") not in cuda_ops]
+        lib = torch.library.Library("aten", "IMPL")
+        original_clear = torch.clear_autocast_cache
+
+        def clear():
+            self.cache.clear()
+            original_clear()
+
+        try:
+            with warnings.catch_warnings():  # "overriding a previously registered kernel": intended
+                warnings.simplefilter("ignore")
+                for name, policy in cuda_ops.items():
+                    lib.impl(name, self.kernel(_op(name), policy), "AutocastCPU")
+                for name in cpu_only:
+                    lib.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")
+            torch.clear_autocast_cache = clear
+            yield
+        finally:
+            torch.clear_autocast_cache = original_clear
+            self.cache.clear()
+            lib._destroy()
+
+    def metrics(self) -> dict:
+        return {"autocast_casts": self.casts, "autocast_cache_hits": self.cache_hits}
+
+
+_CPU_AUTOCAST_OPS: list[str] = []
+
+
+def _cpu_autocast_ops() -> list[str]:
+    """Every op with a CPU autocast kernel (from the dispatcher, once per process)."""
+    if not _CPU_AUTOCAST_OPS:
+        _CPU_AUTOCAST_OPS.extend(n for n in torch._C._dispatch_get_all_op_names()
+                                 if n.startswith("aten::")
+                                 and torch._C._dispatch_has_kernel_for_dispatch_key(n, "AutocastCPU"))
+    return _CPU_AUTOCAST_OPS
+
+
+class HalfPrecisionAttention(Rule):
+    """Which kernel CUDA's scaled_dot_product_attention runs for fp16/bf16 inputs, from the card's compute
+    capability (sdp_utils.cpp select_sdp_backend, order flash > efficient > math):
+    - sm80 and newer: flash attention (fp16/bf16, no attention mask, head dim <= 256). It saves q, k, v, the
+      output (laid out [B, L, H, K] like q) and an fp32 logsumexp [B, H, L] (its meta function gives both),
+      plus its RNG state;
+    - older cards: the memory-efficient kernel for fp16 (as MemEfficientAttention does for fp32); bf16 is not
+      among its dtypes below sm80 (less_than_sm80_mem_efficient_dtypes: half, float), so the math path runs,
+      which upcasts q, k, v to fp32 and keeps fp32 scores and probabilities [B, H, L, S].
+    Under autocast fp32 inputs are cast to the autocast dtype first (SDPA is on the lower-precision list).
+    Not modelled: on sm90+ with cuDNN newer than 9.15 torch may prefer cuDNN attention when its shape checks
+    pass (check_prefer_cudnn_attention); flash is predicted there.
+    """
+
+    name = "half-precision-attention"
+    summary = ("fp16/bf16 SDPA: flash attention on sm80+ (fp32 logsumexp [B,H,L]); below sm80 the memory-efficient "
+               "kernel for fp16 and the math path (fp32 scores) for bf16")
+    source = "aten/src/ATen/native/transformers/cuda/sdp_utils.cpp; torch/_meta_registrations.py flash attention"
+
+    def __init__(self, device: DeviceProfile):
+        cc = device.compute_capability
+        self.flash = cc is not None and cc >= (8, 0)
+        self.kernels: dict[str, int] = {}
+
+    def backend(self, dtype, head_dim: int, masked: bool) -> str:
+        if self.flash and not masked and head_dim <= 256:
+            return "flash"
+        if dtype == torch.float16 or (self.flash and dtype == torch.bfloat16):
+            return "efficient"
+        return "math"
+
+    @contextlib.contextmanager
+    def mode(self):
+        original = F.scaled_dot_product_attention
+
+        def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            if query.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+                low = torch.get_autocast_dtype("cpu")
+                query, key, value = (t.to(low) for t in (query, key, value))
+            if query.dtype not in (torch.float16, torch.bfloat16) or enable_gqa:
+                return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+            # SDPA's autocast kernel redispatches with autocast excluded: the kernel's own ops (the math path's
+            # matmuls and softmax) run in the dtype they are given
+            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CPU):
+                return self._run(query, key, value, attn_mask, dropout_p, is_causal, scale)
+
+        F.scaled_dot_product_attention = sdpa
+        try:
+            yield
+        finally:
+            F.scaled_dot_product_attention = original
+
+    def _run(self, query, key, value, attn_mask, dropout_p, is_causal, scale):
+        kind = self.backend(query.dtype, query.size(-1), attn_mask is not None)
+        self.kernels[kind] = self.kernels.get(kind, 0) + 1
+        if kind == "flash":
+            return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
+        if kind == "efficient":
+            return efficient_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
+        return aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
+                                                       scale=scale)[0]
+
+    def after_op(self, tracker, func, args, kwargs, out) -> None:
+        if func is aten._scaled_dot_product_flash_attention.default:
+            for rng_state in out[6:8]:  # the RNG state: host scalars unless dropout runs under a CUDA graph
+                if isinstance(rng_state, torch.Tensor):
+                    tracker.treat_as_host(rng_state)
+
+    def metrics(self) -> dict:
+        return {"attention_kernels": dict(sorted(self.kernels.items()))} if self.kernels else {}
+
+
+class FlashAttentionBackward(Rule):
+    """What the flash backward allocates besides the gradients its shape function returns (flash_api.cpp
+    mha_bwd): softmax_d, fp32 [B, H, ceil(L/128)*128], and the fp32 dq accumulator [B, ceil(L/128)*128, H,
+    D rounded up to 32 (64 when D > 128)]; both are released when the op returns."""
+
+    name = "flash-attention-backward-temporaries"
+    summary = "the flash backward holds fp32 softmax_d [B,H,L128] and dq_accum [B,L128,H,D32] while it runs"
+    source = "aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp mha_bwd (unpinned copy)"
+
+    def after_op(self, tracker, func, args, kwargs, out) -> None:
+        if func is not aten._scaled_dot_product_flash_attention_backward.default:
+            return
+        b, h, m, d = args[1].shape
+        m128 = -(-m // 128) * 128
+        d_round = -(-d // 64) * 64 if d > 128 else -(-d // 32) * 32
+        softmax_d = tracker.synthetic_alloc(b * h * m128 * 4, "flash backward softmax_d")
+        dq_accum = tracker.synthetic_alloc(b * m128 * h * d_round * 4, "flash backward dq_accum")
+        tracker.free_synthetic(dq_accum)
+        tracker.free_synthetic(softmax_d)
+
+
+class FakeGradScalerStep(Rule):
+    """GradScaler's non-fused `step` reads found_inf with `.item()` to decide whether to step; fake tensors
+    have no value. Here the step always runs (found_inf is zero, the case whose memory matters: a skipped
+    step allocates a subset). Everything else of the scaler runs as written: its scale and growth tracker,
+    inv_scale and found_inf scalars, the in-place unscale (_amp_foreach_non_finite_check_and_unscale_)."""
+
+    name = "grad-scaler-fake-step"
+    summary = "GradScaler.step on fake tensors assumes no inf/nan was found (.item() has no value); the rest runs"
+    source = "torch/amp/grad_scaler.py _maybe_opt_step"
+
+    @contextlib.contextmanager
+    def mode(self):
+        from torch.amp import grad_scaler
+
+        original = grad_scaler.GradScaler._maybe_opt_step
+
+        def maybe_opt_step(scaler, optimizer, optimizer_state, *args, **kwargs):
+            return optimizer.step(*args, **kwargs)
+
+        grad_scaler.GradScaler._maybe_opt_step = maybe_opt_step
+        try:
+            yield
+        finally:
+            grad_scaler.GradScaler._maybe_opt_step = original
+
+
+def resize_storage(tracker, tensor: torch.Tensor, nbytes: int) -> None:
+    """Count `tensor`'s just-registered storage at `nbytes` (a kernel allocates it in another dtype than the
+    fake tensor's shape function says)."""
+    from memprof.tracker import ALLOC
+
+    sid = tracker.storage_id(tensor)
+    if sid is None or tracker._sizes.get(sid) == nbytes:
+        return
+    tracker.live_bytes += nbytes - tracker._sizes[sid]
+    tracker._sizes[sid] = nbytes
+    for i in range(len(tracker.events) - 1, -1, -1):
+        ev = tracker.events[i]
+        if ev[0] == ALLOC and ev[1] == sid:
+            tracker.events[i] = (ev[0], ev[1], nbytes, *ev[3:])
+            break
+
+
+class LayerNormStatsFp32(Rule):
+    """native_layer_norm's saved mean and rstd are float32 for fp16/bf16 inputs on CUDA (layer_norm_kernel.cu:
+    acc_type of the input) and on the CPU when the weight's dtype differs from the input's (the mixed-type
+    kernel, e.g. bf16 activations with fp32 weights under CPU autocast); the reference shape function used
+    on fake tensors gives them the input's dtype. `on_cpu` applies the CPU condition, else CUDA's."""
+
+    name = "layer-norm-stats-fp32"
+    summary = "layer_norm's saved mean/rstd are fp32 for half inputs on CUDA (and for mixed dtypes on the CPU)"
+    source = "aten/src/ATen/native/cuda/layer_norm_kernel.cu; aten/src/ATen/native/cpu/layer_norm_kernel.cpp"
+
+    def __init__(self, on_cpu: bool = False):
+        self.on_cpu = on_cpu
+
+    def after_op(self, tracker, func, args, kwargs, out) -> None:
+        if func is not aten.native_layer_norm.default:
+            return
+        x, weight = args[0], args[2] if len(args) > 2 else None
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return
+        if self.on_cpu and (weight is None or weight.dtype == x.dtype):
+            return
+        for stat in out[1:3]:
+            if stat.dtype != torch.float32:
+                resize_storage(tracker, stat, stat.numel() * 4)
+
+
 RULES = {r.name: r for r in (CachingAllocator, ForeachOptimizer, HostLiterals, MemEfficientAttention,
                              CublasWorkspace, EfficientAttentionBackward, TimmForeachChunks, ConvWorkspaceBound,
-                             InPlaceGradAccumulation, Bitsandbytes8bit)}
+                             InPlaceGradAccumulation, Bitsandbytes8bit, CudaAutocastPolicy, HalfPrecisionAttention,
+                             FlashAttentionBackward, FakeGradScalerStep, LayerNormStatsFp32)}
 
 
-def cuda_rules(device: DeviceProfile) -> list[Rule]:
-    """Fresh rule instances for one simulated run on `device` (several keep per-run state)."""
-    return [CachingAllocator(), ForeachOptimizer(), HostLiterals(), MemEfficientAttention(),
-            CublasWorkspace(device), EfficientAttentionBackward(device), TimmForeachChunks(device),
-            ConvWorkspaceBound(), InPlaceGradAccumulation(), Bitsandbytes8bit()]
+def cuda_rules(device: DeviceProfile, spec=None) -> list[Rule]:
+    """Fresh rule instances for one simulated run of `spec` on `device` (several keep per-run state); the
+    precision rules join only for a spec that trains in reduced precision, so fp32 runs list what they did."""
+    rules = [CachingAllocator(), ForeachOptimizer(), HostLiterals(), MemEfficientAttention(),
+             CublasWorkspace(device), EfficientAttentionBackward(device), TimmForeachChunks(device),
+             ConvWorkspaceBound(), InPlaceGradAccumulation(), Bitsandbytes8bit()]
+    precision = getattr(spec, "precision", "fp32")
+    if precision != "fp32":
+        rules += [HalfPrecisionAttention(device), FlashAttentionBackward(), LayerNormStatsFp32()]
+    if precision.endswith("-amp"):
+        rules.append(CudaAutocastPolicy())
+    if precision == "fp16-amp":
+        rules.append(FakeGradScalerStep())
+    return rules

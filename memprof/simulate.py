@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from memprof.allocator import CachingAllocatorModel, SimulatedOOM, round_size, segment_size
 from memprof.budget import parse_budget
-from memprof.rules import cuda_rules
+from memprof.rules import FakeGradScalerStep, LayerNormStatsFp32, cuda_rules
 from memprof.spec import RunSpec
-from memprof.tracing import CATEGORIES, Trace, common_metrics, live_peak, phase_at, trace
+from memprof.tracing import CATEGORIES, Trace, common_metrics, live_peak, peak_to_floor, phase_at, trace
 from memprof.tracker import ALLOC, FREE
 
 
@@ -63,7 +63,7 @@ def replay(events, capacity: int | None = None, stop_at: int | None = None) -> R
 def predict(spec: RunSpec) -> tuple[str, dict]:
     """(status, metrics) for `spec` on a CUDA device: status is "ok" or "oom" (does not fit the budget card)."""
     device = parse_budget(spec.budget)
-    rules = cuda_rules(device)
+    rules = cuda_rules(device, spec)
     t = trace(spec, rules)
     folded = 0
     for rule in rules:
@@ -94,6 +94,7 @@ def predict(spec: RunSpec) -> tuple[str, dict]:
         "rules": [r["name"] for r in t.rules],
         "in_place_accumulations": folded,
     }
+    metrics["peak_to_floor_ratio"] = peak_to_floor(full.peak_allocated, metrics.get("floor_bytes"))
     metrics.update(band(metrics, device))
     try:
         replay(t.events, capacity=device.usable_bytes)
@@ -132,7 +133,10 @@ HOST_SCALARS_NOTE = ("optimizer step counters (torch.tensor(0.0) per parameter, 
 def predict_cpu(spec: RunSpec) -> tuple[Trace, dict]:
     """The prediction under CPU rules (no CUDA corrections, no allocator): peak live tensor bytes. The
     `cpu` backend measures the same quantity on real tensors; on a small model the two agree exactly."""
-    t = trace(spec, rules=())
+    rules = [LayerNormStatsFp32(on_cpu=True)] if spec.precision != "fp32" else []
+    if spec.precision == "fp16-amp":
+        rules.append(FakeGradScalerStep())  # fake tensors have no value for the scaler's found_inf check
+    t = trace(spec, rules=rules)
     peak = live_peak(t)
-    return t, {"peak_live_bytes": peak.peak_bytes, "phase_peak_live_bytes": peak.phase_peaks,
+    return t, {"peak_live_bytes": peak.peak_bytes, "peak_to_floor_ratio": peak_to_floor(peak.peak_bytes, t.extra.get("floor_bytes")), "phase_peak_live_bytes": peak.phase_peaks,
                "breakdown_at_peak_bytes": peak.breakdown, **common_metrics(t), "host_scalars_note": HOST_SCALARS_NOTE}

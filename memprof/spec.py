@@ -16,6 +16,17 @@ from memprof.optims import OptimInfo
 
 MIN_STEPS = 2  # the optimizer creates its state in step 1; step 2 runs with that state present
 
+# fp32: everything fp32. *-amp: forward and loss under autocast, fp32 master weights (fp16 with a GradScaler).
+# bf16: the model itself in bfloat16 (weights, gradients, optimizer state).
+PRECISIONS = ("fp32", "bf16-amp", "fp16-amp", "bf16")
+AMP_DTYPES = {"bf16-amp": "bfloat16", "fp16-amp": "float16"}
+MODEL_DTYPES = {"bf16": "bfloat16"}
+OPTIM_IMPLS = ("foreach", "fused", "forloop")
+DEFAULT_OPTIM_IMPL = "foreach"
+PURE_FP16 = ("fp16 (the whole model in float16) is not supported: fp16 has too little range for gradients and "
+             "optimizer state without loss scaling and fp32 master weights, so no recipe trains that way; use "
+             "--precision fp16-amp (autocast with a GradScaler) or bf16")
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -30,13 +41,28 @@ class RunSpec:
     num_classes: int = 10
     pretrained: str | None = None
     paged: bool = False  # 8-bit states in CUDA managed memory (bitsandbytes' paged optimizers)
+    optim_impl: str = DEFAULT_OPTIM_IMPL  # foreach | fused | forloop (torch's implementations of the update)
+    optim_in_backward: bool = False  # one optimizer per parameter, stepped from its post-accumulate-grad hook
+
+    @property
+    def training(self) -> str:
+        """Precision, then the optimizer implementation and in-backward only where they differ from the
+        defaults: `fp32` for today's default, `bf16-amp+fused+in-backward` for a changed one."""
+        parts = [self.precision]
+        if self.optim_impl != DEFAULT_OPTIM_IMPL:
+            parts.append(self.optim_impl)
+        if self.optim_in_backward:
+            parts.append("in-backward")
+        return "+".join(parts)
 
     @property
     def key(self) -> str:
-        """A stable, readable identity (used to resume and to compare runs)."""
+        """A stable, readable identity (used to resume and to compare runs). Its segments keep their
+        positions whatever the axes: the sixth says how it trains (`training`), so default keys read as
+        they always did."""
         bits = f"{self.state_bits}bit" + ("-paged" if self.paged else "")
         return (f"{self.model}/{self.optim}/ckpt-{'on' if self.grad_ckpt else 'off'}/{bits}/"
-                f"bs{self.batch_size}/{self.precision}/steps{self.steps}/{self.budget}")
+                f"bs{self.batch_size}/{self.training}/steps{self.steps}/{self.budget}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,8 +93,36 @@ def parse_switch(text: str, flag: str) -> list[bool]:
     return [w == "on" for w in dict.fromkeys(words)]
 
 
+def parse_names(text: str, flag: str, choices: tuple, kind: str) -> list[str]:
+    """A comma list of names from `choices` (`all` expands), each once; close matches for a typo."""
+    from memprof.errors import unknown_name
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"{flag} is empty: give one of {', '.join(choices)} (or all)")
+    out: list[str] = []
+    for n in names:
+        if flag == "--precision" and n in ("fp16", "float16", "half"):
+            raise UsageError(f"--precision {n}: {PURE_FP16}")
+        for name in choices if n == "all" else (n,):
+            if name not in choices:
+                raise unknown_name(kind, name, list(choices) + ["all"], f"memprof run --help")
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def parse_precisions(text: str) -> list[str]:
+    return parse_names(text, "--precision", PRECISIONS, "precision")
+
+
+def parse_optim_impls(text: str) -> list[str]:
+    return parse_names(text, "--optim-impl", OPTIM_IMPLS, "optimizer implementation")
+
+
 def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool = False,
-                grad_ckpt: bool = False) -> str | None:
+                grad_ckpt: bool = False, precision: str = "fp32", optim_impl: str = DEFAULT_OPTIM_IMPL,
+                in_backward: bool = False) -> str | None:
     if grad_ckpt and not model.vit:
         return f"{model.name} is not an open_clip VisionTransformer: its gradient checkpointing is not supported"
     if optim.freeze_embed and not model.embedding_modules:
@@ -79,19 +133,35 @@ def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool
         return f"bitsandbytes has no 8-bit version of {optim.name}"
     if paged and not optim.bnb_paged:
         return f"bitsandbytes has no paged version of {optim.name}"
+    if state_bits == 8 and optim_impl != DEFAULT_OPTIM_IMPL:
+        return (f"bitsandbytes' 8-bit {optim.name} has one implementation (its own update kernel): "
+                f"--optim-impl {optim_impl} does not apply")
+    if state_bits == 32 and optim_impl not in optim.impls:
+        return f"{optim.factory} has no {optim_impl} implementation (it offers {', '.join(optim.impls)})"
+    if in_backward and state_bits == 8:
+        return "optimizer-in-backward with bitsandbytes' 8-bit states is not modelled (one 8-bit optimizer per parameter)"
+    if in_backward and precision == "fp16-amp":
+        return ("optimizer-in-backward cannot honour fp16-amp: GradScaler must see every gradient (to skip the whole "
+                "step on inf/nan) before any parameter is updated")
+    if in_backward and optim.global_step:
+        return (f"{optim.name} {optim.global_step}: stepping one parameter at a time inside backward would change "
+                f"its update, so optimizer-in-backward cannot run it")
     return None
 
 
 def expand_grid(models: list[ModelInfo], optims: list[OptimInfo], grad_ckpt: list[bool],
-                state_bits: list[int], batch_sizes: list[int], paged: bool = False, **common) -> list[GridEntry]:
+                state_bits: list[int], batch_sizes: list[int], paged: bool = False,
+                precisions: list[str] = ("fp32",), optim_impls: list[str] = (DEFAULT_OPTIM_IMPL,),
+                in_backward: list[bool] = (False,), **common) -> list[GridEntry]:
     """The product of the axes, in the order given, each entry with its skip reason (or None)."""
     for bits in state_bits:
         if bits not in (32, 8):
             raise UsageError(f"--state-bits {bits}: use 32, 8 or 32,8")
     entries = []
-    for m, o, ck, bits, bs in itertools.product(models, optims, grad_ckpt, state_bits, batch_sizes):
+    for prec, impl, inb, m, o, ck, bits, bs in itertools.product(precisions, optim_impls, in_backward, models,
+                                                                  optims, grad_ckpt, state_bits, batch_sizes):
         spec = RunSpec(model=m.name, optim=o.name, grad_ckpt=ck, state_bits=bits, batch_size=bs,
-                       paged=paged and bits == 8, **common)
-        entries.append(GridEntry(spec, skip_reason(m, o, bits, spec.paged, ck)))
+                       paged=paged and bits == 8, precision=prec, optim_impl=impl, optim_in_backward=inb, **common)
+        entries.append(GridEntry(spec, skip_reason(m, o, bits, spec.paged, ck, prec, impl, inb)))
     return entries
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from memprof.errors import UsageError
 
 KEYS = {"backend": str, "models": str, "optims": str, "grad_ckpt": str, "state_bits": (str, int),
-        "batch_size": (str, int), "steps": int, "budget": str, "num_classes": int, "pretrained": str, "paged": bool}
+        "batch_size": (str, int), "steps": int, "budget": str, "num_classes": int, "pretrained": str, "paged": bool,
+        "precision": str, "optim_impl": str, "optim_in_backward": str}
 
 
 @dataclass(frozen=True)

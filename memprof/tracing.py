@@ -17,7 +17,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from memprof.fake_compat import fake_storage
-from memprof.harness import prepare, train_steps
+from memprof.harness import apply_precision, grad_scaler, prepare, train_steps
 from memprof.models import resolve_model
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
@@ -69,11 +69,14 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
             else:
                 prepared = prepare(spec)
             model = prepared.model
+            apply_precision(model, spec)
             trainable = [p for p in model.parameters() if p.requires_grad]
             # built outside the fake mode and the tracker: constructors allocate no device memory, and
             # bitsandbytes computes its quantization maps on the host here
             with unset_fake_temporarily():
-                optimizer = build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged)
+                optimizer = build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged,
+                                            spec.optim_impl, spec.optim_in_backward)
+            scaler = grad_scaler(spec, "cpu")
             tracker = StorageTracker(rules, limit_bytes=limit_bytes)
             params, grads, states, starts = set(), set(), set(), []
             stack.enter_context(tracker)
@@ -83,6 +86,8 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                 params.add(tracker.register(t, "Module.to (parameters and buffers)"))
             for rule in rules:
                 rule.attach(tracker, optimizer)
+            if spec.optim_in_backward:  # gradients live and die inside backward: record them as they complete
+                optimizer.on_grad = lambda p: grads.add(tracker.storage_id(p.grad))
 
             def on_phase(phase, step):
                 if phase == "optimizer":
@@ -92,7 +97,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                 tracker.set_phase(phase, step)
 
             try:
-                train_steps(model, optimizer, spec, "cpu", on_phase)
+                train_steps(model, optimizer, spec, "cpu", on_phase, scaler)
             except torch.OutOfMemoryError as oom:
                 oom.phase, oom.step = tracker.phase, tracker.step
                 raise
@@ -105,13 +110,27 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                            state=state_summary(optimizer),
                            step_ms=[1000 * (b - a) for a, b in zip(starts[1:], starts[2:])],
                            rules=[r.describe() for r in rules],
-                           extra={k: v for r in rules for k, v in r.metrics().items()})
+                           extra={**{k: v for r in rules for k, v in r.metrics().items()},
+                                  **floor(model, trainable, optimizer)})
             del model, optimizer, prepared  # (trainable stays: on_phase closes over it)
     finally:
         if was_enabled:
             gc.enable()
     result.category = _categorize(events, params, grads, states, result.origin)
     return result
+
+
+def floor(model, trainable, optimizer) -> dict:
+    """The least memory any implementation of this training step could need: every weight (frozen ones stay
+    resident too), one gradient per trainable parameter and the optimizer's state, each in the dtype this run
+    keeps it in (bytes of the tensors themselves, no allocator rounding)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    return {"floor_bytes": weights + grads + state_summary(optimizer)["optimizer_state_bytes"]}
+
+
+def peak_to_floor(peak_bytes: int | None, floor_bytes: int | None) -> float | None:
+    return round(peak_bytes / floor_bytes, 4) if peak_bytes and floor_bytes else None
 
 
 def state_summary(optimizer) -> dict:

@@ -4,7 +4,8 @@
 # On a lent GPU machine (no internet), from the repository root, with .whl/ carried:
 #   scripts/gpu_check.sh            -> results under $OUT/gpu (or reports/gpu/<device>/ without $OUT)
 # Measured (backend cuda, one process per configuration, whole card): the paper grid; ViT-B/16 with
-# gradient checkpointing; ViT-B/16 at batch 32 with checkpointing off and on. Emulated 12 GB Titan-X:
+# gradient checkpointing; ViT-B/16 at batch 32 with checkpointing off and on; AdamW under bf16-amp (paper
+# models), fused AdamW with optimizer-in-backward off and on (paper models), ViT-B/16 fp32 vs bf16-amp at 32. Emulated 12 GB Titan-X:
 # ViT-H/14 under the paper's four methods (the OOM pattern). Predicted (backend simulate) for the same
 # card: the same configurations. Then Table 4 (measured), the fidelity table (predicted vs measured) and
 # the NVML sampler's overhead on step time. Without a GPU only the simulate half runs (a dry run).
@@ -39,7 +40,10 @@ m() { echo "+ memprof $*" | tee -a "$log"; $py -m memprof "$@" >>"$log" 2>&1; rc
       [ $rc -eq 0 ] || failures=$((failures + 1)); }
 grids=("--models paper --optims paper"
        "--models vit-b-16 --optims paper --grad-ckpt on"
-       "--models vit-b-16 --optims adamw,sgd-fe-nomom --grad-ckpt off,on --batch-size 32")
+       "--models vit-b-16 --optims adamw,sgd-fe-nomom --grad-ckpt off,on --batch-size 32"
+       "--models paper --optims adamw --precision bf16-amp"
+       "--models paper --optims adamw --optim-impl fused --optim-in-backward off,on"
+       "--models vit-b-16 --optims adamw --precision fp32,bf16-amp --batch-size 32")
 echo "device: $gpu ($card); $(date -u)" | tee "$log"
 for g in "${grids[@]}"; do m run --no-progress --backend simulate --budget "$card" --jobs 8 $g --out "$out/simulate" --resume; done
 if [ "$gpu" != "no-gpu" ]; then

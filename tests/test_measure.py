@@ -33,6 +33,21 @@ def test_cpu_measurement_equals_prediction_under_cpu_rules(optim, ckpt, batch):
     assert measured["step_ms_median"] > 0
 
 
+@pytest.mark.parametrize("kw", [dict(precision="bf16-amp"), dict(precision="fp16-amp", optim_impl="fused"),
+                                dict(precision="bf16", optim_impl="forloop"), dict(optim_in_backward=True),
+                                dict(precision="bf16-amp", optim_impl="fused", optim_in_backward=True)])
+def test_cpu_measurement_equals_prediction_on_the_new_axes(kw):
+    """Precision (CPU autocast in bf16/fp16, its GradScaler; the bf16 model), fused/for-loop optimizers and
+    optimizer-in-backward: the cpu backend's live bytes equal the fake-tensor trace under CPU rules."""
+    spec = RunSpec("test-vit", "adamw", batch_size=2, budget="device", **kw)
+    status, measured = cpu_backend.measure(spec)
+    _, predicted = predict_cpu(spec)
+    assert status == "ok"
+    for field in ("peak_live_bytes", "phase_peak_live_bytes", "breakdown_at_peak_bytes", "optimizer_state_bytes",
+                  "floor_bytes"):
+        assert measured[field] == predicted[field], field
+
+
 def test_cpu_budget_is_an_oom_result():
     status, m = cpu_backend.measure(RunSpec("test-vit", "adamw", budget="401MiB"))  # 1 MiB usable
     assert status == "oom"
