@@ -66,7 +66,7 @@ def overhead_rows(records: list[dict], field: str = "peak_reserved_bytes", budge
     for model, optim, pct, claim in PAPER_CLAIMS:
         a_rec, b_rec = paper.get((model, "adamw")), paper.get((model, optim))
         a, b = _figure(a_rec, field), _figure(b_rec, field)
-        if a is None or b is None:
+        if not a or not b:  # no figure (or a zero one): nothing to infer from
             continue
         # the nvml-process view already includes the context: only what else the process held is left for X
         context = 0 if field == "nvml_process_peak_bytes" else (

@@ -228,8 +228,9 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
     from memprof.spec import MIN_STEPS, expand_grid, parse_ints, parse_switch
 
     notes: list[str] = []
+    backend, announce = resolve_backend(opts["backend"])
     with option("models"):
-        models = parse_models(opts["models"])
+        models = parse_models(opts["models"], backend)
     with option("optims"):
         optims = parse_optims(opts["optims"])
     with option("grad_ckpt"):
@@ -259,7 +260,6 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
 
         with option("budget"):
             parse_budget(opts["budget"])
-    backend, announce = resolve_backend(opts["backend"])
     if backend != "cuda":
         for name in ("snapshot", "nvml_period_ms"):
             if opts[name] is not None:
@@ -395,7 +395,7 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
 
     notes: list[str] = []
     with option("models"):
-        models = parse_models(opts["models"])
+        models = parse_models(opts["models"], backend=None)  # trains for real: every name runs
     with option("optims"):
         optims = parse_optims(opts["optims"])
     entries = expand_grid(models, optims, parse_switch(opts["grad_ckpt"], "--grad-ckpt"),
