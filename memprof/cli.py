@@ -69,8 +69,9 @@ def _run_options(args, **extra) -> dict:
 
     names = ("models", "optims", "grad_ckpt", "state_bits", "paged", "batch_size", "steps", "budget", "num_classes",
              "pretrained", "backend", "out", "resume", "retry_failed", "jobs", "timeout_s", "snapshot",
-             "nvml_period_ms", "precision", "optim_impl", "optim_in_backward")
-    return run_options(progress=not args.no_progress, **{n: getattr(args, n) for n in names if n not in extra}, **extra)
+             "nvml_period_ms", "precision", "optim_impl", "optim_in_backward", "resident")
+    return run_options(getattr(args, "preset", None), progress=not args.no_progress,
+                       **{n: getattr(args, n) for n in names if n not in extra}, **extra)
 
 
 def report(records: list[dict], out_dir: str, metric: str | None) -> None:
@@ -90,7 +91,7 @@ def cmd_run(args) -> int:
     from memprof.results import RunDirectory
 
     plan = plan_run(_run_options(args))
-    accuracy = _plan_accuracy(args) if args.accuracy else None
+    accuracy = _plan_accuracy(args, plan.options) if args.accuracy else None
     try:
         with RunDirectory(plan.out_dir):
             for line in [plan.announce, *plan.notes]:
@@ -100,7 +101,7 @@ def cmd_run(args) -> int:
                 _execute_accuracy(accuracy, plan.out_dir)
     except KeyboardInterrupt:
         return _interrupted(plan.out_dir)
-    report(records, plan.out_dir, args.metric)
+    report(records, plan.out_dir, args.metric or ("nvml-process" if args.preset == "paper-2022" else None))
     return _finish(records, plan.out_dir)
 
 
@@ -161,11 +162,13 @@ def _with_spec_keys(records: list[dict]) -> list[dict]:
     return [{**r, "spec_key": RunSpec(**r["spec"]).key} for r in records]
 
 
-def _plan_accuracy(args):
+def _plan_accuracy(args, run_options: dict | None = None):
+    """Accuracy mode's plan; after a run (`run --accuracy`), for the run's models and optimizers."""
     from memprof.plan import accuracy_options, plan_accuracy
 
+    given = run_options or {"models": args.models, "optims": args.optims}
     return plan_accuracy(accuracy_options(
-        models=args.models, optims=args.optims, grad_ckpt=args.grad_ckpt, state_bits=args.state_bits,
+        models=given["models"], optims=given["optims"], grad_ckpt=args.grad_ckpt, state_bits=args.state_bits,
         batch_size=args.batch_size, pretrained=args.pretrained, num_classes=args.num_classes,
         train_steps=args.train_steps, lr_sgd=args.lr_sgd, lr_adaptive=args.lr_adaptive, data=args.data,
         seed=args.seed, backend=args.accuracy_backend, progress=not args.no_progress, precision=args.precision,
@@ -360,8 +363,8 @@ def _accuracy_options(p) -> None:
 
 def _grid_options(p, profiles) -> None:
     """The options of a grid that `run` and `fit` share."""
-    p.add_argument("--models", default="paper", help="comma list of models, or `paper` (default: paper)")
-    p.add_argument("--optims", default="paper", help="comma list of optimizers, `paper` or `all` (default: paper)")
+    p.add_argument("--models", help="comma list of models, or `paper` (default: paper)")
+    p.add_argument("--optims", help="comma list of optimizers, `paper` or `all` (default: paper)")
     p.add_argument("--grad-ckpt", default="off", help="off, on or off,on (default: off)")
     p.add_argument("--state-bits", default="32", help="optimizer state bits: 32, 8 or 32,8 (8: bitsandbytes "
                                                       "block-wise 8-bit states)")
@@ -391,9 +394,11 @@ def _grid_options(p, profiles) -> None:
 
 
 def _training_options(p) -> None:
+    p.add_argument("--resident", help="what is on the device: tower (the image tower and head, "
+                   "default), clip (also CLIP's text tower and logit scale, frozen and unused), or tower,clip")
     p.add_argument("--precision", default="fp32", help="fp32, bf16-amp, fp16-amp, bf16 (model in bfloat16), comma "
                    "list or all (default: fp32)")
-    p.add_argument("--optim-impl", default="foreach", help="optimizer implementation: foreach, fused, forloop, comma "
+    p.add_argument("--optim-impl", help="optimizer implementation: foreach, fused, forloop, comma "
                    "list or all (default: foreach)")
     p.add_argument("--optim-in-backward", default="off", help="step each parameter from its post-accumulate-grad "
                    "hook: off, on or off,on (default: off)")
@@ -413,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "1 when any errored or crashed, 2 for bad input.")
     _grid_options(run, PROFILES)
     run.add_argument("--batch-size", default="1", help="micro-batch sizes, comma list (default: 1)")
+    from memprof.plan import PRESETS
+
+    run.add_argument("--preset", choices=list(PRESETS), default=None,
+                     help="paper-2022: the paper grid as its 2022 setup ran it (for-loop optimizers, as PyTorch "
+                          "before 2.0 ran on CUDA; the image tower alone and the whole CLIP model resident), shown "
+                          "as NVML process memory; options given explicitly win")
     from memprof.report import METRICS
 
     run.add_argument("--metric", choices=list(METRICS), default=None,

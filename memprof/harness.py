@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from memprof.models import (build_model, check_pretrained, freeze_embedding, input_size,
+from memprof.models import (build_text_tower, build_model, check_pretrained, freeze_embedding, input_size,
                             read_pretrained, resolve_model)
 from memprof.optims import OptimInfo, REGISTRY as OPTIMS
 from memprof.spec import AMP_DTYPES, MODEL_DTYPES, RunSpec
@@ -43,6 +43,8 @@ def prepare(spec: RunSpec, load_weights: bool = True) -> Prepared:
             model.visual.load_state_dict(state)
     if spec.grad_ckpt:
         model.visual.set_grad_checkpointing(True)
+    if spec.resident == "clip":  # on the device with the model, frozen, never called
+        model.text = build_text_tower(info)
     model.train()
     frozen = freeze_embedding(model, info) if optim.freeze_embed else []
     return Prepared(model, optim, frozen, state)

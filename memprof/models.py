@@ -251,3 +251,34 @@ def check_pretrained(model, state: dict, source: str) -> None:
                  else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
         raise UsageError(f"--pretrained {source}: does not match this architecture ({first}); "
                          f"pick the file saved from the same open_clip model")
+
+
+def text_config(info: ModelInfo) -> tuple[int, dict, bool]:
+    """(embed_dim, text_cfg, quick_gelu) of an open_clip CLIP model, or a UsageError for a model without one."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(info.open_clip_config) if info.open_clip_config else None
+    if not cfg or "text_cfg" not in cfg:
+        raise UsageError(f"--resident clip: {info.name} is not an open_clip CLIP model with a text tower; use "
+                         f"--resident tower")
+    return cfg["embed_dim"], cfg["text_cfg"], cfg.get("quick_gelu", False)
+
+
+def build_text_tower(info: ModelInfo):
+    """CLIP's text tower and logit scale for an open_clip architecture, frozen: what a process that keeps the
+    whole CLIP model on the GPU (fine-tuning only the image tower) holds besides it."""
+    import torch
+    import torch.nn as nn
+    from open_clip.model import _build_text_tower
+
+    embed_dim, text_cfg, quick_gelu = text_config(info)
+
+    class TextSide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = _build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
+            self.logit_scale = nn.Parameter(torch.ones([]))
+
+    side = TextSide()
+    side.requires_grad_(False)
+    return side

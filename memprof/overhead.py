@@ -72,7 +72,8 @@ def overhead_rows(records: list[dict], field: str = "peak_reserved_bytes", budge
         context = 0 if field == "nvml_process_peak_bytes" else (
             a_rec["metrics"].get("context_bytes") or CONTEXT_ESTIMATE_BYTES)
         info = REGISTRY.get(model)
-        text = text_tower_bytes(info.open_clip_config) if info and info.open_clip_config else 0
+        resident = a_rec["spec"].get("resident", "tower") == "clip"  # then the text tower is in A and B already
+        text = text_tower_bytes(info.open_clip_config) if info and info.open_clip_config and not resident else 0
         row = {"model": model, "optim": optim, "claim": claim, "paper_pct": pct, "field": field,
                "adamw_bytes": a, "other_bytes": b, "ours_pct": round(pct_with(a, b, 0), 1),
                "context_bytes": context, "text_tower_bytes": text, "plausible_max_bytes": context + text,

@@ -24,9 +24,16 @@ RUN_OPTIONS = {
     "batch_size": "1", "steps": 2, "budget": None, "num_classes": 10, "pretrained": None, "backend": "auto",
     "out": None, "resume": False, "retry_failed": False, "jobs": None, "timeout_s": None, "snapshot": None,
     "nvml_period_ms": None, "progress": True, "max_batch_size": None, "precision": "fp32", "optim_impl": "foreach",
-    "optim_in_backward": "off",
+    "optim_in_backward": "off", "resident": "tower",
 }
 BACKENDS = ("auto", "cuda", "simulate", "cpu")
+# Named sets of options. paper-2022: the paper grid as its 2022 setup ran it. PyTorch before 2.0 ran the
+# optimizers' for-loop implementation on CUDA; 2.0 made foreach the default (pytorch/pytorch PR 92306 and
+# PR 95862, "_actually_ default to foreach"; issue 97712 traces the 1.13 -> 2.0 memory rise to it). Whether
+# the text tower stayed on the GPU is unknown, so both residents run.
+PRESETS = {
+    "paper-2022": {"models": "paper", "optims": "paper", "optim_impl": "forloop", "resident": "tower,clip"},
+}
 DEFAULT_NVML_PERIOD_MS = 5.0
 
 
@@ -168,12 +175,19 @@ class RunPlan:
         return backend
 
 
-def run_options(**given) -> dict:
-    """RUN_OPTIONS with `given` applied; an unknown name is a UsageError listing the known ones."""
+def run_options(preset: str | None = None, **given) -> dict:
+    """RUN_OPTIONS with a preset's values, then `given` (what the user chose; None: not given), applied; an
+    unknown name is a UsageError listing the known ones."""
     unknown = sorted(set(given) - set(RUN_OPTIONS))
     if unknown:
         raise UsageError(f"unknown option '{unknown[0]}' (known: {', '.join(RUN_OPTIONS)})", option=unknown[0])
-    return {**RUN_OPTIONS, **given}
+    if preset is not None and preset not in PRESETS:
+        from memprof.errors import unknown_name
+
+        err = unknown_name("preset", preset, PRESETS, "memprof run --help")
+        err.option = "preset"
+        raise err
+    return {**RUN_OPTIONS, **PRESETS.get(preset, {}), **{k: v for k, v in given.items() if v is not None}}
 
 
 def plan_fit(opts: dict) -> RunPlan:
@@ -225,7 +239,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
     """Validate every option of a run (UsageError, naming the option, on bad input) before anything runs."""
     from memprof.models import parse_models
     from memprof.optims import parse_optims
-    from memprof.spec import MIN_STEPS, expand_grid, parse_ints, parse_switch
+    from memprof.spec import MIN_STEPS, RESIDENTS, expand_grid, parse_ints, parse_names, parse_switch
 
     notes: list[str] = []
     backend, announce = resolve_backend(opts["backend"])
@@ -271,9 +285,17 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
             check_pretrained(models, opts["pretrained"], opts["num_classes"])
     with option("budget"):
         budget = resolve_budget(opts["budget"], backend, notes)
-    entries = expand_grid(models, optims, grad_ckpt, state_bits, batch_sizes, paged=opts["paged"],
-                          steps=opts["steps"], budget=budget, num_classes=opts["num_classes"],
-                          pretrained=opts["pretrained"], **training)
+    with option("resident"):
+        residents = parse_names(str(opts["resident"]), "--resident", RESIDENTS, "resident")
+    if "clip" in residents:
+        from memprof.models import text_config
+
+        with option("resident"):
+            for info in models:
+                text_config(info)
+    entries = [e for resident in residents for e in expand_grid(
+        models, optims, grad_ckpt, state_bits, batch_sizes, paged=opts["paged"], steps=opts["steps"], budget=budget,
+        num_classes=opts["num_classes"], pretrained=opts["pretrained"], resident=resident, **training)]
     if any(e.spec.state_bits == 8 and not e.skip_reason for e in entries):
         from memprof.optims import require_bitsandbytes
 

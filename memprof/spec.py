@@ -22,6 +22,7 @@ PRECISIONS = ("fp32", "bf16-amp", "fp16-amp", "bf16")
 AMP_DTYPES = {"bf16-amp": "bfloat16", "fp16-amp": "float16"}
 MODEL_DTYPES = {"bf16": "bfloat16"}
 OPTIM_IMPLS = ("foreach", "fused", "forloop")
+RESIDENTS = ("tower", "clip")  # clip: CLIP's text tower and logit scale also on the device, frozen and unused
 DEFAULT_OPTIM_IMPL = "foreach"
 PURE_FP16 = ("fp16 (the whole model in float16) is not supported: fp16 has too little range for gradients and "
              "optimizer state without loss scaling and fp32 master weights, so no recipe trains that way; use "
@@ -43,6 +44,7 @@ class RunSpec:
     paged: bool = False  # 8-bit states in CUDA managed memory (bitsandbytes' paged optimizers)
     optim_impl: str = DEFAULT_OPTIM_IMPL  # foreach | fused | forloop (torch's implementations of the update)
     optim_in_backward: bool = False  # one optimizer per parameter, stepped from its post-accumulate-grad hook
+    resident: str = "tower"  # what is on the device: the image tower (+ head), or the whole CLIP model ("clip")
 
     @property
     def training(self) -> str:
@@ -53,6 +55,8 @@ class RunSpec:
             parts.append(self.optim_impl)
         if self.optim_in_backward:
             parts.append("in-backward")
+        if self.resident != "tower":
+            parts.append(f"{self.resident}-resident")
         return "+".join(parts)
 
     @property

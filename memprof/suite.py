@@ -20,7 +20,7 @@ from memprof.errors import UsageError
 
 KEYS = {"backend": str, "models": str, "optims": str, "grad_ckpt": str, "state_bits": (str, int),
         "batch_size": (str, int), "steps": int, "budget": str, "num_classes": int, "pretrained": str, "paged": bool,
-        "precision": str, "optim_impl": str, "optim_in_backward": str}
+        "precision": str, "optim_impl": str, "optim_in_backward": str, "resident": str, "preset": str}
 
 
 @dataclass(frozen=True)
