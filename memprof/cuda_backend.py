@@ -26,7 +26,7 @@ import torch
 from memprof.budget import NOMINAL_TOLERANCE, GiB, parse_budget
 from memprof.errors import UsageError
 from memprof.harness import apply_precision, grad_scaler, materialize, prepare, train_steps
-from memprof.nvml import Nvml, Sampler
+from memprof.nvml import Nvml, Sampler, periodic_reading
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 from memprof.tracing import floor, peak_to_floor
@@ -146,7 +146,8 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
         metrics.update(nvml_process_peak_bytes=sampled.process_peak_bytes,
                        nvml_device_peak_bytes=sampled.device_peak_bytes,
                        nvml_others_peak_bytes=sampled.others_peak_bytes, nvml_samples=sampled.samples,
-                       nvml_period_ms=sampled.period_ms, nvml_series=sampled.series)
+                       nvml_period_ms=sampled.period_ms, nvml_series=sampled.series,
+                       nvml_15s_sampler=periodic_reading(sampled.series))
     if snapshot_dir:
         _dump_snapshot(snapshot_dir, spec)
     return status, metrics

@@ -128,3 +128,47 @@ class Sampler:
         elapsed = self.clock() - self._t0
         return SamplerResult(self._proc, self._dev, self._others, self._samples,
                              round(1000 * elapsed / self._samples, 3) if self._samples else None, self._series)
+
+
+WANDB_PERIOD_S = 15.0  # the paper's figures: Weights & Biases system metrics, one reading per 15 s
+
+
+def periodic_reading(series: list, period_s: float = WANDB_PERIOD_S, near: float = 0.05) -> dict | None:
+    """What a sampler reading process memory every `period_s` would have recorded, from a finely sampled
+    series [[t_ms, process_bytes, device_bytes], ...]: the true peak; the least such a sampler can report
+    (an unlucky phase: its highest reading over the run, minimised over where its first reading falls);
+    how many readings the run allows; and the share of the run's time spent within `near` of the peak (the
+    chance one reading lands there). Samples hold until the next one (step-wise series)."""
+    points = [(t / 1000, b) for t, b, _ in series if b is not None]
+    if len(points) < 2:
+        return None
+    t0, t_end = points[0][0], points[-1][0]
+    run_s = t_end - t0
+    peak = max(b for _, b in points)
+
+    def value_at(t: float) -> int:
+        last = points[0][1]
+        for ts, b in points:
+            if ts > t:
+                break
+            last = b
+        return last
+
+    offsets = [t0 + period_s * k / 200 for k in range(200)]  # where the first reading falls, over one period
+    recorded = []
+    for first in offsets:
+        readings = [value_at(t) for t in _frange(first, t_end, period_s)]
+        recorded.append(max(readings) if readings else None)
+    seen = [r for r in recorded if r is not None]
+    near_s = sum(b_t - a_t for (a_t, a), (b_t, _) in zip(points, points[1:]) if a >= (1 - near) * peak)
+    return {"period_s": period_s, "run_s": round(run_s, 3), "readings_at_most": int(run_s // period_s) + 1,
+            "peak_bytes": peak, "lowest_recorded_bytes": min(seen) if seen else None,
+            "share_of_phases_with_no_reading": round(1 - len(seen) / len(recorded), 3),
+            "share_of_time_near_peak": round(near_s / run_s, 4) if run_s > 0 else None}
+
+
+def _frange(start: float, stop: float, step: float):
+    t = start
+    while t <= stop:
+        yield t
+        t += step
