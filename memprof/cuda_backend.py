@@ -25,7 +25,7 @@ import torch
 
 from memprof.budget import NOMINAL_TOLERANCE, GiB, parse_budget
 from memprof.errors import UsageError
-from memprof.harness import apply_precision, grad_scaler, materialize, prepare, train_steps
+from memprof.harness import apply_precision, materialize, prepare, train_steps
 from memprof.nvml import Nvml, Sampler
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
@@ -113,7 +113,7 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
                        params_trainable=sum(p.numel() for p in trainable), frozen_parameter_names=prepared.frozen,
                        setup_allocated_bytes=torch.cuda.memory_allocated())
         close_phase()
-        train_steps(model, optimizer, spec, "cuda", on_phase, grad_scaler(spec, "cuda"))
+        train_steps(model, optimizer, spec, "cuda", on_phase)
         metrics.update(floor(model, trainable, optimizer))
     except torch.OutOfMemoryError as oom:
         status = "oom"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-from memprof.harness import apply_precision, grad_scaler, prepare, train_steps
+from memprof.harness import apply_precision, prepare, train_steps
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 from memprof.tracker import ALLOC, FREE, PHASE, StorageTracker
@@ -67,7 +67,6 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
             with unset_fake_temporarily():
                 optimizer = build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged,
                                             spec.optim_impl, spec.optim_in_backward)
-            scaler = grad_scaler(spec, "cpu")
             tracker = StorageTracker(rules, limit_bytes=limit_bytes)
             params, grads, states, starts = set(), set(), set(), []
             stack.enter_context(tracker)
@@ -88,7 +87,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                 tracker.set_phase(phase, step)
 
             try:
-                train_steps(model, optimizer, spec, "cpu", on_phase, scaler)
+                train_steps(model, optimizer, spec, "cpu", on_phase)
             except torch.OutOfMemoryError as oom:
                 oom.phase, oom.step = tracker.phase, tracker.step
                 raise
