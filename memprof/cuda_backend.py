@@ -25,8 +25,13 @@ import torch
 
 from memprof.budget import NOMINAL_TOLERANCE, GiB, parse_budget
 from memprof.errors import UsageError
+<<<<<<< HEAD
 from memprof.harness import apply_precision, grad_scaler, materialize, prepare, train_steps
 from memprof.nvml import Nvml, Sampler, periodic_reading
+=======
+from memprof.harness import apply_precision, materialize, prepare, train_steps
+from memprof.nvml import Nvml, Sampler
+>>>>>>> precision
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 from memprof.tracing import floor, peak_to_floor
@@ -113,7 +118,7 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
                        params_trainable=sum(p.numel() for p in trainable), frozen_parameter_names=prepared.frozen,
                        setup_allocated_bytes=torch.cuda.memory_allocated())
         close_phase()
-        train_steps(model, optimizer, spec, "cuda", on_phase, grad_scaler(spec, "cuda"))
+        train_steps(model, optimizer, spec, "cuda", on_phase)
         metrics.update(floor(model, trainable, optimizer))
     except torch.OutOfMemoryError as oom:
         status = "oom"

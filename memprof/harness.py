@@ -100,16 +100,17 @@ def grad_scaler(spec: RunSpec, device):
     return torch.amp.GradScaler(torch.device(device).type)
 
 
-def train_steps(model, optimizer, spec: RunSpec, device, on_phase, scaler=None) -> None:
+def train_steps(model, optimizer, spec: RunSpec, device, on_phase) -> None:
     """`spec.steps` steps at micro-batch `spec.batch_size`: a fresh batch is created on the device (in the
     model's dtype), forward and cross-entropy (under torch.autocast for *-amp), backward (of the scaled loss
-    with a GradScaler), optimizer step (scaler.step and scaler.update with one), zero_grad(set_to_none=True).
+    with fp16-amp's GradScaler, made here), optimizer step (scaler.step and scaler.update with one),
+    zero_grad(set_to_none=True).
     `on_phase(name, step)` is called as each of forward / backward / optimizer begins, and once with "done" at
     the end. With optimizer-in-backward (`optimizer` an optims.InBackward) parameters are stepped and their
     gradients freed inside backward, so there is no optimizer phase and nothing left to zero.
     """
     h, w = input_size(model)
-    amp = autocast_dtype(spec)
+    amp, scaler = autocast_dtype(spec), grad_scaler(spec, device)
     device_type = torch.device(device).type
     in_backward = getattr(optimizer, "optimizers", None) is not None
     for step in range(spec.steps):

@@ -17,7 +17,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from memprof.fake_compat import fake_storage
-from memprof.harness import apply_precision, grad_scaler, prepare, train_steps
+from memprof.harness import apply_precision, prepare, train_steps
 from memprof.models import resolve_model
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
@@ -76,7 +76,6 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
             with unset_fake_temporarily():
                 optimizer = build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged,
                                             spec.optim_impl, spec.optim_in_backward)
-            scaler = grad_scaler(spec, "cpu")
             tracker = StorageTracker(rules, limit_bytes=limit_bytes)
             params, grads, states, starts = set(), set(), set(), []
             stack.enter_context(tracker)
@@ -97,7 +96,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                 tracker.set_phase(phase, step)
 
             try:
-                train_steps(model, optimizer, spec, "cpu", on_phase, scaler)
+                train_steps(model, optimizer, spec, "cpu", on_phase)
             except torch.OutOfMemoryError as oom:
                 oom.phase, oom.step = tracker.phase, tracker.step
                 raise
