@@ -153,6 +153,8 @@ class RunPlan:
 
     @property
     def worker_options(self) -> dict:
+        if self.backend == "simulate":
+            return {"snapshot_dir": self.options["snapshot"]} if self.options["snapshot"] else {}
         if self.backend != "cuda":
             return {}
         period = self.options["nvml_period_ms"]
@@ -207,10 +209,13 @@ def plan_run(opts: dict) -> RunPlan:
             parse_budget(opts["budget"])
     backend, announce = resolve_backend(opts["backend"])
     if backend != "cuda":
-        for name in ("snapshot", "nvml_period_ms"):
+        for name in ("nvml_period_ms",) if backend == "simulate" else ("snapshot", "nvml_period_ms"):
             if opts[name] is not None:
-                raise UsageError(f"{flag(name)} applies to the cuda backend (measured snapshots and NVML); the "
-                                 f"{backend} backend has neither: drop {flag(name)}", option=name)
+                raise UsageError(f"{flag(name)} applies to the cuda backend (measured snapshots and NVML) and "
+                                 f"--snapshot to the simulation (predicted snapshots); the {backend} backend has "
+                                 f"neither: drop {flag(name)}", option=name)
+    if opts["snapshot"] is not None:
+        writable_dir(opts["snapshot"], "snapshot")
     out_dir = writable_dir(opts["out"] if opts["out"] is not None else default_out())
     if opts["pretrained"]:
         with option("pretrained"):

@@ -46,11 +46,11 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def _timed_predict(spec):
+def _timed_predict(spec, out_dir=None, snapshot_dir=None):
     from memprof.simulate import predict
 
     start = time.perf_counter()
-    status, metrics = predict(spec)
+    status, metrics = predict(spec, out_dir, snapshot_dir)
     return status, metrics, time.perf_counter() - start
 
 
@@ -87,6 +87,7 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
     bar = tqdm(total=len(entries), desc="memprof", unit="config", file=sys.stderr, disable=None if progress else True,
                bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
     done: dict[int, dict] = {}
+    snapshot_dir = (options or {}).get("snapshot_dir")  # simulate: predicted snapshots; timelines go to out_dir
 
     def finish(i: int, record: dict) -> None:
         append(path, record)
@@ -120,7 +121,7 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
     elif jobs > 1 and len(todo) > 1:
         pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
         try:
-            futures = {pool.submit(_timed_predict, entries[i].spec): i for i in todo}
+            futures = {pool.submit(_timed_predict, entries[i].spec, out_dir, snapshot_dir): i for i in todo}
             for fut in as_completed(futures):
                 predicted(futures[fut], fut.result)
         except BaseException:  # Ctrl-C or bad input: stop at once; what finished is already on disk
@@ -131,6 +132,6 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
         pool.shutdown()
     else:
         for i in todo:
-            predicted(i, lambda spec=entries[i].spec: _timed_predict(spec))
+            predicted(i, lambda spec=entries[i].spec: _timed_predict(spec, out_dir, snapshot_dir))
     bar.close()
     return [done[i] for i in sorted(done)]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
+from memprof.attribution import ModuleAttribution
 from memprof.harness import prepare, train_steps
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
@@ -35,6 +36,7 @@ class Trace:
     state: dict  # memprof.tracing.state_summary of the optimizer after the last step
     step_ms: list = field(default_factory=list)  # wall time of each step after the first (real runs)
     rules: list = field(default_factory=list)
+    module: dict = field(default_factory=dict)  # storage id -> module path ("" outside modules)
     extra: dict = field(default_factory=dict)  # metrics the rules add
 
 
@@ -74,6 +76,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                 params.add(tracker.register(t, "Module.to (parameters and buffers)"))
             for rule in rules:
                 rule.attach(tracker, optimizer)
+            attribution = stack.enter_context(ModuleAttribution(model, tracker, optimizer))
 
             def on_phase(phase, step):
                 if phase == "optimizer":
@@ -95,7 +98,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                            params_trainable=sum(p.numel() for p in trainable), frozen=prepared.frozen,
                            state=state_summary(optimizer),
                            step_ms=[1000 * (b - a) for a, b in zip(starts[1:], starts[2:])],
-                           rules=[r.describe() for r in rules],
+                           rules=[r.describe() for r in rules], module=attribution.result(),
                            extra={k: v for r in rules for k, v in r.metrics().items()})
             del model, optimizer, prepared  # (trainable stays: on_phase closes over it)
     finally:
