@@ -113,9 +113,8 @@ def _timeline_png(config: str, pred: tuple | None, meas: tuple | None) -> tuple[
         else:
             measured_peaks = rec["metrics"]
     sources = " and ".join(s for s, x in (("predicted", predicted), ("measured", meas)) if x is not None)
-    title = f"{config}: {sources}"
-    if predicted and predicted.get("budget"):
-        title += f" (budget {predicted['budget']['device']})"
+    title = f"{config}\n{sources}" + (f", budget {predicted['budget']['device']}"
+                                        if predicted and predicted.get("budget") else "")
     buf = io.BytesIO()
     plot_timeline(buf, title, predicted, measured, measured_peaks)
     return buf.getvalue(), notes
@@ -209,7 +208,8 @@ def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool) -> str:
         pred = next(((r, b) for r, b in runs if r["source"] == "predicted" and r["metrics"].get("timeline_file")), None)
         meas = next(((r, b) for r, b in runs if r["source"] == "measured"), None)
         if pred is None and meas is None:
-            skipped.append(f"<li><code>{html.escape(config)}</code>: {html.escape(recs[0]['status'])}</li>")
+            why = recs[0][0]["status"] if not runs else "no timeline was recorded (a run before timelines existed)"
+            skipped.append(f"<li><code>{html.escape(config)}</code>: {html.escape(why)}</li>")
             continue
         png, notes = _timeline_png(config, pred, meas)
         if write_pngs and pred is not None:
@@ -225,7 +225,7 @@ def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool) -> str:
              f"series come from the allocator model (files in <code>{TIMELINE_DIR}/</code>); measured ones from a "
              "GPU snapshot's trace when the cuda backend ran with <code>--snapshot</code>, else only the measured "
              "peaks are marked.</p>")
-    tail = f"<p>No timeline (no result):</p><ul>{''.join(skipped)}</ul>" if skipped else ""
+    tail = f"<p>No timeline:</p><ul>{''.join(skipped)}</ul>" if skipped else ""
     return intro + "\n".join(parts) + tail
 
 

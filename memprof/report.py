@@ -433,7 +433,10 @@ def render_holders(records: list[dict], n: int = HOLDERS_SHOWN) -> str:
         parts.append(f"### {r['key']} ({r['source']})\n\nPeak {m['peak_allocated_bytes'] / GIB:.2f} GiB allocated in "
                      f"{m.get('peak_phase', '?')} step {m.get('peak_step', '?')} ({m.get('peak_op', '?')}); the "
                      f"{len(rows)} largest holders hold {shown / GIB:.2f} GiB of it.\n\n"
-                     + tabulate(rows, headers=["#", "holder (module)", "GiB", "what (GiB)"], tablefmt="github") + "\n")
+                     + tabulate(rows, headers=["#", "holder (module)", "GiB", "what (GiB)"], tablefmt="github") + "\n"
+                     + ("\nBy block: " + ", ".join(f"{b['module']} {b['bytes'] / GIB:.3f} GiB"
+                                                   for b in m["top_blocks_at_peak"][:n]) + "\n"
+                        if m.get("top_blocks_at_peak") else ""))
     if not parts:
         return ""
     return ("## Largest holders at the peak\n\nAllocated bytes (allocator blocks) held at each configuration's peak, "

@@ -85,7 +85,7 @@ def predict(spec: RunSpec, out_dir: str | None = None, snapshot_dir: str | None 
     for sid, block in at_peak._blocks.items():
         breakdown[t.category[sid]] += block.size
     phase, step = phase_at(t.events, full.peak_index)
-    holders = top_holders(t, at_peak, full.peak_index)
+    sums = holder_bytes(t, at_peak, full.peak_index)
     metrics = {
         "peak_allocated_bytes": full.peak_allocated,
         "peak_reserved_bytes": full.peak_reserved,
@@ -94,7 +94,8 @@ def predict(spec: RunSpec, out_dir: str | None = None, snapshot_dir: str | None 
         "peak_step": step,
         "peak_op": t.events[full.peak_index][4],
         "breakdown_at_peak_bytes": breakdown,
-        "top_modules_at_peak": holders,
+        "top_modules_at_peak": top_holders(sums),
+        "top_blocks_at_peak": top_blocks(sums),
         "phase_peak_allocated_bytes": {p: full.phase_peaks.get(p, 0) for p in ("forward", "backward", "optimizer")},
         **common_metrics(t),
         "budget_device": device.label,
@@ -125,9 +126,10 @@ def predict(spec: RunSpec, out_dir: str | None = None, snapshot_dir: str | None 
 TOP_MODULES = 10
 
 
-def top_holders(t: Trace, at_peak: CachingAllocatorModel, peak_index: int, n: int = TOP_MODULES) -> list[dict]:
-    """The n largest holders of allocated bytes (block sizes) at the peak: module paths (parameters,
-    gradients and optimizer state under their parameter's module), or what holds them outside modules."""
+def holder_bytes(t: Trace, at_peak: CachingAllocatorModel, peak_index: int) -> dict:
+    """Allocated bytes (block sizes) at the peak per holder and category: holders are module paths
+    (parameters, gradients and optimizer state under their parameter's module), or what holds them outside
+    modules (memprof.attribution.holder)."""
     from memprof.attribution import holder
 
     phase_of, phase = {}, "setup"
@@ -140,8 +142,25 @@ def top_holders(t: Trace, at_peak: CachingAllocatorModel, peak_index: int, n: in
     for sid, block in at_peak._blocks.items():
         cat = t.category[sid]
         sums[holder(t.module.get(sid, ""), cat, phase_of.get(sid, "setup"))][cat] += block.size
+    return sums
+
+
+def top_holders(sums: dict, n: int = TOP_MODULES) -> list[dict]:
+    """The n largest holders, each with its bytes per category."""
     ranked = sorted(sums.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:n]
     return [{"module": name, "bytes": sum(cats.values()), "categories_bytes": dict(cats)} for name, cats in ranked]
+
+
+def top_blocks(sums: dict, n: int = 5) -> list[dict]:
+    """The n largest holders with module paths cut after their first numbered part (one entry per
+    transformer block, e.g. `visual.transformer.resblocks.7`), so a block's layers count together."""
+    grouped: dict = defaultdict(int)
+    for name, cats in sums.items():
+        parts = name.split(".")
+        cut = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
+        grouped[".".join(parts[: cut + 1])] += sum(cats.values())
+    ranked = sorted(grouped.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    return [{"module": name, "bytes": nbytes} for name, nbytes in ranked]
 
 
 def _write_artifacts(spec, t: Trace, full: Replay, capped, oom_index, metrics: dict, device, out_dir,
@@ -158,7 +177,7 @@ def _write_artifacts(spec, t: Trace, full: Replay, capped, oom_index, metrics: d
 
         series = predicted_series(full.allocator.history, t.events, t.category)
         series.update(source="predicted", key=key, budget={
-            "device": device.label, "total_bytes": device.total_bytes, "usable_bytes": device.usable_bytes,
+            "device": device.name, "total_bytes": device.total_bytes, "usable_bytes": device.usable_bytes,
             "context_bytes": device.context_bytes},
             peak={"x": full.peak_index, "allocated_bytes": metrics["peak_allocated_bytes"],
                   "reserved_bytes": metrics["peak_reserved_bytes"], "phase": metrics["peak_phase"],

@@ -110,8 +110,11 @@ def measured_series(snap: dict, alloc_x: list | None) -> dict:
             "by_allocation_count": bool(alloc_x)}
 
 
-def _gib(v: float) -> float:
-    return v / (1 << 30)
+def _unit(top: float) -> tuple[float, str]:
+    return ((1 << 30), "GiB") if top >= (1 << 30) else ((1 << 20), "MiB")
+
+
+BUDGET_SHOWN_UP_TO = 3.0  # the budget line is drawn when it is at most this many times the highest figure
 
 
 def plot_timeline(path, title: str, predicted: dict | None = None, measured: dict | None = None,
@@ -124,55 +127,69 @@ def plot_timeline(path, title: str, predicted: dict | None = None, measured: dic
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    highest = max([0] + (predicted["reserved_bytes"] if predicted else [])
+                  + (measured["reserved_bytes"] if measured else [])
+                  + [v for k, v in (measured_peaks or {}).items() if k in ("peak_allocated_bytes", "peak_reserved_bytes")
+                     and v is not None])
+    div, unit = _unit(highest)
     fig, ax = plt.subplots(figsize=(11, 4.2), dpi=dpi)
-    notes = []
+    notes, top = [], highest
     if predicted is not None:
         xs = predicted["x"]
         bands = _bands(predicted)
         for (x0, name, step), x1 in zip(bands, [b[0] for b in bands[1:]] + [predicted["n_events"]]):
             if name in ("forward", "backward", "optimizer"):
                 ax.axvspan(x0, x1, color=PHASE_COLORS[name], zorder=0)
-                ax.text((x0 + x1) / 2, 1.0, f"{name[:3] if x1 - x0 < predicted['n_events'] / 14 else name} {step}",
-                        transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7, color="#555")
-        stacks = [[_gib(v) for v in predicted["categories_bytes"][c]] for c in CATEGORIES]
+                label = name if x1 - x0 > predicted["n_events"] / 12 else name[:3]
+                ax.text((x0 + x1) / 2, 1.0, f"{label} {step}", transform=ax.get_xaxis_transform(), ha="center",
+                        va="bottom", fontsize=7, color="#555")
+        stacks = [[v / div for v in predicted["categories_bytes"][c]] for c in CATEGORIES]
         ax.stackplot(xs, *stacks, step="post", colors=[COLORS[c] for c in CATEGORIES],
-                     labels=[f"{c.replace('_', ' ')} (predicted)" for c in CATEGORIES], linewidth=0)
-        ax.step(xs, [_gib(v) for v in predicted["reserved_bytes"]], where="post", color="black", lw=1.1,
-                label="reserved (predicted)")
+                     labels=[f"{c.replace('_', ' ')}" for c in CATEGORIES], linewidth=0)
+        ax.step(xs, [v / div for v in predicted["reserved_bytes"]], where="post", color="black", lw=1.1,
+                label="reserved")
         peak = predicted.get("peak")
         if peak:
-            ax.plot([peak["x"]], [_gib(peak["allocated_bytes"])], marker="v", color="crimson", ms=8, zorder=5)
-            ax.annotate(f"peak {_gib(peak['allocated_bytes']):.2f} GiB allocated\n{peak['phase']} step "
-                        f"{peak['step']}, {peak['op'][:40]}", (peak["x"], _gib(peak["allocated_bytes"])),
-                        xytext=(-10, -6), textcoords="offset points", ha="right", va="top", fontsize=7.5,
-                        color="crimson")
+            px, py = peak["x"], peak["allocated_bytes"] / div
+            ax.plot([px], [py], marker="v", color="crimson", ms=8, zorder=5, ls="none")
+            ax.annotate(f"predicted peak {py:.2f} {unit} allocated, {peak['reserved_bytes'] / div:.2f} {unit} reserved\n"
+                        f"{peak['phase']} step {peak['step']}: {peak['op'][:48]}", (px, py), xytext=(-8, 12),
+                        textcoords="offset points", ha="right" if px > predicted["n_events"] / 3 else "left",
+                        va="bottom", fontsize=7.5, color="crimson")
         budget = predicted.get("budget")
         if budget:
-            ax.axhline(_gib(budget["usable_bytes"]), color="crimson", ls="--", lw=1,
-                       label=f"{budget['device']}: {_gib(budget['usable_bytes']):.2f} GiB usable by the allocator")
+            usable = budget["usable_bytes"]
+            if usable <= BUDGET_SHOWN_UP_TO * max(highest, 1):
+                ax.axhline(usable / div, color="crimson", ls="--", lw=1,
+                           label=f"{budget['device']}: {usable / div:.2f} {unit} usable")
+                top = max(top, usable)
+            else:
+                notes.append(f"budget {budget['device']}: {usable / (1 << 30):.2f} GiB usable, far above this plot")
         oom = predicted.get("oom")
-        if oom:
-            ax.axvline(oom["x"], color="crimson", lw=1, ls=":", label=f"predicted OOM on {budget['device'] if budget else 'the budget card'}")
+        if oom and oom.get("x") is not None:
+            ax.axvline(oom["x"], color="crimson", lw=1.2, ls=":",
+                       label=f"predicted OOM on {budget['device'] if budget else 'the budget card'}")
     if measured is not None:
-        ax.step(measured["x"], [_gib(v) for v in measured["allocated_bytes"]], where="post", color="#222",
-                lw=0.9, ls="--", label="allocated (measured, snapshot)")
-        ax.step(measured["x"], [_gib(v) for v in measured["reserved_bytes"]], where="post", color="#777", lw=0.9,
-                ls="-.", label="reserved (measured, snapshot)")
-        if measured.get("by_allocation_count"):
-            notes.append("measured series placed on the predicted axis by allocation count")
+        ax.step(measured["x"], [v / div for v in measured["allocated_bytes"]], where="post", color="#222",
+                lw=0.9, ls="--", label="allocated (measured)")
+        ax.step(measured["x"], [v / div for v in measured["reserved_bytes"]], where="post", color="#777", lw=0.9,
+                ls="-.", label="reserved (measured)")
+        notes.append("measured: from the GPU snapshot's trace"
+                     + (", placed on the predicted axis by allocation count" if measured.get("by_allocation_count") else ""))
     elif measured_peaks is not None:
         for field, style, name in (("peak_allocated_bytes", "--", "allocated"), ("peak_reserved_bytes", "-.", "reserved")):
             if measured_peaks.get(field) is not None:
-                ax.axhline(_gib(measured_peaks[field]), color="#222", ls=style, lw=0.9,
-                           label=f"measured peak {name} {_gib(measured_peaks[field]):.2f} GiB")
-        notes.append("measured: peaks only (no per-event series; the cuda backend records one with --snapshot)")
-    ax.set_xlabel("event (allocation or release) in the training step's stream" if predicted is not None
+                ax.axhline(measured_peaks[field] / div, color="#222", ls=style, lw=0.9,
+                           label=f"measured peak {name} {measured_peaks[field] / div:.2f} {unit}")
+        notes.append("measured: peaks only, as horizontal marks (no per-event series; the cuda backend records one "
+                     "with --snapshot)")
+    ax.set_xlabel("event (allocation or release) in the training steps' stream" if predicted is not None
                   else "trace entry")
-    ax.set_ylabel("GiB")
-    ax.set_ylim(bottom=0)
+    ax.set_ylabel(unit)
+    ax.set_ylim(0, max(top, 1) / div * 1.22)
     ax.margins(x=0)
     ax.set_title(title, fontsize=9.5, pad=14)
-    ax.legend(fontsize=6.5, loc="upper left", ncol=2, framealpha=0.85)
+    ax.legend(fontsize=7, loc="upper left", ncol=3, framealpha=0.85)
     if notes:
         fig.text(0.01, 0.01, "; ".join(notes), fontsize=7, color="#444")
     fig.tight_layout(rect=(0, 0.03 if notes else 0, 1, 1))
