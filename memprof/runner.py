@@ -47,10 +47,11 @@ def default_jobs() -> int:
 
 
 def _timed_predict(spec, out_dir=None, snapshot_dir=None):
-    from memprof.simulate import predict
+    from memprof.simulate import predict, writing_artifacts
 
     start = time.perf_counter()
-    status, metrics = predict(spec, out_dir, snapshot_dir)
+    with writing_artifacts(out_dir, snapshot_dir):  # the timeline (and snapshot) files beside the results
+        status, metrics = predict(spec)
     return status, metrics, time.perf_counter() - start
 
 

@@ -15,6 +15,7 @@ in `unmodelled` with a bound each; `peak_allocated_bytes_upper` adds them to the
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -64,13 +65,30 @@ def replay(events, capacity: int | None = None, stop_at: int | None = None, reco
     return Replay(peak, alloc.peak_reserved, peak_index, dict(phase_peaks), alloc)
 
 
+_ARTIFACTS = {"out_dir": None, "snapshot_dir": None}
+
+
+@contextlib.contextmanager
+def writing_artifacts(out_dir: str | None, snapshot_dir: str | None = None):
+    """Within, predict(spec) writes timelines and snapshots as if given these directories (the runner's way
+    of asking, so predict(spec) keeps its one-argument form)."""
+    saved = dict(_ARTIFACTS)
+    _ARTIFACTS.update(out_dir=out_dir, snapshot_dir=snapshot_dir)
+    try:
+        yield
+    finally:
+        _ARTIFACTS.update(saved)
+
+
 def predict(spec: RunSpec, out_dir: str | None = None, snapshot_dir: str | None = None) -> tuple[str, dict]:
     """(status, metrics) for `spec` on a CUDA device: status is "ok" or "oom" (does not fit the budget card).
 
     With `out_dir`, the configuration's timeline (memprof.timeline) goes to out_dir/timelines/; with
     `snapshot_dir`, its predicted allocator snapshot (memprof.snapshot) of the budget card's replay goes
-    there, named by the record key. The metrics name both files.
+    there, named by the record key. The metrics name both files. Both default to `writing_artifacts`'s.
     """
+    out_dir = _ARTIFACTS["out_dir"] if out_dir is None else out_dir
+    snapshot_dir = _ARTIFACTS["snapshot_dir"] if snapshot_dir is None else snapshot_dir
     device = parse_budget(spec.budget)
     rules = cuda_rules(device)
     t = trace(spec, rules)

@@ -2,6 +2,7 @@
 prediction's peaks (a corrupted snapshot does not). Module attribution at the peak."""
 
 import copy
+import os
 import pickle
 
 import pytest
@@ -212,3 +213,23 @@ def test_backward_allocations_belong_to_the_module_whose_backward_makes_them():
     grads = [sid for sid in made_in if t.category[sid] == "gradients"]
     assert grads and all(t.module[sid] for sid in grads)
     assert not any(t.module[sid].endswith(("ls_1", "ls_2")) for sid in backward)  # identity modules hold nothing
+
+
+@pytest.mark.gpu
+def test_recorded_and_predicted_snapshots_agree_within_the_fidelity_error(tmp_path):
+    """On a GPU: the recorded snapshot's trace gives back torch.cuda's measured peaks, the predicted one the
+    prediction's, and the two snapshots differ by no more than the fidelity table's error (+0.5 points)."""
+    from memprof.cuda_backend import measure
+
+    status, measured = measure(RunSpec("vit-b-16", "sgd-fe", budget="device"), snapshot_dir=str(tmp_path),
+                               nvml_period_ms=0)
+    _, pred = predict(RunSpec("vit-b-16", "sgd-fe", budget="h200"), snapshot_dir=str(tmp_path))
+    assert status == "ok" and os.path.basename(measured["snapshot_file"]).endswith("@cuda.pickle")
+    real = trace_peaks(load_snapshot(measured["snapshot_file"]), strict=False)
+    ours = trace_peaks(load_snapshot(pred["snapshot_file"]))
+    assert real.peak_reserved_bytes == measured["peak_reserved_bytes"]
+    assert abs(real.peak_allocated_bytes - measured["peak_allocated_bytes"]) <= 4096  # blocks made before recording
+    for field, got_real, got_ours in (("peak_allocated_bytes", real.peak_allocated_bytes, ours.peak_allocated_bytes),
+                                      ("peak_reserved_bytes", real.peak_reserved_bytes, ours.peak_reserved_bytes)):
+        fidelity = abs(pred[field] - measured[field]) / measured[field]
+        assert abs(got_ours - got_real) / got_real <= fidelity + 0.005, field
