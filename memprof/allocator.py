@@ -15,6 +15,13 @@ segments). Rules, with the constants of the C++ source:
 - a freed block merges with free neighbours in its segment; segments are only returned to the driver
   when a cudaMalloc would exceed the device (release_cached_blocks, then one retry) or on empty_cache.
 Single stream, default settings (no max_split_size, no expandable segments, no garbage threshold).
+
+With `record=True` the model also keeps its history, in the order torch's allocator would record it
+(`torch.cuda.memory._record_memory_history`): ("segment_alloc", addr, size), ("alloc", rid, addr, nbytes,
+block size), ("free", rid, addr, nbytes, block size), ("segment_free", addr, size), ("oom", rounded size,
+bytes left under the capacity), each followed by `clock` (memprof.simulate.replay sets it to the event's
+index in the tracker's stream); `segments()` lists the segments and their blocks as they are now. Both feed
+memprof.snapshot, which writes them in torch's snapshot format.
 """
 
 from __future__ import annotations
@@ -57,13 +64,18 @@ class Block:
     free: bool = True
     prev: "Block | None" = None
     next: "Block | None" = None
+    rid: int | None = None  # the request it serves (None while free)
+    requested: int = 0  # bytes asked for (before rounding); 0 while free
 
 
 class CachingAllocatorModel:
     """Best-fit caching allocator; `capacity` (bytes the device leaves for segments) enables OOM."""
 
-    def __init__(self, capacity: int | None = None):
+    def __init__(self, capacity: int | None = None, record: bool = False):
         self.capacity = capacity
+        self.history: list | None = [] if record else None
+        self.clock = 0
+        self._heads: dict[int, Block] = {}  # segment number -> its first block (the segment's address)
         self.allocated = 0
         self.reserved = 0
         self.peak_allocated = 0
@@ -91,6 +103,8 @@ class CachingAllocatorModel:
         if self.capacity is not None and self.reserved + size > self.capacity:
             self.release_cached()
             if self.reserved + size > self.capacity:
+                if self.history is not None:
+                    self.history.append(("oom", rounded, self.capacity - self.reserved, self.clock))
                 raise SimulatedOOM(rounded, self.allocated, self.reserved, self.capacity)
         # segments sit at increasing addresses; the gap keeps segments from looking adjacent
         self._segments += 1
@@ -98,6 +112,9 @@ class CachingAllocatorModel:
         self._next_addr += size + ROUND_LARGE
         self.reserved += size
         self.peak_reserved = max(self.peak_reserved, self.reserved)
+        self._heads[block.segment] = block
+        if self.history is not None:
+            self.history.append(("segment_alloc", block.addr, size, self.clock))
         return block
 
     def release_cached(self) -> None:
@@ -107,6 +124,9 @@ class CachingAllocatorModel:
                 if b.prev is None and b.next is None:
                     self._remove(b)
                     self.reserved -= size
+                    del self._heads[b.segment]
+                    if self.history is not None:
+                        self.history.append(("segment_free", b.addr, size, self.clock))
 
     # --- requests -----------------------------------------------------------------------------------
     def malloc(self, rid: int, nbytes: int) -> int:
@@ -127,7 +147,10 @@ class CachingAllocatorModel:
             block.size = size
             self._insert(rest)
         block.free = False
+        block.rid, block.requested = rid, nbytes
         self._blocks[rid] = block
+        if self.history is not None:
+            self.history.append(("alloc", rid, block.addr, nbytes, block.size, self.clock))
         self.allocated += block.size
         self.peak_allocated = max(self.peak_allocated, self.allocated)
         return block.size
@@ -137,7 +160,10 @@ class CachingAllocatorModel:
         block = self._blocks.pop(rid)
         freed = block.size
         self.allocated -= freed
+        if self.history is not None:
+            self.history.append(("free", rid, block.addr, block.requested, freed, self.clock))
         block.free = True
+        block.rid, block.requested = None, 0
         for neighbour in (block.prev, block.next):
             if neighbour is not None and neighbour.free:
                 self._remove(neighbour)
@@ -157,3 +183,14 @@ class CachingAllocatorModel:
 
     def block_size(self, rid: int) -> int:
         return self._blocks[rid].size
+
+    def segments(self) -> list[list[Block]]:
+        """Every segment's blocks, in address order (segments too)."""
+        out = []
+        for _seg, head in sorted(self._heads.items(), key=lambda kv: kv[1].addr):
+            blocks, b = [], head
+            while b is not None:
+                blocks.append(b)
+                b = b.next
+            out.append(blocks)
+        return out

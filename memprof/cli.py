@@ -1,4 +1,4 @@
-"""Command line: `memprof run | suite | accuracy | table | fidelity | baseline save | compare | list`.
+"""Command line: `memprof run | suite | accuracy | table | report | fidelity | baseline save | compare | list`.
 
 A thin user of memprof.plan (validation, run specs, execution), memprof.results (the one reader and
 writer of records) and the renderers. Bad input ends in one line naming the fix and exit code 2, never a
@@ -86,6 +86,34 @@ def report(records: list[dict], out_dir: str, metric: str | None) -> None:
     _note(f"memprof: wrote {os.path.join(out_dir, 'results.jsonl')} and {', '.join(sorted(paths.values()))}")
 
 
+def html_report(out_dir: str) -> None:
+    """The self-contained HTML report beside table4.md (memprof.html_report)."""
+    from memprof.html_report import write_html_report
+
+    try:
+        _note(f"memprof: wrote {write_html_report(out_dir)}")
+    except UsageError:
+        raise
+    except Exception as exc:  # the results and Table 4 are written; a failing picture does not undo them
+        _note(f"memprof: the HTML report failed ({type(exc).__name__}: {exc}); retry with `memprof report {out_dir}`")
+
+
+def cmd_report(args) -> int:
+    from memprof.html_report import write_html_report
+    from memprof.plan import writable_dir
+    from memprof.results import RESULTS_FILE
+
+    for name, path in (("RUN_DIR", args.run_dir), ("--pair", args.pair)):
+        if path is not None and not os.path.isfile(os.path.join(path, RESULTS_FILE)):
+            raise UsageError(f"{name} {path} holds no {RESULTS_FILE}: give a run directory (memprof run --out DIR)")
+    if args.output is not None:
+        if os.path.isdir(args.output):
+            raise UsageError(f"-o {args.output} is a directory: give a file path, e.g. {args.output}/report.html")
+        writable_dir(os.path.dirname(os.path.abspath(args.output)), "output")
+    print(write_html_report(args.run_dir, args.output, args.pair))
+    return EXIT_OK
+
+
 def cmd_run(args) -> int:
     from memprof.plan import execute, plan_run
     from memprof.results import RunDirectory
@@ -102,6 +130,7 @@ def cmd_run(args) -> int:
     except KeyboardInterrupt:
         return _interrupted(plan.out_dir)
     report(records, plan.out_dir, args.metric or ("nvml-process" if args.preset == "paper-2022" else None))
+    html_report(plan.out_dir)
     return _finish(records, plan.out_dir)
 
 
@@ -233,6 +262,7 @@ def cmd_suite(args) -> int:
     except KeyboardInterrupt:
         return _interrupted(out_dir)
     report(records, out_dir, None)
+    html_report(out_dir)
     return _finish(records, out_dir)
 
 
@@ -428,7 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run.add_argument("--metric", choices=list(METRICS), default=None,
                      help="figure shown in the table (default: reserved; live for the cpu backend)")
-    run.add_argument("--snapshot", metavar="DIR", help="cuda: record allocator history, dump a snapshot per config")
+    run.add_argument("--snapshot", metavar="DIR", help="write an allocator snapshot per config for "
+                                                       "https://pytorch.org/memory_viz: recorded (cuda) or predicted "
+                                                       "(simulate)")
     run.add_argument("--nvml-period-ms", type=float, default=None, help="cuda: NVML sampling period (default: 5; "
                                                                         "0 = off)")
     run.add_argument("--accuracy", action="store_true",
@@ -499,6 +531,17 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--metric", choices=list(METRICS), default=None)
     table.add_argument("--out", help="directory for table4.* (default: beside the results)")
     table.set_defaults(func=cmd_table)
+
+    rep = sub.add_parser("report", help="one self-contained HTML report of a run (works offline)",
+                         description="Table 4, the paper beside ours, the one-view table, the largest holders at "
+                                     "the peak, fidelity (when measured and predicted records meet), fit.md and "
+                                     "advise.md when present, each configuration's memory timeline and links to its "
+                                     "snapshots, in one HTML file with its images embedded.")
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds results.jsonl)")
+    rep.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html)")
+    rep.add_argument("--pair", metavar="DIR", help="another run directory whose records go beside these (e.g. the "
+                                                   "measured run of the same configurations)")
+    rep.set_defaults(func=cmd_report)
 
     fid = sub.add_parser("fidelity", help="predicted vs measured peaks, % error per configuration")
     fid.add_argument("measured", help="results of a measuring backend (results.jsonl or run directory)")

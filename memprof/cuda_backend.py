@@ -25,13 +25,8 @@ import torch
 
 from memprof.budget import NOMINAL_TOLERANCE, GiB, parse_budget
 from memprof.errors import UsageError
-<<<<<<< HEAD
-from memprof.harness import apply_precision, grad_scaler, materialize, prepare, train_steps
-from memprof.nvml import Nvml, Sampler, periodic_reading
-=======
 from memprof.harness import apply_precision, materialize, prepare, train_steps
-from memprof.nvml import Nvml, Sampler
->>>>>>> precision
+from memprof.nvml import Nvml, Sampler, periodic_reading
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 from memprof.tracing import floor, peak_to_floor
@@ -154,11 +149,18 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
                        nvml_period_ms=sampled.period_ms, nvml_series=sampled.series,
                        nvml_15s_sampler=periodic_reading(sampled.series))
     if snapshot_dir:
-        _dump_snapshot(snapshot_dir, spec)
+        metrics["snapshot_file"] = _dump_snapshot(snapshot_dir, spec)
     return status, metrics
 
 
-def _dump_snapshot(snapshot_dir: str, spec: RunSpec) -> None:
+def _dump_snapshot(snapshot_dir: str, spec: RunSpec) -> str:
+    """The recorded snapshot, named by the record key (`<key>@cuda.pickle`, beside the simulation's
+    `<key>@simulate.pickle` for the same configuration); returns its absolute path."""
+    from memprof.results import record_key
+    from memprof.snapshot import snapshot_name
+
     os.makedirs(snapshot_dir, exist_ok=True)
-    torch.cuda.memory._dump_snapshot(os.path.join(snapshot_dir, spec.key.replace("/", "_") + ".pickle"))
+    path = os.path.abspath(os.path.join(snapshot_dir, snapshot_name(record_key(spec, "cuda"))))
+    torch.cuda.memory._dump_snapshot(path)
     torch.cuda.memory._record_memory_history(enabled=None)
+    return path

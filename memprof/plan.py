@@ -163,6 +163,8 @@ class RunPlan:
     @property
     def worker_options(self) -> dict:
         backend = {}
+        if self.backend == "simulate" and self.options["snapshot"]:
+            backend = {"snapshot_dir": self.options["snapshot"]}
         if self.backend == "cuda":
             period = self.options["nvml_period_ms"]
             backend = {"snapshot_dir": self.options["snapshot"],
@@ -171,7 +173,8 @@ class RunPlan:
             from memprof.fit import DEFAULT_MAX_BATCH_SIZE
 
             return {"max_batch_size": self.options["max_batch_size"] or DEFAULT_MAX_BATCH_SIZE,
-                    "probe_options": backend, "timeout_s": self.options["timeout_s"]}
+                    "probe_options": {k: v for k, v in backend.items() if self.backend == "cuda"},
+                    "timeout_s": self.options["timeout_s"]}
         return backend
 
 
@@ -275,10 +278,13 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
         with option("budget"):
             parse_budget(opts["budget"])
     if backend != "cuda":
-        for name in ("snapshot", "nvml_period_ms"):
+        for name in ("nvml_period_ms",) if backend == "simulate" else ("snapshot", "nvml_period_ms"):
             if opts[name] is not None:
-                raise UsageError(f"{flag(name)} applies to the cuda backend (measured snapshots and NVML); the "
-                                 f"{backend} backend has neither: drop {flag(name)}", option=name)
+                raise UsageError(f"{flag(name)} applies to the cuda backend (measured snapshots and NVML) and "
+                                 f"--snapshot to the simulation (predicted snapshots); the {backend} backend has "
+                                 f"neither: drop {flag(name)}", option=name)
+    if opts["snapshot"] is not None:
+        writable_dir(opts["snapshot"], "snapshot")
     out_dir = writable_dir(opts["out"] if opts["out"] is not None else default_out())
     if opts["pretrained"]:
         with option("pretrained"):

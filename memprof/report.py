@@ -235,6 +235,7 @@ def render_markdown(records: list[dict], metric: str = "reserved", verdicts: dic
     out.append(render_floor(records))
     out.append(render_sampler_effect(records))
     out.append(render_reconciliation(records))
+    out.append(render_holders(records))
     out.append(render_rules(records))
     return "\n".join(x for x in out if x)
 
@@ -502,6 +503,37 @@ def render_reconciliation(records: list[dict]) -> str:
             + tabulate(rows, headers=["config", "source", "allocated", "+ cache", "= reserved", "+ context/other",
                                       "= NVML process", "+ other processes", "= NVML device"],
                        tablefmt="github") + "\n")
+
+
+HOLDERS_SHOWN = 5
+
+
+def render_holders(records: list[dict], n: int = HOLDERS_SHOWN) -> str:
+    """The n largest holders of allocated memory at each configuration's peak: the module (parameters,
+    gradients and optimizer state under their parameter's module, activations and temporaries under the
+    module that made them), with what each holds by category."""
+    parts = []
+    for r in sorted(records, key=lambda r: r["key"]):
+        m = r["metrics"]
+        holders = m.get("top_modules_at_peak")
+        if r["status"] not in ("ok", "oom") or not holders:
+            continue
+        rows = [[i + 1, h["module"], f"{h['bytes'] / GIB:.3f}",
+                 ", ".join(f"{c.replace('_', ' ')} {v / GIB:.3f}" for c, v in
+                           sorted(h.get("categories_bytes", {}).items(), key=lambda kv: -kv[1]) if v)]
+                for i, h in enumerate(holders[:n])]
+        shown = sum(h["bytes"] for h in holders[:n])
+        parts.append(f"### {r['key']} ({r['source']})\n\nPeak {m['peak_allocated_bytes'] / GIB:.2f} GiB allocated in "
+                     f"{m.get('peak_phase', '?')} step {m.get('peak_step', '?')} ({m.get('peak_op', '?')}); the "
+                     f"{len(rows)} largest holders hold {shown / GIB:.2f} GiB of it.\n\n"
+                     + tabulate(rows, headers=["#", "holder (module)", "GiB", "what (GiB)"], tablefmt="github") + "\n"
+                     + ("\nBy block: " + ", ".join(f"{b['module']} {b['bytes'] / GIB:.3f} GiB"
+                                                   for b in m["top_blocks_at_peak"][:n]) + "\n"
+                        if m.get("top_blocks_at_peak") else ""))
+    if not parts:
+        return ""
+    return ("## Largest holders at the peak\n\nAllocated bytes (allocator blocks) held at each configuration's peak, "
+            "by module.\n\n" + "\n".join(parts))
 
 
 def _config(rec: dict) -> str:

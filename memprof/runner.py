@@ -11,6 +11,7 @@ stderr lines, and an out-of-memory verdict is a result (status "oom"); the rest 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -183,6 +184,11 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
                bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
     done: dict[int, dict] = {}
     started: dict[int, float] = {}
+    # simulate: timelines beside the results and, asked for, predicted snapshots (memprof.simulate.writing_artifacts)
+    artifacts = None
+    if backend == "simulate" and task == "run":
+        artifacts = {"out_dir": out_dir, "snapshot_dir": (options or {}).get("snapshot_dir")}
+        options = {k: v for k, v in (options or {}).items() if k != "snapshot_dir"}
 
     def finish(i: int, record: dict) -> None:
         append(path, record)
@@ -207,19 +213,22 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
         else:
             todo.append(i)
     if backend != "simulate" or (jobs > 1 and len(todo) > 1):
-        requests = {i: {"spec": entries[i].spec.to_dict(), "backend": backend, "options": options or {}, "task": task}
+        requests = {i: {"spec": entries[i].spec.to_dict(), "backend": backend, "options": options or {}, "task": task,
+                        "artifacts": artifacts}
                     for i in todo}
         measuring = backend != "simulate"  # one configuration at a time on the device, each in a fresh process
         run_in_workers(requests, 1 if measuring else jobs, from_worker, on_start=start,
                        fresh=measuring and task == "run", timeout_s=timeout_s if measuring and task == "run" else None)
     else:
+        from memprof.simulate import writing_artifacts
         from memprof.worker import _backend
 
         run, _ = _backend(backend, task)
         for i in todo:
             start(i)
             try:
-                status, metrics = run(entries[i].spec, **(options or {}))
+                with writing_artifacts(**artifacts) if artifacts else contextlib.nullcontext():
+                    status, metrics = run(entries[i].spec, **(options or {}))
                 finish(i, make_record(entries[i].spec, status, source, env, metrics,
                                       elapsed_s=time.perf_counter() - started[i], task=task))
             except UsageError:

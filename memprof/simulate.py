@@ -15,6 +15,7 @@ in `unmodelled` with a bound each; `peak_allocated_bytes_upper` adds them to the
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -35,17 +36,21 @@ class Replay:
     allocator: CachingAllocatorModel
 
 
-def replay(events, capacity: int | None = None, stop_at: int | None = None) -> Replay:
-    """Feed the request stream to the allocator model; `stop_at` ends right after that event."""
-    alloc = CachingAllocatorModel(capacity)
+def replay(events, capacity: int | None = None, stop_at: int | None = None, record: bool = False) -> Replay:
+    """Feed the request stream to the allocator model; `stop_at` ends right after that event; `record` keeps
+    the model's history (memprof.allocator), each entry stamped with its event's index. A SimulatedOOM
+    carries the event's index and the allocator as it was."""
+    alloc = CachingAllocatorModel(capacity, record)
     phase, peak, peak_index, phase_peaks = "setup", 0, -1, defaultdict(int)
     for i, ev in enumerate(events):
         kind = ev[0]
+        if record:
+            alloc.clock = i
         if kind == ALLOC:
             try:
                 alloc.malloc(ev[1], ev[2])
             except SimulatedOOM as oom:
-                oom.index = i
+                oom.index, oom.allocator = i, alloc
                 raise
             if alloc.allocated > peak:
                 peak, peak_index = alloc.allocated, i
@@ -60,8 +65,30 @@ def replay(events, capacity: int | None = None, stop_at: int | None = None) -> R
     return Replay(peak, alloc.peak_reserved, peak_index, dict(phase_peaks), alloc)
 
 
-def predict(spec: RunSpec) -> tuple[str, dict]:
-    """(status, metrics) for `spec` on a CUDA device: status is "ok" or "oom" (does not fit the budget card)."""
+_ARTIFACTS = {"out_dir": None, "snapshot_dir": None}
+
+
+@contextlib.contextmanager
+def writing_artifacts(out_dir: str | None, snapshot_dir: str | None = None):
+    """Within, predict(spec) writes timelines and snapshots as if given these directories (the runner's way
+    of asking, so predict(spec) keeps its one-argument form)."""
+    saved = dict(_ARTIFACTS)
+    _ARTIFACTS.update(out_dir=out_dir, snapshot_dir=snapshot_dir)
+    try:
+        yield
+    finally:
+        _ARTIFACTS.update(saved)
+
+
+def predict(spec: RunSpec, out_dir: str | None = None, snapshot_dir: str | None = None) -> tuple[str, dict]:
+    """(status, metrics) for `spec` on a CUDA device: status is "ok" or "oom" (does not fit the budget card).
+
+    With `out_dir`, the configuration's timeline (memprof.timeline) goes to out_dir/timelines/; with
+    `snapshot_dir`, its predicted allocator snapshot (memprof.snapshot) of the budget card's replay goes
+    there, named by the record key. The metrics name both files. Both default to `writing_artifacts`'s.
+    """
+    out_dir = _ARTIFACTS["out_dir"] if out_dir is None else out_dir
+    snapshot_dir = _ARTIFACTS["snapshot_dir"] if snapshot_dir is None else snapshot_dir
     device = parse_budget(spec.budget)
     rules = cuda_rules(device, spec)
     t = trace(spec, rules)
@@ -70,12 +97,13 @@ def predict(spec: RunSpec) -> tuple[str, dict]:
         if hasattr(rule, "rewrite"):  # rules that change the stream once it is complete
             t.events = rule.rewrite(t.events)
             folded += rule.folded
-    full = replay(t.events)
+    full = replay(t.events, record=out_dir is not None)
     at_peak = replay(t.events, stop_at=full.peak_index).allocator
     breakdown = dict.fromkeys(CATEGORIES, 0)
     for sid, block in at_peak._blocks.items():
         breakdown[t.category[sid]] += block.size
     phase, step = phase_at(t.events, full.peak_index)
+    sums = holder_bytes(t, at_peak, full.peak_index)
     metrics = {
         "peak_allocated_bytes": full.peak_allocated,
         "peak_reserved_bytes": full.peak_reserved,
@@ -84,6 +112,8 @@ def predict(spec: RunSpec) -> tuple[str, dict]:
         "peak_step": step,
         "peak_op": t.events[full.peak_index][4],
         "breakdown_at_peak_bytes": breakdown,
+        "top_modules_at_peak": top_holders(sums),
+        "top_blocks_at_peak": top_blocks(sums),
         "phase_peak_allocated_bytes": {p: full.phase_peaks.get(p, 0) for p in ("forward", "backward", "optimizer")},
         **common_metrics(t),
         "budget_device": device.label,
@@ -96,16 +126,96 @@ def predict(spec: RunSpec) -> tuple[str, dict]:
     }
     metrics["peak_to_floor_ratio"] = peak_to_floor(full.peak_allocated, metrics.get("floor_bytes"))
     metrics.update(band(metrics, device))
+    status, capped, oom_index = "ok", None, None
     try:
-        replay(t.events, capacity=device.usable_bytes)
+        capped = replay(t.events, capacity=device.usable_bytes, record=snapshot_dir is not None).allocator
     except SimulatedOOM as oom:
         oom_phase, oom_step = phase_at(t.events, oom.index)
         metrics["oom"] = {"phase": oom_phase, "step": oom_step, "op": t.events[oom.index][4],
                           "requested_bytes": oom.requested, "allocated_bytes": oom.allocated,
                           "reserved_bytes": oom.reserved, "usable_bytes": oom.capacity}
         metrics["fits"] = "no"
-        return "oom", metrics
-    return "ok", metrics
+        status, capped, oom_index = "oom", oom.allocator, oom.index
+    if out_dir is not None or snapshot_dir is not None:
+        metrics.update(_write_artifacts(spec, t, full, capped, oom_index, metrics, device, out_dir,
+                                        snapshot_dir))
+    return status, metrics
+
+
+TOP_MODULES = 10
+
+
+def holder_bytes(t: Trace, at_peak: CachingAllocatorModel, peak_index: int) -> dict:
+    """Allocated bytes (block sizes) at the peak per holder and category: holders are module paths
+    (parameters, gradients and optimizer state under their parameter's module), or what holds them outside
+    modules (memprof.attribution.holder)."""
+    from memprof.attribution import holder
+
+    phase_of, phase = {}, "setup"
+    for ev in t.events[: peak_index + 1]:
+        if ev[0] == ALLOC:
+            phase_of[ev[1]] = phase
+        elif ev[0] != FREE:
+            phase = ev[1]
+    sums: dict = defaultdict(lambda: defaultdict(int))
+    for sid, block in at_peak._blocks.items():
+        cat = t.category[sid]
+        sums[holder(t.module.get(sid, ""), cat, phase_of.get(sid, "setup"))][cat] += block.size
+    return sums
+
+
+def top_holders(sums: dict, n: int = TOP_MODULES) -> list[dict]:
+    """The n largest holders, each with its bytes per category."""
+    ranked = sorted(sums.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:n]
+    return [{"module": name, "bytes": sum(cats.values()), "categories_bytes": dict(cats)} for name, cats in ranked]
+
+
+def top_blocks(sums: dict, n: int = 5) -> list[dict]:
+    """The n largest holders with module paths cut after their first numbered part (one entry per
+    transformer block, e.g. `visual.transformer.resblocks.7`), so a block's layers count together."""
+    grouped: dict = defaultdict(int)
+    for name, cats in sums.items():
+        parts = name.split(".")
+        cut = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
+        grouped[".".join(parts[: cut + 1])] += sum(cats.values())
+    ranked = sorted(grouped.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    return [{"module": name, "bytes": nbytes} for name, nbytes in ranked]
+
+
+def _write_artifacts(spec, t: Trace, full: Replay, capped, oom_index, metrics: dict, device, out_dir,
+                     snapshot_dir) -> dict:
+    """The timeline JSON (out_dir) and the predicted snapshot (snapshot_dir); returns the metrics naming them."""
+    import os
+
+    from memprof.results import record_key
+
+    key = record_key(spec, "simulate")
+    out = {}
+    if out_dir is not None:
+        from memprof.timeline import TIMELINE_DIR, predicted_series, timeline_name, write_timeline
+
+        series = predicted_series(full.allocator.history, t.events, t.category)
+        series.update(source="predicted", key=key, budget={
+            "device": device.name, "total_bytes": device.total_bytes, "usable_bytes": device.usable_bytes,
+            "context_bytes": device.context_bytes},
+            peak={"x": full.peak_index, "allocated_bytes": metrics["peak_allocated_bytes"],
+                  "reserved_bytes": metrics["peak_reserved_bytes"], "phase": metrics["peak_phase"],
+                  "step": metrics["peak_step"], "op": metrics["peak_op"],
+                  "top_modules": metrics["top_modules_at_peak"][:5]},
+            oom={"x": oom_index} if oom_index is not None else None)
+        rel = os.path.join(TIMELINE_DIR, timeline_name(key))
+        write_timeline(series, os.path.join(out_dir, rel))
+        out["timeline_file"] = rel
+    if snapshot_dir is not None:
+        from memprof.snapshot import build_snapshot, snapshot_name, write_snapshot
+
+        meta = {"source": "predicted", "key": key, "budget_device": device.label,
+                "budget_usable_bytes": device.usable_bytes,
+                "time_us": "index of the event in memprof's tracker stream (a logical clock, not microseconds)",
+                "replay": "the budget card's allocator (its usable bytes as the device's limit)"}
+        snap = build_snapshot(capped, t.events, t.category, t.module, meta)
+        out["snapshot_file"] = os.path.abspath(write_snapshot(snap, os.path.join(snapshot_dir, snapshot_name(key))))
+    return out
 
 
 def band(metrics: dict, device) -> dict:

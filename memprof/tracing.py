@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from memprof.fake_compat import fake_storage
 from memprof.harness import apply_precision, prepare, train_steps
 from memprof.models import resolve_model
+from memprof.attribution import ModuleAttribution
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 from memprof.tracker import ALLOC, FREE, PHASE, StorageTracker
@@ -37,6 +38,7 @@ class Trace:
     state: dict  # memprof.tracing.state_summary of the optimizer after the last step
     step_ms: list = field(default_factory=list)  # wall time of each step after the first (real runs)
     rules: list = field(default_factory=list)
+    module: dict = field(default_factory=dict)  # storage id -> module path ("" outside modules)
     extra: dict = field(default_factory=dict)  # metrics the rules add
 
 
@@ -87,6 +89,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                 rule.attach(tracker, optimizer)
             if spec.optim_in_backward:  # gradients live and die inside backward: record them as they complete
                 optimizer.on_grad = lambda p: grads.add(tracker.storage_id(p.grad))
+            attribution = stack.enter_context(ModuleAttribution(model, tracker, optimizer))
 
             def on_phase(phase, step):
                 if phase == "optimizer":
@@ -108,7 +111,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                            params_trainable=sum(p.numel() for p in trainable), frozen=prepared.frozen,
                            state=state_summary(optimizer),
                            step_ms=[1000 * (b - a) for a, b in zip(starts[1:], starts[2:])],
-                           rules=[r.describe() for r in rules],
+                           rules=[r.describe() for r in rules], module=attribution.result(),
                            extra={**{k: v for r in rules for k, v in r.metrics().items()},
                                   **floor(model, trainable, optimizer)})
             del model, optimizer, prepared  # (trainable stays: on_phase closes over it)

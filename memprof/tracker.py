@@ -7,6 +7,9 @@ it dies. Views and in-place ops allocate nothing. Tensors made from Python liter
 e.g. the optimizers' step counters) reach dispatch only as `lift_fresh`, an alias: they are host memory
 on CUDA too, and are not counted. Rules can declare other outputs host memory (`treat_as_host`).
 
+Each allocation also gets the module it was made in (`module`: storage id -> dotted module path, "" outside
+any module) from the `where` callable, when one is set (memprof.attribution sets it).
+
 Rules (memprof.rules) may add requests CUDA makes that the CPU does not (library workspaces, kernel
 temporaries) through `synthetic_alloc` and `free_synthetic`.
 """
@@ -40,6 +43,8 @@ class StorageTracker(TorchDispatchMode):
         self.phase = "setup"
         self.step = 0
         self.origin: dict[int, str] = {}  # storage id -> what made it (for the op at the peak)
+        self.module: dict[int, str] = {}  # storage id -> module path it was made in ("" outside modules)
+        self.where = None  # callable -> current module path, or None
         self._by_cdata: dict[int, int] = {}
         self._refs: dict[int, weakref.ref] = {}
         self._next_id = 0
@@ -66,6 +71,7 @@ class StorageTracker(TorchDispatchMode):
     def _log_alloc(self, sid: int, nbytes: int, op: str) -> None:
         self.events.append((ALLOC, sid, nbytes, self.phase, op))
         self.origin[sid] = op
+        self.module[sid] = self.where() if self.where is not None else ""
         self._sizes[sid] = nbytes
         self.live_bytes += nbytes
         if self.limit_bytes is not None and self.live_bytes > self.limit_bytes:
@@ -87,6 +93,7 @@ class StorageTracker(TorchDispatchMode):
             return
         del self._refs[sid]  # the weakref goes, so its release is never logged
         del self.origin[sid]
+        self.module.pop(sid, None)
         self.live_bytes -= self._sizes.pop(sid)
         for i in range(len(self.events) - 1, -1, -1):
             if self.events[i][0] == ALLOC and self.events[i][1] == sid:

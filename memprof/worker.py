@@ -1,6 +1,7 @@
 """A worker process: `python -m memprof.worker` runs configurations for its parent (memprof.runner).
 
-Protocol: one JSON request a line on stdin ({"spec", "backend", "options", optional "task": "fit"}), one JSON result a line
+Protocol: one JSON request a line on stdin ({"spec", "backend", "options", optional "task": "fit" and
+"artifacts": {"out_dir", "snapshot_dir"} for a prediction's timeline and snapshot files}), one JSON result a line
 ({"status", "metrics", "error", "device", "elapsed_s"}) on the stdout the worker started with; whatever
 a backend prints goes to stderr instead. Everything a configuration raises is caught here and sent as
 text, "<OriginalType>: <message> (at <module>:<line> in <function>)", status "error"; nothing crosses
@@ -97,7 +98,14 @@ def handle(request: dict) -> dict:
         crash = os.environ.get("MEMPROF_TEST_CRASH")
         if crash and crash in spec.key:
             os.kill(os.getpid(), signal.SIGKILL)
-        status, metrics = run(spec, **(request.get("options") or {}))
+        artifacts = request.get("artifacts")  # simulate: timelines and snapshots beside the results
+        if artifacts:
+            from memprof.simulate import writing_artifacts
+
+            with writing_artifacts(**artifacts):
+                status, metrics = run(spec, **(request.get("options") or {}))
+        else:
+            status, metrics = run(spec, **(request.get("options") or {}))
         out = {"status": status, "metrics": metrics, "error": None}
     except UsageError as exc:
         out = {"status": "error", "metrics": {}, "error": f"usage: {exc}"}

@@ -88,3 +88,45 @@ def test_oom_releases_cached_segments_before_failing():
     with pytest.raises(SimulatedOOM) as err:
         a.malloc(3, 10 * MiB)
     assert err.value.requested == 10 * MiB and err.value.reserved == 36 * MiB
+
+
+def test_history_and_segments_follow_the_model():
+    """With record=True: the history names every segment and request in order, segments() tiles each
+    segment with its blocks, and recording changes no figure (a mixed stream of 300 requests)."""
+    import random
+
+    rng = random.Random(0)
+    plain, rec = CachingAllocatorModel(), CachingAllocatorModel(record=True)
+    live = []
+    for rid in range(300):
+        if live and rng.random() < 0.45:
+            victim = live.pop(rng.randrange(len(live)))
+            plain.free(victim), rec.free(victim)
+        else:
+            nbytes = rng.choice([700, 40 * KiB, 900 * KiB, 3 * MiB, 12 * MiB])
+            assert plain.malloc(rid, nbytes) == rec.malloc(rid, nbytes)
+            live.append(rid)
+    assert (plain.peak_allocated, plain.peak_reserved) == (rec.peak_allocated, rec.peak_reserved)
+    assert plain.history is None
+    kinds = [h[0] for h in rec.history]
+    assert kinds.count("alloc") + kinds.count("free") == 300 and kinds.count("alloc") - kinds.count("free") == len(live)
+    assert kinds.count("segment_alloc") == len(rec.segments())  # nothing released without a capacity
+    allocated = 0
+    for blocks in rec.segments():
+        for a, b in zip(blocks, blocks[1:]):
+            assert a.addr + a.size == b.addr and not (a.free and b.free)  # contiguous, free neighbours merged
+        allocated += sum(b.size for b in blocks if not b.free)
+    assert allocated == rec.allocated and sum(sum(b.size for b in s) for s in rec.segments()) == rec.reserved
+    freed = {h[1] for h in rec.history if h[0] == "free"}
+    assert freed.isdisjoint(live) and all(h[4] >= round_size(h[3]) for h in rec.history if h[0] == "alloc")
+
+
+def test_oom_history_releases_cache_then_records_the_oom():
+    a = CachingAllocatorModel(capacity=30 * MiB, record=True)
+    a.malloc(1, 5 * MiB)
+    a.free(1)
+    a.malloc(2, 1000)
+    with pytest.raises(SimulatedOOM):
+        a.malloc(3, 29 * MiB)
+    assert [h[0] for h in a.history][-2:] == ["segment_free", "oom"]
+    assert a.history[-1][1:3] == (29 * MiB, 30 * MiB - 2 * MiB)  # rounded request, bytes left under the cap

@@ -1,0 +1,247 @@
+"""One self-contained HTML report of a run directory: `memprof report RUN_DIR [-o report.html]`.
+
+It holds Table 4 with everything table4.md says (the paper beside ours, the one-view table, the largest
+holders at the peak, the rules), the fidelity table when the records (or a paired run) hold both
+measurements and predictions (else a fidelity.md found in the directory), fit.md / advise.md when present,
+each configuration's timeline (memprof.timeline) and links to its snapshots. Images are embedded as base64
+PNG; the page loads nothing (no script, no stylesheet, no font from a network), so it opens offline.
+Timeline PNGs are also written beside their JSON in RUN_DIR/timelines/.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import re
+from collections import OrderedDict
+
+REPORT_FILE = "report.html"
+EXTRA_FILES = (("fit.md", "What fits"), ("advise.md", "Advice"))
+VIEWER_URL = "https://pytorch.org/memory_viz"
+
+STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1500px;padding:0 16px;color:#222}
+h1{font-size:24px}h2{font-size:19px;border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:34px}h3{font-size:15px}
+table{border-collapse:collapse;margin:8px 0 14px;font-size:12.5px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}code{background:#f3f3f3;padding:0 3px;border-radius:3px}
+img{max-width:100%;border:1px solid #ddd}.fig{margin:10px 0 26px}.note{color:#555;font-size:12.5px}
+.pred{color:#1f5fa8;font-weight:600}.meas{color:#a8521f;font-weight:600}nav li{margin:1px 0}
+"""
+
+
+# --- markdown (the subset memprof's renderers write) -------------------------------------------------
+
+def _inline(text: str) -> str:
+    out = html.escape(text.replace("\\*", "*"), quote=False)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"(https?://[^\s)<]+)", r'<a href="\1">\1</a>', out)
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _table(lines: list[str]) -> str:
+    head, body = _cells(lines[0]), [_cells(ln) for ln in lines[2:]]
+    th = "".join(f"<th>{_inline(c)}</th>" for c in head)
+    rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def markdown_to_html(text: str, shift: int = 0) -> str:
+    """Headings (shifted down `shift` levels), pipe tables, '- ' lists and paragraphs; inline code, bold,
+    escaped stars and bare links. Everything else is escaped text."""
+    out, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        line = lines[i]
+        if not line.strip():
+            i += 1
+        elif line.startswith("#"):
+            level = min(6, len(line) - len(line.lstrip("#")) + shift)
+            out.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
+            i += 1
+        elif line.lstrip().startswith("|"):
+            j = i
+            while j < len(lines) and lines[j].lstrip().startswith("|"):
+                j += 1
+            block = lines[i:j]
+            out.append(_table(block) if len(block) >= 2 and set(block[1].replace("|", "").strip()) <= set("-: ")
+                       else "<p>" + "<br>".join(_inline(b) for b in block) + "</p>")
+            i = j
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+        else:
+            para = []
+            while i < len(lines) and lines[i].strip() and not lines[i].startswith(("#", "- ", "|")):
+                para.append(_inline(lines[i]))
+                i += 1
+            out.append("<p>" + "<br>".join(para) + "</p>")
+    return "\n".join(out)
+
+
+# --- figures -----------------------------------------------------------------------------------------
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _timeline_png(config: str, pred: tuple | None, meas: tuple | None) -> tuple[bytes, list[str]]:
+    """The figure for one configuration (PNG bytes) and notes on what it shows."""
+    from memprof.snapshot import load_snapshot
+    from memprof.timeline import load_timeline, measured_series, plot_timeline
+
+    notes, predicted, measured, measured_peaks = [], None, None, None
+    if pred is not None:
+        rec, base = pred
+        path = os.path.join(base, rec["metrics"]["timeline_file"])
+        if os.path.exists(path):
+            predicted = load_timeline(path)
+        else:
+            notes.append(f"predicted timeline {path} is missing")
+    if meas is not None:
+        rec, _base = meas
+        snap = rec["metrics"].get("snapshot_file")
+        if snap and os.path.exists(snap):
+            measured = measured_series(load_snapshot(snap), predicted["alloc_x"] if predicted else None)
+        else:
+            measured_peaks = rec["metrics"]
+    sources = " and ".join(s for s, x in (("predicted", predicted), ("measured", meas)) if x is not None)
+    title = f"{config}\n{sources}" + (f", budget {predicted['budget']['device']}"
+                                        if predicted and predicted.get("budget") else "")
+    buf = io.BytesIO()
+    plot_timeline(buf, title, predicted, measured, measured_peaks)
+    return buf.getvalue(), notes
+
+
+def _holders_html(rec: dict) -> str:
+    holders = rec["metrics"].get("top_modules_at_peak") or []
+    if not holders:
+        return ""
+    items = "".join(f"<li><code>{html.escape(h['module'])}</code> {h['bytes'] / (1 << 30):.3f} GiB</li>"
+                    for h in holders[:5])
+    return f"<p class='note'>Largest holders at the predicted peak:</p><ol class='note'>{items}</ol>"
+
+
+def _snapshot_links(recs: list[tuple], out_dir: str) -> str:
+    links = []
+    for rec, _base in recs:
+        path = rec["metrics"].get("snapshot_file")
+        if not path:
+            continue
+        rel = os.path.relpath(path, out_dir) if os.path.exists(path) else path
+        cls, what = ("pred", "predicted") if rec["source"] == "predicted" else ("meas", "measured")
+        links.append(f"<li><span class='{cls}'>{what}</span> snapshot: <a href='{html.escape(rel)}'>"
+                     f"{html.escape(os.path.basename(path))}</a>" + ("" if os.path.exists(path) else " (missing)")
+                     + "</li>")
+    if not links:
+        return ""
+    return ("<ul class='note'>" + "".join(links) + f"</ul><p class='note'>Open a snapshot in <a href='{VIEWER_URL}'>"
+            f"{VIEWER_URL}</a> (drop the file on the page; it stays on your machine), or run <code>python -m "
+            "torch.cuda._memory_viz trace_plot FILE -o trace.html</code> (that page loads the viewer from the "
+            "network).</p>")
+
+
+# --- the page ----------------------------------------------------------------------------------------
+
+def _load(run_dir: str, pair_dir: str | None) -> list[tuple]:
+    from memprof.results import read_records
+
+    out = [(r, run_dir) for r in read_records(run_dir)]
+    if pair_dir:
+        out += [(r, pair_dir) for r in read_records(pair_dir)]
+    return out
+
+
+def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_pngs: bool = True) -> str:
+    """The report's HTML text (see the module docstring)."""
+    from memprof.accuracy import load_verdicts
+    from memprof.report import default_metric, render_fidelity, render_markdown
+
+    loaded = _load(run_dir, pair_dir)
+    records = [r for r, _ in loaded]
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    metric = default_metric(records)
+    sections = [("table4", "Table 4 and what it rests on",
+                 markdown_to_html(render_markdown(records, metric, load_verdicts(run_dir) or None), shift=1))]
+    measured = [r for r in records if r["source"] == "measured"]
+    predicted = [r for r in records if r["source"] == "predicted"]
+    if measured and predicted:
+        sections.append(("fidelity", "Fidelity", markdown_to_html(render_fidelity(measured, predicted), shift=1)))
+    elif os.path.exists(os.path.join(run_dir, "fidelity.md")):
+        with open(os.path.join(run_dir, "fidelity.md"), encoding="utf-8") as fh:
+            sections.append(("fidelity", "Fidelity", markdown_to_html(fh.read(), shift=1)))
+    for name, title in EXTRA_FILES:
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                sections.append((name.split(".")[0], title, markdown_to_html(fh.read(), shift=1)))
+    sections.append(("timelines", "Timelines", _timelines(loaded, out_dir, write_pngs)))
+    nav = "".join(f"<li><a href='#{sid}'>{html.escape(title)}</a></li>" for sid, title, _ in sections)
+    sources = sorted({r["source"] for r in records})
+    body = "\n".join(f"<section id='{sid}'><h2>{html.escape(title)}</h2>\n{content}</section>"
+                     for sid, title, content in sections)
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>memprof report: "
+            f"{html.escape(os.path.basename(os.path.abspath(run_dir)))}</title><style>{STYLE}</style></head><body>\n"
+            f"<h1>memprof report</h1><p class='note'>Run directory <code>{html.escape(os.path.abspath(run_dir))}</code>"
+            + (f" with <code>{html.escape(os.path.abspath(pair_dir))}</code>" if pair_dir else "")
+            + f"; {len(records)} configurations; figures {' and '.join(sources) or 'none'}.</p>"
+            f"<nav><ul>{nav}</ul></nav>\n{body}\n</body></html>\n")
+
+
+def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool) -> str:
+    from memprof.report import _config
+    from memprof.timeline import TIMELINE_DIR
+
+    groups: OrderedDict = OrderedDict()
+    for rec, base in sorted(loaded, key=lambda rb: rb[0]["key"]):
+        groups.setdefault(_config(rec), []).append((rec, base))
+    parts, skipped = [], []
+    for config, recs in groups.items():
+        runs = [(r, b) for r, b in recs if r["status"] in ("ok", "oom")]
+        pred = next(((r, b) for r, b in runs if r["source"] == "predicted" and r["metrics"].get("timeline_file")), None)
+        meas = next(((r, b) for r, b in runs if r["source"] == "measured"), None)
+        if pred is None and meas is None:
+            why = recs[0][0]["status"] if not runs else "no timeline was recorded (a run before timelines existed)"
+            skipped.append(f"<li><code>{html.escape(config)}</code>: {html.escape(why)}</li>")
+            continue
+        png, notes = _timeline_png(config, pred, meas)
+        if write_pngs and pred is not None:
+            _save_png(png, os.path.join(pred[1], pred[0]["metrics"]["timeline_file"]))
+        status = ", ".join(f"<span class='{'pred' if r['source'] == 'predicted' else 'meas'}'>{r['source']}</span> "
+                           f"{html.escape(r['status'])}" for r, _ in runs)
+        parts.append(f"<div class='fig'><h3>{html.escape(config)}</h3><p class='note'>{status}"
+                     + "".join(f"; {html.escape(n)}" for n in notes) + "</p>"
+                     f"<img alt='memory timeline of {html.escape(config)}' src='{_png_uri(png)}'>"
+                     + (_holders_html(pred[0]) if pred else "") + _snapshot_links(runs, out_dir) + "</div>")
+    intro = ("<p class='note'>Memory over the training steps' events: allocated bytes stacked by category, "
+             "reserved bytes as a line, phase bands, the peak and the budget card's usable memory. Predicted "
+             f"series come from the allocator model (files in <code>{TIMELINE_DIR}/</code>); measured ones from a "
+             "GPU snapshot's trace when the cuda backend ran with <code>--snapshot</code>, else only the measured "
+             "peaks are marked.</p>")
+    tail = f"<p>No timeline:</p><ul>{''.join(skipped)}</ul>" if skipped else ""
+    return intro + "\n".join(parts) + tail
+
+
+def _save_png(data: bytes, timeline_json: str) -> None:
+    path = os.path.splitext(timeline_json)[0] + ".png"
+    try:
+        with open(path, "wb") as fh:
+            fh.write(data)
+    except OSError:
+        pass  # a read-only run directory still gets its report (the image is embedded)
+
+
+def write_html_report(run_dir: str, out_path: str | None = None, pair_dir: str | None = None) -> str:
+    """Render and write the report (default RUN_DIR/report.html); returns its path."""
+    from memprof.results import write_text
+
+    out_path = out_path or os.path.join(run_dir, REPORT_FILE)
+    write_text(out_path, render_html(run_dir, out_path, pair_dir))
+    return out_path
