@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from memprof.models import (build_model, check_pretrained, freeze_embedding, input_size,
+from memprof.models import (build_model, check_pretrained, freeze_embedding, input_shape,
                             read_pretrained, resolve_model)
 from memprof.optims import OptimInfo, REGISTRY as OPTIMS
 from memprof.spec import RunSpec
@@ -32,7 +32,8 @@ def prepare(spec: RunSpec, load_weights: bool = True) -> Prepared:
     With `load_weights=False` pretrained weights are only checked against the architecture (the
     simulation: weights do not change memory).
     """
-    info, optim = resolve_model(spec.model, backend=None), OPTIMS[spec.optim]  # backends check their own names
+    info = resolve_model(spec.model, None, spec.freeze, spec.input_shape)  # backends check their own names
+    optim = OPTIMS[spec.optim]
     model = build_model(info, spec.num_classes)
     state = None
     if spec.pretrained:
@@ -65,18 +66,51 @@ def materialize(model, device) -> None:
 def train_steps(model, optimizer, spec: RunSpec, device, on_phase) -> None:
     """`spec.steps` steps at micro-batch `spec.batch_size`: a fresh batch is created on the device, forward
     and cross-entropy, backward, optimizer step, zero_grad(set_to_none=True). `on_phase(name, step)` is
-    called as each of forward / backward / optimizer begins, and once with "done" at the end.
+    called as each of forward / backward / optimizer begins, and once with "done" at the end. The steps
+    run through `run_steps`, the same path a user's own step function takes (memprof.api.predict_step).
     """
-    h, w = input_size(model)
-    for step in range(spec.steps):
-        on_phase("forward", step)
-        images = torch.randn(spec.batch_size, 3, h, w, device=device)
-        labels = torch.randint(0, spec.num_classes, (spec.batch_size,), device=device)
-        loss = F.cross_entropy(model(images), labels)
-        on_phase("backward", step)
-        loss.backward()
-        on_phase("optimizer", step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        del images, labels, loss
-    on_phase("done", spec.steps)
+    c, h, w = input_shape(model)
+
+    def batch():
+        return (torch.randn(spec.batch_size, c, h, w, device=device),
+                torch.randint(0, spec.num_classes, (spec.batch_size,), device=device))
+
+    run_steps(model, optimizer, batch, classification_step, spec.steps, on_phase)
+
+
+def classification_step(model, optimizer, inputs) -> None:
+    """One step of the paper's fine-tuning: forward, cross-entropy, backward, optimizer step, zero_grad."""
+    images, labels = inputs
+    loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_steps(model, optimizer, batch, step, steps: int, on_phase) -> None:
+    """`steps` calls of `step(model, optimizer, batch())`, with the phases marked for `on_phase(name, step)`:
+    "forward" before batch() makes the inputs, "backward" as torch.autograd.backward begins (Tensor.backward
+    calls it; wrapped for the duration), "optimizer" as optimizer.step begins (a step pre-hook), "done" at
+    the end. The inputs are dropped after each step."""
+    current = [0]
+    original = torch.autograd.backward
+
+    def backward(*args, **kwargs):
+        on_phase("backward", current[0])
+        return original(*args, **kwargs)
+
+    hook = getattr(optimizer, "register_step_pre_hook", None)
+    handle = hook(lambda *_: on_phase("optimizer", current[0])) if hook else None
+    torch.autograd.backward = backward
+    try:
+        for i in range(steps):
+            current[0] = i
+            on_phase("forward", i)
+            inputs = batch()
+            step(model, optimizer, inputs)
+            del inputs
+    finally:
+        torch.autograd.backward = original
+        if handle is not None:
+            handle.remove()
+    on_phase("done", steps)

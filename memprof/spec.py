@@ -30,13 +30,17 @@ class RunSpec:
     num_classes: int = 10
     pretrained: str | None = None
     paged: bool = False  # 8-bit states in CUDA managed memory (bitsandbytes' paged optimizers)
+    freeze: str | None = None  # --freeze GLOB[,GLOB]: the embedding freeze-embed freezes, overriding the model's
+    input_shape: str | None = None  # --input-shape CxHxW, for a model that cannot say
 
     @property
     def key(self) -> str:
         """A stable, readable identity (used to resume and to compare runs)."""
         bits = f"{self.state_bits}bit" + ("-paged" if self.paged else "")
         return (f"{self.model}/{self.optim}/ckpt-{'on' if self.grad_ckpt else 'off'}/{bits}/"
-                f"bs{self.batch_size}/{self.precision}/steps{self.steps}/{self.budget}")
+                f"bs{self.batch_size}/{self.precision}/steps{self.steps}/{self.budget}"
+                + (f"/freeze-{self.freeze}" if self.freeze else "")
+                + (f"/input-{self.input_shape}" if self.input_shape else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,8 +73,8 @@ def parse_switch(text: str, flag: str) -> list[bool]:
 
 def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool = False,
                 grad_ckpt: bool = False) -> str | None:
-    if grad_ckpt and not model.vit:
-        return f"{model.name} is not an open_clip VisionTransformer: its gradient checkpointing is not supported"
+    if grad_ckpt and model.grad_ckpt_reason:
+        return model.grad_ckpt_reason
     if optim.freeze_embed and not model.embedding_modules:
         return f"{model.name} declares no embedding layer, so {optim.name} has nothing to freeze"
     if state_bits == 8 and optim.state_tensors_per_param == 0:
