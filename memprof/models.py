@@ -93,6 +93,23 @@ def unsupported_table_problems(table: dict | None = None) -> list[str]:
     return problems
 
 
+def source_names(source: str, pattern: str | None = None) -> list[str]:
+    """Architecture names one source accepts (timm, torchvision, open_clip), those matching a glob if given."""
+    if source == "timm":
+        import timm
+
+        names = timm.list_models()
+    elif source == "torchvision":
+        import torchvision
+
+        names = torchvision.models.list_models()
+    elif source == "open_clip":
+        names = listed_models()[0]
+    else:
+        raise UsageError(f"--source {source}: use timm, torchvision or open_clip")
+    return [n for n in names if pattern is None or fnmatch.fnmatchcase(n, pattern)]
+
+
 def listed_models() -> tuple[list[str], dict[str, str]]:
     """What `memprof list models` shows besides REGISTRY: (the open_clip names every backend runs, in
     open_clip's order; {name: reason} for the ones the simulation cannot predict). Together they are

@@ -23,7 +23,7 @@ RUN_OPTIONS = {
     "models": "paper", "optims": "paper", "grad_ckpt": "off", "state_bits": "32", "paged": False,
     "batch_size": "1", "steps": 2, "budget": None, "num_classes": 10, "pretrained": None, "backend": "auto",
     "out": None, "resume": False, "retry_failed": False, "jobs": None, "timeout_s": None, "snapshot": None,
-    "nvml_period_ms": None, "progress": True, "max_batch_size": None,
+    "nvml_period_ms": None, "progress": True, "max_batch_size": None, "freeze": None, "input_shape": None,
 }
 BACKENDS = ("auto", "cuda", "simulate", "cpu")
 DEFAULT_NVML_PERIOD_MS = 5.0
@@ -227,7 +227,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
 
     notes: list[str] = []
     with option("models"):
-        models = parse_models(opts["models"])
+        models = parse_models(opts["models"], freeze=opts["freeze"], input_shape=opts["input_shape"])
     with option("optims"):
         optims = parse_optims(opts["optims"])
     with option("grad_ckpt"):
@@ -270,7 +270,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
         budget = resolve_budget(opts["budget"], backend, notes)
     entries = expand_grid(models, optims, grad_ckpt, state_bits, batch_sizes, paged=opts["paged"],
                           steps=opts["steps"], budget=budget, num_classes=opts["num_classes"],
-                          pretrained=opts["pretrained"])
+                          pretrained=opts["pretrained"], freeze=opts["freeze"], input_shape=opts["input_shape"])
     if any(e.spec.state_bits == 8 and not e.skip_reason for e in entries):
         from memprof.optims import require_bitsandbytes
 
@@ -374,7 +374,7 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
 
     notes: list[str] = []
     with option("models"):
-        models = parse_models(opts["models"])
+        models = parse_models(opts["models"], freeze=opts["freeze"], input_shape=opts["input_shape"])
     with option("optims"):
         optims = parse_optims(opts["optims"])
     entries = expand_grid(models, optims, parse_switch(opts["grad_ckpt"], "--grad-ckpt"),

@@ -62,9 +62,16 @@ def replay(events, capacity: int | None = None, stop_at: int | None = None) -> R
 
 def predict(spec: RunSpec) -> tuple[str, dict]:
     """(status, metrics) for `spec` on a CUDA device: status is "ok" or "oom" (does not fit the budget card)."""
-    device = parse_budget(spec.budget)
+    return predict_traced(lambda rules: trace(spec, rules), spec.budget)
+
+
+def predict_traced(make_trace, budget: str) -> tuple[str, dict]:
+    """(status, metrics) of any traced run on the `budget` card: `make_trace(rules)` traces it (on fake
+    tensors) with the CUDA rules; the stream is replayed through the allocator model. Registry models
+    (predict) and a user's own step (memprof.api.predict_step) both come through here."""
+    device = parse_budget(budget)
     rules = cuda_rules(device)
-    t = trace(spec, rules)
+    t = make_trace(rules)
     folded = 0
     for rule in rules:
         if hasattr(rule, "rewrite"):  # rules that change the stream once it is complete
@@ -132,7 +139,11 @@ HOST_SCALARS_NOTE = ("optimizer step counters (torch.tensor(0.0) per parameter, 
 def predict_cpu(spec: RunSpec) -> tuple[Trace, dict]:
     """The prediction under CPU rules (no CUDA corrections, no allocator): peak live tensor bytes. The
     `cpu` backend measures the same quantity on real tensors; on a small model the two agree exactly."""
-    t = trace(spec, rules=())
+    return cpu_rules_metrics(trace(spec, rules=()))
+
+
+def cpu_rules_metrics(t: Trace) -> tuple[Trace, dict]:
+    """Peak live tensor bytes of a trace with no CUDA rules, with its phase peaks and breakdown."""
     peak = live_peak(t)
     return t, {"peak_live_bytes": peak.peak_bytes, "phase_peak_live_bytes": peak.phase_peaks,
                "breakdown_at_peak_bytes": peak.breakdown, **common_metrics(t), "host_scalars_note": HOST_SCALARS_NOTE}
