@@ -66,10 +66,10 @@ class Result:
         lines = [head]
         if "peak_allocated_bytes" in m:
             lines.append(f"  peak allocated {_gib(m['peak_allocated_bytes'])}, reserved "
-                         f"{_gib(m.get("peak_reserved_bytes"))} on {r["spec"]["budget"]}"
+                         f"{_gib(m.get('peak_reserved_bytes'))} on {r['spec']['budget']}"
                          + (f", fits: {m['fits']}" if "fits" in m else ""))
         elif "peak_live_bytes" in m:
-            lines.append(f"  peak live tensors {_gib(m['peak_live_bytes'])} on {r["spec"]["budget"]}")
+            lines.append(f"  peak live tensors {_gib(m['peak_live_bytes'])} on {r['spec']['budget']}")
         if m.get("peak_phase"):
             lines.append(f"  at the peak: {m['peak_phase']} of step {m.get('peak_step')}, op {m.get('peak_op')}")
         if m.get("breakdown_at_peak_bytes"):
