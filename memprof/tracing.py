@@ -56,7 +56,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
     (the `cpu` backend's budget). The run is `trace_step` with the harness's model, optimizer and step.
     """
     if fake:
-        resolve_model(spec.model, "simulate")  # a name the simulation cannot predict says why
+        resolve_model(spec.model, "simulate", spec.freeze, spec.input_shape)  # a name the simulation cannot predict says why
 
     def build():
         prepared = prepare(spec, load_weights=not fake)
