@@ -375,7 +375,8 @@ def _model_source_options(p) -> None:
                    help="the embedding layer freeze-embed optimizers freeze: module-name globs of the network, "
                         "overriding the model's declared one (e.g. 'patch_embed,norm_pre')")
     p.add_argument("--input-shape", metavar="CxHxW", default=None,
-                   help="input image shape for a model that cannot say (a py: factory), e.g. 3x224x224")
+                   help="input image shape of timm:/torchvision:/py: models (required where the model cannot say, "
+                        "e.g. a py: factory), e.g. 3x224x224; open_clip towers keep their own")
 
 
 def _grid_options(p, profiles) -> None:

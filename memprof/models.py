@@ -241,12 +241,14 @@ def _declared_input_shape(net) -> tuple[int, int, int] | None:
 def resolve_model(name: str, backend: str | None = "simulate", freeze: str | None = None,
                   input_shape: str | None = None) -> ModelInfo:
     """A model with its overrides: `--freeze` globs replace the declared embedding, `--input-shape` the
-    input shape. A timm:/torchvision:/py: model must end with an input shape (its own or --input-shape)."""
+    input shape of a timm/torchvision/py model (an open_clip tower keeps its config's image size). A timm:/torchvision:/py: model must end with an input shape (its own or --input-shape)."""
     info = _resolve(name, backend)
     if freeze is not None:
         info = replace(info, embedding_modules=parse_freeze(freeze))
-    if input_shape is not None:
-        info = replace(info, input_shape=parse_input_shape(input_shape))
+    if input_shape is not None:  # open_clip towers take the image size of their config (positional embeddings)
+        shape = parse_input_shape(input_shape)
+        if info.source != "open_clip":
+            info = replace(info, input_shape=shape)
     if info.source == "torchvision" and info.input_shape is None:
         info = replace(info, input_shape=DEFAULT_INPUT_SHAPE)
     if info.source == "py" and info.input_shape is None:
