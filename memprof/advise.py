@@ -135,7 +135,8 @@ def candidates(base, changes=CHANGES) -> tuple[list[Candidate], list[Change], li
         if spec is not None:
             combos.append(((c1, c2), spec))
     for chs, spec in combos:
-        why = skip_reason(resolve_model(spec.model), REGISTRY[spec.optim], spec.state_bits, spec.paged, spec.grad_ckpt)
+        why = skip_reason(resolve_model(spec.model), REGISTRY[spec.optim], spec.state_bits, spec.paged, spec.grad_ckpt,
+                          spec.precision, spec.optim_impl, spec.optim_in_backward)
         if why:
             not_applicable.append((" + ".join(c.name for c in chs), why))
         else:

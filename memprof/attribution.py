@@ -112,9 +112,11 @@ class ModuleAttribution:
         self._buffers = [(b, name.rpartition(".")[0]) for name, b in model.named_buffers()]
         self.owner: dict[int, str] = {}  # storage id -> module path (static attribution)
         self._hooks = []
-        if optimizer is not None:
-            self._hooks.append(optimizer.register_step_pre_hook(lambda opt, *_: self._grads()))
-            self._hooks.append(optimizer.register_step_post_hook(lambda opt, *_: self._states(opt)))
+        # each optimizer that steps: the one given, or each per-parameter one of optims.InBackward
+        per_param = getattr(optimizer, "optimizers", None)  # {parameter: optimizer}
+        for opt in per_param.values() if per_param else ([optimizer] if optimizer is not None else []):
+            self._hooks.append(opt.register_step_pre_hook(lambda o, *_: self._grads()))
+            self._hooks.append(opt.register_step_post_hook(lambda o, *_: self._states(o)))
 
     def where(self) -> str:
         return self.modules.innermost()

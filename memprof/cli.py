@@ -69,7 +69,7 @@ def _run_options(args, **extra) -> dict:
 
     names = ("models", "optims", "grad_ckpt", "state_bits", "paged", "batch_size", "steps", "budget", "num_classes",
              "pretrained", "backend", "out", "resume", "retry_failed", "jobs", "timeout_s", "snapshot",
-             "nvml_period_ms", "precision", "optim_impl", "optim_in_backward", "resident")
+             "nvml_period_ms", "precision", "optim_impl", "optim_in_backward", "resident", "freeze", "input_shape")
     return run_options(getattr(args, "preset", None), progress=not args.no_progress,
                        **{n: getattr(args, n) for n in names if n not in extra}, **extra)
 
@@ -139,7 +139,7 @@ def cmd_fit(args) -> int:
     from memprof.plan_report import render_fit, write_fit_reports
     from memprof.results import RunDirectory
 
-    plan = plan_fit(_run_options(args, max_batch_size=args.max_batch_size))
+    plan = plan_fit(_run_options(args, max_batch_size=args.max_batch_size, batch_size=None), args.batch_size)
     try:
         with RunDirectory(plan.out_dir):
             for line in [plan.announce, *plan.notes]:
@@ -343,6 +343,19 @@ def cmd_list(args) -> int:
     from memprof.report import fit_table
 
     width = terminal_width()
+    if args.what != "models" and (args.source or args.filter):
+        raise UsageError(f"--source and --filter apply to `memprof list models`, not {args.what}")
+    if args.what == "models" and args.source:
+        from memprof.models import source_names
+
+        names = source_names(args.source, args.filter)
+        prefix = "" if args.source == "open_clip" else args.source + ":"
+        print(f"{len(names)} {args.source} models" + (f" matching '{args.filter}'" if args.filter else "")
+              + (f" (give them as {prefix}NAME)" if prefix else "") + ":")
+        print(textwrap.fill("  ".join(names), width=width, break_on_hyphens=False, break_long_words=False))
+        return 0
+    if args.what == "models" and args.filter:
+        raise UsageError("--filter needs --source: e.g. memprof list models --source timm --filter 'vit_*'")
     if args.what == "models":
         from memprof.models import REGISTRY, listed_models
 
@@ -391,6 +404,15 @@ def _accuracy_options(p) -> None:
                    help="accuracy: where to train (default: cuda where present, else cpu)")
 
 
+def _model_source_options(p) -> None:
+    p.add_argument("--freeze", metavar="GLOB[,GLOB]", default=None,
+                   help="the embedding layer freeze-embed optimizers freeze: module-name globs of the network, "
+                        "overriding the model's declared one (e.g. 'patch_embed,norm_pre')")
+    p.add_argument("--input-shape", metavar="CxHxW", default=None,
+                   help="input image shape of timm:/torchvision:/py: models (required where the model cannot say, "
+                        "e.g. a py: factory), e.g. 3x224x224; open_clip towers keep their own")
+
+
 def _grid_options(p, profiles) -> None:
     """The options of a grid that `run` and `fit` share."""
     p.add_argument("--models", help="comma list of models, or `paper` (default: paper)")
@@ -408,6 +430,7 @@ def _grid_options(p, profiles) -> None:
                         "GPU the cuda backend emulates the budget by capping the allocator")
     p.add_argument("--num-classes", type=int, default=10, help="classes of the new linear head (default: 10)")
     p.add_argument("--pretrained", help="weights: a local file, or an open_clip tag found in the local cache")
+    _model_source_options(p)
     p.add_argument("--backend", choices=["auto", "cuda", "simulate", "cpu"], default="auto",
                    help="auto (default: cuda where a GPU is present, else simulate), cuda (measure with torch.cuda "
                         "and NVML), simulate (predict), cpu (measure live tensor bytes on the CPU)")
@@ -482,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--backend", choices=["auto", "cuda", "simulate"], default="simulate",
                      help="simulate (default: predicts) or cuda (measures each candidate in a fresh process)")
     _training_options(adv)
+    _model_source_options(adv)
     adv.add_argument("--accuracy-from", metavar="DIR", help="a run directory with accuracy.jsonl (`memprof accuracy`): "
                                                             "its verdicts are shown per setting")
     adv.add_argument("--out", help="output directory (default: reports/runs/<timestamp>)")
@@ -576,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list registered models, optimizers or budget cards")
     lst.add_argument("what", choices=["models", "optims", "budgets"])
+    lst.add_argument("--source", choices=["timm", "torchvision", "open_clip"], default=None,
+                     help="models: the names one source accepts (prefix them: timm:NAME, torchvision:NAME)")
+    lst.add_argument("--filter", default=None, help="models with --source: names matching this glob, e.g. 'vit_*'")
     lst.set_defaults(func=cmd_list)
     return parser
 

@@ -8,12 +8,13 @@ simulation under fake tensors with a tracker, real backends on a device.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from memprof.models import (build_text_tower, build_model, check_pretrained, freeze_embedding, input_size,
+from memprof.models import (build_text_tower, build_model, check_pretrained, freeze_embedding, input_shape,
                             read_pretrained, resolve_model)
 from memprof.optims import OptimInfo, REGISTRY as OPTIMS
 from memprof.spec import AMP_DTYPES, MODEL_DTYPES, RunSpec
@@ -33,7 +34,8 @@ def prepare(spec: RunSpec, load_weights: bool = True) -> Prepared:
     With `load_weights=False` pretrained weights are only checked against the architecture (the
     simulation: weights do not change memory).
     """
-    info, optim = resolve_model(spec.model, backend=None), OPTIMS[spec.optim]  # backends check their own names
+    info = resolve_model(spec.model, None, spec.freeze, spec.input_shape)  # backends check their own names
+    optim = OPTIMS[spec.optim]
     model = build_model(info, spec.num_classes)
     state = None
     if spec.pretrained:
@@ -104,30 +106,66 @@ def train_steps(model, optimizer, spec: RunSpec, device, on_phase) -> None:
     """`spec.steps` steps at micro-batch `spec.batch_size`: a fresh batch is created on the device (in the
     model's dtype), forward and cross-entropy (under torch.autocast for *-amp), backward (of the scaled loss
     with fp16-amp's GradScaler, made here), optimizer step (scaler.step and scaler.update with one),
-    zero_grad(set_to_none=True).
-    `on_phase(name, step)` is called as each of forward / backward / optimizer begins, and once with "done" at
-    the end. With optimizer-in-backward (`optimizer` an optims.InBackward) parameters are stepped and their
-    gradients freed inside backward, so there is no optimizer phase and nothing left to zero.
+    zero_grad(set_to_none=True). `on_phase(name, step)` is called as each of forward / backward / optimizer
+    begins, and once with "done" at the end. With optimizer-in-backward (`optimizer` an optims.InBackward)
+    parameters are stepped and their gradients freed inside backward, so there is no optimizer phase and
+    nothing left to zero. The steps run through `run_steps`, the same path a user's own step function takes
+    (memprof.api.predict_step).
     """
-    h, w = input_size(model)
-    amp, scaler = autocast_dtype(spec), grad_scaler(spec, device)
+    c, h, w = input_shape(model)
     device_type = torch.device(device).type
-    in_backward = getattr(optimizer, "optimizers", None) is not None
-    for step in range(spec.steps):
-        on_phase("forward", step)
-        images = torch.randn(spec.batch_size, 3, h, w, device=device, dtype=model_dtype(spec))
-        labels = torch.randint(0, spec.num_classes, (spec.batch_size,), device=device)
-        with torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext():
-            loss = F.cross_entropy(model(images), labels)
-        on_phase("backward", step)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if not in_backward:
-            on_phase("optimizer", step)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        del images, labels, loss
-    on_phase("done", spec.steps)
+    step = functools.partial(classification_step, amp=autocast_dtype(spec), scaler=grad_scaler(spec, device),
+                             device_type=device_type, in_backward=getattr(optimizer, "optimizers", None) is not None)
+
+    def batch():
+        return (torch.randn(spec.batch_size, c, h, w, device=device, dtype=model_dtype(spec)),
+                torch.randint(0, spec.num_classes, (spec.batch_size,), device=device))
+
+    run_steps(model, optimizer, batch, step, spec.steps, on_phase)
+
+
+def classification_step(model, optimizer, inputs, amp=None, scaler=None, device_type: str = "cpu",
+                        in_backward: bool = False) -> None:
+    """One step of the paper's fine-tuning: forward and cross-entropy (under autocast with `amp`), backward (of
+    the scaled loss with a GradScaler), optimizer step and zero_grad (none with optimizer-in-backward)."""
+    images, labels = inputs
+    with torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext():
+        loss = F.cross_entropy(model(images), labels)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if in_backward:
+        return
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_steps(model, optimizer, batch, step, steps: int, on_phase) -> None:
+    """`steps` calls of `step(model, optimizer, batch())`, with the phases marked for `on_phase(name, step)`:
+    "forward" before batch() makes the inputs, "backward" as torch.autograd.backward begins (Tensor.backward
+    calls it; wrapped for the duration), "optimizer" as optimizer.step begins (a step pre-hook), "done" at
+    the end. The inputs are dropped after each step."""
+    current = [0]
+    original = torch.autograd.backward
+
+    def backward(*args, **kwargs):
+        on_phase("backward", current[0])
+        return original(*args, **kwargs)
+
+    hook = getattr(optimizer, "register_step_pre_hook", None)
+    handle = hook(lambda *_: on_phase("optimizer", current[0])) if hook else None
+    torch.autograd.backward = backward
+    try:
+        for i in range(steps):
+            current[0] = i
+            on_phase("forward", i)
+            inputs = batch()
+            step(model, optimizer, inputs)
+            del inputs
+    finally:
+        torch.autograd.backward = original
+        if handle is not None:
+            handle.remove()
+    on_phase("done", steps)

@@ -1,14 +1,21 @@
-"""Model registry: memprof names onto open_clip image towers, each with a new linear classification head.
+"""Model registry: memprof names onto open_clip image towers, each with a new linear classification head,
+and model sources: `timm:<name>`, `torchvision:<name>` and `py:package.module:factory` (a user's callable).
 
-A model is open_clip's own VisionTransformer (built from open_clip's JSON architecture config), so the
-layers, attention code and gradient checkpointing are exactly what a user of open_clip trains. Each entry
-declares its embedding layer as the seed paper's Appendix A does: for CLIP ViTs the patch embedding
-(`conv1`) and the layer norm after it (`ln_pre`).
+A registry model is open_clip's own VisionTransformer (built from open_clip's JSON architecture config), so
+the layers, attention code and gradient checkpointing are exactly what a user of open_clip trains. Each
+entry declares its embedding layer as the seed paper's Appendix A does: for CLIP ViTs the patch embedding
+(`conv1`) and the layer norm after it (`ln_pre`). Other sources declare theirs per family (FAMILY_EMBEDDING);
+`--freeze GLOB[,GLOB]` overrides the declaration for any model. Every model is built as a module whose
+`.visual` is the network (the tower, or the whole timm/torchvision/user model), so freezing, gradient
+checkpointing and weights work the same way for all of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+import importlib
+import re
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from memprof.errors import UsageError, unknown_name
@@ -26,6 +33,18 @@ class ModelInfo:
     embedding_modules: tuple[str, ...] = CLIP_VIT_EMBEDDING  # submodules of the tower that freeze-embed freezes
     paper: bool = False  # one of the seed paper's Table 4 models
     vit: bool = True  # open_clip's VisionTransformer (its set_grad_checkpointing works; ResNet/timm towers differ)
+    source: str = "open_clip"  # open_clip, timm, torchvision or py (a user's factory)
+    input_shape: tuple[int, int, int] | None = None  # (channels, height, width); None: the tower's image_size
+    ckpt_switch: bool | None = None  # has set_grad_checkpointing (None: `vit` says, for open_clip towers)
+
+    @property
+    def grad_ckpt_reason(self) -> str | None:
+        """Why gradient checkpointing cannot run on this model (None: it can, through the model's own switch)."""
+        if self.source == "open_clip":
+            return None if self.vit else (f"{self.name} is not an open_clip VisionTransformer: its gradient "
+                                          f"checkpointing is not supported")
+        return None if self.ckpt_switch else (f"{self.name} has no gradient-checkpointing switch "
+                                              f"(set_grad_checkpointing)")
 
 
 REGISTRY: dict[str, ModelInfo] = {m.name: m for m in (
@@ -74,6 +93,23 @@ def unsupported_table_problems(table: dict | None = None) -> list[str]:
     return problems
 
 
+def source_names(source: str, pattern: str | None = None) -> list[str]:
+    """Architecture names one source accepts (timm, torchvision, open_clip), those matching a glob if given."""
+    if source == "timm":
+        import timm
+
+        names = timm.list_models()
+    elif source == "torchvision":
+        import torchvision
+
+        names = torchvision.models.list_models()
+    elif source == "open_clip":
+        names = listed_models()[0]
+    else:
+        raise UsageError(f"--source {source}: use timm, torchvision or open_clip")
+    return [n for n in names if pattern is None or fnmatch.fnmatchcase(n, pattern)]
+
+
 def listed_models() -> tuple[list[str], dict[str, str]]:
     """What `memprof list models` shows besides REGISTRY: (the open_clip names every backend runs, in
     open_clip's order; {name: reason} for the ones the simulation cannot predict). Together they are
@@ -82,8 +118,148 @@ def listed_models() -> tuple[list[str], dict[str, str]]:
     return [n for n in names if n not in UNSUPPORTED], {n: UNSUPPORTED[n][0] for n in names if n in UNSUPPORTED}
 
 
-def resolve_model(name: str, backend: str | None = "simulate") -> ModelInfo:
-    """A registered memprof name, or any open_clip architecture name (ViT-B-32, ViT-g-14, ...).
+SOURCES = ("open_clip", "timm", "torchvision", "py")
+
+# the embedding layer freeze-embed freezes, per family (the module that defines the model class): globs over
+# the network's module (or parameter) names
+FAMILY_EMBEDDING = {
+    "timm.models.vision_transformer": ("patch_embed", "norm_pre"),
+    "timm.models.convnext": ("stem",),
+    "timm.models.resnet": ("conv1", "bn1"),
+    "torchvision.models.vision_transformer": ("conv_proj",),
+    "torchvision.models.convnext": ("features.0",),
+    "torchvision.models.resnet": ("conv1", "bn1"),
+}
+DEFAULT_INPUT_SHAPE = (3, 224, 224)  # torchvision's classification models (their weights' crop size)
+
+
+def parse_input_shape(text: str) -> tuple[int, int, int]:
+    """`3x224x224` -> (3, 224, 224)."""
+    m = re.fullmatch(r"\s*(\d+)x(\d+)x(\d+)\s*", str(text))
+    if not m or min(int(g) for g in m.groups()) < 1:
+        raise UsageError(f"--input-shape '{text}': give channels x height x width, e.g. --input-shape 3x224x224")
+    return tuple(int(g) for g in m.groups())
+
+
+def parse_freeze(text: str) -> tuple[str, ...]:
+    globs = tuple(g.strip() for g in str(text).split(",") if g.strip())
+    if not globs:
+        raise UsageError(f"--freeze '{text}': give module-name globs, e.g. --freeze 'patch_embed,norm_pre'")
+    return globs
+
+
+_LOCAL_FACTORIES: dict[str, object] = {}  # py:@local:... names of factories handed in by a Python caller
+
+
+def factory_name(factory) -> str:
+    """A model name for a zero-argument factory: `py:module:qualname` when a fresh process can import it,
+    else a name that only this process knows (the simulation runs in-process; `measure` needs the former)."""
+    module, qualname = getattr(factory, "__module__", None), getattr(factory, "__qualname__", None)
+    if module and qualname and module != "__main__" and "<" not in qualname:
+        try:
+            obj = importlib.import_module(module)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+            if obj is factory:
+                return f"py:{module}:{qualname}"
+        except (ImportError, AttributeError):
+            pass
+    name = f"py:@local:{qualname or 'factory'}:{id(factory):x}"
+    _LOCAL_FACTORIES[name] = factory
+    return name
+
+
+def _py_factory(name: str):
+    if name in _LOCAL_FACTORIES:
+        return _LOCAL_FACTORIES[name]
+    module, _, attr = name[len("py:"):].rpartition(":")
+    if not module or not attr:
+        raise UsageError(f"model '{name}': give py:package.module:factory (a callable returning an nn.Module)")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except ImportError as exc:
+        raise UsageError(f"model '{name}': cannot import {module} ({exc}); put it on PYTHONPATH") from None
+    except AttributeError:
+        raise UsageError(f"model '{name}': {module} has no {attr}") from None
+    if not callable(obj):
+        raise UsageError(f"model '{name}': {module}.{attr} is not callable; give a factory returning an nn.Module")
+    return obj
+
+
+@lru_cache(maxsize=64)
+def _source_info(name: str) -> ModelInfo:
+    """What a timm:/torchvision:/py: model is, without building it where the source can say (timm,
+    torchvision); a user's factory is built once on the meta device (no memory) to ask its network."""
+    source, _, arch = name.partition(":")
+    if source == "timm":
+        import timm
+
+        if not timm.is_model(arch):
+            raise unknown_name("timm model", arch, timm.list_models(), "memprof list models --source timm")
+        family = timm.models.model_entrypoint(arch).__module__
+        cfg = timm.models.get_pretrained_cfg(arch)
+        shape = tuple(cfg.input_size) if cfg is not None and cfg.input_size else DEFAULT_INPUT_SHAPE
+        return ModelInfo(name, f"timm {arch} ({family.rsplit('.', 1)[-1]})", embedding_modules=FAMILY_EMBEDDING.get(
+            family, ()), vit=False, source="timm", input_shape=shape, ckpt_switch=True)
+    if source == "torchvision":
+        import torchvision
+
+        names = torchvision.models.list_models()
+        if arch not in names:
+            raise unknown_name("torchvision model", arch, names, "memprof list models --source torchvision")
+        family = torchvision.models.get_model_builder(arch).__module__
+        return ModelInfo(name, f"torchvision {arch} ({family.rsplit('.', 1)[-1]})", embedding_modules=FAMILY_EMBEDDING.get(
+            family, ()), vit=False, source="torchvision", input_shape=None, ckpt_switch=False)
+    import torch
+
+    factory = _py_factory(name)
+    with torch.device("meta"):
+        net = factory()
+    if not isinstance(net, torch.nn.Module):
+        raise UsageError(f"model '{name}': the factory returned {type(net).__name__}, not an nn.Module")
+    family = type(net).__module__
+    return ModelInfo(name, f"user model {type(net).__qualname__} from {name[3:]}",
+                     embedding_modules=FAMILY_EMBEDDING.get(family, ()), vit=False, source="py",
+                     input_shape=_declared_input_shape(net), ckpt_switch=hasattr(net, "set_grad_checkpointing"))
+
+
+def _declared_input_shape(net) -> tuple[int, int, int] | None:
+    """The input shape a network says it takes: timm's pretrained_cfg, or an `image_size` attribute."""
+    cfg = getattr(net, "pretrained_cfg", None) or getattr(net, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return tuple(cfg["input_size"])
+    size = getattr(net, "image_size", None)
+    if isinstance(size, int):
+        return (3, size, size)
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return (3, *size)
+    return None
+
+
+def resolve_model(name: str, backend: str | None = "simulate", freeze: str | None = None,
+                  input_shape: str | None = None) -> ModelInfo:
+    """A model with its overrides: `--freeze` globs replace the declared embedding, `--input-shape` the
+    input shape of a timm/torchvision/py model (an open_clip tower keeps its config's image size). A timm:/torchvision:/py: model must end with an input shape (its own or --input-shape)."""
+    info = _resolve(name, backend)
+    if freeze is not None:
+        info = replace(info, embedding_modules=parse_freeze(freeze))
+    if input_shape is not None:  # open_clip towers take the image size of their config (positional embeddings)
+        shape = parse_input_shape(input_shape)
+        if info.source != "open_clip":
+            info = replace(info, input_shape=shape)
+    if info.source == "torchvision" and info.input_shape is None:
+        info = replace(info, input_shape=DEFAULT_INPUT_SHAPE)
+    if info.source == "py" and info.input_shape is None:
+        raise UsageError(f"model '{name}' does not say what input it takes: add --input-shape, e.g. "
+                         f"--input-shape 3x224x224")
+    return info
+
+
+def _resolve(name: str, backend: str | None = "simulate") -> ModelInfo:
+    """A registered memprof name, or any open_clip architecture name (ViT-B-32, ViT-g-14, ...), or a source
+    prefix (timm:, torchvision:, py:).
 
     `backend` is the backend that will run it (simulate, cpu, cuda; None: no check): a name in
     UNSUPPORTED raises a UsageError with its reason for the simulation, suggesting `--backend cpu` where
@@ -91,6 +267,8 @@ def resolve_model(name: str, backend: str | None = "simulate") -> ModelInfo:
     """
     if name in REGISTRY:
         return REGISTRY[name]
+    if name.split(":", 1)[0] in SOURCES[1:] and ":" in name:
+        return _source_info(name)
     if name in UNSUPPORTED and backend == "simulate":
         reason, cpu_runs = UNSUPPORTED[name]
         hint = ("use --backend cpu (measures on the CPU) or --backend cuda" if cpu_runs
@@ -106,28 +284,57 @@ def resolve_model(name: str, backend: str | None = "simulate") -> ModelInfo:
     raise unknown_name("model", name, list(REGISTRY) + list(open_clip_names()), "memprof list models")
 
 
-def parse_models(text: str, backend: str | None = "simulate") -> list[ModelInfo]:
-    """A comma-separated list; `paper` is the three Table 4 models. `backend` as for resolve_model."""
+def parse_models(text: str, backend: str | None = "simulate", freeze: str | None = None,
+                 input_shape: str | None = None) -> list[ModelInfo]:
+    """A comma-separated list; `paper` is the three Table 4 models. `backend`, `freeze` and `input_shape` as
+    for resolve_model."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise UsageError("--models is empty: give model names, e.g. --models vit-b-16,vit-l-14 or --models paper")
     out: list[ModelInfo] = []
     for n in names:
         for m in (PAPER_MODELS if n == "paper" else (n,)):
-            info = resolve_model(m, backend)
+            info = resolve_model(m, backend, freeze, input_shape)
             if info not in out:
                 out.append(info)
     return out
 
 
 def build_model(info: ModelInfo, num_classes: int):
-    """The image tower plus a new randomly initialised linear head, on the current default device.
+    """The image tower plus a new randomly initialised linear head, on the current default device (a
+    timm/torchvision model with its own head for `num_classes`; a user's model as its factory makes it).
 
     Built under FakeTensorMode (the simulation) this allocates no memory and takes well under a second
     even for ViT-H/14.
     """
-    import open_clip
     import torch.nn as nn
+
+    if info.source != "open_clip":
+        class SourceModel(nn.Module):
+            """A timm, torchvision or user network as `.visual`, with the input shape it takes."""
+
+            def __init__(self, net, input_shape):
+                super().__init__()
+                self.visual = net
+                self.input_shape = input_shape
+
+            def forward(self, images):
+                return self.visual(images)
+
+        arch = info.name.split(":", 1)[1]
+        if info.source == "timm":
+            import timm
+
+            net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        elif info.source == "torchvision":
+            import torchvision
+
+            net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        else:
+            net = _py_factory(info.name)()
+        return SourceModel(net, info.input_shape)
+
+    import open_clip
     from open_clip.model import _build_vision_tower  # open_clip's own tower builder (no text tower)
 
     if info.open_clip_config:
@@ -155,18 +362,34 @@ def build_model(info: ModelInfo, num_classes: int):
 
 
 def input_size(model) -> tuple[int, int]:
+    return input_shape(model)[1:]
+
+
+def input_shape(model) -> tuple[int, int, int]:
+    """(channels, height, width) of one input image."""
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        return tuple(shape)
     size = model.visual.image_size
-    return (size, size) if isinstance(size, int) else tuple(size)
+    return (3, size, size) if isinstance(size, int) else (3, *size)
 
 
 def embedding_parameters(model, info: ModelInfo) -> dict:
-    """The parameters freeze-embed freezes, by name: everything under the declared embedding modules."""
+    """The parameters freeze-embed freezes, by name: everything under the modules (or the parameters) whose
+    names, relative to the network, match a declared glob. A glob that matches nothing is an error."""
+    modules = dict(model.visual.named_modules())
+    params = dict(model.visual.named_parameters())
     out = {}
-    for mod_name in info.embedding_modules:
-        module = getattr(model.visual, mod_name, None)
-        if module is None:
-            raise ValueError(f"{info.name}: declared embedding module visual.{mod_name} does not exist")
-        out.update({f"visual.{mod_name}.{n}": p for n, p in module.named_parameters()})
+    for glob in info.embedding_modules:
+        hits = [n for n in modules if n and fnmatch.fnmatchcase(n, glob)]
+        direct = [n for n in params if fnmatch.fnmatchcase(n, glob)]
+        if not hits and not direct:
+            raise UsageError(f"{info.name}: embedding glob '{glob}' matches no module or parameter of the network "
+                             f"(top-level modules: {', '.join(n for n, _ in model.visual.named_children())}); fix "
+                             f"--freeze")
+        for n in hits:
+            out.update({f"visual.{n}.{k}": p for k, p in modules[n].named_parameters()})
+        out.update({f"visual.{n}": params[n] for n in direct})
     return out
 
 

@@ -24,7 +24,7 @@ RUN_OPTIONS = {
     "batch_size": "1", "steps": 2, "budget": None, "num_classes": 10, "pretrained": None, "backend": "auto",
     "out": None, "resume": False, "retry_failed": False, "jobs": None, "timeout_s": None, "snapshot": None,
     "nvml_period_ms": None, "progress": True, "max_batch_size": None, "precision": "fp32", "optim_impl": "foreach",
-    "optim_in_backward": "off", "resident": "tower",
+    "optim_in_backward": "off", "resident": "tower", "freeze": None, "input_shape": None,
 }
 BACKENDS = ("auto", "cuda", "simulate", "cpu")
 # Named sets of options. paper-2022: the paper grid as its 2022 setup ran it. PyTorch before 2.0 ran the
@@ -138,13 +138,13 @@ def unique(values: list, name: str, notes: list) -> list:
 
 def check_pretrained(models, pretrained: str, num_classes: int) -> None:
     """Fail fast, before the grid, when the weights are missing or do not fit a model."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    import torch
 
     from memprof.models import build_model, check_pretrained as check, read_pretrained
 
     for info in models:
         state = read_pretrained(info, pretrained)
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.device("meta"):  # shapes only; constructors keep their host values (timm's drop-path rates)
             check(build_model(info, num_classes), state, pretrained)
 
 
@@ -193,10 +193,11 @@ def run_options(preset: str | None = None, **given) -> dict:
     return {**RUN_OPTIONS, **PRESETS.get(preset, {}), **{k: v for k, v in given.items() if v is not None}}
 
 
-def plan_fit(opts: dict) -> RunPlan:
-    """A validated `memprof fit`: the grid of a run without batch sizes (the search finds them)."""
-    if opts["batch_size"] is not None:
-        raise UsageError(f"fit searches the batch size: drop --batch-size {opts['batch_size']} (bound the search with "
+def plan_fit(opts: dict, batch_size: str | None = None) -> RunPlan:
+    """A validated `memprof fit`: the grid of a run without batch sizes (the search finds them); a
+    `batch_size` given is bad input."""
+    if batch_size is not None:
+        raise UsageError(f"fit searches the batch size: drop --batch-size {batch_size} (bound the search with "
                          f"--max-batch-size)", option="batch_size")
     if opts["max_batch_size"] is not None and opts["max_batch_size"] < 1:
         raise UsageError(f"--max-batch-size {opts['max_batch_size']}: use at least 1", option="max_batch_size")
@@ -247,7 +248,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
     notes: list[str] = []
     backend, announce = resolve_backend(opts["backend"])
     with option("models"):
-        models = parse_models(opts["models"], backend)
+        models = parse_models(opts["models"], backend, freeze=opts["freeze"], input_shape=opts["input_shape"])
     with option("optims"):
         optims = parse_optims(opts["optims"])
     with option("grad_ckpt"):
@@ -301,7 +302,8 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
                 text_config(info)
     entries = [e for resident in residents for e in expand_grid(
         models, optims, grad_ckpt, state_bits, batch_sizes, paged=opts["paged"], steps=opts["steps"], budget=budget,
-        num_classes=opts["num_classes"], pretrained=opts["pretrained"], resident=resident, **training)]
+        num_classes=opts["num_classes"], pretrained=opts["pretrained"], resident=resident, freeze=opts["freeze"],
+        input_shape=opts["input_shape"], **training)]
     if any(e.spec.state_bits == 8 and not e.skip_reason for e in entries):
         from memprof.optims import require_bitsandbytes
 

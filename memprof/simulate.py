@@ -89,9 +89,20 @@ def predict(spec: RunSpec, out_dir: str | None = None, snapshot_dir: str | None 
     """
     out_dir = _ARTIFACTS["out_dir"] if out_dir is None else out_dir
     snapshot_dir = _ARTIFACTS["snapshot_dir"] if snapshot_dir is None else snapshot_dir
-    device = parse_budget(spec.budget)
+    return predict_traced(lambda rules: trace(spec, rules), spec.budget, spec, out_dir, snapshot_dir)
+
+
+def predict_traced(make_trace, budget: str, spec: RunSpec | None = None, out_dir: str | None = None,
+                   snapshot_dir: str | None = None) -> tuple[str, dict]:
+    """(status, metrics) of any traced run on the `budget` card: `make_trace(rules)` traces it (on fake
+    tensors) with the CUDA rules (and `spec`'s precision rules); the stream is replayed through the allocator
+    model. Registry models (predict) and a user's own step (memprof.api.predict_step, no spec: no timeline or
+    snapshot files) both come through here."""
+    device = parse_budget(budget)
     rules = cuda_rules(device, spec)
-    t = trace(spec, rules)
+    t = make_trace(rules)
+    if spec is None:
+        out_dir = snapshot_dir = None
     folded = 0
     for rule in rules:
         if hasattr(rule, "rewrite"):  # rules that change the stream once it is complete
@@ -246,7 +257,11 @@ def predict_cpu(spec: RunSpec) -> tuple[Trace, dict]:
     rules = [LayerNormStatsFp32(on_cpu=True)] if spec.precision != "fp32" else []
     if spec.precision == "fp16-amp":
         rules.append(FakeGradScalerStep())  # fake tensors have no value for the scaler's found_inf check
-    t = trace(spec, rules=rules)
+    return cpu_rules_metrics(trace(spec, rules=rules))
+
+
+def cpu_rules_metrics(t: Trace) -> tuple[Trace, dict]:
+    """Peak live tensor bytes of a trace with no CUDA rules, with its phase peaks and breakdown."""
     peak = live_peak(t)
     return t, {"peak_live_bytes": peak.peak_bytes, "peak_to_floor_ratio": peak_to_floor(peak.peak_bytes, t.extra.get("floor_bytes")), "phase_peak_live_bytes": peak.phase_peaks,
                "breakdown_at_peak_bytes": peak.breakdown, **common_metrics(t), "host_scalars_note": HOST_SCALARS_NOTE}

@@ -45,6 +45,8 @@ class RunSpec:
     optim_impl: str = DEFAULT_OPTIM_IMPL  # foreach | fused | forloop (torch's implementations of the update)
     optim_in_backward: bool = False  # one optimizer per parameter, stepped from its post-accumulate-grad hook
     resident: str = "tower"  # what is on the device: the image tower (+ head), or the whole CLIP model ("clip")
+    freeze: str | None = None  # --freeze GLOB[,GLOB]: the embedding freeze-embed freezes, overriding the model's
+    input_shape: str | None = None  # --input-shape CxHxW, for a model that cannot say
 
     @property
     def training(self) -> str:
@@ -66,7 +68,9 @@ class RunSpec:
         they always did."""
         bits = f"{self.state_bits}bit" + ("-paged" if self.paged else "")
         return (f"{self.model}/{self.optim}/ckpt-{'on' if self.grad_ckpt else 'off'}/{bits}/"
-                f"bs{self.batch_size}/{self.training}/steps{self.steps}/{self.budget}")
+                f"bs{self.batch_size}/{self.training}/steps{self.steps}/{self.budget}"
+                + (f"/freeze-{self.freeze}" if self.freeze else "")
+                + (f"/input-{self.input_shape}" if self.input_shape else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,8 +131,8 @@ def parse_optim_impls(text: str) -> list[str]:
 def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool = False,
                 grad_ckpt: bool = False, precision: str = "fp32", optim_impl: str = DEFAULT_OPTIM_IMPL,
                 in_backward: bool = False) -> str | None:
-    if grad_ckpt and not model.vit:
-        return f"{model.name} is not an open_clip VisionTransformer: its gradient checkpointing is not supported"
+    if grad_ckpt and model.grad_ckpt_reason:
+        return model.grad_ckpt_reason
     if optim.freeze_embed and not model.embedding_modules:
         return f"{model.name} declares no embedding layer, so {optim.name} has nothing to freeze"
     if state_bits == 8 and optim.state_tensors_per_param == 0:

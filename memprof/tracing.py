@@ -14,7 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                          FakeTensorMode, unset_fake_temporarily)
 
 from memprof.fake_compat import fake_storage
 from memprof.harness import apply_precision, prepare, train_steps
@@ -51,33 +52,88 @@ def to_device_order(module):
 
 
 def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = None) -> Trace:
-    """Run the harness under a StorageTracker: on fake CPU tensors (`fake`) or real ones.
+    """Run the harness for `spec` under a StorageTracker: on fake CPU tensors (`fake`) or real ones.
 
     `limit_bytes` makes the tracker raise torch.OutOfMemoryError once live tensor bytes would exceed it
-    (the `cpu` backend's budget). Garbage collection is off while tracing, so releases follow reference
-    counts alone and the stream is the same on every run.
+    (the `cpu` backend's budget). The run is `trace_step` with the harness's model, optimizer and step.
+    """
+    if fake:
+        resolve_model(spec.model, "simulate", spec.freeze, spec.input_shape)  # a name the simulation cannot predict says why
+
+    def build():
+        prepared = prepare(spec, load_weights=not fake)
+
+        def make_optimizer(trainable):
+            return build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged, spec.optim_impl,
+                                   spec.optim_in_backward)
+
+        return prepared.model, make_optimizer, prepared.frozen
+
+    def run(model, optimizer, on_phase):
+        train_steps(model, optimizer, spec, "cpu", on_phase)
+
+    return trace_step(build, run, rules, fake, limit_bytes, prepare_model=lambda model: apply_precision(model, spec))
+
+
+class UntraceableModel(RuntimeError):
+    """The model needs tensor data (`.item()`, a data-dependent shape), which fake tensors do not have."""
+
+
+def _untraceable(exc: Exception, model) -> UntraceableModel:
+    """One line naming the op and the module whose forward asked for data."""
+    names = {id(m): n or type(m).__name__ for n, m in model.named_modules()}
+    module, tb = None, exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module) and id(owner) in names:
+            module = f"{names[id(owner)]} ({type(owner).__name__})"
+        tb = tb.tb_next
+    op = getattr(exc, "func", None) or type(exc).__name__
+    return UntraceableModel(f"{op} in module {module or '(outside any module)'} needs tensor data, which the "
+                            f"simulation's fake tensors do not have: use --backend cpu (measures on the CPU) or cuda")
+
+
+def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None = None,
+               prepare_model=None) -> Trace:
+    """Trace `steps` training steps of any model and step function under a StorageTracker.
+
+    `build()` returns (model, optimizer, frozen names); the optimizer may be a callable taking the trainable
+    parameters (built outside the tracker). `run(model, optimizer, on_phase)` runs the steps, calling
+    on_phase(name, step) as forward / backward / optimizer begin (harness.run_steps does);
+    `prepare_model(model)` runs once the model has its storage, before the optimizer is built (precision). With `fake`, build() runs on the meta device outside the fake mode (constructors keep
+    their host values), the model gets fake CPU storage and an optimizer built on the meta parameters is
+    pointed at the fake ones. Garbage collection is off while tracing, so releases follow reference counts
+    alone and the stream is the same on every run.
     """
     modes = [r.mode() for r in rules if hasattr(r, "mode")]
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         if fake:  # constructors run outside the fake mode, on the meta device (memprof.fake_compat)
-            resolve_model(spec.model, "simulate")  # a name the simulation cannot predict says why
             with torch.device("meta"):
-                prepared = prepare(spec, load_weights=False)
+                model, optimizer, frozen = build()
         with FakeTensorMode() if fake else contextlib.nullcontext(), contextlib.ExitStack() as stack:
             if fake:
-                fake_storage(prepared.model)
+                before = {id(p): n for n, p in model.named_parameters()}
+                fake_storage(model)
+                after = dict(model.named_parameters())
+                if isinstance(optimizer, torch.optim.Optimizer):
+                    for group in optimizer.param_groups:
+                        group["params"] = [after[before[id(p)]] if id(p) in before else p for p in group["params"]]
             else:
-                prepared = prepare(spec)
-            model = prepared.model
-            apply_precision(model, spec)
+                model, optimizer, frozen = build()
+            if prepare_model is not None:
+                prepare_model(model)
             trainable = [p for p in model.parameters() if p.requires_grad]
-            # built outside the fake mode and the tracker: constructors allocate no device memory, and
-            # bitsandbytes computes its quantization maps on the host here
-            with unset_fake_temporarily():
-                optimizer = build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged,
-                                            spec.optim_impl, spec.optim_in_backward)
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                # built outside the fake mode and the tracker: constructors allocate no device memory, and
+                # bitsandbytes computes its quantization maps on the host here
+                with unset_fake_temporarily():
+                    optimizer = optimizer(trainable)
+            groups = getattr(optimizer, "param_groups", None)  # optims.InBackward has none: it has them all
+            if groups:
+                ids = {id(p) for g in groups for p in g["params"]}
+                trainable = [p for p in trainable if id(p) in ids] or trainable
             tracker = StorageTracker(rules, limit_bytes=limit_bytes)
             params, grads, states, starts = set(), set(), set(), []
             stack.enter_context(tracker)
@@ -87,7 +143,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                 params.add(tracker.register(t, "Module.to (parameters and buffers)"))
             for rule in rules:
                 rule.attach(tracker, optimizer)
-            if spec.optim_in_backward:  # gradients live and die inside backward: record them as they complete
+            if hasattr(optimizer, "on_grad"):  # in backward: gradients live and die there; record them as they come
                 optimizer.on_grad = lambda p: grads.add(tracker.storage_id(p.grad))
             attribution = stack.enter_context(ModuleAttribution(model, tracker, optimizer))
 
@@ -99,22 +155,24 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                 tracker.set_phase(phase, step)
 
             try:
-                train_steps(model, optimizer, spec, "cpu", on_phase)
+                run(model, optimizer, on_phase)
             except torch.OutOfMemoryError as oom:
                 oom.phase, oom.step = tracker.phase, tracker.step
                 raise
+            except (DataDependentOutputException, DynamicOutputShapeException) as exc:
+                raise _untraceable(exc, model) from None
             events = list(tracker.events)
             states.update(tracker.storage_id(t) for s in optimizer.state.values() for t in s.values()
                           if isinstance(t, torch.Tensor))
             result = Trace(events, {}, dict(tracker.origin),
                            params_total=sum(p.numel() for p in model.parameters()),
-                           params_trainable=sum(p.numel() for p in trainable), frozen=prepared.frozen,
+                           params_trainable=sum(p.numel() for p in trainable), frozen=frozen,
                            state=state_summary(optimizer),
                            step_ms=[1000 * (b - a) for a, b in zip(starts[1:], starts[2:])],
                            rules=[r.describe() for r in rules], module=attribution.result(),
                            extra={**{k: v for r in rules for k, v in r.metrics().items()},
                                   **floor(model, trainable, optimizer)})
-            del model, optimizer, prepared  # (trainable stays: on_phase closes over it)
+            del model, optimizer, run  # (trainable stays: on_phase closes over it)
     finally:
         if was_enabled:
             gc.enable()

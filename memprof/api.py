@@ -1,0 +1,251 @@
+"""memprof from Python: predict or measure the memory of a model's training step.
+
+`predict` and `measure` take a registry name (`vit-b-16`, `timm:convnext_base`, `py:pkg.mod:factory`) or a
+zero-argument factory returning an nn.Module, and run exactly what `memprof run` runs: the options are
+validated by memprof.plan.plan_run and the configuration executed by memprof.plan.execute (the simulation
+in-process; a measurement in a fresh worker process, as the CLI does). `predict_step` traces a user's own
+training step (build, batch, step) through the same tracer, CUDA rules and allocator replay as `predict`
+(memprof.tracing.trace_step, memprof.simulate.predict_traced); the harness's own step is one user of that
+path (memprof.harness.run_steps). Every result says whether its figures are predicted or measured.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from memprof.errors import UsageError
+
+PREDICTED, MEASURED = "predicted", "measured"
+
+
+def _gib(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "-"
+    return f"{nbytes / (1 << 30):.2f} GiB" if nbytes >= (1 << 30) // 10 else f"{nbytes / (1 << 20):.1f} MiB"
+
+
+@dataclass
+class Result:
+    """One configuration's record, as a results.jsonl line holds it (`record`), with its fields as
+    attributes: status, source (predicted/measured), skip_reason, error, and every metric
+    (peak_allocated_bytes, peak_reserved_bytes, peak_phase, peak_op, breakdown_at_peak_bytes, oom, fits, ...)."""
+
+    record: dict
+
+    def __getattr__(self, name: str) -> Any:
+        record = self.__dict__.get("record", {})
+        if name in record:
+            return record[name]
+        if name in record.get("metrics", {}):
+            return record["metrics"][name]
+        raise AttributeError(f"{name}: not a field of this {record.get('source', '')} result "
+                             f"(fields: {', '.join(sorted(record.get('metrics', {})))})")
+
+    @property
+    def peak_bytes(self) -> int | None:
+        """The peak a limit is checked against: allocated bytes (torch.cuda.max_memory_allocated, predicted
+        or measured); on the cpu backend, peak live tensor bytes."""
+        m = self.record["metrics"]
+        return m.get("peak_allocated_bytes", m.get("peak_live_bytes"))
+
+    @property
+    def ok(self) -> bool:
+        return self.record["status"] == "ok"
+
+    def __str__(self) -> str:
+        r, m = self.record, self.record["metrics"]
+        head = f"{r['source']} ({r['environment']['backend']}) {r['key']}: {r['status']}"
+        if r["status"] == "skipped":
+            return f"{head}: {r['skip_reason']}"
+        if r["status"] in ("error", "crashed"):
+            return f"{head}: {r['error']}"
+        lines = [head]
+        if "peak_allocated_bytes" in m:
+            lines.append(f"  peak allocated {_gib(m['peak_allocated_bytes'])}, reserved "
+                         f"{_gib(m.get('peak_reserved_bytes'))} on {r['spec']['budget']}"
+                         + (f", fits: {m['fits']}" if "fits" in m else ""))
+        elif "peak_live_bytes" in m:
+            lines.append(f"  peak live tensors {_gib(m['peak_live_bytes'])} on {r['spec']['budget']}")
+        if m.get("peak_phase"):
+            lines.append(f"  at the peak: {m['peak_phase']} of step {m.get('peak_step')}, op {m.get('peak_op')}")
+        if m.get("breakdown_at_peak_bytes"):
+            lines.append("  breakdown: " + ", ".join(f"{k} {_gib(v)}" for k, v in m["breakdown_at_peak_bytes"].items()
+                                                    if v))
+        if m.get("oom"):
+            oom = m["oom"]
+            lines.append(f"  out of memory in {oom.get('phase')} of step {oom.get('step')}"
+                         + (f" at {oom['op']}" if oom.get("op") else ""))
+        return "\n".join(lines)
+
+
+def _model_name(model: str | Callable[[], Any]) -> str:
+    from memprof.models import factory_name
+
+    if isinstance(model, str):
+        if "," in model or model == "paper":
+            raise UsageError(f"model '{model}': give one model (for a grid use `memprof run --models`)")
+        return model
+    if callable(model):
+        return factory_name(model)
+    raise UsageError(f"model {model!r}: give a model name or a zero-argument factory returning an nn.Module")
+
+
+def _run_one(model, optimizer, batch_size, precision, grad_ckpt, budget, backend, state_bits, steps, num_classes,
+             freeze, input_shape, pretrained, out, timeout_s) -> Result:
+    """One configuration through plan_run and execute (the CLI's path), into `out` or a temporary directory."""
+    from memprof.plan import execute, plan_run, run_options
+
+    if precision != "fp32":
+        raise UsageError(f"precision '{precision}': only fp32 is modelled")
+    if not isinstance(optimizer, str) or "," in optimizer or optimizer in ("paper", "all"):
+        raise UsageError(f"optimizer {optimizer!r}: give one optimizer name (`memprof list optims`)")
+    name = _model_name(model)
+    if backend != "simulate" and name.startswith("py:@local:"):
+        raise UsageError(f"model {getattr(model, '__qualname__', model)}: a measurement runs in a fresh process, "
+                         f"which can only import a module-level factory; define it at the top level of a module")
+    with tempfile.TemporaryDirectory(prefix="memprof-api-") as tmp:
+        opts = run_options(models=name, optims=optimizer, batch_size=str(batch_size),
+                           grad_ckpt="on" if grad_ckpt else "off", state_bits=str(state_bits), steps=steps,
+                           budget=budget, num_classes=num_classes, freeze=freeze, input_shape=input_shape,
+                           pretrained=pretrained, backend=backend, out=out or os.path.join(tmp, "run"),
+                           progress=False, timeout_s=timeout_s)
+        records = execute(plan_run(opts))
+    return Result(records[-1])
+
+
+def predict(model: str | Callable[[], Any], optimizer: str = "adamw", batch_size: int = 1, precision: str = "fp32",
+            grad_ckpt: bool = False, budget: str = "titan-x", *, state_bits: int = 32, steps: int = 2,
+            num_classes: int = 10, freeze: str | None = None, input_shape: str | None = None,
+            pretrained: str | None = None, out: str | None = None) -> Result:
+    """Predict (no GPU needed) what torch.cuda would report for one training configuration on `budget`:
+    the `simulate` backend of `memprof run`, in this process. `out`: keep results.jsonl there."""
+    return _run_one(model, optimizer, batch_size, precision, grad_ckpt, budget, "simulate", state_bits, steps,
+                    num_classes, freeze, input_shape, pretrained, out, None)
+
+
+def measure(model: str | Callable[[], Any], optimizer: str = "adamw", batch_size: int = 1, precision: str = "fp32",
+            grad_ckpt: bool = False, budget: str = "device", *, state_bits: int = 32, steps: int = 2,
+            num_classes: int = 10, freeze: str | None = None, input_shape: str | None = None,
+            pretrained: str | None = None, out: str | None = None, backend: str = "cuda",
+            timeout_s: float | None = None) -> Result:
+    """Measure one configuration in a fresh worker process, as `memprof run` does: on a CUDA GPU
+    (torch.cuda and NVML; `budget` emulates a smaller card) or with backend="cpu" (live tensor bytes)."""
+    if backend not in ("cuda", "cpu"):
+        raise UsageError(f"measure backend '{backend}': use cuda or cpu (predict() is the simulation)")
+    return _run_one(model, optimizer, batch_size, precision, grad_ckpt, budget, backend, state_bits, steps,
+                    num_classes, freeze, input_shape, pretrained, out, timeout_s)
+
+
+def _step_spec(build: Callable, budget: str, steps: int, label: str | None):
+    from memprof.spec import RunSpec
+
+    name = label or f"step:{getattr(build, '__module__', '?')}.{getattr(build, '__qualname__', 'build')}"
+    return RunSpec(model=name, optim="custom", steps=steps, budget=budget)
+
+
+def _user_build(build: Callable):
+    def wrapped():
+        got = build()
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise UsageError("build() must return (model, optimizer)")
+        model, optimizer = got
+        return model, optimizer, sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+
+    return wrapped
+
+
+def predict_step(build: Callable[[], tuple], step: Callable[[Any, Any, Any], Any], batch: Callable[[], Any], *,
+                 budget: str = "titan-x", steps: int = 2, rules: str = "cuda", label: str | None = None) -> Result:
+    """Predict the memory of a user's own training step without a GPU.
+
+    `build()` returns (model, optimizer) (run on the meta device, then given fake storage), `batch()` the
+    inputs, `step(model, optimizer, inputs)` runs one step. rules="cuda": the prediction of torch.cuda's
+    peaks on `budget` (CUDA rules and the caching-allocator replay, as `predict`); rules="cpu": peak live
+    tensor bytes under CPU rules, the quantity `measure_step(..., backend="cpu")` measures."""
+    from memprof.budget import parse_budget
+    from memprof.harness import run_steps
+    from memprof.results import environment, make_record
+    from memprof.simulate import cpu_rules_metrics, predict_traced
+    from memprof.spec import MIN_STEPS
+    from memprof.tracing import trace_step
+
+    if steps < MIN_STEPS:
+        raise UsageError(f"steps {steps}: use at least {MIN_STEPS}, so a step runs with optimizer state present")
+    if rules not in ("cuda", "cpu"):
+        raise UsageError(f"rules '{rules}': use cuda (predicts torch.cuda) or cpu (live tensor bytes)")
+    device = parse_budget(budget)
+
+    def run(model, optimizer, on_phase):
+        run_steps(model, optimizer, batch, step, steps, on_phase)
+
+    start = time.perf_counter()
+    if rules == "cuda":
+        status, metrics = predict_traced(lambda r: trace_step(_user_build(build), run, r, fake=True), budget)
+    else:
+        _, metrics = cpu_rules_metrics(trace_step(_user_build(build), run, (), fake=True))
+        status = "ok"
+        metrics.update(budget_device=device.label, budget_bytes=device.total_bytes)
+    env = environment("simulate" if rules == "cuda" else "simulate-cpu-rules", "cpu-simulated")
+    return Result(make_record(_step_spec(build, budget, steps, label), status, PREDICTED, env, metrics,
+                              elapsed_s=time.perf_counter() - start))
+
+
+def measure_step(build: Callable[[], tuple], step: Callable[[Any, Any, Any], Any], batch: Callable[[], Any], *,
+                 backend: str = "cpu", budget: str | None = None, steps: int = 2, label: str | None = None) -> Result:
+    """Measure a user's own training step in this process: backend="cpu": peak live tensor bytes on real
+    CPU tensors through the simulation's tracker (equal to predict_step(rules="cpu") on the same step);
+    backend="cuda": torch.cuda.max_memory_allocated / max_memory_reserved over the steps (the model built
+    on the GPU by build(), so its parameters count)."""
+    from memprof.harness import run_steps
+    from memprof.results import environment, make_record
+    from memprof.simulate import cpu_rules_metrics
+    from memprof.tracing import trace_step
+
+    import torch
+
+    if backend not in ("cpu", "cuda"):
+        raise UsageError(f"backend '{backend}': use cpu or cuda")
+
+    def run(model, optimizer, on_phase):
+        run_steps(model, optimizer, batch, step, steps, on_phase)
+
+    start = time.perf_counter()
+    if backend == "cpu":
+        _, metrics = cpu_rules_metrics(trace_step(_user_build(build), run, (), fake=False))
+        device_name = "cpu"
+    else:
+        if not torch.cuda.is_available():
+            raise UsageError("measure_step(backend='cuda') needs a CUDA GPU: use predict_step (predicts) or cpu")
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.device("cuda"):
+            model, optimizer, frozen = _user_build(build)()
+        phase_peaks: dict = {}
+
+        def on_phase(phase, i):
+            torch.cuda.synchronize()
+            phase_peaks[phase] = max(phase_peaks.get(phase, 0), torch.cuda.max_memory_allocated() - base)
+
+        try:
+            run(model, optimizer, on_phase)
+            status = "ok"
+        except torch.OutOfMemoryError as exc:
+            status, metrics = "oom", {"oom": {"message": str(exc).splitlines()[0]}}
+        metrics = {} if status == "ok" else metrics
+        metrics.update(peak_allocated_bytes=torch.cuda.max_memory_allocated() - base,
+                       peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+                       budget_device=torch.cuda.get_device_name(), budget_bytes=torch.cuda.get_device_properties(0).total_memory)
+        del model, optimizer
+        device_name = torch.cuda.get_device_name()
+        env = environment("cuda", device_name)
+        return Result(make_record(_step_spec(build, budget or "device", steps, label), status, MEASURED, env, metrics,
+                                  elapsed_s=time.perf_counter() - start))
+    env = environment("cpu", device_name)
+    return Result(make_record(_step_spec(build, budget or "device", steps, label), "ok", MEASURED, env, metrics,
+                              elapsed_s=time.perf_counter() - start))

@@ -1,0 +1,170 @@
+"""pytest plugin: guard the CUDA memory of a training step in a test suite (entry point `pytest11`).
+
+    @pytest.mark.limit_cuda_memory("6 GiB", budget="rtx4090")
+    def test_step_fits(cuda_memory):
+        cuda_memory.step(build, step, batch)
+
+`cuda_memory.step(build, step, batch)` runs a user's step (memprof.api): predicted without a GPU (the
+simulation: allocated bytes torch.cuda would report on the budget card), measured with one (torch.cuda's
+max_memory_allocated), or live tensor bytes on the CPU; `--memprof-backend` chooses (auto: cuda where a
+GPU is present, else simulate). A peak over the marker's limit fails the test with the breakdown at the
+peak and the op where it happened. `--memprof` prints one line per step after the run (peak, predicted or
+measured, budget); `--memprof-json PATH` writes the results records `memprof compare` reads. A bad limit,
+an unknown budget, a marker on a test without the fixture, or a limited test that never runs a step is a
+usage error or a failure, never a silent pass.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+BACKENDS = ("auto", "simulate", "cpu", "cuda")
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+          "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12}
+_LIMIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(" + "|".join(_UNITS) + r")\s*$")
+_RECORDS = pytest.StashKey[list]()
+DEFAULT_BUDGET = "titan-x"
+
+
+def parse_limit(text) -> int:
+    """'6 GiB', '512MiB', '8 GB' (or a whole number of bytes) -> bytes; ValueError names the fix."""
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return text
+    m = _LIMIT.match(str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"limit_cuda_memory({text!r}): give a size such as \"6 GiB\" or \"512 MiB\" "
+                         f"(units: {', '.join(_UNITS)})")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _marker_args(marker) -> tuple[int, str]:
+    """(limit bytes, budget) of a limit_cuda_memory marker; ValueError on a bad limit or budget."""
+    from memprof.budget import parse_budget
+    from memprof.errors import UsageError
+
+    if len(marker.args) != 1 or set(marker.kwargs) - {"budget"}:
+        raise ValueError("limit_cuda_memory takes one limit and an optional budget=, e.g. "
+                         "@pytest.mark.limit_cuda_memory(\"6 GiB\", budget=\"rtx4090\")")
+    limit = parse_limit(marker.args[0])
+    budget = marker.kwargs.get("budget", DEFAULT_BUDGET)
+    try:
+        parse_budget(str(budget))
+    except UsageError as exc:
+        raise ValueError(f"limit_cuda_memory budget={budget!r}: {exc}") from None
+    return limit, budget
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("memprof", "CUDA memory of training steps (memprof)")
+    group.addoption("--memprof", action="store_true", help="print each cuda_memory step's peak after the run")
+    group.addoption("--memprof-json", metavar="PATH", default=None,
+                    help="write each step's results record (JSON lines) to PATH; `memprof compare` reads it")
+    group.addoption("--memprof-backend", choices=BACKENDS, default="auto",
+                    help="simulate (predict without a GPU), cuda (measure on the GPU), cpu (live tensor bytes), "
+                         "auto (default: cuda where a GPU is present, else simulate)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "limit_cuda_memory(limit, budget='titan-x'): fail when the peak of the "
+                                       "steps the test runs through the cuda_memory fixture exceeds limit")
+    config.stash[_RECORDS] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    """Usage errors before anything runs: a bad limit or budget, or a limit on a test without the fixture."""
+    for item in items:
+        marker = item.get_closest_marker("limit_cuda_memory")
+        if marker is None:
+            continue
+        try:
+            _marker_args(marker)
+        except ValueError as exc:
+            raise pytest.UsageError(f"{item.nodeid}: {exc}") from None
+        if "cuda_memory" not in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid}: limit_cuda_memory needs the cuda_memory fixture: add it to the "
+                                    f"test's arguments and run the step with cuda_memory.step(build, step, batch)")
+
+
+def _backend(config) -> str:
+    choice = config.getoption("memprof_backend")
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "simulate"
+
+
+class CudaMemory:
+    """The `cuda_memory` fixture: runs a training step and checks its peak against the test's limit."""
+
+    def __init__(self, node, config):
+        self.node, self.config = node, config
+        marker = node.get_closest_marker("limit_cuda_memory")
+        self.limit_bytes, self.budget = _marker_args(marker) if marker else (None, DEFAULT_BUDGET)
+        self.backend = _backend(config)
+        self.results: list = []
+        self.called = False
+
+    def step(self, build, step, batch, steps: int = 2):
+        """Run `steps` steps of step(model, optimizer, batch()) on the model and optimizer build() returns;
+        returns the memprof.api.Result. Fails the test when the peak exceeds the limit."""
+        from memprof import api
+
+        self.called = True
+        label = f"pytest:{self.node.nodeid}" + (f"#{len(self.results)}" if self.results else "")
+        if self.backend == "simulate":
+            result = api.predict_step(build, step, batch, budget=self.budget, steps=steps, label=label)
+        else:
+            result = api.measure_step(build, step, batch, backend=self.backend, budget=self.budget, steps=steps,
+                                      label=label)
+        self.results.append(result)
+        self.config.stash[_RECORDS].append((self.node.nodeid, self.limit_bytes, result))
+        if result.record["status"] == "error":
+            pytest.fail(f"cuda_memory: the step failed: {result.record['error']}", pytrace=False)
+        peak = result.peak_bytes
+        if self.limit_bytes is not None and (result.record["status"] == "oom" or peak > self.limit_bytes):
+            pytest.fail(f"cuda_memory: {result.record['source']} peak {_size(peak)} exceeds the limit "
+                        f"{_size(self.limit_bytes)} (budget {self.budget})\n{result}", pytrace=False)
+        return result
+
+
+def _size(nbytes) -> str:
+    from memprof.api import _gib
+
+    return _gib(nbytes)
+
+
+@pytest.fixture
+def cuda_memory(request):
+    """Run a training step under memprof: `cuda_memory.step(build, step, batch)`."""
+    fixture = CudaMemory(request.node, request.config)
+    yield fixture
+    if fixture.limit_bytes is not None and not fixture.called:
+        pytest.fail("limit_cuda_memory: the test never ran cuda_memory.step(build, step, batch), so the limit "
+                    "checked nothing", pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    records = config.stash.get(_RECORDS, [])
+    if not config.getoption("memprof") or not records:
+        return
+    terminalreporter.section("memprof report")
+    for nodeid, limit, result in records:
+        r = result.record
+        limit_text = f", limit {_size(limit)}" if limit is not None else ""
+        terminalreporter.write_line(f"{nodeid}: peak {_size(result.peak_bytes)} ({r['source']}, "
+                                    f"{r['environment']['backend']}), budget {r['spec']['budget']}{limit_text}"
+                                    + ("" if r["status"] == "ok" else f" [{r['status']}]"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("memprof_json")
+    if not path:
+        return
+    records = session.config.stash.get(_RECORDS, [])
+    with open(path, "w", encoding="utf-8") as fh:
+        for _, _, result in records:
+            fh.write(json.dumps(result.record, sort_keys=True) + "\n")
