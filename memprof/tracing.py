@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
+from memprof import distributed
+from memprof.distributed import local
 from memprof.fake_compat import fake_storage
 from memprof.harness import apply_precision, grad_scaler, prepare, train_steps
 from memprof.models import resolve_model
@@ -23,7 +25,8 @@ from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 from memprof.tracker import ALLOC, FREE, PHASE, StorageTracker
 
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "workspace")
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "workspace",
+              "communication")  # DDP buckets, FSDP all-gather / reduce-scatter buffers (memprof.distributed)
 
 
 @dataclass
@@ -55,6 +58,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
     (the `cpu` backend's budget). Garbage collection is off while tracing, so releases follow reference
     counts alone and the stream is the same on every run.
     """
+    rules = (*rules, *distributed.parallel_rules(spec))
     modes = [r.mode() for r in rules if hasattr(r, "mode")]
     was_enabled = gc.isenabled()
     gc.disable()
@@ -63,13 +67,16 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
             resolve_model(spec.model, "simulate")  # a name the simulation cannot predict says why
             with torch.device("meta"):
                 prepared = prepare(spec, load_weights=False)
-        with FakeTensorMode() if fake else contextlib.nullcontext(), contextlib.ExitStack() as stack:
+        with distributed.process_group(spec), FakeTensorMode() if fake else contextlib.nullcontext(), \
+                contextlib.ExitStack() as stack:
             if fake:
                 fake_storage(prepared.model)
             else:
                 prepared = prepare(spec)
             model = prepared.model
             apply_precision(model, spec)
+            if spec.parallel == "fsdp":
+                distributed.shard(model, spec)
             trainable = [p for p in model.parameters() if p.requires_grad]
             # built outside the fake mode and the tracker: constructors allocate no device memory, and
             # bitsandbytes computes its quantization maps on the host here
@@ -78,12 +85,12 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                                             spec.optim_impl, spec.optim_in_backward)
             scaler = grad_scaler(spec, "cpu")
             tracker = StorageTracker(rules, limit_bytes=limit_bytes)
-            params, grads, states, starts = set(), set(), set(), []
+            params, grads, states, starts, rank = set(), set(), set(), [], {}
             stack.enter_context(tracker)
             for mode in modes:
                 stack.enter_context(mode)
             for t in to_device_order(model):
-                params.add(tracker.register(t, "Module.to (parameters and buffers)"))
+                params.add(tracker.register(local(t), "Module.to (parameters and buffers)"))
             for rule in rules:
                 rule.attach(tracker, optimizer)
             if spec.optim_in_backward:  # gradients live and die inside backward: record them as they complete
@@ -91,7 +98,9 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
 
             def on_phase(phase, step):
                 if phase == "optimizer":
-                    grads.update(tracker.storage_id(p.grad) for p in trainable if p.grad is not None)
+                    grads.update(tracker.storage_id(local(p.grad)) for p in trainable if p.grad is not None)
+                    if spec.parallel != "none":
+                        rank.update(distributed.sharded_bytes(model, trainable, optimizer))
                 if phase in ("forward", "done"):
                     starts.append(time.perf_counter())
                 tracker.set_phase(phase, step)
@@ -102,7 +111,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                 oom.phase, oom.step = tracker.phase, tracker.step
                 raise
             events = list(tracker.events)
-            states.update(tracker.storage_id(t) for s in optimizer.state.values() for t in s.values()
+            states.update(tracker.storage_id(local(t)) for s in optimizer.state.values() for t in s.values()
                           if isinstance(t, torch.Tensor))
             result = Trace(events, {}, dict(tracker.origin),
                            params_total=sum(p.numel() for p in model.parameters()),
@@ -111,7 +120,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                            step_ms=[1000 * (b - a) for a, b in zip(starts[1:], starts[2:])],
                            rules=[r.describe() for r in rules],
                            extra={**{k: v for r in rules for k, v in r.metrics().items()},
-                                  **floor(model, trainable, optimizer)})
+                                  **floor(model, trainable, optimizer), **rank})
             del model, optimizer, prepared  # (trainable stays: on_phase closes over it)
     finally:
         if was_enabled:
@@ -124,8 +133,8 @@ def floor(model, trainable, optimizer) -> dict:
     """The least memory any implementation of this training step could need: every weight (frozen ones stay
     resident too), one gradient per trainable parameter and the optimizer's state, each in the dtype this run
     keeps it in (bytes of the tensors themselves, no allocator rounding)."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.numel() * p.element_size() for p in trainable)
+    weights = sum(local(p).numel() * p.element_size() for p in model.parameters())
+    grads = sum(local(p).numel() * p.element_size() for p in trainable)
     return {"floor_bytes": weights + grads + state_summary(optimizer)["optimizer_state_bytes"]}
 
 
@@ -146,7 +155,7 @@ def state_summary(optimizer) -> dict:
                 fp32_kept += 1
         for key, t in st.items():
             if isinstance(t, torch.Tensor) and key != "step":
-                storage = t.untyped_storage()
+                storage = local(t).untyped_storage()
                 if storage._cdata not in seen:
                     seen.add(storage._cdata)
                     nbytes += storage.nbytes()
@@ -175,6 +184,10 @@ def _categorize(events, params, grads, states, origin) -> dict:
                 category[sid] = "gradients"
             elif sid in states:
                 category[sid] = "optimizer_state"
+            elif origin[sid].startswith(distributed.UNSHARDED):
+                category[sid] = "parameters"
+            elif origin[sid].startswith(distributed.COMMUNICATION):
+                category[sid] = "communication"
             elif origin[sid].startswith("cuBLAS"):
                 category[sid] = "workspace"
             elif phase == "forward":
