@@ -75,7 +75,7 @@ def check_address(address: str | None) -> None:
 
 def _forwarded_env() -> dict:
     """The variables a task's worker needs from the driver: where memprof is, and the test hooks."""
-    names = ("PYTHONPATH", "MEMPROF_TEST_CRASH", "MEMPROF_TEST_WORKER_HOOK")
+    names = ("PYTHONPATH", "MEMPROF_TEST_CRASH", "MEMPROF_TEST_WORKER_HOOK", "MEMPROF_TEST_KILL_RAY_WORKER")
     env = {n: os.environ[n] for n in names if n in os.environ}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -90,6 +90,12 @@ def run_worker(request: dict, python: str) -> dict:
     where = {"node": socket.gethostname(), "node_id": ctx.get_node_id(),
              "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
     exe = python if os.path.exists(python) else sys.executable
+    kill = os.environ.get("MEMPROF_TEST_KILL_RAY_WORKER")  # tests: this Ray worker dies (SIGKILL) on a matching key
+    if kill:
+        from memprof.spec import RunSpec
+
+        if kill in RunSpec(**request["spec"]).key:
+            os.kill(os.getpid(), signal.SIGKILL)
     started = time.perf_counter()
     # stdin stays open until the answer is read: the worker exits as soon as its stdin ends (memprof.worker)
     with tempfile.TemporaryFile() as err:
