@@ -343,3 +343,96 @@ def parallel_axes(opts: dict, state_bits: list, backend: str) -> list[dict]:
         else:
             out += [{"parallel": "fsdp", "world_size": world, "reshard_after_forward": r} for r in reshard]
     return out
+
+
+def measure_world1(spec, device: str = "cuda") -> tuple[str, dict]:
+    """Measured: the spec's training steps under real DDP or FSDP2 on a real world-size-1 process group (NCCL
+    on cuda, gloo on cpu), the model built on the meta device and materialised on `device`. On cuda: the
+    peaks torch.cuda reports (max_memory_allocated / max_memory_reserved) for the fidelity table."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    from memprof.harness import apply_precision, grad_scaler, materialize, prepare, train_steps
+    from memprof.optims import build_optimizer
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    try:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with torch.device("meta"):
+            prep = prepare(spec, load_weights=False)
+        materialize(prep.model, device)
+        apply_precision(prep.model, spec)
+        model = prep.model
+        if spec.parallel == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(device, (1,))
+            for block in blocks(model):
+                fully_shard(block, mesh=mesh, reshard_after_forward=spec.reshard_after_forward)
+            fully_shard(model, mesh=mesh, reshard_after_forward=spec.reshard_after_forward)
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=spec.bucket_cap_mb,
+                                                              gradient_as_bucket_view=spec.grad_as_bucket_view)
+            object.__setattr__(model, "visual", prep.model.visual)  # the harness reads the input size from it
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(prep.optim_info, trainable, spec.state_bits, spec.paged, spec.optim_impl, False)
+        train_steps(model, optimizer, spec, device, lambda *a: None, grad_scaler(spec, device))
+        metrics = {"world_size": 1, "process_group": dist.get_backend()}
+        if device == "cuda":
+            torch.cuda.synchronize()
+            metrics.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                           peak_reserved_bytes=torch.cuda.max_memory_reserved())
+        return "ok", metrics
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    """`python -m memprof.distributed --models M --optims O --parallel ddp,fsdp --out DIR`: measure each at world
+    size 1 (memprof.distributed.measure_world1) into DIR/results.jsonl, for `memprof fidelity` against
+    `memprof run --backend simulate --parallel ddp,fsdp --world-size 1`."""
+    import argparse
+    import os
+
+    from memprof.results import RESULTS_FILE, append, environment, make_record
+    from memprof.runner import device_name
+    from memprof.spec import RunSpec
+    from memprof.worker import describe
+
+    ap = argparse.ArgumentParser(prog="python -m memprof.distributed")
+    ap.add_argument("--models", required=True)
+    ap.add_argument("--optims", required=True)
+    ap.add_argument("--parallel", default="ddp,fsdp")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    backend = "cuda" if args.device == "cuda" else "cpu"
+    env = environment(backend, device_name(backend))
+    rc = 0
+    for model in args.models.split(","):
+        for optim in args.optims.split(","):
+            for parallel in args.parallel.split(","):
+                spec = RunSpec(model=model, optim=optim, parallel=parallel, world_size=1, budget="device")
+                try:
+                    status, metrics = measure_world1(spec, args.device)
+                    rec = make_record(spec, status, "measured", env, metrics)
+                except Exception as exc:  # a failing configuration is a result
+                    rec, rc = make_record(spec, "error", "measured", env, error=describe(exc)), 1
+                append(os.path.join(args.out, RESULTS_FILE), rec)
+                print(rec["key"], rec["status"], rec["metrics"].get("peak_allocated_bytes"), rec["error"] or "")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

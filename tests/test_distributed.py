@@ -188,3 +188,17 @@ def test_world_size_without_parallel_is_one_line_exit_2(tmp_path):
                            "--backend", "simulate", "--world-size", "8", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--parallel" in proc.stderr
+
+
+def test_the_world_size_1_measurement_runs_real_ddp_and_fsdp_on_gloo(tmp_path):
+    """The GPU check's NCCL measurement (memprof.distributed.main), here on the CPU with gloo: both wrappers
+    train and write measured records whose keys match the predictions' for the fidelity table."""
+    from memprof.distributed import main
+    from memprof.report import _config
+    from memprof.results import read_records
+
+    assert main(["--models", "test-vit", "--optims", "sgd", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    records = read_records(str(tmp_path))
+    assert [r["status"] for r in records] == ["ok", "ok"] and {r["source"] for r in records} == {"measured"}
+    assert [_config(r) for r in records] == ["test-vit/sgd/ckpt-off/32bit/bs1/fp32/steps2/ddp1",
+                                             "test-vit/sgd/ckpt-off/32bit/bs1/fp32/steps2/fsdp1"]
