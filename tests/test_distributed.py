@@ -202,3 +202,19 @@ def test_the_world_size_1_measurement_runs_real_ddp_and_fsdp_on_gloo(tmp_path):
     assert [r["status"] for r in records] == ["ok", "ok"] and {r["source"] for r in records} == {"measured"}
     assert [_config(r) for r in records] == ["test-vit/sgd/ckpt-off/32bit/bs1/fp32/steps2/ddp1",
                                              "test-vit/sgd/ckpt-off/32bit/bs1/fp32/steps2/fsdp1"]
+
+
+def test_per_gpu_table_has_a_column_per_parallelism_and_sgds_saving():
+    from memprof.report import per_gpu_rows, render_per_gpu
+    from memprof.results import environment, make_record
+
+    env = environment("simulate", "cpu-simulated")
+    peaks = {("adamw", "none", 1): 400, ("sgd", "none", 1): 200, ("adamw", "fsdp", 8): 100, ("sgd", "fsdp", 8): 80}
+    recs = [make_record(RunSpec(model="vit-b-16", optim=o, parallel=p, world_size=n), "ok", "predicted", env,
+                        {"peak_allocated_bytes": v << 20}) for (o, p, n), v in peaks.items()]
+    headers, rows = per_gpu_rows(recs)
+    assert headers == ["model", "method", "none (predicted)", "fsdp8 (predicted)"]
+    assert rows[-1] == ["vit-b-16", "SGD saves over AdamW", "50%", "20%"]
+    assert render_per_gpu(recs).startswith("## Per GPU under DDP and FSDP")
+    # negative control: without a parallel run there is no per-GPU section
+    assert render_per_gpu([r for r in recs if r["spec"]["parallel"] == "none"]) == ""
