@@ -64,12 +64,18 @@ def test_a_ray_run_gives_the_local_records(local_ray, tmp_path, backend):
     assert sorted(r["key"] for r in on_disk) == sorted(r["key"] for r in remote)
 
 
-def test_the_comparison_sees_a_different_record(local_ray, tmp_path):
-    """Negative control: records of another configuration do not compare equal."""
-    a = run_grid(entries()[:1], out(tmp_path / "a"), "simulate", progress=False, executor="ray")
-    b = run_grid([GridEntry(RunSpec(model="test-vit", optim="adamw", batch_size=2))], out(tmp_path / "b"),
-                 "simulate", progress=False, executor="ray")
-    assert comparable(a[0]) != comparable(b[0])
+def test_the_comparison_ignores_timings_and_nodes_but_sees_a_changed_figure():
+    """Negative control of the equality above: a different peak is seen; a different node or time is not."""
+    from memprof.results import environment, make_record
+
+    spec = RunSpec(model="test-vit", optim="adamw")
+    env = {**environment("simulate", "cpu-simulated"), "node": "a", "executor": "local"}
+    one = make_record(spec, "ok", "predicted", env, {"peak_allocated_bytes": 1000}, elapsed_s=1.0)
+    moved = make_record(spec, "ok", "predicted", {**env, "node": "b", "executor": "ray", "gpu_ids": ["0"]},
+                        {"peak_allocated_bytes": 1000}, elapsed_s=9.0)
+    changed = make_record(spec, "ok", "predicted", env, {"peak_allocated_bytes": 1001}, elapsed_s=1.0)
+    assert comparable(one) == comparable(moved)
+    assert comparable(one) != comparable(changed)
 
 
 def test_a_killed_ray_worker_and_a_dead_worker_are_crashed_and_the_rest_finishes(local_ray, tmp_path):
