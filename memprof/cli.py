@@ -69,7 +69,10 @@ def _run_options(args, **extra) -> dict:
 
     names = ("models", "optims", "grad_ckpt", "state_bits", "paged", "batch_size", "steps", "budget", "num_classes",
              "pretrained", "backend", "out", "resume", "retry_failed", "jobs", "timeout_s", "snapshot",
-             "nvml_period_ms", "precision", "optim_impl", "optim_in_backward", "resident", "freeze", "input_shape")
+             "nvml_period_ms", "precision", "optim_impl", "optim_in_backward", "resident", "freeze", "input_shape",
+             "executor", "ray_address", "parallel", "world_size", "bucket_cap_mb", "grad_as_bucket_view",
+             "reshard_after_forward")
+    names = tuple(n for n in names if hasattr(args, n))
     return run_options(getattr(args, "preset", None), progress=not args.no_progress,
                        **{n: getattr(args, n) for n in names if n not in extra}, **extra)
 
@@ -250,7 +253,8 @@ def cmd_suite(args) -> int:
     for run in runs:
         try:
             plans.append(plan_run(run_options(**run.options, out=out_dir, resume=args.resume,
-                                              retry_failed=args.retry_failed, progress=not args.no_progress)))
+                                              retry_failed=args.retry_failed, progress=not args.no_progress,
+                                              executor=args.executor, ray_address=args.ray_address)))
         except UsageError as exc:
             raise UsageError(f"{args.file}:{run.line_of(exc.option)}: {exc}") from None
     try:
@@ -444,6 +448,21 @@ def _grid_options(p, profiles) -> None:
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: up to 2, one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _training_options(p)
+    _executor_options(p)
+    p.add_argument("--parallel", default="none", help="none, ddp, fsdp or a comma list: predict rank 0 of "
+                   "--world-size ranks (fake process group; simulate backend) (default: none)")
+    p.add_argument("--world-size", type=int, default=1, help="ranks of --parallel (1..1024; default: 1)")
+    p.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket_cap_mb (default: DDP's 25, with a "
+                   "1 MiB first bucket)")
+    p.add_argument("--grad-as-bucket-view", default="off", help="DDP gradient_as_bucket_view: off, on or off,on")
+    p.add_argument("--reshard-after-forward", default="on", help="FSDP reshard_after_forward: on, off or off,on")
+
+
+def _executor_options(p) -> None:
+    p.add_argument("--executor", choices=["local", "ray"], default="local", help="local (default: worker processes "
+                   "here) or ray (one Ray task per configuration; pip install -e '.[ray]')")
+    p.add_argument("--ray-address", default=None, help="with --executor ray: auto, or ray://host:10001 (default: "
+                   "start Ray on this machine)")
 
 
 def _training_options(p) -> None:
@@ -548,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--resume", action="store_true", help="skip configurations already in --out")
     suite.add_argument("--retry-failed", action="store_true", help="with --resume: rerun errored or crashed ones")
     suite.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _executor_options(suite)
     suite.set_defaults(func=cmd_suite)
 
     table = sub.add_parser("table", help="render Table 4 from a results.jsonl (markdown, CSV, JSON, PNG)")

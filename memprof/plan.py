@@ -24,8 +24,11 @@ RUN_OPTIONS = {
     "batch_size": "1", "steps": 2, "budget": None, "num_classes": 10, "pretrained": None, "backend": "auto",
     "out": None, "resume": False, "retry_failed": False, "jobs": None, "timeout_s": None, "snapshot": None,
     "nvml_period_ms": None, "progress": True, "max_batch_size": None, "precision": "fp32", "optim_impl": "foreach",
-    "optim_in_backward": "off", "resident": "tower", "freeze": None, "input_shape": None,
+    "optim_in_backward": "off", "resident": "tower", "freeze": None, "input_shape": None, "executor": "local",
+    "ray_address": None, "parallel": "none", "world_size": 1, "bucket_cap_mb": None, "grad_as_bucket_view": "off",
+    "reshard_after_forward": "on",
 }
+EXECUTORS = ("local", "ray")
 BACKENDS = ("auto", "cuda", "simulate", "cpu")
 # Named sets of options. paper-2022: the paper grid as its 2022 setup ran it. PyTorch before 2.0 ran the
 # optimizers' for-loop implementation on CUDA; 2.0 made foreach the default (pytorch/pytorch PR 92306 and
@@ -286,12 +289,26 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
                                  f"neither: drop {flag(name)}", option=name)
     if opts["snapshot"] is not None:
         writable_dir(opts["snapshot"], "snapshot")
+    executor = opts.get("executor", "local")
+    if executor not in EXECUTORS:
+        raise UsageError(f"--executor {executor}: use local or ray", option="executor")
+    if executor == "ray":
+        from memprof.ray_executor import check_address
+
+        check_address(opts.get("ray_address"))
+    elif opts.get("ray_address"):
+        raise UsageError("--ray-address applies to --executor ray: add --executor ray, or drop --ray-address",
+                         option="ray_address")
     out_dir = writable_dir(opts["out"] if opts["out"] is not None else default_out())
     if opts["pretrained"]:
         with option("pretrained"):
             check_pretrained(models, opts["pretrained"], opts["num_classes"])
     with option("budget"):
         budget = resolve_budget(opts["budget"], backend, notes)
+    from memprof.distributed import parallel_axes
+
+    with option("parallel"):
+        parallel = parallel_axes(opts, state_bits, backend)
     with option("resident"):
         residents = parse_names(str(opts["resident"]), "--resident", RESIDENTS, "resident")
     if "clip" in residents:
@@ -303,7 +320,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
     entries = [e for resident in residents for e in expand_grid(
         models, optims, grad_ckpt, state_bits, batch_sizes, paged=opts["paged"], steps=opts["steps"], budget=budget,
         num_classes=opts["num_classes"], pretrained=opts["pretrained"], resident=resident, freeze=opts["freeze"],
-        input_shape=opts["input_shape"], **training)]
+        input_shape=opts["input_shape"], parallel=parallel, **training)]
     if any(e.spec.state_bits == 8 and not e.skip_reason for e in entries):
         from memprof.optims import require_bitsandbytes
 
@@ -361,7 +378,8 @@ def execute(plan: RunPlan, lock: bool = True) -> list[dict]:
     with RunDirectory(plan.out_dir) if lock else contextlib.nullcontext():
         run_grid(plan.entries, plan.out_dir, plan.backend, progress=plan.options["progress"],
                  jobs=plan.options["jobs"] or default_jobs(), options=plan.worker_options,
-                 timeout_s=plan.options["timeout_s"], task=plan.task)
+                 timeout_s=plan.options["timeout_s"], task=plan.task, executor=plan.options.get("executor", "local"),
+                 ray_address=plan.options.get("ray_address"))
     return read_records(plan.out_dir)
 
 

@@ -66,13 +66,21 @@ def _setting(rec: dict) -> tuple:
     mixes predicted and measured figures."""
     s = rec["spec"]
     return (s["grad_ckpt"], s["batch_size"], s["budget"], _training(s), rec["source"],
-            rec["environment"].get("device") or "unknown device")
+            rec["environment"].get("device") or "unknown device", _parallelism(s))
+
+
+def _parallelism(spec: dict) -> str:
+    """`none`, or e.g. `fsdp8` (memprof.spec.RunSpec.parallelism; older records: none)."""
+    from memprof.spec import RunSpec
+
+    return RunSpec(**spec).parallelism if spec.get("parallel", "none") != "none" else "none"
 
 
 def _setting_title(setting: tuple) -> str:
-    ckpt, bs, budget, training, source, device = setting
+    ckpt, bs, budget, training, source, device, parallelism = setting
     return (f"micro-batch {bs}, {_training_label(training)}, gradient checkpointing {'on' if ckpt else 'off'}, "
-            f"budget {budget}: {source} ({device})")
+            f"budget {budget}" + ("" if parallelism == "none" else f", rank 0 of {parallelism}") +
+            f": {source} ({device})")
 
 
 def _method(rec: dict) -> tuple:
@@ -232,6 +240,7 @@ def render_markdown(records: list[dict], metric: str = "reserved", verdicts: dic
     out.append(render_overhead(overhead_sets(records), METRICS["reserved"][0]))
     out.append(render_eight_bit_check(records, metric))
     out.append(render_state_bytes(records))
+    out.append(render_per_gpu(records))
     out.append(render_floor(records))
     out.append(render_sampler_effect(records))
     out.append(render_reconciliation(records))
@@ -439,6 +448,50 @@ def render_state_bytes(records: list[dict]) -> str:
                        tablefmt="github") + "\n")
 
 
+def per_gpu_rows(records: list[dict]) -> tuple[list, list]:
+    """Rank 0's peak allocated per (model, method) and parallelism (none, ddpN, fsdpN), and SGD's saving over
+    AdamW in each column: (headers, rows)."""
+    def order(col: str) -> tuple:  # none, then ddp by world size, then fsdp by world size
+        head = col.split("+")[0]
+        kind = head.rstrip("0123456789")
+        return ("none", "ddp", "fsdp").index(kind) if kind in ("none", "ddp", "fsdp") else 9, int(head[len(kind):] or 0), col
+    cells, cols = {}, set()
+    for r in records:
+        peak = r["metrics"].get("peak_allocated_bytes")
+        if r["status"] in ("ok", "oom") and peak and r["spec"].get("parallel") and r["spec"]["state_bits"] == 32:
+            col = _parallelism(r["spec"])
+            cols.add(col)
+            cells[(r["spec"]["model"], r["spec"]["optim"], col)] = (peak, r["source"])
+    if not any(c != "none" for c in cols):
+        return [], []
+    columns = sorted(cols, key=order)
+    rows = []
+    models = _ordered({m for m, _, _ in cells}, MODELS)
+    for model in models:
+        for optim in _ordered({o for m, o, _ in cells if m == model}, OPTIMS):
+            rows.append([model, OPTIMS[optim].label if optim in OPTIMS else optim] +
+                        [_size(cells[(model, optim, c)][0]) if (model, optim, c) in cells else "" for c in columns])
+        if (model, "adamw", columns[0]) in cells and (model, "sgd", columns[0]) in cells:
+            rows.append([model, "SGD saves over AdamW"] + [
+                f"{100 * (1 - cells[(model, 'sgd', c)][0] / cells[(model, 'adamw', c)][0]):.0f}%"
+                if (model, "adamw", c) in cells and (model, "sgd", c) in cells else "" for c in columns])
+    sources = sorted({src for _, src in cells.values()})
+    return ["model", "method"] + [f"{c} ({'/'.join(sources)})" for c in columns], rows
+
+
+def render_per_gpu(records: list[dict]) -> str:
+    """The per-GPU table: rank 0's peak allocated under DDP and FSDP at each world size."""
+    headers, rows = per_gpu_rows(records)
+    if not rows:
+        return ""
+    return ("## Per GPU under DDP and FSDP\n\nRank 0's peak allocated bytes at each parallelism and world size "
+            "(`ddp8`: DistributedDataParallel over 8 ranks; `fsdp8`: FSDP2 `fully_shard` per block over 8), "
+            "predicted on a fake process group (memprof.distributed). DDP adds its gradient buckets at any world "
+            "size; FSDP shards parameters, gradients and optimizer state, so the optimizer's share, and with it "
+            "SGD's saving over AdamW, shrinks as the world grows.\n\n"
+            + tabulate(rows, headers=headers, tablefmt="github") + "\n")
+
+
 def render_floor(records: list[dict]) -> str:
     """Each configuration's floor (weights + gradients + optimizer state, in the dtypes it keeps them) and its
     peak allocated (or live) bytes as a multiple of it: how far a setup is from the least any implementation
@@ -538,8 +591,12 @@ def render_holders(records: list[dict], n: int = HOLDERS_SHOWN) -> str:
 
 def _config(rec: dict) -> str:
     """A key without its budget: the same configuration measured on one card and predicted for it (the key's
-    sixth segment, e.g. `bf16-amp+fused+in-backward`, keeps precision and optimizer implementation apart)."""
-    return rec["key"].rsplit("/", 1)[0]
+    sixth segment, e.g. `bf16-amp+fused+in-backward`, keeps precision and optimizer implementation apart; a
+    parallel run's ninth, e.g. `fsdp8`, is kept)."""
+    if rec["spec"].get("parallel", "none") == "none":
+        return rec["key"].rsplit("/", 1)[0]
+    head, parallelism = rec["key"].rsplit("@", 1)[0].rsplit("/", 1)
+    return head.rsplit("/", 1)[0] + "/" + parallelism
 
 
 def fidelity_rows(measured: list[dict], predicted: list[dict]) -> list[dict]:

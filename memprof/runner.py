@@ -16,6 +16,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -172,14 +173,17 @@ def run_isolated(spec: RunSpec, backend: str, options: dict | None = None, timeo
 
 
 def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", progress: bool = True,
-             jobs: int = 1, options: dict | None = None, timeout_s: float | None = None, task: str = "run") -> list[dict]:
+             jobs: int = 1, options: dict | None = None, timeout_s: float | None = None, task: str = "run",
+             executor: str = "local", ray_address: str | None = None) -> list[dict]:
     """Run every entry; returns the records (in grid order), which are also appended to
     out_dir/results.jsonl as each configuration finishes. `timeout_s` applies to the measuring backends.
     `task` "fit": each entry is a batch-size search (memprof.fit) whose probes use `backend`; searches run
-    in `jobs` workers (each probe of a measuring backend in a fresh process of its own)."""
+    in `jobs` workers (each probe of a measuring backend in a fresh process of its own).
+    `executor` "ray": each configuration is a Ray task running the same worker (memprof.ray_executor), on the
+    cluster at `ray_address` (None: Ray started locally); the record's environment names its node and GPUs."""
     path = os.path.join(out_dir, RESULTS_FILE)
     source = PREDICTED if backend == "simulate" else MEASURED
-    env = environment(backend, device_name(backend))
+    env = {**environment(backend, device_name(backend)), "executor": executor, "node": socket.gethostname()}
     bar = tqdm(total=len(entries), desc="memprof", unit="config", file=sys.stderr, disable=None if progress else True,
                bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
     done: dict[int, dict] = {}
@@ -200,10 +204,13 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
         bar.set_postfix_str(entries[i].spec.key)
 
     def from_worker(i: int, out: dict) -> None:
-        # predictions are timed inside the worker; a measurement by the parent, process start included
+        # predictions are timed inside the worker; a measurement by the parent (by the Ray task on a cluster),
+        # process start included
         elapsed = out["elapsed_s"] if source == PREDICTED and out["elapsed_s"] is not None else (
-            time.perf_counter() - started[i])
-        finish(i, make_record(entries[i].spec, out["status"], source, {**env, "device": out["device"] or env["device"]},
+            out.get("wall_s") or time.perf_counter() - started[i])
+        where = {k: v for k, v in (out.get("where") or {}).items() if k in ("node", "node_id", "gpu_ids")}
+        finish(i, make_record(entries[i].spec, out["status"], source,
+                              {**env, **where, "device": out["device"] or env["device"]},
                               out["metrics"], error=out["error"], elapsed_s=elapsed, task=task))
 
     todo = []
@@ -212,7 +219,14 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
             finish(i, make_record(entry.spec, "skipped", source, env, skip_reason=entry.skip_reason, task=task))
         else:
             todo.append(i)
-    if backend != "simulate" or (jobs > 1 and len(todo) > 1):
+    if executor == "ray" and todo:
+        from memprof.ray_executor import run_in_ray
+
+        requests = {i: {"spec": entries[i].spec.to_dict(), "backend": backend, "options": options or {}, "task": task,
+                        "artifacts": artifacts} for i in todo}
+        run_in_ray(requests, from_worker, on_start=start, address=ray_address, gpu=backend == "cuda",
+                   timeout_s=timeout_s if backend != "simulate" and task == "run" else None)
+    elif backend != "simulate" or (jobs > 1 and len(todo) > 1):
         requests = {i: {"spec": entries[i].spec.to_dict(), "backend": backend, "options": options or {}, "task": task,
                         "artifacts": artifacts}
                     for i in todo}

@@ -47,6 +47,11 @@ class RunSpec:
     resident: str = "tower"  # what is on the device: the image tower (+ head), or the whole CLIP model ("clip")
     freeze: str | None = None  # --freeze GLOB[,GLOB]: the embedding freeze-embed freezes, overriding the model's
     input_shape: str | None = None  # --input-shape CxHxW, for a model that cannot say
+    parallel: str = "none"  # none | ddp | fsdp: rank 0 of `world_size` on a fake process group (memprof.distributed)
+    world_size: int = 1
+    bucket_cap_mb: float | None = None  # DDP's bucket_cap_mb (None: its default, 25 MiB with a 1 MiB first bucket)
+    grad_as_bucket_view: bool = False  # DDP's gradient_as_bucket_view
+    reshard_after_forward: bool = True  # FSDP2's reshard_after_forward
 
     @property
     def training(self) -> str:
@@ -67,10 +72,26 @@ class RunSpec:
         positions whatever the axes: the sixth says how it trains (`training`), so default keys read as
         they always did."""
         bits = f"{self.state_bits}bit" + ("-paged" if self.paged else "")
-        return (f"{self.model}/{self.optim}/ckpt-{'on' if self.grad_ckpt else 'off'}/{bits}/"
-                f"bs{self.batch_size}/{self.training}/steps{self.steps}/{self.budget}"
-                + (f"/freeze-{self.freeze}" if self.freeze else "")
-                + (f"/input-{self.input_shape}" if self.input_shape else ""))
+        key = (f"{self.model}/{self.optim}/ckpt-{'on' if self.grad_ckpt else 'off'}/{bits}/"
+               f"bs{self.batch_size}/{self.training}/steps{self.steps}/{self.budget}")
+        key = key if self.parallel == "none" else f"{key}/{self.parallelism}"
+        return key + (f"/freeze-{self.freeze}" if self.freeze else "") + (
+            f"/input-{self.input_shape}" if self.input_shape else "")
+
+    @property
+    def parallelism(self) -> str:
+        """`ddp8`, `fsdp64`, with `+cap10`, `+view` (DDP) or `+keep` (FSDP without resharding) where they differ
+        from the defaults; `none` for a single-process run (whose key has no ninth segment)."""
+        if self.parallel == "none":
+            return "none"
+        parts = [f"{self.parallel}{self.world_size}"]
+        if self.parallel == "ddp" and self.bucket_cap_mb is not None:
+            parts.append(f"cap{self.bucket_cap_mb:g}")
+        if self.parallel == "ddp" and self.grad_as_bucket_view:
+            parts.append("view")
+        if self.parallel == "fsdp" and not self.reshard_after_forward:
+            parts.append("keep")
+        return "+".join(parts)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,7 +151,7 @@ def parse_optim_impls(text: str) -> list[str]:
 
 def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool = False,
                 grad_ckpt: bool = False, precision: str = "fp32", optim_impl: str = DEFAULT_OPTIM_IMPL,
-                in_backward: bool = False) -> str | None:
+                in_backward: bool = False, parallel: str = "none") -> str | None:
     if grad_ckpt and model.grad_ckpt_reason:
         return model.grad_ckpt_reason
     if optim.freeze_embed and not model.embedding_modules:
@@ -151,6 +172,10 @@ def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool
     if in_backward and precision == "fp16-amp":
         return ("optimizer-in-backward cannot honour fp16-amp: GradScaler must see every gradient (to skip the whole "
                 "step on inf/nan) before any parameter is updated")
+    if parallel != "none" and in_backward:
+        return f"optimizer-in-backward under {parallel} is not modelled (its hooks and the wrapper's would interleave)"
+    if parallel == "fsdp" and state_bits == 8:
+        return "bitsandbytes' 8-bit optimizers cannot step FSDP's sharded (DTensor) parameters: use --state-bits 32"
     if in_backward and optim.global_step:
         return (f"{optim.name} {optim.global_step}: stepping one parameter at a time inside backward would change "
                 f"its update, so optimizer-in-backward cannot run it")
@@ -160,16 +185,16 @@ def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool
 def expand_grid(models: list[ModelInfo], optims: list[OptimInfo], grad_ckpt: list[bool],
                 state_bits: list[int], batch_sizes: list[int], paged: bool = False,
                 precisions: list[str] = ("fp32",), optim_impls: list[str] = (DEFAULT_OPTIM_IMPL,),
-                in_backward: list[bool] = (False,), **common) -> list[GridEntry]:
+                in_backward: list[bool] = (False,), parallel: list[dict] = ({},), **common) -> list[GridEntry]:
     """The product of the axes, in the order given, each entry with its skip reason (or None)."""
     for bits in state_bits:
         if bits not in (32, 8):
             raise UsageError(f"--state-bits {bits}: use 32, 8 or 32,8")
     entries = []
-    for prec, impl, inb, m, o, ck, bits, bs in itertools.product(precisions, optim_impls, in_backward, models,
-                                                                  optims, grad_ckpt, state_bits, batch_sizes):
+    for par, prec, impl, inb, m, o, ck, bits, bs in itertools.product(parallel, precisions, optim_impls, in_backward,
+                                                                       models, optims, grad_ckpt, state_bits, batch_sizes):
         spec = RunSpec(model=m.name, optim=o.name, grad_ckpt=ck, state_bits=bits, batch_size=bs,
-                       paged=paged and bits == 8, precision=prec, optim_impl=impl, optim_in_backward=inb, **common)
-        entries.append(GridEntry(spec, skip_reason(m, o, bits, spec.paged, ck, prec, impl, inb)))
+                       paged=paged and bits == 8, precision=prec, optim_impl=impl, optim_in_backward=inb, **par, **common)
+        entries.append(GridEntry(spec, skip_reason(m, o, bits, spec.paged, ck, prec, impl, inb, spec.parallel)))
     return entries
 

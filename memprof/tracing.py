@@ -17,6 +17,8 @@ import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
                                           FakeTensorMode, unset_fake_temporarily)
 
+from memprof import distributed
+from memprof.distributed import local
 from memprof.fake_compat import fake_storage
 from memprof.harness import apply_precision, prepare, train_steps
 from memprof.models import resolve_model
@@ -25,7 +27,8 @@ from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 from memprof.tracker import ALLOC, FREE, PHASE, StorageTracker
 
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "workspace")
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "workspace",
+              "communication")  # DDP buckets, FSDP all-gather / reduce-scatter buffers (memprof.distributed)
 
 
 @dataclass
@@ -72,7 +75,14 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
     def run(model, optimizer, on_phase):
         train_steps(model, optimizer, spec, "cpu", on_phase)
 
-    return trace_step(build, run, rules, fake, limit_bytes, prepare_model=lambda model: apply_precision(model, spec))
+    def prepare_model(model):
+        apply_precision(model, spec)
+        if spec.parallel == "fsdp":
+            distributed.shard(model, spec)
+
+    return trace_step(build, run, (*rules, *distributed.parallel_rules(spec)), fake, limit_bytes, prepare_model,
+                      distributed.process_group(spec),
+                      distributed.sharded_bytes if spec.parallel != "none" else None)
 
 
 class UntraceableModel(RuntimeError):
@@ -94,13 +104,15 @@ def _untraceable(exc: Exception, model) -> UntraceableModel:
 
 
 def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None = None,
-               prepare_model=None) -> Trace:
+               prepare_model=None, context=None, rank_bytes=None) -> Trace:
     """Trace `steps` training steps of any model and step function under a StorageTracker.
 
     `build()` returns (model, optimizer, frozen names); the optimizer may be a callable taking the trainable
     parameters (built outside the tracker). `run(model, optimizer, on_phase)` runs the steps, calling
     on_phase(name, step) as forward / backward / optimizer begin (harness.run_steps does);
-    `prepare_model(model)` runs once the model has its storage, before the optimizer is built (precision). With `fake`, build() runs on the meta device outside the fake mode (constructors keep
+    `prepare_model(model)` runs once the model has its storage, before the optimizer is built (precision,
+    FSDP sharding); `context` is entered around the run (a fake process group); `rank_bytes(model, trainable,
+    optimizer)` adds per-rank figures at each optimizer step (DDP / FSDP). With `fake`, build() runs on the meta device outside the fake mode (constructors keep
     their host values), the model gets fake CPU storage and an optimizer built on the meta parameters is
     pointed at the fake ones. Garbage collection is off while tracing, so releases follow reference counts
     alone and the stream is the same on every run.
@@ -112,7 +124,8 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
         if fake:  # constructors run outside the fake mode, on the meta device (memprof.fake_compat)
             with torch.device("meta"):
                 model, optimizer, frozen = build()
-        with FakeTensorMode() if fake else contextlib.nullcontext(), contextlib.ExitStack() as stack:
+        with context or contextlib.nullcontext(), FakeTensorMode() if fake else contextlib.nullcontext(), \
+                contextlib.ExitStack() as stack:
             if fake:
                 before = {id(p): n for n, p in model.named_parameters()}
                 fake_storage(model)
@@ -135,21 +148,23 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
                 ids = {id(p) for g in groups for p in g["params"]}
                 trainable = [p for p in trainable if id(p) in ids] or trainable
             tracker = StorageTracker(rules, limit_bytes=limit_bytes)
-            params, grads, states, starts = set(), set(), set(), []
+            params, grads, states, starts, rank = set(), set(), set(), [], {}
             stack.enter_context(tracker)
             for mode in modes:
                 stack.enter_context(mode)
             for t in to_device_order(model):
-                params.add(tracker.register(t, "Module.to (parameters and buffers)"))
+                params.add(tracker.register(local(t), "Module.to (parameters and buffers)"))
             for rule in rules:
                 rule.attach(tracker, optimizer)
             if hasattr(optimizer, "on_grad"):  # in backward: gradients live and die there; record them as they come
-                optimizer.on_grad = lambda p: grads.add(tracker.storage_id(p.grad))
+                optimizer.on_grad = lambda p: grads.add(tracker.storage_id(local(p.grad)))
             attribution = stack.enter_context(ModuleAttribution(model, tracker, optimizer))
 
             def on_phase(phase, step):
                 if phase == "optimizer":
-                    grads.update(tracker.storage_id(p.grad) for p in trainable if p.grad is not None)
+                    grads.update(tracker.storage_id(local(p.grad)) for p in trainable if p.grad is not None)
+                    if rank_bytes is not None:  # DDP / FSDP: what this rank holds of each
+                        rank.update(rank_bytes(model, trainable, optimizer))
                 if phase in ("forward", "done"):
                     starts.append(time.perf_counter())
                 tracker.set_phase(phase, step)
@@ -162,7 +177,7 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
             except (DataDependentOutputException, DynamicOutputShapeException) as exc:
                 raise _untraceable(exc, model) from None
             events = list(tracker.events)
-            states.update(tracker.storage_id(t) for s in optimizer.state.values() for t in s.values()
+            states.update(tracker.storage_id(local(t)) for s in optimizer.state.values() for t in s.values()
                           if isinstance(t, torch.Tensor))
             result = Trace(events, {}, dict(tracker.origin),
                            params_total=sum(p.numel() for p in model.parameters()),
@@ -171,7 +186,7 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
                            step_ms=[1000 * (b - a) for a, b in zip(starts[1:], starts[2:])],
                            rules=[r.describe() for r in rules], module=attribution.result(),
                            extra={**{k: v for r in rules for k, v in r.metrics().items()},
-                                  **floor(model, trainable, optimizer)})
+                                  **floor(model, trainable, optimizer), **rank})
             del model, optimizer, run  # (trainable stays: on_phase closes over it)
     finally:
         if was_enabled:
@@ -184,8 +199,8 @@ def floor(model, trainable, optimizer) -> dict:
     """The least memory any implementation of this training step could need: every weight (frozen ones stay
     resident too), one gradient per trainable parameter and the optimizer's state, each in the dtype this run
     keeps it in (bytes of the tensors themselves, no allocator rounding)."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.numel() * p.element_size() for p in trainable)
+    weights = sum(local(p).numel() * p.element_size() for p in model.parameters())
+    grads = sum(local(p).numel() * p.element_size() for p in trainable)
     return {"floor_bytes": weights + grads + state_summary(optimizer)["optimizer_state_bytes"]}
 
 
@@ -206,7 +221,7 @@ def state_summary(optimizer) -> dict:
                 fp32_kept += 1
         for key, t in st.items():
             if isinstance(t, torch.Tensor) and key != "step":
-                storage = t.untyped_storage()
+                storage = local(t).untyped_storage()
                 if storage._cdata not in seen:
                     seen.add(storage._cdata)
                     nbytes += storage.nbytes()
@@ -235,6 +250,10 @@ def _categorize(events, params, grads, states, origin) -> dict:
                 category[sid] = "gradients"
             elif sid in states:
                 category[sid] = "optimizer_state"
+            elif origin[sid].startswith(distributed.UNSHARDED):
+                category[sid] = "parameters"
+            elif origin[sid].startswith(distributed.COMMUNICATION):
+                category[sid] = "communication"
             elif origin[sid].startswith("cuBLAS"):
                 category[sid] = "workspace"
             elif phase == "forward":

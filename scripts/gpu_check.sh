@@ -61,10 +61,19 @@ print(f"NVML sampler overhead on ViT-B/16 SGD step time: {on} ms with 5 ms sampl
       f"({100 * (on - off) / off:+.2f}%)" if on and off else "NVML overhead: not measured")
 PY
 fi
+# DDP and FSDP2 at world size 1: predicted on the fake process group, measured with real NCCL (short: ViT-B/16)
+m run --no-progress --backend simulate --budget "$card" --models vit-b-16 --optims adamw,sgd --parallel ddp,fsdp \
+  --world-size 1 --out "$out/simulate-dist" --resume
+if [ "$gpu" != "no-gpu" ]; then
+  echo "+ python -m memprof.distributed (NCCL, world size 1)" | tee -a "$log"
+  timeout 300 $py -m memprof.distributed --models vit-b-16 --optims adamw,sgd --parallel ddp,fsdp \
+    --out "$out/cuda-dist" >>"$log" 2>&1 || failures=$((failures + 1))
+  m fidelity "$out/cuda-dist" "$out/simulate-dist" --out "$out/dist"
+fi
 m table "$out/simulate" --out "$out/simulate"
 echo "elapsed: $(( $(date +%s) - start )) s; failed steps: $failures" | tee -a "$log"
 if [ -n "${OUT:-}" ]; then
   tar -czf "$OUT/gpu_check.tar.gz" -C "$out" .
-  for f in "$out/fidelity.md" "$out/cuda/table4.md"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+  for f in "$out/fidelity.md" "$out/cuda/table4.md" "$out/dist/fidelity.md"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
 fi
 [ $failures -eq 0 ]

@@ -1,0 +1,438 @@
+"""Data-parallel (DDP) and sharded (FSDP2) training, as rank 0 of `world_size` sees it, in one process.
+
+How: torch's fake process group (`init_process_group("fake")`, a FakeStore; collectives return at once)
+stands in for the other ranks, so the run needs no GPU and no second process; the traced step
+(memprof.tracing) runs on fake tensors as always. Every figure is rank 0's, and a prediction.
+
+- FSDP: torch's own FSDP2 `fully_shard` wraps each block (the model's longest nn.ModuleList) and then the
+  root, with `reshard_after_forward` from the spec. Parameters, gradients and optimizer state are sharded
+  DTensors; the tracker counts their local shards (padded as FSDP pads them, `DTensorLocal`). FSDP's
+  unsharded parameters live in storages it resizes rather than allocates (`alloc_storage`/`free_storage`),
+  which no dispatch mode sees: `FSDPStorageEvents` logs those resizes as allocations and releases. What
+  FSDP's all-gather and reduce-scatter make is labelled `communication:`; the unsharded parameters
+  `unsharded parameter:` (category parameters, memprof.tracing).
+- DDP: DDP itself cannot run two iterations on fake tensors (its Reducer's bucket rebuild needs real
+  data), so its memory is modelled from its own rule: `DDPBuckets` places the gradient buckets with DDP's
+  own `dist._compute_bucket_assignment_by_size` (one bucket of every trainable parameter for the first
+  iteration, as DDP does without find_unused_parameters; rebuilt before the second forward in the order
+  gradients became ready, with the first-bucket and `bucket_cap_mb` limits), as flat tensors allocated when
+  DDP would allocate them. Each gradient is copied into its bucket view as it is ready; with
+  gradient_as_bucket_view the parameter's .grad becomes that view (autograd's own gradient is freed),
+  otherwise the gradients stay separate and the buckets are extra memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from unittest import mock
+
+import torch
+
+from memprof.tracker import ALLOC
+
+PARALLEL = ("none", "ddp", "fsdp")
+MAX_WORLD_SIZE = 1024  # fake process groups cost nothing per rank; past this the shards are a few elements
+COMMUNICATION = "communication:"
+UNSHARDED = "unsharded parameter:"
+DDP_DEFAULT_BUCKET_CAP_MB = 25
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage this rank holds: a DTensor's local shard, else the tensor itself."""
+    return getattr(t, "_local_tensor", t)
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int):
+    """torch.distributed initialised as rank 0 of `world_size` on the fake backend, for the block."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def blocks(model: torch.nn.Module) -> list:
+    """The modules FSDP wraps one by one: the longest nn.ModuleList (a transformer's blocks); none if absent."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def shard(model: torch.nn.Module, spec) -> None:
+    """FSDP2 `fully_shard` on each block, then the root, over a CPU mesh of `spec.world_size` (fake) ranks.
+    Call inside the FakeTensorMode, after the model has its (fake) storage and dtype."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # the mesh reads its rank map as host values
+        mesh = DeviceMesh("cpu", torch.arange(spec.world_size))
+    for block in blocks(model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=spec.reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=spec.reshard_after_forward)
+
+
+class DTensorLocal:
+    """Rule: count a DTensor output by its local shard. (The tracker registers the wrapper, whose storage
+    is the global size; the memory this rank holds is the local tensor's.)"""
+
+    name = "dtensor-local-shard"
+
+    def before_op(self, tracker, func, args, kwargs):
+        pass
+
+    def after_op(self, tracker, func, args, kwargs, out):
+        for t in _tensors(out):
+            if hasattr(t, "_local_tensor"):
+                tracker.treat_as_host(t)
+                tracker.register(t._local_tensor, str(func))
+
+    def attach(self, tracker, optimizer):
+        pass
+
+    def describe(self) -> dict:
+        return {"name": self.name, "what": "a DTensor's memory is its local shard"}
+
+    def metrics(self) -> dict:
+        return {}
+
+
+def _tensors(out):
+    for t in out if isinstance(out, (tuple, list)) else (out,):
+        if isinstance(t, torch.Tensor):
+            yield t
+        elif isinstance(t, (tuple, list)):
+            yield from (u for u in t if isinstance(u, torch.Tensor))
+
+
+class FSDPStorageEvents:
+    """Rule: FSDP2's storage resizes as allocations and releases, and its collectives' buffers labelled.
+
+    `mode()` patches FSDP2's alloc_storage / free_storage (where it (re)allocates and frees unsharded
+    parameters) and wraps foreach_all_gather / foreach_reduce so every storage they make is labelled
+    `communication:` (all-gather output, reduce-scatter input and output)."""
+
+    name = "fsdp-storage-events"
+
+    def __init__(self):
+        self.tracker = None
+        self.label = None
+
+    def attach(self, tracker, optimizer):
+        pass
+
+    def before_op(self, tracker, func, args, kwargs):
+        self.tracker = tracker
+
+    def after_op(self, tracker, func, args, kwargs, out):
+        if self.label:
+            for t in _tensors(out):
+                sid = tracker.storage_id(local(t))
+                if sid is not None and not tracker.origin[sid].startswith((COMMUNICATION, UNSHARDED)):
+                    relabel(tracker, sid, f"{self.label} {tracker.origin[sid]}")
+
+    def describe(self) -> dict:
+        return {"name": self.name, "what": "FSDP2 storage resizes are allocations; its collectives' buffers are "
+                                           "communication"}
+
+    def metrics(self) -> dict:
+        return {}
+
+    def _alloc(self, original):
+        def alloc_storage(tensor):
+            original(tensor)
+            if self.tracker is not None:
+                self.tracker.register(tensor, f"{UNSHARDED} FSDP alloc_storage")
+        return alloc_storage
+
+    def _free(self, original):
+        def free_storage(tensor):
+            if self.tracker is not None and tensor.untyped_storage().size() != 0:
+                release(self.tracker, tensor)
+            original(tensor)
+        return free_storage
+
+    def _labelled(self, original, label):
+        def wrapped(*args, **kwargs):
+            self.label = label
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.label = None
+        return wrapped
+
+    @contextlib.contextmanager
+    def mode(self):
+        from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group as group
+
+        with contextlib.ExitStack() as stack:
+            for module in (_fsdp_param, group):
+                stack.enter_context(mock.patch.object(module, "alloc_storage", self._alloc(module.alloc_storage)))
+            stack.enter_context(mock.patch.object(_fsdp_param, "free_storage", self._free(_fsdp_param.free_storage)))
+            for name, label in (("foreach_all_gather", f"{COMMUNICATION} all-gather"),
+                                ("foreach_all_gather_copy_out", f"{UNSHARDED} all-gather copy-out"),
+                                ("foreach_reduce", f"{COMMUNICATION} reduce-scatter")):
+                stack.enter_context(mock.patch.object(group, name, self._labelled(getattr(group, name), label)))
+            yield
+
+
+def relabel(tracker, sid: int, label: str) -> None:
+    """Name what made a storage (its origin, and its allocation event) after the fact."""
+    tracker.origin[sid] = label
+    for i in range(len(tracker.events) - 1, -1, -1):
+        ev = tracker.events[i]
+        if ev[0] == ALLOC and ev[1] == sid:
+            tracker.events[i] = ev[:4] + (label,)
+            break
+
+
+def release(tracker, tensor) -> None:
+    """Log the release of a storage that is resized to nothing (it lives on as an empty storage)."""
+    key = tensor.untyped_storage()._cdata
+    sid = tracker._by_cdata.pop(key, None)
+    if sid is None:
+        return
+    tracker._refs.pop(sid, None)  # the weakref goes, so the empty storage's eventual death logs nothing
+    tracker.free_synthetic(sid)
+
+
+class DDPBuckets:
+    """Rule: DistributedDataParallel's gradient buckets (see the module docstring)."""
+
+    name = "ddp-gradient-buckets"
+
+    def __init__(self, bucket_cap_mb: float | None, as_view: bool):
+        import torch.distributed as dist
+
+        self.params: list = []
+        cap = DDP_DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else bucket_cap_mb
+        self.cap_bytes = int(cap * 1024 * 1024)
+        self.first_bytes = dist._DEFAULT_FIRST_BUCKET_BYTES if bucket_cap_mb is None else self.cap_bytes
+        self.as_view = as_view
+        self.tracker = None
+        self.buckets: list = []  # (flat tensor, [params])
+        self.views: dict = {}  # id(param) -> its view into a bucket
+        self.ready: list = []  # parameters in the order their gradients became ready (first iteration)
+        self.rebuilt = False
+        self.bucket_bytes: list = []
+
+    def _assign(self, params, limits) -> None:
+        import torch.distributed as dist
+
+        indices, _ = dist._compute_bucket_assignment_by_size(params, limits, [False] * len(params))
+        self.buckets, self.views = [], {}
+        with torch.no_grad():
+            for idx in indices:
+                members = [params[i] for i in idx]
+                flat = torch.empty(sum(p.numel() for p in members), dtype=members[0].dtype)
+                relabel(self.tracker, self.tracker.register(flat, "bucket"), f"{COMMUNICATION} DDP gradient bucket")
+                offset = 0
+                for p in members:
+                    self.views[id(p)] = flat[offset: offset + p.numel()].view_as(p)
+                    offset += p.numel()
+                self.buckets.append((flat, members))
+        self.bucket_bytes = [flat.numel() * flat.element_size() for flat, _ in self.buckets]
+
+    def attach(self, tracker, optimizer) -> None:
+        self.tracker = tracker
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._assign(self.params, [sys.maxsize])  # DDP's first iteration: one bucket (no unused-parameter search)
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._ready)
+
+    def _ready(self, p) -> None:
+        if not self.rebuilt and id(p) not in {id(q) for q in self.ready}:
+            self.ready.append(p)
+        view = self.views[id(p)]
+        with torch.no_grad():
+            if p.grad is not view:
+                view.copy_(p.grad)  # the Reducer copies each ready gradient into its bucket
+                if self.as_view:
+                    p.grad = view  # gradient_as_bucket_view: .grad is the bucket view; autograd's copy dies
+
+    def before_op(self, tracker, func, args, kwargs):
+        # DDP rebuilds its buckets in gradient-ready order at the start of the second forward
+        if not self.rebuilt and tracker.phase == "forward" and tracker.step >= 1 and self.ready:
+            self.rebuilt = True
+            old = self.buckets
+            self.buckets = []
+            del old  # the Reducer clears its buckets before it makes the new ones
+            self._assign(self.ready, [self.first_bytes, self.cap_bytes])
+
+    def after_op(self, tracker, func, args, kwargs, out):
+        pass
+
+    def describe(self) -> dict:
+        return {"name": self.name, "what": "DDP gradient buckets placed by torch's own bucket assignment"}
+
+    def metrics(self) -> dict:
+        return {"ddp_bucket_count": len(self.bucket_bytes), "ddp_bucket_bytes": sum(self.bucket_bytes),
+                "ddp_bucket_cap_bytes": self.cap_bytes, "ddp_first_bucket_cap_bytes": self.first_bytes}
+
+
+def sharded_bytes(model, trainable, optimizer) -> dict:
+    """Rank 0's resident state, read from the tensors: parameter shards (padded storage), gradient shards
+    and optimizer state, each counted once per storage."""
+    def nbytes(tensors):
+        seen = {}
+        for t in tensors:
+            st = local(t).untyped_storage()
+            seen[st._cdata] = st.nbytes()
+        return sum(seen.values())
+
+    states = [t for s in optimizer.state.values() for k, t in s.items() if isinstance(t, torch.Tensor) and k != "step"]
+    return {"rank_parameter_bytes": nbytes(model.parameters()),
+            "rank_gradient_bytes": nbytes(p.grad for p in trainable if p.grad is not None),
+            "rank_optimizer_state_bytes": nbytes(states)}
+
+
+def parallel_rules(spec) -> list:
+    """The rules a spec's parallelism adds to the trace (none for a single-process run)."""
+    if spec.parallel == "fsdp":
+        return [DTensorLocal(), FSDPStorageEvents()]
+    if spec.parallel == "ddp":
+        return [DDPBuckets(spec.bucket_cap_mb, spec.grad_as_bucket_view)]
+    return []
+
+
+def process_group(spec):
+    """The fake process group a spec runs in (a null context for a single-process run)."""
+    return fake_process_group(spec.world_size) if spec.parallel != "none" else contextlib.nullcontext()
+
+
+def parallel_axes(opts: dict, state_bits: list, backend: str) -> list[dict]:
+    """--parallel, --world-size, --bucket-cap-mb, --grad-as-bucket-view, --reshard-after-forward, validated:
+    the RunSpec fields of each parallelism asked for (expand_grid's `parallel`)."""
+    from memprof.errors import UsageError
+    from memprof.spec import parse_names, parse_switch
+
+    kinds = parse_names(str(opts.get("parallel", "none")), "--parallel", PARALLEL, "parallelism")
+    world = opts.get("world_size", 1)
+    if not isinstance(world, int) or world < 1:
+        raise UsageError(f"--world-size {world}: use a whole number of at least 1", option="world_size")
+    if world > MAX_WORLD_SIZE:
+        raise UsageError(f"--world-size {world}: at most {MAX_WORLD_SIZE} (rank 0's shards are a few elements past "
+                         f"that)", option="world_size")
+    if world > 1 and kinds == ["none"]:
+        raise UsageError(f"--world-size {world} needs a parallelism: add --parallel ddp or fsdp (or ddp,fsdp)",
+                         option="world_size")
+    if kinds != ["none"] and backend != "simulate":
+        raise UsageError(f"--parallel {opts['parallel']}: ranks on a fake process group are predicted only: use "
+                         f"--backend simulate", option="parallel")
+    if kinds == ["fsdp"] and list(state_bits) == [8]:
+        raise UsageError("--parallel fsdp with --state-bits 8: bitsandbytes' 8-bit optimizers cannot step FSDP's "
+                         "sharded (DTensor) parameters; use --state-bits 32", option="state_bits")
+    cap = opts.get("bucket_cap_mb")
+    if cap is not None and not (isinstance(cap, (int, float)) and 0 < cap < float("inf")):
+        raise UsageError(f"--bucket-cap-mb {cap}: give a positive number of MiB (DDP's default: 25)",
+                         option="bucket_cap_mb")
+    views = parse_switch(str(opts.get("grad_as_bucket_view", "off")), "--grad-as-bucket-view")
+    reshard = parse_switch(str(opts.get("reshard_after_forward", "on")), "--reshard-after-forward")
+    out: list[dict] = []
+    for kind in kinds:
+        if kind == "none":
+            out.append({})
+        elif kind == "ddp":
+            out += [{"parallel": "ddp", "world_size": world, "bucket_cap_mb": cap, "grad_as_bucket_view": v}
+                    for v in views]
+        else:
+            out += [{"parallel": "fsdp", "world_size": world, "reshard_after_forward": r} for r in reshard]
+    return out
+
+
+def measure_world1(spec, device: str = "cuda") -> tuple[str, dict]:
+    """Measured: the spec's training steps under real DDP or FSDP2 on a real world-size-1 process group (NCCL
+    on cuda, gloo on cpu), the model built on the meta device and materialised on `device`. On cuda: the
+    peaks torch.cuda reports (max_memory_allocated / max_memory_reserved) for the fidelity table."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    from memprof.harness import apply_precision, materialize, prepare, train_steps
+    from memprof.optims import build_optimizer
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    try:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with torch.device("meta"):
+            prep = prepare(spec, load_weights=False)
+        materialize(prep.model, device)
+        apply_precision(prep.model, spec)
+        model = prep.model
+        if spec.parallel == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(device, (1,))
+            for block in blocks(model):
+                fully_shard(block, mesh=mesh, reshard_after_forward=spec.reshard_after_forward)
+            fully_shard(model, mesh=mesh, reshard_after_forward=spec.reshard_after_forward)
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=spec.bucket_cap_mb,
+                                                              gradient_as_bucket_view=spec.grad_as_bucket_view)
+            object.__setattr__(model, "visual", prep.model.visual)  # the harness reads the input size from it
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(prep.optim_info, trainable, spec.state_bits, spec.paged, spec.optim_impl, False)
+        train_steps(model, optimizer, spec, device, lambda *a: None)
+        metrics = {"world_size": 1, "process_group": dist.get_backend()}
+        if device == "cuda":
+            torch.cuda.synchronize()
+            metrics.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                           peak_reserved_bytes=torch.cuda.max_memory_reserved())
+        return "ok", metrics
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    """`python -m memprof.distributed --models M --optims O --parallel ddp,fsdp --out DIR`: measure each at world
+    size 1 (memprof.distributed.measure_world1) into DIR/results.jsonl, for `memprof fidelity` against
+    `memprof run --backend simulate --parallel ddp,fsdp --world-size 1`."""
+    import argparse
+    import os
+
+    from memprof.results import RESULTS_FILE, append, environment, make_record
+    from memprof.runner import device_name
+    from memprof.spec import RunSpec
+    from memprof.worker import describe
+
+    ap = argparse.ArgumentParser(prog="python -m memprof.distributed")
+    ap.add_argument("--models", required=True)
+    ap.add_argument("--optims", required=True)
+    ap.add_argument("--parallel", default="ddp,fsdp")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    backend = "cuda" if args.device == "cuda" else "cpu"
+    env = environment(backend, device_name(backend))
+    rc = 0
+    for model in args.models.split(","):
+        for optim in args.optims.split(","):
+            for parallel in args.parallel.split(","):
+                spec = RunSpec(model=model, optim=optim, parallel=parallel, world_size=1, budget="device")
+                try:
+                    status, metrics = measure_world1(spec, args.device)
+                    rec = make_record(spec, status, "measured", env, metrics)
+                except Exception as exc:  # a failing configuration is a result
+                    rec, rc = make_record(spec, "error", "measured", env, error=describe(exc)), 1
+                append(os.path.join(args.out, RESULTS_FILE), rec)
+                print(rec["key"], rec["status"], rec["metrics"].get("peak_allocated_bytes"), rec["error"] or "")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
