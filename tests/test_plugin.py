@@ -10,6 +10,18 @@ import pytest
 from memprof.baseline import load_any
 from memprof.pytest_plugin import parse_limit
 
+
+def _installed() -> bool:
+    """Whether the package's pytest11 entry point is installed (then pytest loads the plugin itself, and
+    naming it again with -p would register it twice); an editable install made before the entry point
+    existed lacks it."""
+    from importlib.metadata import entry_points
+
+    return any(ep.value == "memprof.pytest_plugin" for ep in entry_points(group="pytest11"))
+
+
+LOAD_PLUGIN = () if _installed() else ("-p", "memprof.pytest_plugin")
+
 STEP = '''
 import pytest
 import torch
@@ -45,7 +57,7 @@ def torch_imported_once():
 
 def run(pytester, body, *args):
     pytester.makepyfile(test_user=STEP + body)
-    return pytester.runpytest("-p", "memprof.pytest_plugin", "--memprof-backend", "simulate", *args)
+    return pytester.runpytest(*LOAD_PLUGIN, "--memprof-backend", "simulate", *args)
 
 
 def test_a_step_under_its_limit_passes_and_the_report_lists_it(pytester):
