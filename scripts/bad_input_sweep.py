@@ -50,7 +50,7 @@ def cases(tmp: str) -> list[tuple[str, list[str], int]]:
         "--resident": ["text", "clip"],
         "--out": ["", "/proc/memprof-x", os.path.join(tmp, "dir-as-results")],
         "--pretrained": ["/nonexistent.pt", f("junk.pt", b"junk")],
-        "--snapshot": [os.path.join(tmp, "snap")],
+        "--snapshot": ["/proc/memprof-snap"],  # unwritable (simulate writes predicted snapshots)
         "--nvml-period-ms": ["5", "nan"],
         "--backend": ["quantum"],
         "--metric": ["bytes"],
