@@ -87,7 +87,7 @@ def test_pretrained_local_file_is_accepted(tmp_path, tower_file):
     (["run", "--models", ","], "--models is empty"),
     (["run", "--optims", ""], "--optims is empty"),
     (["run", "--budget", "12 gigs"], "malformed --budget"),
-    (["run", "--budget", "titanx"], "malformed --budget"),
+    (["run", "--budget", "titanx"], "did you mean titan-x"),
     (["run", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
     (["run", "--batch-size", "two"], "whole numbers"),
     (["run", "--grad-ckpt", "maybe"], "use off, on or off,on"),
