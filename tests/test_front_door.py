@@ -64,7 +64,7 @@ def test_help_in_a_fresh_process():
 @pytest.mark.parametrize("args, expect", [
     (["--timeout-s", "nan", "--backend", "cpu"], "--timeout-s nan: give a finite number"),
     (["--timeout-s", "inf", "--backend", "cpu"], "--timeout-s inf: give a finite number"),
-    (["--snapshot", "/tmp/x"], "--snapshot applies to the cuda backend"),
+    (["--snapshot", "/proc/memprof-x"], "--snapshot /proc/memprof-x is not writable"),
     (["--nvml-period-ms", "5"], "--nvml-period-ms applies to the cuda backend"),
     (["--out", ""], "--out is empty"),
     (["--budget", "-1GiB"], "--budget needs a value (a value that starts with '-' must be attached with '='"),
