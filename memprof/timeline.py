@@ -19,7 +19,7 @@ from memprof.tracing import CATEGORIES
 MAX_POINTS = 1600
 TIMELINE_DIR = "timelines"
 COLORS = {"parameters": "#4e79a7", "gradients": "#f28e2b", "optimizer_state": "#e15759", "activations": "#76b7b2",
-          "temporaries": "#59a14f", "workspace": "#b07aa1"}
+          "temporaries": "#59a14f", "workspace": "#b07aa1", "communication": "#9c755f"}
 PHASE_COLORS = {"setup": "#ffffff", "forward": "#eef4fb", "backward": "#fdf1e6", "optimizer": "#fbeaea",
                 "done": "#ffffff"}
 

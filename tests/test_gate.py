@@ -177,7 +177,7 @@ def test_suite_file_errors_name_the_line(tmp_path):
     assert r.returncode == 2 and f"{bad}:4: unknown key 'optimz'" in r.stderr
     bad.write_text('[[run]]\nmodels = "test-vit"\n\n[[run]]\nmodels = "test-vit"\nbudget = "huge"\n')
     r = memprof("suite", str(bad), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and f"{bad}:4: malformed --budget 'huge'" in r.stderr
+    assert r.returncode == 2 and f"{bad}:6: unknown budget 'huge'" in r.stderr
     bad.write_text('[[run]]\nmodels = "vit-b-61"\n')
     r = memprof("suite", str(bad))
     assert r.returncode == 2 and f"{bad}:2: unknown model 'vit-b-61'" in r.stderr
