@@ -592,7 +592,7 @@ def _config(rec: dict) -> str:
     """A key without its budget: the same configuration measured on one card and predicted for it (the key's
     sixth segment, e.g. `bf16-amp+fused+in-backward`, keeps precision and optimizer implementation apart; a
     parallel run's ninth, e.g. `fsdp8`, is kept)."""
-    if rec["spec"].get("parallel", "none") == "none":
+    if rec.get("spec", {}).get("parallel", "none") == "none":
         return rec["key"].rsplit("/", 1)[0]
     head, parallelism = rec["key"].rsplit("@", 1)[0].rsplit("/", 1)
     return head.rsplit("/", 1)[0] + "/" + parallelism
