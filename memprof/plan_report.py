@@ -112,15 +112,9 @@ def plot_fit(records: list[dict], path: str) -> None:
     sources = sorted({r["source"] for r in fits})
     ax.set_title(f"Peak memory against batch size ({'/'.join(sources) or 'no probes'})", fontsize=9)
     ax.legend(fontsize=6, loc="upper left", ncol=2)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=110)
-    except OSError as exc:
-        from memprof.results import write_error
+    from memprof.report import save_figure
 
-        raise write_error(path, exc) from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_fit_reports(records: list[dict], out_dir: str) -> dict:

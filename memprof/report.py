@@ -697,12 +697,19 @@ def render_plot(records: list[dict], path: str) -> None:
     ax.set_xlabel("GiB at the peak, by category")
     ax.set_title(f"Peak memory by category: {_source(records)}", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out, save (dpi 110) and close a matplotlib figure; a failing write is one line naming the path."""
+    import matplotlib.pyplot as plt
+
+    from memprof.results import write_error
+
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=110)
     except OSError as exc:
-        from memprof.results import write_error
-
         raise write_error(path, exc) from None
     finally:
         plt.close(fig)
