@@ -24,7 +24,6 @@ model's input, 80/20 split with a fixed seed; or `--data PATH`, an ImageFolder. 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from memprof.errors import UsageError
-from memprof.harness import apply_precision, autocast_dtype, grad_scaler, model_dtype, prepare
+from memprof.harness import apply_precision, autocast_dtype, classification_step, grad_scaler, model_dtype, prepare
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 
@@ -156,16 +155,8 @@ def train(spec: RunSpec, data: Dataset, steps: int, lr: float, seed: int = 0, de
     start = time.perf_counter()
     for step in range(steps):
         idx = order[step]
-        with torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext():
-            loss = F.cross_entropy(model(data.x_train[idx].to(device, dtype)), data.y_train[idx].to(device))
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if not spec.optim_in_backward:  # otherwise each parameter was stepped, and its gradient freed, in backward
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss = classification_step(model, optimizer, (data.x_train[idx].to(device, dtype), data.y_train[idx].to(device)),
+                                   amp, scaler, device_type, spec.optim_in_backward)
         for schedule in schedules:
             schedule.step()
         losses.append(loss.item())

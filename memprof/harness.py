@@ -125,21 +125,22 @@ def train_steps(model, optimizer, spec: RunSpec, device, on_phase) -> None:
 
 
 def classification_step(model, optimizer, inputs, amp=None, scaler=None, device_type: str = "cpu",
-                        in_backward: bool = False) -> None:
+                        in_backward: bool = False):
     """One step of the paper's fine-tuning: forward and cross-entropy (under autocast with `amp`), backward (of
-    the scaled loss with a GradScaler), optimizer step and zero_grad (none with optimizer-in-backward)."""
+    the scaled loss with a GradScaler), optimizer step and zero_grad (none with optimizer-in-backward); returns
+    the loss."""
     images, labels = inputs
     with torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext():
         loss = F.cross_entropy(model(images), labels)
     (scaler.scale(loss) if scaler is not None else loss).backward()
-    if in_backward:
-        return
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if not in_backward:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def run_steps(model, optimizer, batch, step, steps: int, on_phase) -> None:
