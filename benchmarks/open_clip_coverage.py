@@ -27,7 +27,7 @@ def where(exc: BaseException) -> str:
 
 
 def run_one(name: str) -> dict:
-    from memprof.simulate import predict
+    from memprof.simulation.simulate import predict
     from memprof.spec import RunSpec
 
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ import sys
 import time
 
 from memprof.optims import PAPER_OPTIMS
-from memprof.simulate import predict
+from memprof.simulation.simulate import predict
 from memprof.spec import RunSpec
 
 BAR = 1.2

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from memprof.harness import prepare
-from memprof.nvml import Sampler
+from memprof.backends.nvml import Sampler
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 

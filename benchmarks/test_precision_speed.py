@@ -4,7 +4,7 @@ Timed in one process, median of several rounds each; predicted peak bytes go to 
 
 import pytest
 
-from memprof.simulate import predict
+from memprof.simulation.simulate import predict
 from memprof.spec import RunSpec
 
 SETTINGS = {"fp32-foreach": {}, "bf16-amp-fused": {"precision": "bf16-amp", "optim_impl": "fused"}}

@@ -6,7 +6,7 @@ allocated bytes go to extra_info so a benchmark JSON also carries what was predi
 
 import pytest
 
-from memprof.simulate import predict
+from memprof.simulation.simulate import predict
 from memprof.spec import RunSpec
 
 
@@ -21,7 +21,7 @@ def test_predict(benchmark, model):
 
 def test_cpu_training_step(benchmark):
     """One real CPU run of the test model (2 steps, AdamW), through the tracker, as the cpu backend does."""
-    from memprof import cpu_backend
+    from memprof.backends import cpu as cpu_backend
 
     status, metrics = benchmark.pedantic(cpu_backend.measure, args=(RunSpec("test-vit", "adamw", budget="device"),),
                                          rounds=3, iterations=1, warmup_rounds=1)

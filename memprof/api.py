@@ -5,7 +5,7 @@ zero-argument factory returning an nn.Module, and run exactly what `memprof run`
 validated by memprof.plan.plan_run and the configuration executed by memprof.plan.execute (the simulation
 in-process; a measurement in a fresh worker process, as the CLI does). `predict_step` traces a user's own
 training step (build, batch, step) through the same tracer, CUDA rules and allocator replay as `predict`
-(memprof.tracing.trace_step, memprof.simulate.predict_traced); the harness's own step is one user of that
+(memprof.simulation.tracing.trace_step, memprof.simulation.simulate.predict_traced); the harness's own step is one user of that
 path (memprof.harness.run_steps). Every result says whether its figures are predicted or measured.
 """
 
@@ -169,9 +169,9 @@ def predict_step(build: Callable[[], tuple], step: Callable[[Any, Any, Any], Any
     from memprof.budget import parse_budget
     from memprof.harness import run_steps
     from memprof.results import environment, make_record
-    from memprof.simulate import cpu_rules_metrics, predict_traced
+    from memprof.simulation.simulate import cpu_rules_metrics, predict_traced
     from memprof.spec import MIN_STEPS
-    from memprof.tracing import trace_step
+    from memprof.simulation.tracing import trace_step
 
     if steps < MIN_STEPS:
         raise UsageError(f"steps {steps}: use at least {MIN_STEPS}, so a step runs with optimizer state present")
@@ -202,8 +202,8 @@ def measure_step(build: Callable[[], tuple], step: Callable[[Any, Any, Any], Any
     on the GPU by build(), so its parameters count)."""
     from memprof.harness import run_steps
     from memprof.results import environment, make_record
-    from memprof.simulate import cpu_rules_metrics
-    from memprof.tracing import trace_step
+    from memprof.simulation.simulate import cpu_rules_metrics
+    from memprof.simulation.tracing import trace_step
 
     import torch
 

@@ -80,7 +80,7 @@ def _run_options(args, **extra) -> dict:
 def report(records: list[dict], out_dir: str, metric: str | None) -> None:
     """Table 4 from `records`: the terminal view printed, every format written beside the results."""
     from memprof.accuracy import load_verdicts
-    from memprof.report import default_metric, render_terminal, write_reports
+    from memprof.reports.table4 import default_metric, render_terminal, write_reports
 
     verdicts = load_verdicts(out_dir)
     metric = metric or default_metric(records)
@@ -90,8 +90,8 @@ def report(records: list[dict], out_dir: str, metric: str | None) -> None:
 
 
 def html_report(out_dir: str) -> None:
-    """The self-contained HTML report beside table4.md (memprof.html_report)."""
-    from memprof.html_report import write_html_report
+    """The self-contained HTML report beside table4.md (memprof.reports.html)."""
+    from memprof.reports.html import write_html_report
 
     try:
         _note(f"memprof: wrote {write_html_report(out_dir)}")
@@ -102,7 +102,7 @@ def html_report(out_dir: str) -> None:
 
 
 def cmd_report(args) -> int:
-    from memprof.html_report import write_html_report
+    from memprof.reports.html import write_html_report
     from memprof.plan import writable_dir
     from memprof.results import RESULTS_FILE
 
@@ -139,7 +139,7 @@ def cmd_run(args) -> int:
 
 def cmd_fit(args) -> int:
     from memprof.plan import execute, plan_fit
-    from memprof.plan_report import render_fit, write_fit_reports
+    from memprof.reports.planner import render_fit, write_fit_reports
     from memprof.results import RunDirectory
 
     plan = plan_fit(_run_options(args, max_batch_size=args.max_batch_size, batch_size=None), args.batch_size)
@@ -152,7 +152,7 @@ def cmd_fit(args) -> int:
         return _interrupted(plan.out_dir)
     tried = [r for r in records if r["status"] != "skipped"]
     if tried and all(r["status"] == "oom" for r in tried) and plan.backend == "simulate":
-        from memprof.fit import largest_that_fits
+        from memprof.planning.fit import largest_that_fits
 
         best = largest_that_fits(tried[0]["spec"]["budget"], sorted({r["spec"]["optim"] for r in tried}))
         raise UsageError(f"--budget {tried[0]['spec']['budget']} is too small for batch 1 of every configuration "
@@ -165,7 +165,7 @@ def cmd_fit(args) -> int:
 
 def cmd_advise(args) -> int:
     from memprof.accuracy import load_verdicts
-    from memprof.advise import advice, render_advice
+    from memprof.planning.advise import advice, render_advice
     from memprof.plan import execute, plan_advise
     from memprof.results import RunDirectory, write_text
 
@@ -218,7 +218,7 @@ def _execute_accuracy(accuracy, out_dir: str) -> None:
 def cmd_accuracy(args) -> int:
     from memprof.accuracy import ACCURACY_FILE, load_verdicts
     from memprof.plan import default_out, writable_dir
-    from memprof.report import render_verdicts
+    from memprof.reports.table4 import render_verdicts
     from memprof.results import write_text
 
     accuracy = _plan_accuracy(args)
@@ -272,7 +272,7 @@ def cmd_suite(args) -> int:
 
 def cmd_table(args) -> int:
     from memprof.plan import writable_dir
-    from memprof.report import default_metric, render_terminal, write_reports
+    from memprof.reports.table4 import default_metric, render_terminal, write_reports
     from memprof.results import read_records
 
     records = read_records(args.results)
@@ -289,7 +289,7 @@ def cmd_fidelity(args) -> int:
     import json
 
     from memprof.plan import writable_dir
-    from memprof.report import fidelity_rows, render_fidelity
+    from memprof.reports.table4 import fidelity_rows, render_fidelity
     from memprof.results import read_records, write_text
 
     measured, predicted = read_records(args.measured), read_records(args.predicted)
@@ -323,7 +323,7 @@ def cmd_baseline_save(args) -> int:
 
 def cmd_compare(args) -> int:
     from memprof.baseline import DEFAULT_FAIL, compare, load_any, parse_threshold
-    from memprof.report import fit_table
+    from memprof.reports.table4 import fit_table
 
     thresholds = [parse_threshold(t) for t in (args.fail or DEFAULT_FAIL)]
     base, current = load_any(args.baseline), load_any(args.current)
@@ -344,7 +344,7 @@ def cmd_compare(args) -> int:
 def cmd_list(args) -> int:
     import textwrap
 
-    from memprof.report import fit_table
+    from memprof.reports.table4 import fit_table
 
     width = terminal_width()
     if args.what != "models" and (args.source or args.filter):
@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="paper-2022: the paper grid as its 2022 setup ran it (for-loop optimizers, as PyTorch "
                           "before 2.0 ran on CUDA; the image tower alone and the whole CLIP model resident), shown "
                           "as NVML process memory; options given explicitly win")
-    from memprof.report import METRICS
+    from memprof.reports.table4 import METRICS
 
     run.add_argument("--metric", choices=list(METRICS), default=None,
                      help="figure shown in the table (default: reserved; live for the cpu backend)")

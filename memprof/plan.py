@@ -161,7 +161,7 @@ class RunPlan:
     announce: str
     options: dict
     notes: list = field(default_factory=list)
-    task: str = "run"  # or "fit": each entry is a batch-size search (memprof.fit)
+    task: str = "run"  # or "fit": each entry is a batch-size search (memprof.planning.fit)
 
     @property
     def worker_options(self) -> dict:
@@ -173,7 +173,7 @@ class RunPlan:
             backend = {"snapshot_dir": self.options["snapshot"],
                        "nvml_period_ms": DEFAULT_NVML_PERIOD_MS if period is None else period}
         if self.task == "fit":
-            from memprof.fit import DEFAULT_MAX_BATCH_SIZE
+            from memprof.planning.fit import DEFAULT_MAX_BATCH_SIZE
 
             return {"max_batch_size": self.options["max_batch_size"] or DEFAULT_MAX_BATCH_SIZE,
                     "probe_options": {k: v for k, v in backend.items() if self.backend == "cuda"},
@@ -219,8 +219,8 @@ class AdvisePlan:
 
 
 def plan_advise(opts: dict) -> AdvisePlan:
-    """A validated `memprof advise`: one configuration, and every change of it (memprof.advise) to predict."""
-    from memprof.advise import candidates
+    """A validated `memprof advise`: one configuration, and every change of it (memprof.planning.advise) to predict."""
+    from memprof.planning.advise import candidates
     from memprof.spec import GridEntry
 
     for name in ("models", "optims", "batch_size", "grad_ckpt", "state_bits", "precision", "optim_impl",
@@ -293,7 +293,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
     if executor not in EXECUTORS:
         raise UsageError(f"--executor {executor}: use local or ray", option="executor")
     if executor == "ray":
-        from memprof.ray_executor import check_address
+        from memprof.executors.ray_executor import check_address
 
         check_address(opts.get("ray_address"))
     elif opts.get("ray_address"):
@@ -305,7 +305,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
             check_pretrained(models, opts["pretrained"], opts["num_classes"])
     with option("budget"):
         budget = resolve_budget(opts["budget"], backend, notes)
-    from memprof.distributed import parallel_axes
+    from memprof.simulation.distributed import parallel_axes
 
     with option("parallel"):
         parallel = parallel_axes(opts, state_bits, backend)
@@ -373,7 +373,7 @@ def execute(plan: RunPlan, lock: bool = True) -> list[dict]:
     """Run a plan in its output directory (locked for the run unless the caller holds the lock); each record
     is appended to results.jsonl as it finishes. Returns every record the directory holds afterwards (this
     run's and any resumed ones)."""
-    from memprof.runner import default_jobs, run_grid
+    from memprof.executors.runner import default_jobs, run_grid
 
     with RunDirectory(plan.out_dir) if lock else contextlib.nullcontext():
         run_grid(plan.entries, plan.out_dir, plan.backend, progress=plan.options["progress"],

@@ -47,7 +47,7 @@ class RunSpec:
     resident: str = "tower"  # what is on the device: the image tower (+ head), or the whole CLIP model ("clip")
     freeze: str | None = None  # --freeze GLOB[,GLOB]: the embedding freeze-embed freezes, overriding the model's
     input_shape: str | None = None  # --input-shape CxHxW, for a model that cannot say
-    parallel: str = "none"  # none | ddp | fsdp: rank 0 of `world_size` on a fake process group (memprof.distributed)
+    parallel: str = "none"  # none | ddp | fsdp: rank 0 of `world_size` on a fake process group (memprof.simulation.distributed)
     world_size: int = 1
     bucket_cap_mb: float | None = None  # DDP's bucket_cap_mb (None: its default, 25 MiB with a 1 MiB first bucket)
     grad_as_bucket_view: bool = False  # DDP's gradient_as_bucket_view

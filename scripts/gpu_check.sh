@@ -65,8 +65,8 @@ fi
 m run --no-progress --backend simulate --budget "$card" --models vit-b-16 --optims adamw,sgd --parallel ddp,fsdp \
   --world-size 1 --out "$out/simulate-dist" --resume
 if [ "$gpu" != "no-gpu" ]; then
-  echo "+ python -m memprof.distributed (NCCL, world size 1)" | tee -a "$log"
-  timeout 300 $py -m memprof.distributed --models vit-b-16 --optims adamw,sgd --parallel ddp,fsdp \
+  echo "+ python -m memprof.simulation.distributed (NCCL, world size 1)" | tee -a "$log"
+  timeout 300 $py -m memprof.simulation.distributed --models vit-b-16 --optims adamw,sgd --parallel ddp,fsdp \
     --out "$out/cuda-dist" >>"$log" 2>&1 || failures=$((failures + 1))
   m fidelity "$out/cuda-dist" "$out/simulate-dist" --out "$out/dist"
 fi

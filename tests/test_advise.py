@@ -4,7 +4,7 @@ version cannot model listed, not dropped."""
 import pytest
 
 from memprof import cli
-from memprof.advise import CHANGES, candidates
+from memprof.planning.advise import CHANGES, candidates
 from memprof.spec import RunSpec
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from memprof.allocator import CachingAllocatorModel, SimulatedOOM, round_size, segment_size
+from memprof.simulation.allocator import CachingAllocatorModel, SimulatedOOM, round_size, segment_size
 
 KiB, MiB = 1 << 10, 1 << 20
 

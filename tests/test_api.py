@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import memprof
-from memprof.allocator import round_size
+from memprof.simulation.allocator import round_size
 from memprof.errors import UsageError
 from memprof.harness import classification_step, prepare
 from memprof.optims import build_optimizer
-from memprof.simulate import predict as simulate_predict
+from memprof.simulation.simulate import predict as simulate_predict
 from memprof.spec import RunSpec
 
 ROOT = Path(__file__).parent.parent

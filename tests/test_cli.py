@@ -128,10 +128,10 @@ def test_pretrained_not_loadable_and_mismatched(tmp_path, tower_file):
 
 
 def test_failing_config_is_recorded_and_the_rest_go_on(tmp_path, monkeypatch):
-    from memprof import simulate
+    from memprof.simulation import simulate
     from memprof.models import REGISTRY as MODELS
     from memprof.optims import REGISTRY as OPTIMS
-    from memprof.runner import run_grid
+    from memprof.executors.runner import run_grid
     from memprof.spec import expand_grid
 
     original = simulate.predict
@@ -152,7 +152,7 @@ def test_failing_config_is_recorded_and_the_rest_go_on(tmp_path, monkeypatch):
 def test_parallel_and_serial_runs_agree(tmp_path):
     from memprof.models import REGISTRY as MODELS
     from memprof.optims import REGISTRY as OPTIMS
-    from memprof.runner import run_grid
+    from memprof.executors.runner import run_grid
     from memprof.spec import expand_grid
 
     entries = expand_grid([MODELS["test-vit"]], [OPTIMS["adamw"], OPTIMS["sgd"], OPTIMS["lamb"]], [False, True], [32], [1])

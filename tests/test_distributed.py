@@ -1,4 +1,4 @@
-"""DDP and FSDP2 as rank 0 sees them, predicted on a fake process group (memprof.distributed)."""
+"""DDP and FSDP2 as rank 0 sees them, predicted on a fake process group (memprof.simulation.distributed)."""
 
 import math
 import subprocess
@@ -9,7 +9,7 @@ import torch
 
 from memprof.errors import UsageError
 from memprof.plan import plan_run, run_options
-from memprof.simulate import predict, predict_cpu
+from memprof.simulation.simulate import predict, predict_cpu
 from memprof.spec import RunSpec
 
 TOL = 0.01  # the issue's bound: per-rank bytes within 1% of the unsharded figures / N (plus padding)
@@ -107,8 +107,8 @@ def fsdp_mem_tracker_peak(spec: RunSpec) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-    from memprof import distributed
-    from memprof.fake_compat import fake_storage
+    from memprof.simulation import distributed
+    from memprof.simulation.fake_compat import fake_storage
     from memprof.harness import prepare, train_steps
     from memprof.optims import build_optimizer
 
@@ -191,10 +191,10 @@ def test_world_size_without_parallel_is_one_line_exit_2(tmp_path):
 
 
 def test_the_world_size_1_measurement_runs_real_ddp_and_fsdp_on_gloo(tmp_path):
-    """The GPU check's NCCL measurement (memprof.distributed.main), here on the CPU with gloo: both wrappers
+    """The GPU check's NCCL measurement (memprof.simulation.distributed.main), here on the CPU with gloo: both wrappers
     train and write measured records whose keys match the predictions' for the fidelity table."""
-    from memprof.distributed import main
-    from memprof.report import _config
+    from memprof.simulation.distributed import main
+    from memprof.reports.table4 import _config
     from memprof.results import read_records
 
     assert main(["--models", "test-vit", "--optims", "sgd", "--device", "cpu", "--out", str(tmp_path)]) == 0
@@ -205,7 +205,7 @@ def test_the_world_size_1_measurement_runs_real_ddp_and_fsdp_on_gloo(tmp_path):
 
 
 def test_per_gpu_table_has_a_column_per_parallelism_and_sgds_saving():
-    from memprof.report import per_gpu_rows, render_per_gpu
+    from memprof.reports.table4 import per_gpu_rows, render_per_gpu
     from memprof.results import environment, make_record
 
     env = environment("simulate", "cpu-simulated")

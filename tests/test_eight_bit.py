@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from memprof import cpu_backend
-from memprof.simulate import predict
+from memprof.backends import cpu as cpu_backend
+from memprof.simulation.simulate import predict
 from memprof.spec import RunSpec
 
 pytest.importorskip("bitsandbytes")

@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 
 from memprof import cli
-from memprof.fit import Probe, fit_config, linear_fit, search
-from memprof.simulate import predict
+from memprof.planning.fit import Probe, fit_config, linear_fit, search
+from memprof.simulation.simulate import predict
 from memprof.spec import RunSpec
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from memprof import cli
-from memprof.report import fit_table, render_markdown, render_terminal, table_rows
+from memprof.reports.table4 import fit_table, render_markdown, render_terminal, table_rows
 from memprof.results import read_records
 
 DATA = Path(__file__).parent / "data"
@@ -192,7 +192,7 @@ def test_a_leaner_method_reserving_more_is_explained():
 
 
 def test_claims_have_a_stated_tolerance():
-    from memprof.report import CLAIM_TOLERANCE_POINTS, claim_verdict
+    from memprof.reports.table4 import CLAIM_TOLERANCE_POINTS, claim_verdict
 
     row = {"status": "ok", "adamw_status": "ok", "adamw_extra_pct": 59.0}
     assert claim_verdict("vit-b-16", 16, row).startswith("differs: +43 points")
@@ -208,7 +208,7 @@ def test_the_plot_keeps_every_configuration_readable(tmp_path):
     figure grows with the number of rows so labels never overlap."""
     from PIL import Image
 
-    from memprof.report import plot_rows, render_plot
+    from memprof.reports.table4 import plot_rows, render_plot
 
     recs = records()
     recs[0] = {**recs[0], "status": "skipped", "metrics": {}, "skip_reason": "test"}

@@ -51,7 +51,9 @@ def test_an_extra_retained_tensor_is_caught(ci_results, tmp_path, monkeypatch):
     """Measure test-vit SGD on the CPU with one extra 64 KiB tensor kept alive: compare must fail on it."""
     import torch
 
-    from memprof import cpu_backend, tracing
+    from memprof.backends import cpu as cpu_backend
+
+    from memprof.simulation import tracing
     from memprof.spec import RunSpec
 
     original = tracing.train_steps

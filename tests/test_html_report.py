@@ -12,8 +12,8 @@ from html.parser import HTMLParser
 import pytest
 
 from memprof.cli import main
-from memprof.html_report import markdown_to_html, render_html, write_html_report
-from memprof.timeline import load_timeline, plot_timeline
+from memprof.reports.html import markdown_to_html, render_html, write_html_report
+from memprof.reports.timeline import load_timeline, plot_timeline
 
 VOID = {"meta", "img", "br", "link", "hr", "input"}
 
@@ -139,8 +139,8 @@ def test_fit_and_advise_and_fidelity_are_included_when_present(run_dir, tmp_path
 def test_measured_series_from_a_snapshot_goes_on_the_same_figure(run_dir, tmp_path):
     """A measured record with a snapshot is drawn as a series; without one, as peak marks (said in the
     figure); both figures decode and differ."""
-    from memprof.snapshot import load_snapshot
-    from memprof.timeline import measured_series
+    from memprof.reports.snapshot import load_snapshot
+    from memprof.reports.timeline import measured_series
 
     rec = json.loads((run_dir / "results.jsonl").read_text().splitlines()[0])
     series = load_timeline(run_dir / rec["metrics"]["timeline_file"])

@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from memprof import cpu_backend
+from memprof.backends import cpu as cpu_backend
 from memprof.budget import GiB
-from memprof.cuda_backend import emulation_fraction, requested_bytes
+from memprof.backends.cuda import emulation_fraction, requested_bytes
 from memprof.errors import UsageError
 from memprof.models import REGISTRY as MODELS
 from memprof.optims import REGISTRY as OPTIMS
-from memprof.report import fidelity_rows, render_fidelity
-from memprof.runner import run_grid, run_isolated
-from memprof.simulate import predict_cpu
+from memprof.reports.table4 import fidelity_rows, render_fidelity
+from memprof.executors.runner import run_grid, run_isolated
+from memprof.simulation.simulate import predict_cpu
 from memprof.spec import RunSpec, expand_grid
 
 
@@ -71,7 +71,7 @@ def test_killed_worker_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
     assert {r["source"] for r in records} == {"measured"}
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
     assert records[1]["environment"]["device"].startswith("cpu")  # named by the parent, though the worker died
-    from memprof.report import render_markdown, write_reports
+    from memprof.reports.table4 import render_markdown, write_reports
 
     write_reports(records, str(tmp_path), "live")  # a crashed configuration is a cell, not a traceback
     assert "crashed (see results.jsonl)" in render_markdown(records, "live")
@@ -138,7 +138,7 @@ def test_fidelity_rows_match_configs_across_budgets():
 
 def test_measured_adamw_oom_gives_no_percentage():
     """A measured OOM's peak is cut short by the budget: no "AdamW +X%" may be computed from it."""
-    from memprof.report import render_markdown, table_rows
+    from memprof.reports.table4 import render_markdown, table_rows
 
     def rec(optim, status, alloc):
         return {"key": f"vit-h-14/{optim}/ckpt-off/32bit/bs1/fp32/steps2/titan-x", "source": "measured",
@@ -155,7 +155,7 @@ def test_measured_adamw_oom_gives_no_percentage():
 
 @pytest.mark.gpu
 def test_cuda_measures_test_model():
-    from memprof import cuda_backend
+    from memprof.backends import cuda as cuda_backend
 
     status, m = cuda_backend.measure(RunSpec("test-vit", "adamw", budget="device"))
     assert status == "ok"

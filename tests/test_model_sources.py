@@ -150,7 +150,7 @@ def test_a_model_that_cannot_be_traced_is_one_line_and_the_grid_goes_on(user_mod
     assert records["py"]["status"] == "error" and "\n" not in error
     assert "aten._local_scalar_dense" in error and "inner (Untraceable)" in error and "--backend cpu" in error
     # the cpu backend runs it (real tensors have data)
-    from memprof.cpu_backend import measure
+    from memprof.backends.cpu import measure
     from memprof.spec import RunSpec
 
     status, metrics = measure(RunSpec(f"py:{user_module}:untraceable", "sgd", input_shape="3x8x8", budget="device"))

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from memprof.nvml import Nvml, Sampler
+from memprof.backends.nvml import Nvml, Sampler
 
 TICK_S = 0.005  # the fake clock advances this much per reading, and only then
 

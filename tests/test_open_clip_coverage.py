@@ -9,7 +9,7 @@ import pytest
 from memprof import models
 from memprof.errors import UsageError
 from memprof.models import listed_models, resolve_model, unsupported_table_problems
-from memprof.simulate import predict, predict_cpu
+from memprof.simulation.simulate import predict, predict_cpu
 from memprof.spec import RunSpec
 
 
@@ -66,7 +66,7 @@ def test_previously_failing_towers_predict(name):
 def test_meta_build_matches_real_cpu_run():
     """The meta-device build changes nothing: the fake run of a timm tower (drop path, 384 px) predicts
     exactly the live tensor bytes the same steps measure on real CPU tensors."""
-    from memprof.cpu_backend import measure
+    from memprof.backends.cpu import measure
 
     spec = RunSpec(model="PE-Core-T-16-384", optim="adamw", budget="device")
     _, predicted = predict_cpu(spec)

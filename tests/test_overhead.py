@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from memprof.overhead import implied_overhead, overhead_rows, pct_with, render_overhead
+from memprof.reports.overhead import implied_overhead, overhead_rows, pct_with, render_overhead
 from memprof.results import read_records
 
 DATA = Path(__file__).parent / "data"

@@ -1,6 +1,6 @@
 """What a 15 s NVML sampler (the paper's W&B system metrics) would have recorded, from a 5 ms series."""
 
-from memprof.nvml import periodic_reading
+from memprof.backends.nvml import periodic_reading
 
 MB = 1 << 20
 
@@ -32,7 +32,7 @@ def test_a_run_shorter_than_the_period_may_get_no_reading():
 
 
 def test_the_report_shows_it_for_measured_records_only():
-    from memprof.report import render_sampler_effect
+    from memprof.reports.table4 import render_sampler_effect
 
     s = series([(t, 1000 * MB) for t in range(0, 20_001, 5)])
     rec = {"key": "k", "source": "measured", "metrics": {"nvml_15s_sampler": periodic_reading(s)}}

@@ -15,12 +15,12 @@ from memprof.budget import parse_budget
 from memprof.errors import UsageError
 from memprof.optims import REGISTRY as OPTIMS, build_optimizer
 from memprof.plan import plan_run, run_options
-from memprof.rules import (CudaAutocastPolicy, FlashAttentionBackward, HalfPrecisionAttention, LayerNormStatsFp32,
+from memprof.simulation.rules import (CudaAutocastPolicy, FlashAttentionBackward, HalfPrecisionAttention, LayerNormStatsFp32,
                            cuda_autocast_lists, cuda_rules)
-from memprof.simulate import predict
+from memprof.simulation.simulate import predict
 from memprof.spec import RunSpec, skip_reason
 from memprof.models import REGISTRY as MODELS
-from memprof.tracker import ALLOC, StorageTracker
+from memprof.simulation.tracker import ALLOC, StorageTracker
 
 BF16 = torch.bfloat16
 

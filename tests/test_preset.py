@@ -6,7 +6,7 @@ import pytest
 from memprof import cli
 from memprof.errors import UsageError
 from memprof.plan import PRESETS, run_options
-from memprof.simulate import predict
+from memprof.simulation.simulate import predict
 from memprof.spec import RunSpec
 
 
@@ -23,7 +23,7 @@ def test_the_preset_sets_what_the_user_left_alone():
 def test_clip_resident_adds_the_frozen_text_tower():
     """ViT-B/16's text tower (63.4M parameters, fp32) sits on the device, frozen: parameters grow by exactly
     its bytes, trainable ones do not. The tower-only run is the negative control."""
-    from memprof.overhead import text_tower_bytes
+    from memprof.reports.overhead import text_tower_bytes
 
     _, tower = predict(RunSpec("vit-b-16", "sgd-fe-nomom"))
     _, clip = predict(RunSpec("vit-b-16", "sgd-fe-nomom", resident="clip"))

@@ -78,7 +78,7 @@ def wait_for_workers(proc: subprocess.Popen, count: int, timeout_s: float = 180)
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the run ended early: {proc.stderr.read() if proc.stderr else ''}"
         procs = descendants(proc.pid)
-        workers = [p for p in procs if b"memprof.worker" in _cmdline(p)]
+        workers = [p for p in procs if b"memprof.executors.worker" in _cmdline(p)]
         if len(workers) >= count:
             return procs
         time.sleep(0.1)
@@ -155,7 +155,7 @@ def test_ctrl_c_of_a_parallel_run_stops_every_worker(tmp_path):
 def test_a_worker_exits_when_its_stdin_closes_even_while_busy():
     """The portable mechanism alone: no parent dies here (so no PR_SET_PDEATHSIG), the pipe just closes
     while the worker is inside a configuration that would never return."""
-    worker = subprocess.Popen([sys.executable, "-m", "memprof.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    worker = subprocess.Popen([sys.executable, "-m", "memprof.executors.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, cwd=ROOT,
                               env=_env(MEMPROF_TEST_WORKER_HOOK="tests.test_processes:_hook_predict_blocks"))
     try:
@@ -186,7 +186,7 @@ class LockedError(Exception):
 
 def _hook_raise_unpicklable_on_sgd():
     """MEMPROF_TEST_WORKER_HOOK: inside the worker, predict raises LockedError for plain SGD."""
-    from memprof import simulate
+    from memprof.simulation import simulate
 
     original = simulate.predict
 
@@ -199,7 +199,7 @@ def _hook_raise_unpicklable_on_sgd():
 
 
 def _hook_predict_blocks():
-    from memprof import simulate
+    from memprof.simulation import simulate
 
     def predict(spec, **kwargs):
         print("blocking", file=sys.stderr, flush=True)
@@ -225,7 +225,7 @@ def _grid(*optims):
 
 
 def test_unpicklable_worker_error_arrives_as_its_type_and_message(tmp_path, monkeypatch):
-    from memprof.runner import run_grid
+    from memprof.executors.runner import run_grid
 
     monkeypatch.setenv("MEMPROF_TEST_WORKER_HOOK", "tests.test_processes:_hook_raise_unpicklable_on_sgd")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
@@ -237,7 +237,7 @@ def test_unpicklable_worker_error_arrives_as_its_type_and_message(tmp_path, monk
 
 
 def test_a_dying_pool_worker_is_crashed_and_the_grid_goes_on(tmp_path, monkeypatch):
-    from memprof.runner import run_grid
+    from memprof.executors.runner import run_grid
 
     monkeypatch.setenv("MEMPROF_TEST_CRASH", "/sgd/")
     records = run_grid(_grid("adamw", "sgd", "sgd-fe"), str(tmp_path), progress=False, jobs=2)
@@ -247,7 +247,7 @@ def test_a_dying_pool_worker_is_crashed_and_the_grid_goes_on(tmp_path, monkeypat
 
 
 def test_a_worker_past_its_time_is_crashed(monkeypatch):
-    from memprof.runner import run_isolated
+    from memprof.executors.runner import run_isolated
     from memprof.spec import RunSpec
 
     monkeypatch.setenv("MEMPROF_TEST_WORKER_HOOK", "tests.test_processes:_hook_predict_blocks")

@@ -11,7 +11,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from memprof.runner import run_grid  # noqa: E402
+from memprof.executors.runner import run_grid  # noqa: E402
 from memprof.spec import GridEntry, RunSpec  # noqa: E402
 
 VOLATILE_ENV = ("node", "node_id", "gpu_ids", "executor")
@@ -20,7 +20,7 @@ VOLATILE_ENV = ("node", "node_id", "gpu_ids", "executor")
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module; the test hooks are set before it starts (tasks inherit them)."""
-    from memprof.ray_executor import connect
+    from memprof.executors.ray_executor import connect
 
     os.environ["MEMPROF_TEST_KILL_RAY_WORKER"] = "/steps3/"
     os.environ["MEMPROF_TEST_CRASH"] = "/steps4/"

@@ -18,12 +18,12 @@ import gc
 import pytest
 import torch
 
-from memprof import cpu_backend
+from memprof.backends import cpu as cpu_backend
 from memprof.harness import prepare, train_steps
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
-from memprof.tracing import live_peak, trace
-from memprof.tracker import FREE, PHASE
+from memprof.simulation.tracing import live_peak, trace
+from memprof.simulation.tracker import FREE, PHASE
 
 mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
 

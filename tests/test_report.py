@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from memprof.report import render_csv, render_json, render_markdown, table_rows, write_reports
+from memprof.reports.table4 import render_csv, render_json, render_markdown, table_rows, write_reports
 from memprof.results import read_records as load
 
 DATA = Path(__file__).parent / "data"

@@ -6,9 +6,9 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memprof.budget import PROFILES, parse_budget
-from memprof.rules import (CublasWorkspace, EfficientAttentionBackward, HostLiterals, MemEfficientAttention,
+from memprof.simulation.rules import (CublasWorkspace, EfficientAttentionBackward, HostLiterals, MemEfficientAttention,
                            TimmForeachChunks, cublas_workspace_bytes)
-from memprof.tracker import ALLOC, FREE, StorageTracker
+from memprof.simulation.tracker import ALLOC, FREE, StorageTracker
 
 
 def allocs(tracker, contains=""):
@@ -199,7 +199,7 @@ def test_attention_backward_copy_negative_control():
 def _lamb_step_peak(device, numels=(3_000_000,) * 3):
     """Live-byte peak of one timm LAMB (foreach) step over fake fp32 parameters, under the chunking rule."""
     from memprof.optims import REGISTRY, build_optimizer
-    from memprof.tracker import ALLOC, FREE
+    from memprof.simulation.tracker import ALLOC, FREE
 
     rule = TimmForeachChunks(device)
     with FakeTensorMode():
@@ -281,7 +281,7 @@ def test_in_place_accumulation_folds_the_dense_sums():
     results held only by autograd. x's first gradient is the broadcast (expanded, not dense) ones of
     `sum`'s backward, which CUDA cannot add into either, so its 32 B sum stays. The rewritten stream loses
     those two allocations and the two old gradients' releases, and stays well formed."""
-    from memprof.rules import InPlaceGradAccumulation
+    from memprof.simulation.rules import InPlaceGradAccumulation
 
     rule = InPlaceGradAccumulation()
     tracker = _twice_used_step([rule])

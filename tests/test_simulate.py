@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from memprof import tracing
+from memprof.simulation import tracing
 from memprof.models import REGISTRY as MODELS, build_model, freeze_embedding
 from memprof.optims import REGISTRY as OPTIMS
-from memprof.simulate import predict
-from memprof.tracing import to_device_order
+from memprof.simulation.simulate import predict
+from memprof.simulation.tracing import to_device_order
 from memprof.spec import RunSpec
 
 PAPER_MODELS = ["vit-b-16", "vit-l-14", "vit-h-14"]
@@ -169,7 +169,7 @@ def test_near_budget_reads_may_not_fit():
 
 
 def test_cpu_prediction_says_step_counters_differ():
-    from memprof.simulate import predict_cpu
+    from memprof.simulation.simulate import predict_cpu
 
     _, m = predict_cpu(RunSpec("test-vit", "adamw", budget="device"))
     assert "step counters" in m["host_scalars_note"] and "host memory on CUDA" in m["host_scalars_note"]

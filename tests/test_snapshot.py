@@ -8,12 +8,12 @@ import pickle
 import pytest
 from torch.cuda import _memory_viz
 
-from memprof.allocator import CachingAllocatorModel
-from memprof.simulate import predict
-from memprof.snapshot import (BASE_ADDR, SnapshotError, build_snapshot, check_snapshot, load_snapshot,
+from memprof.simulation.allocator import CachingAllocatorModel
+from memprof.simulation.simulate import predict
+from memprof.reports.snapshot import (BASE_ADDR, SnapshotError, build_snapshot, check_snapshot, load_snapshot,
                               snapshot_name, state_totals, trace_peaks)
 from memprof.spec import RunSpec
-from memprof.tracker import ALLOC, FREE, PHASE
+from memprof.simulation.tracker import ALLOC, FREE, PHASE
 
 MiB = 1 << 20
 
@@ -198,8 +198,8 @@ def test_top_modules_at_peak(predicted):
 def test_backward_allocations_belong_to_the_module_whose_backward_makes_them():
     """Gradients and backward temporaries are attributed by module; attribution changes no figure."""
     from memprof.budget import parse_budget
-    from memprof.rules import cuda_rules
-    from memprof.tracing import trace
+    from memprof.simulation.rules import cuda_rules
+    from memprof.simulation.tracing import trace
 
     t = trace(RunSpec("test-vit", "sgd"), cuda_rules(parse_budget("titan-x")))
     phase, made_in = "setup", {}
@@ -219,7 +219,7 @@ def test_backward_allocations_belong_to_the_module_whose_backward_makes_them():
 def test_recorded_and_predicted_snapshots_agree_within_the_fidelity_error(tmp_path):
     """On a GPU: the recorded snapshot's trace gives back torch.cuda's measured peaks, the predicted one the
     prediction's, and the two snapshots differ by no more than the fidelity table's error (+0.5 points)."""
-    from memprof.cuda_backend import measure
+    from memprof.backends.cuda import measure
 
     status, measured = measure(RunSpec("vit-b-16", "sgd-fe", budget="device"), snapshot_dir=str(tmp_path),
                                nvml_period_ms=0)

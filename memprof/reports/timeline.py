@@ -1,10 +1,10 @@
 """Memory over one configuration's events: a compact series per configuration (JSON) and its plot (PNG).
 
-Predicted series: the allocator model's history (memprof.allocator, `record=True`) summed per category
+Predicted series: the allocator model's history (memprof.simulation.allocator, `record=True`) summed per category
 (block sizes, so the top of the stack is what torch.cuda.memory_allocated would read) and reserved bytes,
 after every event of the tracker's stream; x is the event's index. Long series are thinned to at most
 MAX_POINTS points, keeping the highest and lowest point of each stretch (the peak always survives).
-Measured series come from a GPU snapshot's trace (memprof.snapshot.trace_peaks): allocated and reserved
+Measured series come from a GPU snapshot's trace (memprof.reports.snapshot.trace_peaks): allocated and reserved
 only (a recording carries no categories), placed on the predicted x axis by allocation count. A measured
 record without a snapshot has only its peaks: they are drawn as horizontal marks, and the figure says so.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 
-from memprof.tracing import CATEGORIES
+from memprof.simulation.tracing import CATEGORIES
 
 MAX_POINTS = 1600
 TIMELINE_DIR = "timelines"
@@ -43,7 +43,7 @@ def _thin(points: list, peak_at: int) -> list:
 
 def predicted_series(history: list, events: list, category: dict) -> dict:
     """x, bytes per category and reserved bytes after each event, phase bands, and each ALLOC's x."""
-    from memprof.tracker import ALLOC, PHASE
+    from memprof.simulation.tracker import ALLOC, PHASE
 
     totals = dict.fromkeys(CATEGORIES, 0)
     reserved, points, peak_at, peak = 0, [], 0, -1
@@ -91,7 +91,7 @@ def load_timeline(path: str) -> dict:
 def measured_series(snap: dict, alloc_x: list | None) -> dict:
     """Allocated and reserved bytes over a recorded (GPU) snapshot's trace; x on the predicted axis by
     allocation count when `alloc_x` (each predicted ALLOC's x) is given, else the trace's entry number."""
-    from memprof.snapshot import trace_peaks
+    from memprof.reports.snapshot import trace_peaks
 
     entries = (snap.get("device_traces") or [[]])[0]
     peaks = trace_peaks(snap, strict=False, series=True)

@@ -1,4 +1,4 @@
-"""A worker process: `python -m memprof.worker` runs configurations for its parent (memprof.runner).
+"""A worker process: `python -m memprof.executors.worker` runs configurations for its parent (memprof.executors.runner).
 
 Protocol: one JSON request a line on stdin ({"spec", "backend", "options", optional "task": "fit" and
 "artifacts": {"out_dir", "snapshot_dir"} for a prediction's timeline and snapshot files}), one JSON result a line
@@ -63,22 +63,22 @@ def describe(exc: BaseException) -> str:
 
 def _backend(name: str, task: str = "run"):
     """(run(spec, **options) -> (status, metrics), device_name()) for a backend; task "fit" searches the
-    largest batch that fits instead (memprof.fit), probing with that backend."""
+    largest batch that fits instead (memprof.planning.fit), probing with that backend."""
     if task == "fit":
-        from memprof import fit
+        from memprof.planning import fit
 
         _, device_name = _backend(name)
         return (lambda spec, **options: fit.fit_config(spec, name, **options)), device_name
     if name == "simulate":
-        from memprof import simulate
+        from memprof.simulation import simulate
 
         return simulate.predict, lambda: "cpu-simulated"
     if name == "cuda":
-        from memprof import cuda_backend
+        from memprof.backends import cuda as cuda_backend
 
         return cuda_backend.measure, cuda_backend.device_name
     if name == "cpu":
-        from memprof import cpu_backend
+        from memprof.backends import cpu as cpu_backend
 
         return cpu_backend.measure, cpu_backend.device_name
     raise ValueError(f"unknown backend {name}")
@@ -100,7 +100,7 @@ def handle(request: dict) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
         artifacts = request.get("artifacts")  # simulate: timelines and snapshots beside the results
         if artifacts:
-            from memprof.simulate import writing_artifacts
+            from memprof.simulation.simulate import writing_artifacts
 
             with writing_artifacts(**artifacts):
                 status, metrics = run(spec, **(request.get("options") or {}))

@@ -1,7 +1,7 @@
 """CUDA-vs-CPU corrections: each place where a CUDA run allocates differently from the CPU run we trace.
 
 Every rule has a name (recorded with each prediction), a one-line summary and the source it follows.
-Rules with hooks act on the tracker (memprof.tracker) op by op; the others are applied where their
+Rules with hooks act on the tracker (memprof.simulation.tracker) op by op; the others are applied where their
 docstring says and are listed so a prediction names everything it assumed.
 """
 
@@ -43,7 +43,7 @@ class Rule:
 class CachingAllocator(Rule):
     name = "caching-allocator"
     summary = ("requests round up to 512 B; best-fit reuse of cached blocks; 2 MiB / 20 MiB / 2 MiB-rounded "
-               "segments; split rules per pool; unsplit blocks count whole (memprof.allocator)")
+               "segments; split rules per pool; unsplit blocks count whole (memprof.simulation.allocator)")
     source = "c10/cuda/CUDACachingAllocator.cpp"
 
 
@@ -311,7 +311,7 @@ class InPlaceGradAccumulation(Rule):
 
     def rewrite(self, events: list) -> list:
         """The stream with each qualifying out-of-place accumulation made in place."""
-        from memprof.tracker import ALLOC, FREE
+        from memprof.simulation.tracker import ALLOC, FREE
 
         alias: dict[int, int] = {}  # folded result id -> the storage it lives in
         drop: set[int] = set()  # indices of the old gradients' releases that no longer happen
@@ -737,7 +737,7 @@ class FakeGradScalerStep(Rule):
 def resize_storage(tracker, tensor: torch.Tensor, nbytes: int) -> None:
     """Count `tensor`'s just-registered storage at `nbytes` (a kernel allocates it in another dtype than the
     fake tensor's shape function says)."""
-    from memprof.tracker import ALLOC
+    from memprof.simulation.tracker import ALLOC
 
     sid = tracker.storage_id(tensor)
     if sid is None or tracker._sizes.get(sid) == nbytes:

@@ -2,7 +2,7 @@
 
 How: the harness runs on fake CPU tensors (FakeTensorMode: shapes, strides and autograd, no data, no
 memory; fake CUDA tensors cannot run backward without a GPU). A StorageTracker logs every storage's
-allocation and release, the CUDA rules (memprof.rules) add or change what CUDA does differently, and the
+allocation and release, the CUDA rules (memprof.simulation.rules) add or change what CUDA does differently, and the
 resulting request stream is replayed through the caching-allocator model twice: without a limit, for the
 peaks torch.cuda reports on a card with room (max_memory_allocated / max_memory_reserved), and with the
 budget card's usable memory, for the out-of-memory verdict. The model moves to the device in
@@ -19,12 +19,12 @@ import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
 
-from memprof.allocator import CachingAllocatorModel, SimulatedOOM, round_size, segment_size
+from memprof.simulation.allocator import CachingAllocatorModel, SimulatedOOM, round_size, segment_size
 from memprof.budget import parse_budget
-from memprof.rules import FakeGradScalerStep, LayerNormStatsFp32, cuda_rules
+from memprof.simulation.rules import FakeGradScalerStep, LayerNormStatsFp32, cuda_rules
 from memprof.spec import RunSpec
-from memprof.tracing import CATEGORIES, Trace, common_metrics, live_peak, peak_to_floor, phase_at, trace
-from memprof.tracker import ALLOC, FREE
+from memprof.simulation.tracing import CATEGORIES, Trace, common_metrics, live_peak, peak_to_floor, phase_at, trace
+from memprof.simulation.tracker import ALLOC, FREE
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Replay:
 
 def replay(events, capacity: int | None = None, stop_at: int | None = None, record: bool = False) -> Replay:
     """Feed the request stream to the allocator model; `stop_at` ends right after that event; `record` keeps
-    the model's history (memprof.allocator), each entry stamped with its event's index. A SimulatedOOM
+    the model's history (memprof.simulation.allocator), each entry stamped with its event's index. A SimulatedOOM
     carries the event's index and the allocator as it was."""
     alloc = CachingAllocatorModel(capacity, record)
     phase, peak, peak_index, phase_peaks = "setup", 0, -1, defaultdict(int)
@@ -83,8 +83,8 @@ def writing_artifacts(out_dir: str | None, snapshot_dir: str | None = None):
 def predict(spec: RunSpec, out_dir: str | None = None, snapshot_dir: str | None = None) -> tuple[str, dict]:
     """(status, metrics) for `spec` on a CUDA device: status is "ok" or "oom" (does not fit the budget card).
 
-    With `out_dir`, the configuration's timeline (memprof.timeline) goes to out_dir/timelines/; with
-    `snapshot_dir`, its predicted allocator snapshot (memprof.snapshot) of the budget card's replay goes
+    With `out_dir`, the configuration's timeline (memprof.reports.timeline) goes to out_dir/timelines/; with
+    `snapshot_dir`, its predicted allocator snapshot (memprof.reports.snapshot) of the budget card's replay goes
     there, named by the record key. The metrics name both files. Both default to `writing_artifacts`'s.
     """
     out_dir = _ARTIFACTS["out_dir"] if out_dir is None else out_dir
@@ -159,8 +159,8 @@ TOP_MODULES = 10
 def holder_bytes(t: Trace, at_peak: CachingAllocatorModel, peak_index: int) -> dict:
     """Allocated bytes (block sizes) at the peak per holder and category: holders are module paths
     (parameters, gradients and optimizer state under their parameter's module), or what holds them outside
-    modules (memprof.attribution.holder)."""
-    from memprof.attribution import holder
+    modules (memprof.simulation.attribution.holder)."""
+    from memprof.simulation.attribution import holder
 
     phase_of, phase = {}, "setup"
     for ev in t.events[: peak_index + 1]:
@@ -203,7 +203,7 @@ def _write_artifacts(spec, t: Trace, full: Replay, capped, oom_index, metrics: d
     key = record_key(spec, "simulate")
     out = {}
     if out_dir is not None:
-        from memprof.timeline import TIMELINE_DIR, predicted_series, timeline_name, write_timeline
+        from memprof.reports.timeline import TIMELINE_DIR, predicted_series, timeline_name, write_timeline
 
         series = predicted_series(full.allocator.history, t.events, t.category)
         series.update(source="predicted", key=key, budget={
@@ -218,7 +218,7 @@ def _write_artifacts(spec, t: Trace, full: Replay, capped, oom_index, metrics: d
         write_timeline(series, os.path.join(out_dir, rel))
         out["timeline_file"] = rel
     if snapshot_dir is not None:
-        from memprof.snapshot import build_snapshot, snapshot_name, write_snapshot
+        from memprof.reports.snapshot import build_snapshot, snapshot_name, write_snapshot
 
         meta = {"source": "predicted", "key": key, "budget_device": device.label,
                 "budget_usable_bytes": device.usable_bytes,

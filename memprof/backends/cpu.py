@@ -15,7 +15,7 @@ import torch
 
 from memprof.budget import parse_budget
 from memprof.spec import RunSpec
-from memprof.tracing import common_metrics, live_peak, median_ms, peak_to_floor, phase_at, trace
+from memprof.simulation.tracing import common_metrics, live_peak, median_ms, peak_to_floor, phase_at, trace
 
 
 def device_name() -> str:

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from tabulate import tabulate
 
 from memprof.models import REGISTRY as MODELS
-from memprof.overhead import render_overhead
+from memprof.reports.overhead import render_overhead
 from memprof.optims import REGISTRY as OPTIMS
 
 GIB = 1 << 30
@@ -414,7 +414,7 @@ def render_rules(records: list[dict]) -> str:
                                       for n in r["metrics"].get("rules", [])))
     if not names:
         return ""
-    from memprof.rules import RULES
+    from memprof.simulation.rules import RULES
 
     lines = [[n, RULES[n].summary if n in RULES else "(unknown rule)", RULES[n].source if n in RULES else ""]
              for n in names]
@@ -485,7 +485,7 @@ def render_per_gpu(records: list[dict]) -> str:
         return ""
     return ("## Per GPU under DDP and FSDP\n\nRank 0's peak allocated bytes at each parallelism and world size "
             "(`ddp8`: DistributedDataParallel over 8 ranks; `fsdp8`: FSDP2 `fully_shard` per block over 8), "
-            "predicted on a fake process group (memprof.distributed). DDP adds its gradient buckets at any world "
+            "predicted on a fake process group (memprof.simulation.distributed). DDP adds its gradient buckets at any world "
             "size; FSDP shards parameters, gradients and optimizer state, so the optimizer's share, and with it "
             "SGD's saving over AdamW, shrinks as the world grows.\n\n"
             + tabulate(rows, headers=headers, tablefmt="github") + "\n")
@@ -671,7 +671,7 @@ def render_plot(records: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from memprof.tracing import CATEGORIES
+    from memprof.simulation.tracing import CATEGORIES
 
     recs = [r for r, _ in plot_rows(records)]
     n = max(1, len(recs))

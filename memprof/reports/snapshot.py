@@ -1,6 +1,6 @@
 """Allocator snapshots in PyTorch's own format: predicted ones written, any one's peaks read back.
 
-`build_snapshot` turns the allocator model's history and final state (memprof.allocator, `record=True`)
+`build_snapshot` turns the allocator model's history and final state (memprof.simulation.allocator, `record=True`)
 into the dict `torch.cuda.memory._snapshot()` returns: `segments` (each with its blocks: address, size,
 requested_size, state, frames) and `device_traces` (alloc / free_requested / free_completed /
 segment_alloc / segment_free / oom entries: action, addr, size, stream, time_us, frames). As in torch, a
@@ -23,8 +23,8 @@ import os
 import pickle
 from dataclasses import dataclass, field
 
-from memprof.allocator import MIN_BLOCK, SMALL_SIZE, round_size
-from memprof.attribution import holder
+from memprof.simulation.allocator import MIN_BLOCK, SMALL_SIZE, round_size
+from memprof.simulation.attribution import holder
 
 BASE_ADDR = 0x7F0000000000  # where predicted segments start (torch's are similar; below 2**53 for the viewer)
 PICKLE_PROTOCOL = 4  # the viewer's unpickler reads protocols 2-4 (newer copies 2-5)
@@ -43,7 +43,7 @@ def snapshot_name(key: str) -> str:
 
 def _request_info(events, category: dict, module: dict) -> dict:
     """request id -> (op, module path or holder, category, phase, step) from the tracker's stream."""
-    from memprof.tracker import ALLOC, PHASE
+    from memprof.simulation.tracker import ALLOC, PHASE
 
     info, phase, step = {}, "setup", 0
     for ev in events:

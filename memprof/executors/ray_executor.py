@@ -1,9 +1,9 @@
 """Executor `ray`: each configuration is a Ray task that runs the local runner's worker process.
 
-A task starts a fresh `python -m memprof.worker` on whichever node Ray places it (one CPU; one GPU on the
+A task starts a fresh `python -m memprof.executors.worker` on whichever node Ray places it (one CPU; one GPU on the
 cuda backend), writes the one request line, reads the one result line and returns it with the node and
-GPU it ran on; the worker's protocol and error capture are memprof.worker's, so a record is the same as
-the local executor's but for timings and where it ran. The driver (memprof.runner) appends each result
+GPU it ran on; the worker's protocol and error capture are memprof.executors.worker's, so a record is the same as
+the local executor's but for timings and where it ran. The driver (memprof.executors.runner) appends each result
 as `ray.wait` hands it back. A worker that dies is a "crashed" result as locally (its exit code and last
 stderr lines); a Ray worker or node that is lost is a "crashed" result naming the node. Ctrl-C cancels
 every task (force: their worker processes die with them) before it propagates.
@@ -97,9 +97,9 @@ def run_worker(request: dict, python: str) -> dict:
         if kill in RunSpec(**request["spec"]).key:
             os.kill(os.getpid(), signal.SIGKILL)
     started = time.perf_counter()
-    # stdin stays open until the answer is read: the worker exits as soon as its stdin ends (memprof.worker)
+    # stdin stays open until the answer is read: the worker exits as soon as its stdin ends (memprof.executors.worker)
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([exe, "-m", "memprof.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen([exe, "-m", "memprof.executors.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         try:
             proc.stdin.write((json.dumps(request) + "\n").encode())
             proc.stdin.flush()

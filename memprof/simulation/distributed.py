@@ -2,7 +2,7 @@
 
 How: torch's fake process group (`init_process_group("fake")`, a FakeStore; collectives return at once)
 stands in for the other ranks, so the run needs no GPU and no second process; the traced step
-(memprof.tracing) runs on fake tensors as always. Every figure is rank 0's, and a prediction.
+(memprof.simulation.tracing) runs on fake tensors as always. Every figure is rank 0's, and a prediction.
 
 - FSDP: torch's own FSDP2 `fully_shard` wraps each block (the model's longest nn.ModuleList) and then the
   root, with `reshard_after_forward` from the spec. Parameters, gradients and optimizer state are sharded
@@ -10,7 +10,7 @@ stands in for the other ranks, so the run needs no GPU and no second process; th
   unsharded parameters live in storages it resizes rather than allocates (`alloc_storage`/`free_storage`),
   which no dispatch mode sees: `FSDPStorageEvents` logs those resizes as allocations and releases. What
   FSDP's all-gather and reduce-scatter make is labelled `communication:`; the unsharded parameters
-  `unsharded parameter:` (category parameters, memprof.tracing).
+  `unsharded parameter:` (category parameters, memprof.simulation.tracing).
 - DDP: DDP itself cannot run two iterations on fake tensors (its Reducer's bucket rebuild needs real
   data), so its memory is modelled from its own rule: `DDPBuckets` places the gradient buckets with DDP's
   own `dist._compute_bucket_assignment_by_size` (one bucket of every trainable parameter for the first
@@ -29,7 +29,7 @@ from unittest import mock
 
 import torch
 
-from memprof.tracker import ALLOC
+from memprof.simulation.tracker import ALLOC
 
 PARALLEL = ("none", "ddp", "fsdp")
 MAX_WORLD_SIZE = 1024  # fake process groups cost nothing per rank; past this the shards are a few elements
@@ -398,18 +398,18 @@ def measure_world1(spec, device: str = "cuda") -> tuple[str, dict]:
 
 
 def main(argv=None) -> int:
-    """`python -m memprof.distributed --models M --optims O --parallel ddp,fsdp --out DIR`: measure each at world
-    size 1 (memprof.distributed.measure_world1) into DIR/results.jsonl, for `memprof fidelity` against
+    """`python -m memprof.simulation.distributed --models M --optims O --parallel ddp,fsdp --out DIR`: measure each at world
+    size 1 (memprof.simulation.distributed.measure_world1) into DIR/results.jsonl, for `memprof fidelity` against
     `memprof run --backend simulate --parallel ddp,fsdp --world-size 1`."""
     import argparse
     import os
 
     from memprof.results import RESULTS_FILE, append, environment, make_record
-    from memprof.runner import device_name
+    from memprof.executors.runner import device_name
     from memprof.spec import RunSpec
-    from memprof.worker import describe
+    from memprof.executors.worker import describe
 
-    ap = argparse.ArgumentParser(prog="python -m memprof.distributed")
+    ap = argparse.ArgumentParser(prog="python -m memprof.simulation.distributed")
     ap.add_argument("--models", required=True)
     ap.add_argument("--optims", required=True)
     ap.add_argument("--parallel", default="ddp,fsdp")

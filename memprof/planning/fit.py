@@ -134,13 +134,13 @@ def simulate_probe(spec) -> Callable[[int], Probe]:
     """Probes by prediction, in this process."""
     from dataclasses import replace
 
-    from memprof.simulate import predict
+    from memprof.simulation.simulate import predict
 
     def probe(batch: int) -> Probe:
         try:
             status, metrics = predict(replace(spec, batch_size=batch))
         except Exception as exc:  # a probe that fails is a result: the search stops and says why
-            from memprof.worker import describe
+            from memprof.executors.worker import describe
 
             return Probe(batch, "error", None, {}, describe(exc))
         return Probe(batch, status, metrics.get(PEAK_FIELD), metrics)
@@ -152,7 +152,7 @@ def isolated_probe(spec, backend: str, options: dict | None = None, timeout_s: f
     """Probes by measurement, each in a fresh worker process (a real OOM decides)."""
     from dataclasses import replace
 
-    from memprof.runner import run_isolated
+    from memprof.executors.runner import run_isolated
 
     def probe(batch: int) -> Probe:
         out = run_isolated(replace(spec, batch_size=batch), backend, options, timeout_s)
@@ -219,7 +219,7 @@ def largest_that_fits(budget: str, optims: list[str]) -> str | None:
     import torch
 
     from memprof.models import PAPER_MODELS, build_model, resolve_model
-    from memprof.simulate import predict
+    from memprof.simulation.simulate import predict
     from memprof.spec import RunSpec
 
     usable = usable_bytes(budget)

@@ -8,9 +8,9 @@ e.g. the optimizers' step counters) reach dispatch only as `lift_fresh`, an alia
 on CUDA too, and are not counted. Rules can declare other outputs host memory (`treat_as_host`).
 
 Each allocation also gets the module it was made in (`module`: storage id -> dotted module path, "" outside
-any module) from the `where` callable, when one is set (memprof.attribution sets it).
+any module) from the `where` callable, when one is set (memprof.simulation.attribution sets it).
 
-Rules (memprof.rules) may add requests CUDA makes that the CPU does not (library workspaces, kernel
+Rules (memprof.simulation.rules) may add requests CUDA makes that the CPU does not (library workspaces, kernel
 temporaries) through `synthetic_alloc` and `free_synthetic`.
 """
 

@@ -26,10 +26,10 @@ import torch
 from memprof.budget import NOMINAL_TOLERANCE, GiB, parse_budget
 from memprof.errors import UsageError
 from memprof.harness import apply_precision, materialize, prepare, train_steps
-from memprof.nvml import Nvml, Sampler, periodic_reading
+from memprof.backends.nvml import Nvml, Sampler, periodic_reading
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
-from memprof.tracing import floor, peak_to_floor
+from memprof.simulation.tracing import floor, peak_to_floor
 
 _REQUEST = re.compile(r"Tried to allocate ([\d.]+) (B|KiB|MiB|GiB)")
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
@@ -157,7 +157,7 @@ def _dump_snapshot(snapshot_dir: str, spec: RunSpec) -> str:
     """The recorded snapshot, named by the record key (`<key>@cuda.pickle`, beside the simulation's
     `<key>@simulate.pickle` for the same configuration); returns its absolute path."""
     from memprof.results import record_key
-    from memprof.snapshot import snapshot_name
+    from memprof.reports.snapshot import snapshot_name
 
     os.makedirs(snapshot_dir, exist_ok=True)
     path = os.path.abspath(os.path.join(snapshot_dir, snapshot_name(record_key(spec, "cuda"))))

@@ -2,7 +2,7 @@
 
 `simulate` predicts in this process (`jobs` 1) or in `jobs` worker processes; the measuring backends
 (`cpu`, `cuda`) run each configuration in a fresh worker process, one at a time. Workers are
-`python -m memprof.worker` children that talk JSON over pipes and die with this process (memprof.worker).
+`python -m memprof.executors.worker` children that talk JSON over pipes and die with this process (memprof.executors.worker).
 A configuration that fails at run time is recorded with its error as text (status "error", "<Type>:
 <message>"), a worker that dies (segfault, kill, timeout) as "crashed" with its exit code and last
 stderr lines, and an out-of-memory verdict is a result (status "oom"); the rest go on. Bad input
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from memprof.errors import UsageError
 from memprof.results import RESULTS_FILE, append, environment, make_record
 from memprof.spec import GridEntry, RunSpec
-from memprof.worker import describe
+from memprof.executors.worker import describe
 
 PREDICTED, MEASURED = "predicted", "measured"
 STDERR_TAIL_LINES = 8
@@ -39,10 +39,10 @@ def device_name(backend: str) -> str:
     if backend == "simulate":
         return "cpu-simulated"
     if backend == "cuda":
-        from memprof.cuda_backend import device_name as cuda_name
+        from memprof.backends.cuda import device_name as cuda_name
 
         return cuda_name()
-    from memprof.cpu_backend import device_name as cpu_name
+    from memprof.backends.cpu import device_name as cpu_name
 
     return cpu_name()
 
@@ -52,13 +52,13 @@ def default_jobs() -> int:
 
 
 class WorkerProcess:
-    """A `python -m memprof.worker` child: requests go to its stdin, result lines come back on its stdout
+    """A `python -m memprof.executors.worker` child: requests go to its stdin, result lines come back on its stdout
     (read by a thread into the pool's event queue), its stderr goes to a temporary file kept for a crash
-    report. The child dies with this process (memprof.worker), so a killed run leaves no worker behind."""
+    report. The child dies with this process (memprof.executors.worker), so a killed run leaves no worker behind."""
 
     def __init__(self, events: queue.Queue):
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "memprof.worker"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "memprof.executors.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr)
         self.task: int | None = None
         self.started_s = 0.0
@@ -112,7 +112,7 @@ class WorkerProcess:
 def run_in_workers(requests: dict, jobs: int, on_result, on_start=None, fresh: bool = False,
                    timeout_s: float | None = None) -> None:
     """Run {task: request} in up to `jobs` worker processes, calling on_result(task, result) as each ends
-    (result: the worker's JSON answer, see memprof.worker) and on_start(task) as each is sent.
+    (result: the worker's JSON answer, see memprof.executors.worker) and on_start(task) as each is sent.
 
     A worker that dies is replaced and its task's result is "crashed" with its exit code; one running past
     `timeout_s` is killed and "crashed" too. `fresh`: a new process for every task. On any exception
@@ -177,9 +177,9 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
              executor: str = "local", ray_address: str | None = None) -> list[dict]:
     """Run every entry; returns the records (in grid order), which are also appended to
     out_dir/results.jsonl as each configuration finishes. `timeout_s` applies to the measuring backends.
-    `task` "fit": each entry is a batch-size search (memprof.fit) whose probes use `backend`; searches run
+    `task` "fit": each entry is a batch-size search (memprof.planning.fit) whose probes use `backend`; searches run
     in `jobs` workers (each probe of a measuring backend in a fresh process of its own).
-    `executor` "ray": each configuration is a Ray task running the same worker (memprof.ray_executor), on the
+    `executor` "ray": each configuration is a Ray task running the same worker (memprof.executors.ray_executor), on the
     cluster at `ray_address` (None: Ray started locally); the record's environment names its node and GPUs."""
     path = os.path.join(out_dir, RESULTS_FILE)
     source = PREDICTED if backend == "simulate" else MEASURED
@@ -188,7 +188,7 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
                bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
     done: dict[int, dict] = {}
     started: dict[int, float] = {}
-    # simulate: timelines beside the results and, asked for, predicted snapshots (memprof.simulate.writing_artifacts)
+    # simulate: timelines beside the results and, asked for, predicted snapshots (memprof.simulation.simulate.writing_artifacts)
     artifacts = None
     if backend == "simulate" and task == "run":
         artifacts = {"out_dir": out_dir, "snapshot_dir": (options or {}).get("snapshot_dir")}
@@ -220,7 +220,7 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
         else:
             todo.append(i)
     if executor == "ray" and todo:
-        from memprof.ray_executor import run_in_ray
+        from memprof.executors.ray_executor import run_in_ray
 
         requests = {i: {"spec": entries[i].spec.to_dict(), "backend": backend, "options": options or {}, "task": task,
                         "artifacts": artifacts} for i in todo}
@@ -234,8 +234,8 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
         run_in_workers(requests, 1 if measuring else jobs, from_worker, on_start=start,
                        fresh=measuring and task == "run", timeout_s=timeout_s if measuring and task == "run" else None)
     else:
-        from memprof.simulate import writing_artifacts
-        from memprof.worker import _backend
+        from memprof.simulation.simulate import writing_artifacts
+        from memprof.executors.worker import _backend
 
         run, _ = _backend(backend, task)
         for i in todo:

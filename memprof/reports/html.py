@@ -3,7 +3,7 @@
 It holds Table 4 with everything table4.md says (the paper beside ours, the one-view table, the largest
 holders at the peak, the rules), the fidelity table when the records (or a paired run) hold both
 measurements and predictions (else a fidelity.md found in the directory), fit.md / advise.md when present,
-each configuration's timeline (memprof.timeline) and links to its snapshots. Images are embedded as base64
+each configuration's timeline (memprof.reports.timeline) and links to its snapshots. Images are embedded as base64
 PNG; the page loads nothing (no script, no stylesheet, no font from a network), so it opens offline.
 Timeline PNGs are also written beside their JSON in RUN_DIR/timelines/.
 """
@@ -94,8 +94,8 @@ def _png_uri(data: bytes) -> str:
 
 def _timeline_png(config: str, pred: tuple | None, meas: tuple | None) -> tuple[bytes, list[str]]:
     """The figure for one configuration (PNG bytes) and notes on what it shows."""
-    from memprof.snapshot import load_snapshot
-    from memprof.timeline import load_timeline, measured_series, plot_timeline
+    from memprof.reports.snapshot import load_snapshot
+    from memprof.reports.timeline import load_timeline, measured_series, plot_timeline
 
     notes, predicted, measured, measured_peaks = [], None, None, None
     if pred is not None:
@@ -162,7 +162,7 @@ def _load(run_dir: str, pair_dir: str | None) -> list[tuple]:
 def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_pngs: bool = True) -> str:
     """The report's HTML text (see the module docstring)."""
     from memprof.accuracy import load_verdicts
-    from memprof.report import default_metric, render_fidelity, render_markdown
+    from memprof.reports.table4 import default_metric, render_fidelity, render_markdown
 
     loaded = _load(run_dir, pair_dir)
     records = [r for r, _ in loaded]
@@ -196,8 +196,8 @@ def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_
 
 
 def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool) -> str:
-    from memprof.report import _config
-    from memprof.timeline import TIMELINE_DIR
+    from memprof.reports.table4 import _config
+    from memprof.reports.timeline import TIMELINE_DIR
 
     groups: OrderedDict = OrderedDict()
     for rec, base in sorted(loaded, key=lambda rb: rb[0]["key"]):

@@ -112,7 +112,7 @@ def plot_fit(records: list[dict], path: str) -> None:
     sources = sorted({r["source"] for r in fits})
     ax.set_title(f"Peak memory against batch size ({'/'.join(sources) or 'no probes'})", fontsize=9)
     ax.legend(fontsize=6, loc="upper left", ncol=2)
-    from memprof.report import save_figure
+    from memprof.reports.table4 import save_figure
 
     save_figure(fig, path)
 

@@ -19,9 +19,9 @@ Single stream, default settings (no max_split_size, no expandable segments, no g
 With `record=True` the model also keeps its history, in the order torch's allocator would record it
 (`torch.cuda.memory._record_memory_history`): ("segment_alloc", addr, size), ("alloc", rid, addr, nbytes,
 block size), ("free", rid, addr, nbytes, block size), ("segment_free", addr, size), ("oom", rounded size,
-bytes left under the capacity), each followed by `clock` (memprof.simulate.replay sets it to the event's
+bytes left under the capacity), each followed by `clock` (memprof.simulation.simulate.replay sets it to the event's
 index in the tracker's stream); `segments()` lists the segments and their blocks as they are now. Both feed
-memprof.snapshot, which writes them in torch's snapshot format.
+memprof.reports.snapshot, which writes them in torch's snapshot format.
 """
 
 from __future__ import annotations

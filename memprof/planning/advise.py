@@ -213,7 +213,7 @@ def render_advice(a: Advice, width: int | None = None) -> str:
     """The answer, then every candidate ranked; `width`: fitted to a terminal that wide (else markdown)."""
     from tabulate import tabulate
 
-    from memprof.report import fit_table
+    from memprof.reports.table4 import fit_table
 
     table = [[r["change"], _gib(r["peak_reserved_bytes"]), _gib(r["headroom_bytes"]),
               "yes" if r["fits"] and not r["may_not_fit"] else "may not" if r["fits"] else

@@ -17,18 +17,18 @@ import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
                                           FakeTensorMode, unset_fake_temporarily)
 
-from memprof import distributed
-from memprof.distributed import local
-from memprof.fake_compat import fake_storage
+from memprof.simulation import distributed
+from memprof.simulation.distributed import local
+from memprof.simulation.fake_compat import fake_storage
 from memprof.harness import apply_precision, prepare, train_steps
 from memprof.models import resolve_model
-from memprof.attribution import ModuleAttribution
+from memprof.simulation.attribution import ModuleAttribution
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
-from memprof.tracker import ALLOC, FREE, PHASE, StorageTracker
+from memprof.simulation.tracker import ALLOC, FREE, PHASE, StorageTracker
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "workspace",
-              "communication")  # DDP buckets, FSDP all-gather / reduce-scatter buffers (memprof.distributed)
+              "communication")  # DDP buckets, FSDP all-gather / reduce-scatter buffers (memprof.simulation.distributed)
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Trace:
     params_total: int
     params_trainable: int
     frozen: list
-    state: dict  # memprof.tracing.state_summary of the optimizer after the last step
+    state: dict  # memprof.simulation.tracing.state_summary of the optimizer after the last step
     step_ms: list = field(default_factory=list)  # wall time of each step after the first (real runs)
     rules: list = field(default_factory=list)
     module: dict = field(default_factory=dict)  # storage id -> module path ("" outside modules)
@@ -121,7 +121,7 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        if fake:  # constructors run outside the fake mode, on the meta device (memprof.fake_compat)
+        if fake:  # constructors run outside the fake mode, on the meta device (memprof.simulation.fake_compat)
             with torch.device("meta"):
                 model, optimizer, frozen = build()
         with context or contextlib.nullcontext(), FakeTensorMode() if fake else contextlib.nullcontext(), \
