@@ -7,7 +7,7 @@ kept in the grid with the reason it is skipped, so nothing is dropped silently.
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass, replace
 
 from memprof.budget import DEFAULT_BUDGET
 from memprof.errors import UsageError
@@ -95,6 +95,18 @@ class RunSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+OPTIMIZER_FIELDS = ("optim", "state_bits", "paged", "optim_impl")
+
+
+def forward_group(spec: RunSpec) -> tuple:
+    """What a configuration's forward and backward depend on: every field but the optimizer's, and whether the
+    optimizer freezes the embedding (memprof.simulation.shared traces them once per group)."""
+    from memprof.optims import REGISTRY
+
+    info = REGISTRY.get(spec.optim)
+    return astuple(replace(spec, **dict.fromkeys(OPTIMIZER_FIELDS))), info is not None and info.freeze_embed
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from memprof.errors import UsageError
 from memprof.results import RESULTS_FILE, append, environment, make_record
-from memprof.spec import GridEntry, RunSpec
+from memprof.spec import GridEntry, RunSpec, forward_group
 from memprof.executors.worker import describe
 
 PREDICTED, MEASURED = "predicted", "measured"
@@ -61,6 +61,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "memprof.executors.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr)
         self.task: int | None = None
+        self.group = None  # the group of the last task sent (run_in_workers)
         self.started_s = 0.0
         self.served = 0
         threading.Thread(target=self._read, args=(events,), name="memprof-worker-reader", daemon=True).start()
@@ -110,13 +111,15 @@ class WorkerProcess:
 
 
 def run_in_workers(requests: dict, jobs: int, on_result, on_start=None, fresh: bool = False,
-                   timeout_s: float | None = None) -> None:
+                   timeout_s: float | None = None, group=None) -> None:
     """Run {task: request} in up to `jobs` worker processes, calling on_result(task, result) as each ends
     (result: the worker's JSON answer, see memprof.executors.worker) and on_start(task) as each is sent.
 
     A worker that dies is replaced and its task's result is "crashed" with its exit code; one running past
-    `timeout_s` is killed and "crashed" too. `fresh`: a new process for every task. On any exception
-    (Ctrl-C included) every worker is killed before it propagates."""
+    `timeout_s` is killed and "crashed" too. `fresh`: a new process for every task. `group(task)`: tasks of
+    one group go to the worker that ran that group last (a prediction reuses the forward trace its worker
+    holds, memprof.simulation.shared); a worker takes a new group only when no busy worker serves it.
+    On any exception (Ctrl-C included) every worker is killed before it propagates."""
     events: queue.Queue = queue.Queue()
     pending = list(requests)
     workers: list[WorkerProcess] = []
@@ -125,12 +128,16 @@ def run_in_workers(requests: dict, jobs: int, on_result, on_start=None, fresh: b
             for w in [w for w in workers if w.task is None and (not pending or fresh and w.served)]:
                 workers.remove(w)
                 w.stop()
-            while pending and (len(workers) < jobs or any(w.task is None for w in workers)):
-                idle = [w for w in workers if w.task is None]
-                w = idle[0] if idle else WorkerProcess(events)
-                if not idle:
+            while pending:
+                choice = _assign(pending, workers, jobs, group)
+                if choice is None:
+                    break
+                w, i = choice
+                if w is None:
+                    w = WorkerProcess(events)
                     workers.append(w)
-                task = pending.pop(0)
+                task = pending.pop(i)
+                w.group = group(task) if group else None
                 if on_start:
                     on_start(task)
                 w.send(task, requests[task])
@@ -161,6 +168,27 @@ def run_in_workers(requests: dict, jobs: int, on_result, on_start=None, fresh: b
         raise
     for w in workers:
         w.stop()
+
+
+def _assign(pending: list, workers: list, jobs: int, group) -> tuple | None:
+    """(worker, index in `pending`) of the next task to send, the worker None for a new one; None to wait.
+    With `group`: an idle worker takes a task of the group it ran last, else any worker a task of a group no
+    busy worker serves; a task whose group a busy worker serves waits for that worker."""
+    idle = [w for w in workers if w.task is None]
+    candidates = idle + ([None] if len(workers) < jobs else [])
+    if not candidates:
+        return None
+    if group is None:
+        return candidates[0], 0
+    for w in idle:
+        for i, task in enumerate(pending):
+            if w.group is not None and group(task) == w.group:
+                return w, i
+    served = {w.group for w in workers if w.task is not None}
+    for i, task in enumerate(pending):
+        if group(task) not in served:
+            return candidates[0], i
+    return None
 
 
 def run_isolated(spec: RunSpec, backend: str, options: dict | None = None, timeout_s: float | None = None) -> dict:
@@ -232,7 +260,8 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
                     for i in todo}
         measuring = backend != "simulate"  # one configuration at a time on the device, each in a fresh process
         run_in_workers(requests, 1 if measuring else jobs, from_worker, on_start=start,
-                       fresh=measuring and task == "run", timeout_s=timeout_s if measuring and task == "run" else None)
+                       fresh=measuring and task == "run", timeout_s=timeout_s if measuring and task == "run" else None,
+                       group=None if measuring or task != "run" else lambda i: forward_group(entries[i].spec))
     else:
         from memprof.simulation.simulate import writing_artifacts
         from memprof.executors.worker import _backend

@@ -89,7 +89,7 @@ def predict(spec: RunSpec, out_dir: str | None = None, snapshot_dir: str | None 
     """
     out_dir = _ARTIFACTS["out_dir"] if out_dir is None else out_dir
     snapshot_dir = _ARTIFACTS["snapshot_dir"] if snapshot_dir is None else snapshot_dir
-    return predict_traced(lambda rules: trace(spec, rules), spec.budget, spec, out_dir, snapshot_dir)
+    return predict_traced(lambda rules: trace(spec, rules, share=True), spec.budget, spec, out_dir, snapshot_dir)
 
 
 def predict_traced(make_trace, budget: str, spec: RunSpec | None = None, out_dir: str | None = None,

@@ -54,14 +54,20 @@ def to_device_order(module):
     yield from (b for b in module._buffers.values() if b is not None)
 
 
-def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = None) -> Trace:
+def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = None, share: bool = False) -> Trace:
     """Run the harness for `spec` under a StorageTracker: on fake CPU tensors (`fake`) or real ones.
 
     `limit_bytes` makes the tracker raise torch.OutOfMemoryError once live tensor bytes would exceed it
-    (the `cpu` backend's budget). The run is `trace_step` with the harness's model, optimizer and step.
+    (the `cpu` backend's budget). The run is `trace_step` with the harness's model, optimizer and step;
+    with `share` (fake tensors only), the forward and backward come from memprof.simulation.shared, traced
+    once per process for every optimizer that shares them.
     """
     if fake:
         resolve_model(spec.model, "simulate", spec.freeze, spec.input_shape)  # a name the simulation cannot predict says why
+        from memprof.simulation.shared import shareable, trace_shared
+
+        if share and shareable(spec):
+            return trace_shared(spec, rules)
 
     def build():
         prepared = prepare(spec, load_weights=not fake)
@@ -185,14 +191,18 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
                            state=state_summary(optimizer),
                            step_ms=[1000 * (b - a) for a, b in zip(starts[1:], starts[2:])],
                            rules=[r.describe() for r in rules], module=attribution.result(),
-                           extra={**{k: v for r in rules for k, v in r.metrics().items()},
-                                  **floor(model, trainable, optimizer), **rank})
+                           extra={**common_rule_metrics(rules), **floor(model, trainable, optimizer), **rank})
             del model, optimizer, run  # (trainable stays: on_phase closes over it)
     finally:
         if was_enabled:
             gc.enable()
     result.category = _categorize(events, params, grads, states, result.origin)
     return result
+
+
+def common_rule_metrics(rules) -> dict:
+    """The figures every rule adds (Rule.metrics), in rule order."""
+    return {k: v for r in rules for k, v in r.metrics().items()}
 
 
 def floor(model, trainable, optimizer) -> dict:

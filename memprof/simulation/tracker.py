@@ -19,9 +19,11 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ALLOC, FREE, PHASE = 0, 1, 2  # events: (ALLOC, id, nbytes, phase, op), (FREE, id), (PHASE, name, step)
+_DEVICE = torch.ops.prim.device.default  # `Tensor.device` of a fake tensor: asked thousands of times a step
 
 
 def _may_allocate(func) -> bool:
@@ -36,6 +38,9 @@ class StorageTracker(TorchDispatchMode):
     def __init__(self, rules=(), limit_bytes: int | None = None):
         super().__init__()
         self.rules = tuple(rules)
+        # only the rules that act per op are called per op
+        self._before = tuple(r for r in self.rules if _overrides(r, "before_op"))
+        self._after = tuple(r for r in self.rules if _overrides(r, "after_op"))
         self.limit_bytes = limit_bytes
         self.live_bytes = 0
         self._sizes: dict[int, int] = {}
@@ -48,7 +53,7 @@ class StorageTracker(TorchDispatchMode):
         self._by_cdata: dict[int, int] = {}
         self._refs: dict[int, weakref.ref] = {}
         self._next_id = 0
-        self._allocating: dict = {}
+        self._allocating: dict = {}  # op -> its name when it may allocate, else None
 
     # --- bookkeeping -----------------------------------------------------------------------------
     def _new_id(self) -> int:
@@ -100,6 +105,18 @@ class StorageTracker(TorchDispatchMode):
                 del self.events[i]
                 break
 
+    def adopt(self, tensor: torch.Tensor, sid: int, log_release: bool = True) -> None:
+        """Count `tensor`'s storage under an id another tracker gave it, logging no allocation (the other
+        tracker's stream has it); its release is logged unless `log_release` is False (memprof.simulation.shared)."""
+        st = tensor.untyped_storage()
+        key, nbytes = st._cdata, st.nbytes()
+        self._by_cdata[key] = sid
+        self._next_id = max(self._next_id, sid)
+        if log_release:
+            self._refs[sid] = weakref.ref(st, lambda _r, sid=sid, key=key: self._released(sid, key))
+            self._sizes[sid] = nbytes
+            self.live_bytes += nbytes
+
     def storage_id(self, tensor: torch.Tensor) -> int | None:
         return self._by_cdata.get(tensor.untyped_storage()._cdata)
 
@@ -120,15 +137,17 @@ class StorageTracker(TorchDispatchMode):
 
     # --- dispatch ----------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE and type(args[0]) is FakeTensor:  # metadata: no allocation, nothing for a rule
+            return args[0].fake_device
         kwargs = kwargs or {}
-        for rule in self.rules:
+        for rule in self._before:
             rule.before_op(self, func, args, kwargs)
         out = func(*args, **kwargs)
-        may = self._allocating.get(func)
-        if may is None:
-            may = self._allocating[func] = _may_allocate(func)
-        if may:
-            op = str(func)
+        try:
+            op = self._allocating[func]
+        except KeyError:
+            op = self._allocating[func] = str(func) if _may_allocate(func) else None
+        if op is not None:
             for t in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(t, torch.Tensor):
                     self.register(t, op)
@@ -136,6 +155,14 @@ class StorageTracker(TorchDispatchMode):
                     for u in t:
                         if isinstance(u, torch.Tensor):
                             self.register(u, op)
-        for rule in self.rules:
+        for rule in self._after:
             rule.after_op(self, func, args, kwargs, out)
         return out
+
+
+def _overrides(rule, method: str) -> bool:
+    """Whether `rule` defines `method` itself (the base class's is a no-op)."""
+    from memprof.simulation.rules import Rule
+
+    own = getattr(type(rule), method, None)
+    return own is not None and own is not getattr(Rule, method, None)
