@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import importlib.util
+import json
+import sys
 import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 
 from memprof.errors import UsageError, unknown_name
 
@@ -64,6 +68,19 @@ PAPER_MODELS = tuple(m.name for m in REGISTRY.values() if m.paper)
 
 @lru_cache(maxsize=1)
 def open_clip_names() -> tuple[str, ...]:
+    """open_clip.list_models(), read as open_clip's factory reads it (model_configs/*.json holding embed_dim,
+    vision_cfg and text_cfg, in its natural order) without importing open_clip and torch, so a misspelled
+    name is refused at once. Once open_clip is imported, its own list (configs added at run time included)."""
+    if "open_clip" not in sys.modules:
+        found = importlib.util.find_spec("open_clip")
+        if found is not None and found.submodule_search_locations:
+            names = []
+            for path in sorted(Path(found.submodule_search_locations[0], "model_configs").glob("*.json")):
+                with open(path, encoding="utf-8") as fh:
+                    config = json.load(fh)
+                if all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):
+                    names.append(path.stem)
+            return tuple(sorted(names, key=lambda n: [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", n.lower())]))
     import open_clip
 
     return tuple(open_clip.list_models())

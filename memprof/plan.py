@@ -86,17 +86,39 @@ def finite(value: float | None, name: str, positive: bool = False, allow_zero: b
                          option=name)
 
 
-def resolve_backend(requested: str) -> tuple[str, str]:
-    """auto: cuda where a GPU is present, else simulate; returns it with the line that announces it."""
+def gpu_present() -> bool:
+    """torch.cuda.is_available(), asked only where an NVIDIA driver answers NVML (or a device node exists):
+    without one there is no CUDA GPU, and validating a command does not wait seconds for torch to import."""
+    import os
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            if pynvml.nvmlDeviceGetCount() == 0:
+                return False
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver library, no driver, or no nvidia-ml-py: a device node still asks torch
+        if not os.path.exists("/dev/nvidia0") and not os.path.exists("/dev/dxg"):
+            return False
     import torch
 
+    return torch.cuda.is_available()
+
+
+def resolve_backend(requested: str) -> tuple[str, str]:
+    """auto: cuda where a GPU is present, else simulate; returns it with the line that announces it."""
     if requested not in BACKENDS:
         raise UsageError(f"backend '{requested}': use one of {', '.join(BACKENDS)}", option="backend")
-    has_gpu = torch.cuda.is_available()
+    has_gpu = gpu_present()
     if requested == "cuda" and not has_gpu:
         raise UsageError("--backend cuda needs a CUDA GPU and none is visible: use --backend simulate (predicts) "
                          "or --backend cpu (measures on the CPU)", option="backend")
     backend = ("cuda" if has_gpu else "simulate") if requested == "auto" else requested
+    if has_gpu:
+        import torch
     what = {"cuda": f"measuring on {torch.cuda.get_device_name() if has_gpu else ''} with torch.cuda and NVML",
             "simulate": "every figure is predicted, not measured",
             "cpu": "measuring live tensor bytes on the CPU"}[backend]
@@ -419,10 +441,11 @@ def _accuracy_device(backend: str, models) -> str:
 
     from memprof.recipe import CPU_PARAM_LIMIT
 
-    if backend == "cuda" and not torch.cuda.is_available():
+    has_gpu = gpu_present()
+    if backend == "cuda" and not has_gpu:
         raise UsageError("--accuracy-backend cuda needs a CUDA GPU and none is visible: use --accuracy-backend cpu "
                          "(or auto)", option="accuracy_backend")
-    device = "cuda" if backend == "cuda" or (backend == "auto" and torch.cuda.is_available()) else "cpu"
+    device = "cuda" if backend == "cuda" or (backend == "auto" and has_gpu) else "cpu"
     if device == "cpu":
         from memprof.models import build_model
 

@@ -219,3 +219,57 @@ def test_the_plot_keeps_every_configuration_readable(tmp_path):
     render_plot(recs * 3, str(big))
     h_small, h_big = Image.open(small).size[1], Image.open(big).size[1]
     assert h_big / len(recs * 3) >= 0.25 * 110 and h_big > 5 * h_small
+
+
+def test_bad_input_is_refused_without_importing_torch():
+    """Validation answers before torch and open_clip load (seconds on 2 cores): a misspelled model, here."""
+    code = ("import sys; from memprof.cli import main; rc = main(['run', '--models', 'vit-b-61', '--out', 'x']); "
+            "print(rc, 'torch' in sys.modules, 'open_clip' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if __import__("torch").cuda.is_available():  # with a GPU, the backend check itself asks torch
+        pytest.skip("a GPU is present: the backend check imports torch")
+    assert r.stdout.split() == ["2", "False", "False"], r.stdout + r.stderr
+    assert "did you mean vit-b-16" in r.stderr
+
+
+def test_gpu_check_asks_torch_where_nvml_sees_a_device(monkeypatch):
+    """Negative control of the shortcut: where NVML counts a device, torch decides."""
+    import pynvml
+    import torch
+
+    from memprof import plan
+
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert plan.gpu_present()
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 0)
+    assert not plan.gpu_present()
+
+
+def test_open_clip_names_read_like_open_clip(monkeypatch, tmp_path):
+    """The config files open_clip lists, without importing it; a JSON that is not a model config is left out."""
+    import importlib.util
+    import json as _json
+
+    import open_clip
+
+    from memprof import models
+
+    models.open_clip_names.cache_clear()
+    monkeypatch.delitem(sys.modules, "open_clip")
+    assert models.open_clip_names() == tuple(open_clip.list_models())
+    configs = tmp_path / "open_clip" / "model_configs"
+    configs.mkdir(parents=True)
+    full = {"embed_dim": 1, "vision_cfg": {}, "text_cfg": {}}
+    for name, cfg in {"ViT-B-16": full, "ViT-B-4": full, "notes": {"embed_dim": 1}}.items():
+        (configs / f"{name}.json").write_text(_json.dumps(cfg))
+    spec = importlib.util.spec_from_file_location("open_clip", configs.parent / "__init__.py",
+                                                  submodule_search_locations=[str(configs.parent)])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "open_clip" else None)
+    models.open_clip_names.cache_clear()
+    try:
+        assert models.open_clip_names() == ("ViT-B-4", "ViT-B-16")  # natural order; "notes" is no config
+    finally:
+        models.open_clip_names.cache_clear()
