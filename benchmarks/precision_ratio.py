@@ -1,6 +1,6 @@
 """The issue's speed bar as a script: median prediction time of the paper grid's configurations under
 `--precision bf16-amp --optim-impl fused` over fp32 (foreach), per configuration, each timed `--rounds` times in
-this process after one warm-up. Prints one line per configuration and exits 1 if any ratio is over 1.2.
+this process after one warm-up, each from scratch (no forward trace reused: memprof.simulation.shared.clear). Prints one line per configuration and exits 1 if any ratio is over 1.2.
 
     PYTHONPATH=. python benchmarks/precision_ratio.py [--rounds 3] [--models vit-b-16,vit-l-14,vit-h-14]
 """
@@ -11,6 +11,7 @@ import sys
 import time
 
 from memprof.optims import PAPER_OPTIMS
+from memprof.simulation import shared
 from memprof.simulation.simulate import predict
 from memprof.spec import RunSpec
 
@@ -21,6 +22,7 @@ def median_s(spec: RunSpec, rounds: int) -> float:
     predict(spec)  # warm-up (imports, dispatcher caches)
     times = []
     for _ in range(rounds):
+        shared.clear()
         start = time.perf_counter()
         predict(spec)
         times.append(time.perf_counter() - start)
@@ -32,12 +34,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", default="vit-b-16,vit-l-14,vit-h-14")
     ap.add_argument("--optims", default=",".join(PAPER_OPTIMS))
+    ap.add_argument("--budget", default="titan-x", help="the card: its compute capability picks the attention kernel")
     args = ap.parse_args()
     worst = 0.0
     for model in args.models.split(","):
         for optim in args.optims.split(","):
-            base = median_s(RunSpec(model, optim), args.rounds)
-            amp = median_s(RunSpec(model, optim, precision="bf16-amp", optim_impl="fused"), args.rounds)
+            base = median_s(RunSpec(model, optim, budget=args.budget), args.rounds)
+            amp = median_s(RunSpec(model, optim, precision="bf16-amp", optim_impl="fused", budget=args.budget),
+                           args.rounds)
             worst = max(worst, amp / base)
             print(f"{model} {optim}: fp32 foreach {base:.2f} s, bf16-amp fused {amp:.2f} s, ratio {amp / base:.2f} "
                   f"(median of {args.rounds})", flush=True)

@@ -1,5 +1,3 @@
-import sys
+from memprof.cli import run
 
-from memprof.cli import main
-
-sys.exit(main())
+run()

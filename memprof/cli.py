@@ -639,5 +639,21 @@ def main(argv=None) -> int:
         return EXIT_OK
 
 
+def run() -> None:
+    """The console script (and `python -m memprof`): main(), then, with torch loaded, an immediate exit once
+    the output is flushed: the interpreter's teardown of torch takes about 2 s on 2 cores and does nothing
+    memprof needs (records are fsynced as they are appended, worker processes are already gone). With Ray
+    loaded its own exit handlers run, as they must."""
+    code = main()
+    if "torch" in sys.modules and "ray" not in sys.modules:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BrokenPipeError:
+            pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -41,7 +41,7 @@ def test_shared_trace_equals_full_trace(spec):
 
 
 def test_forward_trace_is_reused_across_optimizers():
-    shared._CACHE.clear()
+    shared.clear()
     _predict(RunSpec("test-vit", "adamw"), share=True)
     _predict(RunSpec("test-vit", "sgd"), share=True)
     _predict(RunSpec("test-vit", "sgd-fe"), share=True)  # freezes the embedding: its own forward
@@ -52,7 +52,7 @@ def test_comparison_catches_a_broken_splice(monkeypatch):
     """Negative control: an optimizer window that loses its events no longer matches the full trace."""
     spec = RunSpec("test-vit", "adamw")
     full = _predict(spec, share=False)
-    shared._CACHE.clear()
+    shared.clear()
     original = shared.StorageTracker.set_phase
 
     def drop_optimizer_phase(self, phase, step=0):  # the optimizer's phase marker never reaches the stream
@@ -61,7 +61,7 @@ def test_comparison_catches_a_broken_splice(monkeypatch):
 
     monkeypatch.setattr(shared.StorageTracker, "set_phase", drop_optimizer_phase)
     assert _predict(spec, share=True) != full
-    shared._CACHE.clear()
+    shared.clear()
 
 
 @pytest.mark.parametrize("spec", [RunSpec("test-vit", "adamw", precision="fp16-amp"),
@@ -69,7 +69,7 @@ def test_comparison_catches_a_broken_splice(monkeypatch):
                                   RunSpec("test-vit", "adamw", parallel="ddp", world_size=2)])
 def test_unshareable_setups_trace_whole(spec):
     assert not shared.shareable(spec)
-    shared._CACHE.clear()
+    shared.clear()
     _predict(spec, share=True)
     assert not shared._CACHE
 

@@ -184,6 +184,11 @@ def trace_optimizer(fwd: Forward, spec: RunSpec, rules):
 _CACHE: OrderedDict = OrderedDict()
 
 
+def clear() -> None:
+    """Forget every forward trace (benchmarks time a prediction from scratch this way)."""
+    _CACHE.clear()
+
+
 def trace_shared(spec: RunSpec, rules):
     """The trace of `spec` under `rules`, its forward and backward taken from this process's cache when an
     earlier spec with the same forward key traced them."""
