@@ -264,6 +264,45 @@ def plan_advise(opts: dict) -> AdvisePlan:
     return AdvisePlan(plan, cands, not_modelled, not_applicable)
 
 
+def parallel_axes(opts: dict, state_bits: list, backend: str) -> list[dict]:
+    """--parallel, --world-size, --bucket-cap-mb, --grad-as-bucket-view, --reshard-after-forward, validated:
+    the RunSpec fields of each parallelism asked for (expand_grid's `parallel`)."""
+    from memprof.spec import MAX_WORLD_SIZE, PARALLEL, parse_names, parse_switch
+
+    kinds = parse_names(str(opts.get("parallel", "none")), "--parallel", PARALLEL, "parallelism")
+    world = opts.get("world_size", 1)
+    if not isinstance(world, int) or world < 1:
+        raise UsageError(f"--world-size {world}: use a whole number of at least 1", option="world_size")
+    if world > MAX_WORLD_SIZE:
+        raise UsageError(f"--world-size {world}: at most {MAX_WORLD_SIZE} (rank 0's shards are a few elements past "
+                         f"that)", option="world_size")
+    if world > 1 and kinds == ["none"]:
+        raise UsageError(f"--world-size {world} needs a parallelism: add --parallel ddp or fsdp (or ddp,fsdp)",
+                         option="world_size")
+    if kinds != ["none"] and backend != "simulate":
+        raise UsageError(f"--parallel {opts['parallel']}: ranks on a fake process group are predicted only: use "
+                         f"--backend simulate", option="parallel")
+    if kinds == ["fsdp"] and list(state_bits) == [8]:
+        raise UsageError("--parallel fsdp with --state-bits 8: bitsandbytes' 8-bit optimizers cannot step FSDP's "
+                         "sharded (DTensor) parameters; use --state-bits 32", option="state_bits")
+    cap = opts.get("bucket_cap_mb")
+    if cap is not None and not (isinstance(cap, (int, float)) and 0 < cap < float("inf")):
+        raise UsageError(f"--bucket-cap-mb {cap}: give a positive number of MiB (DDP's default: 25)",
+                         option="bucket_cap_mb")
+    views = parse_switch(str(opts.get("grad_as_bucket_view", "off")), "--grad-as-bucket-view")
+    reshard = parse_switch(str(opts.get("reshard_after_forward", "on")), "--reshard-after-forward")
+    out: list[dict] = []
+    for kind in kinds:
+        if kind == "none":
+            out.append({})
+        elif kind == "ddp":
+            out += [{"parallel": "ddp", "world_size": world, "bucket_cap_mb": cap, "grad_as_bucket_view": v}
+                    for v in views]
+        else:
+            out += [{"parallel": "fsdp", "world_size": world, "reshard_after_forward": r} for r in reshard]
+    return out
+
+
 def plan_run(opts: dict, task: str = "run") -> RunPlan:
     """Validate every option of a run (UsageError, naming the option, on bad input) before anything runs."""
     from memprof.models import parse_models
@@ -327,7 +366,6 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
             check_pretrained(models, opts["pretrained"], opts["num_classes"])
     with option("budget"):
         budget = resolve_budget(opts["budget"], backend, notes)
-    from memprof.simulation.distributed import parallel_axes
 
     with option("parallel"):
         parallel = parallel_axes(opts, state_bits, backend)

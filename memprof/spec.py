@@ -98,6 +98,8 @@ class RunSpec:
 
 
 OPTIMIZER_FIELDS = ("optim", "state_bits", "paged", "optim_impl")
+PARALLEL = ("none", "ddp", "fsdp")  # memprof.simulation.distributed
+MAX_WORLD_SIZE = 1024  # fake process groups cost nothing per rank; past this the shards are a few elements
 
 
 def forward_group(spec: RunSpec) -> tuple:

@@ -671,7 +671,7 @@ def render_plot(records: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from memprof.simulation.tracing import CATEGORIES
+    from memprof.simulation import CATEGORIES
 
     recs = [r for r, _ in plot_rows(records)]
     n = max(1, len(recs))

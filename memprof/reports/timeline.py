@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 
-from memprof.simulation.tracing import CATEGORIES
+from memprof.simulation import CATEGORIES
 
 MAX_POINTS = 1600
 TIMELINE_DIR = "timelines"

@@ -27,8 +27,7 @@ from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 from memprof.simulation.tracker import ALLOC, FREE, PHASE, StorageTracker
 
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "workspace",
-              "communication")  # DDP buckets, FSDP all-gather / reduce-scatter buffers (memprof.simulation.distributed)
+from memprof.simulation import CATEGORIES  # noqa: E402 (re-exported: the categories every trace uses)
 
 
 @dataclass
