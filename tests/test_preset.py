@@ -34,6 +34,13 @@ def test_clip_resident_adds_the_frozen_text_tower():
     assert clip["peak_allocated_bytes"] - tower["peak_allocated_bytes"] >= text - (1 << 20)
 
 
+def test_text_tower_table_matches_open_clip():
+    """The stored text-tower sizes are what open_clip builds today (a changed open_clip fails here)."""
+    from memprof.reports.overhead import TEXT_TOWER_BYTES, count_text_tower_bytes
+
+    assert {name: count_text_tower_bytes(name) for name in TEXT_TOWER_BYTES} == TEXT_TOWER_BYTES
+
+
 def test_resident_clip_needs_a_clip_model(capsys, tmp_path):
     code = cli.main(["run", "--models", "test-vit", "--optims", "sgd", "--resident", "clip", "--out", str(tmp_path)])
     _, err = capsys.readouterr()

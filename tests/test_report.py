@@ -60,3 +60,21 @@ def test_write_reports_writes_all_formats(tmp_path):
     assert sorted(paths) == ["csv", "json", "md", "png"]
     assert all(os.path.getsize(p) > 0 for p in paths.values())
     assert Path(paths["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rule_descriptions_are_read_without_torch():
+    """Reports name the rules from the rules' source text: the same summaries and sources as the classes, and
+    rendering Table 4 imports no torch (a subprocess: this one has torch already)."""
+    import subprocess
+    import sys
+
+    from memprof.simulation import rule_descriptions
+    from memprof.simulation.rules import RULES
+
+    described = rule_descriptions()
+    assert {n: described[n] for n in RULES} == {n: (c.summary, c.source) for n, c in RULES.items()}
+    assert described["ddp-gradient-buckets"][0] == "DistributedDataParallel's gradient buckets (see the module docstring)."
+    code = ("import sys; from memprof.reports.table4 import render_markdown; from memprof.results import read_records; "
+            f"render_markdown(read_records({str(DATA / 'paper_grid.jsonl')!r})); print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "False", r.stderr

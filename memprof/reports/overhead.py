@@ -31,10 +31,22 @@ def pct_with(adamw_bytes: float, other_bytes: float, overhead: float) -> float:
     return 100 * ((adamw_bytes + overhead) / (other_bytes + overhead) - 1)
 
 
-@lru_cache(maxsize=None)
+# count_text_tower_bytes of the paper's architectures (tests/test_preset.py recounts them), so that rendering
+# Table 4 does not import open_clip and torch (seconds on 2 cores) for them
+TEXT_TOWER_BYTES = {"ViT-B-16": 253_736_104, "ViT-L-14": 494_624_936, "ViT-H-14": 1_416_154_280}
+
+
 def text_tower_bytes(open_clip_config: str) -> int:
-    """fp32 bytes of CLIP's text tower (and its attention-mask buffer) for an open_clip architecture, counted
-    on the meta device: what a process that kept the whole CLIP model on the GPU holds besides the image tower."""
+    """fp32 bytes of CLIP's text tower (and its attention-mask buffer) for an open_clip architecture: what a
+    process that kept the whole CLIP model on the GPU holds besides the image tower."""
+    if open_clip_config in TEXT_TOWER_BYTES:
+        return TEXT_TOWER_BYTES[open_clip_config]
+    return count_text_tower_bytes(open_clip_config)
+
+
+@lru_cache(maxsize=None)
+def count_text_tower_bytes(open_clip_config: str) -> int:
+    """text_tower_bytes counted on the meta device, from open_clip's own text tower."""
     import open_clip
     import torch
     from open_clip.model import _build_text_tower

@@ -414,10 +414,10 @@ def render_rules(records: list[dict]) -> str:
                                       for n in r["metrics"].get("rules", [])))
     if not names:
         return ""
-    from memprof.simulation.rules import RULES
+    from memprof.simulation import rule_descriptions
 
-    lines = [[n, RULES[n].summary if n in RULES else "(unknown rule)", RULES[n].source if n in RULES else ""]
-             for n in names]
+    known = rule_descriptions()
+    lines = [[n, *known.get(n, ("(unknown rule)", ""))] for n in names]
     return ("## How the predictions were made\n\nThe training steps ran on fake CPU tensors (no data, no memory); "
             "every storage's allocation and release was replayed through a model of CUDA's caching allocator "
             "with these rules:\n\n" + tabulate(lines, headers=["rule", "what it models", "source"],

@@ -5,3 +5,26 @@ stream is replayed through (allocator); `simulate` puts them together into a pre
 # what each storage is (memprof.simulation.tracing); torch-free, so reports can name them without torch
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "workspace",
               "communication")  # DDP buckets, FSDP all-gather / reduce-scatter buffers (memprof.simulation.distributed)
+
+
+def rule_descriptions() -> dict[str, tuple[str, str]]:
+    """{rule name: (summary, source)} of every rule class in rules.py and distributed.py, read from their source
+    text (class attributes that are literals), so a report names the rules without importing torch."""
+    import ast
+    from pathlib import Path
+
+    out = {}
+    for module in ("rules.py", "distributed.py"):
+        tree = ast.parse(Path(__file__).with_name(module).read_text(encoding="utf-8"))
+        for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+            attrs = {}
+            for stmt in cls.body:
+                if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+                    try:
+                        attrs[stmt.targets[0].id] = ast.literal_eval(stmt.value)
+                    except ValueError:  # not a literal
+                        pass
+            if isinstance(attrs.get("name"), str) and attrs["name"]:  # no summary: the docstring's first line
+                summary = attrs.get("summary") or (ast.get_docstring(cls) or "").split("\n")[0].removeprefix("Rule: ")
+                out[attrs["name"]] = (summary, attrs.get("source") or f"memprof/simulation/{module}")
+    return out
