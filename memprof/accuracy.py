@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from memprof.errors import UsageError
+from memprof.results import ACCURACY_FILE, config_of, load_verdicts  # noqa: F401 (re-exported)
 from memprof.harness import apply_precision, autocast_dtype, classification_step, grad_scaler, model_dtype, prepare
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
@@ -272,13 +273,6 @@ def evaluate_config(spec: RunSpec, data: Dataset, steps: int = DEFAULT_STEPS, lr
             "train_steps": steps, "seconds": round(time.perf_counter() - start, 2)}
 
 
-ACCURACY_FILE = "accuracy.jsonl"
-
-
-def config_of(key: str) -> str:
-    """model/optim/ckpt/bits/batch/training (precision[+impl][+in-backward]): what a memory record and an
-    accuracy record share."""
-    return "/".join(key.split("/")[:6])
 
 
 def run_accuracy(entries, out_dir: str, device: str, steps: int, lr_sgd: float | None, lr_adaptive: float | None,
@@ -321,13 +315,3 @@ def run_accuracy(entries, out_dir: str, device: str, steps: int, lr_sgd: float |
     return records
 
 
-def load_verdicts(out_dir: str) -> dict:
-    """config -> accuracy record, from out_dir/accuracy.jsonl if there is one."""
-    import json
-
-    path = os.path.join(out_dir, ACCURACY_FILE) if os.path.isdir(out_dir) else os.path.join(
-        os.path.dirname(out_dir) or ".", ACCURACY_FILE)
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as fh:
-        return {config_of(r["key"]): r for r in map(json.loads, filter(str.strip, fh))}

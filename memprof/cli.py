@@ -79,7 +79,7 @@ def _run_options(args, **extra) -> dict:
 
 def report(records: list[dict], out_dir: str, metric: str | None) -> None:
     """Table 4 from `records`: the terminal view printed, every format written beside the results."""
-    from memprof.accuracy import load_verdicts
+    from memprof.results import load_verdicts
     from memprof.reports.table4 import default_metric, render_terminal, write_reports
 
     verdicts = load_verdicts(out_dir)
@@ -89,12 +89,16 @@ def report(records: list[dict], out_dir: str, metric: str | None) -> None:
     _note(f"memprof: wrote {os.path.join(out_dir, 'results.jsonl')} and {', '.join(sorted(paths.values()))}")
 
 
+RUN_TIMELINES = 12  # timeline figures in the report a run writes (the paper grid's all); `memprof report` draws all
+
+
 def html_report(out_dir: str) -> None:
-    """The self-contained HTML report beside table4.md (memprof.reports.html)."""
+    """The self-contained HTML report beside table4.md (memprof.reports.html), with the first RUN_TIMELINES
+    timelines drawn."""
     from memprof.reports.html import write_html_report
 
     try:
-        _note(f"memprof: wrote {write_html_report(out_dir)}")
+        _note(f"memprof: wrote {write_html_report(out_dir, max_timelines=RUN_TIMELINES)}")
     except UsageError:
         raise
     except Exception as exc:  # the results and Table 4 are written; a failing picture does not undo them
@@ -164,7 +168,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_advise(args) -> int:
-    from memprof.accuracy import load_verdicts
+    from memprof.results import load_verdicts
     from memprof.planning.advise import advice, render_advice
     from memprof.plan import execute, plan_advise
     from memprof.results import RunDirectory, write_text
@@ -216,7 +220,7 @@ def _execute_accuracy(accuracy, out_dir: str) -> None:
 
 
 def cmd_accuracy(args) -> int:
-    from memprof.accuracy import ACCURACY_FILE, load_verdicts
+    from memprof.results import ACCURACY_FILE, load_verdicts
     from memprof.plan import default_out, writable_dir
     from memprof.reports.table4 import render_verdicts
     from memprof.results import write_text

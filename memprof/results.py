@@ -205,3 +205,25 @@ def summary_line(records: list[dict]) -> str:
     """`12 configurations: 9 ok, 1 oom, 2 skipped, 0 error, 0 crashed` (the last line of a run)."""
     counts = status_counts(records)
     return f"{len(records)} configurations: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
+# accuracy mode's records (memprof.accuracy writes them; reports read them without importing torch)
+ACCURACY_FILE = "accuracy.jsonl"
+
+
+def config_of(key: str) -> str:
+    """model/optim/ckpt/bits/batch/training (precision[+impl][+in-backward]): what a memory record and an
+    accuracy record share."""
+    return "/".join(key.split("/")[:6])
+
+
+def load_verdicts(out_dir: str) -> dict:
+    """config -> accuracy record, from out_dir/accuracy.jsonl if there is one."""
+    import json
+
+    path = os.path.join(out_dir, ACCURACY_FILE) if os.path.isdir(out_dir) else os.path.join(
+        os.path.dirname(out_dir) or ".", ACCURACY_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return {config_of(r["key"]): r for r in map(json.loads, filter(str.strip, fh))}

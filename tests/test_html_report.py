@@ -204,3 +204,15 @@ def test_headless_chromium_opens_the_report(run_dir, tmp_path):
 
     img = matplotlib.image.imread(str(shot))
     assert img.shape[0] == 3000 and img.std() > 0.05
+
+
+def test_a_capped_report_says_which_timelines_it_left_out(run_dir, tmp_path):
+    """A run draws at most RUN_TIMELINES figures and names the command that draws the rest; uncapped (the
+    negative control) every configuration gets its figure."""
+    from memprof.reports.html import render_html
+
+    capped = render_html(str(run_dir), str(tmp_path / "r.html"), write_pngs=False, max_timelines=1)
+    full = render_html(str(run_dir), str(tmp_path / "r.html"), write_pngs=False)
+    assert capped.count("alt='memory timeline of") == 1 and "1 more timelines are not drawn" in capped
+    assert full.count("alt='memory timeline of") == 2 and "not drawn" not in full
+    assert f"memprof report {tmp_path}" in capped

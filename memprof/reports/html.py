@@ -159,9 +159,10 @@ def _load(run_dir: str, pair_dir: str | None) -> list[tuple]:
     return out
 
 
-def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_pngs: bool = True) -> str:
+def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_pngs: bool = True,
+                max_timelines: int | None = None) -> str:
     """The report's HTML text (see the module docstring)."""
-    from memprof.accuracy import load_verdicts
+    from memprof.results import load_verdicts
     from memprof.reports.table4 import default_metric, render_fidelity, render_markdown
 
     loaded = _load(run_dir, pair_dir)
@@ -182,7 +183,7 @@ def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_
         if os.path.exists(path):
             with open(path, encoding="utf-8") as fh:
                 sections.append((name.split(".")[0], title, markdown_to_html(fh.read(), shift=1)))
-    sections.append(("timelines", "Timelines", _timelines(loaded, out_dir, write_pngs)))
+    sections.append(("timelines", "Timelines", _timelines(loaded, out_dir, write_pngs, max_timelines)))
     nav = "".join(f"<li><a href='#{sid}'>{html.escape(title)}</a></li>" for sid, title, _ in sections)
     sources = sorted({r["source"] for r in records})
     body = "\n".join(f"<section id='{sid}'><h2>{html.escape(title)}</h2>\n{content}</section>"
@@ -195,14 +196,14 @@ def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_
             f"<nav><ul>{nav}</ul></nav>\n{body}\n</body></html>\n")
 
 
-def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool) -> str:
+def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool, limit: int | None = None) -> str:
     from memprof.reports.table4 import _config
     from memprof.reports.timeline import TIMELINE_DIR
 
     groups: OrderedDict = OrderedDict()
     for rec, base in sorted(loaded, key=lambda rb: rb[0]["key"]):
         groups.setdefault(_config(rec), []).append((rec, base))
-    parts, skipped = [], []
+    parts, skipped, undrawn = [], [], []
     for config, recs in groups.items():
         runs = [(r, b) for r, b in recs if r["status"] in ("ok", "oom")]
         pred = next(((r, b) for r, b in runs if r["source"] == "predicted" and r["metrics"].get("timeline_file")), None)
@@ -210,6 +211,9 @@ def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool) -> str:
         if pred is None and meas is None:
             why = recs[0][0]["status"] if not runs else "no timeline was recorded (a run before timelines existed)"
             skipped.append(f"<li><code>{html.escape(config)}</code>: {html.escape(why)}</li>")
+            continue
+        if limit is not None and len(parts) >= limit:
+            undrawn.append(config)
             continue
         png, notes = _timeline_png(config, pred, meas)
         if write_pngs and pred is not None:
@@ -226,6 +230,10 @@ def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool) -> str:
              "GPU snapshot's trace when the cuda backend ran with <code>--snapshot</code>, else only the measured "
              "peaks are marked.</p>")
     tail = f"<p>No timeline:</p><ul>{''.join(skipped)}</ul>" if skipped else ""
+    if undrawn:  # each figure costs a fraction of a second: a large grid's run draws the first ones only
+        tail += (f"<p class='note'>{len(undrawn)} more timelines are not drawn here, to keep the run quick: "
+                 f"<code>memprof report {html.escape(os.path.abspath(out_dir))}</code> draws every one "
+                 f"({html.escape(', '.join(undrawn[:3]))}{', ...' if len(undrawn) > 3 else ''}).</p>")
     return intro + "\n".join(parts) + tail
 
 
@@ -238,10 +246,12 @@ def _save_png(data: bytes, timeline_json: str) -> None:
         pass  # a read-only run directory still gets its report (the image is embedded)
 
 
-def write_html_report(run_dir: str, out_path: str | None = None, pair_dir: str | None = None) -> str:
-    """Render and write the report (default RUN_DIR/report.html); returns its path."""
+def write_html_report(run_dir: str, out_path: str | None = None, pair_dir: str | None = None,
+                      max_timelines: int | None = None) -> str:
+    """Render and write the report (default RUN_DIR/report.html), with at most `max_timelines` timeline
+    figures (None: all); returns its path."""
     from memprof.results import write_text
 
     out_path = out_path or os.path.join(run_dir, REPORT_FILE)
-    write_text(out_path, render_html(run_dir, out_path, pair_dir))
+    write_text(out_path, render_html(run_dir, out_path, pair_dir, max_timelines=max_timelines))
     return out_path

@@ -24,7 +24,6 @@ import pickle
 from dataclasses import dataclass, field
 
 from memprof.simulation.allocator import MIN_BLOCK, SMALL_SIZE, round_size
-from memprof.simulation.attribution import holder
 
 BASE_ADDR = 0x7F0000000000  # where predicted segments start (torch's are similar; below 2**53 for the viewer)
 PICKLE_PROTOCOL = 4  # the viewer's unpickler reads protocols 2-4 (newer copies 2-5)
@@ -43,6 +42,8 @@ def snapshot_name(key: str) -> str:
 
 def _request_info(events, category: dict, module: dict) -> dict:
     """request id -> (op, module path or holder, category, phase, step) from the tracker's stream."""
+    from memprof.simulation.attribution import holder  # (torch: only where a snapshot is built)
+
     from memprof.simulation.tracker import ALLOC, PHASE
 
     info, phase, step = {}, "setup", 0
