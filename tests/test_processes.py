@@ -256,3 +256,14 @@ def test_a_worker_past_its_time_is_crashed(monkeypatch):
     out = run_isolated(RunSpec("test-vit", "sgd"), "simulate", timeout_s=8)
     assert out["status"] == "crashed" and out["error"].startswith("worker timed out after 8 s")
     assert time.monotonic() - start < 8 + DEADLINE_S
+
+
+def test_workers_share_the_cores_out(monkeypatch):
+    """Two workers on two cores get one torch thread each; one worker gets both; a user's setting stands."""
+    from memprof.executors import runner
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    assert runner.worker_env(2)["OMP_NUM_THREADS"] == "1" and runner.worker_env(1)["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    assert runner.worker_env(2)["OMP_NUM_THREADS"] == "7"

@@ -51,15 +51,23 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def worker_env(jobs: int) -> dict:
+    """A worker's environment: torch's intra-op threads (OMP/MKL) set to the cores shared out among `jobs`
+    workers, so they never oversubscribe them (2 workers on 2 cores: one thread each); a value the user set
+    is kept."""
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ}
+
+
 class WorkerProcess:
     """A `python -m memprof.executors.worker` child: requests go to its stdin, result lines come back on its stdout
     (read by a thread into the pool's event queue), its stderr goes to a temporary file kept for a crash
     report. The child dies with this process (memprof.executors.worker), so a killed run leaves no worker behind."""
 
-    def __init__(self, events: queue.Queue):
+    def __init__(self, events: queue.Queue, env: dict | None = None):
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "memprof.executors.worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr)
+                                     stdout=subprocess.PIPE, stderr=self.stderr, env=env)
         self.task: int | None = None
         self.group = None  # the group of the last task sent (run_in_workers)
         self.started_s = 0.0
@@ -134,7 +142,7 @@ def run_in_workers(requests: dict, jobs: int, on_result, on_start=None, fresh: b
                     break
                 w, i = choice
                 if w is None:
-                    w = WorkerProcess(events)
+                    w = WorkerProcess(events, worker_env(jobs))
                     workers.append(w)
                 task = pending.pop(i)
                 w.group = group(task) if group else None
