@@ -31,7 +31,7 @@ def memprof(*args, cwd=None):
 def test_run_writes_records_and_reports(tmp_path):
     out = tmp_path / "run"
     r = memprof("run", "--models", "test-vit", "--optims", "adamw,sgd-fe,sgd-fe-nomom", "--grad-ckpt", "off,on",
-                "--state-bits", "32,8", "--out", str(out))
+                "--state-bits", "32,8", "--jobs", "1", "--out", str(out))  # in one process (workers: below)
     assert r.returncode == 0, r.stderr
     assert "backend simulate" in r.stderr and "predicted" in r.stderr
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -49,7 +49,7 @@ def test_run_writes_records_and_reports(tmp_path):
 
 def test_table_rerenders_from_results(tmp_path):
     out = tmp_path / "run"
-    assert memprof("run", "--models", "test-vit", "--optims", "adamw,sgd", "--out", str(out),
+    assert memprof("run", "--models", "test-vit", "--optims", "adamw,sgd", "--jobs", "1", "--out", str(out),
                    "--no-progress").returncode == 0
     r = memprof("table", str(out / "results.jsonl"), "--metric", "allocated", "--out", str(tmp_path / "t"))
     assert r.returncode == 0, r.stderr

@@ -1,7 +1,8 @@
 """Runs a grid of specs through a backend, one record per configuration, appended as each finishes.
 
-`simulate` predicts in this process (`jobs` 1) or in `jobs` worker processes; the measuring backends
-(`cpu`, `cuda`) run each configuration in a fresh worker process, one at a time. Workers are
+`simulate` predicts in this process (`jobs` 1) or in `jobs` worker processes; the measuring backends run
+one configuration at a time, `cuda` each in a fresh worker process, `cpu` all in one (its figure is live
+tensor bytes counted by the tracker, which what ran before in the process does not change). Workers are
 `python -m memprof.executors.worker` children that talk JSON over pipes and die with this process (memprof.executors.worker).
 A configuration that fails at run time is recorded with its error as text (status "error", "<Type>:
 <message>"), a worker that dies (segfault, kill, timeout) as "crashed" with its exit code and last
@@ -266,9 +267,11 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
         requests = {i: {"spec": entries[i].spec.to_dict(), "backend": backend, "options": options or {}, "task": task,
                         "artifacts": artifacts}
                     for i in todo}
-        measuring = backend != "simulate"  # one configuration at a time on the device, each in a fresh process
+        measuring = backend != "simulate"  # one configuration at a time on the device
+        # cuda: each in a fresh process (its peaks and CUDA context are per process); cpu: one worker for all,
+        # since its figure, live tensor bytes counted by the tracker, does not depend on what ran before
         run_in_workers(requests, 1 if measuring else jobs, from_worker, on_start=start,
-                       fresh=measuring and task == "run", timeout_s=timeout_s if measuring and task == "run" else None,
+                       fresh=backend == "cuda" and task == "run", timeout_s=timeout_s if measuring and task == "run" else None,
                        group=None if measuring or task != "run" else lambda i: forward_group(entries[i].spec))
     else:
         from memprof.simulation.simulate import writing_artifacts
