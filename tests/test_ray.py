@@ -78,6 +78,7 @@ def test_the_comparison_ignores_timings_and_nodes_but_sees_a_changed_figure():
     assert comparable(one) != comparable(changed)
 
 
+@pytest.mark.slow  # the local executor's crash handling is in the quick set (tests/test_processes.py)
 def test_a_killed_ray_worker_and_a_dead_worker_are_crashed_and_the_rest_finishes(local_ray, tmp_path):
     grid = [GridEntry(RunSpec(model="test-vit", optim="adamw", steps=3)),  # its Ray worker is SIGKILLed
             GridEntry(RunSpec(model="test-vit", optim="adamw", steps=4)),  # its memprof worker is SIGKILLed
