@@ -101,3 +101,22 @@ def test_assign_without_groups_takes_the_first_task():
     idle = _Worker("x")
     assert _assign([5, 6], [idle], 2, None) == (idle, 0)
     assert _assign([5, 6], [], 2, None) == (None, 0)
+
+
+def test_a_failed_optimizer_trace_drops_its_forward(monkeypatch):
+    """An optimizer that fails mid-step leaves nothing behind: the next prediction traces afresh and still
+    equals the full trace."""
+    spec = RunSpec("test-vit", "adamw")
+    _predict(spec, share=True)
+
+    def broken_step(self, *args, **kwargs):
+        raise RuntimeError("step failed")
+
+    import torch
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.SGD, "step", broken_step)
+        with pytest.raises(RuntimeError, match="step failed"):
+            _predict(RunSpec("test-vit", "sgd"), share=True)
+    assert not shared._CACHE
+    assert _predict(RunSpec("test-vit", "sgd"), share=True) == _predict(RunSpec("test-vit", "sgd"), share=False)

@@ -201,4 +201,8 @@ def trace_shared(spec: RunSpec, rules):
             _CACHE.popitem(last=False)
     else:
         _CACHE.move_to_end(key)
-    return trace_optimizer(fwd, spec, rules)
+    try:
+        return trace_optimizer(fwd, spec, rules)
+    except BaseException:  # a failed step may leave gradients on the shared parameters: trace afresh next time
+        _CACHE.pop(key, None)
+        raise
