@@ -95,7 +95,15 @@ def optimizer_class(info: OptimInfo, state_bits: int = 32, paged: bool = False) 
     return info.factory
 
 
-def require_bitsandbytes() -> None:
+def require_bitsandbytes(load: bool = True) -> None:
+    """bitsandbytes must be installed for 8-bit states. `load`: import it (where an optimizer is built);
+    else only find it (validation: importing it costs seconds, and a worker imports it anyway)."""
+    import importlib.util
+
+    if not load:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError(f"--state-bits 8 needs bitsandbytes, which is not installed: {BNB_INSTALL}")
+        return
     # its CPU backend logs a warning at import about an optional 4-bit kernel memprof never uses
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:

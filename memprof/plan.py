@@ -260,7 +260,7 @@ def plan_advise(opts: dict) -> AdvisePlan:
     if any(e.spec.state_bits == 8 for e in plan.entries):
         from memprof.optims import require_bitsandbytes
 
-        require_bitsandbytes()
+        require_bitsandbytes(load=False)
     return AdvisePlan(plan, cands, not_modelled, not_applicable)
 
 
@@ -385,7 +385,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
         from memprof.optims import require_bitsandbytes
 
         with option("state_bits"):
-            require_bitsandbytes()
+            require_bitsandbytes(load=False)
     entries = _remaining(entries, out_dir, backend, resume, opts["retry_failed"], notes, task)
     return RunPlan(entries, out_dir, backend, announce, opts, notes, task)
 

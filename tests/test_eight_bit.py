@@ -98,3 +98,21 @@ def test_missing_bitsandbytes_says_how_to_install(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "memprof", "run", "--models", "test-vit", "--optims", "adamw",
                          "--out", str(tmp_path / "p"), "--no-progress"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr  # 32-bit runs never need it
+
+
+def test_validation_finds_bitsandbytes_without_importing_it(monkeypatch):
+    """Validation only looks bitsandbytes up (importing it costs seconds; the worker that builds the optimizer
+    imports it); a missing package is still a usage error."""
+    import importlib.util
+
+    import pytest as _pytest
+
+    from memprof.errors import UsageError
+    from memprof.optims import require_bitsandbytes
+
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    require_bitsandbytes(load=False)
+    assert "bitsandbytes" not in sys.modules
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with _pytest.raises(UsageError, match="pip install bitsandbytes"):
+        require_bitsandbytes(load=False)
