@@ -64,6 +64,10 @@ def test_comparison_catches_a_broken_splice(monkeypatch):
     shared.clear()
 
 
+def test_a_users_factory_is_never_cached():
+    assert not shared.shareable(RunSpec("py:mymodels:build", "adamw", input_shape="3x8x8"))
+
+
 @pytest.mark.parametrize("spec", [RunSpec("test-vit", "adamw", precision="fp16-amp"),
                                   RunSpec("test-vit", "adamw", optim_in_backward=True),
                                   RunSpec("test-vit", "adamw", parallel="ddp", world_size=2)])

@@ -12,7 +12,8 @@ metric). The rules' state after the shared part is copied into each optimizer's 
 metrics and stream rewrites see both parts.
 
 Traced whole instead (`shareable`): optimizer-in-backward (its steps run inside backward), fp16-amp (the
-GradScaler steps the optimizer), data-parallel and sharded runs, and real tensors (the cpu backend).
+GradScaler steps the optimizer), data-parallel and sharded runs, `py:` models (the user's factory), and real
+tensors (the cpu backend).
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ CACHE_ENTRIES = 8  # forward traces kept per process (e.g. frozen or not x check
 
 
 def shareable(spec: RunSpec) -> bool:
-    return spec.parallel == "none" and not spec.optim_in_backward and spec.precision != "fp16-amp"
+    """Whether `spec`'s forward can come from the cache: not for the setups above, nor for a `py:` model,
+    whose factory is the user's code and may build something else on the next call."""
+    return (spec.parallel == "none" and not spec.optim_in_backward and spec.precision != "fp16-amp"
+            and not spec.model.startswith("py:"))
 
 
 def forward_key(spec: RunSpec, rules) -> tuple:
