@@ -19,7 +19,6 @@ tensors (the cpu backend).
 from __future__ import annotations
 
 import contextlib
-import gc
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -87,18 +86,6 @@ def _copy_state(state: dict) -> dict:
     return {k: type(v)(v) if isinstance(v, (dict, list, set)) else v for k, v in state.items()}
 
 
-@contextlib.contextmanager
-def _no_gc():
-    """Releases follow reference counts alone while tracing, as in tracing.trace_step."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def trace_forward(spec: RunSpec, rules) -> Forward:
     """The steps of `spec` with the stand-in optimizer, on fake tensors, under `rules`."""
     from memprof.simulation import tracing
@@ -107,7 +94,7 @@ def trace_forward(spec: RunSpec, rules) -> Forward:
     with torch.device("meta"):
         prepared = prepare(spec, load_weights=False)
     model, mode = prepared.model, FakeTensorMode()
-    with _no_gc(), mode, contextlib.ExitStack() as stack:
+    with tracing.no_gc(), mode, contextlib.ExitStack() as stack:
         fake_storage(model)
         apply_precision(model, spec)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -129,13 +116,13 @@ def trace_forward(spec: RunSpec, rules) -> Forward:
 
 def trace_optimizer(fwd: Forward, spec: RunSpec, rules):
     """The full trace of `spec`: `fwd`'s stream with `spec`'s optimizer traced into each window."""
-    from memprof.simulation.tracing import Trace, _categorize, common_rule_metrics, floor, state_summary, \
+    from memprof.simulation.tracing import Trace, _categorize, common_rule_metrics, floor, no_gc, state_summary, \
         to_device_order
 
     for rule, state in zip(rules, fwd.rule_state):
         vars(rule).update(_copy_state(state))
     model, trainable = fwd.model, fwd.trainable
-    with _no_gc(), fwd.mode, contextlib.ExitStack() as stack:
+    with no_gc(), fwd.mode, contextlib.ExitStack() as stack:
         with unset_fake_temporarily():
             optimizer = build_optimizer(OPTIMS[spec.optim], trainable, spec.state_bits, spec.paged, spec.optim_impl)
         # every step's gradients, made before the tracker sees them (the shared stream has their allocations)

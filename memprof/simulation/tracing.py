@@ -90,6 +90,18 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
                       distributed.sharded_bytes if spec.parallel != "none" else None)
 
 
+@contextlib.contextmanager
+def no_gc():
+    """Garbage collection off: releases follow reference counts alone, so the stream is the same every run."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class UntraceableModel(RuntimeError):
     """The model needs tensor data (`.item()`, a data-dependent shape), which fake tensors do not have."""
 
@@ -123,9 +135,7 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
     alone and the stream is the same on every run.
     """
     modes = [r.mode() for r in rules if hasattr(r, "mode")]
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with no_gc():
         if fake:  # constructors run outside the fake mode, on the meta device (memprof.simulation.fake_compat)
             with torch.device("meta"):
                 model, optimizer, frozen = build()
@@ -192,9 +202,6 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
                            rules=[r.describe() for r in rules], module=attribution.result(),
                            extra={**common_rule_metrics(rules), **floor(model, trainable, optimizer), **rank})
             del model, optimizer, run  # (trainable stays: on_phase closes over it)
-    finally:
-        if was_enabled:
-            gc.enable()
     result.category = _categorize(events, params, grads, states, result.origin)
     return result
 
