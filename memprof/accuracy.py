@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from memprof.errors import UsageError
-from memprof.results import ACCURACY_FILE, config_of, load_verdicts  # noqa: F401 (re-exported)
+from memprof.results import ACCURACY_FILE, config_of
 from memprof.harness import apply_precision, autocast_dtype, classification_step, grad_scaler, model_dtype, prepare
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec

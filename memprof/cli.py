@@ -245,7 +245,7 @@ def cmd_accuracy(args) -> int:
 def cmd_suite(args) -> int:
     """Every [[run]] of a suite file into one results.jsonl; all runs are validated before the first starts,
     and an error names the line of the key it concerns."""
-    from memprof.plan import default_out, execute, plan_run, run_options, writable_dir
+    from memprof.plan import execute, plan_run, run_options, writable_dir
     from memprof.results import RunDirectory
     from memprof.suite import load_suite
 

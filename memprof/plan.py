@@ -117,9 +117,12 @@ def resolve_backend(requested: str) -> tuple[str, str]:
         raise UsageError("--backend cuda needs a CUDA GPU and none is visible: use --backend simulate (predicts) "
                          "or --backend cpu (measures on the CPU)", option="backend")
     backend = ("cuda" if has_gpu else "simulate") if requested == "auto" else requested
+    gpu_name = ""
     if has_gpu:
         import torch
-    what = {"cuda": f"measuring on {torch.cuda.get_device_name() if has_gpu else ''} with torch.cuda and NVML",
+
+        gpu_name = torch.cuda.get_device_name()
+    what = {"cuda": f"measuring on {gpu_name} with torch.cuda and NVML",
             "simulate": "every figure is predicted, not measured",
             "cpu": "measuring live tensor bytes on the CPU"}[backend]
     why = "" if requested != "auto" else (" (a CUDA GPU is present)" if has_gpu else " (no CUDA GPU here)")
