@@ -272,7 +272,7 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
         # since its figure, live tensor bytes counted by the tracker, does not depend on what ran before
         run_in_workers(requests, 1 if measuring else jobs, from_worker, on_start=start,
                        fresh=backend == "cuda" and task == "run", timeout_s=timeout_s if measuring and task == "run" else None,
-                       group=None if measuring or task != "run" else lambda i: forward_group(entries[i].spec))
+                       group=None if measuring else lambda i: forward_group(entries[i].spec))
     else:
         from memprof.simulation.simulate import writing_artifacts
         from memprof.executors.worker import _backend

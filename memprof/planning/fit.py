@@ -131,14 +131,18 @@ def search(probe: Callable[[int], Probe], budget_bytes: float, max_batch_size: i
 
 
 def simulate_probe(spec) -> Callable[[int], Probe]:
-    """Probes by prediction, in this process."""
+    """Probes by prediction, in this process; once three batch sizes (2 or more) of the configuration's
+    forward group are traced and agree on a line, the forward at other batches is synthesized from it
+    (memprof.simulation.batch_scaling), exactly as a trace would give it."""
     from dataclasses import replace
 
+    from memprof.simulation import shared
     from memprof.simulation.simulate import predict
 
     def probe(batch: int) -> Probe:
         try:
-            status, metrics = predict(replace(spec, batch_size=batch))
+            with shared.scaling_in_batch():  # after three traced batches, the others come from their line
+                status, metrics = predict(replace(spec, batch_size=batch))
         except Exception as exc:  # a probe that fails is a result: the search stops and says why
             from memprof.executors.worker import describe
 

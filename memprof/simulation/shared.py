@@ -19,8 +19,9 @@ tensors (the cpu backend).
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
@@ -32,7 +33,7 @@ from memprof.simulation.attribution import ModuleAttribution
 from memprof.simulation.distributed import local
 from memprof.simulation.fake_compat import fake_storage
 from memprof.simulation.tracker import StorageTracker
-from memprof.spec import RunSpec, forward_group
+from memprof.spec import OPTIMIZER_FIELDS, RunSpec, forward_group
 
 CACHE_ENTRIES = 8  # forward traces kept per process (e.g. frozen or not x checkpointing off or on x 2 batch sizes)
 
@@ -114,10 +115,22 @@ def trace_forward(spec: RunSpec, rules) -> Forward:
                        [_copy_state(vars(r)) for r in rules], tracker._next_id)
 
 
-def trace_optimizer(fwd: Forward, spec: RunSpec, rules):
-    """The full trace of `spec`: `fwd`'s stream with `spec`'s optimizer traced into each window."""
-    from memprof.simulation.tracing import Trace, _categorize, common_rule_metrics, floor, no_gc, state_summary, \
-        to_device_order
+@dataclass
+class Windows:
+    """What one optimizer adds to a shared forward: its events in each step's window and what they made."""
+    events: list  # per step
+    origin: dict
+    module: dict
+    grads: set
+    states: set
+    state: dict  # tracing.state_summary of the optimizer after the last step
+    floor: dict
+    rule_state: list  # each rule's attributes after the optimizer's steps
+
+
+def trace_windows(fwd: Forward, spec: RunSpec, rules) -> Windows:
+    """`spec`'s optimizer traced into each window of `fwd`, under `rules` (given `fwd`'s state first)."""
+    from memprof.simulation.tracing import floor, no_gc, state_summary, to_device_order
 
     for rule, state in zip(rules, fwd.rule_state):
         vars(rule).update(_copy_state(state))
@@ -151,33 +164,135 @@ def trace_optimizer(fwd: Forward, spec: RunSpec, rules):
             start = len(tracker.events)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            windows.append((start, len(tracker.events)))
+            windows.append(tracker.events[start:])
         hook.remove()
-        events, at = [], 0
-        for (first, end, _), (b_first, b_end) in zip(fwd.windows, windows):
-            events += fwd.events[at:first]
-            events += tracker.events[b_first:b_end]
-            at = end
-        events += fwd.events[at:]
         states = {tracker.storage_id(local(t)) for s in optimizer.state.values() for t in s.values()
                   if isinstance(t, torch.Tensor)}
-        result = Trace(events, {}, {**fwd.origin, **tracker.origin},
-                       params_total=sum(p.numel() for p in model.parameters()),
-                       params_trainable=sum(p.numel() for p in trainable), frozen=fwd.frozen,
-                       state=state_summary(optimizer), rules=[r.describe() for r in rules],
-                       module={**fwd.module, **attribution.result()},
-                       extra={**common_rule_metrics(rules), **floor(model, trainable, optimizer)})
+        result = Windows(windows, dict(tracker.origin), attribution.result(), grads, states,
+                         state_summary(optimizer), floor(model, trainable, optimizer), [])
         del optimizer
-    result.category = _categorize(result.events, fwd.params, grads, states, result.origin)
+    result.rule_state = [_copy_state(vars(r)) for r in rules]
     return result
 
 
+def splice(fwd: Forward, opt: Windows, rules):
+    """The full trace: `fwd`'s stream with `opt`'s events in place of the stand-in's windows; `rules` as they
+    are after the optimizer's steps."""
+    from memprof.simulation.tracing import Trace, _categorize, common_rule_metrics
+
+    events, at = [], 0
+    for (first, end, _), window in zip(fwd.windows, opt.events):
+        events += fwd.events[at:first]
+        events += window
+        at = end
+    events += fwd.events[at:]
+    model = fwd.model
+    result = Trace(events, {}, {**fwd.origin, **opt.origin},
+                   params_total=sum(p.numel() for p in model.parameters()),
+                   params_trainable=sum(p.numel() for p in fwd.trainable), frozen=fwd.frozen,
+                   state=opt.state, rules=[r.describe() for r in rules], module={**fwd.module, **opt.module},
+                   extra={**common_rule_metrics(rules), **opt.floor})
+    result.category = _categorize(result.events, fwd.params, opt.grads, opt.states, result.origin)
+    return result
+
+
+def trace_optimizer(fwd: Forward, spec: RunSpec, rules):
+    """The full trace of `spec`: `fwd`'s stream with `spec`'s optimizer traced into each window."""
+    return splice(fwd, trace_windows(fwd, spec, rules), rules)
+
+
 _CACHE: OrderedDict = OrderedDict()
+_LINES: dict = {}  # batch family -> {"traced": {batch: Forward}, "line": BatchLine | None, "verified": bool | None}
+_SCALING = [False]
+_WINDOWS: dict = {}  # (batch family, optimizer fields) -> what _with_windows reuses
 
 
 def clear() -> None:
     """Forget every forward trace (benchmarks time a prediction from scratch this way)."""
     _CACHE.clear()
+    _LINES.clear()
+    _WINDOWS.clear()
+
+
+@contextlib.contextmanager
+def scaling_in_batch():
+    """Within, a configuration traced at two batch sizes (2 or more) and checked at a third gives its forward at
+    every other batch from memprof.simulation.batch_scaling instead of a trace (`memprof fit`'s probes)."""
+    saved = _SCALING[0]
+    _SCALING[0] = True
+    try:
+        yield
+    finally:
+        _SCALING[0] = saved
+
+
+def _family_key(spec: RunSpec, rules) -> tuple:
+    return forward_key(replace(spec, batch_size=0), rules)
+
+
+def _from_line(spec: RunSpec, rules):
+    """The forward of `spec` from its family's verified batch line, or None."""
+    family = _LINES.get(_family_key(spec, rules))
+    if family is None or not family["verified"]:
+        return None
+    return family["line"].at(spec.batch_size)
+
+
+def _with_windows(fwd: Forward, spec: RunSpec, rules):
+    """The trace of `spec` on `fwd`. An optimizer's windows do not depend on the batch (its gradients do not),
+    so once they are traced at two batches whose forwards made the same gradients (same storages, same
+    windows) and the second matches what the first gives there, they are reused instead of traced; the
+    rules' state is then `fwd`'s with what the optimizer changed."""
+    from memprof.simulation.batch_scaling import same_state
+
+    key = (_family_key(spec, rules), *(getattr(spec, f) for f in OPTIMIZER_FIELDS))
+    made_by = (fwd.windows, fwd.resident_ids, fwd.next_id)  # the gradients and storages the windows refer to
+    seen = _WINDOWS.get(key)  # [Windows, rule attributes the optimizer changed, made_by, verified]
+    if seen is not None and seen[2] != made_by:  # e.g. batch 1's forward, whose other paths make other storages
+        if seen[3]:
+            return trace_optimizer(fwd, spec, rules)
+        seen = None  # the newer forward is more like the ones to come
+    if seen is not None and seen[3]:
+        for rule, before, changed in zip(rules, fwd.rule_state, seen[1]):
+            vars(rule).update(_copy_state({**before, **changed}))
+        return splice(fwd, seen[0], rules)
+    opt = trace_windows(fwd, spec, rules)
+    traced = splice(fwd, opt, rules)
+    if seen is None:
+        changed = [{k: v for k, v in after.items() if k not in before or not same_state([{k: before[k]}], [{k: v}])}
+                   for before, after in zip(fwd.rule_state, opt.rule_state)]
+        _WINDOWS[key] = [opt, changed, made_by, None]
+    elif seen[3] is None:
+        reused_state = [{**before, **changed} for before, changed in zip(fwd.rule_state, seen[1])]
+        twins = [copy.copy(r) for r in rules]
+        for twin, state in zip(twins, reused_state):
+            vars(twin).update(_copy_state(state))
+        seen[3] = same_state(reused_state, opt.rule_state) and splice(fwd, seen[0], twins) == traced
+    return traced
+
+
+def _learn(spec: RunSpec, rules, fwd: Forward) -> None:
+    """Add a traced forward to its family: the first two (batch 2 or more) make the line, the third checks it."""
+    from memprof.simulation.batch_scaling import BatchLine, NotAffine
+
+    if spec.batch_size < 2:  # batch 1 often takes other paths (views already contiguous)
+        return
+    family = _LINES.setdefault(forward_key(replace(spec, batch_size=0), rules),
+                               {"traced": {}, "line": None, "verified": None})
+    if family["verified"] is not None:
+        return
+    if family["line"] is not None:
+        family["verified"] = family["line"].verify(fwd, spec.batch_size)
+        family["traced"].clear()
+        return
+    family["traced"][spec.batch_size] = fwd
+    if len(family["traced"]) == 2:
+        (b1, f1), (b2, f2) = sorted(family["traced"].items())
+        try:
+            family["line"] = BatchLine(f1, b1, f2, b2)
+        except NotAffine:
+            family["verified"] = False
+            family["traced"].clear()
 
 
 def trace_shared(spec: RunSpec, rules):
@@ -185,15 +300,21 @@ def trace_shared(spec: RunSpec, rules):
     earlier spec with the same forward key traced them."""
     key = forward_key(spec, rules)
     fwd = _CACHE.get(key)
+    if fwd is not None:
+        _CACHE.move_to_end(key)
+    elif _SCALING[0]:
+        fwd = _from_line(spec, rules)  # not cached: made again in an instant
     if fwd is None:
         fwd = trace_forward(spec, rules)
+        if _SCALING[0]:
+            _learn(spec, rules, fwd)
         _CACHE[key] = fwd
         while len(_CACHE) > CACHE_ENTRIES:
             _CACHE.popitem(last=False)
-    else:
-        _CACHE.move_to_end(key)
     try:
-        return trace_optimizer(fwd, spec, rules)
+        return _with_windows(fwd, spec, rules) if _SCALING[0] else trace_optimizer(fwd, spec, rules)
     except BaseException:  # a failed step may leave gradients on the shared parameters: trace afresh next time
         _CACHE.pop(key, None)
+        _LINES.pop(_family_key(spec, rules), None)
+        _WINDOWS.pop((_family_key(spec, rules), *(getattr(spec, f) for f in OPTIMIZER_FIELDS)), None)
         raise
