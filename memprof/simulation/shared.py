@@ -87,32 +87,54 @@ def _copy_state(state: dict) -> dict:
     return {k: type(v)(v) if isinstance(v, (dict, list, set)) else v for k, v in state.items()}
 
 
-def trace_forward(spec: RunSpec, rules) -> Forward:
-    """The steps of `spec` with the stand-in optimizer, on fake tensors, under `rules`."""
-    from memprof.simulation import tracing
+def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True) -> Forward:
+    """The steps of `spec` with the stand-in optimizer, on fake tensors, under `rules`. A deep ViT is traced with
+    four of its blocks and the rest synthesized (memprof.simulation.repeated_blocks), unless `repeat_blocks`
+    is False or the traced blocks do not repeat exactly."""
+    from memprof.simulation import repeated_blocks, tracing
     from memprof.simulation.tracing import _untraceable, to_device_order
 
     with torch.device("meta"):
         prepared = prepare(spec, load_weights=False)
     model, mode = prepared.model, FakeTensorMode()
+    stack_of = repeated_blocks.block_stack(model) if repeat_blocks else None
+    initial = [_copy_state(vars(r)) for r in rules]  # to trace afresh if the blocks do not repeat
     with tracing.no_gc(), mode, contextlib.ExitStack() as stack:
         fake_storage(model)
         apply_precision(model, spec)
+        full_order, full_trainable = list(to_device_order(model)), [p for p in model.parameters() if p.requires_grad]
+        if stack_of is not None:  # trace the first blocks only; the full stack comes back on the way out
+            parent, attr, path, blocks = stack_of
+            setattr(parent, attr, torch.nn.ModuleList(list(blocks)[:repeated_blocks.TRACED]))
+            stack.callback(setattr, parent, attr, blocks)
         trainable = [p for p in model.parameters() if p.requires_grad]
+        order = list(to_device_order(model))
         tracker = stack.enter_context(StorageTracker(rules))
         for rule_mode in [r.mode() for r in rules if hasattr(r, "mode")]:
             stack.enter_context(rule_mode)
-        params = {tracker.register(local(t), "Module.to (parameters and buffers)") for t in to_device_order(model)}
+        params = {tracker.register(local(t), "Module.to (parameters and buffers)") for t in order}
         attribution = stack.enter_context(ModuleAttribution(model, tracker))
+        if stack_of is not None:
+            marks = repeated_blocks.BlockMarks(tracker, getattr(parent, attr), rules)
+            stack.callback(marks.remove)
         stand_in = _StandIn(tracker, trainable)
         try:
             tracing.train_steps(model, stand_in, spec, "cpu", tracker.set_phase)  # looked up there: one place to patch
         except (DataDependentOutputException, DynamicOutputShapeException) as exc:
             raise _untraceable(exc, model) from None
-        return Forward(mode, model, prepared.frozen, trainable,
-                       [tracker.storage_id(local(t)) for t in to_device_order(model)], list(tracker.events),
-                       dict(tracker.origin), attribution.result(), params, stand_in.windows,
-                       [_copy_state(vars(r)) for r in rules], tracker._next_id)
+        traced = Forward(mode, model, prepared.frozen, trainable, [tracker.storage_id(local(t)) for t in order],
+                         list(tracker.events), dict(tracker.origin), attribution.result(), params, stand_in.windows,
+                         [_copy_state(vars(r)) for r in rules], tracker._next_id)
+    if stack_of is None:
+        return traced
+    try:
+        return repeated_blocks.expand(traced, marks, blocks, path, [type(r).__name__ for r in rules], order,
+                                      trainable, full_order, full_trainable)
+    except repeated_blocks.NotPeriodic:
+        for rule, state in zip(rules, initial):
+            vars(rule).clear()
+            vars(rule).update(_copy_state(state))
+        return trace_forward(spec, rules, repeat_blocks=False)
 
 
 @dataclass
