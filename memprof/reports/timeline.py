@@ -189,10 +189,11 @@ def plot_timeline(path, title: str, predicted: dict | None = None, measured: dic
     ax.set_ylim(0, max(top, 1) / div * 1.22)
     ax.margins(x=0)
     ax.set_title(title, fontsize=9.5, pad=14)
-    ax.legend(fontsize=7, loc="upper left", ncol=3, framealpha=0.85)
+    if ax.get_legend_handles_labels()[0]:  # e.g. a cpu measurement has no series to name
+        ax.legend(fontsize=7, loc="upper left", ncol=3, framealpha=0.85)
     if notes:
         fig.text(0.01, 0.01, "; ".join(notes), fontsize=7, color="#444")
-    fig.tight_layout(rect=(0, 0.03 if notes else 0, 1, 1))
+    fig.subplots_adjust(left=0.055, right=0.99, top=0.86, bottom=0.16 if notes else 0.13)  # fixed: no extra layout pass
     if isinstance(path, str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, format="png")
