@@ -149,7 +149,7 @@ def parse_names(text: str, flag: str, choices: tuple, kind: str) -> list[str]:
             raise UsageError(f"--precision {n}: {PURE_FP16}")
         for name in choices if n == "all" else (n,):
             if name not in choices:
-                raise unknown_name(kind, name, list(choices) + ["all"], f"memprof run --help")
+                raise unknown_name(kind, name, list(choices) + ["all"], "memprof run --help")
             if name not in out:
                 out.append(name)
     return out
