@@ -250,7 +250,7 @@ class Synthesis:
             name = self.module.get(sid, "")
             old = f"{self.path}.1"
             self.module_new[self.fresh[key]] = (f"{self.path}.{position}" + name[len(old):]) if name.startswith(old) else name
-            self.origin_new[self.fresh[key]] = self.origin[sid]
+            self.origin_new[self.fresh[key]] = self.origin.get(sid, "")
         return self.fresh[key]
 
     def at(self, position: int, sid: int) -> int:
@@ -262,10 +262,16 @@ class Synthesis:
         if rel == -1:
             if position == 1:
                 return sid
-            analog = self.prev_map[sid]  # block 1's storage in the part block 0's plays for block 1
+            analog = self.prev_map.get(sid)  # block 1's storage in the part block 0's plays for block 1
+            if analog is None:
+                raise NotPeriodic(f"block 2 names nothing where block 1 names block 0's storage {sid}")
             return analog if position - 1 == 1 else self._new(position - 1, analog)
         if rel == 1:
-            return sid if position + 1 == self.n - 2 else self._new(position + 1, self.own_map[sid])
+            if position + 1 == self.n - 2:
+                return sid
+            if sid not in self.own_map:
+                raise NotPeriodic(f"block 1 names block 2's storage {sid}, which block 2 never uses as block 1 does")
+            return self._new(position + 1, self.own_map[sid])
         raise NotPeriodic(f"block 1 names storage {sid}, outside its neighbours")
 
     def _block2(self, sid: int) -> int:
