@@ -22,7 +22,8 @@ class NotAffine(Exception):
     """The two traces differ in more than allocation sizes, or a size is not a whole number of bytes per sample."""
 
 
-def _same(a, b) -> bool:
+def same_value(a, b) -> bool:
+    """Equality of two rule attributes (tensors and the like: only the very same object)."""
     try:
         return bool(a == b)
     except Exception:  # tensors and the like: equal only when the same object
@@ -62,7 +63,7 @@ class BatchLine:
             lines = {}
             for name, v_high in s_high.items():
                 v_low = s_low.get(name)
-                if _same(v_low, v_high):
+                if same_value(v_low, v_high):
                     continue
                 if type(v_low) is not int or type(v_high) is not int:
                     raise NotAffine(f"rule state {name} differs and is not a count of bytes: {v_low!r} / {v_high!r}")
@@ -104,4 +105,4 @@ class BatchLine:
 
 def same_state(a: list, b: list) -> bool:
     """Whether two lists of rule attributes agree (tensors and other objects: only when the very same)."""
-    return len(a) == len(b) and all(_same(x.get(k), y.get(k)) for x, y in zip(a, b) for k in set(x) | set(y))
+    return len(a) == len(b) and all(same_value(x.get(k), y.get(k)) for x, y in zip(a, b) for k in set(x) | set(y))

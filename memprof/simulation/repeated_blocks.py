@@ -24,6 +24,8 @@ import torch
 from collections import defaultdict
 from dataclasses import replace
 
+from memprof.simulation.attribution import _ModuleStack
+from memprof.simulation.batch_scaling import same_value
 from memprof.simulation.tracker import ALLOC, FREE
 
 BLOCK, WINDOW = 3, 4  # markers in the traced stream: (BLOCK, index, (AFTER, index) or None), (WINDOW, step, end)
@@ -70,19 +72,14 @@ class BlockMarks:
             self.tracker.events.append((BLOCK, j))
             self.snapshots.append((j, [_snapshot(r) for r in self.rules]))
 
-    @staticmethod
-    def _grad_tensors(value) -> list:
-        flat = value if isinstance(value, (tuple, list)) else (value,)
-        return [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
-
     def _pre(self, j, args) -> None:
         self.saved.append(self.current)
         self._mark(j)
-        for t in self._grad_tensors(args):  # its gradient ready: the block's backward is over
+        for t in _ModuleStack._grad_tensors(args):  # its gradient ready: the block's backward is over
             t.register_hook(lambda _g, j=j: self._mark(None) if self.current == j else None)
 
     def _post(self, j, out) -> None:
-        for t in self._grad_tensors(out):  # its gradient ready: the block's backward begins
+        for t in _ModuleStack._grad_tensors(out):  # its gradient ready: the block's backward begins
             t.register_hook(lambda _g, j=j: self._backward(j))
         outer = self.saved.pop()  # None, or the block whose backward recomputes this one
         self._mark(outer if isinstance(outer, int) else (AFTER, j))
@@ -233,7 +230,8 @@ class Synthesis:
                 continue
             for r, (name, rule_before, rule_after) in enumerate(zip(self.rule_names, before, after)):
                 for k in set(rule_before) | set(rule_after):
-                    if k in STORAGE_MAPS.get(name, ()) + EMPTIED.get(name, ()) or _equal(rule_before.get(k), rule_after.get(k)):
+                    skipped = k in STORAGE_MAPS.get(name, ()) + EMPTIED.get(name, ())
+                    if skipped or same_value(rule_before.get(k), rule_after.get(k)):
                         continue
                     delta = _counter_delta(rule_before.get(k), rule_after.get(k))
                     added[block][r] = _add(added[block][r], {k: "changed" if delta is None else delta})
@@ -365,12 +363,6 @@ def _add(x: dict, y: dict) -> dict:
     return out
 
 
-def _equal(a, b) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # tensors: equal only when the same object
-        return a is b
-
 
 def expand(traced, marks: BlockMarks, blocks, path: str, rule_names: list[str], traced_order: list,
            traced_trainable: list, full_order: list, full_trainable: list):
@@ -404,12 +396,12 @@ def expand(traced, marks: BlockMarks, blocks, path: str, rule_names: list[str], 
             resident.append(placed(p, traced_sids[source.get(p, 1)][k]))
         else:
             resident.append(sid_of[id(t)])
+    trained = [[q for q in blocks[b].parameters() if q.requires_grad] for b in range(TRACED)]
+    in_block = {id(q): (p, k) for p, block in enumerate(blocks)
+                for k, q in enumerate(q for q in block.parameters() if q.requires_grad)}
     windows = []
     for step, (_, _, grads) in enumerate(traced.windows):
         made = {id(traced_trainable[i]): rest for i, *rest in grads}
-        trained = [[q for q in blocks[b].parameters() if q.requires_grad] for b in range(TRACED)]
-        in_block = {id(q): (p, k) for p, block in enumerate(blocks)
-                    for k, q in enumerate(q for q in block.parameters() if q.requires_grad)}
         mapped = []
         for i, q in enumerate(full_trainable):
             if id(q) in in_block:

@@ -270,7 +270,7 @@ def _with_windows(fwd: Forward, spec: RunSpec, rules):
     so once they are traced at two batches whose forwards made the same gradients (same storages, same
     windows) and the second matches what the first gives there, they are reused instead of traced; the
     rules' state is then `fwd`'s with what the optimizer changed."""
-    from memprof.simulation.batch_scaling import same_state
+    from memprof.simulation.batch_scaling import same_state, same_value
 
     key = (_family_key(spec, rules), *(getattr(spec, f) for f in OPTIMIZER_FIELDS))
     made_by = (fwd.windows, fwd.resident_ids, fwd.next_id)  # the gradients and storages the windows refer to
@@ -286,7 +286,7 @@ def _with_windows(fwd: Forward, spec: RunSpec, rules):
     opt = trace_windows(fwd, spec, rules)
     traced = splice(fwd, opt, rules)
     if seen is None:
-        changed = [{k: v for k, v in after.items() if k not in before or not same_state([{k: before[k]}], [{k: v}])}
+        changed = [{k: v for k, v in after.items() if k not in before or not same_value(before[k], v)}
                    for before, after in zip(fwd.rule_state, opt.rule_state)]
         _WINDOWS[key] = [opt, changed, made_by, None]
     elif seen[3] is None:
