@@ -13,6 +13,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from memprof.simulation import math_attention
 from memprof.budget import DeviceProfile
 
 aten = torch.ops.aten
@@ -674,8 +675,7 @@ class HalfPrecisionAttention(Rule):
             return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
         if kind == "efficient":
             return efficient_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
-        return aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
-                                                       scale=scale)[0]
+        return math_attention.attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
 
     def after_op(self, tracker, func, args, kwargs, out) -> None:
         if func is aten._scaled_dot_product_flash_attention.default:

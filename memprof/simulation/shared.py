@@ -92,11 +92,12 @@ def _copy_state(state: dict) -> dict:
     return {k: type(v)(v) if isinstance(v, (dict, list, set)) else v for k, v in state.items()}
 
 
-def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True) -> Forward:
+def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_attention: bool = True) -> Forward:
     """The steps of `spec` with the stand-in optimizer, on fake tensors, under `rules`. A deep ViT is traced with
     four of its blocks and the rest synthesized (memprof.simulation.repeated_blocks), unless `repeat_blocks`
-    is False or the traced blocks do not repeat exactly."""
-    from memprof.simulation import repeated_blocks, tracing
+    is False or the traced blocks do not repeat exactly; math-path attention is replayed
+    (memprof.simulation.math_attention) unless `replay_attention` is False or the replay breaks."""
+    from memprof.simulation import math_attention, repeated_blocks, tracing
     from memprof.simulation.tracing import _untraceable, to_device_order
 
     with torch.device("meta"):
@@ -124,22 +125,31 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True) -> Forward:
             stack.callback(marks.remove)
         stand_in = _StandIn(tracker, trainable)
         try:
-            tracing.train_steps(model, stand_in, spec, "cpu", tracker.set_phase)  # looked up there: one place to patch
+            with math_attention.replaying() if replay_attention else contextlib.nullcontext():
+                tracing.train_steps(model, stand_in, spec, "cpu", tracker.set_phase)  # looked up there: one place to patch
         except (DataDependentOutputException, DynamicOutputShapeException) as exc:
             raise _untraceable(exc, model) from None
+        broken = math_attention.broken(tracker)
         traced = Forward(mode, model, prepared.frozen, trainable, [tracker.storage_id(local(t)) for t in order],
                          list(tracker.events), dict(tracker.origin), attribution.result(), params, stand_in.windows,
                          [_copy_state(vars(r)) for r in rules], tracker._next_id)
+    if broken:
+        _reset(rules, initial)
+        return trace_forward(spec, rules, repeat_blocks, replay_attention=False)
     if stack_of is None:
         return traced
     try:
         return repeated_blocks.expand(traced, marks, blocks, path, [type(r).__name__ for r in rules], order,
                                       trainable, full_order, full_trainable)
     except repeated_blocks.NotPeriodic:
-        for rule, state in zip(rules, initial):
-            vars(rule).clear()
-            vars(rule).update(_copy_state(state))
-        return trace_forward(spec, rules, repeat_blocks=False)
+        _reset(rules, initial)
+        return trace_forward(spec, rules, repeat_blocks=False, replay_attention=replay_attention)
+
+
+def _reset(rules, states) -> None:
+    for rule, state in zip(rules, states):
+        vars(rule).clear()
+        vars(rule).update(_copy_state(state))
 
 
 @dataclass

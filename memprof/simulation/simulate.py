@@ -3,9 +3,10 @@
 How: the harness runs on fake CPU tensors (FakeTensorMode: shapes, strides and autograd, no data, no
 memory; fake CUDA tensors cannot run backward without a GPU). A StorageTracker logs every storage's
 allocation and release, the CUDA rules (memprof.simulation.rules) add or change what CUDA does differently, and the
-resulting request stream is replayed through the caching-allocator model twice: without a limit, for the
-peaks torch.cuda reports on a card with room (max_memory_allocated / max_memory_reserved), and with the
-budget card's usable memory, for the out-of-memory verdict. The model moves to the device in
+resulting request stream is replayed through the caching-allocator model: without a limit, for the
+peaks torch.cuda reports on a card with room (max_memory_allocated / max_memory_reserved), and, where that
+replay reserves more than the budget card's usable memory, with that limit, for the out-of-memory verdict
+(below the limit the two replays are the same). The model moves to the device in
 `Module.to` order. Every figure this module produces is a prediction.
 
 Allocations that nothing here models (a kernel's own scratch, e.g. cuDNN's convolution workspace) are listed
@@ -34,21 +35,22 @@ class Replay:
     peak_index: int
     phase_peaks: dict
     allocator: CachingAllocatorModel
+    block_bytes: dict  # request id -> the size of the block that served it (fixed while it is allocated)
 
 
-def replay(events, capacity: int | None = None, stop_at: int | None = None, record: bool = False) -> Replay:
-    """Feed the request stream to the allocator model; `stop_at` ends right after that event; `record` keeps
-    the model's history (memprof.simulation.allocator), each entry stamped with its event's index. A SimulatedOOM
-    carries the event's index and the allocator as it was."""
+def replay(events, capacity: int | None = None, record: bool = False) -> Replay:
+    """Feed the request stream to the allocator model; `record` keeps the model's history
+    (memprof.simulation.allocator), each entry stamped with its event's index. A SimulatedOOM carries the event's
+    index and the allocator as it was."""
     alloc = CachingAllocatorModel(capacity, record)
-    phase, peak, peak_index, phase_peaks = "setup", 0, -1, defaultdict(int)
+    phase, peak, peak_index, phase_peaks, block_bytes = "setup", 0, -1, defaultdict(int), {}
     for i, ev in enumerate(events):
         kind = ev[0]
         if record:
             alloc.clock = i
         if kind == ALLOC:
             try:
-                alloc.malloc(ev[1], ev[2])
+                block_bytes[ev[1]] = alloc.malloc(ev[1], ev[2])
             except SimulatedOOM as oom:
                 oom.index, oom.allocator = i, alloc
                 raise
@@ -60,9 +62,19 @@ def replay(events, capacity: int | None = None, stop_at: int | None = None, reco
             alloc.free(ev[1])
         else:
             phase = ev[1]
-        if i == stop_at:
-            break
-    return Replay(peak, alloc.peak_reserved, peak_index, dict(phase_peaks), alloc)
+    return Replay(peak, alloc.peak_reserved, peak_index, dict(phase_peaks), alloc, block_bytes)
+
+
+def blocks_at(events, index: int, block_bytes: dict) -> dict:
+    """Request id -> block bytes of every request allocated right after event `index` (what the allocator
+    holds then: a block's size does not change while it is allocated)."""
+    live = {}
+    for ev in events[: index + 1]:
+        if ev[0] == ALLOC:
+            live[ev[1]] = block_bytes[ev[1]]
+        elif ev[0] == FREE:
+            live.pop(ev[1], None)
+    return live
 
 
 _ARTIFACTS = {"out_dir": None, "snapshot_dir": None}
@@ -109,10 +121,10 @@ def predict_traced(make_trace, budget: str, spec: RunSpec | None = None, out_dir
             t.events = rule.rewrite(t.events)
             folded += rule.folded
     full = replay(t.events, record=out_dir is not None)
-    at_peak = replay(t.events, stop_at=full.peak_index).allocator
+    at_peak = blocks_at(t.events, full.peak_index, full.block_bytes)
     breakdown = dict.fromkeys(CATEGORIES, 0)
-    for sid, block in at_peak._blocks.items():
-        breakdown[t.category[sid]] += block.size
+    for sid, nbytes in at_peak.items():
+        breakdown[t.category[sid]] += nbytes
     phase, step = phase_at(t.events, full.peak_index)
     sums = holder_bytes(t, at_peak, full.peak_index)
     metrics = {
@@ -139,7 +151,10 @@ def predict_traced(make_trace, budget: str, spec: RunSpec | None = None, out_dir
     metrics.update(band(metrics, device))
     status, capped, oom_index = "ok", None, None
     try:
-        capped = replay(t.events, capacity=device.usable_bytes, record=snapshot_dir is not None).allocator
+        # the card's allocator acts as the unlimited one until a new segment would pass its limit: below
+        # it, the limited replay only matters for the snapshot it draws
+        if full.peak_reserved > device.usable_bytes or snapshot_dir is not None:
+            capped = replay(t.events, capacity=device.usable_bytes, record=snapshot_dir is not None).allocator
     except SimulatedOOM as oom:
         oom_phase, oom_step = phase_at(t.events, oom.index)
         metrics["oom"] = {"phase": oom_phase, "step": oom_step, "op": t.events[oom.index][4],
@@ -156,7 +171,7 @@ def predict_traced(make_trace, budget: str, spec: RunSpec | None = None, out_dir
 TOP_MODULES = 10
 
 
-def holder_bytes(t: Trace, at_peak: CachingAllocatorModel, peak_index: int) -> dict:
+def holder_bytes(t: Trace, at_peak: dict, peak_index: int) -> dict:
     """Allocated bytes (block sizes) at the peak per holder and category: holders are module paths
     (parameters, gradients and optimizer state under their parameter's module), or what holds them outside
     modules (memprof.simulation.attribution.holder)."""
@@ -169,9 +184,9 @@ def holder_bytes(t: Trace, at_peak: CachingAllocatorModel, peak_index: int) -> d
         elif ev[0] != FREE:
             phase = ev[1]
     sums: dict = defaultdict(lambda: defaultdict(int))
-    for sid, block in at_peak._blocks.items():
+    for sid, nbytes in at_peak.items():
         cat = t.category[sid]
-        sums[holder(t.module.get(sid, ""), cat, phase_of.get(sid, "setup"))][cat] += block.size
+        sums[holder(t.module.get(sid, ""), cat, phase_of.get(sid, "setup"))][cat] += nbytes
     return sums
 
 

@@ -22,8 +22,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from memprof.simulation.fast_dispatch import FrontCache
+
 ALLOC, FREE, PHASE = 0, 1, 2  # events: (ALLOC, id, nbytes, phase, op), (FREE, id), (PHASE, name, step)
 _DEVICE = torch.ops.prim.device.default  # `Tensor.device` of a fake tensor: asked thousands of times a step
+
+
+FRONT_CACHE = FrontCache()  # one per process, like FakeTensorMode's own cache
 
 
 def _may_allocate(func) -> bool:
@@ -54,6 +59,7 @@ class StorageTracker(TorchDispatchMode):
         self._refs: dict[int, weakref.ref] = {}
         self._next_id = 0
         self._allocating: dict = {}  # op -> its name when it may allocate, else None
+        self.front = FRONT_CACHE  # fake-tensor dispatch through memprof.simulation.fast_dispatch (None: off)
 
     # --- bookkeeping -----------------------------------------------------------------------------
     def _new_id(self) -> int:
@@ -142,7 +148,10 @@ class StorageTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         for rule in self._before:
             rule.before_op(self, func, args, kwargs)
-        out = func(*args, **kwargs)
+        if self.front is not None and torch._C._len_torch_dispatch_stack() == 1:  # FakeTensorMode next
+            out = self.front.call(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
         try:
             op = self._allocating[func]
         except KeyError:

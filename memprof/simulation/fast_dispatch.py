@@ -1,0 +1,144 @@
+"""A front cache for fake-tensor dispatch: what an op returns, by a key that is cheap to build.
+
+Why: a traced step dispatches thousands of ops to FakeTensorMode, and most are repeats (the same op on
+tensors of the same shape). FakeTensorMode caches each op's output metadata too, but builds its key through
+generic Python over fifteen fields per tensor: about 170 of an op's 220 microseconds here. This cache keys an
+op by the op, each tensor argument's shape, strides, dtype, storage offset and requires_grad, and every other
+argument by its type and value, plus the default dtype and inference mode (what FakeTensorMode's key adds).
+On a hit it builds the outputs as FakeTensorMode builds them from its own cache entry (an empty meta tensor
+of the recorded shape, strides and dtype, set onto the input's storage for an output that aliases one).
+
+What it will not cache goes to FakeTensorMode unchanged, every time: ops that mutate their inputs or whose
+outputs depend on data or have data-dependent shapes, arguments it cannot key (a real tensor, a fake constant,
+a symbolic size, an object), outputs that are not plain fake tensors (None inside a tuple aside), a fresh
+output whose storage is not exactly its own extent or is shared with another output, and anything dispatched while another dispatch mode sits
+between the tracker and FakeTensorMode. tests/test_fast_dispatch.py compares its outputs with FakeTensorMode's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
+
+_MISS = object()
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+_UNCACHEABLE_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape, torch.Tag.inplace_view)
+_LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift.default, torch.ops.aten.lift_fresh_copy.default)
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+def _arg_key(a):
+    if type(a) is FakeTensor:
+        if a.constant is not None:
+            raise _Unkeyable
+        return (a.shape, a.stride(), a.dtype, a.storage_offset(), a.requires_grad)
+    if isinstance(a, _PLAIN):
+        return (type(a), a)
+    if isinstance(a, (list, tuple)):
+        return (type(a), tuple(_arg_key(x) for x in a))
+    raise _Unkeyable
+
+
+def _extent_bytes(shape, stride, itemsize: int) -> int:
+    """Bytes of the smallest storage holding a tensor of this shape and these strides at offset 0."""
+    if any(s == 0 for s in shape):
+        return 0
+    return (1 + sum((s - 1) * st for s, st in zip(shape, stride))) * itemsize
+
+
+class FrontCache:
+    """Per key: each output's (shape, stride, dtype, requires_grad, device, index of the argument whose storage it
+    views or None, storage offset) and the sequence type of a multi-output op; None where the op is not cached.
+    At `max_entries` the cache starts again empty (FakeTensorMode's own cache still holds every op)."""
+
+    max_entries = 200_000
+
+    def __init__(self):
+        self.entries: dict = {}
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, func, args, kwargs):
+        try:
+            parts = [func, torch.get_default_dtype(), torch.is_inference_mode_enabled()]
+            parts.extend(_arg_key(a) for a in args)
+            for name, value in kwargs.items():
+                parts.append(name)
+                parts.append(_arg_key(value))
+            return tuple(parts)
+        except _Unkeyable:
+            return None
+
+    def call(self, func, args, kwargs):
+        """`func(*args, **kwargs)`, from the cache where it can be."""
+        key = self.key(func, args, kwargs)
+        if key is None:
+            return func(*args, **kwargs)
+        entry = self.entries.get(key, _MISS)
+        if entry is None:
+            return func(*args, **kwargs)
+        if entry is _MISS:
+            out = func(*args, **kwargs)
+            if len(self.entries) >= self.max_entries:
+                self.entries.clear()
+            self.entries[key] = _entry(func, args, out)
+            self.misses += 1
+            return out
+        self.hits += 1
+        return _build(entry, args)
+
+
+def _entry(func, args, out):
+    """What rebuilds `out` from `args` (outputs' specs, whether a tuple or list), or None when it cannot be
+    rebuilt exactly."""
+    schema = func._schema
+    if schema.is_mutable or func in _LIFTS or any(tag in func.tags for tag in _UNCACHEABLE_TAGS):
+        return None
+    storages, mode = {}, None
+    for i, a in enumerate(args):
+        if type(a) is FakeTensor:
+            storages.setdefault(a.untyped_storage()._cdata, i)
+            mode = mode or a.fake_mode
+    sequence = type(out) if type(out) in (tuple, list) else None
+    outputs = out if sequence else (out,)
+    specs, seen = [], set()
+    for t in outputs:
+        if t is None and sequence:
+            specs.append(None)
+            continue
+        if type(t) is not FakeTensor or t.fake_mode is not mode or t.constant is not None \
+                or t.layout != torch.strided or t.is_conj() or t.is_neg():
+            return None
+        storage = t.untyped_storage()
+        view_idx = storages.get(storage._cdata)
+        shape, stride, offset = tuple(t.shape), t.stride(), t.storage_offset()
+        if view_idx is None:  # a storage of its own: exactly its extent, no other output on it
+            if storage._cdata in seen or offset != 0 \
+                    or storage.nbytes() != _extent_bytes(shape, stride, t.element_size()):
+                return None
+            seen.add(storage._cdata)
+        specs.append((shape, stride, t.dtype, t.requires_grad, t.fake_device, view_idx, offset))
+    return tuple(specs), sequence
+
+
+def _build(entry, args):
+    specs, sequence = entry
+    mode = next(a.fake_mode for a in args if type(a) is FakeTensor)
+    built = []
+    with in_kernel_invocation_manager(mode):
+        for spec in specs:
+            if spec is None:
+                built.append(None)
+                continue
+            shape, stride, dtype, requires_grad, device, view_idx, offset = spec
+            empty = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+            if view_idx is not None:
+                empty.set_(args[view_idx].untyped_storage(), offset, shape, stride)
+            if requires_grad:
+                empty.requires_grad_(True)
+            built.append((empty, device))
+    outs = [None if b is None else FakeTensor(mode, b[0], b[1]) for b in built]
+    return sequence(outs) if sequence else outs[0]
