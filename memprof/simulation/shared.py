@@ -11,8 +11,9 @@ stream is the one `tracing.trace_step` gives, storage ids aside (tests/test_shar
 metric). The rules' state after the shared part is copied into each optimizer's rule instances, so their
 metrics and stream rewrites see both parts.
 
-Two more shortcuts, each exact and checked before it is used: a deep ViT's forward is traced with four of its
-blocks (memprof.simulation.repeated_blocks, in `trace_forward`); within `scaling_in_batch` (fit's probes) the
+More shortcuts, each exact and checked: math-path attention is replayed from recordings
+(memprof.simulation.math_attention, in `trace_forward`, traced again op by op if the replay breaks); a deep
+ViT's forward is traced with four of its blocks (memprof.simulation.repeated_blocks, in `trace_forward`); within `scaling_in_batch` (fit's probes) the
 forward at a new batch comes from a line through two traced batches (memprof.simulation.batch_scaling), and an
 optimizer's windows, once two traces of them agree, are reused at other batches (`_with_windows`).
 
