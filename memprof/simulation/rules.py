@@ -23,6 +23,8 @@ class Rule:
     name = ""
     summary = ""
     source = ""
+    forward_only = False  # its mode() acts only inside the forward (autocast, attention): an optimizer's step alone
+    # is traced without it (memprof.simulation.shared.trace_windows)
 
     def before_op(self, tracker, func, args, kwargs) -> None:
         pass
@@ -79,6 +81,7 @@ class MemEfficientAttention(Rule):
     kernel) gives the CUDA sizes and strides, and autograd then runs the CUDA backward's shape function.
     """
 
+    forward_only = True
     name = "mem-efficient-attention"
     summary = ("fp32 SDPA runs CUDA's memory-efficient kernel: saves an fp32 logsumexp padded to 32 and "
                "returns a [B, L, H, K]-strided output (the reshape after it copies when B > 1)")
@@ -503,6 +506,7 @@ class CudaAutocastPolicy(Rule):
     keep the CPU behaviour; none of them runs in a ViT. The kernels are removed when the rule's mode exits.
     """
 
+    forward_only = True
     name = "cuda-autocast-policy"
     summary = ("autocast follows CUDA's op lists (autocast_mode.h), not the CPU's: low-precision matmuls/convs/"
                "SDPA with one cached cast per weight per region; layer_norm, softmax, nll_loss in fp32; "
@@ -630,6 +634,7 @@ class HalfPrecisionAttention(Rule):
     pass (check_prefer_cudnn_attention); flash is predicted there.
     """
 
+    forward_only = True
     name = "half-precision-attention"
     summary = ("fp16/bf16 SDPA: flash attention on sm80+ (fp32 logsumexp [B,H,L]); below sm80 the memory-efficient "
                "kernel for fp16 and the math path (fp32 scores) for bf16")

@@ -181,7 +181,7 @@ def trace_windows(fwd: Forward, spec: RunSpec, rules) -> Windows:
                 for _, _, grads in fwd.windows]
         tracker = stack.enter_context(StorageTracker(rules))
         tracker._next_id = fwd.next_id
-        for rule_mode in [r.mode() for r in rules if hasattr(r, "mode")]:
+        for rule_mode in [r.mode() for r in rules if hasattr(r, "mode") and not r.forward_only]:
             stack.enter_context(rule_mode)
         for t, sid in zip(to_device_order(model), fwd.resident_ids):
             if sid is not None:
