@@ -25,6 +25,7 @@ class Rule:
     source = ""
     forward_only = False  # its mode() acts only inside the forward (autocast, attention): an optimizer's step alone
     # is traced without it (memprof.simulation.shared.trace_windows)
+    acts_on = None  # the ops its after_op acts on (the tracker calls it for these only); None: every op
 
     def before_op(self, tracker, func, args, kwargs) -> None:
         pass
@@ -58,6 +59,7 @@ class ForeachOptimizer(Rule):
 
 
 class HostLiterals(Rule):
+    acts_on = frozenset({aten._scaled_dot_product_efficient_attention.default})
     name = "host-literals"
     summary = ("tensors made from Python literals without a device (the optimizers' step counters) and the "
                "memory-efficient attention's RNG seed and offset are host memory on CUDA: not counted")
@@ -135,6 +137,7 @@ class CublasWorkspace(Rule):
     2.12 it shares the cuBLAS one.
     """
 
+    acts_on = MATMUL_OPS
     name = "cublas-workspace"
     summary = ("each thread that runs a matmul (forward; autograd's backward thread) holds one cuBLAS workspace "
                "(plus a 1 MiB cuBLASLt one for addmm on torch 2.9-2.11)")
@@ -187,6 +190,7 @@ class EfficientAttentionBackward(Rule):
     128 x 64). All of them are released when the op returns.
     """
 
+    acts_on = frozenset({aten._scaled_dot_product_efficient_attention_backward.default})
     name = "efficient-attention-backward-temporaries"
     summary = ("the fp32 memory-efficient backward copies grad_out unless its [B, M, H, K] view is contiguous, "
                "allocates grad_out*out, its sum, delta [B, H, L] fp32 and, on "
@@ -292,6 +296,7 @@ class InPlaceGradAccumulation(Rule):
     add CUDA performs: no new allocation, and the old storage lives on as the result.
     """
 
+    acts_on = frozenset({aten.add.Tensor})
     name = "in-place-grad-accumulation"
     summary = ("gradients reaching a tensor more than once are summed in place on CUDA (out of place under the "
                "tracing dispatch mode): the out-of-place sum's allocation is folded into the old gradient")
@@ -359,6 +364,7 @@ class ConvWorkspaceBound(Rule):
     released when its op returns, so the largest over the run is reported.
     """
 
+    acts_on = CONV_OPS
     name = "cudnn-conv-workspace-bound"
     summary = ("convolution workspaces are not modelled; bounded by im2col + one copy of each operand, reported "
                "in `unmodelled` and the prediction's upper band")
@@ -635,6 +641,7 @@ class HalfPrecisionAttention(Rule):
     """
 
     forward_only = True
+    acts_on = frozenset({aten._scaled_dot_product_flash_attention.default})
     name = "half-precision-attention"
     summary = ("fp16/bf16 SDPA: flash attention on sm80+ (fp32 logsumexp [B,H,L]); below sm80 the memory-efficient "
                "kernel for fp16 and the math path (fp32 scores) for bf16")
@@ -697,6 +704,7 @@ class FlashAttentionBackward(Rule):
     mha_bwd): softmax_d, fp32 [B, H, ceil(L/128)*128], and the fp32 dq accumulator [B, ceil(L/128)*128, H,
     D rounded up to 32 (64 when D > 128)]; both are released when the op returns."""
 
+    acts_on = frozenset({aten._scaled_dot_product_flash_attention_backward.default})
     name = "flash-attention-backward-temporaries"
     summary = "the flash backward holds fp32 softmax_d [B,H,L128] and dq_accum [B,L128,H,D32] while it runs"
     source = "aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp mha_bwd (unpinned copy)"
@@ -762,6 +770,7 @@ class LayerNormStatsFp32(Rule):
     kernel, e.g. bf16 activations with fp32 weights under CPU autocast); the reference shape function used
     on fake tensors gives them the input's dtype. `on_cpu` applies the CPU condition, else CUDA's."""
 
+    acts_on = frozenset({aten.native_layer_norm.default})
     name = "layer-norm-stats-fp32"
     summary = "layer_norm's saved mean/rstd are fp32 for half inputs on CUDA (and for mixed dtypes on the CPU)"
     source = "aten/src/ATen/native/cuda/layer_norm_kernel.cu; aten/src/ATen/native/cpu/layer_norm_kernel.cpp"

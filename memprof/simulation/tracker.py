@@ -46,6 +46,7 @@ class StorageTracker(TorchDispatchMode):
         # only the rules that act per op are called per op
         self._before = tuple(r for r in self.rules if _overrides(r, "before_op"))
         self._after = tuple(r for r in self.rules if _overrides(r, "after_op"))
+        self._after_for: dict = {}  # op -> the rules whose after_op acts on it (Rule.acts_on)
         self.limit_bytes = limit_bytes
         self.live_bytes = 0
         self._sizes: dict[int, int] = {}
@@ -164,7 +165,12 @@ class StorageTracker(TorchDispatchMode):
                     for u in t:
                         if isinstance(u, torch.Tensor):
                             self.register(u, op)
-        for rule in self._after:
+        try:
+            after = self._after_for[func]
+        except KeyError:
+            after = self._after_for[func] = tuple(r for r in self._after if getattr(r, "acts_on", None) is None
+                                                  or func in r.acts_on)
+        for rule in after:
             rule.after_op(self, func, args, kwargs, out)
         return out
 
