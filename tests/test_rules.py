@@ -9,6 +9,7 @@ from memprof.budget import PROFILES, parse_budget
 from memprof.simulation.rules import (CublasWorkspace, EfficientAttentionBackward, HostLiterals, MemEfficientAttention,
                            TimmForeachChunks, cublas_workspace_bytes)
 from memprof.simulation.tracker import ALLOC, FREE, StorageTracker
+from memprof.spec import RunSpec
 
 
 def allocs(tracker, contains=""):
@@ -298,3 +299,38 @@ def test_in_place_accumulation_folds_the_dense_sums():
         elif ev[0] == FREE:
             assert ev[1] in live and ev[1] not in freed
             freed.add(ev[1])
+
+
+def _predicted(spec):
+    from memprof.simulation import shared
+    from memprof.simulation.simulate import predict
+
+    shared.clear()
+    status, metrics = predict(spec)
+    return status, {k: v for k, v in metrics.items() if not k.startswith(("trace_seconds", "elapsed"))}
+
+
+ACTS_ON_SPECS = [RunSpec("test-vit", "adamw", precision="bf16-amp", optim_impl="fused", budget="a100-80g"),
+                 RunSpec("test-vit", "sgd", budget="titan-x")]
+
+
+@pytest.mark.parametrize("spec", ACTS_ON_SPECS, ids=lambda s: f"{s.precision}-{s.budget}")
+def test_acts_on_skips_only_calls_that_do_nothing(spec, monkeypatch):
+    """The tracker calls a rule's after_op only for its `acts_on` ops: the prediction equals one with every rule
+    called for every op."""
+    from memprof.simulation import rules
+
+    filtered = _predicted(spec)
+    for cls in rules.RULES.values():
+        monkeypatch.setattr(cls, "acts_on", None)
+    assert _predicted(spec) == filtered
+
+
+def test_a_rule_left_without_its_ops_changes_the_prediction(monkeypatch):
+    """Negative control: the cuBLAS workspace rule acting on no op drops its workspaces."""
+    from memprof.simulation import rules
+
+    spec = ACTS_ON_SPECS[1]
+    full = _predicted(spec)
+    monkeypatch.setattr(rules.CublasWorkspace, "acts_on", frozenset())
+    assert _predicted(spec) != full

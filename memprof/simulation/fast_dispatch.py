@@ -42,7 +42,7 @@ def _arg_key(a):
     raise _Unkeyable
 
 
-def _extent_bytes(shape, stride, itemsize: int) -> int:
+def extent_bytes(shape, stride, itemsize: int) -> int:
     """Bytes of the smallest storage holding a tensor of this shape and these strides at offset 0."""
     if any(s == 0 for s in shape):
         return 0
@@ -117,7 +117,7 @@ def _entry(func, args, out):
         shape, stride, offset = tuple(t.shape), t.stride(), t.storage_offset()
         if view_idx is None:  # a storage of its own: exactly its extent, no other output on it
             if storage._cdata in seen or offset != 0 \
-                    or storage.nbytes() != _extent_bytes(shape, stride, t.element_size()):
+                    or storage.nbytes() != extent_bytes(shape, stride, t.element_size()):
                 return None
             seen.add(storage._cdata)
         specs.append((shape, stride, t.dtype, t.requires_grad, t.fake_device, view_idx, offset))

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memprof.simulation.distributed import relabel, release
+from memprof.simulation.fast_dispatch import extent_bytes
 from memprof.simulation.tracker import ALLOC, FREE, StorageTracker
 
 aten = torch.ops.aten
@@ -53,7 +55,24 @@ class Template:
     bwd: dict = field(default_factory=dict)  # incoming gradient's layout -> (entries, gradients' layouts) or _REFUSED
 
 
-STATS = {"recorded": 0, "replayed": 0}  # forward recordings and replayed calls in this process
+STATS = {"replayed": 0}  # replayed calls in this process
+
+
+@dataclass
+class _TraceState:
+    """One trace's replays: its recordings (made under its rules), why it broke, the released gradients watched."""
+    templates: dict = field(default_factory=dict)  # (inputs' layout, is_causal, scale) -> Template or _REFUSED
+    broken: str | None = None
+    watches: list = field(default_factory=list)
+
+
+_STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tracker -> _TraceState
+
+
+def _state(tracker) -> _TraceState:
+    if tracker not in _STATES:
+        _STATES[tracker] = _TraceState()
+    return _STATES[tracker]
 
 
 @contextlib.contextmanager
@@ -91,18 +110,12 @@ def _inputs_key(tensors) -> tuple | None:
 
 
 def _base(dtype, nbytes: int, requires_grad: bool = False) -> torch.Tensor:
-    itemsize = dtype.itemsize
-    return torch.empty((nbytes // itemsize,), dtype=dtype, requires_grad=requires_grad)
-
-
-def _extent(shape, stride, itemsize: int) -> int:
-    return 0 if 0 in shape else (1 + sum((n - 1) * st for n, st in zip(shape, stride))) * itemsize
+    return torch.empty((nbytes // dtype.itemsize,), dtype=dtype, requires_grad=requires_grad)
 
 
 def _make(shape, stride, offset, dtype, nbytes) -> tuple[torch.Tensor, torch.Tensor]:
     """(owner of the new storage, the tensor of this layout on it): one tensor unless the layout needs a view."""
-    itemsize = dtype.itemsize
-    if offset == 0 and nbytes == _extent(shape, stride, itemsize):
+    if offset == 0 and nbytes == extent_bytes(shape, stride, dtype.itemsize):
         t = torch.empty_strided(shape, stride, dtype=dtype)
         return t, t
     base = _base(dtype, nbytes)
@@ -292,7 +305,7 @@ class _Replay(torch.autograd.Function):
         local = dict(ctx.saved_sids)
         ctx.saved_sids = {}
         if recorded is _REFUSED:
-            tracker.math_replay_broken = "a replayed attention's backward could not be recorded"
+            _state(tracker).broken = "a replayed attention's backward could not be recorded"
             for sid in local.values():
                 tracker.free_synthetic(sid)
             grads = [torch.empty(shape, dtype=dtype) for shape, _st, _off, dtype, _n, _g in ctx.key]
@@ -315,14 +328,8 @@ class _Replay(torch.autograd.Function):
 
 def _made(tracker, layout, op: str) -> torch.Tensor:
     """A fake tensor of `layout` on a storage of its own, its request logged under `op`."""
-    shape, stride, offset, dtype, nbytes = layout
-    base, view = _make(shape, stride, offset, dtype, nbytes)
-    sid = tracker.storage_id(base)
-    ev = tracker.events[-1]
-    if ev[0] != ALLOC or ev[1] != sid:
-        raise AssertionError("a replayed output's request is not the last event")
-    tracker.events[-1] = (ALLOC, sid, ev[2], ev[3], op)
-    tracker.origin[sid] = op
+    base, view = _make(*layout)
+    relabel(tracker, tracker.storage_id(base), op)
     return view
 
 
@@ -330,27 +337,26 @@ def _release_now(tracker, tensor: torch.Tensor) -> dict:
     """Log the release of `tensor`'s storage now (the composite releases it here; the replay's node holds it
     until it returns). Returns the watch whose "events" the caller sets when the node returns: the storage's
     actual death must come then, with no event in between, else the tracker is marked broken."""
-    st = tensor.untyped_storage()
-    sid = tracker._by_cdata.pop(st._cdata)
-    tracker._refs.pop(sid, None)
-    tracker.live_bytes -= tracker._sizes.pop(sid)
-    tracker.events.append((FREE, sid))
-    watch = {"events": None}
+    release(tracker, tensor)  # logged now; the storage's own death will log nothing
+    state, events, watch = _state(tracker), tracker.events, {"events": None}  # (no reference back to the tracker)
 
     def died(_ref):
-        if len(tracker.events) != watch["events"]:
-            tracker.math_replay_broken = "an incoming gradient outlived the replayed attention's backward"
+        if len(events) != watch["events"]:
+            state.broken = "an incoming gradient outlived the replayed attention's backward"
 
-    watch["ref"] = weakref.ref(st, died)
-    tracker.math_replay_watches = [*getattr(tracker, "math_replay_watches", []), watch]
+    watch["ref"] = weakref.ref(tensor.untyped_storage(), died)
+    state.watches.append(watch)
     return watch
 
 
 def broken(tracker) -> str | None:
     """Why `tracker`'s stream is not the composite's (see the module docstring), or None."""
-    if getattr(tracker, "math_replay_broken", None):
-        return tracker.math_replay_broken
-    if any(w["ref"]() is not None for w in getattr(tracker, "math_replay_watches", [])):
+    state = _STATES.get(tracker)
+    if state is None:
+        return None
+    if state.broken:
+        return state.broken
+    if any(w["ref"]() is not None for w in state.watches):
         return "an incoming gradient outlived the trace"
     return None
 
@@ -363,15 +369,14 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale):
                   and all(t.requires_grad for t in (query, key, value))
                   and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
     key_ = _inputs_key((query, key, value)) if replayable else None
-    if key_ is None:
+    template = _REFUSED
+    if key_ is not None:
+        templates = _state(tracker).templates
+        signature = (key_, is_causal, scale)
+        if signature not in templates:
+            templates[signature] = _record_forward(tracker, key_, is_causal, scale)
+        template = templates[signature]
+    if template is _REFUSED:
         return aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
                                                        scale=scale)[0]
-    signature = (key_, is_causal, scale)
-    templates = tracker.__dict__.setdefault("math_templates", {})  # one trace's: its rules made them
-    template = templates.get(signature)
-    if template is None:
-        template = templates[signature] = _record_forward(tracker, key_, is_causal, scale)
-        STATS["recorded"] += 1
-    if template is _REFUSED:
-        return aten._scaled_dot_product_attention_math(query, key, value, None, 0.0, is_causal, scale=scale)[0]
     return _Replay.apply(query, key, value, tracker, template, key_, is_causal, scale)
