@@ -1,11 +1,15 @@
 """The front cache for fake-tensor dispatch (memprof.simulation.fast_dispatch) builds what FakeTensorMode builds."""
 
+import gc
+import weakref
+
 import pytest
 import torch
-from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch._subclasses.fake_tensor import (DataDependentOutputException, FakeTensor, FakeTensorMode,
+                                           in_kernel_invocation_manager)
 
 from memprof.simulation import shared, tracker
-from memprof.simulation.fast_dispatch import FrontCache
+from memprof.simulation.fast_dispatch import _PROTOTYPES, FrontCache, _fake_tensor
 from memprof.simulation.simulate import predict
 from memprof.spec import RunSpec
 
@@ -55,12 +59,16 @@ def calls():
         (aten.mul.Scalar, (x.to(torch.int64), 2.0), {}),
         (aten.native_layer_norm.default, (x, [8], torch.empty(8), torch.empty(8), 1e-5), {}),
         (aten.unbind.int, (x, 0), {}),
+        (aten.empty_strided.default, ([3, 4], [1, 3]), {"dtype": torch.bfloat16}),  # factories
+        (aten.empty.memory_format, ([5, 2],), {}),
+        (aten.full.default, ([2, 3], 1.5), {}),
+        (aten.zeros.default, ([4],), {"dtype": torch.int64}),
     ]
 
 
 def test_hits_build_what_fake_tensor_mode_builds():
-    cache = FrontCache()
-    with FakeTensorMode(), torch._C._AutoDispatchBelowAutograd():  # where the tracker calls it
+    cache, mode = FrontCache(), FakeTensorMode()
+    with mode, torch._C._AutoDispatchBelowAutograd():  # where the tracker calls it
         for func, args, kwargs in calls():
             expected = describe(func(*args, **kwargs), args)  # FakeTensorMode itself
             first = cache.call(func, args, kwargs)
@@ -70,7 +78,18 @@ def test_hits_build_what_fake_tensor_mode_builds():
             assert describe(second, args) == expected, func
             assert cache.hits == hits + 1, f"{func} was not cached"
             if isinstance(second, torch.Tensor):
-                assert second.fake_mode is args[0].fake_mode
+                assert second.fake_mode is mode
+
+
+def test_a_factory_hit_belongs_to_the_fake_tensor_mode_in_force():
+    """The cache outlives a FakeTensorMode (one per process): a factory has no argument to take its mode from."""
+    cache = FrontCache()
+    args = ([3, 4], [4, 1])
+    for _ in range(2):
+        with FakeTensorMode() as mode:
+            out = cache.call(aten.empty_strided.default, args, {})
+            assert out.fake_mode is mode
+    assert cache.hits == 1
 
 
 def test_int_and_float_scalars_are_different_keys():
@@ -124,3 +143,25 @@ def test_predictions_equal_with_the_cache_off(monkeypatch):
     assert on[0] == off[0]
     assert {k: v for k, v in on[1].items() if not k.startswith(drop)} == \
         {k: v for k, v in off[1].items() if not k.startswith(drop)}
+
+
+def test_a_built_fake_tensor_is_one_fake_tensor_mode_would_make():
+    """fast_dispatch._fake_tensor copies a FakeTensor's attributes instead of running its constructor: same
+    attributes, type, device and dispatch; the mode is not kept alive by the copy."""
+    mode = FakeTensorMode()
+    with in_kernel_invocation_manager(mode):
+        elems = [torch.empty_strided((3, 4), (1, 3), dtype=torch.bfloat16, device="meta") for _ in range(3)]
+    cpu = torch.device("cpu")
+    official = FakeTensor(mode, elems[0], cpu)
+    first, second = _fake_tensor(mode, elems[1], cpu), _fake_tensor(mode, elems[2], cpu)  # built by __new__, copied
+    for t in (first, second):
+        assert type(t) is FakeTensor and vars(t) == vars(official)
+        assert (t.device, t.shape, t.stride(), t.dtype) == (official.device, official.shape, official.stride(),
+                                                            official.dtype)
+    with mode:
+        added = second + 1
+    assert type(added) is FakeTensor
+    gone = weakref.ref(mode)
+    del mode, official, first, second, elems, added, t
+    gc.collect()
+    assert gone() is None and not any(True for _ in _PROTOTYPES.keys())

@@ -17,8 +17,10 @@ between the tracker and FakeTensorMode. tests/test_fast_dispatch.py compares its
 
 from __future__ import annotations
 
+import weakref
+
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConfig, in_kernel_invocation_manager
 
 _MISS = object()
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -84,14 +86,14 @@ class FrontCache:
             out = func(*args, **kwargs)
             if len(self.entries) >= self.max_entries:
                 self.entries.clear()
-            self.entries[key] = _entry(func, args, out)
+            self.entries[key] = _entry(func, args, out, kwargs)
             self.misses += 1
             return out
         self.hits += 1
         return _build(entry, args)
 
 
-def _entry(func, args, out):
+def _entry(func, args, out, kwargs=None):
     """What rebuilds `out` from `args` (outputs' specs, whether a tuple or list), or None when it cannot be
     rebuilt exactly."""
     schema = func._schema
@@ -102,6 +104,8 @@ def _entry(func, args, out):
         if type(a) is FakeTensor:
             storages.setdefault(a.untyped_storage()._cdata, i)
             mode = mode or a.fake_mode
+    if mode is None and not any(_has_tensor(a) for a in (*args, *(kwargs or {}).values())):  # a factory: see _build
+        mode = _fake_mode()
     sequence = type(out) if type(out) in (tuple, list) else None
     outputs = out if sequence else (out,)
     specs, seen = [], set()
@@ -124,9 +128,18 @@ def _entry(func, args, out):
     return tuple(specs), sequence
 
 
+def _has_tensor(a) -> bool:
+    return isinstance(a, torch.Tensor) or isinstance(a, (list, tuple)) and any(_has_tensor(x) for x in a)
+
+
+def _fake_mode():
+    """The FakeTensorMode in force: a factory's outputs (no tensor argument to take a mode from) are its."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+
+
 def _build(entry, args):
     specs, sequence = entry
-    mode = next(a.fake_mode for a in args if type(a) is FakeTensor)
+    mode = next((a.fake_mode for a in args if type(a) is FakeTensor), None) or _fake_mode()
     built = []
     with in_kernel_invocation_manager(mode):
         for spec in specs:
@@ -140,5 +153,31 @@ def _build(entry, args):
             if requires_grad:
                 empty.requires_grad_(True)
             built.append((empty, device))
-    outs = [None if b is None else FakeTensor(mode, b[0], b[1]) for b in built]
+    outs = [None if b is None else _fake_tensor(mode, *b) for b in built]
     return sequence(outs) if sequence else outs[0]
+
+
+_PROTOTYPES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # mode -> {device: a FakeTensor's vars}
+
+
+def _fake_tensor(mode, elem: torch.Tensor, device: torch.device) -> FakeTensor:
+    """`FakeTensor(mode, elem, device)` at a third of the cost: the subclass made as FakeTensor.__new__ makes it,
+    then given the attributes (mode, device, empty memos) of one FakeTensor built by __new__ for this mode and
+    device. Built by __new__ itself in FakeTensorMode's debug mode and under export (which track tensors)."""
+    if FakeTensorConfig.debug or torch.compiler.is_exporting():
+        return FakeTensor(mode, elem, device)
+    by_device = _PROTOTYPES.setdefault(mode, {})
+    attrs = by_device.get(device)
+    if attrs is None:
+        made = FakeTensor(mode, elem, device)
+        by_device[device] = {k: v for k, v in vars(made).items() if k != "fake_mode"}  # (no reference to the key)
+        return made
+    t = torch.Tensor._make_subclass(FakeTensor, elem, elem.requires_grad, dispatch_device=True,
+                                    device_for_backend_keys=device)
+    if mode._allow_unsafe_data_ptr_access:
+        torch._C._set_warn_deprecated_on_mutable_data_ptr(t)
+    else:
+        torch._C._set_throw_on_mutable_data_ptr(t)
+    t.__dict__.update(attrs)
+    t.fake_mode = mode
+    return t
