@@ -22,6 +22,14 @@ def canonical(t) -> tuple:
     return events, {ids[s]: (t.category.get(s), t.module.get(s), t.origin.get(s)) for s in ids}
 
 
+@pytest.fixture(autouse=True)
+def no_recordings():
+    """Each test records afresh, and leaves no recording (some are wrong on purpose) to later tests."""
+    math_attention.clear()
+    yield
+    math_attention.clear()
+
+
 def traced(spec, replay: bool, monkeypatch):
     with monkeypatch.context() as m:
         if not replay:
@@ -98,3 +106,39 @@ def test_a_gradient_held_past_the_node_breaks_the_replay(monkeypatch):
     assert reasons and reasons[0] is not None and "outlived" in reasons[0]
     assert reasons[-1] is None  # the second trace, op by op
     assert canonical(replayed) == canonical(traced(spec, False, monkeypatch))
+
+
+def test_a_later_trace_under_rules_in_the_same_state_replays_the_recordings(monkeypatch):
+    """Recordings are kept for the process: the second trace of a spec (the next optimizer on the same model, as
+    here) records nothing and its stream is still the composite's; rules in another state record afresh."""
+    calls = []
+    record = math_attention._record_forward
+    monkeypatch.setattr(math_attention, "_record_forward", lambda *a: calls.append(1) or record(*a))
+    first, second = SPECS[0], RunSpec("test-vit", "sgd", precision="bf16-amp", optim_impl="fused", budget="titan-x")
+    traced(first, True, monkeypatch)
+    recorded = len(calls)
+    assert recorded > 0
+    assert canonical(traced(second, True, monkeypatch)) == canonical(traced(second, False, monkeypatch))
+    assert len(calls) == recorded
+    other_card = RunSpec("test-vit", "sgd", precision="bf16-amp", optim_impl="fused", budget="12GiB@7.0")
+    traced(other_card, True, monkeypatch)
+    assert len(calls) > recorded  # a bare size has no known L2 cache: the rules stand differently, recorded afresh
+
+
+def test_a_wrong_recording_reaches_the_later_trace(monkeypatch):
+    """Negative control for the test above: the second trace does replay the first one's recordings, so a wrong
+    one shows in its stream."""
+    record = math_attention._record_backward
+
+    def wrong(*args):
+        entries, layouts = record(*args)
+        i = next(i for i, e in enumerate(entries) if e[0] == "a")
+        kind, local, nbytes, op = entries[i]
+        return [*entries[:i], (kind, local, nbytes + 1, op), *entries[i + 1:]], layouts
+
+    second = RunSpec("test-vit", "sgd", precision="bf16-amp", optim_impl="fused", budget="titan-x")
+    composite = canonical(traced(second, False, monkeypatch))
+    with monkeypatch.context() as m:
+        m.setattr(math_attention, "_record_backward", wrong)
+        traced(SPECS[0], True, monkeypatch)
+    assert canonical(traced(second, True, monkeypatch)) != composite

@@ -22,8 +22,12 @@ inputs' layout (shape, strides, offset, dtype, storage) and on the incoming grad
   the composite op by op.
 
 Used only inside `replaying()` (the shared forward trace), with gradients on, no mask, no dropout and no
-saved-tensor hooks (checkpointing keeps nothing and recomputes). Recordings last for one trace (they are
-made under its rules). tests/test_math_attention.py compares replayed traces with op-by-op ones.
+saved-tensor hooks (checkpointing keeps nothing and recomputes). Recordings are kept for the process, by
+layout and by the rules' state where the trace first attends: a trace under rules that stand as an earlier
+one's (the same card and precision, e.g. the next optimizer on the same model) replays that trace's recordings.
+Within a trace the first recording of a layout serves every call (a recording that would change the rules'
+state is refused). tests/test_math_attention.py compares replayed traces
+with op-by-op ones.
 """
 
 from __future__ import annotations
@@ -60,10 +64,29 @@ STATS = {"replayed": 0}  # replayed calls in this process
 
 @dataclass
 class _TraceState:
-    """One trace's replays: its recordings (made under its rules), why it broke, the released gradients watched."""
-    templates: dict = field(default_factory=dict)  # (inputs' layout, is_causal, scale) -> Template or _REFUSED
+    """One trace's replays: the rules' state where it first attends (its recordings' key), why it broke, the
+    released gradients watched."""
+    rules: tuple | None = None
     broken: str | None = None
     watches: list = field(default_factory=list)
+
+
+# (the rules' state where a trace first attends, inputs' layout, is_causal, scale) -> Template or _REFUSED
+_TEMPLATES: dict = {}
+MAX_TEMPLATES = 1024
+
+
+def clear() -> None:
+    """Forget every recording."""
+    _TEMPLATES.clear()
+
+
+def _rules_key(tracker) -> tuple:
+    """The tracker's rules and their state (memprof.simulation.repeated_blocks._snapshot), hashable."""
+    from memprof.simulation.repeated_blocks import _snapshot
+
+    return tuple((type(r).__qualname__, *((k, frozenset(v.items()) if isinstance(v, dict) else v)
+                                          for k, v in _snapshot(r).items())) for r in tracker.rules)
 
 
 _STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tracker -> _TraceState
@@ -371,11 +394,15 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale):
     key_ = _inputs_key((query, key, value)) if replayable else None
     template = _REFUSED
     if key_ is not None:
-        templates = _state(tracker).templates
-        signature = (key_, is_causal, scale)
-        if signature not in templates:
-            templates[signature] = _record_forward(tracker, key_, is_causal, scale)
-        template = templates[signature]
+        state = _state(tracker)
+        if state.rules is None:
+            state.rules = _rules_key(tracker)
+        signature = (state.rules, key_, is_causal, scale)
+        if signature not in _TEMPLATES:
+            if len(_TEMPLATES) >= MAX_TEMPLATES:
+                _TEMPLATES.clear()
+            _TEMPLATES[signature] = _record_forward(tracker, key_, is_causal, scale)
+        template = _TEMPLATES[signature]
     if template is _REFUSED:
         return aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
                                                        scale=scale)[0]
