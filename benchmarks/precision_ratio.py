@@ -5,7 +5,7 @@ memprof.simulation.shared.clear), one torch thread as the workers run. A round p
 goes first alternates), so a slow spell of the shared cores falls on both: the figure judged is the median of
 the rounds' ratios; the median times are printed beside it. Exits 1 if any configuration's is over 1.2.
 
-    PYTHONPATH=. python benchmarks/precision_ratio.py [--rounds 9] [--models vit-b-16,vit-l-14,vit-h-14]
+    PYTHONPATH=. python benchmarks/precision_ratio.py [--rounds 15] [--models vit-b-16,vit-l-14,vit-h-14]
 """
 
 import argparse
@@ -40,7 +40,7 @@ def paired_s(fp32: RunSpec, amp: RunSpec, rounds: int) -> tuple[list, list]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--models", default="vit-b-16,vit-l-14,vit-h-14")
     ap.add_argument("--optims", default=",".join(PAPER_OPTIMS))
     ap.add_argument("--budget", default="titan-x", help="the card: its compute capability picks the attention kernel")
