@@ -23,7 +23,6 @@ import torch
 
 from collections import defaultdict
 from dataclasses import replace
-from functools import partial
 
 from memprof.simulation.attribution import _ModuleStack
 from memprof.simulation.batch_scaling import same_value
@@ -286,17 +285,11 @@ class Synthesis:
         starts.update({b[0]: (a, b, asc) for a, b, asc in self.pairs})
         out, windows, i = [], {}, 0
 
-        named: dict = {}  # (position, storage) -> its name there: each storage is named by several events
-
         def emit(span, position):
-            tagged, at = self.tagged, (self._block2 if position == "block 2" else partial(self.at, position))
             for k in range(*span):
-                ev = tagged[k][0]
-                if ev[0] == ALLOC or ev[0] == FREE:
-                    key = (position, ev[1])
-                    sid = named.get(key)
-                    if sid is None:
-                        sid = named[key] = at(ev[1])
+                ev = self.tagged[k][0]
+                if ev[0] in (ALLOC, FREE):
+                    sid = self.at(position, ev[1]) if position != "block 2" else self._block2(ev[1])
                     ev = (ev[0], sid, *ev[2:])
                 out.append(ev)
 
