@@ -26,8 +26,7 @@ saved-tensor hooks (checkpointing keeps nothing and recomputes). Recordings are 
 layout and by the rules' state where the trace first attends: a trace under rules that stand as an earlier
 one's (the same card and precision, e.g. the next optimizer on the same model) replays that trace's recordings.
 Within a trace the first recording of a layout serves every call (a recording that would change the rules'
-state is refused). tests/test_math_attention.py compares replayed traces
-with op-by-op ones.
+state is refused). tests/test_math_attention.py compares replayed traces with op-by-op ones.
 """
 
 from __future__ import annotations
