@@ -1,5 +1,13 @@
+import signal
+
 import pytest
 import torch
+
+# A shell's background job (`pytest ... &` in a script) starts with SIGINT ignored, and every process it spawns
+# inherits that: the tests that press Ctrl-C on a memprof run would see it ignored. As a terminal's foreground
+# job, SIGINT raises KeyboardInterrupt here and is at its default in the runs the tests start.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -13,8 +21,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_forward_traces():
-    """Each test predicts from scratch: no forward trace carried over from another test's predictions."""
-    from memprof.simulation import shared
+    """Each test predicts from scratch: no forward trace or attention recording carried over from another test's
+    predictions."""
+    from memprof.simulation import math_attention, shared
 
     shared.clear()
+    math_attention.clear()
     yield
