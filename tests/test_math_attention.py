@@ -53,9 +53,8 @@ def test_replayed_stream_is_the_composites(spec, monkeypatch):
     assert canonical(replayed) == canonical(traced(spec, False, monkeypatch))
 
 
-def test_a_wrong_template_changes_the_stream(monkeypatch):
-    """Negative control for the comparison: a recorded backward request one byte larger shows in the stream."""
-    record = math_attention._record_backward
+def one_byte_larger(record):
+    """`record` (math_attention._record_backward) with its first backward request one byte larger."""
 
     def wrong(*args):
         entries, layouts = record(*args)
@@ -63,6 +62,12 @@ def test_a_wrong_template_changes_the_stream(monkeypatch):
         kind, local, nbytes, op = entries[i]
         return [*entries[:i], (kind, local, nbytes + 1, op), *entries[i + 1:]], layouts
 
+    return wrong
+
+
+def test_a_wrong_template_changes_the_stream(monkeypatch):
+    """Negative control for the comparison: a recorded backward request one byte larger shows in the stream."""
+    wrong = one_byte_larger(math_attention._record_backward)
     spec = SPECS[0]
     composite = canonical(traced(spec, False, monkeypatch))
     monkeypatch.setattr(math_attention, "_record_backward", wrong)
@@ -128,14 +133,7 @@ def test_a_later_trace_under_rules_in_the_same_state_replays_the_recordings(monk
 def test_a_wrong_recording_reaches_the_later_trace(monkeypatch):
     """Negative control for the test above: the second trace does replay the first one's recordings, so a wrong
     one shows in its stream."""
-    record = math_attention._record_backward
-
-    def wrong(*args):
-        entries, layouts = record(*args)
-        i = next(i for i, e in enumerate(entries) if e[0] == "a")
-        kind, local, nbytes, op = entries[i]
-        return [*entries[:i], (kind, local, nbytes + 1, op), *entries[i + 1:]], layouts
-
+    wrong = one_byte_larger(math_attention._record_backward)
     second = RunSpec("test-vit", "sgd", precision="bf16-amp", optim_impl="fused", budget="titan-x")
     composite = canonical(traced(second, False, monkeypatch))
     with monkeypatch.context() as m:
