@@ -13,9 +13,10 @@ metrics and stream rewrites see both parts.
 
 More shortcuts, each exact and checked: math-path attention is replayed from recordings
 (memprof.simulation.math_attention, in `trace_forward`, traced again op by op if the replay breaks); a deep
-ViT's forward is traced with four of its blocks (memprof.simulation.repeated_blocks, in `trace_forward`); within `scaling_in_batch` (fit's probes) the
-forward at a new batch comes from a line through two traced batches (memprof.simulation.batch_scaling), and an
-optimizer's windows, once two traces of them agree, are reused at other batches (`_with_windows`).
+ViT's forward is traced with four of its blocks (memprof.simulation.repeated_blocks, in `trace_forward`);
+within `scaling_in_batch` (fit's probes) the forward at a new batch comes from a line through two traced
+batches (memprof.simulation.batch_scaling), and an optimizer's windows, once two traces of them agree, are
+reused at other batches (`_with_windows`).
 
 Traced whole instead (`shareable`): optimizer-in-backward (its steps run inside backward), fp16-amp (the
 GradScaler steps the optimizer), data-parallel and sharded runs, `py:` models (the user's factory), and real
