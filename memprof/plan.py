@@ -108,6 +108,20 @@ def gpu_present() -> bool:
     return torch.cuda.is_available()
 
 
+def cuda_facts() -> tuple[str, int]:
+    """(name, total bytes) of CUDA device 0, from NVML where it answers: the process that plans and writes a
+    measured run makes no CUDA context on the card its workers measure."""
+    from memprof.backends.nvml import device_facts
+
+    facts = device_facts()
+    if facts is None:
+        import torch
+
+        props = torch.cuda.get_device_properties(0)
+        return props.name, props.total_memory
+    return facts.name, facts.total_bytes
+
+
 def resolve_backend(requested: str) -> tuple[str, str]:
     """auto: cuda where a GPU is present, else simulate; returns it with the line that announces it."""
     if requested not in BACKENDS:
@@ -117,11 +131,7 @@ def resolve_backend(requested: str) -> tuple[str, str]:
         raise UsageError("--backend cuda needs a CUDA GPU and none is visible: use --backend simulate (predicts) "
                          "or --backend cpu (measures on the CPU)", option="backend")
     backend = ("cuda" if has_gpu else "simulate") if requested == "auto" else requested
-    gpu_name = ""
-    if has_gpu:
-        import torch
-
-        gpu_name = torch.cuda.get_device_name()
+    gpu_name = cuda_facts()[0] if has_gpu else ""
     what = {"cuda": f"measuring on {gpu_name} with torch.cuda and NVML",
             "simulate": "every figure is predicted, not measured",
             "cpu": "measuring live tensor bytes on the CPU"}[backend]
@@ -144,11 +154,9 @@ def resolve_budget(budget: str | None, backend: str, notes: list) -> str:
         notes.append(f"memprof: note: on the cpu backend --budget {budget} caps live tensor bytes at the card's "
                      f"usable memory (emulated on the host, no allocator model)")
     if backend == "cuda":
-        import torch
-
         from memprof.budget import NOMINAL_TOLERANCE
 
-        total = torch.cuda.get_device_properties(0).total_memory
+        total = cuda_facts()[1]
         if profile.total_bytes > total * (1 + NOMINAL_TOLERANCE):
             raise UsageError(f"--budget {budget} ({profile.total_bytes / (1 << 30):.0f} GiB) is larger than this GPU "
                              f"({total / (1 << 30):.0f} GiB): pick a smaller budget, or `device`", option="budget")
@@ -282,9 +290,13 @@ def parallel_axes(opts: dict, state_bits: list, backend: str) -> list[dict]:
     if world > 1 and kinds == ["none"]:
         raise UsageError(f"--world-size {world} needs a parallelism: add --parallel ddp or fsdp (or ddp,fsdp)",
                          option="world_size")
-    if kinds != ["none"] and backend != "simulate":
-        raise UsageError(f"--parallel {opts['parallel']}: ranks on a fake process group are predicted only: use "
-                         f"--backend simulate", option="parallel")
+    if kinds != ["none"] and backend == "cpu":
+        raise UsageError(f"--parallel {opts['parallel']}: the cpu backend has no parallel runs: predict with --backend "
+                         f"simulate (rank 0 on a fake process group), or measure world size 1 with --backend cuda",
+                         option="parallel")
+    if kinds != ["none"] and backend == "cuda" and world != 1:
+        raise UsageError(f"--world-size {world}: one GPU measures world size 1 (real DDP/FSDP on NCCL): use "
+                         f"--world-size 1, or predict rank 0 of {world} with --backend simulate", option="world_size")
     if kinds == ["fsdp"] and list(state_bits) == [8]:
         raise UsageError("--parallel fsdp with --state-bits 8: bitsandbytes' 8-bit optimizers cannot step FSDP's "
                          "sharded (DTensor) parameters; use --state-bits 32", option="state_bits")

@@ -11,12 +11,14 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    import importlib.util
+
+    skips = {"gpu": None if torch.cuda.is_available() else "needs a CUDA GPU",
+             "bitsandbytes": None if importlib.util.find_spec("bitsandbytes") else "needs bitsandbytes (optional)"}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, reason in skips.items():
+            if reason and item.get_closest_marker(marker):
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)

@@ -59,6 +59,7 @@ def test_unfrozen_embedding_fails_frozen(digits):
     assert broken["frozen_that_moved"] == sound["frozen"] and broken["trained_that_did_not_move"] == []
 
 
+@pytest.mark.bitsandbytes
 def test_eight_bit_run_that_diverges_fails_the_accuracy_half(digits):
     """Same first EIGHT_BIT_STEPS steps as the healthy 8-bit run (so the cosine half passes), then every
     update is blown up 1000x: held-out accuracy collapses and only the within-10-points half can catch it."""
@@ -112,6 +113,7 @@ def test_perturbed_recompute_fails_checkpointing(digits):
     assert sound["pass"] and sound["max_abs_grad_diff"] <= 1e-6
 
 
+@pytest.mark.bitsandbytes
 def test_eight_bit_check_fails_against_an_unrelated_run(digits):
     t8 = accuracy.train(RunSpec("test-vit", "adamw", state_bits=8), digits, 60, 1e-3, seed=0)
     other = accuracy.train(RunSpec("test-vit", "adamw"), digits, 60, 1e-3, seed=7)  # another init and order
@@ -155,12 +157,12 @@ def usage_error(capsys, *args) -> str:
 def test_bad_data_folders_exit_2(tmp_path, setup, expect, capsys):
     folder = tmp_path / "data"
     setup(folder)
-    assert expect in usage_error(capsys, "accuracy", "--data", str(folder), "--out", str(tmp_path / "o"))
+    assert expect in usage_error(capsys, "accuracy", "--state-bits", "32", "--data", str(folder), "--out", str(tmp_path / "o"))
 
 
 @pytest.mark.parametrize("args, expect", [
     (["accuracy", "--models", "vit-b-61"], "did you mean vit-b-16"),
-    pytest.param(["accuracy", "--models", "vit-b-16"], "would take hours on the CPU",
+    pytest.param(["accuracy", "--models", "vit-b-16", "--state-bits", "32"], "would take hours on the CPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="assumes no GPU: with one, ViT-B/16 is allowed")),
     (["accuracy", "--train-steps", "10"], "at least 60"),
     (["accuracy", "--lr-sgd", "-0.1"], "zero or positive"),
@@ -172,7 +174,7 @@ def test_bad_accuracy_input_exit_2(args, expect, tmp_path, capsys):
 def test_mismatched_pretrained_file_exit_2(tmp_path, capsys):
     other = tmp_path / "other.pt"
     torch.save({"conv1.weight": torch.zeros(64, 3, 4, 4)}, other)  # test-vit's conv1 is 64x3x8x8
-    err = usage_error(capsys, "accuracy", "--pretrained", str(other), "--out", str(tmp_path / "o"))
+    err = usage_error(capsys, "accuracy", "--state-bits", "32", "--pretrained", str(other), "--out", str(tmp_path / "o"))
     assert "does not match this architecture" in err
 
 

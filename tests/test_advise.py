@@ -8,6 +8,7 @@ from memprof.planning.advise import CHANGES, candidates
 from memprof.spec import RunSpec
 
 
+@pytest.mark.bitsandbytes
 def test_candidates_cover_single_changes_and_cross_axis_pairs():
     cands, not_modelled, not_applicable = candidates(RunSpec("test-vit", "adamw", batch_size=4))
     labels = {c.label for c in cands}
@@ -32,6 +33,7 @@ def _advise(capsys, tmp_path, budget, *extra):
     return code, out, err
 
 
+@pytest.mark.bitsandbytes
 def test_the_first_line_answers_and_a_roomy_budget_needs_nothing(capsys, tmp_path):
     code, out, err = _advise(capsys, tmp_path, "423MiB")  # 23 MiB usable: AdamW on test-vit reserves 24 MiB
     assert code == 0, err
@@ -61,3 +63,21 @@ def test_vit_h14_adamw_on_the_papers_card(capsys, tmp_path):
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert " yes " in rows["SGD (freeze-embed)"] and " no " in rows["(as given)"]
     assert sum(" yes " in line for name, line in rows.items() if name != "SGD (freeze-embed)") >= 1
+
+
+def test_without_bitsandbytes_8bit_states_are_listed_as_not_modelled(monkeypatch):
+    """bitsandbytes is optional: advise lists 8-bit states as unavailable, with how to install it, instead of
+    refusing to advise; with it installed the change is a candidate (control)."""
+    import importlib.util
+
+    from memprof.planning import advise
+    from memprof.spec import RunSpec
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    cands, not_modelled, _ = advise.candidates(RunSpec("vit-b-16", "adamw"))
+    assert "8-bit optimizer states" in [c.name for c in not_modelled]
+    assert all(c.spec.state_bits == 32 for c in cands)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+    cands, not_modelled, _ = advise.candidates(RunSpec("vit-b-16", "adamw"))
+    assert any(c.spec.state_bits == 8 for c in cands) and "8-bit optimizer states" not in [c.name for c in not_modelled]

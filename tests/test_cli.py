@@ -28,6 +28,7 @@ def memprof(*args, cwd=None):
 
 
 @NO_GPU  # the auto backend is simulate only without a GPU
+@pytest.mark.bitsandbytes
 def test_run_writes_records_and_reports(tmp_path):
     out = tmp_path / "run"
     r = memprof("run", "--models", "test-vit", "--optims", "adamw,sgd-fe,sgd-fe-nomom", "--grad-ckpt", "off,on",

@@ -175,6 +175,7 @@ def test_bad_parallel_input_is_a_usage_error(tmp_path, given, word):
         plan_run(run_options(models="test-vit", optims="adamw", backend="simulate", out=str(tmp_path), **given))
 
 
+@pytest.mark.bitsandbytes
 def test_fsdp_with_8bit_states_in_a_mixed_grid_is_skipped_with_its_reason(tmp_path):
     plan = plan_run(run_options(models="test-vit", optims="adamw", backend="simulate", out=str(tmp_path),
                                 parallel="none,fsdp", world_size=1, state_bits="32,8"))
@@ -190,18 +191,40 @@ def test_world_size_without_parallel_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--parallel" in proc.stderr
 
 
-def test_the_world_size_1_measurement_runs_real_ddp_and_fsdp_on_gloo(tmp_path):
-    """The GPU check's NCCL measurement (memprof.simulation.distributed.main), here on the CPU with gloo: both wrappers
-    train and write measured records whose keys match the predictions' for the fidelity table."""
-    from memprof.simulation.distributed import main
-    from memprof.reports.table4 import _config
-    from memprof.results import read_records
+def test_the_world_size_1_measurement_trains_real_ddp_and_fsdp_on_gloo():
+    """What the cuda backend measures for a parallel spec (memprof.backends.distributed), here on the CPU with
+    gloo: both wrappers train for real in a world-size-1 process group, which is gone afterwards."""
+    import torch.distributed as dist
 
-    assert main(["--models", "test-vit", "--optims", "sgd", "--device", "cpu", "--out", str(tmp_path)]) == 0
-    records = read_records(str(tmp_path))
-    assert [r["status"] for r in records] == ["ok", "ok"] and {r["source"] for r in records} == {"measured"}
-    assert [_config(r) for r in records] == ["test-vit/sgd/ckpt-off/32bit/bs1/fp32/steps2/ddp1",
-                                             "test-vit/sgd/ckpt-off/32bit/bs1/fp32/steps2/fsdp1"]
+    from memprof.backends.distributed import world1, wrap
+    from memprof.harness import materialize, prepare, train_steps
+    from memprof.optims import build_optimizer
+
+    for parallel in ("ddp", "fsdp"):
+        spec = RunSpec(model="test-vit", optim="sgd", parallel=parallel, world_size=1, budget="device")
+        with world1(spec, "cpu"):
+            with torch.device("meta"):
+                prep = prepare(spec, load_weights=False)
+            materialize(prep.model, "cpu")
+            model = wrap(prep.model, spec, "cpu")
+            assert (type(model).__name__ == "DistributedDataParallel") == (parallel == "ddp")
+            before = [p.detach().clone() for p in prep.model.parameters()]
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            optimizer = build_optimizer(prep.optim_info, trainable)
+            train_steps(model, optimizer, spec, "cpu", lambda *a: None)
+            assert any(not torch.equal(a, b.detach()) for a, b in zip(before, prep.model.parameters()))
+        assert not dist.is_initialized()
+
+
+def test_world1_refuses_a_larger_world_and_is_a_no_op_without_parallel():
+    from memprof.backends.distributed import world1
+    from memprof.errors import UsageError
+
+    with world1(RunSpec("test-vit", "sgd")):  # negative control: nothing to set up
+        pass
+    with pytest.raises(UsageError, match="world size 1"):
+        with world1(RunSpec("test-vit", "sgd", parallel="ddp", world_size=8)):
+            pass
 
 
 def test_per_gpu_table_has_a_column_per_parallelism_and_sgds_saving():
@@ -218,3 +241,16 @@ def test_per_gpu_table_has_a_column_per_parallelism_and_sgds_saving():
     assert render_per_gpu(recs).startswith("## Per GPU under DDP and FSDP")
     # negative control: without a parallel run there is no per-GPU section
     assert render_per_gpu([r for r in recs if r["spec"]["parallel"] == "none"]) == ""
+
+
+def test_a_gpu_measures_world_size_1_and_the_cpu_backend_no_parallel_run():
+    from memprof.plan import parallel_axes
+
+    assert parallel_axes({"parallel": "ddp,fsdp", "world_size": 1}, [32], "cuda") == [
+        {"parallel": "ddp", "world_size": 1, "bucket_cap_mb": None, "grad_as_bucket_view": False},
+        {"parallel": "fsdp", "world_size": 1, "reshard_after_forward": True}]
+    with pytest.raises(UsageError, match="world size 1"):
+        parallel_axes({"parallel": "fsdp", "world_size": 8}, [32], "cuda")
+    with pytest.raises(UsageError, match="cpu backend has no parallel"):
+        parallel_axes({"parallel": "ddp", "world_size": 1}, [32], "cpu")
+    assert len(parallel_axes({"parallel": "fsdp", "world_size": 8}, [32], "simulate")) == 1  # control

@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "reports" / "baselines" / "ci.json"
 
 
+pytestmark = pytest.mark.bitsandbytes  # suites/ci.toml has 8-bit configurations
+
+
 def memprof(*args):
     return subprocess.run([sys.executable, "-m", "memprof", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=900)

@@ -167,6 +167,23 @@ def test_cuda_measures_test_model():
 
 @pytest.mark.gpu
 def test_cuda_emulated_titan_x_oom_pattern():
-    out = {o: run_isolated(RunSpec("vit-h-14", o, budget="titan-x"), "cuda") for o in ("adamw", "sgd-fe-nomom")}
+    out = {o: run_isolated(RunSpec("vit-h-14", o, budget="titan-x"), "cuda", timeout_s=120)
+           for o in ("adamw", "sgd-fe-nomom")}
     assert out["adamw"]["status"] == "oom" and out["adamw"]["metrics"]["oom"]["phase"]
     assert out["sgd-fe-nomom"]["status"] == "ok"
+
+
+def test_fidelity_grades_the_out_of_memory_verdicts_of_an_emulated_card():
+    """The emulated 12 GB card's OOM pattern: each configuration's measured and predicted status side by side;
+    a prediction that fits where the measurement ran out is a disagreement (negative control)."""
+    from memprof.reports.table4 import verdict_rows
+
+    key = "vit-h-14/{}/ckpt-off/32bit/bs1/fp32/steps2/12GiB@9.0"
+    measured = [_record(key.format("adamw"), "measured", 11, 12, "oom"),
+                _record(key.format("sgd-fe"), "measured", 9, 10)]
+    predicted = [_record(key.format("adamw"), "predicted", 13, 14, "oom"),
+                 _record(key.format("sgd-fe"), "predicted", 9, 10)]
+    assert [v["agrees"] for v in verdict_rows(measured, predicted)] == [True, True]
+    assert "2 of 2 agree" in render_fidelity(measured, predicted)
+    predicted[0]["status"] = "ok"
+    assert "DISAGREES" in render_fidelity(measured, predicted) and "1 of 2 agree" in render_fidelity(measured, predicted)

@@ -233,6 +233,7 @@ def test_a_crashed_configuration_exits_1_after_writing_everything(tmp_path):
     assert (tmp_path / "o" / "table4.md").exists()
 
 
+@pytest.mark.bitsandbytes
 def test_oom_and_skipped_are_results_exit_0(tmp_path, capsys):
     code, _, err = main(capsys, "run", "--models", "test-vit", "--optims", "adamw,sgd-fe-nomom", "--state-bits", "8",
                         "--budget", "410MiB", "--jobs", "1", "--no-progress", "--backend", "simulate",

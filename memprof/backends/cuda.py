@@ -11,11 +11,18 @@ max_memory_reserved are read, and the peaks are reset: the overall peak is the l
 per-phase peaks do not clobber it. Step time is the median wall time of the steps after the first, each
 bounded by synchronisations. Only torch.OutOfMemoryError is caught: status `oom` with the phase, the
 bytes requested and what was allocated and reserved then. `--snapshot DIR` records allocator history and
-dumps a snapshot that https://pytorch.org/memory_viz opens (always on OOM).
+dumps a snapshot that https://pytorch.org/memory_viz opens (on an OOM too).
+
+A parallel spec (`--parallel ddp|fsdp --world-size 1`) trains under real DDP or FSDP2 on a world-size-1 NCCL
+process group (memprof.backends.distributed). `MEMPROF_CUDA_SDPA_DISABLE=cudnn[,flash,efficient,math]` turns
+those scaled_dot_product_attention kernels off for the measurement (torch.backends.cuda.enable_*_sdp), e.g. so
+that bf16 runs the flash kernel the simulation predicts where torch would prefer cuDNN attention; the record
+names the kernels that were enabled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import statistics
@@ -26,6 +33,7 @@ import torch
 from memprof.budget import NOMINAL_TOLERANCE, GiB, parse_budget
 from memprof.errors import UsageError
 from memprof.harness import apply_precision, materialize, prepare, train_steps
+from memprof.backends import distributed
 from memprof.backends.nvml import Nvml, Sampler, periodic_reading
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
@@ -52,7 +60,34 @@ def emulation_fraction(budget_bytes: int, context_bytes: int, device_total_bytes
 
 
 def device_name() -> str:
+    """The GPU's name, from NVML where it answers (the parent of a measurement initialises no CUDA context
+    on the card it measures), else from torch."""
+    from memprof.backends.nvml import device_facts
+
+    facts = device_facts()
+    if facts is not None:
+        return facts.name
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+
+
+SDPA_SWITCHES = {"cudnn": "enable_cudnn_sdp", "flash": "enable_flash_sdp", "efficient": "enable_mem_efficient_sdp",
+                 "math": "enable_math_sdp"}
+SDPA_DISABLE_ENV = "MEMPROF_CUDA_SDPA_DISABLE"
+
+
+def sdpa_kernels() -> dict:
+    """Turn off the attention kernels named in MEMPROF_CUDA_SDPA_DISABLE; returns which are enabled now."""
+    names = [n.strip() for n in os.environ.get(SDPA_DISABLE_ENV, "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in SDPA_SWITCHES]
+    if unknown:
+        raise UsageError(f"{SDPA_DISABLE_ENV}={os.environ[SDPA_DISABLE_ENV]}: unknown kernel {unknown[0]} (use "
+                         f"{', '.join(SDPA_SWITCHES)})")
+    for name in names:
+        getattr(torch.backends.cuda, SDPA_SWITCHES[name])(False)
+    enabled = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled(), "flash": torch.backends.cuda.flash_sdp_enabled(),
+               "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+               "math": torch.backends.cuda.math_sdp_enabled()}
+    return {k: v for k, v in enabled.items()}
 
 
 def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: float = 5.0) -> tuple[str, dict]:
@@ -67,7 +102,8 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
     context = None if process_after_init is None else process_after_init - torch.cuda.memory_reserved()
     metrics: dict = {"device_name": props.name, "device_total_bytes": props.total_memory,
                      "compute_capability": f"{props.major}.{props.minor}",
-                     "nvml_device_before_init_bytes": device_before, "context_bytes": context}
+                     "nvml_device_before_init_bytes": device_before, "context_bytes": context,
+                     "sdpa_kernels_enabled": sdpa_kernels()}
     if spec.budget != "device":
         budget = parse_budget(spec.budget)
         fraction = emulation_fraction(budget.total_bytes, context or budget.context_bytes, props.total_memory)
@@ -100,11 +136,14 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
 
     sampler = Sampler(nvml.read, nvml_period_ms / 1000).start() if nvml.available and nvml_period_ms > 0 else None
     status = "ok"
+    world = contextlib.ExitStack()  # a parallel spec's process group, destroyed once the steps end
     try:
+        world.enter_context(distributed.world1(spec, "cuda"))
         model = prepared.model
         materialize(model, "cuda")  # setup: an OOM here (a small emulated budget) is a result too
         if prepared.pretrained_state is not None:
             model.visual.load_state_dict(prepared.pretrained_state)
+        model = distributed.wrap(model, spec, "cuda")
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged, spec.optim_impl,
                                     spec.optim_in_backward)
@@ -125,6 +164,7 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
         close_phase()
     finally:
         sampled = sampler.stop() if sampler else None
+        world.close()
     stats = torch.cuda.memory_stats()
     peak_phase = max(allocated, key=allocated.get)
     starts = state["starts"]

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 class Nvml:
@@ -172,3 +173,29 @@ def _frange(start: float, stop: float, step: float):
     while t <= stop:
         yield t
         t += step
+
+
+class GpuFacts(NamedTuple):
+    name: str
+    total_bytes: int
+    compute_capability: tuple[int, int] | None
+
+
+def device_facts(index: int | None = None) -> GpuFacts | None:
+    """Name, total bytes and compute capability of the GPU CUDA would call device 0, from NVML alone (no CUDA
+    context is made), or None where NVML does not answer. CUDA_VISIBLE_DEVICES' first entry (an index or a
+    UUID) picks the GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    uuid = visible if visible.startswith(("GPU-", "MIG-")) else None
+    if index is None:
+        index = int(visible) if visible.isdigit() else 0
+    nvml = Nvml(index, uuid)
+    if not nvml.available:
+        return None
+    name = nvml._call(nvml._nv.nvmlDeviceGetName, nvml._handle)
+    info = nvml._call(nvml._nv.nvmlDeviceGetMemoryInfo, nvml._handle)
+    if name is None or info is None:
+        return None
+    cc = nvml._call(nvml._nv.nvmlDeviceGetCudaComputeCapability, nvml._handle)
+    return GpuFacts(name.decode() if isinstance(name, bytes) else str(name), int(info.total),
+                    tuple(cc) if cc else None)

@@ -68,6 +68,12 @@ def _precision_modelled(value: str):
     return modelled
 
 
+def _bitsandbytes_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def _accumulate(spec):
     if spec.batch_size < 2:
         return None
@@ -83,7 +89,8 @@ CHANGES = (
            "paper's leanest method, slightly less accurate in its Table 5", _optim("sgd-fe-nomom")),
     Change("no momentum", "optimizer", 4, "drops SGD's momentum buffer (can train slower)", _no_momentum),
     Change("8-bit optimizer states", "state_bits", 2, "block-wise 8-bit states (bitsandbytes): quantization "
-           "noise in the update", _field("state_bits", 8)),
+           "noise in the update", _field("state_bits", 8), _bitsandbytes_installed,
+           "bitsandbytes is not installed (pip install bitsandbytes)"),
     Change("gradient checkpointing", "grad_ckpt", 2, "recompute: about one extra forward pass per step "
            "(~20-30% slower)", _field("grad_ckpt", True)),
     Change("half the micro-batch, 2x gradient accumulation", "batch_size", 2, "the same effective batch in twice "

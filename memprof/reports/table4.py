@@ -604,8 +604,8 @@ def fidelity_rows(measured: list[dict], predicted: list[dict]) -> list[dict]:
     rows = []
     for m in sorted(measured, key=_config):
         p = pred.get(_config(m))
-        if m["source"] != "measured" or p is None or m["status"] != "ok":
-            continue
+        if m["source"] != "measured" or p is None or m["status"] != "ok" or "peak_allocated_bytes" not in m["metrics"]:
+            continue  # (the cpu backend measures live tensor bytes: nothing to grade a CUDA prediction by)
         row = {"config": _config(m), "device": m["environment"]["device"]}
         for field in ("peak_allocated_bytes", "peak_reserved_bytes"):
             mv, pv = m["metrics"].get(field), p["metrics"].get(field)
@@ -615,20 +615,46 @@ def fidelity_rows(measured: list[dict], predicted: list[dict]) -> list[dict]:
     return rows
 
 
+def verdict_rows(measured: list[dict], predicted: list[dict]) -> list[dict]:
+    """Every configuration both measured and predicted, with both statuses: does the prediction's fits / out of
+    memory verdict agree with the measurement's (an emulated card's OOM pattern is graded here)?"""
+    pred = {_config(r): r for r in predicted if r["source"] == "predicted"}
+    rows = []
+    for m in sorted(measured, key=_config):
+        p = pred.get(_config(m))
+        if m["source"] != "measured" or p is None or m["status"] not in ("ok", "oom"):
+            continue
+        rows.append({"config": _config(m), "measured_status": m["status"], "predicted_status": p["status"],
+                     "agrees": m["status"] == p["status"]})
+    return rows
+
+
 def render_fidelity(measured: list[dict], predicted: list[dict]) -> str:
+    """The fidelity table (peaks of configurations both ran to the end) and, where any configuration ran out of
+    memory, the out-of-memory verdicts side by side."""
     rows = fidelity_rows(measured, predicted)
-    if not rows:
-        return "No configuration was both measured (status ok) and predicted.\n"
-    gib = lambda v: "n/a" if v is None else f"{v / GIB:.3f}"  # noqa: E731
-    table = [[r["config"], gib(r["predicted_peak_allocated_bytes"]), gib(r["measured_peak_allocated_bytes"]),
-              r["allocated_error_pct"], gib(r["predicted_peak_reserved_bytes"]),
-              gib(r["measured_peak_reserved_bytes"]), r["reserved_error_pct"]] for r in rows]
-    worst = max(abs(r["allocated_error_pct"] or 0) for r in rows)
-    return (f"# Simulation fidelity: predicted vs measured on {rows[0]['device']}\n\n"
-            f"Error = (predicted - measured) / measured. Largest allocated error: {worst:.2f}%.\n\n"
-            + tabulate(table, headers=["config", "predicted alloc GiB", "measured alloc GiB", "alloc err %",
-                                       "predicted reserved GiB", "measured reserved GiB", "reserved err %"],
-                       tablefmt="github") + "\n")
+    verdicts = verdict_rows(measured, predicted)
+    if not rows and not verdicts:
+        return "No configuration was both measured and predicted.\n"
+    text = ""
+    if rows:
+        gib = lambda v: "n/a" if v is None else f"{v / GIB:.3f}"  # noqa: E731
+        table = [[r["config"], gib(r["predicted_peak_allocated_bytes"]), gib(r["measured_peak_allocated_bytes"]),
+                  r["allocated_error_pct"], gib(r["predicted_peak_reserved_bytes"]),
+                  gib(r["measured_peak_reserved_bytes"]), r["reserved_error_pct"]] for r in rows]
+        worst = max(abs(r["allocated_error_pct"] or 0) for r in rows)
+        text = (f"# Simulation fidelity: predicted vs measured on {rows[0]['device']}\n\n"
+                f"Error = (predicted - measured) / measured. Largest allocated error: {worst:.2f}%.\n\n"
+                + tabulate(table, headers=["config", "predicted alloc GiB", "measured alloc GiB", "alloc err %",
+                                           "predicted reserved GiB", "measured reserved GiB", "reserved err %"],
+                           tablefmt="github") + "\n")
+    if any(v["measured_status"] != "ok" or v["predicted_status"] != "ok" for v in verdicts):
+        agree = sum(v["agrees"] for v in verdicts)
+        text += (f"\n## Out-of-memory verdicts: {agree} of {len(verdicts)} agree\n\n"
+                 + tabulate([[v["config"], v["measured_status"], v["predicted_status"],
+                              "agrees" if v["agrees"] else "DISAGREES"] for v in verdicts],
+                            headers=["config", "measured", "predicted", "verdict"], tablefmt="github") + "\n")
+    return text
 
 
 def render_csv(records: list[dict], metric: str = "reserved") -> str:
