@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from memprof.errors import UsageError
 
-PREDICTED, MEASURED = "predicted", "measured"
+from memprof.backends.base import MEASURED, PREDICTED
 
 
 def _gib(nbytes: int | None) -> str:
@@ -94,50 +94,64 @@ def _model_name(model: str | Callable[[], Any]) -> str:
     raise UsageError(f"model {model!r}: give a model name or a zero-argument factory returning an nn.Module")
 
 
-def _run_one(model, optimizer, batch_size, precision, grad_ckpt, budget, backend, state_bits, steps, num_classes,
-             freeze, input_shape, pretrained, out, timeout_s) -> Result:
-    """One configuration through plan_run and execute (the CLI's path), into `out` or a temporary directory."""
+def _switch(value, name: str) -> str:
+    """A switch as the run options spell it: True/False, or the CLI's words off, on, off,on."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str):
+        return value
+    raise UsageError(f"{name}={value!r}: give True or False (or 'off', 'on', 'off,on')")
+
+
+def _run_one(model, optimizer, backend: str, source: str, out: str | None, **options) -> Result:
+    """One configuration through plan_run and execute (the CLI's path, the same option table and checks), into
+    `out` or a temporary directory, on a backend whose figures are `source` (predicted or measured)."""
+    from memprof.backends.registry import get
+    from memprof.executors.runner import runs_in_caller
     from memprof.plan import execute, plan_run, run_options
 
-    if precision != "fp32":
-        raise UsageError(f"precision '{precision}': only fp32 is modelled")
+    chosen = get(backend)
+    if chosen.source != source:
+        raise UsageError(f"backend '{backend}' gives {chosen.source} figures: use memprof."
+                         f"{'predict' if chosen.source == PREDICTED else 'measure'}()")
     if not isinstance(optimizer, str) or "," in optimizer or optimizer in ("paper", "all"):
         raise UsageError(f"optimizer {optimizer!r}: give one optimizer name (`memprof list optims`)")
     name = _model_name(model)
-    if backend != "simulate" and name.startswith("py:@local:"):
+    if not runs_in_caller(chosen, 1, 1) and name.startswith("py:@local:"):
         raise UsageError(f"model {getattr(model, '__qualname__', model)}: a measurement runs in a fresh process, "
                          f"which can only import a module-level factory; define it at the top level of a module")
+    for switch in ("grad_ckpt", "optim_in_backward", "grad_as_bucket_view", "reshard_after_forward"):
+        if switch in options:
+            options[switch] = _switch(options[switch], switch)
+    for number in ("batch_size", "state_bits"):
+        if number in options and not isinstance(options[number], str):
+            options[number] = str(options[number])
     with tempfile.TemporaryDirectory(prefix="memprof-api-") as tmp:
-        opts = run_options(models=name, optims=optimizer, batch_size=str(batch_size),
-                           grad_ckpt="on" if grad_ckpt else "off", state_bits=str(state_bits), steps=steps,
-                           budget=budget, num_classes=num_classes, freeze=freeze, input_shape=input_shape,
-                           pretrained=pretrained, backend=backend, out=out or os.path.join(tmp, "run"),
-                           progress=False, timeout_s=timeout_s)
+        opts = run_options(models=name, optims=optimizer, backend=backend, out=out or os.path.join(tmp, "run"),
+                           progress=False, **options)
         records = execute(plan_run(opts))
     return Result(records[-1])
 
 
 def predict(model: str | Callable[[], Any], optimizer: str = "adamw", batch_size: int = 1, precision: str = "fp32",
-            grad_ckpt: bool = False, budget: str = "titan-x", *, state_bits: int = 32, steps: int = 2,
-            num_classes: int = 10, freeze: str | None = None, input_shape: str | None = None,
-            pretrained: str | None = None, out: str | None = None) -> Result:
-    """Predict (no GPU needed) what torch.cuda would report for one training configuration on `budget`:
-    the `simulate` backend of `memprof run`, in this process. `out`: keep results.jsonl there."""
-    return _run_one(model, optimizer, batch_size, precision, grad_ckpt, budget, "simulate", state_bits, steps,
-                    num_classes, freeze, input_shape, pretrained, out, None)
+            grad_ckpt: bool = False, budget: str = "titan-x", *, backend: str = "simulate", out: str | None = None,
+            **options) -> Result:
+    """Predict (no GPU needed) what torch.cuda would report for one training configuration on `budget`: the
+    `simulate` backend of `memprof run` (or another predicting backend), in this process. Every option of
+    `memprof run` is a keyword here (state_bits, steps, optim_impl, optim_in_backward, parallel, world_size,
+    freeze, input_shape, ...), with the same checks. `out`: keep results.jsonl there."""
+    return _run_one(model, optimizer, backend, PREDICTED, out, batch_size=batch_size, precision=precision,
+                    grad_ckpt=grad_ckpt, budget=budget, **options)
 
 
 def measure(model: str | Callable[[], Any], optimizer: str = "adamw", batch_size: int = 1, precision: str = "fp32",
-            grad_ckpt: bool = False, budget: str = "device", *, state_bits: int = 32, steps: int = 2,
-            num_classes: int = 10, freeze: str | None = None, input_shape: str | None = None,
-            pretrained: str | None = None, out: str | None = None, backend: str = "cuda",
-            timeout_s: float | None = None) -> Result:
+            grad_ckpt: bool = False, budget: str = "device", *, backend: str = "cuda", out: str | None = None,
+            **options) -> Result:
     """Measure one configuration in a fresh worker process, as `memprof run` does: on a CUDA GPU
-    (torch.cuda and NVML; `budget` emulates a smaller card) or with backend="cpu" (live tensor bytes)."""
-    if backend not in ("cuda", "cpu"):
-        raise UsageError(f"measure backend '{backend}': use cuda or cpu (predict() is the simulation)")
-    return _run_one(model, optimizer, batch_size, precision, grad_ckpt, budget, backend, state_bits, steps,
-                    num_classes, freeze, input_shape, pretrained, out, timeout_s)
+    (torch.cuda and NVML; `budget` emulates a smaller card) or with backend="cpu" (live tensor bytes). Every
+    option of `memprof run` is a keyword here, as for `predict`."""
+    return _run_one(model, optimizer, backend, MEASURED, out, batch_size=batch_size, precision=precision,
+                    grad_ckpt=grad_ckpt, budget=budget, **options)
 
 
 def _step_spec(build: Callable, budget: str, steps: int, label: str | None):

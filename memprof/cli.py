@@ -155,7 +155,7 @@ def cmd_fit(args) -> int:
     except KeyboardInterrupt:
         return _interrupted(plan.out_dir)
     tried = [r for r in records if r["status"] != "skipped"]
-    if tried and all(r["status"] == "oom" for r in tried) and plan.backend == "simulate":
+    if tried and all(r["status"] == "oom" for r in tried) and tried[0]["source"] == "predicted":
         from memprof.planning.fit import largest_that_fits
 
         best = largest_that_fits(tried[0]["spec"]["budget"], sorted({r["spec"]["optim"] for r in tried}))
@@ -384,6 +384,17 @@ def cmd_list(args) -> int:
         print(fit_table(rows, ["name", "paper name", "class", "8-bit class", "freeze-embed", "states per param",
                                "description"], width))
         print("\n`--optims all` runs all of them; `--optims paper` runs Table 4's four.")
+    elif args.what == "backends":
+        from memprof.backends.registry import get, names, targets
+
+        rows = []
+        for name in names():
+            backend = get(name)
+            rows.append([name, backend.source, backend.isolation, backend.default_budget,
+                         "yes" if backend.unavailable() is None else "no", str(targets()[name])])
+        print(fit_table(rows, ["name", "figures", "runs", "default budget", "usable here", "from"], width))
+        print("\n" + textwrap.fill("`--backend auto` is cuda where a GPU is present, else simulate; another package "
+                                  "adds one through the entry-point group memprof.backends.", width=width))
     else:
         from memprof.budget import PROFILES
 
@@ -439,9 +450,10 @@ def _grid_options(p, profiles) -> None:
     p.add_argument("--num-classes", type=int, default=10, help="classes of the new linear head (default: 10)")
     p.add_argument("--pretrained", help="weights: a local file, or an open_clip tag found in the local cache")
     _model_source_options(p)
-    p.add_argument("--backend", choices=["auto", "cuda", "simulate", "cpu"], default="auto",
+    p.add_argument("--backend", default="auto",
                    help="auto (default: cuda where a GPU is present, else simulate), cuda (measure with torch.cuda "
-                        "and NVML), simulate (predict), cpu (measure live tensor bytes on the CPU)")
+                        "and NVML), simulate (predict), cpu (measure live tensor bytes on the CPU), or a backend "
+                        "another package registers (entry-point group memprof.backends)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out: skip configurations already "
                                                          "in its results.jsonl")
     p.add_argument("--retry-failed", action="store_true", help="with --resume: also rerun configurations that "
@@ -525,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--grad-ckpt", default="off", help="off or on (default: off)")
     adv.add_argument("--state-bits", default="32", help="32 or 8 (default: 32)")
     adv.add_argument("--budget", default=None, help="card or size to fit (default: titan-x; `memprof list budgets`)")
-    adv.add_argument("--backend", choices=["auto", "cuda", "simulate"], default="simulate",
+    adv.add_argument("--backend", default="simulate",
                      help="simulate (default: predicts) or cuda (measures each candidate in a fresh process)")
     _training_options(adv)
     _model_source_options(adv)
@@ -622,8 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="baseline configurations absent from CURRENT are reported, not failed")
     cmp_.set_defaults(func=cmd_compare)
 
-    lst = sub.add_parser("list", help="list registered models, optimizers or budget cards")
-    lst.add_argument("what", choices=["models", "optims", "budgets"])
+    lst = sub.add_parser("list", help="list registered models, optimizers, budget cards or backends")
+    lst.add_argument("what", choices=["models", "optims", "budgets", "backends"])
     lst.add_argument("--source", choices=["timm", "torchvision", "open_clip"], default=None,
                      help="models: the names one source accepts (prefix them: timm:NAME, torchvision:NAME)")
     lst.add_argument("--filter", default=None, help="models with --source: names matching this glob, e.g. 'vit_*'")

@@ -1,6 +1,8 @@
 """The one exception type that the command line turns into a one-line error with exit code 2."""
 
 import difflib
+import os
+import traceback
 
 
 class UsageError(Exception):
@@ -17,3 +19,18 @@ def unknown_name(kind: str, name: str, choices, list_command: str) -> UsageError
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return UsageError(f"unknown {kind} '{name}': {hint}`{list_command}` lists them all")
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as text: its type, its message and the innermost frame that raised it."""
+    try:
+        message = str(exc)
+    except Exception as inner:  # an exception whose __str__ fails still gets named
+        message = f"<message not printable: {type(inner).__name__}>"
+    text = f"{type(exc).__name__}: {message}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        module = os.path.splitext(os.path.basename(last.filename))[0]
+        text += f" (at {module}:{last.lineno} in {last.name})"
+    return text

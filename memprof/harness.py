@@ -34,7 +34,7 @@ def prepare(spec: RunSpec, load_weights: bool = True) -> Prepared:
     With `load_weights=False` pretrained weights are only checked against the architecture (the
     simulation: weights do not change memory).
     """
-    info = resolve_model(spec.model, None, spec.freeze, spec.input_shape)  # backends check their own names
+    info = resolve_model(spec.model, False, spec.freeze, spec.input_shape)  # backends check their own names
     optim = OPTIMS[spec.optim]
     model = build_model(info, spec.num_classes)
     state = None

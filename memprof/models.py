@@ -255,11 +255,11 @@ def _declared_input_shape(net) -> tuple[int, int, int] | None:
     return None
 
 
-def resolve_model(name: str, backend: str | None = "simulate", freeze: str | None = None,
+def resolve_model(name: str, simulated: bool = True, freeze: str | None = None,
                   input_shape: str | None = None) -> ModelInfo:
     """A model with its overrides: `--freeze` globs replace the declared embedding, `--input-shape` the
     input shape of a timm/torchvision/py model (an open_clip tower keeps its config's image size). A timm:/torchvision:/py: model must end with an input shape (its own or --input-shape)."""
-    info = _resolve(name, backend)
+    info = _resolve(name, simulated)
     if freeze is not None:
         info = replace(info, embedding_modules=parse_freeze(freeze))
     if input_shape is not None:  # open_clip towers take the image size of their config (positional embeddings)
@@ -274,19 +274,24 @@ def resolve_model(name: str, backend: str | None = "simulate", freeze: str | Non
     return info
 
 
-def _resolve(name: str, backend: str | None = "simulate") -> ModelInfo:
+def check_simulatable(name: str) -> None:
+    """A UsageError for an open_clip architecture the simulation cannot predict (UNSUPPORTED), with its reason."""
+    if name in UNSUPPORTED:
+        _resolve(name, simulated=True)
+
+
+def _resolve(name: str, simulated: bool = True) -> ModelInfo:
     """A registered memprof name, or any open_clip architecture name (ViT-B-32, ViT-g-14, ...), or a source
     prefix (timm:, torchvision:, py:).
 
-    `backend` is the backend that will run it (simulate, cpu, cuda; None: no check): a name in
-    UNSUPPORTED raises a UsageError with its reason for the simulation, suggesting `--backend cpu` where
-    that runs it.
+    `simulated`: the simulation will trace it, so a name in UNSUPPORTED raises a UsageError with its reason,
+    suggesting `--backend cpu` where that runs it (memprof.backends.simulate checks with check_simulatable).
     """
     if name in REGISTRY:
         return REGISTRY[name]
     if name.split(":", 1)[0] in SOURCES[1:] and ":" in name:
         return _source_info(name)
-    if name in UNSUPPORTED and backend == "simulate":
+    if name in UNSUPPORTED and simulated:
         reason, cpu_runs = UNSUPPORTED[name]
         hint = ("use --backend cpu (measures on the CPU) or --backend cuda" if cpu_runs
                 else "only --backend cuda (on a GPU) runs it")
@@ -301,9 +306,9 @@ def _resolve(name: str, backend: str | None = "simulate") -> ModelInfo:
     raise unknown_name("model", name, list(REGISTRY) + list(open_clip_names()), "memprof list models")
 
 
-def parse_models(text: str, backend: str | None = "simulate", freeze: str | None = None,
+def parse_models(text: str, simulated: bool = True, freeze: str | None = None,
                  input_shape: str | None = None) -> list[ModelInfo]:
-    """A comma-separated list; `paper` is the three Table 4 models. `backend`, `freeze` and `input_shape` as
+    """A comma-separated list; `paper` is the three Table 4 models. `simulated`, `freeze` and `input_shape` as
     for resolve_model."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -311,7 +316,7 @@ def parse_models(text: str, backend: str | None = "simulate", freeze: str | None
     out: list[ModelInfo] = []
     for n in names:
         for m in (PAPER_MODELS if n == "paper" else (n,)):
-            info = resolve_model(m, backend, freeze, input_shape)
+            info = resolve_model(m, simulated, freeze, input_shape)
             if info not in out:
                 out.append(info)
     return out

@@ -29,7 +29,6 @@ RUN_OPTIONS = {
     "reshard_after_forward": "on",
 }
 EXECUTORS = ("local", "ray")
-BACKENDS = ("auto", "cuda", "simulate", "cpu")
 # Named sets of options. paper-2022: the paper grid as its 2022 setup ran it. PyTorch before 2.0 ran the
 # optimizers' for-loop implementation on CUDA; 2.0 made foreach the default (pytorch/pytorch PR 92306 and
 # PR 95862, "_actually_ default to foreach"; issue 97712 traces the 1.13 -> 2.0 memory rise to it). Whether
@@ -37,7 +36,6 @@ BACKENDS = ("auto", "cuda", "simulate", "cpu")
 PRESETS = {
     "paper-2022": {"models": "paper", "optims": "paper", "optim_impl": "forloop", "resident": "tower,clip"},
 }
-DEFAULT_NVML_PERIOD_MS = 5.0
 
 
 @contextlib.contextmanager
@@ -86,81 +84,43 @@ def finite(value: float | None, name: str, positive: bool = False, allow_zero: b
                          option=name)
 
 
-def gpu_present() -> bool:
-    """torch.cuda.is_available(), asked only where an NVIDIA driver answers NVML (or a device node exists):
-    without one there is no CUDA GPU, and validating a command does not wait seconds for torch to import."""
-    import os
-
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            if pynvml.nvmlDeviceGetCount() == 0:
-                return False
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no driver library, no driver, or no nvidia-ml-py: a device node still asks torch
-        if not os.path.exists("/dev/nvidia0") and not os.path.exists("/dev/dxg"):
-            return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def cuda_facts() -> tuple[str, int]:
-    """(name, total bytes) of CUDA device 0, from NVML where it answers: the process that plans and writes a
-    measured run makes no CUDA context on the card its workers measure."""
-    from memprof.backends.nvml import device_facts
-
-    facts = device_facts()
-    if facts is None:
-        import torch
-
-        props = torch.cuda.get_device_properties(0)
-        return props.name, props.total_memory
-    return facts.name, facts.total_bytes
-
-
 def resolve_backend(requested: str) -> tuple[str, str]:
-    """auto: cuda where a GPU is present, else simulate; returns it with the line that announces it."""
-    if requested not in BACKENDS:
-        raise UsageError(f"backend '{requested}': use one of {', '.join(BACKENDS)}", option="backend")
-    has_gpu = gpu_present()
-    if requested == "cuda" and not has_gpu:
-        raise UsageError("--backend cuda needs a CUDA GPU and none is visible: use --backend simulate (predicts) "
-                         "or --backend cpu (measures on the CPU)", option="backend")
-    backend = ("cuda" if has_gpu else "simulate") if requested == "auto" else requested
-    gpu_name = cuda_facts()[0] if has_gpu else ""
-    what = {"cuda": f"measuring on {gpu_name} with torch.cuda and NVML",
-            "simulate": "every figure is predicted, not measured",
-            "cpu": "measuring live tensor bytes on the CPU"}[backend]
-    why = "" if requested != "auto" else (" (a CUDA GPU is present)" if has_gpu else " (no CUDA GPU here)")
-    return backend, f"memprof: backend {backend}{why}: {what}"
+    """The backend's name (auto: cuda where a GPU is present, else simulate) and the line that announces it
+    (memprof.backends.registry)."""
+    from memprof.backends.registry import resolve
+
+    with option("backend"):
+        backend, announce = resolve(requested)
+    return backend.name, announce
 
 
 def resolve_budget(budget: str | None, backend: str, notes: list) -> str:
+    """The budget a run is for: the backend's default when none is given, else a card or size it accepts."""
+    from memprof.backends.registry import get
     from memprof.budget import parse_budget
 
+    chosen = get(backend)
     if budget is None:
-        return "titan-x" if backend == "simulate" else "device"
-    if budget == "device":
-        if backend == "simulate":
-            raise UsageError("--budget device: the simulation predicts for a named card; give one, e.g. titan-x",
-                             option="budget")
-        return budget
-    profile = parse_budget(budget)
-    if backend == "cpu":
-        notes.append(f"memprof: note: on the cpu backend --budget {budget} caps live tensor bytes at the card's "
-                     f"usable memory (emulated on the host, no allocator model)")
-    if backend == "cuda":
-        from memprof.budget import NOMINAL_TOLERANCE
-
-        total = cuda_facts()[1]
-        if profile.total_bytes > total * (1 + NOMINAL_TOLERANCE):
-            raise UsageError(f"--budget {budget} ({profile.total_bytes / (1 << 30):.0f} GiB) is larger than this GPU "
-                             f"({total / (1 << 30):.0f} GiB): pick a smaller budget, or `device`", option="budget")
+        return chosen.default_budget
+    if budget != "device":
+        parse_budget(budget)
+    chosen.check({"budget": budget}, notes)
     return budget
+
+
+BACKEND_OPTIONS = ("snapshot", "nvml_period_ms")  # options only some backends take (Backend.takes)
+
+
+def check_backend_options(opts: dict, backend: str) -> None:
+    """An option the backend does not take is bad input, naming the backends that take it."""
+    from memprof.backends.registry import get, names
+
+    chosen = get(backend)
+    for name in BACKEND_OPTIONS:
+        if opts.get(name) is not None and name not in chosen.takes:
+            takers = [n for n in names() if name in get(n).takes]
+            raise UsageError(f"{flag(name)} applies to the {' and '.join(takers)} backend"
+                             f"{'s' if len(takers) > 1 else ''}, not {backend}: drop {flag(name)}", option=name)
 
 
 def unique(values: list, name: str, notes: list) -> list:
@@ -198,19 +158,14 @@ class RunPlan:
 
     @property
     def worker_options(self) -> dict:
-        backend = {}
-        if self.backend == "simulate" and self.options["snapshot"]:
-            backend = {"snapshot_dir": self.options["snapshot"]}
-        if self.backend == "cuda":
-            period = self.options["nvml_period_ms"]
-            backend = {"snapshot_dir": self.options["snapshot"],
-                       "nvml_period_ms": DEFAULT_NVML_PERIOD_MS if period is None else period}
+        from memprof.backends.registry import get
+
+        backend = get(self.backend).worker_options(self.options)
         if self.task == "fit":
             from memprof.planning.fit import DEFAULT_MAX_BATCH_SIZE
 
             return {"max_batch_size": self.options["max_batch_size"] or DEFAULT_MAX_BATCH_SIZE,
-                    "probe_options": {k: v for k, v in backend.items() if self.backend == "cuda"},
-                    "timeout_s": self.options["timeout_s"]}
+                    "probe_options": backend, "timeout_s": self.options["timeout_s"]}
         return backend
 
 
@@ -237,9 +192,12 @@ def plan_fit(opts: dict, batch_size: str | None = None) -> RunPlan:
                          f"--max-batch-size)", option="batch_size")
     if opts["max_batch_size"] is not None and opts["max_batch_size"] < 1:
         raise UsageError(f"--max-batch-size {opts['max_batch_size']}: use at least 1", option="max_batch_size")
-    if opts["backend"] == "cpu":
-        raise UsageError("fit probes with the simulation (predicts) or the cuda backend (measures): use --backend "
-                         "simulate or cuda", option="backend")
+    from memprof.backends.registry import get
+
+    if opts["backend"] != "auto":
+        refusal = get(opts["backend"]).fit_refusal
+        if refusal:
+            raise UsageError(refusal, option="backend")
     return plan_run({**opts, "batch_size": "1"}, task="fit")
 
 
@@ -290,13 +248,10 @@ def parallel_axes(opts: dict, state_bits: list, backend: str) -> list[dict]:
     if world > 1 and kinds == ["none"]:
         raise UsageError(f"--world-size {world} needs a parallelism: add --parallel ddp or fsdp (or ddp,fsdp)",
                          option="world_size")
-    if kinds != ["none"] and backend == "cpu":
-        raise UsageError(f"--parallel {opts['parallel']}: the cpu backend has no parallel runs: predict with --backend "
-                         f"simulate (rank 0 on a fake process group), or measure world size 1 with --backend cuda",
-                         option="parallel")
-    if kinds != ["none"] and backend == "cuda" and world != 1:
-        raise UsageError(f"--world-size {world}: one GPU measures world size 1 (real DDP/FSDP on NCCL): use "
-                         f"--world-size 1, or predict rank 0 of {world} with --backend simulate", option="world_size")
+    if kinds != ["none"]:
+        from memprof.backends.registry import get
+
+        get(backend).check({"parallel": ",".join(kinds), "world_size": world}, [])
     if kinds == ["fsdp"] and list(state_bits) == [8]:
         raise UsageError("--parallel fsdp with --state-bits 8: bitsandbytes' 8-bit optimizers cannot step FSDP's "
                          "sharded (DTensor) parameters; use --state-bits 32", option="state_bits")
@@ -320,6 +275,7 @@ def parallel_axes(opts: dict, state_bits: list, backend: str) -> list[dict]:
 
 def plan_run(opts: dict, task: str = "run") -> RunPlan:
     """Validate every option of a run (UsageError, naming the option, on bad input) before anything runs."""
+    from memprof.backends.registry import get as get_backend
     from memprof.models import parse_models
     from memprof.optims import parse_optims
     from memprof.spec import MIN_STEPS, RESIDENTS, expand_grid, parse_ints, parse_names, parse_switch
@@ -327,7 +283,9 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
     notes: list[str] = []
     backend, announce = resolve_backend(opts["backend"])
     with option("models"):
-        models = parse_models(opts["models"], backend, freeze=opts["freeze"], input_shape=opts["input_shape"])
+        models = parse_models(opts["models"], False, freeze=opts["freeze"], input_shape=opts["input_shape"])
+        for info in models:
+            get_backend(backend).check_model(info.name)
     with option("optims"):
         optims = parse_optims(opts["optims"])
     with option("grad_ckpt"):
@@ -357,12 +315,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
 
         with option("budget"):
             parse_budget(opts["budget"])
-    if backend != "cuda":
-        for name in ("nvml_period_ms",) if backend == "simulate" else ("snapshot", "nvml_period_ms"):
-            if opts[name] is not None:
-                raise UsageError(f"{flag(name)} applies to the cuda backend (measured snapshots and NVML) and "
-                                 f"--snapshot to the simulation (predicted snapshots); the {backend} backend has "
-                                 f"neither: drop {flag(name)}", option=name)
+    check_backend_options(opts, backend)
     if opts["snapshot"] is not None:
         writable_dir(opts["snapshot"], "snapshot")
     executor = opts.get("executor", "local")
@@ -494,6 +447,8 @@ def _accuracy_device(backend: str, models) -> str:
 
     from memprof.recipe import CPU_PARAM_LIMIT
 
+    from memprof.backends.nvml import gpu_present
+
     has_gpu = gpu_present()
     if backend == "cuda" and not has_gpu:
         raise UsageError("--accuracy-backend cuda needs a CUDA GPU and none is visible: use --accuracy-backend cpu "
@@ -519,7 +474,7 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
 
     notes: list[str] = []
     with option("models"):
-        models = parse_models(opts["models"], backend=None)  # trains for real: every name runs
+        models = parse_models(opts["models"], simulated=False)  # trains for real: every name runs
     with option("optims"):
         optims = parse_optims(opts["optims"])
     entries = expand_grid(models, optims, parse_switch(opts["grad_ckpt"], "--grad-ckpt"),

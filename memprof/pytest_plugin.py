@@ -21,7 +21,6 @@ import re
 
 import pytest
 
-BACKENDS = ("auto", "simulate", "cpu", "cuda")
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
           "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12}
 _LIMIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(" + "|".join(_UNITS) + r")\s*$")
@@ -62,7 +61,7 @@ def pytest_addoption(parser):
     group.addoption("--memprof", action="store_true", help="print each cuda_memory step's peak after the run")
     group.addoption("--memprof-json", metavar="PATH", default=None,
                     help="write each step's results record (JSON lines) to PATH; `memprof compare` reads it")
-    group.addoption("--memprof-backend", choices=BACKENDS, default="auto",
+    group.addoption("--memprof-backend", default="auto",
                     help="simulate (predict without a GPU), cuda (measure on the GPU), cpu (live tensor bytes), "
                          "auto (default: cuda where a GPU is present, else simulate)")
 
@@ -88,13 +87,16 @@ def pytest_collection_modifyitems(config, items):
                                     f"test's arguments and run the step with cuda_memory.step(build, step, batch)")
 
 
-def _backend(config) -> str:
-    choice = config.getoption("memprof_backend")
-    if choice != "auto":
-        return choice
-    import torch
+def _backend(config):
+    """The backend `--memprof-backend` names (auto: cuda where a GPU is present, else simulate), from the
+    registry (memprof.backends.registry); an unknown or unusable one is a usage error."""
+    from memprof.backends.registry import resolve
+    from memprof.errors import UsageError
 
-    return "cuda" if torch.cuda.is_available() else "simulate"
+    try:
+        return resolve(config.getoption("memprof_backend"))[0]
+    except UsageError as exc:
+        raise pytest.UsageError(f"--memprof-backend: {exc}") from None
 
 
 class CudaMemory:
@@ -112,13 +114,14 @@ class CudaMemory:
         """Run `steps` steps of step(model, optimizer, batch()) on the model and optimizer build() returns;
         returns the memprof.api.Result. Fails the test when the peak exceeds the limit."""
         from memprof import api
+        from memprof.backends.base import PREDICTED
 
         self.called = True
         label = f"pytest:{self.node.nodeid}" + (f"#{len(self.results)}" if self.results else "")
-        if self.backend == "simulate":
+        if self.backend.source == PREDICTED:
             result = api.predict_step(build, step, batch, budget=self.budget, steps=steps, label=label)
         else:
-            result = api.measure_step(build, step, batch, backend=self.backend, budget=self.budget, steps=steps,
+            result = api.measure_step(build, step, batch, backend=self.backend.name, budget=self.budget, steps=steps,
                                       label=label)
         self.results.append(result)
         self.config.stash[_RECORDS].append((self.node.nodeid, self.limit_bytes, result))

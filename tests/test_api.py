@@ -110,7 +110,10 @@ def test_predict_takes_a_factory():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"precision": "fp16"}, "only fp32"),
+    ({"precision": "fp16"}, "use --precision fp16-amp"),
+    ({"precision": "fp64"}, "unknown precision"),
+    ({"optim_implementation": "fused"}, "unknown option 'optim_implementation'"),
+    ({"grad_ckpt": 1}, "give True or False"),
     ({"optimizer": "paper"}, "one optimizer"),
     ({"model": "vit-b-16,vit-l-14"}, "one model"),
     ({"budget": "gtx-9000"}, "budget"),
@@ -119,6 +122,22 @@ def test_bad_input_is_a_usage_error(kwargs, message):
     args = {"model": "test-vit", **kwargs}
     with pytest.raises(UsageError, match=message):
         memprof.predict(**args)
+
+
+def test_predict_takes_every_run_option_with_the_run_key_and_figures(tmp_path):
+    """The options `memprof run` takes are keywords of predict, checked the same way: bf16-amp with the fused
+    optimizer is modelled (not refused), grad_ckpt="off" means off, and the record equals the run's."""
+    from memprof.cli import main
+    from memprof.results import read_records
+
+    r = memprof.predict("test-vit", "adamw", precision="bf16-amp", optim_impl="fused", grad_ckpt="off")
+    assert r.ok and r.record["spec"]["precision"] == "bf16-amp" and r.record["spec"]["grad_ckpt"] is False
+    assert main(["run", "--models", "test-vit", "--optims", "adamw", "--precision", "bf16-amp", "--optim-impl",
+                 "fused", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    ran = read_records(str(tmp_path / "run"))[0]
+    assert ran["key"] == r.key and ran["metrics"]["peak_reserved_bytes"] == r.peak_reserved_bytes
+    on = memprof.predict("test-vit", "adamw", grad_ckpt=True)
+    assert on.record["spec"]["grad_ckpt"] is True and on.key != r.key  # negative control: on is on
 
 
 def test_predict_step_bad_input():

@@ -99,7 +99,8 @@ def test_pretrained_local_file_is_accepted(tmp_path, tower_file):
     pytest.param(["run", "--models", "vit-b-16", "--pretrained", "openai"], "not in the local cache",
                  marks=pytest.mark.skipif(_openai_cached(), reason="the openai weights are cached here")),
     (["run", "--models", "vit-b-16", "--pretrained", "no-such-tag"], "not a known tag"),
-    (["run", "--backend", "quantum"], "invalid choice"),
+    (["run", "--backend", "quantum"], "unknown backend 'quantum'"),
+    (["run", "--backend", "simulat"], "did you mean simulate"),
     pytest.param(["run", "--backend", "cuda"], "needs a CUDA GPU", marks=NO_GPU),
     (["run", "--backend", "simulate", "--budget", "device"], "predicts for a named card"),
     (["run", "--resume"], "--resume needs --out"),
@@ -135,14 +136,14 @@ def test_failing_config_is_recorded_and_the_rest_go_on(tmp_path, monkeypatch):
     from memprof.executors.runner import run_grid
     from memprof.spec import expand_grid
 
-    original = simulate.predict
+    original = simulate.prediction
 
-    def broken(spec):
+    def broken(spec, **kwargs):
         if spec.optim == "sgd":
             raise RuntimeError("injected failure")
-        return original(spec)
+        return original(spec, **kwargs)
 
-    monkeypatch.setattr(simulate, "predict", broken)
+    monkeypatch.setattr(simulate, "prediction", broken)
     entries = expand_grid([MODELS["test-vit"]], [OPTIMS["adamw"], OPTIMS["sgd"], OPTIMS["sgd-fe"]], [False], [32], [1])
     records = run_grid(entries, str(tmp_path), progress=False, jobs=1)
     assert [r["status"] for r in records] == ["ok", "error", "ok"]

@@ -67,7 +67,10 @@ def test_linear_fit_by_hand():
 
 
 def _agrees(spec, budget):
-    status, metrics = fit_config(dataclasses.replace(spec, budget=budget))
+    from memprof.backends.registry import get
+
+    spec = dataclasses.replace(spec, budget=budget)
+    status, metrics = fit_config(spec, get("simulate").probe(spec), get("simulate"))
     best = metrics["max_batch_size"]
     assert status == "ok" and best >= 1
     at, _ = predict(dataclasses.replace(spec, budget=budget, batch_size=best))

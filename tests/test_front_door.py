@@ -237,7 +237,7 @@ def test_gpu_check_asks_torch_where_nvml_sees_a_device(monkeypatch):
     import pynvml
     import torch
 
-    from memprof import plan
+    from memprof.backends import nvml as plan
 
     monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
     monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)

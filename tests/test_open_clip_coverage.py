@@ -36,7 +36,7 @@ def test_unsupported_name_rejected_with_reason(monkeypatch):  # negative control
         resolve_model("RN50")
     with pytest.raises(UsageError, match="some op has no fake kernel"):
         predict(RunSpec(model="RN50", optim="adamw"))
-    assert resolve_model("RN50", backend="cpu").name == "RN50"  # measuring backends still run it
+    assert resolve_model("RN50", simulated=False).name == "RN50"  # measuring backends still run it
     runnable, unsupported = listed_models()
     assert "RN50" not in runnable and unsupported["RN50"] == "some op has no fake kernel"
     monkeypatch.setitem(models.UNSUPPORTED, "RN50", ("needs a GPU kernel", False))

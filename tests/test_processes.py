@@ -188,24 +188,24 @@ def _hook_raise_unpicklable_on_sgd():
     """MEMPROF_TEST_WORKER_HOOK: inside the worker, predict raises LockedError for plain SGD."""
     from memprof.simulation import simulate
 
-    original = simulate.predict
+    original = simulate.prediction
 
-    def predict(spec, **kwargs):
+    def prediction(spec, **kwargs):
         if spec.optim == "sgd":
             raise LockedError("injected: the real error, not a pickling one")
         return original(spec, **kwargs)
 
-    simulate.predict = predict
+    simulate.prediction = prediction
 
 
 def _hook_predict_blocks():
     from memprof.simulation import simulate
 
-    def predict(spec, **kwargs):
+    def prediction(spec, **kwargs):
         print("blocking", file=sys.stderr, flush=True)
         threading.Event().wait()
 
-    simulate.predict = predict
+    simulate.prediction = prediction
 
 
 def test_the_injected_exception_is_not_picklable():
@@ -233,7 +233,7 @@ def test_unpicklable_worker_error_arrives_as_its_type_and_message(tmp_path, monk
     assert [r["status"] for r in records] == ["ok", "error", "ok"], [r["error"] for r in records]
     error = records[1]["error"]
     assert error.startswith("LockedError: injected: the real error, not a pickling one (at test_processes:")
-    assert error.endswith("in predict)") and "cannot pickle" not in error
+    assert error.endswith("in prediction)") and "cannot pickle" not in error
 
 
 def test_a_dying_pool_worker_is_crashed_and_the_grid_goes_on(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 from torch.cuda import _memory_viz
 
 from memprof.simulation.allocator import CachingAllocatorModel
+from memprof.backends.registry import get
 from memprof.simulation.simulate import predict
 from memprof.reports.snapshot import (BASE_ADDR, SnapshotError, build_snapshot, check_snapshot, load_snapshot,
                               snapshot_name, state_totals, trace_peaks)
@@ -18,11 +19,17 @@ from memprof.simulation.tracker import ALLOC, FREE, PHASE
 MiB = 1 << 20
 
 
+
+def with_files(spec, **files):
+    """The simulate backend's prediction of `spec` with the files it leaves (timeline, snapshot)."""
+    outcome = get("simulate").run(spec, **files)
+    return outcome.status, outcome.metrics
+
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory):
     """test-vit AdamW predicted with its snapshot and timeline written."""
     out = tmp_path_factory.mktemp("run")
-    status, metrics = predict(RunSpec("test-vit", "adamw"), out_dir=str(out), snapshot_dir=str(out / "snap"))
+    status, metrics = with_files(RunSpec("test-vit", "adamw"), out_dir=str(out), snapshot_dir=str(out / "snap"))
     return status, metrics, load_snapshot(metrics["snapshot_file"]), out
 
 
@@ -152,7 +159,7 @@ def test_block_sizes_are_recovered_from_addresses():
 
 def test_oom_snapshot_ends_in_oom(tmp_path):
     """A budget too small (10 MiB usable): the snapshot is the budget card's replay, which stops at the OOM."""
-    status, metrics = predict(RunSpec("test-vit", "adamw", budget="410MiB"), snapshot_dir=str(tmp_path))
+    status, metrics = with_files(RunSpec("test-vit", "adamw", budget="410MiB"), snapshot_dir=str(tmp_path))
     assert status == "oom"
     snap = load_snapshot(metrics["snapshot_file"])
     last = snap["device_traces"][0][-1]
@@ -223,7 +230,7 @@ def test_recorded_and_predicted_snapshots_agree_within_the_fidelity_error(tmp_pa
 
     status, measured = measure(RunSpec("vit-b-16", "sgd-fe", budget="device"), snapshot_dir=str(tmp_path),
                                nvml_period_ms=0)
-    _, pred = predict(RunSpec("vit-b-16", "sgd-fe", budget="h200"), snapshot_dir=str(tmp_path))
+    _, pred = with_files(RunSpec("vit-b-16", "sgd-fe", budget="h200"), snapshot_dir=str(tmp_path))
     assert status == "ok" and os.path.basename(measured["snapshot_file"]).endswith("@cuda.pickle")
     real = trace_peaks(load_snapshot(measured["snapshot_file"]), strict=False)
     ours = trace_peaks(load_snapshot(pred["snapshot_file"]))

@@ -13,9 +13,42 @@ import resource
 
 import torch
 
+from memprof.backends.base import MEASURED, Backend, as_outcome
 from memprof.budget import parse_budget
+from memprof.errors import UsageError
 from memprof.spec import RunSpec
 from memprof.simulation.tracing import common_metrics, live_peak, median_ms, peak_to_floor, phase_at, trace
+
+
+class CpuBackend(Backend):
+    """Measured on real CPU tensors, in one worker process, one configuration at a time."""
+
+    name = "cpu"
+    source = MEASURED
+    isolation = "pooled"
+    exclusive = True
+    default_budget = "device"
+    fit_refusal = ("fit probes with the simulation (predicts) or the cuda backend (measures): use --backend "
+                   "simulate or cuda")
+
+    def device_name(self) -> str:
+        return device_name()
+
+    def describe(self) -> str:
+        return "measuring live tensor bytes on the CPU"
+
+    def check(self, opts: dict, notes: list) -> None:
+        if str(opts.get("parallel", "none")) != "none":
+            raise UsageError(f"--parallel {opts['parallel']}: the cpu backend has no parallel runs: predict with "
+                             f"--backend simulate (rank 0 on a fake process group), or measure world size 1 with "
+                             f"--backend cuda", option="parallel")
+        budget = opts.get("budget")
+        if budget not in (None, "device"):
+            notes.append(f"memprof: note: on the cpu backend --budget {budget} caps live tensor bytes at the card's "
+                         f"usable memory (emulated on the host, no allocator model)")
+
+    def run(self, spec, out_dir: str | None = None, **options):
+        return as_outcome(measure(spec, **options))
 
 
 def device_name() -> str:

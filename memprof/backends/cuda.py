@@ -34,7 +34,8 @@ from memprof.budget import NOMINAL_TOLERANCE, GiB, parse_budget
 from memprof.errors import UsageError
 from memprof.harness import apply_precision, materialize, prepare, train_steps
 from memprof.backends import distributed
-from memprof.backends.nvml import Nvml, Sampler, periodic_reading
+from memprof.backends.base import MEASURED, Backend, as_outcome
+from memprof.backends.nvml import Nvml, Sampler, gpu_present, periodic_reading
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 from memprof.simulation.tracing import floor, peak_to_floor
@@ -57,6 +58,59 @@ def emulation_fraction(budget_bytes: int, context_bytes: int, device_total_bytes
         raise UsageError(f"--budget of {budget_bytes / GiB:.1f} GiB is larger than this GPU "
                          f"({device_total_bytes / GiB:.1f} GiB): pick a smaller budget or `device`")
     return min(1.0, max(0.0, (budget_bytes - context_bytes) / device_total_bytes))
+
+
+DEFAULT_NVML_PERIOD_MS = 5.0
+
+
+class CudaBackend(Backend):
+    """Measured on this machine's GPU, each configuration in a fresh process, one at a time."""
+
+    name = "cuda"
+    source = MEASURED
+    isolation = "fresh-process"  # peaks and the CUDA context are per process
+    exclusive = True
+    default_budget = "device"
+    takes = frozenset({"snapshot", "nvml_period_ms"})
+    gpus = 1
+
+    def unavailable(self) -> str | None:
+        return None if gpu_present() else ("needs a CUDA GPU and none is visible: use --backend simulate "
+                                           "(predicts) or --backend cpu (measures on the CPU)")
+
+    def device_name(self) -> str:
+        return device_name()
+
+    def describe(self) -> str:
+        return f"measuring on {self.device_name()} with torch.cuda and NVML"
+
+    def check(self, opts: dict, notes: list) -> None:
+        budget = opts.get("budget")
+        if budget not in (None, "device"):
+            total = self.device_total_bytes()
+            profile = parse_budget(budget)
+            if profile.total_bytes > total * (1 + NOMINAL_TOLERANCE):
+                raise UsageError(f"--budget {budget} ({profile.total_bytes / GiB:.0f} GiB) is larger than this GPU "
+                                 f"({total / GiB:.0f} GiB): pick a smaller budget, or `device`", option="budget")
+        world = opts.get("world_size", 1)
+        if str(opts.get("parallel", "none")) != "none" and world != 1:
+            raise UsageError(f"--world-size {world}: one GPU measures world size 1 (real DDP/FSDP on NCCL): use "
+                             f"--world-size 1, or predict rank 0 of {world} with --backend simulate",
+                             option="world_size")
+
+    def worker_options(self, opts: dict) -> dict:
+        period = opts.get("nvml_period_ms")
+        return {"snapshot_dir": opts.get("snapshot"),
+                "nvml_period_ms": DEFAULT_NVML_PERIOD_MS if period is None else period}
+
+    def device_total_bytes(self) -> int | None:
+        from memprof.backends.nvml import device_facts
+
+        facts = device_facts()
+        return facts.total_bytes if facts else torch.cuda.get_device_properties(0).total_memory
+
+    def run(self, spec, out_dir: str | None = None, **options):
+        return as_outcome(measure(spec, **options))
 
 
 def device_name() -> str:

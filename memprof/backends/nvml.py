@@ -199,3 +199,23 @@ def device_facts(index: int | None = None) -> GpuFacts | None:
     cc = nvml._call(nvml._nv.nvmlDeviceGetCudaComputeCapability, nvml._handle)
     return GpuFacts(name.decode() if isinstance(name, bytes) else str(name), int(info.total),
                     tuple(cc) if cc else None)
+
+
+def gpu_present() -> bool:
+    """torch.cuda.is_available(), asked only where an NVIDIA driver answers NVML (or a device node exists):
+    without one there is no CUDA GPU, and validating a command does not wait seconds for torch to import."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            if pynvml.nvmlDeviceGetCount() == 0:
+                return False
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver library, no driver, or no nvidia-ml-py: a device node still asks torch
+        if not os.path.exists("/dev/nvidia0") and not os.path.exists("/dev/dxg"):
+            return False
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,8 +1,10 @@
 """Runs a grid of specs through a backend, one record per configuration, appended as each finishes.
 
-`simulate` predicts in this process (`jobs` 1) or in `jobs` worker processes; the measuring backends run
-one configuration at a time, `cuda` each in a fresh worker process, `cpu` all in one (its figure is live
-tensor bytes counted by the tracker, which what ran before in the process does not change). Workers are
+Where a configuration runs follows its backend's isolation (memprof.backends.base; found by name in
+memprof.backends.registry): `simulate` (pooled) predicts in this process (`jobs` 1) or in `jobs` worker
+processes; the measuring backends run one configuration at a time, `cuda` (fresh-process) each in a fresh
+worker process, `cpu` (pooled, exclusive) all in one (its figure is live tensor bytes counted by the tracker,
+which what ran before in the process does not change). Workers are
 `python -m memprof.executors.worker` children that talk JSON over pipes and die with this process (memprof.executors.worker).
 A configuration that fails at run time is recorded with its error as text (status "error", "<Type>:
 <message>"), a worker that dies (segfault, kill, timeout) as "crashed" with its exit code and last
@@ -12,7 +14,6 @@ stderr lines, and an out-of-memory verdict is a result (status "oom"); the rest 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -26,26 +27,13 @@ import time
 
 from tqdm import tqdm
 
+from memprof.backends.registry import get, target_path
 from memprof.errors import UsageError
 from memprof.results import RESULTS_FILE, append, environment, make_record
-from memprof.spec import GridEntry, RunSpec, forward_group
-from memprof.executors.worker import describe
+from memprof.spec import GridEntry, RunSpec
+from memprof.executors.worker import handle
 
-PREDICTED, MEASURED = "predicted", "measured"
 STDERR_TAIL_LINES = 8
-
-
-def device_name(backend: str) -> str:
-    """What a backend runs on, named in the parent (a crashed or skipped configuration still says it)."""
-    if backend == "simulate":
-        return "cpu-simulated"
-    if backend == "cuda":
-        from memprof.backends.cuda import device_name as cuda_name
-
-        return cuda_name()
-    from memprof.backends.cpu import device_name as cpu_name
-
-    return cpu_name()
 
 
 def default_jobs() -> int:
@@ -200,36 +188,49 @@ def _assign(pending: list, workers: list, jobs: int, group) -> tuple | None:
     return None
 
 
+def request(spec: RunSpec, backend: str, options: dict | None = None, task: str = "run") -> dict:
+    """A worker request (memprof.executors.worker) for one configuration."""
+    return {"spec": spec.to_dict(), "backend": backend, "backend_path": target_path(backend),
+            "options": options or {}, "task": task}
+
+
 def run_isolated(spec: RunSpec, backend: str, options: dict | None = None, timeout_s: float | None = None) -> dict:
     """Run one configuration in a fresh worker process; returns its status, metrics, error and device (a
     dead worker is a result: "crashed")."""
     out: dict = {}
-    run_in_workers({0: {"spec": spec.to_dict(), "backend": backend, "options": options or {}}}, 1,
-                   lambda _, result: out.update(result), fresh=True, timeout_s=timeout_s)
+    run_in_workers({0: request(spec, backend, options)}, 1, lambda _, result: out.update(result), fresh=True,
+                   timeout_s=timeout_s)
     return out
+
+
+def runs_in_caller(backend, jobs: int, configs: int) -> bool:
+    """Whether configurations run in this process: an in-process backend always; a pooled one that needs no
+    exclusive device when one job (or one configuration) is asked; the others never."""
+    return backend.isolation == "in-process" or (backend.isolation == "pooled" and not backend.exclusive
+                                                 and (jobs <= 1 or configs <= 1))
 
 
 def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", progress: bool = True,
              jobs: int = 1, options: dict | None = None, timeout_s: float | None = None, task: str = "run",
              executor: str = "local", ray_address: str | None = None) -> list[dict]:
     """Run every entry; returns the records (in grid order), which are also appended to
-    out_dir/results.jsonl as each configuration finishes. `timeout_s` applies to the measuring backends.
-    `task` "fit": each entry is a batch-size search (memprof.planning.fit) whose probes use `backend`; searches run
-    in `jobs` workers (each probe of a measuring backend in a fresh process of its own).
-    `executor` "ray": each configuration is a Ray task running the same worker (memprof.executors.ray_executor), on the
-    cluster at `ray_address` (None: Ray started locally); the record's environment names its node and GPUs."""
+    out_dir/results.jsonl as each configuration finishes. Where each runs follows the backend's isolation
+    (memprof.backends.base): in this process, in `jobs` pooled workers (configurations of one affinity on one
+    worker), or each in a fresh process, one at a time on a device that measures; `timeout_s` applies to
+    configurations that run in workers one at a time. A run's backend gets `out_dir` for the files it leaves.
+    `task` "fit": each entry is a batch-size search (memprof.planning.fit) whose probes run where the backend
+    runs: the search in a worker beside them, or here with each probe in a fresh process.
+    `executor` "ray": each configuration is a Ray task running the same worker (memprof.executors.ray_executor), on
+    the cluster at `ray_address` (None: Ray started locally); the record's environment names its node and GPUs."""
+    chosen = get(backend)
     path = os.path.join(out_dir, RESULTS_FILE)
-    source = PREDICTED if backend == "simulate" else MEASURED
-    env = {**environment(backend, device_name(backend)), "executor": executor, "node": socket.gethostname()}
+    source = chosen.source
+    env = {**environment(backend, chosen.device_name()), "executor": executor, "node": socket.gethostname()}
     bar = tqdm(total=len(entries), desc="memprof", unit="config", file=sys.stderr, disable=None if progress else True,
                bar_format="{l_bar}{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
     done: dict[int, dict] = {}
     started: dict[int, float] = {}
-    # simulate: timelines beside the results and, asked for, predicted snapshots (memprof.simulation.simulate.writing_artifacts)
-    artifacts = None
-    if backend == "simulate" and task == "run":
-        artifacts = {"out_dir": out_dir, "snapshot_dir": (options or {}).get("snapshot_dir")}
-        options = {k: v for k, v in (options or {}).items() if k != "snapshot_dir"}
+    options = {**(options or {}), **({"out_dir": out_dir} if task == "run" else {})}
 
     def finish(i: int, record: dict) -> None:
         append(path, record)
@@ -241,10 +242,11 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
         bar.set_postfix_str(entries[i].spec.key)
 
     def from_worker(i: int, out: dict) -> None:
-        # predictions are timed inside the worker; a measurement by the parent (by the Ray task on a cluster),
-        # process start included
-        elapsed = out["elapsed_s"] if source == PREDICTED and out["elapsed_s"] is not None else (
-            out.get("wall_s") or time.perf_counter() - started[i])
+        # a run that starts a process of its own is timed by the parent (by the Ray task on a cluster), process
+        # start included; the others inside their worker
+        fresh = chosen.isolation == "fresh-process" or executor == "ray"
+        elapsed = (out.get("wall_s") or time.perf_counter() - started[i]) if fresh or out["elapsed_s"] is None \
+            else out["elapsed_s"]
         where = {k: v for k, v in (out.get("where") or {}).items() if k in ("node", "node_id", "gpu_ids")}
         finish(i, make_record(entries[i].spec, out["status"], source,
                               {**env, **where, "device": out["device"] or env["device"]},
@@ -256,38 +258,36 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
             finish(i, make_record(entry.spec, "skipped", source, env, skip_reason=entry.skip_reason, task=task))
         else:
             todo.append(i)
+    requests = {i: request(entries[i].spec, backend, options, task) for i in todo}
+    one_at_a_time = timeout_s if chosen.exclusive and task == "run" else None
     if executor == "ray" and todo:
         from memprof.executors.ray_executor import run_in_ray
 
-        requests = {i: {"spec": entries[i].spec.to_dict(), "backend": backend, "options": options or {}, "task": task,
-                        "artifacts": artifacts} for i in todo}
-        run_in_ray(requests, from_worker, on_start=start, address=ray_address, gpu=backend == "cuda",
-                   timeout_s=timeout_s if backend != "simulate" and task == "run" else None)
-    elif backend != "simulate" or (jobs > 1 and len(todo) > 1):
-        requests = {i: {"spec": entries[i].spec.to_dict(), "backend": backend, "options": options or {}, "task": task,
-                        "artifacts": artifacts}
-                    for i in todo}
-        measuring = backend != "simulate"  # one configuration at a time on the device
-        # cuda: each in a fresh process (its peaks and CUDA context are per process); cpu: one worker for all,
-        # since its figure, live tensor bytes counted by the tracker, does not depend on what ran before
-        run_in_workers(requests, 1 if measuring else jobs, from_worker, on_start=start,
-                       fresh=backend == "cuda" and task == "run", timeout_s=timeout_s if measuring and task == "run" else None,
-                       group=None if measuring else lambda i: forward_group(entries[i].spec))
-    else:
-        from memprof.simulation.simulate import writing_artifacts
-        from memprof.executors.worker import _backend
+        run_in_ray(requests, from_worker, on_start=start, address=ray_address, gpu=chosen.gpus > 0,
+                   timeout_s=one_at_a_time)
+    elif task == "fit" and chosen.isolation == "fresh-process":
+        from dataclasses import replace
 
-        run, _ = _backend(backend, task)
+        from memprof.planning.fit import fit_config
+
+        probe_options = options.get("probe_options", {})
         for i in todo:
             start(i)
-            try:
-                with writing_artifacts(**artifacts) if artifacts else contextlib.nullcontext():
-                    status, metrics = run(entries[i].spec, **(options or {}))
-                finish(i, make_record(entries[i].spec, status, source, env, metrics,
-                                      elapsed_s=time.perf_counter() - started[i], task=task))
-            except UsageError:
-                raise
-            except Exception as exc:  # a failing configuration is a result; the grid goes on
-                finish(i, make_record(entries[i].spec, "error", source, env, error=describe(exc), task=task))
+            spec = entries[i].spec
+
+            def probe(batch: int, spec=spec) -> dict:
+                return run_isolated(replace(spec, batch_size=batch), backend, probe_options, options.get("timeout_s"))
+
+            status, metrics = fit_config(spec, probe, chosen, options.get("max_batch_size"))
+            from_worker(i, {"status": status, "metrics": metrics, "error": None, "device": None, "elapsed_s": None})
+    elif runs_in_caller(chosen, jobs, len(todo)):
+        for i in todo:
+            start(i)
+            out = handle(requests[i], raise_usage=True)  # bad input stops the run here, as it would have before it
+            from_worker(i, out)
+    else:
+        run_in_workers(requests, 1 if chosen.exclusive else jobs, from_worker, on_start=start,
+                       fresh=chosen.isolation == "fresh-process" and task == "run", timeout_s=one_at_a_time,
+                       group=(lambda i: chosen.affinity(entries[i].spec)) if not chosen.exclusive else None)
     bar.close()
     return [done[i] for i in sorted(done)]

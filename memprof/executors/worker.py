@@ -1,7 +1,8 @@
 """A worker process: `python -m memprof.executors.worker` runs configurations for its parent (memprof.executors.runner).
 
-Protocol: one JSON request a line on stdin ({"spec", "backend", "options", optional "task": "fit" and
-"artifacts": {"out_dir", "snapshot_dir"} for a prediction's timeline and snapshot files}), one JSON result a line
+Protocol: one JSON request a line on stdin ({"spec", "backend", "backend_path" (where a backend registered in
+the parent is imported from, memprof.backends.registry), "options" (the backend's keywords, e.g. out_dir for
+the files a prediction leaves), optional "task": "fit"}), one JSON result a line
 ({"status", "metrics", "error", "device", "elapsed_s"}) on the stdout the worker started with; whatever
 a backend prints goes to stderr instead. Everything a configuration raises is caught here and sent as
 text, "<OriginalType>: <message> (at <module>:<line> in <function>)", status "error"; nothing crosses
@@ -29,7 +30,8 @@ import signal
 import sys
 import threading
 import time
-import traceback
+
+from memprof.errors import describe
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -46,68 +48,43 @@ def die_with_parent() -> bool:
         return False
 
 
-def describe(exc: BaseException) -> str:
-    """An exception as text: its type, its message and the innermost frame that raised it."""
-    try:
-        message = str(exc)
-    except Exception as inner:  # an exception whose __str__ fails still gets named
-        message = f"<message not printable: {type(inner).__name__}>"
-    text = f"{type(exc).__name__}: {message}"
-    frames = traceback.extract_tb(exc.__traceback__)
-    if frames:
-        last = frames[-1]
-        module = os.path.splitext(os.path.basename(last.filename))[0]
-        text += f" (at {module}:{last.lineno} in {last.name})"
-    return text
-
-
-def _backend(name: str, task: str = "run"):
-    """(run(spec, **options) -> (status, metrics), device_name()) for a backend; task "fit" searches the
-    largest batch that fits instead (memprof.planning.fit), probing with that backend."""
-    if task == "fit":
-        from memprof.planning import fit
-
-        _, device_name = _backend(name)
-        return (lambda spec, **options: fit.fit_config(spec, name, **options)), device_name
-    if name == "simulate":
-        from memprof.simulation import simulate
-
-        return simulate.predict, lambda: "cpu-simulated"
-    if name == "cuda":
-        from memprof.backends import cuda as cuda_backend
-
-        return cuda_backend.measure, cuda_backend.device_name
-    if name == "cpu":
-        from memprof.backends import cpu as cpu_backend
-
-        return cpu_backend.measure, cpu_backend.device_name
-    raise ValueError(f"unknown backend {name}")
-
-
-def handle(request: dict) -> dict:
-    """One configuration; always returns a JSON-serialisable result, whatever the backend raised."""
-    from memprof.errors import UsageError
+def run_request(request: dict) -> tuple[str, dict]:
+    """(status, metrics) of one request: a run of its spec on its backend, or (task "fit") the search for the
+    largest batch that fits, probing where the backend runs (memprof.planning.fit)."""
+    from memprof.backends.base import as_outcome
+    from memprof.backends.registry import get
     from memprof.spec import RunSpec
+
+    spec = RunSpec(**request["spec"])
+    backend = get(request["backend"], request.get("backend_path"))
+    crash = os.environ.get("MEMPROF_TEST_CRASH")
+    if crash and crash in spec.key:
+        os.kill(os.getpid(), signal.SIGKILL)
+    options = request.get("options") or {}
+    if request.get("task", "run") == "fit":
+        from memprof.planning.fit import fit_config
+
+        return fit_config(spec, backend.probe(spec, **options.get("probe_options", {})), backend,
+                          options.get("max_batch_size"))
+    outcome = as_outcome(backend.run(spec, **options))
+    return outcome.status, outcome.metrics
+
+
+def handle(request: dict, raise_usage: bool = False) -> dict:
+    """One configuration; always returns a JSON-serialisable result, whatever the backend raised (a UsageError
+    is raised instead with `raise_usage`: the caller's own process stops on bad input)."""
+    from memprof.backends.registry import get
+    from memprof.errors import UsageError
 
     start = time.perf_counter()
     device = None
     try:
-        spec = RunSpec(**request["spec"])
-        run, device_name = _backend(request["backend"], request.get("task", "run"))
-        device = device_name()
-        crash = os.environ.get("MEMPROF_TEST_CRASH")
-        if crash and crash in spec.key:
-            os.kill(os.getpid(), signal.SIGKILL)
-        artifacts = request.get("artifacts")  # simulate: timelines and snapshots beside the results
-        if artifacts:
-            from memprof.simulation.simulate import writing_artifacts
-
-            with writing_artifacts(**artifacts):
-                status, metrics = run(spec, **(request.get("options") or {}))
-        else:
-            status, metrics = run(spec, **(request.get("options") or {}))
+        device = get(request["backend"], request.get("backend_path")).device_name()
+        status, metrics = run_request(request)
         out = {"status": status, "metrics": metrics, "error": None}
     except UsageError as exc:
+        if raise_usage:
+            raise
         out = {"status": "error", "metrics": {}, "error": f"usage: {exc}"}
     except Exception as exc:  # a configuration that fails at run time is a result, with its error
         out = {"status": "error", "metrics": {}, "error": describe(exc)}

@@ -130,41 +130,23 @@ def search(probe: Callable[[int], Probe], budget_bytes: float, max_batch_size: i
     return done(lo)
 
 
-def simulate_probe(spec) -> Callable[[int], Probe]:
-    """Probes by prediction, in this process; once three batch sizes (2 or more) of the configuration's
-    forward group are traced and agree on a line, the forward at other batches is synthesized from it
-    (memprof.simulation.batch_scaling), exactly as a trace would give it."""
-    from dataclasses import replace
+def as_probe(batch: int, run, predicted: bool) -> Probe:
+    """A probe from one run at `batch`: `run(batch)` returns an Outcome (memprof.backends.base) or a worker's
+    result dict ({"status", "metrics", "error"}); an exception is a failed probe, which stops the search and
+    says why. A predicted OOM carries the full need; a measured one stops at the failing request, so its peak
+    is not used."""
+    from memprof.errors import describe
 
-    from memprof.simulation import shared
-    from memprof.simulation.simulate import predict
-
-    def probe(batch: int) -> Probe:
-        try:
-            with shared.scaling_in_batch():  # after three traced batches, the others come from their line
-                status, metrics = predict(replace(spec, batch_size=batch))
-        except Exception as exc:  # a probe that fails is a result: the search stops and says why
-            from memprof.executors.worker import describe
-
-            return Probe(batch, "error", None, {}, describe(exc))
-        return Probe(batch, status, metrics.get(PEAK_FIELD), metrics)
-
-    return probe
-
-
-def isolated_probe(spec, backend: str, options: dict | None = None, timeout_s: float | None = None):
-    """Probes by measurement, each in a fresh worker process (a real OOM decides)."""
-    from dataclasses import replace
-
-    from memprof.executors.runner import run_isolated
-
-    def probe(batch: int) -> Probe:
-        out = run_isolated(replace(spec, batch_size=batch), backend, options, timeout_s)
-        # a measured OOM stops at the failing request: its peak is not the full need, so it is not used
-        peak = out["metrics"].get(PEAK_FIELD) if out["status"] == "ok" else None
-        return Probe(batch, out["status"], peak, out["metrics"], out.get("error"))
-
-    return probe
+    try:
+        out = run(batch)
+    except Exception as exc:
+        return Probe(batch, "error", None, {}, describe(exc))
+    if isinstance(out, dict):
+        status, metrics, error = out["status"], out.get("metrics") or {}, out.get("error")
+    else:
+        status, metrics, error = out.status, out.metrics, None
+    peak = metrics.get(PEAK_FIELD) if status == "ok" or (status == "oom" and predicted) else None
+    return Probe(batch, status, peak, metrics, error)
 
 
 def usable_bytes(budget: str) -> float:
@@ -195,26 +177,25 @@ def fit_metrics(result: FitResult, budget_bytes: float) -> dict:
     }
 
 
-def fit_config(spec, backend: str = "simulate", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-               probe_options: dict | None = None, timeout_s: float | None = None) -> tuple[str, dict]:
-    """(status, metrics) of the search for `spec` (its batch size is ignored): "ok" with a max_batch_size,
-    "oom" when not even batch 1 fits, "error" when a probe failed before any answer. Probes predict in this
-    process (`simulate`) or measure, each in a fresh worker process (`cuda`, `cpu`)."""
+def fit_config(spec, probe, backend, max_batch_size: int | None = None) -> tuple[str, dict]:
+    """(status, metrics) of the search for `spec` (its batch size is ignored) with `probe(batch)` (a backend's
+    probe, memprof.backends.base.Backend.probe, or a run in a fresh process): "ok" with a max_batch_size, "oom"
+    when not even batch 1 fits, "error" when a probe failed before any answer."""
+    from memprof.backends.base import PREDICTED
+
     budget = usable_bytes(spec.budget) if spec.budget != "device" else device_usable_bytes(backend)
-    probe = simulate_probe(spec) if backend == "simulate" else isolated_probe(spec, backend, probe_options, timeout_s)
-    result = search(probe, budget, max_batch_size)
+    predicted = backend.source == PREDICTED
+    result = search(lambda batch: as_probe(batch, probe, predicted), budget, max_batch_size or DEFAULT_MAX_BATCH_SIZE)
     status = "error" if result.failed and result.max_batch_size is None else (
         "oom" if result.max_batch_size is None else "ok")
     return status, fit_metrics(result, budget)
 
 
-def device_usable_bytes(backend: str) -> float:
-    """The whole device's memory (budget `device`): the GPU's total on cuda; unbounded on the cpu backend."""
-    if backend == "cuda":
-        import torch
-
-        return torch.cuda.get_device_properties(0).total_memory
-    return float("inf")
+def device_usable_bytes(backend) -> float:
+    """The whole device's memory (budget `device`): what the backend's device has (the GPU's total on cuda);
+    unbounded where it has no such limit."""
+    total = backend.device_total_bytes()
+    return float("inf") if total is None else total
 
 
 def largest_that_fits(budget: str, optims: list[str]) -> str | None:
@@ -222,8 +203,8 @@ def largest_that_fits(budget: str, optims: list[str]) -> str | None:
     the given optimizers then the leanest one: what to say when nothing asked for fits."""
     import torch
 
+    from memprof.backends.registry import get
     from memprof.models import PAPER_MODELS, build_model, resolve_model
-    from memprof.simulation.simulate import predict
     from memprof.spec import RunSpec
 
     usable = usable_bytes(budget)
@@ -233,7 +214,8 @@ def largest_that_fits(budget: str, optims: list[str]) -> str | None:
         if weights > usable:  # its fp32 weights alone do not fit: no need to predict
             continue
         for optim in dict.fromkeys([*optims, "sgd-fe-nomom"]):
-            status, metrics = predict(RunSpec(model, optim, budget=budget))
-            if status == "ok":
-                return f"{model} with {optim} (peak reserved {metrics['peak_reserved_bytes'] / (1 << 30):.2f} GiB)"
+            outcome = get("simulate").run(RunSpec(model, optim, budget=budget))
+            if outcome.status == "ok":
+                return (f"{model} with {optim} (peak reserved "
+                        f"{outcome.metrics['peak_reserved_bytes'] / (1 << 30):.2f} GiB)")
     return None

@@ -16,7 +16,6 @@ in `unmodelled` with a bound each; `peak_allocated_bytes_upper` adds them to the
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -77,50 +76,54 @@ def blocks_at(events, index: int, block_bytes: dict) -> dict:
     return live
 
 
-_ARTIFACTS = {"out_dir": None, "snapshot_dir": None}
+@dataclass
+class Prediction:
+    """One prediction: its status ("ok", or "oom" on the budget card) and metrics, and what they came from: the
+    traced stream, the unlimited replay (its allocator's history kept when asked), the budget card's replay
+    (its allocator, when it ran: over the card's usable memory, or asked for), where it ran out, the card."""
+    status: str
+    metrics: dict
+    trace: Trace
+    full: Replay
+    capped: CachingAllocatorModel | None
+    oom_index: int | None
+    device: object  # memprof.budget.DeviceProfile
 
 
-@contextlib.contextmanager
-def writing_artifacts(out_dir: str | None, snapshot_dir: str | None = None):
-    """Within, predict(spec) writes timelines and snapshots as if given these directories (the runner's way
-    of asking, so predict(spec) keeps its one-argument form)."""
-    saved = dict(_ARTIFACTS)
-    _ARTIFACTS.update(out_dir=out_dir, snapshot_dir=snapshot_dir)
-    try:
-        yield
-    finally:
-        _ARTIFACTS.update(saved)
+def predict(spec: RunSpec) -> tuple[str, dict]:
+    """(status, metrics) for `spec` on a CUDA device: status is "ok" or "oom" (does not fit the budget card)."""
+    p = prediction(spec)
+    return p.status, p.metrics
 
 
-def predict(spec: RunSpec, out_dir: str | None = None, snapshot_dir: str | None = None) -> tuple[str, dict]:
-    """(status, metrics) for `spec` on a CUDA device: status is "ok" or "oom" (does not fit the budget card).
-
-    With `out_dir`, the configuration's timeline (memprof.reports.timeline) goes to out_dir/timelines/; with
-    `snapshot_dir`, its predicted allocator snapshot (memprof.reports.snapshot) of the budget card's replay goes
-    there, named by the record key. The metrics name both files. Both default to `writing_artifacts`'s.
-    """
-    out_dir = _ARTIFACTS["out_dir"] if out_dir is None else out_dir
-    snapshot_dir = _ARTIFACTS["snapshot_dir"] if snapshot_dir is None else snapshot_dir
-    return predict_traced(lambda rules: trace(spec, rules, share=True), spec.budget, spec, out_dir, snapshot_dir)
+def prediction(spec: RunSpec, history: bool = False, capped_history: bool = False) -> Prediction:
+    """The Prediction of `spec` (its forward and backward shared with other optimizers' where they can be,
+    memprof.simulation.shared). `history`: keep the unlimited replay's allocator history (for a timeline);
+    `capped_history`: replay the budget card's allocator with its history even when it fits (for a snapshot)."""
+    return prediction_of(lambda rules: trace(spec, rules, share=True), spec.budget, spec, history, capped_history)
 
 
-def predict_traced(make_trace, budget: str, spec: RunSpec | None = None, out_dir: str | None = None,
-                   snapshot_dir: str | None = None) -> tuple[str, dict]:
-    """(status, metrics) of any traced run on the `budget` card: `make_trace(rules)` traces it (on fake
-    tensors) with the CUDA rules (and `spec`'s precision rules); the stream is replayed through the allocator
-    model. Registry models (predict) and a user's own step (memprof.api.predict_step, no spec: no timeline or
-    snapshot files) both come through here."""
+def predict_traced(make_trace, budget: str, spec: RunSpec | None = None) -> tuple[str, dict]:
+    """(status, metrics) of any traced run on the `budget` card (memprof.simulation.simulate.prediction_of)."""
+    p = prediction_of(make_trace, budget, spec)
+    return p.status, p.metrics
+
+
+def prediction_of(make_trace, budget: str, spec: RunSpec | None = None, history: bool = False,
+                  capped_history: bool = False) -> Prediction:
+    """The engine's one entrance: the Prediction of any traced run on the `budget` card. `make_trace(rules)`
+    traces it (on fake tensors) with the CUDA rules (and `spec`'s precision rules); the stream is replayed
+    through the allocator model. Registry models (`prediction`), a user's own step (memprof.api.predict_step)
+    and a user's script all come through here. Writes nothing."""
     device = parse_budget(budget)
     rules = cuda_rules(device, spec)
     t = make_trace(rules)
-    if spec is None:
-        out_dir = snapshot_dir = None
     folded = 0
     for rule in rules:
         if hasattr(rule, "rewrite"):  # rules that change the stream once it is complete
             t.events = rule.rewrite(t.events)
             folded += rule.folded
-    full = replay(t.events, record=out_dir is not None)
+    full = replay(t.events, record=history)
     at_peak = blocks_at(t.events, full.peak_index, full.block_bytes)
     breakdown = dict.fromkeys(CATEGORIES, 0)
     for sid, nbytes in at_peak.items():
@@ -153,8 +156,8 @@ def predict_traced(make_trace, budget: str, spec: RunSpec | None = None, out_dir
     try:
         # the card's allocator acts as the unlimited one until a new segment would pass its limit: below
         # it, the limited replay only matters for the snapshot it draws
-        if full.peak_reserved > device.usable_bytes or snapshot_dir is not None:
-            capped = replay(t.events, capacity=device.usable_bytes, record=snapshot_dir is not None).allocator
+        if full.peak_reserved > device.usable_bytes or capped_history:
+            capped = replay(t.events, capacity=device.usable_bytes, record=capped_history).allocator
     except SimulatedOOM as oom:
         oom_phase, oom_step = phase_at(t.events, oom.index)
         metrics["oom"] = {"phase": oom_phase, "step": oom_step, "op": t.events[oom.index][4],
@@ -162,10 +165,7 @@ def predict_traced(make_trace, budget: str, spec: RunSpec | None = None, out_dir
                           "reserved_bytes": oom.reserved, "usable_bytes": oom.capacity}
         metrics["fits"] = "no"
         status, capped, oom_index = "oom", oom.allocator, oom.index
-    if out_dir is not None or snapshot_dir is not None:
-        metrics.update(_write_artifacts(spec, t, full, capped, oom_index, metrics, device, out_dir,
-                                        snapshot_dir))
-    return status, metrics
+    return Prediction(status, metrics, t, full, capped, oom_index, device)
 
 
 TOP_MODULES = 10
@@ -206,42 +206,6 @@ def top_blocks(sums: dict, n: int = 5) -> list[dict]:
         grouped[".".join(parts[: cut + 1])] += sum(cats.values())
     ranked = sorted(grouped.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
     return [{"module": name, "bytes": nbytes} for name, nbytes in ranked]
-
-
-def _write_artifacts(spec, t: Trace, full: Replay, capped, oom_index, metrics: dict, device, out_dir,
-                     snapshot_dir) -> dict:
-    """The timeline JSON (out_dir) and the predicted snapshot (snapshot_dir); returns the metrics naming them."""
-    import os
-
-    from memprof.results import record_key
-
-    key = record_key(spec, "simulate")
-    out = {}
-    if out_dir is not None:
-        from memprof.reports.timeline import TIMELINE_DIR, predicted_series, timeline_name, write_timeline
-
-        series = predicted_series(full.allocator.history, t.events, t.category)
-        series.update(source="predicted", key=key, budget={
-            "device": device.name, "total_bytes": device.total_bytes, "usable_bytes": device.usable_bytes,
-            "context_bytes": device.context_bytes},
-            peak={"x": full.peak_index, "allocated_bytes": metrics["peak_allocated_bytes"],
-                  "reserved_bytes": metrics["peak_reserved_bytes"], "phase": metrics["peak_phase"],
-                  "step": metrics["peak_step"], "op": metrics["peak_op"],
-                  "top_modules": metrics["top_modules_at_peak"][:5]},
-            oom={"x": oom_index} if oom_index is not None else None)
-        rel = os.path.join(TIMELINE_DIR, timeline_name(key))
-        write_timeline(series, os.path.join(out_dir, rel))
-        out["timeline_file"] = rel
-    if snapshot_dir is not None:
-        from memprof.reports.snapshot import build_snapshot, snapshot_name, write_snapshot
-
-        meta = {"source": "predicted", "key": key, "budget_device": device.label,
-                "budget_usable_bytes": device.usable_bytes,
-                "time_us": "index of the event in memprof's tracker stream (a logical clock, not microseconds)",
-                "replay": "the budget card's allocator (its usable bytes as the device's limit)"}
-        snap = build_snapshot(capped, t.events, t.category, t.module, meta)
-        out["snapshot_file"] = os.path.abspath(write_snapshot(snap, os.path.join(snapshot_dir, snapshot_name(key))))
-    return out
 
 
 def band(metrics: dict, device) -> dict:

@@ -62,7 +62,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
     once per process for every optimizer that shares them.
     """
     if fake:
-        resolve_model(spec.model, "simulate", spec.freeze, spec.input_shape)  # a name the simulation cannot predict says why
+        resolve_model(spec.model, True, spec.freeze, spec.input_shape)  # a name the simulation cannot predict says why
         from memprof.simulation.shared import shareable, trace_shared
 
         if share and shareable(spec):
