@@ -1,0 +1,130 @@
+"""A user's script run as __main__ on the simulated CUDA device, and the record of what it did.
+
+`run_script(path, args, budget, steps)` runs the file (runpy, with sys.argv and sys.path[0] as `python FILE
+ARGS` would set them) inside memprof.script.device.SimulatedCuda and returns its Result; `summary(result)` is
+the terminal's short text. The record has the schema of `memprof run`'s (memprof.results.make_record):
+every figure from memprof.simulation.simulate.predict_traced, plus what was detected (`script_*`
+fields), and a key combining the script, its arguments, the budget and what ran, so different runs never
+collide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import runpy
+import sys
+import time
+
+from memprof.errors import UsageError
+
+
+def _args_tag(args: list[str]) -> str:
+    return hashlib.sha1("\0".join(args).encode()).hexdigest()[:8] if args else ""
+
+
+def record_spec(sim):
+    """The RunSpec a simulated run's record carries: its fields say what was detected."""
+    from memprof.spec import RunSpec
+
+    d = sim.detected
+    opts = d["optimizers"]
+    names = list(dict.fromkeys(o["name"].lower() for o in opts))
+    impls = list(dict.fromkeys(o["implementation"] for o in opts))
+    impl = impls[0] if len(impls) == 1 else ("+".join(impls) if impls else "none")
+    precision = sim.precision()
+    return RunSpec(model=sim.label, optim="+".join(names) if names else "none", grad_ckpt=d["checkpointing"],
+                   batch_size=d["batch_size"] or 0, precision=precision, steps=d["steps"], budget=sim.budget,
+                   optim_impl=impl, optim_in_backward=d["optimizer_in_backward"])
+
+
+def result_of(sim):
+    """The Result of a finished SimulatedCuda block (predicted)."""
+    from memprof.api import PREDICTED, Result
+    from memprof.results import environment, make_record
+
+    status, metrics = sim.predict()
+    d = sim.detected
+    metrics.update({
+        "script_batch_size": d["batch_size"],
+        "script_precision": sim.precision(),
+        "script_autocast_dtypes": [str(t).removeprefix("torch.") for t in d["autocast_dtypes"]],
+        "script_parameter_dtypes": [t.removeprefix("torch.") for t in sim.param_dtypes()],
+        "script_grad_scaler": d["grad_scaler"],
+        "script_checkpointing": d["checkpointing"],
+        "script_optimizers": d["optimizers"],
+        "script_optimizer_in_backward": d["optimizer_in_backward"],
+        "script_steps": d["steps"],
+        "script_steps_limit": sim.max_steps,
+        "notes": list(sim.notes.values()),
+    })
+    if getattr(sim, "script_args", None) is not None:
+        metrics["script_args"] = sim.script_args
+    env = environment("simulate", "cpu-simulated")
+    return Result(make_record(record_spec(sim), status, PREDICTED, env, metrics,
+                              elapsed_s=time.perf_counter() - sim._start))
+
+
+def script_label(path: str, args: list[str]) -> str:
+    name = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else os.path.abspath(path)
+    tag = _args_tag(args)
+    return f"script:{name}" + (f"~{tag}" if tag else "")
+
+
+def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: int | None = None):
+    """Run the script at `path` with `args` on the simulated `budget` card; its Result (predicted)."""
+    from memprof.script.device import SimulatedCuda, StopSimulation
+
+    if not os.path.isfile(path):
+        raise UsageError(f"no script at {path}: give the path of a Python file")
+    args = list(args)
+    sim = SimulatedCuda(budget, steps=steps, user_file=path, label=script_label(path, args))
+    sim.script_args = args
+    saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
+    sys.argv = [path, *args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        with sim:
+            runpy.run_path(path, run_name="__main__")
+    except StopSimulation:
+        pass
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise UsageError(f"{path} exited with status {exc.code} on the simulated device") from None
+    finally:
+        sys.argv = saved_argv
+        if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(path)):
+            del sys.path[0]
+        elif saved_path0 is not None and saved_path0 in sys.path:
+            pass
+    return sim.result
+
+
+def _gib(nbytes) -> str:
+    from memprof.api import _gib as gib
+
+    return gib(nbytes)
+
+
+def summary(result) -> str:
+    """A few lines: the predicted peaks on the card, fits, what was detected, the notes."""
+    r, m = result.record, result.record["metrics"]
+    spec = r["spec"]
+    lines = [f"{spec['model'].removeprefix('script:')} on a simulated {m['budget_device']} (predicted, no GPU used)"]
+    lines.append(f"  peak allocated {_gib(m['peak_allocated_bytes'])}, reserved {_gib(m['peak_reserved_bytes'])} "
+                 f"(torch.cuda.max_memory_allocated / max_memory_reserved, predicted); fits: {m.get('fits')}"
+                 + (f" (over by {_gib(m['over_budget_bytes'])})" if m.get("over_budget_bytes") else ""))
+    lines.append(f"  at the peak: {m.get('peak_phase')} of step {m.get('peak_step')}, op {m.get('peak_op')}")
+    if m.get("breakdown_at_peak_bytes"):
+        lines.append("  breakdown: " + ", ".join(f"{k} {_gib(v)}" for k, v in m["breakdown_at_peak_bytes"].items() if v))
+    opts = m.get("script_optimizers") or []
+    opt = ", ".join(f"{o['name']} ({o['implementation']})" for o in opts[:1]) + (
+        f" x{len(opts)}" if len(opts) > 1 else "") if opts else "none stepped"
+    lines.append(f"  detected: batch size {m.get('script_batch_size') or '?'}, precision {m.get('script_precision')}, "
+                 f"optimizer {opt}{' in backward' if m.get('script_optimizer_in_backward') else ''}, "
+                 f"checkpointing {'seen' if m.get('script_checkpointing') else 'not seen'}, "
+                 f"parameters {m.get('params_trainable', 0):,} trainable / {m.get('params_frozen', 0):,} frozen, "
+                 f"{m.get('script_steps')} optimizer steps")
+    for note in m.get("notes") or []:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
