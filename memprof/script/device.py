@@ -94,6 +94,7 @@ def _internal():
 
 
 _FAKE_DEVICE_PROPERTY = FakeTensor.__dict__["device"]
+_MODULE_APPLY = torch.nn.Module._apply.__code__
 
 
 def _sim_device(self):
@@ -330,6 +331,7 @@ class SimulatedCuda:
                 out = torch.empty(tuple(t.shape), dtype=dtype, device="cpu")
             else:
                 out = torch.empty_strided(tuple(t.shape), stride, dtype=dtype, device="cpu")
+        self._data_alloc()
         self.tracker.register(out, op)
         if t.requires_grad and torch.is_grad_enabled() and (out.is_floating_point() or out.is_complex()):
             out.requires_grad_(True)
@@ -344,6 +346,7 @@ class SimulatedCuda:
         with _internal(), self.fake_mode:
             out = func(*args, **kwargs)
         name = getattr(func, "__name__", str(func))
+        self._data_alloc()
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.tracker.register(t, f"torch.{name}(device=cuda)")
@@ -656,6 +659,18 @@ class SimulatedCuda:
             if first is not None:
                 self.detected["batch_size"] = int(first.shape[0])
 
+    def _data_alloc(self) -> None:
+        """A tensor made on (or moved to) the device by the user's code, not by Module.to, an optimizer step or
+        backward: a new batch, so the next step's forward begins here (as the harness marks it: before the batch)."""
+        if self._in_step or self._in_backward or self.tracker.phase not in ("setup", "optimizer"):
+            return
+        f = sys._getframe(2)
+        while f is not None:
+            if f.f_code is _MODULE_APPLY:
+                return
+            f = f.f_back
+        self._phase("forward")
+
     def _phase(self, name: str) -> None:
         self.tracker.set_phase(name, self.detected["steps"])
 
@@ -678,6 +693,7 @@ class SimulatedCuda:
         return backward
 
     def _optimizer_pre(self, optimizer, args, kwargs):
+        self._in_step += 1
         if not self._in_backward:
             self._phase("optimizer")
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -691,6 +707,7 @@ class SimulatedCuda:
             self.detected["optimizers"].append(_describe_optimizer(optimizer, params))
 
     def _optimizer_post(self, optimizer, args, kwargs):
+        self._in_step = max(0, self._in_step - 1)
         for state in optimizer.state.values():
             for t in state.values():
                 if is_sim(t):
@@ -733,6 +750,7 @@ class SimulatedCuda:
         self.tracker = _SimTracker(self.rules, self)
         self._fed, self._alloc = [], None
         self._peak_alloc = self._peak_reserved = 0
+        self._in_step = 0
         self._depth, self._in_backward, self._since_backward, self._stepped_in_backward = 0, 0, False, False
         self._roots, self._param_info = weakref.WeakSet(), {}
         self._params, self._grads, self._states = set(), set(), set()

@@ -1,0 +1,54 @@
+"""`memprof script [--budget CARD] [--steps N] [--out DIR] FILE [ARGS...]`: a training script, unchanged, on a
+simulated CUDA device that is the budget's card (memprof.script.runner). Options go before FILE; everything
+after it is the script's own arguments."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_script_parser(sub) -> None:
+    from memprof.budget import DEFAULT_BUDGET
+
+    p = sub.add_parser("script", help="run your own CUDA training script, unchanged, on a simulated card (predicted)",
+                       description="Runs FILE as __main__ (with ARGS as its sys.argv) on a simulated CUDA device "
+                                   "that is the --budget card: no GPU is used, and every figure is predicted by the "
+                                   "same simulation as `memprof run`. Prints the predicted peaks and what was "
+                                   "detected (batch size, precision, optimizer, checkpointing). Exit status: 0 when "
+                                   "the script ran (fits or not), 2 for bad input or a call that cannot be "
+                                   "simulated (named with its file:line).")
+    p.add_argument("--budget", default=DEFAULT_BUDGET, help=f"the card to simulate (`memprof list budgets`, or a "
+                   f"size like 24GiB@8.9; default: {DEFAULT_BUDGET})")
+    p.add_argument("--steps", type=int, default=None, help="stop the script after N optimizer steps "
+                   "(default: let it end)")
+    p.add_argument("--out", default=None, help="append the record to DIR/results.jsonl (the schema of `memprof run`)")
+    p.add_argument("file", metavar="FILE", help="the training script")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
+    p.set_defaults(func=cmd_script)
+
+
+def cmd_script(args) -> int:
+    from memprof.errors import UsageError
+    from memprof.script.runner import run_script, summary
+
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: give at least 1 (or leave it out to let the script end)")
+    from memprof.budget import parse_budget
+
+    parse_budget(args.budget)  # a bad card is refused before the script runs
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file: give a directory")
+    result = run_script(args.file, args.args, budget=args.budget, steps=args.steps)
+    print(summary(result), flush=True)
+    if args.out is not None:
+        from memprof.results import RESULTS_FILE, append, write_error
+
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as exc:
+            raise write_error(args.out, exc) from None
+        path = os.path.join(args.out, RESULTS_FILE)
+        append(path, result.record)
+        print(f"record: {path} ({result.record['key']})", flush=True)
+    return 0
