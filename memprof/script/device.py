@@ -398,6 +398,23 @@ class SimulatedCuda:
         t = args[0]
         return self._stand_in(t) if is_sim(t) else func(*args, **kwargs)
 
+    def _swap_tensors(self, original):
+        memo = self.fake_mode.fake_tensor_converter.meta_converter.tensor_memo
+
+        def swap_tensors(t1, t2):
+            if not (is_sim(t1) or is_sim(t2)):
+                return original(t1, t2)
+            for key, value in list(memo.items()):  # FakeTensorMode's weak memo would make the swap refuse
+                if value is t1 or value is t2:
+                    del memo[key]
+            original(t1, t2)
+            for attr in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+                hooks = getattr(t1, attr, None)
+                if hooks:
+                    setattr(t1, attr, hooks)  # the setter installs them on t1's new implementation
+
+        return swap_tensors
+
     # --- read-backs ---------------------------------------------------------------------------------------
     def _stand_in(self, t, dtype=None) -> torch.Tensor:
         self.note("readback", READBACK_NOTE)
@@ -789,6 +806,13 @@ class SimulatedCuda:
             stack.callback(lambda: setattr(obj, name, old) if had else delattr(obj, name))
 
         setattr_restored(FakeTensor, "device", property(_sim_device, _FAKE_DEVICE_PROPERTY.fset))
+        # Module.to / .cuda() keep each Parameter object (as CUDA's in-place `.data =` does), so optimizers built
+        # before the move and hooks registered on parameters survive: torch's swap-on-conversion path, with the
+        # hooks re-installed on the swapped object (the C++ hooks travel with the tensor's implementation)
+        was_swap = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        stack.callback(torch.__future__.set_swap_module_params_on_conversion, was_swap)
+        setattr_restored(torch.utils, "swap_tensors", self._swap_tensors(torch.utils.swap_tensors))
         cuda_mem = sys.modules.get("torch.cuda.memory")
         for name, fn in self._cuda_functions().items():
             if name in vars(torch.cuda):
