@@ -1,0 +1,358 @@
+"""The simulated CUDA device (memprof.script) and `memprof script`: ordinary CUDA code, unchanged, predicted on a
+card that is not there. Each honoured call has a negative control."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+import memprof
+from memprof.errors import UsageError
+from memprof.results import read_records
+from memprof.script import UnsupportedCall, simulated_cuda
+from memprof.script.runner import run_script
+from memprof.simulation.allocator import round_size
+
+ROOT = Path(__file__).parent.parent
+SCRIPTS = ROOT / "tests" / "data" / "scripts"
+SMALL = str(SCRIPTS / "train_small.py")
+TWIN = str(SCRIPTS / "registry_twin.py")
+MiB = 1 << 20
+
+
+def run(path, *args, budget="a100-80g", steps=None):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = run_script(str(path), list(args), budget=budget, steps=steps)
+    return result, out.getvalue()
+
+
+def write(tmp_path, text, name="train.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# --- torch.cuda describes the budget's card, and everything is restored ---------------------------------------
+
+def test_cuda_queries_describe_the_budget_card_and_are_restored():
+    originals = {n: getattr(torch.cuda, n) for n in ("is_available", "max_memory_allocated", "get_device_name")}
+    device_property = FakeTensor.__dict__["device"]
+    backward, init = torch.autograd.backward, torch.amp.autocast_mode.autocast.__init__
+    with simulated_cuda("a100-80g"):
+        assert torch.cuda.is_available() and torch.cuda.device_count() == 1 and torch.cuda.current_device() == 0
+        torch.cuda.set_device(0)
+        props = torch.cuda.get_device_properties(0)
+        assert torch.cuda.get_device_name(0) == props.name == "NVIDIA A100"
+        assert (props.major, props.minor) == (8, 0) and props.total_memory == 80 * (1 << 30)
+        free, total = torch.cuda.mem_get_info()
+        assert total == 80 * (1 << 30) and free < total
+        assert torch.accelerator.is_available() and torch.accelerator.current_accelerator().type == "cuda"
+        with pytest.raises(UnsupportedCall, match="one device"):
+            torch.cuda.set_device(1)
+    with simulated_cuda("rtx4090"):  # negative control: another card answers otherwise
+        assert torch.cuda.get_device_capability() == (8, 9) and "4090" in torch.cuda.get_device_name()
+    assert not torch.cuda.is_available()
+    assert {n: getattr(torch.cuda, n) for n in originals} == originals
+    assert FakeTensor.__dict__["device"] is device_property
+    assert torch.autograd.backward is backward and torch.amp.autocast_mode.autocast.__init__ is init
+    assert FakeTensor not in torch.optim.optimizer._foreach_supported_types
+    assert not torch.__future__.get_swap_module_params_on_conversion()
+    assert not torch.optim.optimizer._global_optimizer_pre_hooks
+
+
+def test_device_moves_factories_and_live_figures():
+    cpu = torch.arange(6.0).reshape(2, 3)
+    with simulated_cuda("a100-80g"):
+        assert torch.cuda.memory_allocated() == 0
+        a = cpu.cuda()
+        b = cpu.to("cuda:0", non_blocking=True)
+        c = cpu.to(torch.device("cuda"), torch.float16)
+        d = torch.empty(MiB, device="cuda")  # 4 MiB
+        assert a.device == torch.device("cuda", 0) and a.is_cuda and not a.is_cpu and a.get_device() == 0
+        assert c.dtype == torch.float16 and d.device.type == "cuda"
+        assert a.to("cuda") is a and b.cuda() is b  # already there: no copy, as on CUDA
+        assert torch.cuda.memory_allocated() == 3 * round_size(24) + 4 * MiB
+        assert torch.cuda.memory_reserved() == 2 * MiB + 20 * MiB  # a small segment and a large one
+        pinned = cpu.pin_memory()
+        assert not pinned.is_cuda and torch.equal(pinned, torch.arange(6.0).reshape(2, 3))  # real CPU data stays real
+        before = torch.cuda.memory_allocated()
+        real = cpu * 2 + 1  # negative control: CPU work allocates nothing on the device
+        assert torch.cuda.memory_allocated() == before and real[1, 2].item() == 11.0
+        e = a * 2  # device work does
+        assert torch.cuda.memory_allocated() == before + round_size(24) and e.is_cuda
+        del d
+        assert torch.cuda.memory_allocated() == before + round_size(24) - 4 * MiB
+        assert torch.cuda.max_memory_allocated() == before + round_size(24)
+        torch.cuda.empty_cache()
+        assert torch.cuda.memory_reserved() == 2 * MiB  # the free large segment went back
+        torch.cuda.reset_peak_memory_stats()
+        assert torch.cuda.max_memory_allocated() == torch.cuda.memory_allocated()
+        stats = torch.cuda.memory_stats()
+        assert stats["allocated_bytes.all.current"] == torch.cuda.memory_allocated()
+        assert "predicted" in torch.cuda.memory_summary()
+
+
+def test_values_read_back_are_stand_ins_said_once():
+    with simulated_cuda("titan-x") as sim:
+        x = torch.ones(3, device="cuda")
+        s = x.sum()
+        assert s.item() == 0.0 and float(s) == 0.0 and int(s) == 0 and not bool(s)
+        assert x.tolist() == [0.0, 0.0, 0.0] and x.cpu().numpy().tolist() == [0.0, 0.0, 0.0]
+        assert "device='cuda:0'" in repr(s) and f"{s:.2f}" == "0.00"
+        if torch.isnan(s):  # control flow on a value takes the finite path
+            raise AssertionError("stand-ins are finite")
+        with pytest.raises(UnsupportedCall, match="numpy"):
+            x.numpy()  # as on CUDA: .cpu() first
+    notes = list(sim.notes.values())
+    assert sum("stand-ins" in n for n in notes) == 1
+
+
+# --- a script's printed peak is the record's, and the registry path's ----------------------------------------
+
+def test_a_script_printing_its_peak_prints_the_record_and_the_registry_figures():
+    result, out = run(TWIN, "--print-peak", budget="titan-x")
+    printed = [line.split() for line in out.splitlines() if line.startswith("PEAK")][0]
+    m = result.record["metrics"]
+    assert int(printed[1]) == m["peak_allocated_bytes"] and int(printed[2]) == m["peak_reserved_bytes"]
+    registry = memprof.predict("test-vit", optimizer="adam")  # what `memprof run --models test-vit --optims adam` predicts
+    for field in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_phase", "peak_op", "breakdown_at_peak_bytes",
+                  "floor_bytes", "optimizer_state_bytes"):
+        assert m[field] == registry.record["metrics"][field], field
+    assert result.source == "predicted" and m["script_optimizers"][0]["implementation"] == "foreach"
+    assert m["rules"] == registry.record["metrics"]["rules"]  # the precision rules installed for every run are not listed
+    bigger, _ = run(TWIN, "--batch-size", "8", budget="titan-x")  # negative control: the script's own flag is seen
+    assert bigger.peak_allocated_bytes > result.peak_allocated_bytes and bigger.script_batch_size == 8
+
+
+# --- autocast, GradScaler, optimizers, hooks, checkpointing -------------------------------------------------------
+
+def test_autocast_cuda_follows_cuda_policy_and_removing_it_predicts_higher():
+    fp32, _ = run(SMALL)
+    bf16, _ = run(SMALL, "--amp", "bf16")
+    assert bf16.peak_allocated_bytes < fp32.peak_allocated_bytes  # negative control: no autocast, higher
+    assert bf16.script_precision == "bf16-amp" and fp32.script_precision == "fp32"
+    assert "cuda-autocast-policy" in bf16.rules and "cuda-autocast-policy" not in fp32.rules
+    assert bf16.autocast_casts > 0 and bf16.record["spec"]["precision"] == "bf16-amp"
+    assert bf16.key != fp32.key
+
+
+def test_grad_scaler_cuda_runs_and_takes_the_finite_path():
+    fp16, out = run(SMALL, "--amp", "fp16")
+    assert fp16.script_grad_scaler and fp16.script_precision == "fp16-amp" and fp16.script_steps == 2
+    assert "grad-scaler-fake-step" in fp16.rules and "step 1 loss 0.0000" in out
+    with simulated_cuda("titan-x"):  # the older spellings
+        scaler = torch.cuda.amp.GradScaler()
+        with torch.cuda.amp.autocast():
+            y = torch.nn.Linear(4, 4).cuda()(torch.randn(2, 4, device="cuda"))
+        assert y.dtype == torch.float16 and scaler.is_enabled()
+
+
+def test_optimizers_resolve_foreach_and_fused_as_on_cuda():
+    default, _ = run(SMALL)
+    forloop, _ = run(SMALL, "--foreach", "off")
+    fused, _ = run(SMALL, "--fused")
+    impl = {r.script_optimizers[0]["implementation"] for r in (default, forloop, fused)}
+    assert impl == {"foreach", "forloop", "fused"}
+    assert default.script_optimizers[0]["implementation"] == "foreach"
+    opt_peak = lambda r: r.phase_peak_allocated_bytes["optimizer"]  # noqa: E731
+    assert opt_peak(forloop) < opt_peak(default)  # negative control: foreach's full-size temporaries
+    assert opt_peak(fused) < opt_peak(default)
+    assert "forloop" in forloop.key and "fused" in fused.key
+
+
+def test_hooks_registered_before_the_move_survive():
+    """Per-parameter optimizers stepped from post-accumulate-grad hooks registered before model.to(device)."""
+    hooked, _ = run(SMALL, "--in-backward")
+    assert hooked.script_optimizer_in_backward and hooked.script_steps == 2
+    assert hooked.optimizer_state_bytes == 2 * 4 * hooked.params_trainable  # Adam's two states per parameter
+    assert len(hooked.script_optimizers) == 28 and "in-backward" in hooked.key
+    with simulated_cuda("titan-x") as sim:  # negative control: the same model without hooks steps nothing
+        model = torch.nn.Linear(8, 8)
+        seen = []
+        model.weight.register_hook(lambda g: seen.append("tensor hook") or g)
+        model.register_forward_hook(lambda *_: seen.append("module hook"))
+        model.cuda()
+        model(torch.randn(4, 8, device="cuda")).sum().backward()
+    assert seen == ["module hook", "tensor hook"] and sim.result.optimizer_state_bytes == 0
+
+
+def test_checkpointing_is_seen_and_lowers_the_peak():
+    plain, _ = run(SMALL)
+    ckpt, _ = run(SMALL, "--ckpt")
+    assert ckpt.script_checkpointing and not plain.script_checkpointing
+    assert ckpt.breakdown_at_peak_bytes["activations"] < plain.breakdown_at_peak_bytes["activations"]
+    assert "ckpt-on" in ckpt.key
+
+
+# --- steps, data, errors --------------------------------------------------------------------------------------
+
+def test_steps_stop_the_script_after_n_optimizer_steps():
+    r, out = run(SMALL, "--forever", steps=3)
+    assert r.script_steps == 3 and r.record["spec"]["steps"] == 3 and "step 3 loss" not in out
+    two, _ = run(SMALL)
+    assert two.script_steps == 2
+
+
+def test_a_dataloader_with_workers_loads_real_cpu_data(tmp_path):
+    path = write(tmp_path, """
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+data = TensorDataset(torch.arange(64.0).reshape(16, 4), torch.arange(16) % 2)
+loader = DataLoader(data, batch_size=4, num_workers=2, pin_memory=True)
+model = torch.nn.Linear(4, 2).cuda()
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+total = 0.0
+for x, y in loader:
+    total += float(x.sum())          # real data on the CPU
+    x, y = x.cuda(non_blocking=True), y.cuda(non_blocking=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step(); opt.zero_grad()
+print("TOTAL", total)
+""")
+    r, out = run(path)
+    assert "TOTAL 2016.0" in out and r.script_steps == 4 and r.script_batch_size == 4
+
+
+def test_what_cannot_be_simulated_names_the_users_line(tmp_path):
+    path = write(tmp_path, "import torch\nx = torch.randn(8, device='cuda')\ny = x[x > 0]\n")
+    with pytest.raises(UnsupportedCall, match=r"train.py:3: `y = x\[x > 0\]` needs tensor data"):
+        run(path)
+    path = write(tmp_path, "import torch\nm = torch.nn.Linear(4, 2).cuda()\n\nloss = m(torch.randn(3, 4))\n", "mix.py")
+    with pytest.raises(UnsupportedCall, match=r"mix.py:4: .*on cuda:0 and one on the CPU"):
+        run(path)  # as on CUDA, where it fails too
+    ok = write(tmp_path, "import torch\nm = torch.nn.Linear(4, 2).cuda()\nloss = m(torch.randn(3, 4).cuda())\n", "ok.py")
+    assert run(ok)[0].status == "ok"  # negative control
+
+
+def test_memprof_script_command_line(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "memprof", "script", "--budget", "rtx4090", "--out", str(out), SMALL,
+           "--batch-size", "4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "predicted" in proc.stdout and "batch size 4" in proc.stdout and "fits: yes" in proc.stdout
+    (rec,) = read_records(str(out))
+    assert rec["source"] == "predicted" and rec["metrics"]["script_args"] == ["--batch-size", "4"]
+    assert rec["key"].endswith("/rtx4090@simulate") and "/bs4/" in rec["key"]
+    bad = subprocess.run([sys.executable, "-m", "memprof", "script", str(tmp_path / "nope.py")], capture_output=True,
+                         text=True, cwd=tmp_path, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("memprof: error: no script at") and "Traceback" not in bad.stderr
+    failing = write(tmp_path, "import torch\nx = torch.randn(8, device='cuda')\nprint(x[x > 0])\n", "dd.py")
+    proc = subprocess.run([sys.executable, "-m", "memprof", "script", failing], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "dd.py:3" in proc.stderr
+
+
+# --- predict_step on the simulated device ---------------------------------------------------------------------
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+
+
+def _step(model, optimizer, inputs):
+    x, y = inputs
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _batch():
+    return torch.randn(32, 64), torch.randint(0, 8, (32,))
+
+
+def test_predict_step_build_may_use_cuda_and_resolves_foreach():
+    def plain():
+        model = _mlp()
+        return model, torch.optim.AdamW(model.parameters())
+
+    def on_cuda():
+        model = _mlp().to("cuda")
+        return model, torch.optim.AdamW(model.parameters())
+
+    def forloop():
+        model = _mlp().cuda()
+        return model, torch.optim.AdamW(model.parameters(), foreach=False)
+
+    a = memprof.predict_step(plain, _step, _batch)
+    b = memprof.predict_step(on_cuda, _step, _batch)
+    c = memprof.predict_step(forloop, _step, _batch)
+    assert a.peak_allocated_bytes == b.peak_allocated_bytes
+    assert a.script_optimizers[0]["implementation"] == "foreach"
+    assert c.phase_peak_allocated_bytes["optimizer"] < a.phase_peak_allocated_bytes["optimizer"]  # negative control
+    assert a.key != c.key and "/bs32/" in a.key
+
+
+def test_predict_step_keeps_hooks_registered_in_build():
+    def build():
+        model = _mlp()
+        opts = {p: torch.optim.Adam([p], foreach=False) for p in model.parameters()}
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(lambda q: (opts[q].step(), opts[q].zero_grad(set_to_none=True)))
+        return model, next(iter(opts.values()))
+
+    def step(model, optimizer, inputs):
+        x, y = inputs
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    r = memprof.predict_step(build, step, _batch)
+    n = sum(p.numel() for p in _mlp().parameters())
+    assert r.optimizer_state_bytes == 2 * 4 * n and r.script_optimizer_in_backward  # the hooks stepped
+    assert r.breakdown_at_peak_bytes["gradients"] < 4 * n  # never every gradient at once
+
+
+def test_predict_step_and_memprof_script_agree(tmp_path):
+    path = write(tmp_path, """
+import torch
+model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8)).cuda()
+optimizer = torch.optim.AdamW(model.parameters())
+for _ in range(2):
+    x, y = torch.randn(32, 64).cuda(), torch.randint(0, 8, (32,)).cuda()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    del x, y
+""")
+    script, _ = run(path, budget="titan-x")
+
+    def build():
+        model = _mlp()
+        return model, torch.optim.AdamW(model.parameters())
+
+    step = memprof.predict_step(build, _step, _batch, budget="titan-x")
+    for field in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_phase", "optimizer_state_bytes"):
+        assert script.record["metrics"][field] == step.record["metrics"][field], field
+
+
+# --- the tutorial's case ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_tutorial_script_equals_memprof_run(tmp_path):
+    """torchvision vit_l_16, Adam(model.parameters()), batch 1, model.cuda(): `memprof script` equals
+    `memprof run --models torchvision:vit_l_16 --optims adam` within 1%."""
+    path = write(tmp_path, """
+import torch, torchvision
+model = torchvision.models.vit_l_16()
+model.cuda()
+optimizer = torch.optim.Adam(model.parameters())
+for _ in range(2):
+    x = torch.randn(1, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 1000, (1,), device="cuda")
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+""")
+    script, _ = run(path, budget="titan-x")
+    registry = memprof.predict("torchvision:vit_l_16", optimizer="adam", num_classes=1000)
+    assert abs(script.peak_allocated_bytes - registry.peak_allocated_bytes) <= 0.01 * registry.peak_allocated_bytes
+    assert script.script_optimizers[0]["implementation"] == "foreach"
