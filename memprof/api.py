@@ -89,6 +89,10 @@ def _model_name(model: str | Callable[[], Any]) -> str:
         if "," in model or model == "paper":
             raise UsageError(f"model '{model}': give one model (for a grid use `memprof run --models`)")
         return model
+    if type(model).__module__.startswith("torch.nn") or hasattr(model, "named_parameters"):
+        raise UsageError(f"model: a {type(model).__name__} instance; pass a zero-argument factory that builds it "
+                         f"(e.g. `lambda: MyModel()`), a registry name, or predict your own step with "
+                         f"memprof.predict_step / memprof.simulated_cuda")
     if callable(model):
         return factory_name(model)
     raise UsageError(f"model {model!r}: give a model name or a zero-argument factory returning an nn.Module")

@@ -338,6 +338,13 @@ for _ in range(2):
         assert script.record["metrics"][field] == step.record["metrics"][field], field
 
 
+def test_a_model_instance_passed_to_predict_is_refused_with_what_to_pass():
+    with pytest.raises(UsageError, match="instance; pass a zero-argument factory"):
+        memprof.predict(torch.nn.Linear(4, 2), "sgd", input_shape="4")
+    assert memprof.predict(lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)), "sgd",
+                           input_shape="3x2x2").status == "ok"  # negative control: the factory is taken
+
+
 # --- the tutorial's case ------------------------------------------------------------------------------------
 
 @pytest.mark.slow
