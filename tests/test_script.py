@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,27 @@ def test_a_script_printing_its_peak_prints_the_record_and_the_registry_figures()
     assert m["rules"] == registry.record["metrics"]["rules"]  # the precision rules installed for every run are not listed
     bigger, _ = run(TWIN, "--batch-size", "8", budget="titan-x")  # negative control: the script's own flag is seen
     assert bigger.peak_allocated_bytes > result.peak_allocated_bytes and bigger.script_batch_size == 8
+
+
+def _registry(model, **options):
+    from memprof.plan import execute, plan_run, run_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return execute(plan_run(run_options(models=model, out=os.path.join(tmp, "run"), progress=False,
+                                            **options)))[-1]["metrics"]
+
+
+def test_a_timm_script_with_bf16_autocast_and_fused_adamw_equals_memprof_run():
+    """`autocast("cuda", bfloat16)` and `AdamW(fused=True)` in a script give what `memprof run --precision bf16-amp
+    --optim-impl fused` predicts, to the byte (timm ViT-Ti/16 at batch 8)."""
+    args = ["--model", "timm:vit_tiny_patch16_224", "--optim", "adamw", "--fused", "--amp", "bf16", "--batch-size", "8"]
+    script, _ = run(TWIN, *args, budget="h100-80g")
+    registry = _registry("timm:vit_tiny_patch16_224", optims="adamw", precision="bf16-amp", optim_impl="fused",
+                         batch_size="8", budget="h100-80g")
+    for field in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_phase", "breakdown_at_peak_bytes"):
+        assert script.record["metrics"][field] == registry[field], field
+    assert script.script_precision == "bf16-amp" and script.script_optimizers[0]["implementation"] == "fused"
+    assert script.key.split("@")[0].split("/", 1)[1] == "adamw/ckpt-off/32bit/bs8/bf16-amp+fused/steps2/h100-80g"
 
 
 # --- autocast, GradScaler, optimizers, hooks, checkpointing -------------------------------------------------------
@@ -368,3 +390,14 @@ for _ in range(2):
     registry = memprof.predict("torchvision:vit_l_16", optimizer="adam", num_classes=1000)
     assert abs(script.peak_allocated_bytes - registry.peak_allocated_bytes) <= 0.01 * registry.peak_allocated_bytes
     assert script.script_optimizers[0]["implementation"] == "foreach"
+
+
+@pytest.mark.slow
+def test_a_vit_h_script_with_bf16_autocast_and_fused_adamw_equals_memprof_run():
+    """The issue's third case: timm ViT-H/14, autocast("cuda", bfloat16), AdamW(fused=True), batch 8, within 1% of
+    `memprof run --models timm:vit_huge_patch14_224 --precision bf16-amp --optim-impl fused --batch-size 8`."""
+    args = ["--model", "timm:vit_huge_patch14_224", "--optim", "adamw", "--fused", "--amp", "bf16", "--batch-size", "8"]
+    script, _ = run(TWIN, *args, budget="h100-80g")
+    registry = _registry("timm:vit_huge_patch14_224", optims="adamw", precision="bf16-amp", optim_impl="fused",
+                         batch_size="8", budget="h100-80g")
+    assert abs(script.peak_allocated_bytes - registry["peak_allocated_bytes"]) <= 0.01 * registry["peak_allocated_bytes"]

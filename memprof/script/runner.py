@@ -60,15 +60,19 @@ def result_of(sim):
     })
     if getattr(sim, "script_args", None) is not None:
         metrics["script_args"] = sim.script_args
+        metrics["script_path"] = sim.user_file
     env = environment("simulate", "cpu-simulated")
     return Result(make_record(record_spec(sim), status, PREDICTED, env, metrics,
                               elapsed_s=time.perf_counter() - sim._start))
 
 
 def script_label(path: str, args: list[str]) -> str:
-    name = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else os.path.abspath(path)
+    """`script:<path>[~<hash of the arguments>]`, the path relative to the working directory when inside it, its
+    separators written ':' (a record key's segments are separated by '/')."""
+    rel = os.path.relpath(path)
+    name = rel if not rel.startswith("..") else os.path.abspath(path)
     tag = _args_tag(args)
-    return f"script:{name}" + (f"~{tag}" if tag else "")
+    return f"script:{name.strip(os.sep).replace(os.sep, ':')}" + (f"~{tag}" if tag else "")
 
 
 def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: int | None = None):
@@ -110,7 +114,7 @@ def summary(result) -> str:
     """A few lines: the predicted peaks on the card, fits, what was detected, the notes."""
     r, m = result.record, result.record["metrics"]
     spec = r["spec"]
-    lines = [f"{spec['model'].removeprefix('script:')} on a simulated {m['budget_device']} (predicted, no GPU used)"]
+    lines = [f"{m.get('script_path') or spec['model']} on a simulated {m['budget_device']} (predicted, no GPU used)"]
     lines.append(f"  peak allocated {_gib(m['peak_allocated_bytes'])}, reserved {_gib(m['peak_reserved_bytes'])} "
                  f"(torch.cuda.max_memory_allocated / max_memory_reserved, predicted); fits: {m.get('fits')}"
                  + (f" (over by {_gib(m['over_budget_bytes'])})" if m.get("over_budget_bytes") else ""))

@@ -1,4 +1,5 @@
-"""An ordinary CUDA training script doing what `memprof run --models MODEL --optims adam` does: the model on
+"""An ordinary CUDA training script doing what `memprof run --models MODEL --optims adam|adamw [--precision
+bf16-amp] [--optim-impl fused]` does: the model on
 the device, Adam(model.parameters()) with torch's defaults (foreach resolved on CUDA), micro-batch training
 steps of random images, cross-entropy, backward, step, zero_grad(set_to_none=True)."""
 import argparse
@@ -12,20 +13,26 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="test-vit")
 parser.add_argument("--batch-size", type=int, default=1)
 parser.add_argument("--steps", type=int, default=2)
+parser.add_argument("--optim", default="adam", choices=["adam", "adamw"])
+parser.add_argument("--fused", action="store_true")
+parser.add_argument("--amp", default="none", choices=["none", "bf16"])
 parser.add_argument("--print-peak", action="store_true")
 args = parser.parse_args()
 
 model = build_model(resolve_model(args.model, None), 10)
 model.train()
 model.cuda()
-optimizer = torch.optim.Adam(model.parameters())
+cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[args.optim]
+optimizer = cls(model.parameters(), **({"fused": True} if args.fused else {}))
 c, h, w = input_shape(model)
 for _ in range(args.steps):
     images = torch.randn(args.batch_size, c, h, w, device="cuda")
     labels = torch.randint(0, 10, (args.batch_size,), device="cuda")
-    loss = F.cross_entropy(model(images), labels)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+        loss = F.cross_entropy(model(images), labels)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    del images, labels, loss  # the harness drops each step's inputs before making the next
 if args.print_peak:
     print("PEAK", torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
