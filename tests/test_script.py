@@ -154,6 +154,17 @@ def test_a_timm_script_with_bf16_autocast_and_fused_adamw_equals_memprof_run():
     assert script.key.split("@")[0].split("/", 1)[1] == "adamw/ckpt-off/32bit/bs8/bf16-amp+fused/steps2/h100-80g"
 
 
+def test_a_script_with_optimizers_in_backward_hooks_equals_memprof_run_in_backward():
+    """Per-parameter optimizers stepped from post-accumulate-grad hooks registered before the loop give what
+    `memprof run --optim-in-backward on` predicts."""
+    script, _ = run(TWIN, "--in-backward", budget="titan-x")
+    registry = _registry("test-vit", optims="adam", optim_in_backward="on", budget="titan-x")
+    for field in ("peak_allocated_bytes", "peak_reserved_bytes", "optimizer_state_bytes"):
+        assert script.record["metrics"][field] == registry[field], field
+    plain, _ = run(TWIN, budget="titan-x")  # negative control: the hooks change the figure
+    assert plain.peak_allocated_bytes != script.peak_allocated_bytes and "in-backward" in script.key
+
+
 # --- autocast, GradScaler, optimizers, hooks, checkpointing -------------------------------------------------------
 
 def test_autocast_cuda_follows_cuda_policy_and_removing_it_predicts_higher():
