@@ -225,6 +225,31 @@ def test_checkpointing_is_seen_and_lowers_the_peak():
     assert "ckpt-on" in ckpt.key
 
 
+def test_timm_set_grad_checkpointing_torch_save_and_compile(tmp_path):
+    timm = pytest.importorskip("timm")
+    target = tmp_path / "weights.pt"
+    results = {}
+    for ckpt in (False, True):
+        with simulated_cuda("a100-80g") as sim:
+            model = timm.create_model("vit_tiny_patch16_224", num_classes=10).cuda()
+            model.set_grad_checkpointing(ckpt)
+            compiled = torch.compile(model)
+            optimizer = torch.optim.AdamW(model.parameters())
+            for _ in range(2):
+                compiled(torch.randn(2, 3, 224, 224, device="cuda")).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            torch.save(model.state_dict(), target)
+        results[ckpt] = sim.result
+        assert compiled is model and not target.exists()  # eager, and nothing written
+    assert results[True].script_checkpointing and not results[False].script_checkpointing
+    assert results[True].peak_allocated_bytes < results[False].peak_allocated_bytes  # negative control
+    notes = " ".join(results[True].notes)
+    assert "torch.save at" in notes and "nothing was written" in notes and "torch.compile runs eager" in notes
+    torch.save({"x": torch.ones(2)}, target)  # outside the simulation torch.save writes again
+    assert target.exists()
+
+
 # --- steps, data, errors --------------------------------------------------------------------------------------
 
 def test_steps_stop_the_script_after_n_optimizer_steps():
