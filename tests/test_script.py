@@ -423,7 +423,7 @@ for _ in range(2):
     optimizer.zero_grad(set_to_none=True)
 """)
     script, _ = run(path, budget="titan-x")
-    registry = memprof.predict("torchvision:vit_l_16", optimizer="adam", num_classes=1000)
+    registry = memprof.predict("torchvision:vit_l_16", optimizer="adam", num_classes=1000)  # the tutorial keeps 1000 classes
     assert abs(script.peak_allocated_bytes - registry.peak_allocated_bytes) <= 0.01 * registry.peak_allocated_bytes
     assert script.script_optimizers[0]["implementation"] == "foreach"
 
