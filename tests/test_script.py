@@ -101,6 +101,28 @@ def test_device_moves_factories_and_live_figures():
         assert "predicted" in torch.cuda.memory_summary()
 
 
+def test_default_device_contexts_factories_and_torchs_own_moves():
+    with simulated_cuda("a100-80g") as sim:
+        with torch.device("cuda"):
+            model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        assert model[0].weight.is_cuda
+        t = torch.tensor([1, 2, 3], device="cuda")
+        assert t.is_cuda and t.new_zeros(5).is_cuda and torch.zeros_like(t).is_cuda
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(torch.randn(8, 16, device="cuda")).pow(2).mean().backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # torch moves tensors to their own device
+        optimizer.step()
+        assert norm.is_cuda
+        torch.set_default_device("cuda")
+        assert torch.randn(2).is_cuda and torch.get_default_device() == torch.device("cuda", 0)
+        half = torch.nn.Linear(8, 8).to(torch.bfloat16)
+        half(torch.randn(2, 8, dtype=torch.bfloat16)).sum().backward()
+        assert half.weight.is_cuda and half.weight.dtype == torch.bfloat16
+    assert not sim.notes  # nothing was read back by the user's code
+    assert not torch.randn(2).is_cuda and torch.get_default_device().type == "cpu"  # the default device is restored
+    assert sim.precision() == "bf16" or "torch.bfloat16" in sim.param_dtypes()
+
+
 def test_values_read_back_are_stand_ins_said_once():
     with simulated_cuda("titan-x") as sim:
         x = torch.ones(3, device="cuda")

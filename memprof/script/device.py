@@ -156,6 +156,12 @@ _CROSS_DEVICE_OK = {"aten::copy_", "aten::_to_copy", "aten::index", "aten::index
                     "aten::alias", "aten::set_", "aten::_has_compatible_shallow_copy_type"}
 
 
+def _device_constructors():
+    from torch.utils._device import _device_constructors as constructors
+
+    return constructors()
+
+
 def _descriptor(name: str):
     return torch._C.TensorBase.__dict__[name]
 
@@ -188,7 +194,15 @@ class _SimFunctionMode(TorchFunctionMode):
         dev = kwargs.get("device")
         if dev is not None and _is_cuda_device(dev):
             return self.sim._factory(func, args, kwargs)
+        if dev is None and self.sim._default_cuda and func in _device_constructors():
+            return self.sim._factory(func, args, kwargs)  # torch.set_default_device("cuda") under the simulation
         return func(*args, **kwargs)
+
+
+def _from_torch() -> bool:
+    """Whether the Tensor method being handled was called from torch's own Python code (two frames up: the
+    handler, then __torch_function__)."""
+    return sys._getframe(3).f_code.co_filename.startswith(_TORCH_DIR)
 
 
 def _user_frame(tb=None, user_file: str | None = None):
@@ -363,9 +377,12 @@ class SimulatedCuda:
         if other is not None:
             device, dtype = ("sim" if is_sim(other) else other.device), other.dtype
         else:
-            if rest and isinstance(rest[0], (str, torch.device, int)) and not isinstance(rest[0], bool):
-                device = rest.pop(0)
-            if rest and isinstance(rest[0], torch.dtype):
+            if rest and (rest[0] is None or isinstance(rest[0], (str, torch.device, int))) \
+                    and not isinstance(rest[0], bool):
+                device = rest.pop(0)  # to(device, dtype, ...), Module.to passes a None device positionally
+                if rest and (rest[0] is None or isinstance(rest[0], torch.dtype)):
+                    dtype = rest.pop(0)
+            elif rest and isinstance(rest[0], torch.dtype):
                 dtype = rest.pop(0)
         if rest:
             rest.pop(0)  # non_blocking
@@ -379,6 +396,8 @@ class SimulatedCuda:
         t = args[0]
         device, dtype, copy, memory_format = self._parse_to(args, kwargs)
         if is_sim(t):
+            if device == "cpu" and _from_torch():
+                device = None  # torch's own code moving a tensor to the device it grouped it by (its real device)
             if device == "cpu":
                 return self._stand_in(t, dtype)
             if device in ("sim", None):
@@ -774,6 +793,7 @@ class SimulatedCuda:
         self._state_summaries, self._described, self._attribution = {}, set(), None
         self._stack = contextlib.ExitStack()
         stack = self._stack
+
         try:
             self._gc_was_enabled = gc.isenabled()
             gc.disable()  # releases follow reference counts alone, as the engine's traces do
@@ -860,6 +880,19 @@ class SimulatedCuda:
             return model if model is not None else (lambda fn: fn)
 
         setattr_restored(torch, "compile", compile_)
+        original_set_default, original_get_default = torch.set_default_device, torch.get_default_device
+
+        def set_default_device(device):
+            self._default_cuda = device is not None and _is_cuda_device(device)
+            if not self._default_cuda:
+                original_set_default(device)
+
+        def get_default_device():
+            return CUDA0 if self._default_cuda else original_get_default()
+
+        self._default_cuda = False
+        setattr_restored(torch, "set_default_device", set_default_device)
+        setattr_restored(torch, "get_default_device", get_default_device)
         for handle in (optim_mod.register_optimizer_step_pre_hook(self._optimizer_pre),
                        optim_mod.register_optimizer_step_post_hook(self._optimizer_post),
                        module_mod.register_module_forward_pre_hook(self._forward_pre),
