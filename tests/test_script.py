@@ -272,6 +272,20 @@ def test_timm_set_grad_checkpointing_torch_save_and_compile(tmp_path):
     assert target.exists()
 
 
+def test_a_restricted_sdpa_backend_is_said_not_silently_replaced():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def attend(restrict):
+        with simulated_cuda("a100-80g") as sim:
+            q = torch.randn(2, 4, 16, 8, device="cuda", requires_grad=True)
+            with sdpa_kernel([SDPBackend.MATH]) if restrict else contextlib.nullcontext():
+                torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+        return sim
+
+    assert any("SDPA backends were restricted" in n for n in attend(True).notes.values())
+    assert not attend(False).notes  # negative control
+
+
 # --- steps, data, errors --------------------------------------------------------------------------------------
 
 def test_steps_stop_the_script_after_n_optimizer_steps():

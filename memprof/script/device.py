@@ -142,6 +142,8 @@ class _SimTracker(StorageTracker):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if FakeTensor not in types:
             return func(*args, **(kwargs or {}))
+        if func in _ATTENTION_OPS:
+            self.sim._check_sdp_flags(func)
         _INTERNAL.depth += 1
         try:
             self.sim._check_devices(func, args, kwargs)
@@ -149,6 +151,18 @@ class _SimTracker(StorageTracker):
                 return super().__torch_dispatch__(func, types, args, kwargs)
         finally:
             _INTERNAL.depth -= 1
+
+
+_aten = torch.ops.aten
+_ATTENTION_OPS = frozenset({_aten._scaled_dot_product_efficient_attention.default,
+                            _aten._scaled_dot_product_flash_attention.default,
+                            _aten._scaled_dot_product_flash_attention_for_cpu.default,
+                            _aten._scaled_dot_product_attention_math.default})
+_SDP_FLAGS = ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled")
+
+
+def _sdp_flags() -> tuple:
+    return tuple(getattr(torch.backends.cuda, f)() for f in _SDP_FLAGS if hasattr(torch.backends.cuda, f))
 
 
 _CROSS_DEVICE_OK = {"aten::copy_", "aten::_to_copy", "aten::index", "aten::index_put", "aten::index_put_",
@@ -332,6 +346,15 @@ class SimulatedCuda:
                 raise UnsupportedCall(f"{_where(self.user_file)}: {name} is given a tensor on cuda:0 and one on the "
                                       f"CPU (shape {tuple(t.shape)}); on CUDA this fails with 'Expected all tensors "
                                       f"to be on the same device': move it with .to(device)")
+
+    def _check_sdp_flags(self, func) -> None:
+        """torch.nn.attention.sdpa_kernel / torch.backends.cuda.enable_*_sdp choose SDPA's kernel on CUDA; the
+        simulation's attention rules pick the kernel CUDA's default selection takes: a changed choice is said."""
+        if _sdp_flags() != self._sdp_default:
+            self.note("sdpa", f"the SDPA backends were restricted (torch.nn.attention.sdpa_kernel or "
+                              f"torch.backends.cuda.enable_*_sdp) before {_where(self.user_file)}: not modelled; "
+                              f"attention is predicted with the kernel CUDA's default selection picks "
+                              f"({func.__name__.split('.')[0]})")
 
     # --- the device moves and factories --------------------------------------------------------------------
     def _to_sim(self, t: torch.Tensor, dtype=None, op: str = "Tensor.to(cuda)") -> torch.Tensor:
@@ -787,6 +810,7 @@ class SimulatedCuda:
         self._fed, self._alloc = [], None
         self._peak_alloc = self._peak_reserved = 0
         self._in_step = 0
+        self._sdp_default = _sdp_flags()
         self._depth, self._in_backward, self._since_backward, self._stepped_in_backward = 0, 0, False, False
         self._roots, self._param_info = weakref.WeakSet(), {}
         self._params, self._grads, self._states = set(), set(), set()
@@ -928,6 +952,12 @@ class SimulatedCuda:
                                    f"have: predict without it or measure on a GPU (--backend cuda)")
         if isinstance(exc, UnsupportedOperatorException):
             return UnsupportedCall(f"{where}:{call} runs {first}, which the simulation cannot run (no shape function)")
+        tb, last = exc.__traceback__, None
+        while tb is not None:
+            last, tb = tb, tb.tb_next
+        origin = os.path.abspath(last.tb_frame.f_code.co_filename) if last is not None else ""
+        if origin and not origin.startswith((_TORCH_DIR, _MEMPROF_DIR)):  # the user's own code raised it
+            return UnsupportedCall(f"{where}:{call} raised {type(exc).__name__}: {first} (on the simulated device)")
         return UnsupportedCall(f"{where}:{call} cannot be simulated: {type(exc).__name__}: {first}")
 
     # --- the trace and the result -------------------------------------------------------------------------
