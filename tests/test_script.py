@@ -337,6 +337,9 @@ def test_memprof_script_command_line(tmp_path):
     (rec,) = read_records(str(out))
     assert rec["source"] == "predicted" and rec["metrics"]["script_args"] == ["--batch-size", "4"]
     assert rec["key"].endswith("/rtx4090@simulate") and "/bs4/" in rec["key"]
+    m = rec["metrics"]
+    assert (out / m["timeline_file"]).is_file() and os.path.isfile(m["snapshot_file"]) and (out / "report.html").is_file()
+    assert "report.html" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "memprof", "script", str(tmp_path / "nope.py")], capture_output=True,
                          text=True, cwd=tmp_path, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("memprof: error: no script at") and "Traceback" not in bad.stderr

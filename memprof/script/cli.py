@@ -22,7 +22,9 @@ def add_script_parser(sub) -> None:
                    f"size like 24GiB@8.9; default: {DEFAULT_BUDGET})")
     p.add_argument("--steps", type=int, default=None, help="stop the script after N optimizer steps "
                    "(default: let it end)")
-    p.add_argument("--out", default=None, help="append the record to DIR/results.jsonl (the schema of `memprof run`)")
+    p.add_argument("--out", default=None, help="append the record to DIR/results.jsonl (the schema of `memprof run`), "
+                   "with its timeline (DIR/timelines/), predicted allocator snapshot (DIR/snapshots/) and the HTML "
+                   "report (DIR/report.html)")
     p.add_argument("file", metavar="FILE", help="the training script")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
     p.set_defaults(func=cmd_script)
@@ -39,16 +41,23 @@ def cmd_script(args) -> int:
     parse_budget(args.budget)  # a bad card is refused before the script runs
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a file: give a directory")
-    result = run_script(args.file, args.args, budget=args.budget, steps=args.steps)
-    print(summary(result), flush=True)
+    snapshots = os.path.join(args.out, "snapshots") if args.out is not None else None
     if args.out is not None:
-        from memprof.results import RESULTS_FILE, append, write_error
+        from memprof.results import write_error
 
         try:
-            os.makedirs(args.out, exist_ok=True)
+            os.makedirs(snapshots, exist_ok=True)
         except OSError as exc:
             raise write_error(args.out, exc) from None
+    result = run_script(args.file, args.args, budget=args.budget, steps=args.steps, out_dir=args.out,
+                        snapshot_dir=snapshots)
+    print(summary(result), flush=True)
+    if args.out is not None:
+        from memprof.reports.html import write_html_report
+        from memprof.results import RESULTS_FILE, append
+
         path = os.path.join(args.out, RESULTS_FILE)
         append(path, result.record)
         print(f"record: {path} ({result.record['key']})", flush=True)
+        print(f"report: {write_html_report(args.out, None, None)}", flush=True)
     return 0

@@ -243,6 +243,22 @@ def _where(user_file=None) -> str:
     return f"{fr[0]}:{fr[1]}" if fr else "(unknown place)"
 
 
+from dataclasses import dataclass as _dataclass  # noqa: E402
+
+from memprof.spec import RunSpec as _RunSpec  # noqa: E402
+
+
+@_dataclass(frozen=True)
+class _RuleSpec(_RunSpec):
+    """The spec handed to predict_traced: its precision selects every CUDA rule, its key is the record's."""
+
+    record_key: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.record_key or super().key
+
+
 class _Event:
     """torch.cuda.Event on the simulated device: it records nothing; elapsed_time is 0 (no timing is simulated)."""
 
@@ -789,12 +805,11 @@ class SimulatedCuda:
             raise StopSimulation(self.detected["steps"])
 
     # --- enter / exit -------------------------------------------------------------------------------------
-    def rule_spec(self):
+    def rule_spec(self, key: str | None = None):
         """The spec the CUDA rules are made for: every precision rule joins (each acts only on the half-precision
-        ops, autocast regions or GradScaler it is about, so an fp32 script is unaffected)."""
-        from memprof.spec import RunSpec
-
-        return RunSpec(model="script", optim="custom", precision="fp16-amp", budget=self.budget)
+        ops, autocast regions or GradScaler it is about, so an fp32 script is unaffected). `key`: the record's
+        spec key, which names the timeline and snapshot files predict_traced writes."""
+        return _RuleSpec(model="script", optim="custom", precision="fp16-amp", budget=self.budget, record_key=key)
 
     def __enter__(self) -> "SimulatedCuda":
         from memprof.simulation.rules import cuda_rules
@@ -983,8 +998,10 @@ class SimulatedCuda:
                      extra={**common_rule_metrics(self.rules),
                             "floor_bytes": weights + grads_floor + summaries["optimizer_state_bytes"]})
 
-    def predict(self):
-        """(status, metrics) of what ran, through the engine's entrance (predict_traced)."""
+    def predict(self, out_dir: str | None = None, snapshot_dir: str | None = None, key: str | None = None):
+        """(status, metrics) of what ran, through the engine's entrance (predict_traced); with `out_dir` its
+        timeline goes to out_dir/timelines/, with `snapshot_dir` the predicted allocator snapshot there, both
+        named by `key` (the record's spec key)."""
         from memprof.simulation.simulate import predict_traced
 
         if self._trace is None:
@@ -1000,7 +1017,7 @@ class SimulatedCuda:
                 fresh.__dict__.update(old.__dict__)
             return self._trace
 
-        status, metrics = predict_traced(make_trace, self.budget, self.rule_spec())
+        status, metrics = predict_traced(make_trace, self.budget, self.rule_spec(key), out_dir, snapshot_dir)
         metrics["rules"] = [n for n in metrics["rules"] if n not in self._idle_rules()]
         return status, metrics
 

@@ -38,12 +38,13 @@ def record_spec(sim):
                    optim_impl=impl, optim_in_backward=d["optimizer_in_backward"])
 
 
-def result_of(sim):
-    """The Result of a finished SimulatedCuda block (predicted)."""
+def result_of(sim, out_dir: str | None = None, snapshot_dir: str | None = None):
+    """The Result of a finished SimulatedCuda block (predicted); with `out_dir` / `snapshot_dir`, its timeline and
+    predicted allocator snapshot are written there (memprof.simulation.simulate.predict_traced's artifacts)."""
     from memprof.api import PREDICTED, Result
     from memprof.results import environment, make_record
 
-    status, metrics = sim.predict()
+    status, metrics = sim.predict(out_dir, snapshot_dir, record_spec(sim).key)
     d = sim.detected
     metrics.update({
         "script_batch_size": d["batch_size"],
@@ -75,8 +76,10 @@ def script_label(path: str, args: list[str]) -> str:
     return f"script:{name.strip(os.sep).replace(os.sep, ':')}" + (f"~{tag}" if tag else "")
 
 
-def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: int | None = None):
-    """Run the script at `path` with `args` on the simulated `budget` card; its Result (predicted)."""
+def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: int | None = None,
+               out_dir: str | None = None, snapshot_dir: str | None = None):
+    """Run the script at `path` with `args` on the simulated `budget` card; its Result (predicted). With `out_dir`
+    the timeline is written there, with `snapshot_dir` the predicted snapshot."""
     from memprof.script.device import SimulatedCuda, StopSimulation
 
     if not os.path.isfile(path):
@@ -99,8 +102,7 @@ def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: 
         sys.argv = saved_argv
         if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(path)):
             del sys.path[0]
-        elif saved_path0 is not None and saved_path0 in sys.path:
-            pass
+    sim._result = result_of(sim, out_dir, snapshot_dir)
     return sim.result
 
 
