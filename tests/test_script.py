@@ -288,6 +288,16 @@ def test_a_restricted_sdpa_backend_is_said_not_silently_replaced():
 
 # --- steps, data, errors --------------------------------------------------------------------------------------
 
+def test_a_script_that_does_not_fit_says_where_it_runs_out():
+    from memprof.script.runner import summary
+
+    big, _ = run(SMALL, "--batch-size", "256", "--width", "512", budget="1GiB")
+    assert big.status == "oom" and big.fits == "no" and big.oom["phase"] in ("forward", "backward")
+    assert "OUT OF MEMORY (predicted)" in summary(big)
+    small, _ = run(SMALL, "--batch-size", "4", budget="1GiB")  # negative control
+    assert small.status == "ok" and "OUT OF MEMORY" not in summary(small)
+
+
 def test_steps_stop_the_script_after_n_optimizer_steps():
     r, out = run(SMALL, "--forever", steps=3)
     assert r.script_steps == 3 and r.record["spec"]["steps"] == 3 and "step 3 loss" not in out

@@ -120,6 +120,11 @@ def summary(result) -> str:
     lines.append(f"  peak allocated {_gib(m['peak_allocated_bytes'])}, reserved {_gib(m['peak_reserved_bytes'])} "
                  f"(torch.cuda.max_memory_allocated / max_memory_reserved, predicted); fits: {m.get('fits')}"
                  + (f" (over by {_gib(m['over_budget_bytes'])})" if m.get("over_budget_bytes") else ""))
+    if m.get("oom"):
+        oom = m["oom"]
+        lines.append(f"  OUT OF MEMORY (predicted) on the card in {oom['phase']} of step {oom['step']}, at {oom['op']} "
+                     f"(asking {_gib(oom['requested_bytes'])} with {_gib(oom['reserved_bytes'])} reserved of "
+                     f"{_gib(oom['usable_bytes'])} usable); the script ran on, the figures are as on a card with room")
     lines.append(f"  at the peak: {m.get('peak_phase')} of step {m.get('peak_step')}, op {m.get('peak_op')}")
     if m.get("breakdown_at_peak_bytes"):
         lines.append("  breakdown: " + ", ".join(f"{k} {_gib(v)}" for k, v in m["breakdown_at_peak_bytes"].items() if v))
