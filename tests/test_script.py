@@ -123,6 +123,23 @@ def test_default_device_contexts_factories_and_torchs_own_moves():
     assert sim.precision() == "bf16" or "torch.bfloat16" in sim.param_dtypes()
 
 
+def test_deepcopy_and_load_state_dict_allocate_as_on_cuda():
+    import copy
+
+    with simulated_cuda("a100-80g"):
+        model = torch.nn.Linear(256, 256).cuda()
+        before = torch.cuda.memory_allocated()
+        ema = copy.deepcopy(model)  # an EMA copy: new device memory of the model's size
+        assert ema.weight.is_cuda and isinstance(ema.weight, torch.nn.Parameter) and ema.weight is not model.weight
+        assert torch.cuda.memory_allocated() - before == round_size(256 * 256 * 4) + round_size(256 * 4)
+        after_copy = torch.cuda.memory_allocated()
+        weight = ema.weight
+        ema.load_state_dict(model.state_dict())  # in place, as on CUDA: nothing new stays allocated
+        assert ema.weight is weight and torch.cuda.memory_allocated() == after_copy
+        ema.to(torch.bfloat16)
+        assert ema.weight.dtype == torch.bfloat16 and ema.weight is weight
+
+
 def test_values_read_back_are_stand_ins_said_once():
     with simulated_cuda("titan-x") as sim:
         x = torch.ones(3, device="cuda")

@@ -192,7 +192,8 @@ class _SimFunctionMode(TorchFunctionMode):
                          T.__bool__: sim._item, T.__index__: sim._item, T.__repr__: sim._repr,
                          T.__format__: sim._format, T.__array__: sim._numpy, T.get_device: sim._get_device,
                          T.pin_memory: sim._pin_memory, T.is_pinned: sim._is_pinned,
-                         T.record_stream: sim._record_stream, T.__reduce_ex__: sim._reduce}
+                         T.record_stream: sim._record_stream, T.__reduce_ex__: sim._reduce,
+                         T.__deepcopy__: sim._deepcopy}
         self.getters = {_descriptor("is_cuda"): lambda t: True, _descriptor("is_cpu"): lambda t: False}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -521,6 +522,25 @@ class SimulatedCuda:
 
     def _record_stream(self, func, args, kwargs):
         return None
+
+    def _deepcopy(self, func, args, kwargs):
+        """copy.deepcopy of a device tensor (an EMA model, a best-weights copy): a new device tensor of its size,
+        as on CUDA (torch's own deepcopy would copy the fake mode with it)."""
+        t, memo = args[0], args[1] if len(args) > 1 else kwargs.get("memo", {})
+        if not is_sim(t):
+            return func(*args, **kwargs)
+        if id(t) in memo:
+            return memo[id(t)]
+        with torch.no_grad():
+            new = t.clone()
+        if getattr(t, "_is_param", False):
+            new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+        else:
+            new.requires_grad_(t.requires_grad)
+        memo[id(t)] = new
+        if t.grad is not None:
+            new.grad = self._deepcopy(func, (t.grad, memo), {})
+        return new
 
     def _reduce(self, func, args, kwargs):
         if is_sim(args[0]):
@@ -868,9 +888,13 @@ class SimulatedCuda:
         # Module.to / .cuda() keep each Parameter object (as CUDA's in-place `.data =` does), so optimizers built
         # before the move and hooks registered on parameters survive: torch's swap-on-conversion path, with the
         # hooks re-installed on the swapped object (the C++ hooks travel with the tensor's implementation)
-        was_swap = torch.__future__.get_swap_module_params_on_conversion()
-        torch.__future__.set_swap_module_params_on_conversion(True)
-        stack.callback(torch.__future__.set_swap_module_params_on_conversion, was_swap)
+        original_get_swap = torch.__future__.get_swap_module_params_on_conversion
+
+        def get_swap_module_params_on_conversion():
+            # Module._apply only: load_state_dict keeps its in-place copy_, as it does on CUDA
+            return sys._getframe(1).f_code is _MODULE_APPLY or original_get_swap()
+
+        setattr_restored(torch.__future__, "get_swap_module_params_on_conversion", get_swap_module_params_on_conversion)
         setattr_restored(torch.utils, "swap_tensors", self._swap_tensors(torch.utils.swap_tensors))
         cuda_mem = sys.modules.get("torch.cuda.memory")
         for name, fn in self._cuda_functions().items():
