@@ -25,7 +25,7 @@ def add_script_parser(sub) -> None:
     p.add_argument("--out", default=None, help="append the record to DIR/results.jsonl (the schema of `memprof run`), "
                    "with its timeline (DIR/timelines/), predicted allocator snapshot (DIR/snapshots/) and the HTML "
                    "report (DIR/report.html)")
-    p.add_argument("file", metavar="FILE", help="the training script")
+    p.add_argument("file", metavar="FILE", nargs="?", help="the training script")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
     p.set_defaults(func=cmd_script)
 
@@ -34,6 +34,8 @@ def cmd_script(args) -> int:
     from memprof.errors import UsageError
     from memprof.script.runner import run_script, summary
 
+    if args.file is None:
+        raise UsageError("give the training script: memprof script [--budget CARD] [--steps N] [--out DIR] FILE [ARGS...]")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: give at least 1 (or leave it out to let the script end)")
     from memprof.budget import parse_budget

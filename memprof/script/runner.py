@@ -135,7 +135,7 @@ def summary(result) -> str:
                  f"optimizer {opt}{' in backward' if m.get('script_optimizer_in_backward') else ''}, "
                  f"checkpointing {'seen' if m.get('script_checkpointing') else 'not seen'}, "
                  f"parameters {m.get('params_trainable', 0):,} trainable / {m.get('params_frozen', 0):,} frozen, "
-                 f"{m.get('script_steps')} optimizer steps")
+                 f"{m.get('script_steps')} optimizer step{'' if m.get('script_steps') == 1 else 's'}")
     for note in m.get("notes") or []:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
