@@ -1,6 +1,6 @@
 """Wall time of `memprof script` against `memprof run` on the same setups, paired and alternating.
 
-    PYTHONPATH=. python scripts/bench_script.py [--rounds 3] [--models test-vit,timm:vit_tiny_patch16_224]
+    PYTHONPATH=. python benchmarks/script_ratio.py [--rounds 3] [--models test-vit,timm:vit_tiny_patch16_224]
 
 For each model: the registry path (`memprof run --models MODEL --optims adam`) and the script path (`memprof script
 tests/data/scripts/registry_twin.py --model MODEL`, the same training steps as an ordinary CUDA script), each a fresh
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 TWIN = os.path.join(ROOT, "tests", "data", "scripts", "registry_twin.py")
 
 
