@@ -240,6 +240,23 @@ def test_optimizers_resolve_foreach_and_fused_as_on_cuda():
     assert "forloop" in forloop.key and "fused" in fused.key
 
 
+def test_bitsandbytes_8bit_optimizers_keep_8bit_states():
+    bnb = pytest.importorskip("bitsandbytes")
+    results = {}
+    for cls in (torch.optim.AdamW, bnb.optim.AdamW8bit):
+        with simulated_cuda("a100-80g") as sim:
+            model = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 512)).cuda()
+            optimizer = cls(model.parameters())
+            for _ in range(2):
+                model(torch.randn(8, 512, device="cuda")).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        results[cls.__name__] = sim.result
+    eight, full = results["AdamW8bit"], results["AdamW"]
+    assert eight.optimizer_state_bytes < full.optimizer_state_bytes / 3  # negative control: the 32-bit states
+    assert "/8bit/" in eight.key and "/32bit/" in full.key
+
+
 def test_hooks_registered_before_the_move_survive():
     """Per-parameter optimizers stepped from post-accumulate-grad hooks registered before model.to(device)."""
     hooked, _ = run(SMALL, "--in-backward")

@@ -799,6 +799,8 @@ class SimulatedCuda:
             self._attribution._grads()
         if id(optimizer) not in self._described:
             self._described.add(id(optimizer))
+            for rule in self.rules:  # rules acting on the optimizer (bitsandbytes' 8-bit states), as trace_step does
+                rule.attach(self.tracker, optimizer)
             self.detected["optimizers"].append(_describe_optimizer(optimizer, params))
 
     def _optimizer_post(self, optimizer, args, kwargs):

@@ -33,7 +33,9 @@ def record_spec(sim):
     impls = list(dict.fromkeys(o["implementation"] for o in opts))
     impl = impls[0] if len(impls) == 1 else ("+".join(impls) if impls else "none")
     precision = sim.precision()
+    eight_bit = any(o["class"].startswith("bitsandbytes") and "8bit" in o["name"] for o in opts)
     return RunSpec(model=sim.label, optim="+".join(names) if names else "none", grad_ckpt=d["checkpointing"],
+                   state_bits=8 if eight_bit else 32,
                    batch_size=d["batch_size"] or 0, precision=precision, steps=d["steps"], budget=sim.budget,
                    optim_impl=impl, optim_in_backward=d["optimizer_in_backward"])
 
