@@ -25,6 +25,9 @@ def add_script_parser(sub) -> None:
     p.add_argument("--out", default=None, help="append the record to DIR/results.jsonl (the schema of `memprof run`), "
                    "with its timeline (DIR/timelines/), predicted allocator snapshot (DIR/snapshots/) and the HTML "
                    "report (DIR/report.html)")
+    p.add_argument("--fit-batch-arg", default=None, metavar="FLAG", help="search the script's own batch flag (e.g. "
+                   "--fit-batch-arg=--batch-size) for the largest batch whose prediction fits the card: doubling, "
+                   "then bisection, each probe a full run of the script (--steps defaults to 2 there)")
     p.add_argument("file", metavar="FILE", nargs="?", help="the training script")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
     p.set_defaults(func=cmd_script)
@@ -43,6 +46,8 @@ def cmd_script(args) -> int:
     parse_budget(args.budget)  # a bad card is refused before the script runs
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a file: give a directory")
+    if args.fit_batch_arg is not None:
+        return _fit(args)
     snapshots = os.path.join(args.out, "snapshots") if args.out is not None else None
     if args.out is not None:
         from memprof.results import write_error
@@ -62,4 +67,32 @@ def cmd_script(args) -> int:
         append(path, result.record)
         print(f"record: {path} ({result.record['key']})", flush=True)
         print(f"report: {write_html_report(args.out, None, None)}", flush=True)
+    return 0
+
+
+def _fit(args) -> int:
+    from memprof.api import _gib
+    from memprof.script.runner import fit_script, summary
+
+    def on_probe(batch, result):
+        m = result.record["metrics"]
+        print(f"  {args.fit_batch_arg} {batch}: peak allocated {_gib(m['peak_allocated_bytes'])}, reserved "
+              f"{_gib(m['peak_reserved_bytes'])} (predicted), fits: {m.get('fits')}", flush=True)
+
+    print(f"searching {args.fit_batch_arg} of {args.file} on a simulated {args.budget} (every probe predicted):")
+    best, failing, probes = fit_script(args.file, args.args, args.fit_batch_arg, budget=args.budget,
+                                       steps=args.steps or 2, on_probe=on_probe)
+    if best is None:
+        print(f"no batch fits: {args.fit_batch_arg} 1 does not fit {args.budget} (predicted)")
+    else:
+        print(f"largest fitting: {args.fit_batch_arg} {best.record['metrics']['script_batch_size'] or '?'} "
+              f"(probe value {max(b for b, r in probes if r is best)})"
+              + (f"; {failing} does not fit" if failing else "") + " (predicted)")
+        print(summary(best))
+    if args.out is not None:
+        from memprof.results import RESULTS_FILE, append
+
+        os.makedirs(args.out, exist_ok=True)
+        for _batch, result in probes:
+            append(os.path.join(args.out, RESULTS_FILE), result.record)
     return 0

@@ -10,7 +10,9 @@ collide.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import runpy
 import sys
@@ -141,3 +143,58 @@ def summary(result) -> str:
     for note in m.get("notes") or []:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+def with_batch(args: list[str], flag: str, batch: int) -> list[str]:
+    """`args` with the script's batch flag set to `batch` (replacing `FLAG N` or `FLAG=N`, else appended)."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] == flag and i + 1 < len(args):
+            i += 2
+            continue
+        if args[i].startswith(flag + "="):
+            i += 1
+            continue
+        out.append(args[i])
+        i += 1
+    return [*out, flag, str(batch)]
+
+
+def fits(result) -> bool:
+    """A probe fits when the prediction (and its upper band) fits the card."""
+    return result.status == "ok" and result.record["metrics"].get("fits") == "yes"
+
+
+def fit_script(path: str, args: list[str], batch_arg: str, budget: str = "titan-x", steps: int | None = 2,
+               max_batch: int = 1 << 16, on_probe=None):
+    """The largest value of the script's own batch flag whose prediction fits the card: doubling from 1 until a
+    probe does not fit, then bisection. Returns (largest fitting Result or None, smallest failing batch or None,
+    probes [(batch, Result)]). Every probe is a full run of the script on the simulated card (predicted)."""
+    if not batch_arg.startswith("-"):
+        raise UsageError(f"--batch-arg {batch_arg}: give the script's flag, e.g. --batch-arg=--batch-size")
+    probes: dict[int, object] = {}
+
+    def probe(batch: int):
+        if batch not in probes:
+            with contextlib.redirect_stdout(io.StringIO()):  # the script's own output, once per probe, is dropped
+                probes[batch] = run_script(path, with_batch(list(args), batch_arg, batch), budget=budget, steps=steps)
+            if on_probe is not None:
+                on_probe(batch, probes[batch])
+        return probes[batch]
+
+    low, high = 0, None  # largest fitting, smallest failing
+    batch = 1
+    while batch <= max_batch:
+        if fits(probe(batch)):
+            low, batch = batch, batch * 2
+        else:
+            high = batch
+            break
+    if high is not None:
+        while high - low > 1:
+            mid = (low + high) // 2
+            if fits(probe(mid)):
+                low = mid
+            else:
+                high = mid
+    return (probes[low] if low else None), high, sorted(probes.items())
