@@ -352,6 +352,19 @@ def test_steps_stop_the_script_after_n_optimizer_steps():
     assert two.script_steps == 2
 
 
+def test_steps_end_a_simulated_cuda_block_cleanly():
+    model = torch.nn.Linear(8, 8)
+    done = []
+    with simulated_cuda("titan-x", steps=2) as sim:
+        model.cuda()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for i in range(100):
+            model(torch.randn(4, 8, device="cuda")).sum().backward()
+            optimizer.step()
+            done.append(i)
+    assert done == [0] and sim.result.script_steps == 2  # the second step's post-hook ended the block
+
+
 def test_a_dataloader_with_workers_loads_real_cpu_data(tmp_path):
     path = write(tmp_path, """
 import torch

@@ -979,7 +979,7 @@ class SimulatedCuda:
         if exc is not None and not isinstance(exc, (StopSimulation, SystemExit, KeyboardInterrupt, UsageError)) \
                 and not os.environ.get("MEMPROF_DEBUG"):
             raise self.explain(exc) from None
-        return False
+        return isinstance(exc, StopSimulation)  # the requested steps ran: the block ends there, cleanly
 
     def explain(self, exc: BaseException) -> UnsupportedCall:
         """One line for an exception raised under the simulated device: the call and the user's file:line."""
