@@ -146,7 +146,7 @@ class _SimTracker(StorageTracker):
             self.sim._check_sdp_flags(func)
         _INTERNAL.depth += 1
         try:
-            self.sim._check_devices(func, args, kwargs)
+            self.sim._check_devices(func, args, kwargs or {})
             with self.sim.fake_mode:
                 return super().__torch_dispatch__(func, types, args, kwargs)
         finally:
@@ -354,15 +354,16 @@ class SimulatedCuda:
 
     def _check_devices(self, func, args, kwargs) -> None:
         """CUDA refuses ops mixing a device tensor with a CPU tensor (other than a 0-dim one, a copy or an index)."""
-        name = func._schema.name
-        if name in _CROSS_DEVICE_OK:
-            return
-        flat, _ = tree_flatten((args, kwargs))
-        for t in flat:
-            if isinstance(t, torch.Tensor) and type(t) is not FakeTensor and t.dim() > 0 and t.device.type == "cpu":
-                raise UnsupportedCall(f"{_where(self.user_file)}: {name} is given a tensor on cuda:0 and one on the "
-                                      f"CPU (shape {tuple(t.shape)}); on CUDA this fails with 'Expected all tensors "
-                                      f"to be on the same device': move it with .to(device)")
+        for a in (*args, *kwargs.values()) if kwargs else args:  # (no pytree: this runs for every op)
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                if type(t) is not FakeTensor and isinstance(t, torch.Tensor) and t.dim() > 0 \
+                        and t.device.type == "cpu":
+                    name = func._schema.name
+                    if name in _CROSS_DEVICE_OK:
+                        return
+                    raise UnsupportedCall(f"{_where(self.user_file)}: {name} is given a tensor on cuda:0 and one on "
+                                          f"the CPU (shape {tuple(t.shape)}); on CUDA this fails with 'Expected all "
+                                          f"tensors to be on the same device': move it with .to(device)")
 
     def _check_sdp_flags(self, func) -> None:
         """torch.nn.attention.sdpa_kernel / torch.backends.cuda.enable_*_sdp choose SDPA's kernel on CUDA; the
