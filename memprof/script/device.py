@@ -47,6 +47,7 @@ import traceback
 import types
 import warnings
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
@@ -56,6 +57,7 @@ from torch.utils._pytree import tree_flatten
 
 from memprof.errors import UsageError
 from memprof.simulation.tracker import ALLOC, FREE, StorageTracker
+from memprof.spec import RunSpec
 
 CUDA0 = torch.device("cuda", 0)
 _META = torch.device("meta")
@@ -244,13 +246,8 @@ def _where(user_file=None) -> str:
     return f"{fr[0]}:{fr[1]}" if fr else "(unknown place)"
 
 
-from dataclasses import dataclass as _dataclass  # noqa: E402
-
-from memprof.spec import RunSpec as _RunSpec  # noqa: E402
-
-
-@_dataclass(frozen=True)
-class _RuleSpec(_RunSpec):
+@dataclass(frozen=True)
+class _RuleSpec(RunSpec):
     """The spec handed to predict_traced: its precision selects every CUDA rule, its key is the record's."""
 
     record_key: str | None = None
