@@ -365,6 +365,18 @@ def test_steps_end_a_simulated_cuda_block_cleanly():
     assert done == [0] and sim.result.script_steps == 2  # the second step's post-hook ended the block
 
 
+def test_an_image_script_with_accumulation_channels_last_and_eval():
+    pytest.importorskip("torchvision")
+    accum, out = run(SCRIPTS / "train_resnet.py", budget="titan-x")
+    assert accum.script_steps == 2 and accum.script_batch_size == 8  # two micro-batches per optimizer step
+    assert "accuracy 0.0" in out and accum.script_optimizers[0]["name"] == "SGD"
+    every, _ = run(SCRIPTS / "train_resnet.py", "--accum", "1", budget="titan-x")
+    assert every.script_steps == 4 and every.key != accum.key  # negative control
+    with simulated_cuda("titan-x"):
+        x = torch.randn(2, 3, 8, 8).to("cuda", memory_format=torch.channels_last)
+        assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def test_a_dataloader_with_workers_loads_real_cpu_data(tmp_path):
     path = write(tmp_path, """
 import torch

@@ -372,14 +372,17 @@ class SimulatedCuda:
                               f"({func.__name__.split('.')[0]})")
 
     # --- the device moves and factories --------------------------------------------------------------------
-    def _to_sim(self, t: torch.Tensor, dtype=None, op: str = "Tensor.to(cuda)") -> torch.Tensor:
-        """A fake device copy of real tensor `t` (an allocation of its size)."""
+    def _to_sim(self, t: torch.Tensor, dtype=None, op: str = "Tensor.to(cuda)",
+                memory_format=torch.preserve_format) -> torch.Tensor:
+        """A fake device copy of real tensor `t` (an allocation of its size), laid out as `memory_format` asks."""
         from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 
         dtype = dtype or t.dtype
         stride = None if t.is_contiguous() or not is_non_overlapping_and_dense(t) else t.stride()  # preserve_format
         with _internal(), self.fake_mode:
-            if stride is None:
+            if memory_format not in (None, torch.preserve_format):
+                out = torch.empty(tuple(t.shape), dtype=dtype, device="cpu", memory_format=memory_format)
+            elif stride is None:
                 out = torch.empty(tuple(t.shape), dtype=dtype, device="cpu")
             else:
                 out = torch.empty_strided(tuple(t.shape), stride, dtype=dtype, device="cpu")
@@ -444,7 +447,7 @@ class SimulatedCuda:
                 return torch.Tensor.to(t, dtype=dtype or t.dtype, copy=copy, memory_format=memory_format)
             return func(*args, **kwargs)
         if device == "sim":
-            return self._to_sim(t, dtype)
+            return self._to_sim(t, dtype, memory_format=memory_format)
         return func(*args, **kwargs)
 
     def _cuda(self, func, args, kwargs):

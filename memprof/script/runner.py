@@ -120,7 +120,7 @@ def summary(result) -> str:
     """A few lines: the predicted peaks on the card, fits, what was detected, the notes."""
     r, m = result.record, result.record["metrics"]
     spec = r["spec"]
-    lines = [f"{m.get('script_path') or spec['model']} on a simulated {m['budget_device']} (predicted, no GPU used)"]
+    lines = [f"{m.get('script_path') or spec['model']} on a simulated {spec['budget']} card (predicted, no GPU used)"]
     lines.append(f"  peak allocated {_gib(m['peak_allocated_bytes'])}, reserved {_gib(m['peak_reserved_bytes'])} "
                  f"(torch.cuda.max_memory_allocated / max_memory_reserved, predicted); fits: {m.get('fits')}"
                  + (f" (over by {_gib(m['over_budget_bytes'])})" if m.get("over_budget_bytes") else ""))
