@@ -140,6 +140,18 @@ def test_deepcopy_and_load_state_dict_allocate_as_on_cuda():
         assert ema.weight.dtype == torch.bfloat16 and ema.weight is weight
 
 
+def test_torch_load_to_the_device(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"w": torch.ones(1024, 256), "step": 3}, path)
+    with simulated_cuda("titan-x"):
+        on_device = torch.load(path, map_location="cuda")
+        assert on_device["w"].is_cuda and on_device["step"] == 3
+        assert torch.cuda.memory_allocated() == 1024 * 256 * 4
+        on_cpu = torch.load(path, map_location="cpu")  # negative control: real data, nothing on the device
+        assert not on_cpu["w"].is_cuda and on_cpu["w"].sum().item() == 1024 * 256
+        assert torch.cuda.memory_allocated() == 1024 * 256 * 4
+
+
 def test_values_read_back_are_stand_ins_said_once():
     with simulated_cuda("titan-x") as sim:
         x = torch.ones(3, device="cuda")

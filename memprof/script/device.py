@@ -53,7 +53,7 @@ import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
                                           FakeTensorMode, UnsupportedOperatorException)
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memprof.errors import UsageError
 from memprof.simulation.tracker import ALLOC, FREE, StorageTracker
@@ -940,6 +940,19 @@ class SimulatedCuda:
             return original_save(obj, f, *args, **kwargs)
 
         setattr_restored(torch, "save", save)
+        original_load = torch.load
+
+        def load(f, map_location=None, *args, **kwargs):
+            """torch.load(..., map_location="cuda" / a cuda device): loaded on the CPU, then each tensor copied to
+            the device (what landing on the card allocates)."""
+            if map_location is not None and not callable(map_location) and not isinstance(map_location, dict) \
+                    and _is_cuda_device(map_location):
+                obj = original_load(f, *args, map_location="cpu", **kwargs)
+                return tree_map_only(torch.Tensor, lambda t: self._to_sim(t, op="torch.load(map_location=cuda)"),
+                                     obj)
+            return original_load(f, *args, map_location=map_location, **kwargs)
+
+        setattr_restored(torch, "load", load)
 
         def compile_(model=None, **kwargs):
             self.note("compile", "torch.compile runs eager here: compiled code's memory differs (predicted as eager)")
