@@ -33,6 +33,16 @@ How (no GPU, nothing allocated for real on the CUDA side):
 - phases: forward (the model's outermost forward), backward (torch.autograd.backward), optimizer (a global
   optimizer step pre-hook); `steps=N` stops the code with `StopSimulation` after N optimizer steps.
 Anything that cannot be simulated raises UnsupportedCall: one line naming the call and the user's file:line.
+
+Limits (each said where it applies, or listed here):
+- one device (cuda:0); no multi-GPU, DDP or FSDP scripts (torchrun) yet;
+- CUDA work started from another thread than the one that entered the block is not tracked (the modes are
+  per thread; a DataLoader's workers and pinning thread only touch CPU data, and run as usual);
+- the script's own constructors run for real on the CPU (their time and host memory are real);
+- a script that would run out of memory on the card runs on; the record says where it would (status "oom");
+- `torch.cuda.empty_cache()` and `reset_peak_memory_stats()` act on the figures the script reads, not on the
+  record's (noted); `torch.nn.attention.sdpa_kernel` / `enable_*_sdp` restrictions are noted, not modelled;
+- tensors and modules moved to the device inside the block stay simulated after it.
 """
 
 from __future__ import annotations
