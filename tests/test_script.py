@@ -228,6 +228,20 @@ def test_autocast_cuda_follows_cuda_policy_and_removing_it_predicts_higher():
     assert bf16.key != fp32.key
 
 
+def test_autocast_state_queries_and_checkpoint_recompute_under_autocast():
+    with simulated_cuda("a100-80g"):
+        assert not torch.is_autocast_enabled("cuda")
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            assert torch.is_autocast_enabled("cuda") and torch.is_autocast_enabled()
+            assert torch.get_autocast_dtype("cuda") == torch.bfloat16
+            with torch.autocast("cuda", enabled=False):  # a region forced back to fp32
+                y = torch.nn.functional.linear(torch.randn(2, 4, device="cuda"), torch.randn(3, 4, device="cuda"))
+            assert y.dtype == torch.float32
+    both, _ = run(SMALL, "--ckpt", "--amp", "bf16")
+    ckpt, _ = run(SMALL, "--ckpt")
+    assert both.script_checkpointing and both.peak_allocated_bytes < ckpt.peak_allocated_bytes
+
+
 def test_grad_scaler_cuda_runs_and_takes_the_finite_path():
     fp16, out = run(SMALL, "--amp", "fp16")
     assert fp16.script_grad_scaler and fp16.script_precision == "fp16-amp" and fp16.script_steps == 2

@@ -926,6 +926,20 @@ class SimulatedCuda:
         queued = list(torch.cuda._queued_calls)
         stack.callback(lambda: torch.cuda._queued_calls.__setitem__(slice(None), queued))
         setattr_restored(autocast_mode.autocast, "__init__", self._autocast_init(autocast_mode.autocast.__init__))
+        original_enabled, original_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+
+        def is_autocast_enabled(device_type=None):  # CUDA's autocast state is the CPU's here (see _autocast_init)
+            if device_type is None or device_type == "cuda":
+                return original_enabled("cpu")
+            return original_enabled(device_type)
+
+        def get_autocast_dtype(device_type):
+            if device_type == "cuda" and original_enabled("cpu"):
+                return original_dtype("cpu")
+            return original_dtype(device_type)
+
+        setattr_restored(torch, "is_autocast_enabled", is_autocast_enabled)
+        setattr_restored(torch, "get_autocast_dtype", get_autocast_dtype)
         if FakeTensor not in optim_mod._foreach_supported_types:
             optim_mod._foreach_supported_types.append(FakeTensor)
             stack.callback(optim_mod._foreach_supported_types.remove, FakeTensor)
