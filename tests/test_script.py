@@ -45,6 +45,9 @@ def write(tmp_path, text, name="train.py"):
 
 def test_cuda_queries_describe_the_budget_card_and_are_restored():
     originals = {n: getattr(torch.cuda, n) for n in ("is_available", "max_memory_allocated", "get_device_name")}
+    top = {n: getattr(torch, n) for n in ("save", "load", "compile", "is_autocast_enabled", "get_autocast_dtype",
+                                          "set_default_device", "get_default_device")}
+    swap, swap_flag = torch.utils.swap_tensors, torch.__future__.get_swap_module_params_on_conversion
     device_property = FakeTensor.__dict__["device"]
     backward, init = torch.autograd.backward, torch.amp.autocast_mode.autocast.__init__
     with simulated_cuda("a100-80g"):
@@ -62,6 +65,9 @@ def test_cuda_queries_describe_the_budget_card_and_are_restored():
         assert torch.cuda.get_device_capability() == (8, 9) and "4090" in torch.cuda.get_device_name()
     assert not torch.cuda.is_available()
     assert {n: getattr(torch.cuda, n) for n in originals} == originals
+    assert {n: getattr(torch, n) for n in top} == top
+    assert torch.utils.swap_tensors is swap and torch.__future__.get_swap_module_params_on_conversion is swap_flag
+    assert torch.accelerator.is_available() == torch.cuda.is_available()
     assert FakeTensor.__dict__["device"] is device_property
     assert torch.autograd.backward is backward and torch.amp.autocast_mode.autocast.__init__ is init
     optim_mod = importlib.import_module("torch.optim.optimizer")
