@@ -28,10 +28,10 @@ TWIN = str(SCRIPTS / "registry_twin.py")
 MiB = 1 << 20
 
 
-def run(path, *args, budget="a100-80g", steps=None):
+def run(path, *args, budget="a100-80g", steps=None, backend="simulate"):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        result = run_script(str(path), list(args), budget=budget, steps=steps)
+        result = run_script(str(path), list(args), budget=budget, steps=steps, backend=backend)
     return result, out.getvalue()
 
 
@@ -457,11 +457,29 @@ def test_memprof_script_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "memprof", "script", str(tmp_path / "nope.py")], capture_output=True,
                          text=True, cwd=tmp_path, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("memprof: error: no script at") and "Traceback" not in bad.stderr
+    nogpu = subprocess.run([sys.executable, "-m", "memprof", "script", "--backend", "cuda", SMALL], capture_output=True,
+                           text=True, cwd=tmp_path, env=env, timeout=300)
+    assert nogpu.returncode == 2 and "has none" in nogpu.stderr and "Traceback" not in nogpu.stderr
     failing = write(tmp_path, "import torch\nx = torch.randn(8, device='cuda')\nprint(x[x > 0])\n", "dd.py")
     proc = subprocess.run([sys.executable, "-m", "memprof", "script", failing], capture_output=True, text=True,
                           cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "dd.py:3" in proc.stderr
+
+
+def test_the_measuring_backend_gives_the_same_key_and_reads_torch_cuda():
+    """`memprof script --backend cuda` (memprof.script.measure) run where torch.cuda is the simulated card: its
+    phase-by-phase torch.cuda readings give the predicted peak, under the predicted record's key (@cuda)."""
+    predicted, _ = run(TWIN, budget="a100-80g")
+    with simulated_cuda("a100-80g"):
+        measured, _ = run(TWIN, budget="a100-80g", backend="cuda")
+    assert measured.source == "measured" and measured.key == predicted.key.replace("@simulate", "@cuda")
+    assert measured.peak_allocated_bytes == predicted.peak_allocated_bytes
+    assert measured.peak_reserved_bytes == predicted.peak_reserved_bytes
+    assert measured.phase_peak_allocated_bytes["optimizer"] == predicted.phase_peak_allocated_bytes["optimizer"]
+    assert measured.script_optimizers == predicted.script_optimizers and measured.fits == "yes"
+    with pytest.raises(UsageError, match="has none"):  # negative control: no GPU here
+        run(TWIN, backend="cuda")
 
 
 # --- predict_step on the simulated device ---------------------------------------------------------------------

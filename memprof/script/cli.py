@@ -25,6 +25,10 @@ def add_script_parser(sub) -> None:
     p.add_argument("--out", default=None, help="append the record to DIR/results.jsonl (the schema of `memprof run`), "
                    "with its timeline (DIR/timelines/), predicted allocator snapshot (DIR/snapshots/) and the HTML "
                    "report (DIR/report.html)")
+    p.add_argument("--backend", default="simulate", choices=["simulate", "cuda"],
+                   help="simulate: predict on the simulated --budget card (default, no GPU needed); cuda: run the "
+                   "script for real on this machine's GPU and measure (torch.cuda peaks per phase), with the same "
+                   "record key, so `memprof fidelity` can compare the two")
     p.add_argument("--fit-batch-arg", default=None, metavar="FLAG", help="search the script's own batch flag (e.g. "
                    "--fit-batch-arg=--batch-size) for the largest batch whose prediction fits the card: doubling, "
                    "then bisection, each probe a full run of the script (--steps defaults to 2 there)")
@@ -47,6 +51,8 @@ def cmd_script(args) -> int:
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a file: give a directory")
     if args.fit_batch_arg is not None:
+        if args.backend != "simulate":
+            raise UsageError("--fit-batch-arg searches on the simulated card: leave --backend out")
         return _fit(args)
     snapshots = os.path.join(args.out, "snapshots") if args.out is not None else None
     if args.out is not None:
@@ -56,8 +62,15 @@ def cmd_script(args) -> int:
             os.makedirs(snapshots, exist_ok=True)
         except OSError as exc:
             raise write_error(args.out, exc) from None
+    if args.backend == "cuda" and args.fit_batch_arg is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--backend cuda measures on a CUDA GPU and this machine has none: leave --backend out "
+                             "to predict (the simulated card)")
+        snapshots = None
     result = run_script(args.file, args.args, budget=args.budget, steps=args.steps, out_dir=args.out,
-                        snapshot_dir=snapshots)
+                        snapshot_dir=snapshots, backend=args.backend)
     print(summary(result), flush=True)
     if args.out is not None:
         from memprof.reports.html import write_html_report
@@ -66,7 +79,8 @@ def cmd_script(args) -> int:
         path = os.path.join(args.out, RESULTS_FILE)
         append(path, result.record)
         print(f"record: {path} ({result.record['key']})", flush=True)
-        print(f"report: {write_html_report(args.out, None, None)}", flush=True)
+        if args.backend == "simulate":
+            print(f"report: {write_html_report(args.out, None, None)}", flush=True)
     return 0
 
 

@@ -81,15 +81,20 @@ def script_label(path: str, args: list[str]) -> str:
 
 
 def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: int | None = None,
-               out_dir: str | None = None, snapshot_dir: str | None = None):
+               out_dir: str | None = None, snapshot_dir: str | None = None, backend: str = "simulate"):
     """Run the script at `path` with `args` on the simulated `budget` card; its Result (predicted). With `out_dir`
-    the timeline is written there, with `snapshot_dir` the predicted snapshot."""
+    the timeline is written there, with `snapshot_dir` the predicted snapshot. backend="cuda": run it for real on
+    the GPU at hand and measure (memprof.script.measure; `budget` is only judged against)."""
     from memprof.script.device import SimulatedCuda, StopSimulation
+    from memprof.script.measure import MeasuredCuda
 
     if not os.path.isfile(path):
         raise UsageError(f"no script at {path}: give the path of a Python file")
+    if backend not in ("simulate", "cuda"):
+        raise UsageError(f"--backend {backend}: use simulate (predicts, the default) or cuda (measures on a GPU)")
     args = list(args)
-    sim = SimulatedCuda(budget, steps=steps, user_file=path, label=script_label(path, args))
+    kind = SimulatedCuda if backend == "simulate" else MeasuredCuda
+    sim = kind(budget, steps=steps, user_file=path, label=script_label(path, args))
     sim.script_args = args
     saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
     sys.argv = [path, *args]
@@ -106,7 +111,7 @@ def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: 
         sys.argv = saved_argv
         if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(path)):
             del sys.path[0]
-    sim._result = result_of(sim, out_dir, snapshot_dir)
+    sim._result = result_of(sim, out_dir, snapshot_dir) if backend == "simulate" else sim.result
     return sim.result
 
 
@@ -120,16 +125,21 @@ def summary(result) -> str:
     """A few lines: the predicted peaks on the card, fits, what was detected, the notes."""
     r, m = result.record, result.record["metrics"]
     spec = r["spec"]
-    lines = [f"{m.get('script_path') or spec['model']} on a simulated {spec['budget']} card (predicted, no GPU used)"]
+    measured = r["source"] == "measured"
+    where = f"measured on {m['budget_device']}" if measured else f"on a simulated {spec['budget']} card (predicted, no GPU used)"
+    lines = [f"{m.get('script_path') or spec['model']} {where}"]
     lines.append(f"  peak allocated {_gib(m['peak_allocated_bytes'])}, reserved {_gib(m['peak_reserved_bytes'])} "
-                 f"(torch.cuda.max_memory_allocated / max_memory_reserved, predicted); fits: {m.get('fits')}"
+                 f"(torch.cuda.max_memory_allocated / max_memory_reserved, {r['source']}); fits: {m.get('fits', '-')}"
                  + (f" (over by {_gib(m['over_budget_bytes'])})" if m.get("over_budget_bytes") else ""))
-    if m.get("oom"):
+    if m.get("oom") and not measured:
         oom = m["oom"]
         lines.append(f"  OUT OF MEMORY (predicted) on the card in {oom['phase']} of step {oom['step']}, at {oom['op']} "
                      f"(asking {_gib(oom['requested_bytes'])} with {_gib(oom['reserved_bytes'])} reserved of "
                      f"{_gib(oom['usable_bytes'])} usable); the script ran on, the figures are as on a card with room")
-    lines.append(f"  at the peak: {m.get('peak_phase')} of step {m.get('peak_step')}, op {m.get('peak_op')}")
+    if m.get("oom") and measured:
+        lines.append(f"  OUT OF MEMORY (measured) in {m['oom']['phase']}: {m['oom']['message']}")
+    lines.append(f"  at the peak: {m.get('peak_phase')}" + (
+        f" of step {m.get('peak_step')}, op {m.get('peak_op')}" if not measured else ""))
     if m.get("breakdown_at_peak_bytes"):
         lines.append("  breakdown: " + ", ".join(f"{k} {_gib(v)}" for k, v in m["breakdown_at_peak_bytes"].items() if v))
     opts = m.get("script_optimizers") or []
