@@ -70,10 +70,18 @@ if [ "$gpu" != "no-gpu" ]; then
     --out "$out/cuda-dist" >>"$log" 2>&1 || failures=$((failures + 1))
   m fidelity "$out/cuda-dist" "$out/simulate-dist" --out "$out/dist"
 fi
+# ordinary training scripts (memprof script): predicted for this card, then run for real on it and measured
+scripts_=("tests/data/scripts/registry_twin.py --model vit-b-16 --batch-size 8"
+          "tests/data/scripts/train_small.py --amp bf16 --batch-size 32")
+for s in "${scripts_[@]}"; do m script --budget "$card" --out "$out/simulate-scripts" $s; done
+if [ "$gpu" != "no-gpu" ]; then
+  for s in "${scripts_[@]}"; do m script --backend cuda --budget "$card" --out "$out/cuda-scripts" $s; done
+  m fidelity "$out/cuda-scripts" "$out/simulate-scripts" --out "$out/scripts"
+fi
 m table "$out/simulate" --out "$out/simulate"
 echo "elapsed: $(( $(date +%s) - start )) s; failed steps: $failures" | tee -a "$log"
 if [ -n "${OUT:-}" ]; then
   tar -czf "$OUT/gpu_check.tar.gz" -C "$out" .
-  for f in "$out/fidelity.md" "$out/cuda/table4.md" "$out/dist/fidelity.md"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+  for f in "$out/fidelity.md" "$out/cuda/table4.md" "$out/dist/fidelity.md" "$out/scripts/fidelity.md"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
 fi
 [ $failures -eq 0 ]
