@@ -1021,6 +1021,8 @@ class SimulatedCuda:
 
     def explain(self, exc: BaseException) -> UnsupportedCall:
         """One line for an exception raised under the simulated device: the call and the user's file:line."""
+        if isinstance(exc, SyntaxError):
+            return UnsupportedCall(f"{exc.filename}:{exc.lineno}: SyntaxError: {exc.msg} (the script does not compile)")
         fr = _user_frame(exc.__traceback__, self.user_file)
         where = f"{fr[0]}:{fr[1]}" if fr else "(unknown place)"
         call = f" `{fr[2]}`" if fr and fr[2] else ""
