@@ -757,8 +757,11 @@ class SimulatedCuda:
             if self._attribution is None:
                 from memprof.simulation.attribution import ModuleAttribution
 
-                self._attribution = ModuleAttribution(module, self.tracker)
-                self._attribution.__enter__()
+                att = self._attribution = ModuleAttribution(module, self.tracker)
+                att.__enter__()
+                # a script may drop its model and build another: what the attribution keeps must not keep it alive
+                att._params, att._buffers = weakref.WeakSet(att._params), []
+                att.modules.names = weakref.WeakKeyDictionary(att.modules.names)
         if self.detected["batch_size"] is None:
             flat, _ = tree_flatten(args)
             first = next((t for t in flat if is_sim(t) and t.dim() >= 1), None)
