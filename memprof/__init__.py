@@ -7,10 +7,14 @@ import torch: `memprof.predict`, `memprof.predict_step`, `memprof.measure`, `mem
 
 __version__ = "0.1.0"
 
-__all__ = ["predict", "predict_step", "measure", "measure_step", "Result"]
+__all__ = ["predict", "predict_step", "measure", "measure_step", "Result", "simulated_cuda"]
 
 
 def __getattr__(name: str):
+    if name == "simulated_cuda":  # memprof.script: a simulated CUDA device around any code
+        from memprof.script.device import simulated_cuda
+
+        return simulated_cuda
     if name in __all__:
         from memprof import api
 

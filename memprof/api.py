@@ -89,6 +89,10 @@ def _model_name(model: str | Callable[[], Any]) -> str:
         if "," in model or model == "paper":
             raise UsageError(f"model '{model}': give one model (for a grid use `memprof run --models`)")
         return model
+    if type(model).__module__.startswith("torch.nn") or hasattr(model, "named_parameters"):
+        raise UsageError(f"model: a {type(model).__name__} instance; pass a zero-argument factory that builds it "
+                         f"(e.g. `lambda: MyModel()`), a registry name, or predict your own step with "
+                         f"memprof.predict_step / memprof.simulated_cuda")
     if callable(model):
         return factory_name(model)
     raise UsageError(f"model {model!r}: give a model name or a zero-argument factory returning an nn.Module")
@@ -176,14 +180,18 @@ def predict_step(build: Callable[[], tuple], step: Callable[[Any, Any, Any], Any
                  budget: str = "titan-x", steps: int = 2, rules: str = "cuda", label: str | None = None) -> Result:
     """Predict the memory of a user's own training step without a GPU.
 
-    `build()` returns (model, optimizer) (run on the meta device, then given fake storage), `batch()` the
-    inputs, `step(model, optimizer, inputs)` runs one step. rules="cuda": the prediction of torch.cuda's
-    peaks on `budget` (CUDA rules and the caching-allocator replay, as `predict`); rules="cpu": peak live
-    tensor bytes under CPU rules, the quantity `measure_step(..., backend="cpu")` measures."""
+    `build()` returns (model, optimizer), `batch()` the inputs, `step(model, optimizer, inputs)` runs one step.
+    rules="cuda": the prediction of torch.cuda's peaks on `budget`, on a simulated CUDA device that is that card
+    (memprof.script.device.SimulatedCuda, through the engine's predict_traced as `predict`): build() runs on the
+    meta device (constructors allocate nothing) and may call `.cuda()`, `.to("cuda")` or use `device="cuda"`;
+    the model is then moved to the device (each Parameter object kept, so the optimizer and any hook build()
+    registered stay attached), optimizers resolve foreach/fused as on CUDA, `torch.autocast("cuda")` follows
+    CUDA's op lists, and the inputs batch() returns are moved to the device. The record's key and fields say
+    what was detected (batch size, precision, optimizer and its implementation, checkpointing).
+    rules="cpu": peak live tensor bytes under CPU rules, the quantity `measure_step(..., backend="cpu")` measures."""
     from memprof.budget import parse_budget
-    from memprof.harness import run_steps
     from memprof.results import environment, make_record
-    from memprof.simulation.simulate import cpu_rules_metrics, predict_traced
+    from memprof.simulation.simulate import cpu_rules_metrics
     from memprof.spec import MIN_STEPS
     from memprof.simulation.tracing import trace_step
 
@@ -192,19 +200,22 @@ def predict_step(build: Callable[[], tuple], step: Callable[[Any, Any, Any], Any
     if rules not in ("cuda", "cpu"):
         raise UsageError(f"rules '{rules}': use cuda (predicts torch.cuda) or cpu (live tensor bytes)")
     device = parse_budget(budget)
+    if rules == "cuda":
+        from memprof.script.steps import predict_step_simulated
+
+        return predict_step_simulated(_user_build(build), step, batch, budget=budget, steps=steps,
+                                      label=label or _step_spec(build, budget, steps, None).model)
+
+    from memprof.harness import run_steps
 
     def run(model, optimizer, on_phase):
         run_steps(model, optimizer, batch, step, steps, on_phase)
 
     start = time.perf_counter()
-    if rules == "cuda":
-        status, metrics = predict_traced(lambda r: trace_step(_user_build(build), run, r, fake=True), budget)
-    else:
-        _, metrics = cpu_rules_metrics(trace_step(_user_build(build), run, (), fake=True))
-        status = "ok"
-        metrics.update(budget_device=device.label, budget_bytes=device.total_bytes)
-    env = environment("simulate" if rules == "cuda" else "simulate-cpu-rules", "cpu-simulated")
-    return Result(make_record(_step_spec(build, budget, steps, label), status, PREDICTED, env, metrics,
+    _, metrics = cpu_rules_metrics(trace_step(_user_build(build), run, (), fake=True))
+    metrics.update(budget_device=device.label, budget_bytes=device.total_bytes)
+    env = environment("simulate-cpu-rules", "cpu-simulated")
+    return Result(make_record(_step_spec(build, budget, steps, label), "ok", PREDICTED, env, metrics,
                               elapsed_s=time.perf_counter() - start))
 
 

@@ -634,6 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="baseline configurations absent from CURRENT are reported, not failed")
     cmp_.set_defaults(func=cmd_compare)
 
+    from memprof.script.cli import add_script_parser  # `memprof script FILE [ARGS...]` (memprof.script)
+
+    add_script_parser(sub)
+
     lst = sub.add_parser("list", help="list registered models, optimizers, budget cards or backends")
     lst.add_argument("what", choices=["models", "optims", "budgets", "backends"])
     lst.add_argument("--source", choices=["timm", "torchvision", "open_clip"], default=None,

@@ -1,0 +1,112 @@
+"""`memprof script [--budget CARD] [--steps N] [--out DIR] FILE [ARGS...]`: a training script, unchanged, on a
+simulated CUDA device that is the budget's card (memprof.script.runner). Options go before FILE; everything
+after it is the script's own arguments."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_script_parser(sub) -> None:
+    from memprof.budget import DEFAULT_BUDGET
+
+    p = sub.add_parser("script", help="run your own CUDA training script, unchanged, on a simulated card (predicted)",
+                       description="Runs FILE as __main__ (with ARGS as its sys.argv) on a simulated CUDA device "
+                                   "that is the --budget card: no GPU is used, and every figure is predicted by the "
+                                   "same simulation as `memprof run`. Prints the predicted peaks and what was "
+                                   "detected (batch size, precision, optimizer, checkpointing). Exit status: 0 when "
+                                   "the script ran (fits or not), 2 for bad input or a call that cannot be "
+                                   "simulated (named with its file:line).")
+    p.add_argument("--budget", default=DEFAULT_BUDGET, help=f"the card to simulate (`memprof list budgets`, or a "
+                   f"size like 24GiB@8.9; default: {DEFAULT_BUDGET})")
+    p.add_argument("--steps", type=int, default=None, help="stop the script after N optimizer steps "
+                   "(default: let it end)")
+    p.add_argument("--out", default=None, help="append the record to DIR/results.jsonl (the schema of `memprof run`), "
+                   "with its timeline (DIR/timelines/), predicted allocator snapshot (DIR/snapshots/) and the HTML "
+                   "report (DIR/report.html)")
+    p.add_argument("--backend", default="simulate", choices=["simulate", "cuda"],
+                   help="simulate: predict on the simulated --budget card (default, no GPU needed); cuda: run the "
+                   "script for real on this machine's GPU and measure (torch.cuda peaks per phase), with the same "
+                   "record key, so `memprof fidelity` can compare the two")
+    p.add_argument("--fit-batch-arg", default=None, metavar="FLAG", help="search the script's own batch flag (e.g. "
+                   "--fit-batch-arg=--batch-size) for the largest batch whose prediction fits the card: doubling, "
+                   "then bisection, each probe a full run of the script (--steps defaults to 2 there)")
+    p.add_argument("file", metavar="FILE", nargs="?", help="the training script")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
+    p.set_defaults(func=cmd_script)
+
+
+def cmd_script(args) -> int:
+    from memprof.errors import UsageError
+    from memprof.script.runner import run_script, summary
+
+    if args.file is None:
+        raise UsageError("give the training script: memprof script [--budget CARD] [--steps N] [--out DIR] FILE [ARGS...]")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: give at least 1 (or leave it out to let the script end)")
+    from memprof.budget import parse_budget
+
+    parse_budget(args.budget)  # a bad card is refused before the script runs
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file: give a directory")
+    if args.fit_batch_arg is not None:
+        if args.backend != "simulate":
+            raise UsageError("--fit-batch-arg searches on the simulated card: leave --backend out")
+        return _fit(args)
+    snapshots = os.path.join(args.out, "snapshots") if args.out is not None else None
+    if args.out is not None:
+        from memprof.results import write_error
+
+        try:
+            os.makedirs(snapshots, exist_ok=True)
+        except OSError as exc:
+            raise write_error(args.out, exc) from None
+    if args.backend == "cuda" and args.fit_batch_arg is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--backend cuda measures on a CUDA GPU and this machine has none: leave --backend out "
+                             "to predict (the simulated card)")
+        snapshots = None
+    result = run_script(args.file, args.args, budget=args.budget, steps=args.steps, out_dir=args.out,
+                        snapshot_dir=snapshots, backend=args.backend)
+    print(summary(result), flush=True)
+    if args.out is not None:
+        from memprof.reports.html import write_html_report
+        from memprof.results import RESULTS_FILE, append
+
+        path = os.path.join(args.out, RESULTS_FILE)
+        append(path, result.record)
+        print(f"record: {path} ({result.record['key']})", flush=True)
+        if args.backend == "simulate":
+            print(f"report: {write_html_report(args.out, None, None)}", flush=True)
+    return 0
+
+
+def _fit(args) -> int:
+    from memprof.api import _gib
+    from memprof.script.runner import fit_script, summary
+
+    def on_probe(batch, result):
+        m = result.record["metrics"]
+        print(f"  {args.fit_batch_arg} {batch}: peak allocated {_gib(m['peak_allocated_bytes'])}, reserved "
+              f"{_gib(m['peak_reserved_bytes'])} (predicted), fits: {m.get('fits')}", flush=True)
+
+    print(f"searching {args.fit_batch_arg} of {args.file} on a simulated {args.budget} (every probe predicted):")
+    best, failing, probes = fit_script(args.file, args.args, args.fit_batch_arg, budget=args.budget,
+                                       steps=args.steps or 2, on_probe=on_probe)
+    if best is None:
+        print(f"no batch fits: {args.fit_batch_arg} 1 does not fit {args.budget} (predicted)")
+    else:
+        print(f"largest fitting: {args.fit_batch_arg} {best.record['metrics']['script_batch_size'] or '?'} "
+              f"(probe value {max(b for b, r in probes if r is best)})"
+              + (f"; {failing} does not fit" if failing else "") + " (predicted)")
+        print(summary(best))
+    if args.out is not None:
+        from memprof.results import RESULTS_FILE, append
+
+        os.makedirs(args.out, exist_ok=True)
+        for _batch, result in probes:
+            append(os.path.join(args.out, RESULTS_FILE), result.record)
+    return 0

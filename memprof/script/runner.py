@@ -1,0 +1,210 @@
+"""A user's script run as __main__ on the simulated CUDA device, and the record of what it did.
+
+`run_script(path, args, budget, steps)` runs the file (runpy, with sys.argv and sys.path[0] as `python FILE
+ARGS` would set them) inside memprof.script.device.SimulatedCuda and returns its Result; `summary(result)` is
+the terminal's short text. The record has the schema of `memprof run`'s (memprof.results.make_record):
+every figure from memprof.simulation.simulate.predict_traced, plus what was detected (`script_*`
+fields), and a key combining the script, its arguments, the budget and what ran, so different runs never
+collide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import runpy
+import sys
+import time
+
+from memprof.errors import UsageError
+
+
+def _args_tag(args: list[str]) -> str:
+    return hashlib.sha1("\0".join(args).encode()).hexdigest()[:8] if args else ""
+
+
+def record_spec(sim):
+    """The RunSpec a simulated run's record carries: its fields say what was detected."""
+    from memprof.spec import RunSpec
+
+    d = sim.detected
+    opts = d["optimizers"]
+    names = list(dict.fromkeys(o["name"].lower() for o in opts))
+    impls = list(dict.fromkeys(o["implementation"] for o in opts))
+    impl = impls[0] if len(impls) == 1 else ("+".join(impls) if impls else "none")
+    precision = sim.precision()
+    eight_bit = any(o["class"].startswith("bitsandbytes") and "8bit" in o["name"] for o in opts)
+    return RunSpec(model=sim.label, optim="+".join(names) if names else "none", grad_ckpt=d["checkpointing"],
+                   state_bits=8 if eight_bit else 32,
+                   batch_size=d["batch_size"] or 0, precision=precision, steps=d["steps"], budget=sim.budget,
+                   optim_impl=impl, optim_in_backward=d["optimizer_in_backward"])
+
+
+def result_of(sim, out_dir: str | None = None, snapshot_dir: str | None = None):
+    """The Result of a finished SimulatedCuda block (predicted); with `out_dir` / `snapshot_dir`, its timeline and
+    predicted allocator snapshot are written there (memprof.simulation.simulate.predict_traced's artifacts)."""
+    from memprof.api import PREDICTED, Result
+    from memprof.results import environment, make_record
+
+    status, metrics = sim.predict(out_dir, snapshot_dir, record_spec(sim).key)
+    d = sim.detected
+    metrics.update({
+        "script_batch_size": d["batch_size"],
+        "script_precision": sim.precision(),
+        "script_autocast_dtypes": [str(t).removeprefix("torch.") for t in d["autocast_dtypes"]],
+        "script_parameter_dtypes": [t.removeprefix("torch.") for t in sim.param_dtypes()],
+        "script_grad_scaler": d["grad_scaler"],
+        "script_checkpointing": d["checkpointing"],
+        "script_optimizers": d["optimizers"],
+        "script_optimizer_in_backward": d["optimizer_in_backward"],
+        "script_steps": d["steps"],
+        "script_steps_limit": sim.max_steps,
+        "notes": list(sim.notes.values()),
+    })
+    if getattr(sim, "script_args", None) is not None:
+        metrics["script_args"] = sim.script_args
+        metrics["script_path"] = sim.user_file
+    env = environment("simulate", "cpu-simulated")
+    return Result(make_record(record_spec(sim), status, PREDICTED, env, metrics,
+                              elapsed_s=time.perf_counter() - sim._start))
+
+
+def script_label(path: str, args: list[str]) -> str:
+    """`script:<path>[~<hash of the arguments>]`, the path relative to the working directory when inside it, its
+    separators written ':' (a record key's segments are separated by '/')."""
+    rel = os.path.relpath(path)
+    name = rel if not rel.startswith("..") else os.path.abspath(path)
+    tag = _args_tag(args)
+    return f"script:{name.strip(os.sep).replace(os.sep, ':')}" + (f"~{tag}" if tag else "")
+
+
+def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: int | None = None,
+               out_dir: str | None = None, snapshot_dir: str | None = None, backend: str = "simulate"):
+    """Run the script at `path` with `args` on the simulated `budget` card; its Result (predicted). With `out_dir`
+    the timeline is written there, with `snapshot_dir` the predicted snapshot. backend="cuda": run it for real on
+    the GPU at hand and measure (memprof.script.measure; `budget` is only judged against)."""
+    from memprof.script.device import SimulatedCuda, StopSimulation
+    from memprof.script.measure import MeasuredCuda
+
+    if not os.path.isfile(path):
+        raise UsageError(f"no script at {path}: give the path of a Python file")
+    if backend not in ("simulate", "cuda"):
+        raise UsageError(f"--backend {backend}: use simulate (predicts, the default) or cuda (measures on a GPU)")
+    args = list(args)
+    kind = SimulatedCuda if backend == "simulate" else MeasuredCuda
+    sim = kind(budget, steps=steps, user_file=path, label=script_label(path, args))
+    sim.script_args = args
+    saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
+    sys.argv = [path, *args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        with sim:
+            runpy.run_path(path, run_name="__main__")
+    except StopSimulation:
+        pass
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise UsageError(f"{path} exited with status {exc.code} on the simulated device") from None
+    finally:
+        sys.argv = saved_argv
+        if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(path)):
+            del sys.path[0]
+    sim._result = result_of(sim, out_dir, snapshot_dir) if backend == "simulate" else sim.result
+    return sim.result
+
+
+def _gib(nbytes) -> str:
+    from memprof.api import _gib as gib
+
+    return gib(nbytes)
+
+
+def summary(result) -> str:
+    """A few lines: the predicted peaks on the card, fits, what was detected, the notes."""
+    r, m = result.record, result.record["metrics"]
+    spec = r["spec"]
+    measured = r["source"] == "measured"
+    where = f"measured on {m['budget_device']}" if measured else f"on a simulated {spec['budget']} card (predicted, no GPU used)"
+    lines = [f"{m.get('script_path') or spec['model']} {where}"]
+    lines.append(f"  peak allocated {_gib(m['peak_allocated_bytes'])}, reserved {_gib(m['peak_reserved_bytes'])} "
+                 f"(torch.cuda.max_memory_allocated / max_memory_reserved, {r['source']}); fits: {m.get('fits', '-')}"
+                 + (f" (over by {_gib(m['over_budget_bytes'])})" if m.get("over_budget_bytes") else ""))
+    if m.get("oom") and not measured:
+        oom = m["oom"]
+        lines.append(f"  OUT OF MEMORY (predicted) on the card in {oom['phase']} of step {oom['step']}, at {oom['op']} "
+                     f"(asking {_gib(oom['requested_bytes'])} with {_gib(oom['reserved_bytes'])} reserved of "
+                     f"{_gib(oom['usable_bytes'])} usable); the script ran on, the figures are as on a card with room")
+    if m.get("oom") and measured:
+        lines.append(f"  OUT OF MEMORY (measured) in {m['oom']['phase']}: {m['oom']['message']}")
+    lines.append(f"  at the peak: {m.get('peak_phase')}" + (
+        f" of step {m.get('peak_step')}, op {m.get('peak_op')}" if not measured else ""))
+    if m.get("breakdown_at_peak_bytes"):
+        lines.append("  breakdown: " + ", ".join(f"{k} {_gib(v)}" for k, v in m["breakdown_at_peak_bytes"].items() if v))
+    opts = m.get("script_optimizers") or []
+    opt = ", ".join(f"{o['name']} ({o['implementation']})" for o in opts[:1]) + (
+        f" x{len(opts)}" if len(opts) > 1 else "") if opts else "none stepped"
+    lines.append(f"  detected: batch size {m.get('script_batch_size') or '?'}, precision {m.get('script_precision')}, "
+                 f"optimizer {opt}{' in backward' if m.get('script_optimizer_in_backward') else ''}, "
+                 f"checkpointing {'seen' if m.get('script_checkpointing') else 'not seen'}, "
+                 f"parameters {m.get('params_trainable', 0):,} trainable / {m.get('params_frozen', 0):,} frozen, "
+                 f"{m.get('script_steps')} optimizer step{'' if m.get('script_steps') == 1 else 's'}")
+    for note in m.get("notes") or []:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def with_batch(args: list[str], flag: str, batch: int) -> list[str]:
+    """`args` with the script's batch flag set to `batch` (replacing `FLAG N` or `FLAG=N`, else appended)."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] == flag and i + 1 < len(args):
+            i += 2
+            continue
+        if args[i].startswith(flag + "="):
+            i += 1
+            continue
+        out.append(args[i])
+        i += 1
+    return [*out, flag, str(batch)]
+
+
+def fits(result) -> bool:
+    """A probe fits when the prediction (and its upper band) fits the card."""
+    return result.status == "ok" and result.record["metrics"].get("fits") == "yes"
+
+
+def fit_script(path: str, args: list[str], batch_arg: str, budget: str = "titan-x", steps: int | None = 2,
+               max_batch: int = 1 << 16, on_probe=None):
+    """The largest value of the script's own batch flag whose prediction fits the card: doubling from 1 until a
+    probe does not fit, then bisection. Returns (largest fitting Result or None, smallest failing batch or None,
+    probes [(batch, Result)]). Every probe is a full run of the script on the simulated card (predicted)."""
+    if not batch_arg.startswith("-"):
+        raise UsageError(f"--batch-arg {batch_arg}: give the script's flag, e.g. --batch-arg=--batch-size")
+    probes: dict[int, object] = {}
+
+    def probe(batch: int):
+        if batch not in probes:
+            with contextlib.redirect_stdout(io.StringIO()):  # the script's own output, once per probe, is dropped
+                probes[batch] = run_script(path, with_batch(list(args), batch_arg, batch), budget=budget, steps=steps)
+            if on_probe is not None:
+                on_probe(batch, probes[batch])
+        return probes[batch]
+
+    low, high = 0, None  # largest fitting, smallest failing
+    batch = 1
+    while batch <= max_batch:
+        if fits(probe(batch)):
+            low, batch = batch, batch * 2
+        else:
+            high = batch
+            break
+    if high is not None:
+        while high - low > 1:
+            mid = (low + high) // 2
+            if fits(probe(mid)):
+                low = mid
+            else:
+                high = mid
+    return (probes[low] if low else None), high, sorted(probes.items())

@@ -1,0 +1,51 @@
+"""An ordinary CUDA training script doing what `memprof run --models MODEL --optims adam|adamw [--precision
+bf16-amp] [--optim-impl fused]` does: the model on
+the device, Adam(model.parameters()) with torch's defaults (foreach resolved on CUDA), micro-batch training
+steps of random images, cross-entropy, backward, step, zero_grad(set_to_none=True)."""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from memprof.models import build_model, input_shape, resolve_model
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model", default="test-vit")
+parser.add_argument("--batch-size", type=int, default=1)
+parser.add_argument("--steps", type=int, default=2)
+parser.add_argument("--optim", default="adam", choices=["adam", "adamw"])
+parser.add_argument("--fused", action="store_true")
+parser.add_argument("--amp", default="none", choices=["none", "bf16"])
+parser.add_argument("--in-backward", action="store_true", help="per-parameter optimizers stepped from hooks")
+parser.add_argument("--print-peak", action="store_true")
+args = parser.parse_args()
+
+model = build_model(resolve_model(args.model, None), 10)
+model.train()
+model.cuda()
+cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[args.optim]
+kwargs = {"fused": True} if args.fused else {}
+if args.in_backward:  # the PyTorch tutorial's optimizer-in-backward, hooks registered before the loop
+    optimizers = {p: cls([p], **kwargs) for p in model.parameters()}
+
+    def hook(param):
+        optimizers[param].step()
+        optimizers[param].zero_grad(set_to_none=True)
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(hook)
+else:
+    optimizer = cls(model.parameters(), **kwargs)
+c, h, w = input_shape(model)
+for _ in range(args.steps):
+    images = torch.randn(args.batch_size, c, h, w, device="cuda")
+    labels = torch.randint(0, 10, (args.batch_size,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+        loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+    if not args.in_backward:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    del images, labels, loss  # the harness drops each step's inputs before making the next
+if args.print_peak:
+    print("PEAK", torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
