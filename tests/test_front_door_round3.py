@@ -1,0 +1,139 @@
+"""Issue 24's classes: a user's failing factory named by file:line, exit codes of faults, bounds, options that
+were silently accepted, and messages that misled. Each check has a negative control showing it catches the
+broken case."""
+
+import contextlib
+import io
+import itertools
+import json
+import textwrap
+import traceback
+
+import pytest
+
+from memprof import cli
+
+RUN = ["run", "--models", "test-vit", "--optims", "sgd", "--jobs", "1", "--no-progress", "--backend", "simulate"]
+
+
+def run_cli(*argv):
+    """(exit code, stderr, traceback or None) of cli.main, as the bad-input sweep sees it: any exception that
+    escapes (SystemExit included) is a traceback."""
+    err, out = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            code = cli.main(list(argv))
+    except BaseException:  # noqa: BLE001 - exactly what is counted
+        return None, err.getvalue(), traceback.format_exc()
+    return code, err.getvalue(), None
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("memprof: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+# --- a user's factory -------------------------------------------------------------------------------------
+
+FACTORIES = textwrap.dedent("""\
+    import os
+    import sys
+    import torch
+
+
+    def good():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+
+
+    def raises():
+        raise ValueError("boom from the user")
+
+
+    def needs_arg(width):
+        return torch.nn.Linear(width, 2)
+
+
+    def exits():
+        sys.exit(3)
+
+
+    def second_call_fails():
+        if os.path.exists(os.environ["MEMPROF_TEST_MARK"]):
+            raise RuntimeError("not on the second call")
+        open(os.environ["MEMPROF_TEST_MARK"], "w").close()
+        return good()
+    """)
+
+
+_MODULES = itertools.count()
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module of factories on sys.path, under a name unique to the test (nothing cached between tests)."""
+    name = f"memprof_user_{next(_MODULES)}"
+    (tmp_path / f"{name}.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("MEMPROF_TEST_MARK", str(tmp_path / "mark"))
+    return name, tmp_path / f"{name}.py"
+
+
+def _user_run(tmp_path, model):
+    return run_cli("run", "--models", model, "--optims", "sgd", "--backend", "simulate", "--jobs", "1",
+                   "--no-progress", "--input-shape", "3x8x8", "--out", str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("factory, line, said", [("raises", 11, "raised ValueError: boom from the user"),
+                                                  ("needs_arg", 14, "zero-argument factory"),
+                                                  ("exits", 19, "called sys.exit(3)")])
+def test_a_failing_factory_is_one_line_naming_its_file_and_line(tmp_path, user_module, factory, line, said):
+    name, path = user_module
+    code, err, tb = _user_run(tmp_path, f"py:{name}:{factory}")
+    assert tb is None and code == 2, (tb, err)
+    message = error_line(err)
+    assert f"{path}:{line}" in message and said in message, message
+
+
+@pytest.mark.parametrize("source, line, said", [("import nonexistent_pkg_xyz\n", 1, "No module named"),
+                                                ("x = 1\nraise SystemExit(5)\n", 2, "sys.exit(5)"),
+                                                ("def f(:\n", 1, "syntax error")])
+def test_a_module_that_fails_to_import_is_named_with_its_line(tmp_path, monkeypatch, source, line, said):
+    name = f"memprof_badimport_{next(_MODULES)}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, err, tb = _user_run(tmp_path, f"py:{name}:f")
+    assert tb is None and code == 2, (tb, err)
+    message = error_line(err)
+    assert f"{tmp_path / name}.py:{line}" in message and said in message, message
+
+
+def test_a_failing_factory_in_a_suite_names_the_suite_line_and_its_own(tmp_path, user_module):
+    name, path = user_module
+    suite = tmp_path / "s.toml"
+    suite.write_text(f'[[run]]\nbackend = "simulate"\nmodels = "py:{name}:raises"\noptims = "sgd"\n')
+    code, err, tb = run_cli("suite", str(suite), "--out", str(tmp_path / "out"), "--no-progress")
+    assert tb is None and code == 2, (tb, err)
+    message = error_line(err)
+    assert f"{suite}:3:" in message and f"{path}:11" in message, message
+
+
+def test_a_factory_failing_inside_a_configuration_is_an_error_record_with_its_line(tmp_path, user_module):
+    name, path = user_module
+    code, err, tb = _user_run(tmp_path, f"py:{name}:second_call_fails")
+    assert tb is None and code == 1, (tb, err)
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert record["status"] == "error" and f"{path}:24" in record["error"], record["error"]
+
+
+def test_negative_control_an_unguarded_factory_escapes(tmp_path, user_module, monkeypatch):
+    """Without the guard the factory's sys.exit leaves cli.main (the harness counts it), and a good factory
+    in the same module runs: the error is the factory's, not the module's."""
+    from memprof import models
+
+    name, _ = user_module
+    assert _user_run(tmp_path / "a", f"py:{name}:good")[0] == 0
+    monkeypatch.setattr(models, "call_factory", lambda model, factory, error=None: factory())
+    code, _, tb = _user_run(tmp_path / "b", f"py:{name}:exits")
+    assert code is None and "SystemExit" in tb
