@@ -13,6 +13,7 @@ torn last line repaired first) of results.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import platform
@@ -123,6 +124,64 @@ def _check(rec, where: str) -> None:
                              f"remove the line or give a memprof results file")
     if rec["status"] not in STATUSES:
         raise UsageError(f"{where}: unknown status '{rec['status']}' (known: {', '.join(STATUSES)})")
+    wrong = _wrong_value(rec)
+    if wrong:
+        raise UsageError(f"{where}: {wrong}; restore the value memprof wrote, or remove the line (with --resume that "
+                         f"configuration runs again)")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@functools.lru_cache(maxsize=1)
+def _spec_types() -> dict:
+    """RunSpec's field -> (types, None allowed), from its annotations (a bool is not an int here)."""
+    from dataclasses import fields
+
+    from memprof.spec import RunSpec
+
+    kinds = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float)}
+    out = {}
+    for f in fields(RunSpec):
+        parts = [p.strip() for p in str(f.type).split("|")]
+        out[f.name] = (tuple(t for p in parts if p != "None" for t in kinds[p]), "None" in parts)
+    return out
+
+
+def _bytes_value(value) -> bool:
+    if isinstance(value, dict):
+        return all(_bytes_value(v) for v in value.values())
+    return value is None or _number(value)
+
+
+def _wrong_value(rec: dict) -> str | None:
+    """What a record's values say wrongly (a type no memprof writes), for the fields readers compute with:
+    the spec's fields, byte counts, the files it names, the holders at the peak; None when all are right."""
+    for name, value in rec["spec"].items():
+        types, nullable = _spec_types().get(name, ((object,), True))
+        if not (value is None and nullable) and not (isinstance(value, types) and
+                                                     (bool in types or not isinstance(value, bool))):
+            return f"spec '{name}' is {json.dumps(value)}, not a {' or '.join(t.__name__ for t in types)}"
+    for name in ("backend", "device"):
+        if name in rec["environment"] and not isinstance(rec["environment"][name], str):
+            return f"environment '{name}' is {json.dumps(rec['environment'][name])}, not a string"
+    for name, value in rec["metrics"].items():
+        if "_bytes" in name and not _bytes_value(value):
+            return f"metric '{name}' is {json.dumps(value)[:60]}, not a number of bytes"
+        if name.endswith("_file") and not (value is None or isinstance(value, str)):
+            return f"metric '{name}' is {json.dumps(value)}, not a file name"
+        if name in ("peak_to_floor_ratio", "state_bytes_per_trainable_param", "peak_step") and not (
+                value is None or _number(value)):
+            return f"metric '{name}' is {json.dumps(value)[:60]}, not a number"
+        if name in ("fits", "peak_op", "peak_phase") and not (value is None or isinstance(value, str)):
+            return f"metric '{name}' is {json.dumps(value)[:60]}, not a string"
+        if name in ("oom",) and not (value is None or isinstance(value, dict)):
+            return f"metric '{name}' is {json.dumps(value)[:60]}, not an object"
+        if name.startswith("top_") and not (isinstance(value, list) and all(
+                isinstance(b, dict) and _number(b.get("bytes")) and isinstance(b.get("module"), str) for b in value)):
+            return f"metric '{name}' is {json.dumps(value)[:60]}, not a list of {{module, bytes}}"
+    return None
 
 
 def read_records(path: str, name: str = "results") -> list[dict]:

@@ -137,3 +137,62 @@ def test_negative_control_an_unguarded_factory_escapes(tmp_path, user_module, mo
     monkeypatch.setattr(models, "call_factory", lambda model, factory, error=None: factory())
     code, _, tb = _user_run(tmp_path / "b", f"py:{name}:exits")
     assert code is None and "SystemExit" in tb
+
+
+# --- files a run left, damaged ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    code, err, tb = run_cli(*RUN, "--optims", "sgd,adamw", "--out", str(out))
+    assert code == 0, (err, tb)
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    import shutil
+
+    shutil.copytree(finished_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _edit_first_record(run_dir, section, name, value):
+    lines = (run_dir / "results.jsonl").read_text().splitlines()
+    rec = json.loads(lines[0])
+    (rec[section] if section else rec)[name] = value
+    (run_dir / "results.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+
+
+@pytest.mark.parametrize("section, name, value", [("metrics", "peak_allocated_bytes", "big"),
+                                                  ("metrics", "breakdown_at_peak_bytes", {"activations": "x"}),
+                                                  ("metrics", "top_blocks_at_peak", "x"),
+                                                  ("spec", "model", 3), ("spec", "batch_size", True),
+                                                  ("environment", "backend", 5)])
+def test_resume_into_a_record_edited_to_the_wrong_type_names_line_and_field(run_copy, section, name, value):
+    _edit_first_record(run_copy, section, name, value)
+    for argv in ([*RUN, "--optims", "sgd,adamw,sgd-fe", "--out", str(run_copy), "--resume"], ["table", str(run_copy)],
+                 ["report", str(run_copy)], ["compare", str(run_copy), str(run_copy)]):
+        code, err, tb = run_cli(*argv)
+        assert tb is None and code == 2, (argv, tb, err)
+        message = error_line(err)
+        assert "results.jsonl:1: " in message and f"'{name}' is" in message, message
+
+
+def test_negative_control_the_right_type_resumes(run_copy):
+    """The same edit with a value of the right type is accepted: the check is on types, not on values."""
+    _edit_first_record(run_copy, "metrics", "peak_allocated_bytes", 12345)
+    code, err, tb = run_cli(*RUN, "--optims", "sgd,adamw,sgd-fe", "--out", str(run_copy), "--resume")
+    assert tb is None and code == 0, (tb, err)
+
+
+def test_report_on_a_truncated_timeline_draws_the_rest_and_says_so(run_copy):
+    from memprof.reports.timeline import load_timeline
+
+    timeline = sorted((run_copy / "timelines").glob("*.json"))[0]
+    timeline.write_text(timeline.read_text()[:300])
+    with pytest.raises(ValueError):  # negative control: the file really is unreadable
+        load_timeline(str(timeline))
+    code, err, tb = run_cli("report", str(run_copy))
+    assert tb is None and code == 0, (tb, err)
+    assert "is unreadable" in (run_copy / "report.html").read_text()
