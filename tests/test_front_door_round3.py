@@ -196,3 +196,71 @@ def test_report_on_a_truncated_timeline_draws_the_rest_and_says_so(run_copy):
     code, err, tb = run_cli("report", str(run_copy))
     assert tb is None and code == 0, (tb, err)
     assert "is unreadable" in (run_copy / "report.html").read_text()
+
+
+# --- the pytest plugin's --memprof-json -------------------------------------------------------------------
+
+PLUGIN_TEST = '''
+import shutil
+
+import torch
+
+
+def build():
+    model = torch.nn.Linear(8, 2)
+    return model, torch.optim.SGD(model.parameters())
+
+
+def batch():
+    return torch.randn(4, 8), torch.randint(0, 2, (4,))
+
+
+def step(model, optimizer, inputs):
+    x, y = inputs
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def test_a(cuda_memory):
+    cuda_memory.step(build, step, batch)
+'''
+
+
+@pytest.fixture(scope="module")
+def torch_imported_once():
+    """As in test_plugin: pytester's inner runs forget what they import, and torch registers its operator
+    libraries once per process, so a step is predicted here first."""
+    from memprof.api import predict_step
+
+    exec(PLUGIN_TEST, namespace := {})
+    predict_step(namespace["build"], namespace["step"], namespace["batch"])
+
+
+def _pytest(pytester, body, *args):
+    from tests.test_plugin import LOAD_PLUGIN
+
+    pytester.makepyfile(test_user=PLUGIN_TEST + body)
+    return pytester.runpytest(*LOAD_PLUGIN, "--memprof-backend", "simulate", *args)
+
+
+def test_memprof_json_to_an_unwritable_path_is_refused_before_the_tests(pytester, tmp_path, torch_imported_once):
+    (tmp_path / "a-file").write_text("")
+    target = tmp_path / "a-file" / "out.jsonl"
+    result = _pytest(pytester, "", "--memprof-json", str(target))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert f"--memprof-json {target} is not writable" in result.stderr.str(), result.stderr.str()
+
+
+def test_memprof_json_that_fails_after_the_tests_is_an_error_line_not_a_crash(pytester, tmp_path, torch_imported_once):
+    """The folder goes away while the tests run: the session fails with one line naming the path."""
+    folder = tmp_path / "out"
+    body = f"\n\ndef test_remove_the_folder():\n    shutil.rmtree({str(folder)!r})\n"
+    result = _pytest(pytester, body, "--memprof-json", str(folder / "m.jsonl"))
+    result.assert_outcomes(passed=2)
+    assert result.ret == 1 and "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines([f"*memprof: error: cannot write --memprof-json {folder / 'm.jsonl'}*"])
+
+
+def test_negative_control_memprof_json_kept_writable_passes(pytester, tmp_path, torch_imported_once):
+    kept = _pytest(pytester, "", "--memprof-json", str(tmp_path / "kept" / "m.jsonl"))
+    assert kept.ret == 0 and (tmp_path / "kept" / "m.jsonl").read_text().count("\n") == 1
