@@ -38,6 +38,13 @@ PRESETS = {
     "paper-2022": {"models": "paper", "optims": "paper", "optim_impl": "forloop", "resident": "tower,clip"},
 }
 DEFAULT_NVML_PERIOD_MS = 5.0
+# Bounds no run can usefully pass. Steps: the peak is reached by step 2 (step 1 creates the optimizer state,
+# step 2 runs with it); later steps repeat it, and 10000 steps of a paper model take hours per configuration.
+# Batch: 2**31 - 1, the largest dimension many CUDA kernels index with 32-bit integers; even a 3x8x8 fp32 input
+# of that batch is 1.5 TiB, beyond every card (a larger value overflows torch's int64 sizes as it grows).
+MAX_STEPS = 10_000
+MAX_BATCH_SIZE = 2 ** 31 - 1
+MAX_TRAIN_STEPS = 100_000  # accuracy mode: 100 times its recipe's 1000 steps
 
 
 @contextlib.contextmanager
@@ -229,6 +236,9 @@ def plan_fit(opts: dict, batch_size: str | None = None) -> RunPlan:
                          f"--max-batch-size)", option="batch_size")
     if opts["max_batch_size"] is not None and opts["max_batch_size"] < 1:
         raise UsageError(f"--max-batch-size {opts['max_batch_size']}: use at least 1", option="max_batch_size")
+    if opts["max_batch_size"] is not None and opts["max_batch_size"] > MAX_BATCH_SIZE:
+        raise UsageError(f"--max-batch-size {opts['max_batch_size']}: at most {MAX_BATCH_SIZE} (2**31 - 1, the "
+                         f"largest a CUDA kernel indexes)", option="max_batch_size")
     if opts["backend"] == "cpu":
         raise UsageError("fit probes with the simulation (predicts) or the cuda backend (measures): use --backend "
                          "simulate or cuda", option="backend")
@@ -324,7 +334,15 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
         state_bits = unique(parse_ints(str(opts["state_bits"]), "--state-bits", 1), "state_bits", notes)
     with option("batch_size"):
         batch_sizes = unique(parse_ints(str(opts["batch_size"]), "--batch-size", 1), "batch_size", notes)
+    if max(batch_sizes) > MAX_BATCH_SIZE:
+        raise UsageError(f"--batch-size {max(batch_sizes)}: at most {MAX_BATCH_SIZE} (2**31 - 1, the largest a CUDA "
+                         f"kernel indexes; no card holds a batch near it)", option="batch_size")
     training = training_axes(opts)
+    if not isinstance(opts["steps"], int) or isinstance(opts["steps"], bool):
+        raise UsageError(f"--steps {opts['steps']!r}: give a whole number, e.g. --steps 2", option="steps")
+    if opts["steps"] > MAX_STEPS:
+        raise UsageError(f"--steps {opts['steps']}: at most {MAX_STEPS} (the peak is reached by step {MIN_STEPS}; "
+                         f"later steps repeat it)", option="steps")
     if opts["steps"] < MIN_STEPS:
         raise UsageError(f"--steps {opts['steps']}: use at least {MIN_STEPS}, so the measured step runs with "
                          f"optimizer state present", option="steps")
@@ -503,6 +521,7 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
     """Validated accuracy grid (the same axes as a run) and the device it trains on."""
     from memprof.models import parse_models
     from memprof.optims import parse_optims, require_bitsandbytes
+    from memprof.recipe import DEFAULT_STEPS
     from memprof.spec import expand_grid, parse_ints, parse_switch
 
     notes: list[str] = []
@@ -519,6 +538,12 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"{flag(name)} {value}: a learning rate must be a finite number, zero or positive",
                              option=name)
+    if opts["train_steps"] > MAX_TRAIN_STEPS:
+        raise UsageError(f"--train-steps {opts['train_steps']}: at most {MAX_TRAIN_STEPS} (100 times the recipe's "
+                         f"{DEFAULT_STEPS})", option="train_steps")
+    if max(e.spec.batch_size for e in entries) > MAX_BATCH_SIZE:
+        raise UsageError(f"--batch-size {max(e.spec.batch_size for e in entries)}: at most {MAX_BATCH_SIZE}",
+                         option="batch_size")
     if opts["train_steps"] < 60:
         raise UsageError(f"--train-steps {opts['train_steps']}: use at least 60 (the 8-bit check compares step 50)",
                          option="train_steps")

@@ -74,7 +74,7 @@ def load_suite(path: str) -> list[SuiteRun]:
             line = _line_of(text, i, key)
             if key not in KEYS:
                 raise UsageError(f"{path}:{line}: unknown key '{key}' (known: {', '.join(KEYS)})")
-            if not isinstance(value, KEYS[key]):
+            if not isinstance(value, KEYS[key]) or (isinstance(value, bool) and KEYS[key] is not bool):
                 raise UsageError(f"{path}:{line}: '{key}' has the wrong type ({type(value).__name__})")
         out.append(SuiteRun(_line_of(text, i, None), dict(run), {k: _line_of(text, i, k) for k in run}))
     return out

@@ -264,3 +264,36 @@ def test_memprof_json_that_fails_after_the_tests_is_an_error_line_not_a_crash(py
 def test_negative_control_memprof_json_kept_writable_passes(pytester, tmp_path, torch_imported_once):
     kept = _pytest(pytester, "", "--memprof-json", str(tmp_path / "kept" / "m.jsonl"))
     assert kept.ret == 0 and (tmp_path / "kept" / "m.jsonl").read_text().count("\n") == 1
+
+
+# --- bounds -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, said", [
+    ([*RUN, "--steps", "100000000"], "--steps 100000000: at most 10000"),
+    ([*RUN, "--batch-size", "9223372036854775808"], "at most 2147483647"),
+    ([*RUN, "--batch-size", "1,2147483648"], "--batch-size 2147483648: at most 2147483647"),
+    (["fit", "--models", "test-vit", "--backend", "simulate", "--max-batch-size", "4294967296"], "at most 2147483647"),
+    (["accuracy", "--train-steps", "100000000", "--state-bits", "32"], "at most 100000"),
+])
+def test_values_no_run_can_use_are_refused_saying_the_limit(tmp_path, argv, said):
+    code, err, tb = run_cli(*argv, "--out", str(tmp_path / "out"))
+    assert tb is None and code == 2, (tb, err)
+    assert said in error_line(err)
+
+
+@pytest.mark.parametrize("value, said", [("99999999999999999999", ":4: --steps 99999999999999999999: at most 10000"),
+                                         ("true", ":4: 'steps' has the wrong type (bool)")])
+def test_a_suite_steps_out_of_bounds_names_its_line(tmp_path, value, said):
+    suite = tmp_path / "s.toml"
+    suite.write_text(f'[[run]]\nbackend = "simulate"\nmodels = "test-vit"\nsteps = {value}\n')
+    code, err, tb = run_cli("suite", str(suite), "--out", str(tmp_path / "out"))
+    assert tb is None and code == 2, (tb, err)
+    assert f"{suite}{said}" in error_line(err)
+
+
+def test_negative_control_the_limits_themselves_are_accepted(tmp_path):
+    from memprof.plan import MAX_BATCH_SIZE, MAX_STEPS, plan_run, run_options
+
+    plan = plan_run(run_options(models="test-vit", optims="sgd", backend="simulate", steps=MAX_STEPS,
+                                batch_size=f"1,{MAX_BATCH_SIZE}", out=str(tmp_path / "out")))
+    assert [e.spec.batch_size for e in plan.entries] == [1, MAX_BATCH_SIZE] and plan.entries[0].spec.steps == MAX_STEPS
