@@ -3,7 +3,8 @@
 A thin user of memprof.plan (validation, run specs, execution), memprof.results (the one reader and
 writer of records) and the renderers. Bad input ends in one line naming the fix and exit code 2, never a
 traceback. Exit status: 0 when every configuration gave a result (ok, oom, skipped), 1 when any errored
-or crashed (after writing everything), 2 for bad input, 130 when interrupted.
+or crashed (after writing everything) or the run failed (a full disk), 2 for bad input, 130 when interrupted
+(143 on SIGTERM, which is handled as Ctrl-C is).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 
-from memprof.errors import UsageError
+from memprof.errors import UsageError, WriteFailed
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -49,9 +51,42 @@ def _note(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def _interrupted(out_dir: str) -> int:
-    _note(f"memprof: interrupted; finished configurations are in {out_dir}/results.jsonl (continue with --resume)")
-    return EXIT_INTERRUPTED
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so a terminated run ends as an interrupted one does."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _kept(path: str) -> int:
+    """How many finished records a results file holds (its complete, readable lines)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().split("\n")
+    except OSError:
+        return 0
+    kept = 0
+    for line in lines[:-1]:
+        try:
+            kept += isinstance(json.loads(line), dict)
+        except ValueError:
+            pass
+    return kept
+
+
+def _interrupted(out_dir: str, exc: BaseException | None = None, file: str = "results.jsonl",
+                 resume: str | None = "continue with --resume") -> int:
+    """The line an interrupted (Ctrl-C) or terminated (SIGTERM) command ends with: where its finished
+    configurations are, how many were kept, and how to go on (`resume`: None for a command without --resume)."""
+    path = os.path.join(out_dir, file)
+    how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    n = _kept(path)
+    then = resume or "a new run starts over: give it a new --out"
+    _note(f"memprof: {how}; finished configurations are in {path} ({n} kept; {then})")
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
 def _finish(records: list[dict], out_dir: str) -> int:
@@ -134,8 +169,8 @@ def cmd_run(args) -> int:
             records = execute(plan, lock=False)
             if accuracy:
                 _execute_accuracy(accuracy, plan.out_dir)
-    except KeyboardInterrupt:
-        return _interrupted(plan.out_dir)
+    except KeyboardInterrupt as exc:
+        return _interrupted(plan.out_dir, exc)
     report(records, plan.out_dir, args.metric or ("nvml-process" if args.preset == "paper-2022" else None))
     html_report(plan.out_dir)
     return _finish(records, plan.out_dir)
@@ -152,8 +187,8 @@ def cmd_fit(args) -> int:
             for line in [plan.announce, *plan.notes]:
                 _note(line)
             records = execute(plan, lock=False)
-    except KeyboardInterrupt:
-        return _interrupted(plan.out_dir)
+    except KeyboardInterrupt as exc:
+        return _interrupted(plan.out_dir, exc)
     tried = [r for r in records if r["status"] != "skipped"]
     if tried and all(r["status"] == "oom" for r in tried) and plan.backend == "simulate":
         from memprof.planning.fit import largest_that_fits
@@ -171,19 +206,23 @@ def cmd_advise(args) -> int:
     from memprof.results import load_verdicts
     from memprof.planning.advise import advice, render_advice
     from memprof.plan import execute, plan_advise
-    from memprof.results import RunDirectory, write_text
+    from memprof.results import RESULTS_FILE, RunDirectory, write_text
 
     verdicts = load_verdicts(args.accuracy_from) if args.accuracy_from else {}
     if args.accuracy_from and not verdicts:
         raise UsageError(f"--accuracy-from {args.accuracy_from}: no accuracy.jsonl there; run `memprof accuracy "
                          f"--out DIR` first")
+    earlier = os.path.join(args.out, RESULTS_FILE) if args.out else ""
+    if earlier and os.path.isfile(earlier) and os.path.getsize(earlier):
+        raise UsageError(f"--out {args.out} already holds results: advise starts afresh (it has no --resume); "
+                         f"choose a new --out")
     ap = plan_advise(_run_options(args, resume=False, retry_failed=False, snapshot=None, nvml_period_ms=None))
     try:
         with RunDirectory(ap.run.out_dir):
             _note(ap.run.announce)
             records = {r["spec_key"]: r for r in _with_spec_keys(execute(ap.run, lock=False))}
-    except KeyboardInterrupt:
-        return _interrupted(ap.run.out_dir)
+    except KeyboardInterrupt as exc:
+        return _interrupted(ap.run.out_dir, exc, resume=None)
     result = advice(ap.candidates, records, ap.not_modelled, ap.not_applicable, verdicts)
     write_text(os.path.join(ap.run.out_dir, "advise.md"), render_advice(result))
     print(render_advice(result, terminal_width()))
@@ -229,8 +268,8 @@ def cmd_accuracy(args) -> int:
     out_dir = writable_dir(args.out if args.out is not None else default_out())
     try:
         _execute_accuracy(accuracy, out_dir)
-    except KeyboardInterrupt:
-        return _interrupted(out_dir)
+    except KeyboardInterrupt as exc:
+        return _interrupted(out_dir, exc, file=ACCURACY_FILE, resume=None)
     verdicts = list(load_verdicts(out_dir).values())
     text = render_verdicts(verdicts)
     write_text(os.path.join(out_dir, "accuracy.md"), text)
@@ -267,8 +306,8 @@ def cmd_suite(args) -> int:
                 for line in [plan.announce, *plan.notes]:
                     _note(line)
                 records = execute(plan, lock=False)
-    except KeyboardInterrupt:
-        return _interrupted(out_dir)
+    except KeyboardInterrupt as exc:
+        return _interrupted(out_dir, exc, resume="continue with `memprof suite FILE --out DIR --resume`")
     report(records, out_dir, None)
     html_report(out_dir)
     return _finish(records, out_dir)
@@ -633,14 +672,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: SIGTERM keeps its handler
+        previous = None
+    try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UsageError as exc:
         print(f"memprof: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_FAILED if isinstance(exc, WriteFailed) else EXIT_USAGE
+    except KeyboardInterrupt as exc:  # outside a command's run (planning, reports): no configuration ran then
+        _note(f"memprof: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}")
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader went away (`memprof list models | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run() -> None:

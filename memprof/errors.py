@@ -12,6 +12,11 @@ class UsageError(Exception):
         self.option = option
 
 
+class WriteFailed(UsageError):
+    """Writing results or reports failed while the run went on (a full disk, a folder removed): still one
+    line naming the path, but a failure of the run (exit 1), not bad input."""
+
+
 def unknown_name(kind: str, name: str, choices, list_command: str) -> UsageError:
     """An error for a misspelled name, with the closest matches and the command that lists all."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)

@@ -19,7 +19,7 @@ import os
 import platform
 from importlib import metadata
 
-from memprof.errors import UsageError
+from memprof.errors import UsageError, WriteFailed
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.jsonl"
@@ -74,9 +74,9 @@ def make_record(spec, status: str, source: str, env: dict, metrics: dict | None 
     }
 
 
-def write_error(path: str, exc: OSError) -> UsageError:
-    return UsageError(f"cannot write {path}: {exc.strerror or exc}; free space or choose a writable --out "
-                      f"(everything written before is kept)")
+def write_error(path: str, exc: OSError, flag: str = "--out") -> WriteFailed:
+    return WriteFailed(f"cannot write {path}: {exc.strerror or exc}; free space or choose a writable {flag} "
+                       f"(everything written before is kept)")
 
 
 def append(path: str, record: dict) -> None:
@@ -98,13 +98,14 @@ def append(path: str, record: dict) -> None:
         raise write_error(path, exc) from None
 
 
-def write_text(path: str, text: str) -> None:
-    """Write a report file; a failure is one line naming the path (a UsageError), not a traceback."""
+def write_text(path: str, text: str, flag: str = "--out") -> None:
+    """Write a report file; a failure is one line naming the path and the option choosing it (`flag`), not a
+    traceback."""
     try:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(text)
     except OSError as exc:
-        raise write_error(path, exc) from None
+        raise write_error(path, exc, flag) from None
 
 
 def results_path(path: str) -> str:
@@ -232,18 +233,25 @@ class RunDirectory:
 
     def __enter__(self) -> "RunDirectory":
         lock = os.path.join(self.out_dir, LOCK_FILE)
-        try:
-            fh = open(lock, "a+", encoding="utf-8")
-        except OSError as exc:
-            raise write_error(lock, exc) from None
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
+        while True:
+            try:
+                fh = open(lock, "a+", encoding="utf-8")
+            except OSError as exc:
+                raise write_error(lock, exc) from None
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                fh.close()
+                raise UsageError(f"--out {self.out_dir} is in use by another memprof run ({holder}): wait for it to "
+                                 f"finish, or choose another --out") from None
+            try:  # the holder before us removes the file as it lets go: a lock on that removed file holds nothing
+                if os.stat(lock).st_ino == os.fstat(fh.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             fh.close()
-            raise UsageError(f"--out {self.out_dir} is in use by another memprof run ({holder}): wait for it to "
-                             f"finish, or choose another --out") from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {platform.node()}")
@@ -252,6 +260,11 @@ class RunDirectory:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Remove the lock file while still holding it (a run leaves nothing behind), then let go."""
+        try:
+            os.remove(os.path.join(self.out_dir, LOCK_FILE))
+        except OSError:
+            pass
         fcntl.flock(self._fh, fcntl.LOCK_UN)
         self._fh.close()
 

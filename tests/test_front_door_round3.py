@@ -297,3 +297,91 @@ def test_negative_control_the_limits_themselves_are_accepted(tmp_path):
     plan = plan_run(run_options(models="test-vit", optims="sgd", backend="simulate", steps=MAX_STEPS,
                                 batch_size=f"1,{MAX_BATCH_SIZE}", out=str(tmp_path / "out")))
     assert [e.spec.batch_size for e in plan.entries] == [1, MAX_BATCH_SIZE] and plan.entries[0].spec.steps == MAX_STEPS
+
+
+# --- faults: a full disk, SIGTERM, Ctrl-C in advise, the lock file ----------------------------------------
+
+def test_a_full_disk_while_writing_results_is_a_failure_of_the_run(tmp_path, monkeypatch):
+    import errno
+
+    from memprof import results
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(results.os, "fsync", full)
+    code, err, tb = run_cli(*RUN, "--out", str(tmp_path / "out"))
+    assert tb is None and code == 1, (tb, err)
+    assert "No space left on device" in error_line(err)
+
+
+def test_negative_control_an_unwritable_out_is_still_bad_input(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    code, err, tb = run_cli(*RUN, "--out", str(tmp_path / "a-file" / "out"))
+    assert tb is None and code == 2 and "is not writable" in error_line(err)
+
+
+def _terminate_after_first_record(out):
+    """Send this process SIGTERM once `out` holds a finished record (the in-process simulate run's main thread
+    handles it)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def watch():
+        path = out / "results.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (path.exists() and path.read_text().count("\n") >= 1):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def test_sigterm_ends_as_ctrl_c_does_saying_what_was_kept(tmp_path):
+    out = tmp_path / "out"
+    _terminate_after_first_record(out)
+    code, err, tb = run_cli(*RUN, "--optims", "sgd,adamw,sgd-fe,sgd-fe-nomom", "--out", str(out))
+    assert tb is None and code == 143, (tb, err)
+    kept = len((out / "results.jsonl").read_text().splitlines())
+    assert f"terminated (SIGTERM); finished configurations are in {out}/results.jsonl ({kept} kept; continue with " \
+           f"--resume)" in err, err
+    assert not (out / ".memprof.lock").exists()
+    code, err, _ = run_cli(*RUN, "--optims", "sgd,adamw,sgd-fe,sgd-fe-nomom", "--out", str(out), "--resume")
+    assert code == 0 and f"{kept} configurations already in" in err
+
+
+def test_ctrl_c_in_advise_does_not_suggest_a_resume_it_lacks(tmp_path, monkeypatch):
+    from memprof import plan
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan, "execute", interrupted)
+    code, err, _ = run_cli("advise", "--models", "test-vit", "--optims", "sgd", "--no-progress", "--out",
+                           str(tmp_path / "adv"))
+    assert code == 130 and "interrupted; finished configurations are in" in err and "--resume" not in err, err
+    code, err, _ = run_cli(*RUN, "--out", str(tmp_path / "run"))  # negative control: run has --resume, and says so
+    assert code == 130 and "continue with --resume" in err, err
+
+
+def test_advise_into_a_directory_with_results_does_not_ask_for_resume(finished_run):
+    code, err, tb = run_cli("advise", "--models", "test-vit", "--optims", "sgd", "--out", str(finished_run))
+    assert tb is None and code == 2
+    assert "advise starts afresh (it has no --resume)" in error_line(err)
+
+
+def test_a_run_leaves_no_lock_file_behind_but_holds_one_while_it_runs(tmp_path):
+    from memprof.errors import UsageError
+    from memprof.results import LOCK_FILE, RunDirectory
+
+    code, _, _ = run_cli(*RUN, "--out", str(tmp_path / "out"))
+    assert code == 0 and not (tmp_path / "out" / LOCK_FILE).exists()
+    with RunDirectory(str(tmp_path)):  # negative control: while held, the file is there and a second run refused
+        assert (tmp_path / LOCK_FILE).exists()
+        with pytest.raises(UsageError, match="in use by another memprof run"):
+            RunDirectory(str(tmp_path)).__enter__()
+    assert not (tmp_path / LOCK_FILE).exists()
+    with RunDirectory(str(tmp_path)):  # and the next run takes it again
+        pass
