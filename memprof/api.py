@@ -56,6 +56,19 @@ class Result:
     def ok(self) -> bool:
         return self.record["status"] == "ok"
 
+    @property
+    def fits(self) -> bool:
+        """Whether the configuration ran within the budget (status ok: no OOM, predicted or measured); False
+        for an OOM, and for a result without figures (skipped, error, crashed). The record keeps the string
+        ("yes", "may not fit", "no") in metrics["fits"]."""
+        return self.record["status"] == "ok" and self.record["metrics"].get("fits") != "no"
+
+    @property
+    def may_not_fit(self) -> bool:
+        """Whether a prediction that fits is close enough that the unmodelled allocations at their bounds
+        (metrics["peak_reserved_bytes_upper"]) would pass the card."""
+        return self.fits and self.record["metrics"].get("fits") == "may not fit"
+
     def __str__(self) -> str:
         r, m = self.record, self.record["metrics"]
         head = f"{r['source']} ({r['environment']['backend']}) {r['key']}: {r['status']}"
@@ -67,7 +80,8 @@ class Result:
         if "peak_allocated_bytes" in m:
             lines.append(f"  peak allocated {_gib(m['peak_allocated_bytes'])}, reserved "
                          f"{_gib(m.get('peak_reserved_bytes'))} on {r['spec']['budget']}"
-                         + (f", fits: {m['fits']}" if "fits" in m else ""))
+                         + (f", fits: {'may not fit' if self.may_not_fit else 'yes' if self.fits else 'no'}"
+                            if "fits" in m else ""))
         elif "peak_live_bytes" in m:
             lines.append(f"  peak live tensors {_gib(m['peak_live_bytes'])} on {r['spec']['budget']}")
         if m.get("peak_phase"):
@@ -94,6 +108,21 @@ def _model_name(model: str | Callable[[], Any]) -> str:
     raise UsageError(f"model {model!r}: give a model name or a zero-argument factory returning an nn.Module")
 
 
+def _switch(value, name: str) -> str:
+    """A switch given as a bool or, as on the command line, "on"/"off" (memprof.spec.parse_switch's check):
+    "on" or "off". Anything else is a UsageError, never truthiness ("off" is a non-empty string)."""
+    from memprof.spec import parse_switch
+
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if not isinstance(value, str):
+        raise UsageError(f"{name}={value!r}: give True/False or 'on'/'off'")
+    values = parse_switch(value, name)
+    if len(values) != 1:
+        raise UsageError(f"{name}={value!r}: give one value, True/False or 'on'/'off' (a grid is `memprof run`'s)")
+    return "on" if values[0] else "off"
+
+
 def _run_one(model, optimizer, batch_size, precision, grad_ckpt, budget, backend, state_bits, steps, num_classes,
              freeze, input_shape, pretrained, out, timeout_s) -> Result:
     """One configuration through plan_run and execute (the CLI's path), into `out` or a temporary directory."""
@@ -109,7 +138,7 @@ def _run_one(model, optimizer, batch_size, precision, grad_ckpt, budget, backend
                          f"which can only import a module-level factory; define it at the top level of a module")
     with tempfile.TemporaryDirectory(prefix="memprof-api-") as tmp:
         opts = run_options(models=name, optims=optimizer, batch_size=str(batch_size),
-                           grad_ckpt="on" if grad_ckpt else "off", state_bits=str(state_bits), steps=steps,
+                           grad_ckpt=_switch(grad_ckpt, "grad_ckpt"), state_bits=str(state_bits), steps=steps,
                            budget=budget, num_classes=num_classes, freeze=freeze, input_shape=input_shape,
                            pretrained=pretrained, backend=backend, out=out or os.path.join(tmp, "run"),
                            progress=False, timeout_s=timeout_s)
@@ -118,7 +147,7 @@ def _run_one(model, optimizer, batch_size, precision, grad_ckpt, budget, backend
 
 
 def predict(model: str | Callable[[], Any], optimizer: str = "adamw", batch_size: int = 1, precision: str = "fp32",
-            grad_ckpt: bool = False, budget: str = "titan-x", *, state_bits: int = 32, steps: int = 2,
+            grad_ckpt: bool | str = False, budget: str = "titan-x", *, state_bits: int = 32, steps: int = 2,
             num_classes: int = 10, freeze: str | None = None, input_shape: str | None = None,
             pretrained: str | None = None, out: str | None = None) -> Result:
     """Predict (no GPU needed) what torch.cuda would report for one training configuration on `budget`:
@@ -128,7 +157,7 @@ def predict(model: str | Callable[[], Any], optimizer: str = "adamw", batch_size
 
 
 def measure(model: str | Callable[[], Any], optimizer: str = "adamw", batch_size: int = 1, precision: str = "fp32",
-            grad_ckpt: bool = False, budget: str = "device", *, state_bits: int = 32, steps: int = 2,
+            grad_ckpt: bool | str = False, budget: str = "device", *, state_bits: int = 32, steps: int = 2,
             num_classes: int = 10, freeze: str | None = None, input_shape: str | None = None,
             pretrained: str | None = None, out: str | None = None, backend: str = "cuda",
             timeout_s: float | None = None) -> Result:

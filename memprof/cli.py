@@ -156,10 +156,17 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+ACCURACY_FLAGS = ("train_steps", "lr_sgd", "lr_adaptive", "data", "seed", "accuracy_backend")
+
+
 def cmd_run(args) -> int:
-    from memprof.plan import execute, plan_run
+    from memprof.plan import execute, flag, plan_run
     from memprof.results import RunDirectory
 
+    given = [flag(n) for n in ACCURACY_FLAGS if getattr(args, n) is not None]
+    if given and not args.accuracy:
+        raise UsageError(f"{given[0]} applies to accuracy mode: add --accuracy (train each configuration for real), "
+                         f"or drop {given[0]}")
     plan = plan_run(_run_options(args))
     accuracy = _plan_accuracy(args, plan.options) if args.accuracy else None
     try:
@@ -219,7 +226,8 @@ def cmd_advise(args) -> int:
     ap = plan_advise(_run_options(args, resume=False, retry_failed=False, snapshot=None, nvml_period_ms=None))
     try:
         with RunDirectory(ap.run.out_dir):
-            _note(ap.run.announce)
+            for line in [ap.run.announce, *ap.run.notes]:
+                _note(line)
             records = {r["spec_key"]: r for r in _with_spec_keys(execute(ap.run, lock=False))}
     except KeyboardInterrupt as exc:
         return _interrupted(ap.run.out_dir, exc, resume=None)
@@ -437,17 +445,17 @@ def cmd_list(args) -> int:
 def _accuracy_options(p) -> None:
     from memprof.recipe import DEFAULT_LR_ADAPTIVE, DEFAULT_LR_SGD, DEFAULT_STEPS
 
-    p.add_argument("--train-steps", type=int, default=DEFAULT_STEPS,
+    p.add_argument("--train-steps", type=int, default=None,
                    help=f"accuracy: training steps per configuration (default: {DEFAULT_STEPS})")
-    p.add_argument("--lr-sgd", type=float, default=DEFAULT_LR_SGD,
+    p.add_argument("--lr-sgd", type=float, default=None,
                    help=f"accuracy: peak learning rate of SGD and LARS, cosine to 0 (default: {DEFAULT_LR_SGD}; the "
                         "paper sweeps 3e-5..1e-2 for pretrained weights)")
-    p.add_argument("--lr-adaptive", type=float, default=DEFAULT_LR_ADAPTIVE,
+    p.add_argument("--lr-adaptive", type=float, default=None,
                    help=f"accuracy: peak learning rate of AdamW and LAMB, cosine to 0 (default: {DEFAULT_LR_ADAPTIVE}; "
                         "the paper sweeps 3e-7..1e-4 for pretrained weights; random init needs more)")
     p.add_argument("--data", help="accuracy: an ImageFolder (default: scikit-learn's digits, shipped with it)")
-    p.add_argument("--seed", type=int, default=0, help="accuracy: seed of init and batch order (default: 0)")
-    p.add_argument("--accuracy-backend", choices=["auto", "cpu", "cuda"], default="auto",
+    p.add_argument("--seed", type=int, default=None, help="accuracy: seed of init and batch order (default: 0)")
+    p.add_argument("--accuracy-backend", choices=["auto", "cpu", "cuda"], default=None,
                    help="accuracy: where to train (default: cuda where present, else cpu)")
 
 
@@ -497,8 +505,10 @@ def _grid_options(p, profiles) -> None:
     p.add_argument("--world-size", type=int, default=1, help="ranks of --parallel (1..1024; default: 1)")
     p.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket_cap_mb (default: DDP's 25, with a "
                    "1 MiB first bucket)")
-    p.add_argument("--grad-as-bucket-view", default="off", help="DDP gradient_as_bucket_view: off, on or off,on")
-    p.add_argument("--reshard-after-forward", default="on", help="FSDP reshard_after_forward: on, off or off,on")
+    p.add_argument("--grad-as-bucket-view", default=None, help="DDP gradient_as_bucket_view: off, on or off,on "
+                   "(default: off)")
+    p.add_argument("--reshard-after-forward", default=None, help="FSDP reshard_after_forward: on, off or off,on "
+                   "(default: on)")
 
 
 def _executor_options(p) -> None:

@@ -25,8 +25,8 @@ RUN_OPTIONS = {
     "out": None, "resume": False, "retry_failed": False, "jobs": None, "timeout_s": None, "snapshot": None,
     "nvml_period_ms": None, "progress": True, "max_batch_size": None, "precision": "fp32", "optim_impl": "foreach",
     "optim_in_backward": "off", "resident": "tower", "freeze": None, "input_shape": None, "executor": "local",
-    "ray_address": None, "parallel": "none", "world_size": 1, "bucket_cap_mb": None, "grad_as_bucket_view": "off",
-    "reshard_after_forward": "on",
+    "ray_address": None, "parallel": "none", "world_size": 1, "bucket_cap_mb": None, "grad_as_bucket_view": None,
+    "reshard_after_forward": None,  # None: not given (DDP's default off, FSDP's default on)
 }
 EXECUTORS = ("local", "ray")
 BACKENDS = ("auto", "cuda", "simulate", "cpu")
@@ -302,8 +302,14 @@ def parallel_axes(opts: dict, state_bits: list, backend: str) -> list[dict]:
     if cap is not None and not (isinstance(cap, (int, float)) and 0 < cap < float("inf")):
         raise UsageError(f"--bucket-cap-mb {cap}: give a positive number of MiB (DDP's default: 25)",
                          option="bucket_cap_mb")
-    views = parse_switch(str(opts.get("grad_as_bucket_view", "off")), "--grad-as-bucket-view")
-    reshard = parse_switch(str(opts.get("reshard_after_forward", "on")), "--reshard-after-forward")
+    for name, kind in (("bucket_cap_mb", "ddp"), ("grad_as_bucket_view", "ddp"), ("reshard_after_forward", "fsdp")):
+        if opts.get(name) is not None and kind not in kinds:
+            raise UsageError(f"{flag(name)} applies to --parallel {kind}: add --parallel {kind} (with --world-size N), "
+                             f"or drop {flag(name)}", option=name)
+    views = opts.get("grad_as_bucket_view")
+    views = parse_switch("off" if views is None else str(views), "--grad-as-bucket-view")
+    reshard = opts.get("reshard_after_forward")
+    reshard = parse_switch("on" if reshard is None else str(reshard), "--reshard-after-forward")
     out: list[dict] = []
     for kind in kinds:
         if kind == "none":
@@ -326,6 +332,10 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
     backend, announce = resolve_backend(opts["backend"])
     with option("models"):
         models = parse_models(opts["models"], backend, freeze=opts["freeze"], input_shape=opts["input_shape"])
+    if opts["input_shape"] is not None and any(m.source == "open_clip" for m in models):
+        towers = [m.name for m in models if m.source == "open_clip"]
+        notes.append(f"memprof: note: --input-shape applies to timm:/torchvision:/py: models; open_clip towers "
+                     f"({', '.join(towers)}) keep the image size of their config")
     with option("optims"):
         optims = parse_optims(opts["optims"])
     with option("grad_ckpt"):

@@ -49,7 +49,7 @@ def test_predict_is_the_simulate_backend_of_memprof_run():
     assert r.source == "predicted" and r.status == "ok"
     files = ("timeline_file", "snapshot_file")  # the run writes its timeline beside the results; predict() alone does not
     assert {k: v for k, v in r.record["metrics"].items() if k not in files} == metrics
-    assert r.peak_allocated_bytes == metrics["peak_allocated_bytes"] and r.fits == "yes"
+    assert r.peak_allocated_bytes == metrics["peak_allocated_bytes"] and r.fits is True and r.may_not_fit is False
     text = str(r)
     assert "predicted" in text and "peak allocated" in text and "breakdown" in text and "at the peak" in text
 

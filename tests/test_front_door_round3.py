@@ -385,3 +385,70 @@ def test_a_run_leaves_no_lock_file_behind_but_holds_one_while_it_runs(tmp_path):
     assert not (tmp_path / LOCK_FILE).exists()
     with RunDirectory(str(tmp_path)):  # and the next run takes it again
         pass
+
+
+# --- silently accepted ------------------------------------------------------------------------------------
+
+def test_result_fits_is_a_bool_with_may_not_fit_its_own_field():
+    from memprof.api import Result
+
+    def result(status, fits):
+        return Result({"status": status, "metrics": {"fits": fits}})
+
+    assert [(r.fits, r.may_not_fit) for r in (result("ok", "yes"), result("ok", "may not fit"),
+                                               result("oom", "no"), result("error", None))] == [
+        (True, False), (True, True), (False, False), (False, False)]
+    no = result("oom", "no")
+    assert no.record["metrics"]["fits"] == "no"  # the record keeps the string its readers (advise) read
+    assert bool("no") is True  # negative control: the string that `if r.fits:` used to test is always true
+
+
+def test_predict_with_grad_ckpt_off_runs_without_checkpointing():
+    import memprof
+
+    off, on = memprof.predict("test-vit", "sgd", grad_ckpt="off"), memprof.predict("test-vit", "sgd", grad_ckpt="on")
+    assert (off.spec["grad_ckpt"], on.spec["grad_ckpt"]) == (False, True)  # "on" is the negative control
+    assert memprof.predict("test-vit", "sgd", grad_ckpt=False).spec["grad_ckpt"] is False
+
+
+@pytest.mark.parametrize("value, said", [("maybe", "use off, on or off,on"), ("off,on", "give one value"),
+                                         (1, "give True/False")])
+def test_predict_refuses_a_grad_ckpt_the_cli_would_refuse(value, said):
+    import memprof
+    from memprof.errors import UsageError
+
+    with pytest.raises(UsageError, match=said):
+        memprof.predict("test-vit", "sgd", grad_ckpt=value)
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--bucket-cap-mb", "10"], "--bucket-cap-mb applies to --parallel ddp"),
+    (["--grad-as-bucket-view", "on"], "--grad-as-bucket-view applies to --parallel ddp"),
+    (["--reshard-after-forward", "off"], "--reshard-after-forward applies to --parallel fsdp"),
+    (["--parallel", "fsdp", "--world-size", "2", "--bucket-cap-mb", "5"], "--bucket-cap-mb applies to --parallel ddp"),
+    (["--lr-sgd=-1"], "--lr-sgd applies to accuracy mode: add --accuracy"),
+    (["--train-steps", "100"], "--train-steps applies to accuracy mode"),
+])
+def test_options_that_would_change_nothing_are_refused(tmp_path, extra, said):
+    code, err, tb = run_cli(*RUN, *extra, "--out", str(tmp_path / "out"))
+    assert tb is None and code == 2, (tb, err)
+    assert said in error_line(err)
+
+
+def test_negative_control_the_same_options_where_they_apply_are_accepted(tmp_path):
+    from memprof.plan import plan_run, run_options
+
+    plan = plan_run(run_options(models="test-vit", optims="sgd", backend="simulate", parallel="ddp,fsdp", world_size=2,
+                                bucket_cap_mb=10, grad_as_bucket_view="on", reshard_after_forward="off",
+                                out=str(tmp_path / "out")))
+    specs = [e.spec for e in plan.entries]
+    assert [(s.parallel, s.bucket_cap_mb, s.grad_as_bucket_view, s.reshard_after_forward) for s in specs] == [
+        ("ddp", 10, True, True), ("fsdp", None, False, False)]
+
+
+def test_input_shape_on_an_open_clip_tower_is_noted(tmp_path):
+    code, err, _ = run_cli(*RUN, "--input-shape", "3x64x64", "--out", str(tmp_path / "a"))
+    assert code == 0 and "note: --input-shape applies to timm:/torchvision:/py: models; open_clip towers " \
+                         "(test-vit) keep the image size of their config" in err
+    code, err, _ = run_cli(*RUN, "--out", str(tmp_path / "b"))  # negative control: no flag, no note
+    assert code == 0 and "--input-shape" not in err
