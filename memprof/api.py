@@ -23,9 +23,9 @@ PREDICTED, MEASURED = "predicted", "measured"
 
 
 def _gib(nbytes: int | None) -> str:
-    if nbytes is None:
-        return "-"
-    return f"{nbytes / (1 << 30):.2f} GiB" if nbytes >= (1 << 30) // 10 else f"{nbytes / (1 << 20):.1f} MiB"
+    from memprof.budget import format_size
+
+    return format_size(nbytes)
 
 
 @dataclass

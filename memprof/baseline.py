@@ -111,6 +111,23 @@ def _check_baseline(data, path: str) -> dict:
     return data
 
 
+def not_a_baseline(path: str) -> str | None:
+    """Why the file at `path` is not a memprof baseline (None when it is one): what `baseline save -o` would
+    overwrite."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"unreadable: {getattr(exc, 'strerror', None) or exc}"
+    except ValueError:
+        return "not a JSON document (a results.jsonl, or another file)"
+    if isinstance(data, dict) and data.get("kind") == "memprof-baseline":
+        return None
+    if isinstance(data, dict) and "benchmarks" in data and "machine_info" in data:
+        return "pytest-benchmark JSON"
+    return f"a JSON {type(data).__name__} without kind 'memprof-baseline'"
+
+
 def load_any(path: str) -> dict:
     """A baseline JSON, a pytest-benchmark JSON, or memprof results (results.jsonl or a run directory)."""
     if not os.path.exists(path):

@@ -124,6 +124,7 @@ def report(records: list[dict], out_dir: str, metric: str | None) -> None:
     _note(f"memprof: wrote {os.path.join(out_dir, 'results.jsonl')} and {', '.join(sorted(paths.values()))}")
 
 
+BASELINE_FILE = "baseline.json"  # `baseline save` without -o: beside the results, never a committed baseline
 RUN_TIMELINES = 12  # timeline figures in the report a run writes (the paper grid's all); `memprof report` draws all
 
 
@@ -151,7 +152,9 @@ def cmd_report(args) -> int:
     if args.output is not None:
         if os.path.isdir(args.output):
             raise UsageError(f"-o {args.output} is a directory: give a file path, e.g. {args.output}/report.html")
-        writable_dir(os.path.dirname(os.path.abspath(args.output)), "output")
+        writable_dir(os.path.dirname(os.path.abspath(args.output)), "output", shown="-o")
+    else:
+        writable_dir(args.run_dir, "output", shown="RUN_DIR", fix="give -o FILE in a directory you can write")
     print(write_html_report(args.run_dir, args.output, args.pair))
     return EXIT_OK
 
@@ -357,18 +360,23 @@ def cmd_fidelity(args) -> int:
 def cmd_baseline_save(args) -> int:
     import json
 
-    from memprof.baseline import diff_text, load_any, make_baseline
+    from memprof.baseline import diff_text, load_any, make_baseline, not_a_baseline
     from memprof.plan import writable_dir
-    from memprof.results import read_records, write_text
+    from memprof.results import read_records, results_path, write_text
 
     new = make_baseline(read_records(args.results))
-    if os.path.isdir(args.output):
-        raise UsageError(f"-o {args.output} is a directory: give a file path, e.g. {args.output}/ci.json")
-    if os.path.exists(args.output):
-        print(f"changes against {args.output}:\n{diff_text(load_any(args.output), new)}")
-    writable_dir(os.path.dirname(os.path.abspath(args.output)), "output")
-    write_text(args.output, json.dumps(new, indent=1, sort_keys=True) + "\n")
-    _note(f"memprof: wrote baseline {args.output} ({len(new['benchmarks'])} configurations)")
+    output = args.output or os.path.join(os.path.dirname(os.path.abspath(results_path(args.results))), BASELINE_FILE)
+    if os.path.isdir(output):
+        raise UsageError(f"-o {output} is a directory: give a file path, e.g. {output}/ci.json")
+    if os.path.exists(output):
+        why = not_a_baseline(output)
+        if why:
+            raise UsageError(f"-o {output} exists and is not a memprof baseline ({why}): saving would overwrite it; "
+                             f"choose another -o, or delete that file first")
+        print(f"changes against {output}:\n{diff_text(load_any(output), new)}")
+    writable_dir(os.path.dirname(os.path.abspath(output)), "output", shown="-o")
+    write_text(output, json.dumps(new, indent=1, sort_keys=True) + "\n", flag="-o")
+    _note(f"memprof: wrote baseline {output} ({len(new['benchmarks'])} configurations)")
     return EXIT_OK
 
 
@@ -650,8 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     base_sub = base.add_subparsers(dest="action", required=True, parser_class=_Parser)
     save = base_sub.add_parser("save", help="write a baseline JSON from results; prints what changed")
     save.add_argument("results", help="results.jsonl or a run directory")
-    save.add_argument("-o", "--output", default=os.path.join("reports", "baselines", "ci.json"),
-                      help="baseline file (default: reports/baselines/ci.json)")
+    save.add_argument("-o", "--output", default=None,
+                      help=f"baseline file (default: {BASELINE_FILE} beside the results; the CI gate's committed one is "
+                           f"reports/baselines/ci.json, rewritten only when given as -o)")
     save.set_defaults(func=cmd_baseline_save)
 
     from memprof.baseline import DEFAULT_FAIL, FIELDS

@@ -66,8 +66,9 @@ def default_out() -> str:
     return os.path.join("reports", "runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
-def writable_dir(path: str, name: str = "out") -> str:
-    """Create `path` if needed and prove it writable, or a UsageError naming the option."""
+def writable_dir(path: str, name: str = "out", shown: str | None = None, fix: str | None = None) -> str:
+    """Create `path` if needed and prove it writable, or a UsageError naming the option (`shown`: as the
+    command spells it, e.g. -o; `fix`: what to do instead of choosing another directory)."""
     if not path or not path.strip():
         raise UsageError(f"{flag(name)} is empty: give a directory, e.g. {flag(name)} reports/runs/mine", option=name)
     try:
@@ -77,8 +78,8 @@ def writable_dir(path: str, name: str = "out") -> str:
             pass
         os.remove(probe)
     except OSError as exc:
-        raise UsageError(f"{flag(name)} {path} is not writable ({exc.strerror}): choose a directory you can write",
-                         option=name) from None
+        raise UsageError(f"{shown or flag(name)} {path} is not writable ({exc.strerror}): "
+                         f"{fix or 'choose a directory you can write'}", option=name) from None
     return path
 
 

@@ -211,10 +211,12 @@ def read_records(path: str, name: str = "results") -> list[dict]:
         try:
             rec = json.loads(line)
         except ValueError as exc:
-            torn = number == len(lines)  # no newline after it: a run stopped while writing it
+            # torn: the last line, without its newline, after lines that were records: a run stopped writing it
+            torn = number == len(lines) and bool(records)
             raise UsageError(f"{where}: not JSON ({exc.msg})" + (
                 "; the last line is incomplete (a run stopped while writing it): delete that line, then --resume"
-                if torn else "; remove the line or give a memprof results file")) from None
+                if torn else "; remove the line or give a memprof results file" if records else
+                "; this is not a memprof results file: give a results.jsonl or a run directory")) from None
         _check(rec, where)
         records[rec["key"]] = rec
     if not records:

@@ -452,3 +452,115 @@ def test_input_shape_on_an_open_clip_tower_is_noted(tmp_path):
                          "(test-vit) keep the image size of their config" in err
     code, err, _ = run_cli(*RUN, "--out", str(tmp_path / "b"))  # negative control: no flag, no note
     assert code == 0 and "--input-shape" not in err
+
+
+# --- messages that misled ---------------------------------------------------------------------------------
+
+def test_report_on_a_read_only_run_directory_names_its_o_flag(run_copy, monkeypatch):
+    import errno
+
+    from memprof import plan
+
+    real_open = open
+
+    def read_only(path, *args, **kwargs):  # as root, chmod cannot make a directory read-only
+        if str(path).startswith(str(run_copy)) and args and "w" in args[0]:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(plan, "open", read_only, raising=False)
+    code, err, tb = run_cli("report", str(run_copy))
+    assert tb is None and code == 2, (tb, err)
+    message = error_line(err)
+    assert "give -o FILE" in message and "--out" not in message and "--output" not in message, message
+    code, err, _ = run_cli("report", str(run_copy), "-o", str(run_copy.parent / "elsewhere.html"))
+    assert code == 0, err  # negative control: -o elsewhere writes it
+
+
+def test_a_budget_past_every_card_says_so_and_tib_is_a_unit():
+    from memprof.budget import GiB, parse_budget
+    from memprof.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"1TiB \(1,024 GiB\) is larger than any card") as exc:
+        parse_budget("1TiB")
+    assert "malformed" not in str(exc.value)
+    assert parse_budget("0.25TiB").total_bytes == 256 * GiB  # negative control: a TiB size a card has is taken
+    with pytest.raises(UsageError, match="malformed.*a size in GiB, MiB or TiB"):
+        parse_budget("12GB")
+
+
+@pytest.mark.parametrize("nbytes, shown", [(0, "0 B"), (512, "512 B"), (4096, "4.0 KiB"), (52428, "51.2 KiB"),
+                                           (52429, "0.1 MiB"), (3 << 20, "3.0 MiB"), (2 << 30, "2.00 GiB")])
+def test_small_sizes_never_print_as_zero_mib(nbytes, shown):
+    from memprof.api import _gib
+    from memprof.reports.table4 import _size
+
+    assert _gib(nbytes) == _size(nbytes) == shown
+
+
+def test_negative_control_the_old_formatter_printed_zero_mib():
+    assert f"{4096 / (1 << 20):.1f} MiB" == "0.0 MiB"
+
+
+@pytest.mark.parametrize("start, said", [(b"\xef\xbb\xbf", "starts with a UTF-8 byte-order mark: save it without"),
+                                         (b"\xff\xfe", "is UTF-16 text")])
+def test_a_byte_order_mark_in_a_suite_is_named(tmp_path, start, said):
+    suite = tmp_path / "s.toml"
+    suite.write_bytes(start + b'[[run]]\nbackend = "simulate"\nmodels = "test-vit"\n')
+    code, err, tb = run_cli("suite", str(suite), "--out", str(tmp_path / "out"))
+    assert tb is None and code == 2 and said in error_line(err)
+    suite.write_bytes(b'[[run]]\nbackend = "simulate"\nmodels = "test-vit"\noptims = "sgd"\n')
+    assert run_cli("suite", str(suite), "--out", str(tmp_path / "ok"), "--no-progress")[0] == 0  # negative control
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01\x02garbage", b"not json at all\n", b"GIF89a\x01\x00"])
+def test_a_garbage_file_is_not_called_a_torn_run(tmp_path, content):
+    path = tmp_path / "garbage.jsonl"
+    path.write_bytes(content)
+    for argv in (["table", str(path), "--out", str(tmp_path)], ["fidelity", str(path), str(path)]):
+        code, err, tb = run_cli(*argv)
+        message = error_line(err)
+        assert tb is None and code == 2 and "incomplete" not in message, message
+        assert "this is not a memprof results file" in message, message
+
+
+def test_negative_control_a_torn_last_line_after_records_is_still_called_torn(run_copy):
+    results = run_copy / "results.jsonl"
+    results.write_text(results.read_text() + '{"key": "half a reco')
+    code, err, _ = run_cli("table", str(run_copy))
+    assert code == 2 and "the last line is incomplete (a run stopped while writing it)" in error_line(err)
+
+
+def test_baseline_save_onto_a_file_that_is_not_a_baseline_says_so(finished_run, tmp_path):
+    other = tmp_path / "notes.json"
+    other.write_text('{"mine": 1}')
+    for target, why in ((other, "a JSON dict without kind 'memprof-baseline'"),
+                        (finished_run / "results.jsonl", "not a JSON document")):
+        before = target.read_text()
+        code, err, tb = run_cli("baseline", "save", str(finished_run), "-o", str(target))
+        assert tb is None and code == 2
+        message = error_line(err)
+        assert f"-o {target} exists and is not a memprof baseline ({why}" in message, message
+        assert target.read_text() == before
+    good = tmp_path / "b.json"  # negative control: a baseline is rewritten, saying what changed
+    assert run_cli("baseline", "save", str(finished_run), "-o", str(good))[0] == 0
+    code, err, _ = run_cli("baseline", "save", str(finished_run), "-o", str(good))
+    assert code == 0 and f"wrote baseline {good}" in err
+
+
+def test_baseline_save_without_o_writes_beside_the_results_not_the_committed_baseline(run_copy):
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[1] / "reports" / "baselines" / "ci.json"
+    before = committed.read_bytes()
+    code, err, _ = run_cli("baseline", "save", str(run_copy))
+    assert code == 0 and f"wrote baseline {run_copy / 'baseline.json'}" in err
+    assert committed.read_bytes() == before
+
+
+def test_readme_baseline_save_example_stays_under_reports_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    saves = [line.split("#")[0].split() for line in readme.splitlines() if line.strip().startswith("memprof baseline save")]
+    assert saves and all(s[s.index("-o") + 1].startswith("reports/runs/") for s in saves), saves
