@@ -80,9 +80,15 @@ def pytest_configure(config):
 def _check_writable(path: str) -> None:
     """--memprof-json PATH, proved writable before any test runs (its folder made if missing), or a usage error."""
     import os
+    from pathlib import Path
 
     if os.path.isdir(path):
         raise pytest.UsageError(f"--memprof-json {path} is a directory: give a file path, e.g. {path}/memprof.jsonl")
+    folder = os.path.dirname(os.path.abspath(path))
+    above = next(p for p in [folder, *Path(folder).parents] if os.path.exists(p))
+    if not os.path.isdir(above):
+        raise pytest.UsageError(f"--memprof-json {path} is not writable: {above} is a file, not a folder; choose "
+                                f"another path")
     existed = os.path.exists(path)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -163,7 +163,9 @@ def _wrong_value(rec: dict) -> str | None:
         types, nullable = _spec_types().get(name, ((object,), True))
         if not (value is None and nullable) and not (isinstance(value, types) and
                                                      (bool in types or not isinstance(value, bool))):
-            return f"spec '{name}' is {json.dumps(value)}, not a {' or '.join(t.__name__ for t in types)}"
+            said = "a number" if float in types else {str: "a string", int: "a whole number",
+                                                      bool: "true or false"}.get(types[0], types[0].__name__)
+            return f"spec '{name}' is {json.dumps(value)[:60]}, not {said}"
     for name in ("backend", "device"):
         if name in rec["environment"] and not isinstance(rec["environment"][name], str):
             return f"environment '{name}' is {json.dumps(rec['environment'][name])}, not a string"
