@@ -262,8 +262,8 @@ def test_memprof_json_that_fails_after_the_tests_is_an_error_line_not_a_crash(py
 
 
 def test_negative_control_memprof_json_kept_writable_passes(pytester, tmp_path, torch_imported_once):
-    kept = _pytest(pytester, "", "--memprof-json", str(tmp_path / "kept" / "m.jsonl"))
-    assert kept.ret == 0 and (tmp_path / "kept" / "m.jsonl").read_text().count("\n") == 1
+    kept = _pytest(pytester, "", "--memprof-json", str(tmp_path / "m.jsonl"))
+    assert kept.ret == 0 and (tmp_path / "m.jsonl").read_text().count("\n") == 1
 
 
 # --- bounds -----------------------------------------------------------------------------------------------
