@@ -318,7 +318,7 @@ def cmd_suite(args) -> int:
                     _note(line)
                 records = execute(plan, lock=False)
     except KeyboardInterrupt as exc:
-        return _interrupted(out_dir, exc, resume="continue with `memprof suite FILE --out DIR --resume`")
+        return _interrupted(out_dir, exc, resume=f"continue with `memprof suite {args.file} --out {out_dir} --resume`")
     report(records, out_dir, None)
     html_report(out_dir)
     return _finish(records, out_dir)
@@ -659,8 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     save = base_sub.add_parser("save", help="write a baseline JSON from results; prints what changed")
     save.add_argument("results", help="results.jsonl or a run directory")
     save.add_argument("-o", "--output", default=None,
-                      help=f"baseline file (default: {BASELINE_FILE} beside the results; the CI gate's committed one is "
-                           f"reports/baselines/ci.json, rewritten only when given as -o)")
+                      help=f"baseline file (default: {BASELINE_FILE} beside the results; the CI gate's committed "
+                           f"one, reports/baselines/ci.json, is rewritten only when given as -o)")
     save.set_defaults(func=cmd_baseline_save)
 
     from memprof.baseline import DEFAULT_FAIL, FIELDS

@@ -263,7 +263,8 @@ def _fits_is_a_bool() -> bool:
     """Result.fits is a bool, False on an OOM, with may_not_fit its own field"""
     from memprof.api import Result
 
-    oom, near = Result({"status": "oom", "metrics": {"fits": "no"}}), Result({"status": "ok", "metrics": {"fits": "may not fit"}})
+    oom = Result({"status": "oom", "metrics": {"fits": "no"}})
+    near = Result({"status": "ok", "metrics": {"fits": "may not fit"}})
     return oom.fits is False and near.fits is True and near.may_not_fit is True
 
 
@@ -291,8 +292,8 @@ def round3_cases(tmp: str, f) -> list[tuple]:
                         ("exits", "sweep_user.py:19"), ("nothere", "has no nothere")):
         out.append((f"py: factory {model}", user + ["--models", f"py:sweep_user:{model}", "--out",
                                                    os.path.join(tmp, f"user-{model}")], 2, {"want": want}))
-    for module, want in (("sweep_badimport", "sweep_badimport.py:1"), ("sweep_exit_on_import", "sweep_exit_on_import.py:2"),
-                         ("sweep_syntax", "sweep_syntax.py:1")):
+    for module, want in (("sweep_badimport", "sweep_badimport.py:1"),
+                         ("sweep_exit_on_import", "sweep_exit_on_import.py:2"), ("sweep_syntax", "sweep_syntax.py:1")):
         out.append((f"py: module {module}", user + ["--models", f"py:{module}:f", "--out",
                                                    os.path.join(tmp, f"user-{module}")], 2, {"want": want}))
     out.append(("py: factory raising, from a suite", ["suite", f("user.toml", '[[run]]\nbackend = "simulate"\n'

@@ -562,5 +562,6 @@ def test_readme_baseline_save_example_stays_under_reports_runs():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    saves = [line.split("#")[0].split() for line in readme.splitlines() if line.strip().startswith("memprof baseline save")]
+    saves = [line.split("#")[0].split() for line in readme.splitlines()
+             if line.strip().startswith("memprof baseline save")]
     assert saves and all(s[s.index("-o") + 1].startswith("reports/runs/") for s in saves), saves
