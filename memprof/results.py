@@ -301,5 +301,23 @@ def load_verdicts(out_dir: str) -> dict:
         os.path.dirname(out_dir) or ".", ACCURACY_FILE)
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as fh:
-        return {config_of(r["key"]): r for r in map(json.loads, filter(str.strip, fh))}
+    verdicts = {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or 'not UTF-8 text'}; give an accuracy.jsonl "
+                         f"written by `memprof accuracy`") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:
+            raise UsageError(f"{path}:{number}: not JSON ({exc.msg}); delete that line (accuracy mode reruns it)"
+                             ) from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("key"), str) or not isinstance(rec.get("verdict"), str):
+            raise UsageError(f"{path}:{number}: not an accuracy record (a JSON object with a key and a verdict); "
+                             f"delete that line")
+        verdicts[config_of(rec["key"])] = rec
+    return verdicts

@@ -314,6 +314,10 @@ def round3_cases(tmp: str, f) -> list[tuple]:
     with open(os.path.join(torn_dir, "timelines", os.path.basename(timeline)), "r+") as fh:
         fh.truncate(200)
     out.append(("report with a truncated timeline", ["report", torn_dir], 0))
+    torn_accuracy = os.path.join(tmp, "torn-accuracy")
+    shutil.copytree(run_dir, torn_accuracy)
+    f(os.path.join(torn_accuracy, "accuracy.jsonl"), '{"key": "x", "verdict"')
+    out.append(("report with a torn accuracy.jsonl", ["report", torn_accuracy], 2, {"want": "accuracy.jsonl:1:"}))
     with open(os.path.join(run_dir, "results.jsonl")) as fh:
         lines = fh.read().splitlines()
     for name, edit in (("peak_allocated_bytes", ("metrics", "big")), ("breakdown_at_peak_bytes", ("metrics", "x")),

@@ -565,3 +565,21 @@ def test_readme_baseline_save_example_stays_under_reports_runs():
     saves = [line.split("#")[0].split() for line in readme.splitlines()
              if line.strip().startswith("memprof baseline save")]
     assert saves and all(s[s.index("-o") + 1].startswith("reports/runs/") for s in saves), saves
+
+
+@pytest.mark.parametrize("content, said", [('{"key": "x", "verdict"', "accuracy.jsonl:1: not JSON"),
+                                           ("[1]\n", "accuracy.jsonl:1: not an accuracy record")])
+def test_a_damaged_accuracy_file_names_its_line(run_copy, content, said):
+    (run_copy / "accuracy.jsonl").write_text(content)
+    for argv in (["report", str(run_copy)], ["advise", "--models", "test-vit", "--optims", "sgd", "--accuracy-from",
+                                             str(run_copy), "--out", str(run_copy.parent / "adv")]):
+        code, err, tb = run_cli(*argv)
+        assert tb is None and code == 2 and said in error_line(err), (tb, err)
+
+
+def test_negative_control_the_committed_accuracy_records_read():
+    from pathlib import Path
+
+    from memprof.results import load_verdicts
+
+    assert len(load_verdicts(str(Path(__file__).resolve().parents[1] / "reports" / "accuracy-test-vit"))) > 0
