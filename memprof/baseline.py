@@ -107,6 +107,12 @@ def _check_baseline(data, path: str) -> dict:
         if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not isinstance(e.get("stats"), dict):
             raise UsageError(f"{path}: benchmarks[{i}] lacks a name or a 'stats' object: save the baseline again "
                              f"with `memprof baseline save`")
+        wrong = next((k for k, v in e["stats"].items()
+                      if not (v is None or isinstance(v, (int, float)) and not isinstance(v, bool))), None)
+        if wrong is not None:
+            shown = json.dumps(e["stats"][wrong])[:60]
+            raise UsageError(f"{path}: benchmarks[{i}] ({e['name']}) stats '{wrong}' is {shown}, not a number: "
+                             f"restore it, or save the baseline again with `memprof baseline save`")
         e.setdefault("status", "ok")
     return data
 

@@ -373,7 +373,10 @@ def cmd_baseline_save(args) -> int:
         if why:
             raise UsageError(f"-o {output} exists and is not a memprof baseline ({why}): saving would overwrite it; "
                              f"choose another -o, or delete that file first")
-        print(f"changes against {output}:\n{diff_text(load_any(output), new)}")
+        try:
+            print(f"changes against {output}:\n{diff_text(load_any(output), new)}")
+        except UsageError as exc:  # a damaged baseline is replaced; what it held cannot be diffed
+            _note(f"memprof: note: no diff against the damaged baseline it replaces ({exc})")
     writable_dir(os.path.dirname(os.path.abspath(output)), "output", shown="-o")
     write_text(output, json.dumps(new, indent=1, sort_keys=True) + "\n", flag="-o")
     _note(f"memprof: wrote baseline {output} ({len(new['benchmarks'])} configurations)")

@@ -383,6 +383,15 @@ def round3_cases(tmp: str, f) -> list[tuple]:
     out.append(("baseline save -o onto a results file", ["baseline", "save", run_dir, "-o",
                                                          os.path.join(run_dir, "results.jsonl")], 2,
                 {"want": "is not a memprof baseline"}))
+    damaged = os.path.join(tmp, "damaged-baseline.json")
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["baseline", "save", run_dir, "-o", damaged]) == 0
+    with open(damaged) as fh:
+        data = json.load(fh)
+    data["benchmarks"][0]["stats"]["peak_allocated_bytes"] = "x"
+    f("damaged-baseline.json", json.dumps(data))
+    out.append(("compare against a baseline stat of the wrong type", ["compare", damaged, run_dir], 2,
+                {"want": "not a number"}))
     out.append(("baseline save -o onto another JSON", ["baseline", "save", run_dir, "-o", f("mine.json", '{"a": 1}')],
                 2, {"want": "is not a memprof baseline"}))
 

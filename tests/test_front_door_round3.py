@@ -583,3 +583,17 @@ def test_negative_control_the_committed_accuracy_records_read():
     from memprof.results import load_verdicts
 
     assert len(load_verdicts(str(Path(__file__).resolve().parents[1] / "reports" / "accuracy-test-vit"))) > 0
+
+
+def test_a_baseline_stat_edited_to_the_wrong_type_is_named_and_can_be_saved_over(finished_run, tmp_path):
+    baseline = tmp_path / "b.json"
+    assert run_cli("baseline", "save", str(finished_run), "-o", str(baseline))[0] == 0
+    code, err, _ = run_cli("compare", str(baseline), str(finished_run))
+    assert code == 0, err  # negative control: the saved baseline compares clean
+    data = json.loads(baseline.read_text())
+    data["benchmarks"][0]["stats"]["peak_allocated_bytes"] = "x"
+    baseline.write_text(json.dumps(data))
+    code, err, tb = run_cli("compare", str(baseline), str(finished_run))
+    assert tb is None and code == 2 and "stats 'peak_allocated_bytes' is \"x\", not a number" in error_line(err)
+    code, err, _ = run_cli("baseline", "save", str(finished_run), "-o", str(baseline))
+    assert code == 0 and "no diff against the damaged baseline" in err
