@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-from memprof.errors import UsageError, WriteFailed
+from memprof.errors import UsageError, UserCodeError, WriteFailed
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -703,6 +703,9 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"memprof: error: {exc}", file=sys.stderr)
         return EXIT_FAILED if isinstance(exc, WriteFailed) else EXIT_USAGE
+    except UserCodeError as exc:  # a factory failing while the run is planned (e.g. building it to check weights)
+        print(f"memprof: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt as exc:  # outside a command's run (planning, reports): no configuration ran then
         _note(f"memprof: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}")
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED

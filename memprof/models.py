@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
-from memprof.errors import UsageError, unknown_name
+from memprof.errors import UsageError, UserCodeError, unknown_name
 
 CLIP_VIT_EMBEDDING = ("conv1", "ln_pre")
 
@@ -184,11 +184,6 @@ def factory_name(factory) -> str:
     name = f"py:@local:{qualname or 'factory'}:{id(factory):x}"
     _LOCAL_FACTORIES[name] = factory
     return name
-
-
-class UserCodeError(Exception):
-    """A user's factory (or the module it lives in) failed inside a configuration: the message names what it
-    did and its file:line, and the configuration's record is an error carrying it."""
 
 
 _OURS = (str(Path(__file__).resolve().parent), "<frozen ")

@@ -127,6 +127,18 @@ def test_a_factory_failing_inside_a_configuration_is_an_error_record_with_its_li
     assert record["status"] == "error" and f"{path}:24" in record["error"], record["error"]
 
 
+def test_a_factory_failing_while_weights_are_checked_is_one_line(tmp_path, user_module):
+    """Planning builds the model a second time to check --pretrained: a failure there is bad input (exit 2)."""
+    import torch
+
+    name, path = user_module
+    torch.save({}, tmp_path / "w.pt")
+    code, err, tb = run_cli("run", "--models", f"py:{name}:second_call_fails", "--optims", "sgd", "--backend",
+                            "simulate", "--input-shape", "3x8x8", "--pretrained", str(tmp_path / "w.pt"), "--out",
+                            str(tmp_path / "out"))
+    assert tb is None and code == 2 and f"{path}:24" in error_line(err), (tb, err)
+
+
 def test_negative_control_an_unguarded_factory_escapes(tmp_path, user_module, monkeypatch):
     """Without the guard the factory's sys.exit leaves cli.main (the harness counts it), and a good factory
     in the same module runs: the error is the factory's, not the module's."""
