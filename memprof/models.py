@@ -186,7 +186,7 @@ def factory_name(factory) -> str:
     return name
 
 
-_OURS = (str(Path(__file__).resolve().parent), "<frozen ")
+_OURS = tuple({str(Path(__file__).parent) + "/", str(Path(__file__).resolve().parent) + "/", "<frozen "})
 
 
 def _user_frame(exc: BaseException, factory=None) -> str:
@@ -198,7 +198,8 @@ def _user_frame(exc: BaseException, factory=None) -> str:
 
     if isinstance(exc, SyntaxError) and exc.filename:
         return f"{exc.filename}:{exc.lineno}"
-    installed = tuple(p for p in {sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")} if p)
+    installed = tuple(p.rstrip("/") + "/" for p in {sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")}
+                      if p)
     frames = traceback.extract_tb(exc.__traceback__)
     users = [f for f in frames if not f.filename.startswith(_OURS + installed) and not f.filename.startswith("<")]
     if users:
