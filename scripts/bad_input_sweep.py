@@ -20,8 +20,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
-import time
 import traceback
 
 GOOD = ('{"key": "k@simulate", "spec": {"model": "test-vit", "optim": "sgd", "grad_ckpt": false, "state_bits": 32, '
@@ -200,19 +198,17 @@ def ctrl_c_in_execute():
     return patched(plan, "execute", interrupted)
 
 
-@contextlib.contextmanager
-def sigterm_after_first_record(out_dir: str):
-    def watch():
-        path = os.path.join(out_dir, "results.jsonl")
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (os.path.exists(path) and os.path.getsize(path)):
-            time.sleep(0.01)
+def sigterm_after_first_record():
+    """SIGTERM sent by the runner itself right after its first record is written: mid-run every time."""
+    from memprof.executors import runner
+
+    real_append = runner.append
+
+    def append_then_terminate(path, record):
+        real_append(path, record)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    yield
-    thread.join()
+    return patched(runner, "append", append_then_terminate)
 
 
 @contextlib.contextmanager
@@ -347,7 +343,7 @@ def round3_cases(tmp: str, f) -> list[tuple]:
                 {"setup": full_disk, "want": "No space left on device"}))
     out.append(("SIGTERM during a run", RUN + ["--optims", "sgd,adamw,sgd-fe,sgd-fe-nomom", "--out",
                                                os.path.join(tmp, "term")], 143,
-                {"setup": lambda: sigterm_after_first_record(os.path.join(tmp, "term")),
+                {"setup": sigterm_after_first_record,
                  "want": "terminated (SIGTERM); finished configurations are in"}))
     out.append(("Ctrl-C in advise", ["advise", "--models", "test-vit", "--optims", "sgd", "--no-progress", "--out",
                                      os.path.join(tmp, "adv-int")], 130,
