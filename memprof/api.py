@@ -23,9 +23,9 @@ from memprof.backends.base import MEASURED, PREDICTED
 
 
 def _gib(nbytes: int | None) -> str:
-    if nbytes is None:
-        return "-"
-    return f"{nbytes / (1 << 30):.2f} GiB" if nbytes >= (1 << 30) // 10 else f"{nbytes / (1 << 20):.1f} MiB"
+    from memprof.budget import format_size
+
+    return format_size(nbytes)
 
 
 @dataclass
@@ -56,6 +56,19 @@ class Result:
     def ok(self) -> bool:
         return self.record["status"] == "ok"
 
+    @property
+    def fits(self) -> bool:
+        """Whether the configuration ran within the budget (status ok: no OOM, predicted or measured); False
+        for an OOM, and for a result without figures (skipped, error, crashed). The record keeps the string
+        ("yes", "may not fit", "no") in metrics["fits"]."""
+        return self.record["status"] == "ok" and self.record["metrics"].get("fits") != "no"
+
+    @property
+    def may_not_fit(self) -> bool:
+        """Whether a prediction that fits is close enough that the unmodelled allocations at their bounds
+        (metrics["peak_reserved_bytes_upper"]) would pass the card."""
+        return self.fits and self.record["metrics"].get("fits") == "may not fit"
+
     def __str__(self) -> str:
         r, m = self.record, self.record["metrics"]
         head = f"{r['source']} ({r['environment']['backend']}) {r['key']}: {r['status']}"
@@ -67,7 +80,8 @@ class Result:
         if "peak_allocated_bytes" in m:
             lines.append(f"  peak allocated {_gib(m['peak_allocated_bytes'])}, reserved "
                          f"{_gib(m.get('peak_reserved_bytes'))} on {r['spec']['budget']}"
-                         + (f", fits: {m['fits']}" if "fits" in m else ""))
+                         + (f", fits: {'may not fit' if self.may_not_fit else 'yes' if self.fits else 'no'}"
+                            if "fits" in m else ""))
         elif "peak_live_bytes" in m:
             lines.append(f"  peak live tensors {_gib(m['peak_live_bytes'])} on {r['spec']['budget']}")
         if m.get("peak_phase"):
@@ -99,12 +113,18 @@ def _model_name(model: str | Callable[[], Any]) -> str:
 
 
 def _switch(value, name: str) -> str:
-    """A switch as the run options spell it: True/False, or the CLI's words off, on, off,on."""
+    """A switch given as a bool or, as on the command line, "on"/"off" (memprof.spec.parse_switch's check):
+    "on" or "off". Anything else is a UsageError, never truthiness ("off" is a non-empty string)."""
+    from memprof.spec import parse_switch
+
     if isinstance(value, bool):
         return "on" if value else "off"
-    if isinstance(value, str):
-        return value
-    raise UsageError(f"{name}={value!r}: give True or False (or 'off', 'on', 'off,on')")
+    if not isinstance(value, str):
+        raise UsageError(f"{name}={value!r}: give True/False or 'on'/'off'")
+    values = parse_switch(value, name)
+    if len(values) != 1:
+        raise UsageError(f"{name}={value!r}: give one value, True/False or 'on'/'off' (a grid is `memprof run`'s)")
+    return "on" if values[0] else "off"
 
 
 def _run_one(model, optimizer, backend: str, source: str, out: str | None, **options) -> Result:

@@ -107,8 +107,31 @@ def _check_baseline(data, path: str) -> dict:
         if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not isinstance(e.get("stats"), dict):
             raise UsageError(f"{path}: benchmarks[{i}] lacks a name or a 'stats' object: save the baseline again "
                              f"with `memprof baseline save`")
+        wrong = next((k for k, v in e["stats"].items()
+                      if not (v is None or isinstance(v, (int, float)) and not isinstance(v, bool))), None)
+        if wrong is not None:
+            shown = json.dumps(e["stats"][wrong])[:60]
+            raise UsageError(f"{path}: benchmarks[{i}] ({e['name']}) stats '{wrong}' is {shown}, not a number: "
+                             f"restore it, or save the baseline again with `memprof baseline save`")
         e.setdefault("status", "ok")
     return data
+
+
+def not_a_baseline(path: str) -> str | None:
+    """Why the file at `path` is not a memprof baseline (None when it is one): what `baseline save -o` would
+    overwrite."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"unreadable: {getattr(exc, 'strerror', None) or exc}"
+    except ValueError:
+        return "not a JSON document (a results.jsonl, or another file)"
+    if isinstance(data, dict) and data.get("kind") == "memprof-baseline":
+        return None
+    if isinstance(data, dict) and "benchmarks" in data and "machine_info" in data:
+        return "pytest-benchmark JSON"
+    return f"a JSON {type(data).__name__} without kind 'memprof-baseline'"
 
 
 def load_any(path: str) -> dict:

@@ -17,8 +17,12 @@ from dataclasses import dataclass
 
 from memprof.errors import UsageError, unknown_name
 
+KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
+TiB = 1 << 40
+# No GPU has more memory than this (the largest today, B300 / MI355X, have 288 GB): a larger budget is a typo.
+MAX_CARD_BYTES = 512 * GiB
 CONTEXT_ESTIMATE_BYTES = 400 * MiB
 NOMINAL_TOLERANCE = 0.03  # card names carry nominal sizes; real cards report up to a few % less
 CC_MAJORS = range(3, 13)  # Kepler (3.x) to Blackwell (12.x): the compute capabilities NVIDIA has shipped
@@ -65,7 +69,22 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
 )}
 
 DEFAULT_BUDGET = "titan-x"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|MiB)(?:@(\d+)\.(\d+))?\s*$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(TiB|GiB|MiB)(?:@(\d+)\.(\d+))?\s*$")
+_UNITS = {"TiB": TiB, "GiB": GiB, "MiB": MiB}
+
+
+def format_size(nbytes: float | None) -> str:
+    """Bytes as a person reads them: GiB from 0.1 GiB, MiB from 0.05 MiB, then KiB, then B (a small size
+    never prints as 0.0 MiB)."""
+    if nbytes is None:
+        return "-"
+    if abs(nbytes) >= GiB // 10:
+        return f"{nbytes / GiB:.2f} GiB"
+    if abs(nbytes) >= 0.05 * MiB:
+        return f"{nbytes / MiB:.1f} MiB"
+    if abs(nbytes) >= KiB:
+        return f"{nbytes / KiB:.1f} KiB"
+    return f"{nbytes:.0f} B"
 _LOOKS_LIKE_SIZE = re.compile(r"^\s*\d")
 
 
@@ -81,9 +100,13 @@ def parse_budget(text: str) -> DeviceProfile:
             raise UsageError(f"--budget {text}: a size must be positive, e.g. 12GiB")
         if not _LOOKS_LIKE_SIZE.match(text):
             raise unknown_name("budget", text, PROFILES, "memprof list budgets")
-        raise UsageError(f"malformed --budget '{text}': use a card ({', '.join(PROFILES)}) or a size like 12GiB "
-                         f"(optionally @<compute capability>, e.g. 80GiB@9.0)")
-    size = int(float(m.group(1)) * (GiB if m.group(2) == "GiB" else MiB))
+        raise UsageError(f"malformed --budget '{text}': use a card ({', '.join(PROFILES)}) or a size in GiB, MiB or "
+                         f"TiB like 12GiB (optionally @<compute capability>, e.g. 80GiB@9.0)")
+    size = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if size > MAX_CARD_BYTES:
+        shown = "" if m.group(2) == "GiB" else f" ({size / GiB:,.0f} GiB)"
+        raise UsageError(f"--budget {text}{shown} is larger than any card (the largest GPUs, B300 and MI355X, have "
+                         f"288 GB; budgets go up to {MAX_CARD_BYTES // GiB} GiB): give the card's size, e.g. 80GiB")
     if size <= CONTEXT_ESTIMATE_BYTES:
         raise UsageError(f"--budget {text} is smaller than the CUDA context alone (~{CONTEXT_ESTIMATE_BYTES // MiB} MiB): "
                          f"give a larger size")

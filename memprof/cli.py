@@ -3,7 +3,8 @@
 A thin user of memprof.plan (validation, run specs, execution), memprof.results (the one reader and
 writer of records) and the renderers. Bad input ends in one line naming the fix and exit code 2, never a
 traceback. Exit status: 0 when every configuration gave a result (ok, oom, skipped), 1 when any errored
-or crashed (after writing everything), 2 for bad input, 130 when interrupted.
+or crashed (after writing everything) or the run failed (a full disk), 2 for bad input, 130 when interrupted
+(143 on SIGTERM, which is handled as Ctrl-C is).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 
-from memprof.errors import UsageError
+from memprof.errors import UsageError, UserCodeError, WriteFailed
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -49,9 +51,42 @@ def _note(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def _interrupted(out_dir: str) -> int:
-    _note(f"memprof: interrupted; finished configurations are in {out_dir}/results.jsonl (continue with --resume)")
-    return EXIT_INTERRUPTED
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so a terminated run ends as an interrupted one does."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _kept(path: str) -> int:
+    """How many finished records a results file holds (its complete, readable lines)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().split("\n")
+    except OSError:
+        return 0
+    kept = 0
+    for line in lines[:-1]:
+        try:
+            kept += isinstance(json.loads(line), dict)
+        except ValueError:
+            pass
+    return kept
+
+
+def _interrupted(out_dir: str, exc: BaseException | None = None, file: str = "results.jsonl",
+                 resume: str | None = "continue with --resume") -> int:
+    """The line an interrupted (Ctrl-C) or terminated (SIGTERM) command ends with: where its finished
+    configurations are, how many were kept, and how to go on (`resume`: None for a command without --resume)."""
+    path = os.path.join(out_dir, file)
+    how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    n = _kept(path)
+    then = resume or "a new run starts over: give it a new --out"
+    _note(f"memprof: {how}; finished configurations are in {path} ({n} kept; {then})")
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
 def _finish(records: list[dict], out_dir: str) -> int:
@@ -89,6 +124,7 @@ def report(records: list[dict], out_dir: str, metric: str | None) -> None:
     _note(f"memprof: wrote {os.path.join(out_dir, 'results.jsonl')} and {', '.join(sorted(paths.values()))}")
 
 
+BASELINE_FILE = "baseline.json"  # `baseline save` without -o: beside the results, never a committed baseline
 RUN_TIMELINES = 12  # timeline figures in the report a run writes (the paper grid's all); `memprof report` draws all
 
 
@@ -116,15 +152,24 @@ def cmd_report(args) -> int:
     if args.output is not None:
         if os.path.isdir(args.output):
             raise UsageError(f"-o {args.output} is a directory: give a file path, e.g. {args.output}/report.html")
-        writable_dir(os.path.dirname(os.path.abspath(args.output)), "output")
+        writable_dir(os.path.dirname(os.path.abspath(args.output)), "output", shown="-o")
+    else:
+        writable_dir(args.run_dir, "output", shown="RUN_DIR", fix="give -o FILE in a directory you can write")
     print(write_html_report(args.run_dir, args.output, args.pair))
     return EXIT_OK
 
 
+ACCURACY_FLAGS = ("train_steps", "lr_sgd", "lr_adaptive", "data", "seed", "accuracy_backend")
+
+
 def cmd_run(args) -> int:
-    from memprof.plan import execute, plan_run
+    from memprof.plan import execute, flag, plan_run
     from memprof.results import RunDirectory
 
+    given = [flag(n) for n in ACCURACY_FLAGS if getattr(args, n) is not None]
+    if given and not args.accuracy:
+        raise UsageError(f"{given[0]} applies to accuracy mode: add --accuracy (train each configuration for real), "
+                         f"or drop {given[0]}")
     plan = plan_run(_run_options(args))
     accuracy = _plan_accuracy(args, plan.options) if args.accuracy else None
     try:
@@ -134,8 +179,8 @@ def cmd_run(args) -> int:
             records = execute(plan, lock=False)
             if accuracy:
                 _execute_accuracy(accuracy, plan.out_dir)
-    except KeyboardInterrupt:
-        return _interrupted(plan.out_dir)
+    except KeyboardInterrupt as exc:
+        return _interrupted(plan.out_dir, exc)
     report(records, plan.out_dir, args.metric or ("nvml-process" if args.preset == "paper-2022" else None))
     html_report(plan.out_dir)
     return _finish(records, plan.out_dir)
@@ -152,8 +197,8 @@ def cmd_fit(args) -> int:
             for line in [plan.announce, *plan.notes]:
                 _note(line)
             records = execute(plan, lock=False)
-    except KeyboardInterrupt:
-        return _interrupted(plan.out_dir)
+    except KeyboardInterrupt as exc:
+        return _interrupted(plan.out_dir, exc)
     tried = [r for r in records if r["status"] != "skipped"]
     if tried and all(r["status"] == "oom" for r in tried) and tried[0]["source"] == "predicted":
         from memprof.planning.fit import largest_that_fits
@@ -171,19 +216,24 @@ def cmd_advise(args) -> int:
     from memprof.results import load_verdicts
     from memprof.planning.advise import advice, render_advice
     from memprof.plan import execute, plan_advise
-    from memprof.results import RunDirectory, write_text
+    from memprof.results import RESULTS_FILE, RunDirectory, write_text
 
     verdicts = load_verdicts(args.accuracy_from) if args.accuracy_from else {}
     if args.accuracy_from and not verdicts:
         raise UsageError(f"--accuracy-from {args.accuracy_from}: no accuracy.jsonl there; run `memprof accuracy "
                          f"--out DIR` first")
+    earlier = os.path.join(args.out, RESULTS_FILE) if args.out else ""
+    if earlier and os.path.isfile(earlier) and os.path.getsize(earlier):
+        raise UsageError(f"--out {args.out} already holds results: advise starts afresh (it has no --resume); "
+                         f"choose a new --out")
     ap = plan_advise(_run_options(args, resume=False, retry_failed=False, snapshot=None, nvml_period_ms=None))
     try:
         with RunDirectory(ap.run.out_dir):
-            _note(ap.run.announce)
+            for line in [ap.run.announce, *ap.run.notes]:
+                _note(line)
             records = {r["spec_key"]: r for r in _with_spec_keys(execute(ap.run, lock=False))}
-    except KeyboardInterrupt:
-        return _interrupted(ap.run.out_dir)
+    except KeyboardInterrupt as exc:
+        return _interrupted(ap.run.out_dir, exc, resume=None)
     result = advice(ap.candidates, records, ap.not_modelled, ap.not_applicable, verdicts)
     write_text(os.path.join(ap.run.out_dir, "advise.md"), render_advice(result))
     print(render_advice(result, terminal_width()))
@@ -229,8 +279,8 @@ def cmd_accuracy(args) -> int:
     out_dir = writable_dir(args.out if args.out is not None else default_out())
     try:
         _execute_accuracy(accuracy, out_dir)
-    except KeyboardInterrupt:
-        return _interrupted(out_dir)
+    except KeyboardInterrupt as exc:
+        return _interrupted(out_dir, exc, file=ACCURACY_FILE, resume=None)
     verdicts = list(load_verdicts(out_dir).values())
     text = render_verdicts(verdicts)
     write_text(os.path.join(out_dir, "accuracy.md"), text)
@@ -267,8 +317,8 @@ def cmd_suite(args) -> int:
                 for line in [plan.announce, *plan.notes]:
                     _note(line)
                 records = execute(plan, lock=False)
-    except KeyboardInterrupt:
-        return _interrupted(out_dir)
+    except KeyboardInterrupt as exc:
+        return _interrupted(out_dir, exc, resume=f"continue with `memprof suite {args.file} --out {out_dir} --resume`")
     report(records, out_dir, None)
     html_report(out_dir)
     return _finish(records, out_dir)
@@ -310,18 +360,26 @@ def cmd_fidelity(args) -> int:
 def cmd_baseline_save(args) -> int:
     import json
 
-    from memprof.baseline import diff_text, load_any, make_baseline
+    from memprof.baseline import diff_text, load_any, make_baseline, not_a_baseline
     from memprof.plan import writable_dir
-    from memprof.results import read_records, write_text
+    from memprof.results import read_records, results_path, write_text
 
     new = make_baseline(read_records(args.results))
-    if os.path.isdir(args.output):
-        raise UsageError(f"-o {args.output} is a directory: give a file path, e.g. {args.output}/ci.json")
-    if os.path.exists(args.output):
-        print(f"changes against {args.output}:\n{diff_text(load_any(args.output), new)}")
-    writable_dir(os.path.dirname(os.path.abspath(args.output)), "output")
-    write_text(args.output, json.dumps(new, indent=1, sort_keys=True) + "\n")
-    _note(f"memprof: wrote baseline {args.output} ({len(new['benchmarks'])} configurations)")
+    output = args.output or os.path.join(os.path.dirname(os.path.abspath(results_path(args.results))), BASELINE_FILE)
+    if os.path.isdir(output):
+        raise UsageError(f"-o {output} is a directory: give a file path, e.g. {output}/ci.json")
+    if os.path.exists(output):
+        why = not_a_baseline(output)
+        if why:
+            raise UsageError(f"-o {output} exists and is not a memprof baseline ({why}): saving would overwrite it; "
+                             f"choose another -o, or delete that file first")
+        try:
+            print(f"changes against {output}:\n{diff_text(load_any(output), new)}")
+        except UsageError as exc:  # a damaged baseline is replaced; what it held cannot be diffed
+            _note(f"memprof: note: no diff against the damaged baseline it replaces ({exc})")
+    writable_dir(os.path.dirname(os.path.abspath(output)), "output", shown="-o")
+    write_text(output, json.dumps(new, indent=1, sort_keys=True) + "\n", flag="-o")
+    _note(f"memprof: wrote baseline {output} ({len(new['benchmarks'])} configurations)")
     return EXIT_OK
 
 
@@ -409,17 +467,17 @@ def cmd_list(args) -> int:
 def _accuracy_options(p) -> None:
     from memprof.recipe import DEFAULT_LR_ADAPTIVE, DEFAULT_LR_SGD, DEFAULT_STEPS
 
-    p.add_argument("--train-steps", type=int, default=DEFAULT_STEPS,
+    p.add_argument("--train-steps", type=int, default=None,
                    help=f"accuracy: training steps per configuration (default: {DEFAULT_STEPS})")
-    p.add_argument("--lr-sgd", type=float, default=DEFAULT_LR_SGD,
+    p.add_argument("--lr-sgd", type=float, default=None,
                    help=f"accuracy: peak learning rate of SGD and LARS, cosine to 0 (default: {DEFAULT_LR_SGD}; the "
                         "paper sweeps 3e-5..1e-2 for pretrained weights)")
-    p.add_argument("--lr-adaptive", type=float, default=DEFAULT_LR_ADAPTIVE,
+    p.add_argument("--lr-adaptive", type=float, default=None,
                    help=f"accuracy: peak learning rate of AdamW and LAMB, cosine to 0 (default: {DEFAULT_LR_ADAPTIVE}; "
                         "the paper sweeps 3e-7..1e-4 for pretrained weights; random init needs more)")
     p.add_argument("--data", help="accuracy: an ImageFolder (default: scikit-learn's digits, shipped with it)")
-    p.add_argument("--seed", type=int, default=0, help="accuracy: seed of init and batch order (default: 0)")
-    p.add_argument("--accuracy-backend", choices=["auto", "cpu", "cuda"], default="auto",
+    p.add_argument("--seed", type=int, default=None, help="accuracy: seed of init and batch order (default: 0)")
+    p.add_argument("--accuracy-backend", choices=["auto", "cpu", "cuda"], default=None,
                    help="accuracy: where to train (default: cuda where present, else cpu)")
 
 
@@ -470,8 +528,10 @@ def _grid_options(p, profiles) -> None:
     p.add_argument("--world-size", type=int, default=1, help="ranks of --parallel (1..1024; default: 1)")
     p.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket_cap_mb (default: DDP's 25, with a "
                    "1 MiB first bucket)")
-    p.add_argument("--grad-as-bucket-view", default="off", help="DDP gradient_as_bucket_view: off, on or off,on")
-    p.add_argument("--reshard-after-forward", default="on", help="FSDP reshard_after_forward: on, off or off,on")
+    p.add_argument("--grad-as-bucket-view", default=None, help="DDP gradient_as_bucket_view: off, on or off,on "
+                   "(default: off)")
+    p.add_argument("--reshard-after-forward", default=None, help="FSDP reshard_after_forward: on, off or off,on "
+                   "(default: on)")
 
 
 def _executor_options(p) -> None:
@@ -613,8 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     base_sub = base.add_subparsers(dest="action", required=True, parser_class=_Parser)
     save = base_sub.add_parser("save", help="write a baseline JSON from results; prints what changed")
     save.add_argument("results", help="results.jsonl or a run directory")
-    save.add_argument("-o", "--output", default=os.path.join("reports", "baselines", "ci.json"),
-                      help="baseline file (default: reports/baselines/ci.json)")
+    save.add_argument("-o", "--output", default=None,
+                      help=f"baseline file (default: {BASELINE_FILE} beside the results; the CI gate's committed "
+                           f"one, reports/baselines/ci.json, is rewritten only when given as -o)")
     save.set_defaults(func=cmd_baseline_save)
 
     from memprof.baseline import DEFAULT_FAIL, FIELDS
@@ -649,14 +710,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: SIGTERM keeps its handler
+        previous = None
+    try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UsageError as exc:
         print(f"memprof: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED if isinstance(exc, WriteFailed) else EXIT_USAGE
+    except UserCodeError as exc:  # a factory failing while the run is planned (e.g. building it to check weights)
+        print(f"memprof: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt as exc:  # outside a command's run (planning, reports): no configuration ran then
+        _note(f"memprof: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}")
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader went away (`memprof list models | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run() -> None:

@@ -14,6 +14,17 @@ class UsageError(Exception):
         self.option = option
 
 
+class WriteFailed(UsageError):
+    """Writing results or reports failed while the run went on (a full disk, a folder removed): still one
+    line naming the path, but a failure of the run (exit 1), not bad input."""
+
+
+class UserCodeError(Exception):
+    """A user's factory failed while a configuration was being built: the message names what it did and its
+    file:line. Inside a configuration it becomes that configuration's error record; anywhere else (weights
+    checked while planning) the command line says it in one line, exit 2."""
+
+
 def unknown_name(kind: str, name: str, choices, list_command: str) -> UsageError:
     """An error for a misspelled name, with the closest matches and the command that lists all."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)

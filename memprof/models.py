@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
-from memprof.errors import UsageError, unknown_name
+from memprof.errors import UsageError, UserCodeError, unknown_name
 
 CLIP_VIT_EMBEDDING = ("conv1", "ln_pre")
 
@@ -186,6 +186,58 @@ def factory_name(factory) -> str:
     return name
 
 
+_OURS = tuple({str(Path(__file__).parent) + "/", str(Path(__file__).resolve().parent) + "/", "<frozen "})
+
+
+def _user_frame(exc: BaseException, factory=None) -> str:
+    """`file:line in function` of the user's code an exception came from: the innermost frame outside memprof,
+    the import machinery and installed packages; else the factory's own definition; else the innermost frame."""
+    import inspect
+    import sysconfig
+    import traceback
+
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    installed = tuple(p.rstrip("/") + "/" for p in {sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")}
+                      if p)
+    frames = traceback.extract_tb(exc.__traceback__)
+    users = [f for f in frames if not f.filename.startswith(_OURS + installed) and not f.filename.startswith("<")]
+    if users:
+        return f"{users[-1].filename}:{users[-1].lineno} in {users[-1].name}"
+    try:
+        code = inspect.unwrap(factory).__code__
+        return f"{code.co_filename}:{code.co_firstlineno} in {code.co_name}"
+    except AttributeError:
+        last = frames[-1] if frames else None
+        return f"{last.filename}:{last.lineno} in {last.name}" if last else "unknown location"
+
+
+def _what_it_did(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r})"
+    if isinstance(exc, SyntaxError):
+        return f"has a syntax error ({exc.msg})"
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ fails still gets named
+        message = "<message not printable>"
+    return f"raised {type(exc).__name__}: {message}" if message else f"raised {type(exc).__name__}"
+
+
+def call_factory(name: str, factory, error=UsageError):
+    """factory(), with whatever the user's code does wrong (raises, needs an argument, calls sys.exit) turned
+    into one `error` naming their file:line (Ctrl-C still interrupts)."""
+    try:
+        return factory()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a factory's sys.exit must not end memprof
+        hint = ""
+        if isinstance(exc, TypeError) and exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+            hint = "; memprof calls it with no arguments: give a zero-argument factory (e.g. functools.partial)"
+        raise error(f"model '{name}': the factory {_what_it_did(exc)} (at {_user_frame(exc, factory)}){hint}") from None
+
+
 def _py_factory(name: str):
     if name in _LOCAL_FACTORIES:
         return _LOCAL_FACTORIES[name]
@@ -197,9 +249,17 @@ def _py_factory(name: str):
         for part in attr.split("."):
             obj = getattr(obj, part)
     except ImportError as exc:
-        raise UsageError(f"model '{name}': cannot import {module} ({exc}); put it on PYTHONPATH") from None
+        if exc.name == module or (exc.name and module.startswith(exc.name + ".")):
+            raise UsageError(f"model '{name}': cannot import {module} ({exc}); put it on PYTHONPATH") from None
+        raise UsageError(f"model '{name}': importing {module} failed: {_what_it_did(exc)} (at "
+                         f"{_user_frame(exc)})") from None
     except AttributeError:
         raise UsageError(f"model '{name}': {module} has no {attr}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - whatever the module does on import (sys.exit included)
+        raise UsageError(f"model '{name}': importing {module} failed: its code {_what_it_did(exc)} (at "
+                         f"{_user_frame(exc)})") from None
     if not callable(obj):
         raise UsageError(f"model '{name}': {module}.{attr} is not callable; give a factory returning an nn.Module")
     return obj
@@ -233,7 +293,7 @@ def _source_info(name: str) -> ModelInfo:
 
     factory = _py_factory(name)
     with torch.device("meta"):
-        net = factory()
+        net = call_factory(name, factory)
     if not isinstance(net, torch.nn.Module):
         raise UsageError(f"model '{name}': the factory returned {type(net).__name__}, not an nn.Module")
     family = type(net).__module__
@@ -353,7 +413,7 @@ def build_model(info: ModelInfo, num_classes: int):
 
             net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
         else:
-            net = _py_factory(info.name)()
+            net = call_factory(info.name, _py_factory(info.name), UserCodeError)
         return SourceModel(net, info.input_shape)
 
     import open_clip

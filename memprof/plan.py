@@ -25,8 +25,8 @@ RUN_OPTIONS = {
     "out": None, "resume": False, "retry_failed": False, "jobs": None, "timeout_s": None, "snapshot": None,
     "nvml_period_ms": None, "progress": True, "max_batch_size": None, "precision": "fp32", "optim_impl": "foreach",
     "optim_in_backward": "off", "resident": "tower", "freeze": None, "input_shape": None, "executor": "local",
-    "ray_address": None, "parallel": "none", "world_size": 1, "bucket_cap_mb": None, "grad_as_bucket_view": "off",
-    "reshard_after_forward": "on",
+    "ray_address": None, "parallel": "none", "world_size": 1, "bucket_cap_mb": None, "grad_as_bucket_view": None,
+    "reshard_after_forward": None,  # None: not given (DDP's default off, FSDP's default on)
 }
 EXECUTORS = ("local", "ray")
 # Named sets of options. paper-2022: the paper grid as its 2022 setup ran it. PyTorch before 2.0 ran the
@@ -36,6 +36,13 @@ EXECUTORS = ("local", "ray")
 PRESETS = {
     "paper-2022": {"models": "paper", "optims": "paper", "optim_impl": "forloop", "resident": "tower,clip"},
 }
+# Bounds no run can usefully pass. Steps: the peak is reached by step 2 (step 1 creates the optimizer state,
+# step 2 runs with it); later steps repeat it, and 10000 steps of a paper model take hours per configuration.
+# Batch: 2**31 - 1, the largest dimension many CUDA kernels index with 32-bit integers; even a 3x8x8 fp32 input
+# of that batch is 1.5 TiB, beyond every card (a larger value overflows torch's int64 sizes as it grows).
+MAX_STEPS = 10_000
+MAX_BATCH_SIZE = 2 ** 31 - 1
+MAX_TRAIN_STEPS = 100_000  # accuracy mode: 100 times its recipe's 1000 steps
 
 
 @contextlib.contextmanager
@@ -57,8 +64,9 @@ def default_out() -> str:
     return os.path.join("reports", "runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
-def writable_dir(path: str, name: str = "out") -> str:
-    """Create `path` if needed and prove it writable, or a UsageError naming the option."""
+def writable_dir(path: str, name: str = "out", shown: str | None = None, fix: str | None = None) -> str:
+    """Create `path` if needed and prove it writable, or a UsageError naming the option (`shown`: as the
+    command spells it, e.g. -o; `fix`: what to do instead of choosing another directory)."""
     if not path or not path.strip():
         raise UsageError(f"{flag(name)} is empty: give a directory, e.g. {flag(name)} reports/runs/mine", option=name)
     try:
@@ -68,8 +76,8 @@ def writable_dir(path: str, name: str = "out") -> str:
             pass
         os.remove(probe)
     except OSError as exc:
-        raise UsageError(f"{flag(name)} {path} is not writable ({exc.strerror}): choose a directory you can write",
-                         option=name) from None
+        raise UsageError(f"{shown or flag(name)} {path} is not writable ({exc.strerror}): "
+                         f"{fix or 'choose a directory you can write'}", option=name) from None
     return path
 
 
@@ -192,6 +200,9 @@ def plan_fit(opts: dict, batch_size: str | None = None) -> RunPlan:
                          f"--max-batch-size)", option="batch_size")
     if opts["max_batch_size"] is not None and opts["max_batch_size"] < 1:
         raise UsageError(f"--max-batch-size {opts['max_batch_size']}: use at least 1", option="max_batch_size")
+    if opts["max_batch_size"] is not None and opts["max_batch_size"] > MAX_BATCH_SIZE:
+        raise UsageError(f"--max-batch-size {opts['max_batch_size']}: at most {MAX_BATCH_SIZE} (2**31 - 1, the "
+                         f"largest a CUDA kernel indexes)", option="max_batch_size")
     from memprof.backends.registry import get
 
     if opts["backend"] != "auto":
@@ -259,8 +270,14 @@ def parallel_axes(opts: dict, state_bits: list, backend: str) -> list[dict]:
     if cap is not None and not (isinstance(cap, (int, float)) and 0 < cap < float("inf")):
         raise UsageError(f"--bucket-cap-mb {cap}: give a positive number of MiB (DDP's default: 25)",
                          option="bucket_cap_mb")
-    views = parse_switch(str(opts.get("grad_as_bucket_view", "off")), "--grad-as-bucket-view")
-    reshard = parse_switch(str(opts.get("reshard_after_forward", "on")), "--reshard-after-forward")
+    for name, kind in (("bucket_cap_mb", "ddp"), ("grad_as_bucket_view", "ddp"), ("reshard_after_forward", "fsdp")):
+        if opts.get(name) is not None and kind not in kinds:
+            raise UsageError(f"{flag(name)} applies to --parallel {kind}: add --parallel {kind} (with --world-size N), "
+                             f"or drop {flag(name)}", option=name)
+    views = opts.get("grad_as_bucket_view")
+    views = parse_switch("off" if views is None else str(views), "--grad-as-bucket-view")
+    reshard = opts.get("reshard_after_forward")
+    reshard = parse_switch("on" if reshard is None else str(reshard), "--reshard-after-forward")
     out: list[dict] = []
     for kind in kinds:
         if kind == "none":
@@ -286,6 +303,10 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
         models = parse_models(opts["models"], False, freeze=opts["freeze"], input_shape=opts["input_shape"])
         for info in models:
             get_backend(backend).check_model(info.name)
+    if opts["input_shape"] is not None and any(m.source == "open_clip" for m in models):
+        towers = [m.name for m in models if m.source == "open_clip"]
+        notes.append(f"memprof: note: --input-shape applies to timm:/torchvision:/py: models; open_clip towers "
+                     f"({', '.join(towers)}) keep the image size of their config")
     with option("optims"):
         optims = parse_optims(opts["optims"])
     with option("grad_ckpt"):
@@ -294,7 +315,15 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
         state_bits = unique(parse_ints(str(opts["state_bits"]), "--state-bits", 1), "state_bits", notes)
     with option("batch_size"):
         batch_sizes = unique(parse_ints(str(opts["batch_size"]), "--batch-size", 1), "batch_size", notes)
+    if max(batch_sizes) > MAX_BATCH_SIZE:
+        raise UsageError(f"--batch-size {max(batch_sizes)}: at most {MAX_BATCH_SIZE} (2**31 - 1, the largest a CUDA "
+                         f"kernel indexes; no card holds a batch near it)", option="batch_size")
     training = training_axes(opts)
+    if not isinstance(opts["steps"], int) or isinstance(opts["steps"], bool):
+        raise UsageError(f"--steps {opts['steps']!r}: give a whole number, e.g. --steps 2", option="steps")
+    if opts["steps"] > MAX_STEPS:
+        raise UsageError(f"--steps {opts['steps']}: at most {MAX_STEPS} (the peak is reached by step {MIN_STEPS}; "
+                         f"later steps repeat it)", option="steps")
     if opts["steps"] < MIN_STEPS:
         raise UsageError(f"--steps {opts['steps']}: use at least {MIN_STEPS}, so the measured step runs with "
                          f"optimizer state present", option="steps")
@@ -470,6 +499,7 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
     """Validated accuracy grid (the same axes as a run) and the device it trains on."""
     from memprof.models import parse_models
     from memprof.optims import parse_optims, require_bitsandbytes
+    from memprof.recipe import DEFAULT_STEPS
     from memprof.spec import expand_grid, parse_ints, parse_switch
 
     notes: list[str] = []
@@ -486,6 +516,12 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"{flag(name)} {value}: a learning rate must be a finite number, zero or positive",
                              option=name)
+    if opts["train_steps"] > MAX_TRAIN_STEPS:
+        raise UsageError(f"--train-steps {opts['train_steps']}: at most {MAX_TRAIN_STEPS} (100 times the recipe's "
+                         f"{DEFAULT_STEPS})", option="train_steps")
+    if max(e.spec.batch_size for e in entries) > MAX_BATCH_SIZE:
+        raise UsageError(f"--batch-size {max(e.spec.batch_size for e in entries)}: at most {MAX_BATCH_SIZE}",
+                         option="batch_size")
     if opts["train_steps"] < 60:
         raise UsageError(f"--train-steps {opts['train_steps']}: use at least 60 (the 8-bit check compares step 50)",
                          option="train_steps")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -70,6 +71,33 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "limit_cuda_memory(limit, budget='titan-x'): fail when the peak of the "
                                        "steps the test runs through the cuda_memory fixture exceeds limit")
     config.stash[_RECORDS] = []
+    path = config.getoption("memprof_json", None)
+    if path:
+        _check_writable(path)
+
+
+def _check_writable(path: str) -> None:
+    """--memprof-json PATH, proved writable before any test runs (its folder made if missing), or a usage error."""
+    import os
+    from pathlib import Path
+
+    if os.path.isdir(path):
+        raise pytest.UsageError(f"--memprof-json {path} is a directory: give a file path, e.g. {path}/memprof.jsonl")
+    folder = os.path.dirname(os.path.abspath(path))
+    above = next(p for p in [folder, *Path(folder).parents] if os.path.exists(p))
+    if not os.path.isdir(above):
+        raise pytest.UsageError(f"--memprof-json {path} is not writable: {above} is a file, not a folder; choose "
+                                f"another path")
+    existed = os.path.exists(path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+        if not existed:
+            os.remove(path)
+    except OSError as exc:
+        raise pytest.UsageError(f"--memprof-json {path} is not writable ({exc.strerror or exc}): choose a path you "
+                                f"can write") from None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -168,6 +196,17 @@ def pytest_sessionfinish(session, exitstatus):
     if not path:
         return
     records = session.config.stash.get(_RECORDS, [])
-    with open(path, "w", encoding="utf-8") as fh:
-        for _, _, result in records:
-            fh.write(json.dumps(result.record, sort_keys=True) + "\n")
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            for _, _, result in records:
+                fh.write(json.dumps(result.record, sort_keys=True) + "\n")
+    except OSError as exc:  # the tests ran: say what was not saved, and fail the session, without a traceback
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        line = (f"memprof: error: cannot write --memprof-json {path} ({exc.strerror or exc}): the {len(records)} "
+                f"records were not saved")
+        if reporter is not None:
+            reporter.write_line(line, red=True)
+        else:
+            print(line, file=sys.stderr)
+        if session.exitstatus == 0:
+            session.exitstatus = 1

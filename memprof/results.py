@@ -13,12 +13,13 @@ torn last line repaired first) of results.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import platform
 from importlib import metadata
 
-from memprof.errors import UsageError
+from memprof.errors import UsageError, WriteFailed
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.jsonl"
@@ -73,9 +74,9 @@ def make_record(spec, status: str, source: str, env: dict, metrics: dict | None 
     }
 
 
-def write_error(path: str, exc: OSError) -> UsageError:
-    return UsageError(f"cannot write {path}: {exc.strerror or exc}; free space or choose a writable --out "
-                      f"(everything written before is kept)")
+def write_error(path: str, exc: OSError, flag: str = "--out") -> WriteFailed:
+    return WriteFailed(f"cannot write {path}: {exc.strerror or exc}; free space or choose a writable {flag} "
+                       f"(everything written before is kept)")
 
 
 def append(path: str, record: dict) -> None:
@@ -97,13 +98,14 @@ def append(path: str, record: dict) -> None:
         raise write_error(path, exc) from None
 
 
-def write_text(path: str, text: str) -> None:
-    """Write a report file; a failure is one line naming the path (a UsageError), not a traceback."""
+def write_text(path: str, text: str, flag: str = "--out") -> None:
+    """Write a report file; a failure is one line naming the path and the option choosing it (`flag`), not a
+    traceback."""
     try:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(text)
     except OSError as exc:
-        raise write_error(path, exc) from None
+        raise write_error(path, exc, flag) from None
 
 
 def results_path(path: str) -> str:
@@ -123,6 +125,66 @@ def _check(rec, where: str) -> None:
                              f"remove the line or give a memprof results file")
     if rec["status"] not in STATUSES:
         raise UsageError(f"{where}: unknown status '{rec['status']}' (known: {', '.join(STATUSES)})")
+    wrong = _wrong_value(rec)
+    if wrong:
+        raise UsageError(f"{where}: {wrong}; restore the value memprof wrote, or remove the line (with --resume that "
+                         f"configuration runs again)")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@functools.lru_cache(maxsize=1)
+def _spec_types() -> dict:
+    """RunSpec's field -> (types, None allowed), from its annotations (a bool is not an int here)."""
+    from dataclasses import fields
+
+    from memprof.spec import RunSpec
+
+    kinds = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float)}
+    out = {}
+    for f in fields(RunSpec):
+        parts = [p.strip() for p in str(f.type).split("|")]
+        out[f.name] = (tuple(t for p in parts if p != "None" for t in kinds[p]), "None" in parts)
+    return out
+
+
+def _bytes_value(value) -> bool:
+    if isinstance(value, dict):
+        return all(_bytes_value(v) for v in value.values())
+    return value is None or _number(value)
+
+
+def _wrong_value(rec: dict) -> str | None:
+    """What a record's values say wrongly (a type no memprof writes), for the fields readers compute with:
+    the spec's fields, byte counts, the files it names, the holders at the peak; None when all are right."""
+    for name, value in rec["spec"].items():
+        types, nullable = _spec_types().get(name, ((object,), True))
+        if not (value is None and nullable) and not (isinstance(value, types) and
+                                                     (bool in types or not isinstance(value, bool))):
+            said = "a number" if float in types else {str: "a string", int: "a whole number",
+                                                      bool: "true or false"}.get(types[0], types[0].__name__)
+            return f"spec '{name}' is {json.dumps(value)[:60]}, not {said}"
+    for name in ("backend", "device"):
+        if name in rec["environment"] and not isinstance(rec["environment"][name], str):
+            return f"environment '{name}' is {json.dumps(rec['environment'][name])}, not a string"
+    for name, value in rec["metrics"].items():
+        if "_bytes" in name and not _bytes_value(value):
+            return f"metric '{name}' is {json.dumps(value)[:60]}, not a number of bytes"
+        if name.endswith("_file") and not (value is None or isinstance(value, str)):
+            return f"metric '{name}' is {json.dumps(value)}, not a file name"
+        if name in ("peak_to_floor_ratio", "state_bytes_per_trainable_param", "peak_step") and not (
+                value is None or _number(value)):
+            return f"metric '{name}' is {json.dumps(value)[:60]}, not a number"
+        if name in ("fits", "peak_op", "peak_phase") and not (value is None or isinstance(value, str)):
+            return f"metric '{name}' is {json.dumps(value)[:60]}, not a string"
+        if name in ("oom",) and not (value is None or isinstance(value, dict)):
+            return f"metric '{name}' is {json.dumps(value)[:60]}, not an object"
+        if name.startswith("top_") and not (isinstance(value, list) and all(
+                isinstance(b, dict) and _number(b.get("bytes")) and isinstance(b.get("module"), str) for b in value)):
+            return f"metric '{name}' is {json.dumps(value)[:60]}, not a list of {{module, bytes}}"
+    return None
 
 
 def read_records(path: str, name: str = "results") -> list[dict]:
@@ -151,10 +213,12 @@ def read_records(path: str, name: str = "results") -> list[dict]:
         try:
             rec = json.loads(line)
         except ValueError as exc:
-            torn = number == len(lines)  # no newline after it: a run stopped while writing it
+            # torn: the last line, without its newline, after lines that were records: a run stopped writing it
+            torn = number == len(lines) and bool(records)
             raise UsageError(f"{where}: not JSON ({exc.msg})" + (
                 "; the last line is incomplete (a run stopped while writing it): delete that line, then --resume"
-                if torn else "; remove the line or give a memprof results file")) from None
+                if torn else "; remove the line or give a memprof results file" if records else
+                "; this is not a memprof results file: give a results.jsonl or a run directory")) from None
         _check(rec, where)
         records[rec["key"]] = rec
     if not records:
@@ -173,18 +237,25 @@ class RunDirectory:
 
     def __enter__(self) -> "RunDirectory":
         lock = os.path.join(self.out_dir, LOCK_FILE)
-        try:
-            fh = open(lock, "a+", encoding="utf-8")
-        except OSError as exc:
-            raise write_error(lock, exc) from None
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
+        while True:
+            try:
+                fh = open(lock, "a+", encoding="utf-8")
+            except OSError as exc:
+                raise write_error(lock, exc) from None
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                fh.close()
+                raise UsageError(f"--out {self.out_dir} is in use by another memprof run ({holder}): wait for it to "
+                                 f"finish, or choose another --out") from None
+            try:  # the holder before us removes the file as it lets go: a lock on that removed file holds nothing
+                if os.stat(lock).st_ino == os.fstat(fh.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             fh.close()
-            raise UsageError(f"--out {self.out_dir} is in use by another memprof run ({holder}): wait for it to "
-                             f"finish, or choose another --out") from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {platform.node()}")
@@ -193,6 +264,11 @@ class RunDirectory:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Remove the lock file while still holding it (a run leaves nothing behind), then let go."""
+        try:
+            os.remove(os.path.join(self.out_dir, LOCK_FILE))
+        except OSError:
+            pass
         fcntl.flock(self._fh, fcntl.LOCK_UN)
         self._fh.close()
 
@@ -225,5 +301,23 @@ def load_verdicts(out_dir: str) -> dict:
         os.path.dirname(out_dir) or ".", ACCURACY_FILE)
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as fh:
-        return {config_of(r["key"]): r for r in map(json.loads, filter(str.strip, fh))}
+    verdicts = {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or 'not UTF-8 text'}; give an accuracy.jsonl "
+                         f"written by `memprof accuracy`") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:
+            raise UsageError(f"{path}:{number}: not JSON ({exc.msg}); delete that line (accuracy mode reruns it)"
+                             ) from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("key"), str) or not isinstance(rec.get("verdict"), str):
+            raise UsageError(f"{path}:{number}: not an accuracy record (a JSON object with a key and a verdict); "
+                             f"delete that line")
+        verdicts[config_of(rec["key"])] = rec
+    return verdicts

@@ -55,6 +55,11 @@ def load_suite(path: str) -> list[SuiteRun]:
             raw = fh.read()
     except OSError as exc:
         raise UsageError(f"suite {path}: {exc.strerror}; give a suite file such as suites/ci.toml") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise UsageError(f"{path} starts with a UTF-8 byte-order mark: save it without (UTF-8 without BOM; TOML "
+                         f"files are plain UTF-8)")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UsageError(f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark): save it as UTF-8")
     text = raw.decode("utf-8", errors="replace")
     try:
         data = tomllib.loads(text)
@@ -74,7 +79,7 @@ def load_suite(path: str) -> list[SuiteRun]:
             line = _line_of(text, i, key)
             if key not in KEYS:
                 raise UsageError(f"{path}:{line}: unknown key '{key}' (known: {', '.join(KEYS)})")
-            if not isinstance(value, KEYS[key]):
+            if not isinstance(value, KEYS[key]) or (isinstance(value, bool) and KEYS[key] is not bool):
                 raise UsageError(f"{path}:{line}: '{key}' has the wrong type ({type(value).__name__})")
         out.append(SuiteRun(_line_of(text, i, None), dict(run), {k: _line_of(text, i, k) for k in run}))
     return out

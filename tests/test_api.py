@@ -49,7 +49,7 @@ def test_predict_is_the_simulate_backend_of_memprof_run():
     assert r.source == "predicted" and r.status == "ok"
     files = ("timeline_file", "snapshot_file")  # the run writes its timeline beside the results; predict() alone does not
     assert {k: v for k, v in r.record["metrics"].items() if k not in files} == metrics
-    assert r.peak_allocated_bytes == metrics["peak_allocated_bytes"] and r.fits == "yes"
+    assert r.peak_allocated_bytes == metrics["peak_allocated_bytes"] and r.fits is True and r.may_not_fit is False
     text = str(r)
     assert "predicted" in text and "peak allocated" in text and "breakdown" in text and "at the peak" in text
 
@@ -113,7 +113,8 @@ def test_predict_takes_a_factory():
     ({"precision": "fp16"}, "use --precision fp16-amp"),
     ({"precision": "fp64"}, "unknown precision"),
     ({"optim_implementation": "fused"}, "unknown option 'optim_implementation'"),
-    ({"grad_ckpt": 1}, "give True or False"),
+    ({"grad_ckpt": 1}, "give True/False"),
+    ({"grad_ckpt": "maybe"}, "use off, on"),
     ({"optimizer": "paper"}, "one optimizer"),
     ({"model": "vit-b-16,vit-l-14"}, "one model"),
     ({"budget": "gtx-9000"}, "budget"),

@@ -119,7 +119,8 @@ def test_resume_after_a_missing_trailing_newline(tmp_path, capsys):
 
 
 def test_a_failing_write_is_one_line_and_keeps_what_was_written(tmp_path, capsys, monkeypatch):
-    """Disk full on the second record: exit 2, the path and the OS error in one line, the first record kept."""
+    """Disk full on the second record: exit 1 (a failure of the run, not bad input), the path and the OS error
+    in one line, the first record kept."""
     from memprof import results
 
     calls = []
@@ -135,7 +136,7 @@ def test_a_failing_write_is_one_line_and_keeps_what_was_written(tmp_path, capsys
     out = tmp_path / "run"
     code, _, err = main(capsys, *RUN, "--out", str(out))
     line = one_error_line(err, alone=False)
-    assert code == 2 and f"cannot write {out}/results.jsonl: No space left on device" in line
+    assert code == 1 and f"cannot write {out}/results.jsonl: No space left on device" in line
     assert len(read_records(str(out))) >= 1
 
 

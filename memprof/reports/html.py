@@ -102,7 +102,13 @@ def _timeline_png(config: str, pred: tuple | None, meas: tuple | None) -> tuple[
         rec, base = pred
         path = os.path.join(base, rec["metrics"]["timeline_file"])
         if os.path.exists(path):
-            predicted = load_timeline(path)
+            try:
+                predicted = load_timeline(path)
+                if not isinstance(predicted, dict):
+                    raise ValueError(f"a JSON {type(predicted).__name__}, not a timeline")
+            except (OSError, ValueError) as exc:  # truncated or edited: the report goes on without it
+                predicted = None
+                notes.append(f"predicted timeline {path} is unreadable ({exc}); rerun the configuration to redraw it")
         else:
             notes.append(f"predicted timeline {path} is missing")
     if meas is not None:
@@ -116,7 +122,15 @@ def _timeline_png(config: str, pred: tuple | None, meas: tuple | None) -> tuple[
     title = f"{config}\n{sources}" + (f", budget {predicted['budget']['device']}"
                                         if predicted and predicted.get("budget") else "")
     buf = io.BytesIO()
-    plot_timeline(buf, title, predicted, measured, measured_peaks)
+    try:
+        plot_timeline(buf, title, predicted, measured, measured_peaks)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:  # valid JSON, but not what memprof writes
+        if predicted is None:
+            raise
+        notes.append(f"predicted timeline {path} is not one memprof wrote ({type(exc).__name__}: {exc}); rerun the "
+                     f"configuration to redraw it")
+        buf = io.BytesIO()
+        plot_timeline(buf, config, None, measured, measured_peaks)
     return buf.getvalue(), notes
 
 

@@ -133,7 +133,9 @@ def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB // 10 else f"{nbytes / (1 << 20):.1f} MiB"
+    from memprof.budget import format_size
+
+    return format_size(nbytes)
 
 
 def fit_table(rows: list, headers: list, width: int, tablefmt: str = "simple") -> str:
