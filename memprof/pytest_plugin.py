@@ -140,7 +140,7 @@ class CudaMemory:
 
     def step(self, build, step, batch, steps: int = 2):
         """Run `steps` steps of step(model, optimizer, batch()) on the model and optimizer build() returns;
-        returns the memprof.api.Result. Fails the test when the peak exceeds the limit."""
+        returns the memprof.results.Result. Fails the test when the peak exceeds the limit."""
         from memprof import api
         from memprof.backends.base import PREDICTED
 

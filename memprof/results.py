@@ -17,7 +17,9 @@ import functools
 import json
 import os
 import platform
+from dataclasses import dataclass
 from importlib import metadata
+from typing import Any
 
 from memprof.errors import UsageError, WriteFailed
 
@@ -321,3 +323,77 @@ def load_verdicts(out_dir: str) -> dict:
                              f"delete that line")
         verdicts[config_of(rec["key"])] = rec
     return verdicts
+
+
+def _gib(nbytes: int | None) -> str:
+    from memprof.budget import format_size
+
+    return format_size(nbytes)
+
+
+@dataclass
+class Result:
+    """One configuration's record, as a results.jsonl line holds it (`record`), with its fields as
+    attributes: status, source (predicted/measured), skip_reason, error, and every metric
+    (peak_allocated_bytes, peak_reserved_bytes, peak_phase, peak_op, breakdown_at_peak_bytes, oom, fits, ...)."""
+
+    record: dict
+
+    def __getattr__(self, name: str) -> Any:
+        record = self.__dict__.get("record", {})
+        if name in record:
+            return record[name]
+        if name in record.get("metrics", {}):
+            return record["metrics"][name]
+        raise AttributeError(f"{name}: not a field of this {record.get('source', '')} result "
+                             f"(fields: {', '.join(sorted(record.get('metrics', {})))})")
+
+    @property
+    def peak_bytes(self) -> int | None:
+        """The peak a limit is checked against: allocated bytes (torch.cuda.max_memory_allocated, predicted
+        or measured); on the cpu backend, peak live tensor bytes."""
+        m = self.record["metrics"]
+        return m.get("peak_allocated_bytes", m.get("peak_live_bytes"))
+
+    @property
+    def ok(self) -> bool:
+        return self.record["status"] == "ok"
+
+    @property
+    def fits(self) -> bool:
+        """Whether the configuration ran within the budget (status ok: no OOM, predicted or measured); False
+        for an OOM, and for a result without figures (skipped, error, crashed). The record keeps the string
+        ("yes", "may not fit", "no") in metrics["fits"]."""
+        return self.record["status"] == "ok" and self.record["metrics"].get("fits") != "no"
+
+    @property
+    def may_not_fit(self) -> bool:
+        """Whether a prediction that fits is close enough that the unmodelled allocations at their bounds
+        (metrics["peak_reserved_bytes_upper"]) would pass the card."""
+        return self.fits and self.record["metrics"].get("fits") == "may not fit"
+
+    def __str__(self) -> str:
+        r, m = self.record, self.record["metrics"]
+        head = f"{r['source']} ({r['environment']['backend']}) {r['key']}: {r['status']}"
+        if r["status"] == "skipped":
+            return f"{head}: {r['skip_reason']}"
+        if r["status"] in ("error", "crashed"):
+            return f"{head}: {r['error']}"
+        lines = [head]
+        if "peak_allocated_bytes" in m:
+            lines.append(f"  peak allocated {_gib(m['peak_allocated_bytes'])}, reserved "
+                         f"{_gib(m.get('peak_reserved_bytes'))} on {r['spec']['budget']}"
+                         + (f", fits: {'may not fit' if self.may_not_fit else 'yes' if self.fits else 'no'}"
+                            if "fits" in m else ""))
+        elif "peak_live_bytes" in m:
+            lines.append(f"  peak live tensors {_gib(m['peak_live_bytes'])} on {r['spec']['budget']}")
+        if m.get("peak_phase"):
+            lines.append(f"  at the peak: {m['peak_phase']} of step {m.get('peak_step')}, op {m.get('peak_op')}")
+        if m.get("breakdown_at_peak_bytes"):
+            lines.append("  breakdown: " + ", ".join(f"{k} {_gib(v)}" for k, v in m["breakdown_at_peak_bytes"].items()
+                                                    if v))
+        if m.get("oom"):
+            oom = m["oom"]
+            lines.append(f"  out of memory in {oom.get('phase')} of step {oom.get('step')}"
+                         + (f" at {oom['op']}" if oom.get("op") else ""))
+        return "\n".join(lines)

@@ -58,6 +58,12 @@ OUT_FILES = ("gpu_check.tar.gz", "gpu_check.log", "fidelity.md", "fidelity-12g.m
 ESTIMATE_S = {"vit-b-16": 7.0, "vit-l-14": 8.0, "vit-h-14": 10.0, "test-vit": 2.0}
 FIXED_S = 20.0  # start-up, wheels, reports and tarballs
 KILL_AFTER_ENV = "MEMPROF_GPU_CHECK_KILL_AFTER"  # tests: SIGKILL the check once this stage's files are out
+# ordinary training scripts (memprof script): measured for real (--backend cuda) and graded against their
+# predictions for the card, in the main fidelity table
+SCRIPTS = (("tests/data/scripts/registry_twin.py", "--model", "vit-b-16", "--batch-size", "8"),
+           ("tests/data/scripts/train_small.py", "--amp", "bf16", "--batch-size", "32"))
+SCRIPTS_OUT = "cuda-scripts"
+SCRIPT_ESTIMATE_S = 12.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ STAGES = (
     Stage("emulated-12g", (Grid({"models": "vit-h-14", "optims": "paper", "budget": EMULATED}, "cuda-12g", "12g"),)),
     Stage("ddp-fsdp", (Grid({"models": "vit-b-16", "optims": "adamw,sgd", "parallel": "ddp,fsdp", "world_size": 1},
                             "cuda-dist", "dist"),), gpu_only=True),
+    Stage("scripts", command="scripts", gpu_only=True),
     Stage("nvml-overhead", (Grid({"models": "vit-b-16", "optims": "sgd", "steps": 12, "nvml_period_ms": 5.0},
                                  "overhead-nvml-5", "none"),
                             Grid({"models": "vit-b-16", "optims": "sgd", "steps": 12, "nvml_period_ms": 0.0},
@@ -162,14 +169,22 @@ def estimate_s(spec) -> float:
 
 def plan(dry: bool = False, stages=STAGES) -> list[dict]:
     """Per stage: the configurations it measures and their estimated device seconds (skipped entries cost none)."""
-    out = []
+    out, seen = [], set()
     for stage in stages:
         if dry and stage.gpu_only:
+            continue
+        if stage.command == "scripts":
+            out.append({"stage": stage.name, "configs": len(SCRIPTS), "estimate_s": SCRIPT_ESTIMATE_S * len(SCRIPTS)})
             continue
         if stage.command:
             out.append({"stage": stage.name, "configs": 0, "estimate_s": GPU_TESTS_TIMEOUT_S / 2})
             continue
-        specs = [e.spec for g in stage.grids for e in entries_of(g, "143771MiB@9.0", dry) if not e.skip_reason]
+        specs = []
+        for g in stage.grids:  # a configuration an earlier stage measured into the same folder is not run again
+            for e in entries_of(g, "143771MiB@9.0", dry):
+                if not e.skip_reason and (g.out, e.spec.key) not in seen:
+                    seen.add((g.out, e.spec.key))
+                    specs.append(e.spec)
         out.append({"stage": stage.name, "configs": len(specs), "estimate_s": round(sum(map(estimate_s, specs)), 1)})
     return out
 
@@ -203,6 +218,13 @@ def predict_all(out_dir: str, budget: str, dry: bool, skip: set = frozenset()) -
             if grid.fidelity == "none" or (dry and stage.gpu_only) or stage.name in skip:
                 continue
             run_grid(entries_of(grid, budget, dry), out_dir, "simulate", progress=False, jobs=1)
+    if not dry and "scripts" not in skip:
+        from memprof.results import append
+        from memprof.script.runner import run_script
+
+        for path, *args in SCRIPTS:
+            append(os.path.join(out_dir, "results.jsonl"),
+                   run_script(os.path.join(ROOT, path), args, budget=budget).record)
     return read_records(out_dir)
 
 
@@ -257,6 +279,7 @@ def write_outputs(scratch: str, out: str | None, predicted: list[dict] | None, b
     from memprof.reports.table4 import default_metric, render_fidelity, render_markdown
 
     grids = {g.out: g for s in STAGES for g in s.grids}
+    grids[SCRIPTS_OUT] = Grid({}, SCRIPTS_OUT)  # the scripts' measured records, graded with the main table
     measured = {sub: records_in(scratch, sub) for sub in grids}
     files = {"results-cuda.jsonl": "".join(json.dumps(r, sort_keys=True) + "\n"
                                            for sub in grids for r in measured[sub])}
@@ -353,6 +376,27 @@ def measure_grid(grid: Grid, scratch: str, backend: str, dry: bool, deadline: fl
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
+def run_scripts(scratch: str, budget: str, deadline: float, log: Log) -> str:
+    """Each of SCRIPTS run for real on the GPU by `memprof script --backend cuda` (a fresh process, the
+    per-configuration time-out), its record into the scratch folder; returns "" or what failed."""
+    out, problems = os.path.join(scratch, SCRIPTS_OUT), []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), ROOT) if p))
+    for path, *args in SCRIPTS:
+        if deadline - time.monotonic() < SCRIPT_ESTIMATE_S:
+            return f"deadline: no room for {path}"
+        cmd = [sys.executable, "-m", "memprof", "script", "--backend", "cuda", "--budget", budget, "--out", out,
+               os.path.join(ROOT, path), *args]
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=PER_CONFIG_TIMEOUT_S)
+            text, rc = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired:
+            text, rc = f"timed out after {PER_CONFIG_TIMEOUT_S:.0f} s", -1
+        log(f"  {path} {' '.join(args)}: rc={rc}: " + " | ".join(text.strip().splitlines()[-3:]))
+        if rc != 0:
+            problems.append(f"{path}: rc={rc}")
+    return "; ".join(problems)
+
+
 def run_gpu_tests(scratch: str, deadline: float, log: Log) -> str:
     """The GPU-marked tests, with this check's PYTHONPATH and a time-out; their output goes to the scratch
     folder. Returns "" or why they failed."""
@@ -424,7 +468,9 @@ def main(argv=None) -> int:
             continue
         t0 = time.monotonic()
         log(f"stage {stage.name}")
-        if stage.command:
+        if stage.command == "scripts":
+            problem = run_scripts(scratch, budget, deadline, log)
+        elif stage.command:
             problem = run_gpu_tests(scratch, deadline, log)
         else:
             problem = ""

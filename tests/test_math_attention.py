@@ -35,7 +35,10 @@ def traced(spec, replay: bool, monkeypatch):
         if not replay:
             m.setattr(math_attention, "replaying", contextlib.nullcontext)
         shared.clear()
-        return tracing.trace(spec, cuda_rules(parse_budget(spec.budget), spec), share=True)
+        from memprof.simulation.shared import shareable, trace_shared
+
+        rules = cuda_rules(parse_budget(spec.budget), spec)
+        return trace_shared(spec, rules) if shareable(spec) else tracing.trace(spec, rules)
 
 
 SPECS = [  # titan-x: below sm80, bf16 attention takes the math path

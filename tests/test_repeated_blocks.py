@@ -50,7 +50,9 @@ def outcomes(monkeypatch):
 
 
 def _predict(spec, share):
-    return predict_traced(lambda rules: trace(spec, rules, share=share), spec.budget, spec)
+    from memprof.simulation.shared import trace_shared
+
+    return predict_traced(lambda rules: trace_shared(spec, rules) if share else trace(spec, rules), spec.budget, spec)
 
 
 SPECS = [

@@ -371,7 +371,7 @@ def test_a_script_that_does_not_fit_says_where_it_runs_out():
     from memprof.script.runner import summary
 
     big, _ = run(SMALL, "--batch-size", "256", "--width", "512", budget="1GiB")
-    assert big.status == "oom" and big.fits == "no" and big.oom["phase"] in ("forward", "backward")
+    assert big.status == "oom" and big.fits is False and big.oom["phase"] in ("forward", "backward")
     assert "OUT OF MEMORY (predicted)" in summary(big)
     small, _ = run(SMALL, "--batch-size", "4", budget="1GiB")  # negative control
     assert small.status == "ok" and "OUT OF MEMORY" not in summary(small)
@@ -385,7 +385,7 @@ def test_fit_searches_the_scripts_own_batch_flag(tmp_path):
     best, failing, probes = fit_script(SMALL, ["--width", "512"], "--batch-size", budget="700MiB",
                                        on_probe=lambda b, r: seen.append(b))
     assert best is not None and failing == best.script_batch_size + 1 and sorted(seen) == [b for b, _ in probes]
-    assert best.fits == "yes" and dict(probes)[failing].fits != "yes"  # the next batch is the negative control
+    assert best.fits is True and not dict(probes)[failing].fits  # the next batch is the negative control
     with pytest.raises(UsageError, match="give the script's flag"):
         fit_script(SMALL, [], "batch-size")
 
@@ -490,7 +490,7 @@ def test_the_measuring_backend_gives_the_same_key_and_reads_torch_cuda():
     assert measured.peak_allocated_bytes == predicted.peak_allocated_bytes
     assert measured.peak_reserved_bytes == predicted.peak_reserved_bytes
     assert measured.phase_peak_allocated_bytes["optimizer"] == predicted.phase_peak_allocated_bytes["optimizer"]
-    assert measured.script_optimizers == predicted.script_optimizers and measured.fits == "yes"
+    assert measured.script_optimizers == predicted.script_optimizers and measured.fits is True
     from memprof.reports.table4 import fidelity_rows
 
     (row,) = fidelity_rows([measured.record], [predicted.record])  # `memprof fidelity` pairs them

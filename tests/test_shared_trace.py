@@ -18,7 +18,12 @@ from memprof.spec import RunSpec, forward_group
 
 
 def _predict(spec, share):
-    status, metrics = predict_traced(lambda rules: trace(spec, rules, share=share), spec.budget, spec)
+    from memprof.simulation.shared import shareable, trace_shared
+
+    def make(rules):
+        return trace_shared(spec, rules) if share and shareable(spec) else trace(spec, rules)
+
+    status, metrics = predict_traced(make, spec.budget, spec)
     return status, metrics
 
 

@@ -75,6 +75,8 @@ def get(name: str, path: str | None = None):
         raise unknown_name("backend", name, names() + [AUTO], "memprof list backends")
     obj = load(target) if isinstance(target, str) else target
     backend = obj() if isinstance(obj, type) else obj
+    if getattr(backend, "name", None) != name:
+        backend.name = name  # the name it is registered under is its identity (records, worker requests)
     _INSTANCES[name] = backend
     return backend
 

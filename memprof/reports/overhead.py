@@ -66,7 +66,7 @@ def overhead_rows(records: list[dict], field: str = "peak_reserved_bytes", budge
     checkpointing, 32-bit states): the implied X, the plausible ceiling (context estimate, or the measured
     context where a record has one, plus the text tower), and, per model, whether one X explains both claims."""
     from memprof.models import REGISTRY
-    from memprof.reports.table4 import PAPER_CLAIMS
+    from memprof.reports.paper import PAPER_CLAIMS
 
     paper = {}
     for r in records:
@@ -109,7 +109,7 @@ def overhead_rows(records: list[dict], field: str = "peak_reserved_bytes", budge
             continue
         x = fe_row["implied_bytes"]
         row["pct_with_fe_overhead"] = round(pct_with(row["adamw_bytes"], row["other_bytes"], x), 1) if x >= 0 else None
-        from memprof.reports.table4 import CLAIM_TOLERANCE_POINTS
+        from memprof.reports.paper import CLAIM_TOLERANCE_POINTS
 
         row["consistent"] = (x >= 0 and row["pct_with_fe_overhead"] is not None
                              and abs(row["pct_with_fe_overhead"] - row["paper_pct"]) <= CLAIM_TOLERANCE_POINTS)
@@ -125,7 +125,7 @@ def render_overhead(sets: dict[str, list[dict]], field: str = "peak_reserved_byt
     """The implied-overhead table for each labelled set of records (e.g. today's defaults, the 2022 preset)."""
     from tabulate import tabulate
 
-    from memprof.reports.table4 import CLAIM_TOLERANCE_POINTS
+    from memprof.reports.paper import CLAIM_TOLERANCE_POINTS
 
     lines = []
     for label, records in sets.items():

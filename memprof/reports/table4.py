@@ -18,6 +18,7 @@ from tabulate import tabulate
 
 from memprof.models import REGISTRY as MODELS
 from memprof.reports.overhead import render_overhead
+from memprof.reports.paper import CLAIM_TOLERANCE_POINTS, PAPER_CLAIMS
 from memprof.optims import REGISTRY as OPTIMS
 
 GIB = 1 << 30
@@ -28,19 +29,6 @@ METRICS = {
                                                 "peak reserved + estimated CUDA context)"),
     "live": ("peak_live_bytes", "peak live tensor bytes (no allocator rounding)"),
 }
-
-# The seed paper's Table 4 claims (Kumar et al., ICLR 2024, section 5): AdamW's extra memory over each
-# freeze-embed SGD variant, measured with W&B system metrics (NVML) on a 12 GB Titan-X at micro-batch 1.
-PAPER_CLAIMS = (
-    ("vit-b-16", "sgd-fe", 16, "AdamW uses 16% more than SGD (freeze-embed)"),
-    ("vit-b-16", "sgd-fe-nomom", 36, "AdamW uses 36% more than SGD (freeze-embed, no momentum)"),
-    ("vit-l-14", "sgd-fe", 18, "AdamW uses 18% more than SGD (freeze-embed)"),
-    ("vit-l-14", "sgd-fe-nomom", 48, "AdamW uses 48% more than SGD (freeze-embed, no momentum)"),
-    ("vit-h-14", "sgd-fe", 20, "AdamW runs out of memory at 12 GB, SGD (freeze-embed) runs: gain at least 20%"),
-    ("vit-h-14", "sgd-fe-nomom", 60, "AdamW runs out of memory at 12 GB, SGD (freeze-embed, no momentum) runs: "
-                                     "gain at least 60%"),
-)
-
 
 def default_metric(records: list[dict]) -> str:
     """reserved where any record has it (cuda, simulate), else live tensor bytes (the cpu backend)."""
@@ -330,7 +318,6 @@ def _ours(row: dict | None) -> str:
     return f"AdamW {row['adamw_extra_pct']:+.0f}%" + (" (AdamW OOM)" if row["adamw_status"] == "oom" else "")
 
 
-CLAIM_TOLERANCE_POINTS = 10  # a percentage within this many points of the paper's agrees
 
 
 def claim_headers(metric: str) -> list[str]:

@@ -39,7 +39,8 @@ def add_script_parser(sub) -> None:
 
 def cmd_script(args) -> int:
     from memprof.errors import UsageError
-    from memprof.script.runner import run_script, summary
+    from memprof.script.device import SimulatedCuda
+    from memprof.script.runner import device_kind, run_script, summary
 
     if args.file is None:
         raise UsageError("give the training script: memprof script [--budget CARD] [--steps N] [--out DIR] FILE [ARGS...]")
@@ -51,7 +52,7 @@ def cmd_script(args) -> int:
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a file: give a directory")
     if args.fit_batch_arg is not None:
-        if args.backend != "simulate":
+        if device_kind(args.backend) is not SimulatedCuda:
             raise UsageError("--fit-batch-arg searches on the simulated card: leave --backend out")
         return _fit(args)
     snapshots = os.path.join(args.out, "snapshots") if args.out is not None else None
@@ -62,7 +63,8 @@ def cmd_script(args) -> int:
             os.makedirs(snapshots, exist_ok=True)
         except OSError as exc:
             raise write_error(args.out, exc) from None
-    if args.backend == "cuda" and args.fit_batch_arg is None:
+    measured = device_kind(args.backend) is not SimulatedCuda
+    if measured:
         import torch
 
         if not torch.cuda.is_available():
@@ -79,13 +81,13 @@ def cmd_script(args) -> int:
         path = os.path.join(args.out, RESULTS_FILE)
         append(path, result.record)
         print(f"record: {path} ({result.record['key']})", flush=True)
-        if args.backend == "simulate":
+        if not measured:
             print(f"report: {write_html_report(args.out, None, None)}", flush=True)
     return 0
 
 
 def _fit(args) -> int:
-    from memprof.api import _gib
+    from memprof.budget import format_size as _gib
     from memprof.script.runner import fit_script, summary
 
     def on_probe(batch, result):

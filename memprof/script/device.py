@@ -3,7 +3,7 @@ torch.cuda would report on the budget's card is predicted.
 
     with memprof.simulated_cuda(budget="a100-80g") as sim:
         train()                      # model.cuda(), torch.autocast("cuda", ...), optimizer.step(), ...
-    print(sim.result)                # a memprof.api.Result, source "predicted"
+    print(sim.result)                # a memprof.results.Result, source "predicted"
 
 How (no GPU, nothing allocated for real on the CUDA side):
 - device tensors are fake CPU tensors (FakeTensorMode: shapes, strides and autograd without data; fake
@@ -330,7 +330,7 @@ class SimulatedCuda:
 
     `budget`: a card name or size (memprof.budget.parse_budget). `steps`: stop with StopSimulation after that
     many optimizer steps (None: let the code end). `user_file`: the script whose lines errors name.
-    After the block: `result` (a memprof.api.Result), `detected` (what ran), `notes`.
+    After the block: `result` (a memprof.results.Result), `detected` (what ran), `notes`.
     """
 
     def __init__(self, budget: str = "titan-x", steps: int | None = None, user_file: str | None = None,
@@ -1127,7 +1127,7 @@ class SimulatedCuda:
     @property
     def result(self):
         if self._result is None:
-            from memprof.script.runner import result_of
+            from memprof.script.record import result_of
 
             self._result = result_of(self)
         return self._result

@@ -202,10 +202,11 @@ class MeasuredCuda:
 
 def measured_result(meas):
     """The Result of a finished MeasuredCuda block (measured)."""
-    from memprof.api import MEASURED, Result
+    from memprof.backends.base import MEASURED
+    from memprof.results import Result
     from memprof.budget import CONTEXT_ESTIMATE_BYTES, parse_budget
     from memprof.results import environment, make_record
-    from memprof.script.runner import record_spec
+    from memprof.script.record import record_spec
 
     peak = max(meas.allocated.values()) if meas.allocated else 0
     name = torch.cuda.get_device_name()

@@ -3,7 +3,7 @@
 `run_script(path, args, budget, steps)` runs the file (runpy, with sys.argv and sys.path[0] as `python FILE
 ARGS` would set them) inside memprof.script.device.SimulatedCuda and returns its Result; `summary(result)` is
 the terminal's short text. The record has the schema of `memprof run`'s (memprof.results.make_record):
-every figure from memprof.simulation.simulate.predict_traced, plus what was detected (`script_*`
+every figure from the engine (memprof.script.record), plus what was detected (`script_*`
 fields), and a key combining the script, its arguments, the budget and what ran, so different runs never
 collide.
 """
@@ -19,65 +19,24 @@ import sys
 import time
 
 from memprof.errors import UsageError
+from memprof.script.record import record_spec, result_of, script_label  # noqa: F401  (the record of a run)
 
 
-def _args_tag(args: list[str]) -> str:
-    return hashlib.sha1("\0".join(args).encode()).hexdigest()[:8] if args else ""
+def device_kind(backend: str):
+    """Where a script runs for `--backend`: the simulated card for a predicting backend, the GPU at hand for a
+    measuring one that has a GPU (memprof.backends.registry); any other is bad input."""
+    from memprof.backends.base import PREDICTED
+    from memprof.backends.registry import get
+    from memprof.script.device import SimulatedCuda
+    from memprof.script.measure import MeasuredCuda
 
-
-def record_spec(sim):
-    """The RunSpec a simulated run's record carries: its fields say what was detected."""
-    from memprof.spec import RunSpec
-
-    d = sim.detected
-    opts = d["optimizers"]
-    names = list(dict.fromkeys(o["name"].lower() for o in opts))
-    impls = list(dict.fromkeys(o["implementation"] for o in opts))
-    impl = impls[0] if len(impls) == 1 else ("+".join(impls) if impls else "none")
-    precision = sim.precision()
-    eight_bit = any(o["class"].startswith("bitsandbytes") and "8bit" in o["name"] for o in opts)
-    return RunSpec(model=sim.label, optim="+".join(names) if names else "none", grad_ckpt=d["checkpointing"],
-                   state_bits=8 if eight_bit else 32,
-                   batch_size=d["batch_size"] or 0, precision=precision, steps=d["steps"], budget=sim.budget,
-                   optim_impl=impl, optim_in_backward=d["optimizer_in_backward"])
-
-
-def result_of(sim, out_dir: str | None = None, snapshot_dir: str | None = None):
-    """The Result of a finished SimulatedCuda block (predicted); with `out_dir` / `snapshot_dir`, its timeline and
-    predicted allocator snapshot are written there (memprof.simulation.simulate.predict_traced's artifacts)."""
-    from memprof.api import PREDICTED, Result
-    from memprof.results import environment, make_record
-
-    status, metrics = sim.predict(out_dir, snapshot_dir, record_spec(sim).key)
-    d = sim.detected
-    metrics.update({
-        "script_batch_size": d["batch_size"],
-        "script_precision": sim.precision(),
-        "script_autocast_dtypes": [str(t).removeprefix("torch.") for t in d["autocast_dtypes"]],
-        "script_parameter_dtypes": [t.removeprefix("torch.") for t in sim.param_dtypes()],
-        "script_grad_scaler": d["grad_scaler"],
-        "script_checkpointing": d["checkpointing"],
-        "script_optimizers": d["optimizers"],
-        "script_optimizer_in_backward": d["optimizer_in_backward"],
-        "script_steps": d["steps"],
-        "script_steps_limit": sim.max_steps,
-        "notes": list(sim.notes.values()),
-    })
-    if getattr(sim, "script_args", None) is not None:
-        metrics["script_args"] = sim.script_args
-        metrics["script_path"] = sim.user_file
-    env = environment("simulate", "cpu-simulated")
-    return Result(make_record(record_spec(sim), status, PREDICTED, env, metrics,
-                              elapsed_s=time.perf_counter() - sim._start))
-
-
-def script_label(path: str, args: list[str]) -> str:
-    """`script:<path>[~<hash of the arguments>]`, the path relative to the working directory when inside it, its
-    separators written ':' (a record key's segments are separated by '/')."""
-    rel = os.path.relpath(path)
-    name = rel if not rel.startswith("..") else os.path.abspath(path)
-    tag = _args_tag(args)
-    return f"script:{name.strip(os.sep).replace(os.sep, ':')}" + (f"~{tag}" if tag else "")
+    chosen = get(backend)
+    if chosen.source == PREDICTED:
+        return SimulatedCuda
+    if chosen.gpus:
+        return MeasuredCuda
+    raise UsageError(f"--backend {backend}: a script runs on the simulated card (simulate, the default) or on a "
+                     f"GPU (cuda)")
 
 
 def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: int | None = None,
@@ -90,10 +49,8 @@ def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: 
 
     if not os.path.isfile(path):
         raise UsageError(f"no script at {path}: give the path of a Python file")
-    if backend not in ("simulate", "cuda"):
-        raise UsageError(f"--backend {backend}: use simulate (predicts, the default) or cuda (measures on a GPU)")
+    kind = device_kind(backend)
     args = list(args)
-    kind = SimulatedCuda if backend == "simulate" else MeasuredCuda
     sim = kind(budget, steps=steps, user_file=path, label=script_label(path, args))
     sim.script_args = args
     saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
@@ -111,12 +68,12 @@ def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: 
         sys.argv = saved_argv
         if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(path)):
             del sys.path[0]
-    sim._result = result_of(sim, out_dir, snapshot_dir) if backend == "simulate" else sim.result
+    sim._result = result_of(sim, out_dir, snapshot_dir) if kind is SimulatedCuda else sim.result
     return sim.result
 
 
 def _gib(nbytes) -> str:
-    from memprof.api import _gib as gib
+    from memprof.budget import format_size as gib
 
     return gib(nbytes)
 

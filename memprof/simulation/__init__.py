@@ -1,7 +1,11 @@
-"""The simulation: training steps traced on fake tensors (tracker, tracing, fake_compat, attribution), the
-rules where CUDA allocates differently from the CPU (rules, distributed), and the caching-allocator model the
-stream is replayed through (allocator); `simulate` puts them together into a prediction. Exact shortcuts:
-fast_dispatch, math_attention, shared, repeated_blocks, batch_scaling."""
+"""The engine, a one-way library: training steps traced on fake tensors (tracker, tracing, fake_compat,
+attribution), the rules where CUDA allocates differently from the CPU (`rule`: their base; rules,
+distributed), and the caching-allocator model the stream is replayed through (allocator). `simulate` is its
+one entrance: `prediction_of(make_trace, budget, spec)` returns a Prediction and writes nothing (the simulate
+backend, memprof.backends.simulate, makes the files). Exact shortcuts sit above the core, which never calls
+them: shared (one forward per optimizer group), repeated_blocks, batch_scaling, math_attention (reached
+through the half-precision attention rule) and fast_dispatch (the tracker's front cache). It imports nothing
+from backends, executors, planning, reports or the front doors (tests/test_layering.py)."""
 
 # what each storage is (memprof.simulation.tracing); torch-free, so reports can name them without torch
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "workspace",

@@ -29,7 +29,7 @@ from unittest import mock
 
 import torch
 
-from memprof.simulation.tracker import ALLOC
+from memprof.simulation.tracker import relabel, release
 
 COMMUNICATION = "communication:"
 UNSHARDED = "unsharded parameter:"
@@ -177,26 +177,6 @@ class FSDPStorageEvents:
                                 ("foreach_reduce", f"{COMMUNICATION} reduce-scatter")):
                 stack.enter_context(mock.patch.object(group, name, self._labelled(getattr(group, name), label)))
             yield
-
-
-def relabel(tracker, sid: int, label: str) -> None:
-    """Name what made a storage (its origin, and its allocation event) after the fact."""
-    tracker.origin[sid] = label
-    for i in range(len(tracker.events) - 1, -1, -1):
-        ev = tracker.events[i]
-        if ev[0] == ALLOC and ev[1] == sid:
-            tracker.events[i] = ev[:4] + (label,)
-            break
-
-
-def release(tracker, tensor) -> None:
-    """Log the release of a storage that is resized to nothing (it lives on as an empty storage)."""
-    key = tensor.untyped_storage()._cdata
-    sid = tracker._by_cdata.pop(key, None)
-    if sid is None:
-        return
-    tracker._refs.pop(sid, None)  # the weakref goes, so the empty storage's eventual death logs nothing
-    tracker.free_synthetic(sid)
 
 
 class DDPBuckets:

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memprof.simulation.distributed import relabel, release
 from memprof.simulation.fast_dispatch import extent_bytes
-from memprof.simulation.tracker import ALLOC, FREE, StorageTracker
+from memprof.simulation.rule import copy_state, snapshot
+from memprof.simulation.tracker import ALLOC, FREE, StorageTracker, relabel, release
 
 aten = torch.ops.aten
 _AUTOCAST_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
@@ -81,11 +81,9 @@ def clear() -> None:
 
 
 def _rules_key(tracker) -> tuple:
-    """The tracker's rules and their state (memprof.simulation.repeated_blocks._snapshot), hashable."""
-    from memprof.simulation.repeated_blocks import _snapshot
-
+    """The tracker's rules and their state (memprof.simulation.rule.snapshot), hashable."""
     return tuple((type(r).__qualname__, *((k, frozenset(v.items()) if isinstance(v, dict) else v)
-                                          for k, v in _snapshot(r).items())) for r in tracker.rules)
+                                          for k, v in snapshot(r).items())) for r in tracker.rules)
 
 
 _STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tracker -> _TraceState
@@ -162,18 +160,15 @@ def _composite(q, k, v, is_causal, scale):
 def _isolated(tracker: StorageTracker, result: dict):
     """Events go to a scratch list (result["events"]); afterwards the tracker's ids and the rules' state are
     as before. result["clean"] says whether the rules' state was untouched and nothing made inside is alive."""
-    from memprof.simulation.repeated_blocks import _snapshot
-    from memprof.simulation.shared import _copy_state
-
     events, next_id = tracker.events, tracker._next_id
-    states = [_copy_state(vars(r)) for r in tracker.rules]
-    snapshots = [_snapshot(r) for r in tracker.rules]
+    states = [copy_state(vars(r)) for r in tracker.rules]
+    snapshots = [snapshot(r) for r in tracker.rules]
     tracker.events = result["events"] = []
     try:
         yield
     finally:
         tracker.events = events
-        changed = [_snapshot(r) for r in tracker.rules] != snapshots
+        changed = [snapshot(r) for r in tracker.rules] != snapshots
         if changed:
             for rule, state in zip(tracker.rules, states):
                 vars(rule).clear()

@@ -26,6 +26,7 @@ from dataclasses import replace
 
 from memprof.simulation.attribution import _ModuleStack
 from memprof.simulation.batch_scaling import same_value
+from memprof.simulation.rule import snapshot as _snapshot
 from memprof.simulation.tracker import ALLOC, FREE
 
 BLOCK, WINDOW = 3, 4  # markers in the traced stream: (BLOCK, index, (AFTER, index) or None), (WINDOW, step, end)
@@ -97,22 +98,6 @@ class BlockMarks:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-
-
-def _snapshot(rule) -> dict:
-    """A rule's attributes as plain values, holding no tensor (a held tensor would outlive its release): counts
-    and dicts of counts as they are, other containers by their length."""
-    out = {}
-    for k, v in vars(rule).items():
-        if v is None or isinstance(v, (int, float, str)):
-            out[k] = v
-        elif isinstance(v, dict) and all(isinstance(x, (int, str)) for x in (*v.keys(), *v.values())):
-            out[k] = dict(v)
-        elif isinstance(v, (set, frozenset)) and all(isinstance(x, (int, str, tuple)) for x in v):
-            out[k] = frozenset(v)
-        else:
-            out[k] = (type(v).__name__, len(v) if hasattr(v, "__len__") else id(v))
-    return out
 
 
 def _counter_delta(before, after):

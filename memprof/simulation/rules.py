@@ -15,33 +15,9 @@ import torch.nn.functional as F
 
 from memprof.simulation import math_attention
 from memprof.budget import DeviceProfile
+from memprof.simulation.rule import Rule  # noqa: F401  (the base every rule here subclasses)
 
 aten = torch.ops.aten
-
-
-class Rule:
-    name = ""
-    summary = ""
-    source = ""
-    forward_only = False  # its mode() acts only inside the forward (autocast, attention): an optimizer's step alone
-    # is traced without it (memprof.simulation.shared.trace_windows)
-    acts_on = None  # the ops its after_op acts on (the tracker calls it for these only); None: every op
-
-    def before_op(self, tracker, func, args, kwargs) -> None:
-        pass
-
-    def after_op(self, tracker, func, args, kwargs, out) -> None:
-        pass
-
-    def attach(self, tracker, optimizer) -> None:
-        """Called once the optimizer is built, for rules that act on it."""
-
-    def metrics(self) -> dict:
-        """Figures the rule adds to a prediction."""
-        return {}
-
-    def describe(self) -> dict:
-        return {"name": self.name, "summary": self.summary, "source": self.source}
 
 
 class CachingAllocator(Rule):

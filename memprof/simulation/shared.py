@@ -39,6 +39,7 @@ from memprof.optims import REGISTRY as OPTIMS, build_optimizer
 from memprof.simulation.attribution import ModuleAttribution
 from memprof.simulation.distributed import local
 from memprof.simulation.fake_compat import fake_storage
+from memprof.simulation.rule import copy_state as _copy_state
 from memprof.simulation.tracker import StorageTracker
 from memprof.spec import OPTIMIZER_FIELDS, RunSpec, forward_group
 
@@ -88,10 +89,6 @@ class _StandIn:
         for p in self.trainable:
             p.grad = None
         self.windows[-1][1] = len(self.tracker.events)
-
-
-def _copy_state(state: dict) -> dict:
-    return {k: type(v)(v) if isinstance(v, (dict, list, set)) else v for k, v in state.items()}
 
 
 def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_attention: bool = True) -> Forward:

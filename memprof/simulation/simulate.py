@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from memprof.simulation.allocator import CachingAllocatorModel, SimulatedOOM, round_size, segment_size
 from memprof.budget import parse_budget
+from memprof.models import resolve_model
 from memprof.simulation.rules import FakeGradScalerStep, LayerNormStatsFp32, cuda_rules
 from memprof.spec import RunSpec
 from memprof.simulation.tracing import CATEGORIES, Trace, common_metrics, live_peak, peak_to_floor, phase_at, trace
@@ -100,7 +101,15 @@ def prediction(spec: RunSpec, history: bool = False, capped_history: bool = Fals
     """The Prediction of `spec` (its forward and backward shared with other optimizers' where they can be,
     memprof.simulation.shared). `history`: keep the unlimited replay's allocator history (for a timeline);
     `capped_history`: replay the budget card's allocator with its history even when it fits (for a snapshot)."""
-    return prediction_of(lambda rules: trace(spec, rules, share=True), spec.budget, spec, history, capped_history)
+    from memprof.simulation.shared import shareable, trace_shared
+
+    def make_trace(rules):
+        if shareable(spec):
+            resolve_model(spec.model, True, spec.freeze, spec.input_shape)  # a name it cannot predict says why
+            return trace_shared(spec, rules)
+        return trace(spec, rules)
+
+    return prediction_of(make_trace, spec.budget, spec, history, capped_history)
 
 
 def predict_traced(make_trace, budget: str, spec: RunSpec | None = None) -> tuple[str, dict]:

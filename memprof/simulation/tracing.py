@@ -53,20 +53,16 @@ def to_device_order(module):
     yield from (b for b in module._buffers.values() if b is not None)
 
 
-def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = None, share: bool = False) -> Trace:
+def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = None) -> Trace:
     """Run the harness for `spec` under a StorageTracker: on fake CPU tensors (`fake`) or real ones.
 
     `limit_bytes` makes the tracker raise torch.OutOfMemoryError once live tensor bytes would exceed it
-    (the `cpu` backend's budget). The run is `trace_step` with the harness's model, optimizer and step;
-    with `share` (fake tensors only), the forward and backward come from memprof.simulation.shared, traced
-    once per process for every optimizer that shares them.
+    (the `cpu` backend's budget). The run is `trace_step` with the harness's model, optimizer and step (the
+    shortcut that shares a forward between optimizers, memprof.simulation.shared, sits above this: it is
+    memprof.simulation.simulate.prediction that takes it).
     """
     if fake:
         resolve_model(spec.model, True, spec.freeze, spec.input_shape)  # a name the simulation cannot predict says why
-        from memprof.simulation.shared import shareable, trace_shared
-
-        if share and shareable(spec):
-            return trace_shared(spec, rules)
 
     def build():
         prepared = prepare(spec, load_weights=not fake)

@@ -177,7 +177,27 @@ class StorageTracker(TorchDispatchMode):
 
 def _overrides(rule, method: str) -> bool:
     """Whether `rule` defines `method` itself (the base class's is a no-op)."""
-    from memprof.simulation.rules import Rule
+    from memprof.simulation.rule import Rule
 
     own = getattr(type(rule), method, None)
     return own is not None and own is not getattr(Rule, method, None)
+
+
+def relabel(tracker, sid: int, label: str) -> None:
+    """Name what made a storage (its origin, and its allocation event) after the fact."""
+    tracker.origin[sid] = label
+    for i in range(len(tracker.events) - 1, -1, -1):
+        ev = tracker.events[i]
+        if ev[0] == ALLOC and ev[1] == sid:
+            tracker.events[i] = ev[:4] + (label,)
+            break
+
+
+def release(tracker, tensor) -> None:
+    """Log the release of a storage that is resized to nothing (it lives on as an empty storage)."""
+    key = tensor.untyped_storage()._cdata
+    sid = tracker._by_cdata.pop(key, None)
+    if sid is None:
+        return
+    tracker._refs.pop(sid, None)  # the weakref goes, so the empty storage's eventual death logs nothing
+    tracker.free_synthetic(sid)
