@@ -20,7 +20,13 @@ from memprof.errors import UsageError
 
 KEYS = {"backend": str, "models": str, "optims": str, "grad_ckpt": str, "state_bits": (str, int),
         "batch_size": (str, int), "steps": int, "budget": str, "num_classes": int, "pretrained": str, "paged": bool,
-        "precision": str, "optim_impl": str, "optim_in_backward": str, "resident": str, "preset": str}
+        "precision": str, "optim_impl": str, "optim_in_backward": str, "resident": str, "preset": str,
+        "freeze": str, "input_shape": str, "parallel": str, "world_size": int, "bucket_cap_mb": (int, float),
+        "grad_as_bucket_view": str, "reshard_after_forward": str, "timeout_s": (int, float),
+        "nvml_period_ms": (int, float), "snapshot": str}
+# run options a [[run]] does not set: they belong to the `memprof suite` command (one output directory, one
+# executor, one progress bar for every run) or to another command (fit's search bound)
+COMMAND_OPTIONS = ("out", "resume", "retry_failed", "progress", "jobs", "executor", "ray_address", "max_batch_size")
 
 
 @dataclass(frozen=True)

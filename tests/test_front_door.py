@@ -273,3 +273,22 @@ def test_open_clip_names_read_like_open_clip(monkeypatch, tmp_path):
         assert models.open_clip_names() == ("ViT-B-4", "ViT-B-16")  # natural order; "notes" is no config
     finally:
         models.open_clip_names.cache_clear()
+
+
+def test_a_suite_sets_every_run_option_a_run_takes(tmp_path):
+    """Every option of `memprof run` is a suite key, unless it belongs to the suite command itself; a suite setting
+    the parallel and model-source options plans the same configurations as the run's options."""
+    from memprof.plan import RUN_OPTIONS, plan_run, run_options
+    from memprof.suite import COMMAND_OPTIONS, KEYS, load_suite
+
+    assert sorted(set(RUN_OPTIONS) - set(KEYS) - set(COMMAND_OPTIONS)) == []
+    assert "parallel" in KEYS and "max_batch_size" not in KEYS  # control: the partition is not everything in both
+    suite = tmp_path / "s.toml"
+    suite.write_text('[[run]]\nbackend = "simulate"\nmodels = "test-vit"\noptims = "sgd"\nparallel = "ddp"\n'
+                     'world_size = 8\nbucket_cap_mb = 5\nfreeze = "conv1"\n')
+    (run,) = load_suite(str(suite))
+    from_suite = plan_run(run_options(**run.options, out=str(tmp_path / "a"), progress=False))
+    from_cli = plan_run(run_options(models="test-vit", optims="sgd", backend="simulate", parallel="ddp", world_size=8,
+                                    bucket_cap_mb=5.0, freeze="conv1", out=str(tmp_path / "b"), progress=False))
+    assert [e.spec.key for e in from_suite.entries] == [e.spec.key for e in from_cli.entries]
+    assert "ddp8+cap5" in from_suite.entries[0].spec.key
