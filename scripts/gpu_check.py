@@ -29,7 +29,6 @@ of cuda, no NCCL stage, no sampler stage.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -146,21 +145,17 @@ def card() -> tuple[str, str]:
     return facts.name.replace(" ", "-"), f"{facts.total_bytes >> 20}MiB@{major}.{minor}"
 
 
-def predicted_budget(grid: Grid, budget: str) -> str:
-    return grid.options.get("budget", budget)
-
-
-def entries_of(grid: Grid, budget: str, dry: bool, backend: str = "simulate"):
-    """The grid's entries as `memprof run` plans them (options validated the same way)."""
+def entries_of(grid: Grid, budget: str, dry: bool):
+    """The grid's entries as `memprof run --backend simulate` plans them for `budget` (the grid's own card where it
+    names one), its options validated the same way."""
     from memprof.plan import plan_run, run_options
 
     opts = tiny(grid.options) if dry else dict(grid.options)
     opts.pop("snapshot", None)
     opts.pop("nvml_period_ms", None)
-    if backend == "simulate":
-        opts["budget"] = predicted_budget(grid, budget)
+    opts["budget"] = grid.options.get("budget", budget)
     with tempfile.TemporaryDirectory() as tmp:
-        return plan_run(run_options(**opts, backend=backend, out=tmp, progress=False)).entries
+        return plan_run(run_options(**opts, backend="simulate", out=tmp, progress=False)).entries
 
 
 def estimate_s(spec) -> float:

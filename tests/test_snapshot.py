@@ -23,7 +23,7 @@ MiB = 1 << 20
 def with_files(spec, **files):
     """The simulate backend's prediction of `spec` with the files it leaves (timeline, snapshot)."""
     outcome = get("simulate").run(spec, **files)
-    return outcome.status, outcome.metrics
+    return outcome.status, {**outcome.metrics, **outcome.artifacts}
 
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory):

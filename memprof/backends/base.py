@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 PREDICTED, MEASURED = "predicted", "measured"
-ISOLATIONS = ("in-process", "pooled", "fresh-process")
 
 
 @dataclass

@@ -138,10 +138,8 @@ def sdpa_kernels() -> dict:
                          f"{', '.join(SDPA_SWITCHES)})")
     for name in names:
         getattr(torch.backends.cuda, SDPA_SWITCHES[name])(False)
-    enabled = {"cudnn": torch.backends.cuda.cudnn_sdp_enabled(), "flash": torch.backends.cuda.flash_sdp_enabled(),
-               "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
-               "math": torch.backends.cuda.math_sdp_enabled()}
-    return {k: v for k, v in enabled.items()}
+    return {"cudnn": torch.backends.cuda.cudnn_sdp_enabled(), "flash": torch.backends.cuda.flash_sdp_enabled(),
+            "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(), "math": torch.backends.cuda.math_sdp_enabled()}
 
 
 def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: float = 5.0) -> tuple[str, dict]:

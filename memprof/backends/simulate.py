@@ -49,8 +49,7 @@ class SimulateBackend(Backend):
         from memprof.simulation.simulate import prediction
 
         p = prediction(spec, history=out_dir is not None, capped_history=snapshot_dir is not None)
-        artifacts = write_artifacts(spec, p, out_dir, snapshot_dir)
-        return Outcome(p.status, {**p.metrics, **artifacts}, artifacts)
+        return Outcome(p.status, p.metrics, write_artifacts(spec, p, out_dir, snapshot_dir))
 
     def probe(self, spec, **options):
         """Probes by prediction in this process; once three batch sizes (2 or more) of the configuration's

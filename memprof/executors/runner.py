@@ -28,7 +28,6 @@ import time
 from tqdm import tqdm
 
 from memprof.backends.registry import get, target_path
-from memprof.errors import UsageError
 from memprof.results import RESULTS_FILE, append, environment, make_record
 from memprof.spec import GridEntry, RunSpec
 from memprof.executors.worker import handle

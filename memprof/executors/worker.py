@@ -67,7 +67,7 @@ def run_request(request: dict) -> tuple[str, dict]:
         return fit_config(spec, backend.probe(spec, **options.get("probe_options", {})), backend,
                           options.get("max_batch_size"))
     outcome = as_outcome(backend.run(spec, **options))
-    return outcome.status, outcome.metrics
+    return outcome.status, {**outcome.metrics, **outcome.artifacts}  # a record names its files among its metrics
 
 
 def handle(request: dict, raise_usage: bool = False) -> dict:

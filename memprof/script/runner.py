@@ -11,15 +11,13 @@ collide.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import runpy
 import sys
-import time
 
 from memprof.errors import UsageError
-from memprof.script.record import record_spec, result_of, script_label  # noqa: F401  (the record of a run)
+from memprof.script.record import result_of, script_label
 
 
 def device_kind(backend: str):
@@ -45,7 +43,6 @@ def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: 
     the timeline is written there, with `snapshot_dir` the predicted snapshot. backend="cuda": run it for real on
     the GPU at hand and measure (memprof.script.measure; `budget` is only judged against)."""
     from memprof.script.device import SimulatedCuda, StopSimulation
-    from memprof.script.measure import MeasuredCuda
 
     if not os.path.isfile(path):
         raise UsageError(f"no script at {path}: give the path of a Python file")
@@ -53,7 +50,7 @@ def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: 
     args = list(args)
     sim = kind(budget, steps=steps, user_file=path, label=script_label(path, args))
     sim.script_args = args
-    saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
+    saved_argv = sys.argv
     sys.argv = [path, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     try:
