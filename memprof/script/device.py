@@ -856,6 +856,9 @@ class SimulatedCuda:
             self.note("gpu", "a GPU is present, but this run is a simulation of the budget's card (predicted)")
         self._start = time.perf_counter()
         self.rules = cuda_rules(self.device, self.rule_spec())
+        from memprof.simulation.fake_compat import register_meta_kernels
+
+        register_meta_kernels()
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.tracker = _SimTracker(self.rules, self)
         self._fed, self._alloc = [], None

@@ -38,7 +38,7 @@ from memprof.harness import apply_precision, prepare
 from memprof.optims import REGISTRY as OPTIMS, build_optimizer
 from memprof.simulation.attribution import ModuleAttribution
 from memprof.simulation.distributed import local
-from memprof.simulation.fake_compat import fake_storage
+from memprof.simulation.fake_compat import fake_storage, register_meta_kernels
 from memprof.simulation.rule import copy_state as _copy_state
 from memprof.simulation.tracker import StorageTracker
 from memprof.spec import OPTIMIZER_FIELDS, RunSpec, forward_group
@@ -101,6 +101,7 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
 
     with torch.device("meta"):
         prepared = prepare(spec, load_weights=False)
+    register_meta_kernels()
     model, mode = prepared.model, FakeTensorMode()
     stack_of = repeated_blocks.block_stack(model) if repeat_blocks else None
     initial = [_copy_state(vars(r)) for r in rules]  # to trace afresh if the blocks do not repeat

@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import (DataDependentOutputException, Dynamic
 
 from memprof.simulation import distributed
 from memprof.simulation.distributed import local
-from memprof.simulation.fake_compat import fake_storage
+from memprof.simulation.fake_compat import fake_storage, register_meta_kernels
 from memprof.harness import apply_precision, prepare, train_steps
 from memprof.models import resolve_model
 from memprof.simulation.attribution import ModuleAttribution
@@ -131,6 +131,7 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
     alone and the stream is the same on every run.
     """
     modes = [r.mode() for r in rules if hasattr(r, "mode")]
+    register_meta_kernels()
     with no_gc():
         if fake:  # constructors run outside the fake mode, on the meta device (memprof.simulation.fake_compat)
             with torch.device("meta"):
