@@ -86,6 +86,29 @@ def format_size(nbytes: float | None) -> str:
         return f"{nbytes / KiB:.1f} KiB"
     return f"{nbytes:.0f} B"
 _LOOKS_LIKE_SIZE = re.compile(r"^\s*\d")
+_PLAIN_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(TiB|GiB|MiB|KiB|B)\s*$")
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes from a size such as `2GiB`, `2 GiB`, `512MiB` or `100B` (binary units, as every figure memprof
+    prints); anything else is a one-line UsageError naming `flag`."""
+    m = _PLAIN_SIZE.match(str(text))
+    if not m:
+        raise UsageError(f"{flag} '{text}': give a size in TiB, GiB, MiB, KiB or B, e.g. 2GiB")
+    return int(float(m.group(1)) * {**_UNITS, "KiB": KiB, "B": 1}[m.group(2)])
+
+
+def parse_headroom(text: str, usable_bytes: int, flag: str = "--headroom") -> int:
+    """The bytes to keep free of `usable_bytes`: a share of it (`5%`) or a size (`1GiB`); at most half of it."""
+    m = _PERCENT.match(str(text))
+    if not m and not _PLAIN_SIZE.match(str(text)):
+        raise UsageError(f"{flag} '{text}': give a share of the card's usable memory (5%) or a size (1GiB)")
+    held = round(usable_bytes * float(m.group(1)) / 100) if m else parse_size(text, flag)
+    if held > usable_bytes // 2:
+        raise UsageError(f"{flag} {text}: at most half the card's usable memory ({format_size(usable_bytes // 2)}), "
+                         f"e.g. {flag} 5%")
+    return held
 
 
 def parse_budget(text: str) -> DeviceProfile:

@@ -191,7 +191,8 @@ def cmd_fit(args) -> int:
     from memprof.reports.planner import render_fit, write_fit_reports
     from memprof.results import RunDirectory
 
-    plan = plan_fit(_run_options(args, max_batch_size=args.max_batch_size, batch_size=None), args.batch_size)
+    plan = plan_fit(_run_options(args, max_batch_size=args.max_batch_size, headroom=args.headroom, batch_size=None),
+                    args.batch_size)
     try:
         with RunDirectory(plan.out_dir):
             for line in [plan.announce, *plan.notes]:
@@ -207,14 +208,14 @@ def cmd_fit(args) -> int:
         raise UsageError(f"--budget {tried[0]['spec']['budget']} is too small for batch 1 of every configuration "
                          f"asked for; the largest that fits: {best or 'none of the registered models'}")
     paths = write_fit_reports(records, plan.out_dir)
-    print(render_fit(records))
+    print(render_fit(records, terminal_width()))
     _note(f"memprof: wrote {os.path.join(plan.out_dir, 'results.jsonl')} and {', '.join(sorted(paths.values()))}")
     return _finish(records, plan.out_dir)
 
 
 def cmd_advise(args) -> int:
     from memprof.results import load_verdicts
-    from memprof.planning.advise import advice, render_advice
+    from memprof.planning.advise import advice, render_advice, render_advice_terminal
     from memprof.plan import execute, plan_advise
     from memprof.results import RESULTS_FILE, RunDirectory, write_text
 
@@ -236,7 +237,7 @@ def cmd_advise(args) -> int:
         return _interrupted(ap.run.out_dir, exc, resume=None)
     result = advice(ap.candidates, records, ap.not_modelled, ap.not_applicable, verdicts)
     write_text(os.path.join(ap.run.out_dir, "advise.md"), render_advice(result))
-    print(render_advice(result, terminal_width()))
+    print(render_advice_terminal(result, terminal_width(), os.path.join(ap.run.out_dir, "advise.md")))
     _note(f"memprof: wrote {os.path.join(ap.run.out_dir, 'results.jsonl')} and "
           f"{os.path.join(ap.run.out_dir, 'advise.md')}")
     return _finish(list(records.values()), ap.run.out_dir)
@@ -617,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     _grid_options(fit, PROFILES)
     fit.add_argument("--max-batch-size", type=int, default=None,
                      help="upper bound of the search (default: 4096); reaching it is said")
+    fit.add_argument("--headroom", default=None,
+                     help="keep this much of the card's usable memory free: a share (5%%) or a size (1GiB); the "
+                          "answer is then the largest batch whose peak reserved leaves it (default: none)")
     fit.add_argument("--batch-size", default=None, help=argparse.SUPPRESS)  # rejected: fit searches it
     fit.set_defaults(func=cmd_fit, snapshot=None, nvml_period_ms=None)
 

@@ -27,6 +27,7 @@ RUN_OPTIONS = {
     "optim_in_backward": "off", "resident": "tower", "freeze": None, "input_shape": None, "executor": "local",
     "ray_address": None, "parallel": "none", "world_size": 1, "bucket_cap_mb": None, "grad_as_bucket_view": None,
     "reshard_after_forward": None,  # None: not given (DDP's default off, FSDP's default on)
+    "headroom": None,  # fit: memory kept free of the card's usable memory (5% or 1GiB); None: none
 }
 EXECUTORS = ("local", "ray")
 # Named sets of options. paper-2022: the paper grid as its 2022 setup ran it. PyTorch before 2.0 ran the
@@ -173,7 +174,8 @@ class RunPlan:
             from memprof.planning.fit import DEFAULT_MAX_BATCH_SIZE
 
             return {"max_batch_size": self.options["max_batch_size"] or DEFAULT_MAX_BATCH_SIZE,
-                    "probe_options": backend, "timeout_s": self.options["timeout_s"]}
+                    "probe_options": backend, "timeout_s": self.options["timeout_s"],
+                    "headroom": self.options["headroom"]}
         return backend
 
 
@@ -209,7 +211,14 @@ def plan_fit(opts: dict, batch_size: str | None = None) -> RunPlan:
         refusal = get(opts["backend"]).fit_refusal
         if refusal:
             raise UsageError(refusal, option="backend")
-    return plan_run({**opts, "batch_size": "1"}, task="fit")
+    plan = plan_run({**opts, "batch_size": "1"}, task="fit")
+    if opts["headroom"] is not None:
+        from memprof.budget import parse_budget, parse_headroom
+
+        budget = plan.entries[0].spec.budget if plan.entries else "device"
+        with option("headroom"):  # the device's own size is known only when it runs: the form is checked here
+            parse_headroom(opts["headroom"], 1 << 62 if budget == "device" else parse_budget(budget).usable_bytes)
+    return plan
 
 
 @dataclass

@@ -26,7 +26,7 @@ KEYS = {"backend": str, "models": str, "optims": str, "grad_ckpt": str, "state_b
         "nvml_period_ms": (int, float), "snapshot": str}
 # run options a [[run]] does not set: they belong to the `memprof suite` command (one output directory, one
 # executor, one progress bar for every run) or to another command (fit's search bound)
-COMMAND_OPTIONS = ("out", "resume", "retry_failed", "progress", "jobs", "executor", "ray_address", "max_batch_size")
+COMMAND_OPTIONS = ("out", "resume", "retry_failed", "progress", "jobs", "executor", "ray_address", "max_batch_size", "headroom")
 
 
 @dataclass(frozen=True)

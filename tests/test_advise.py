@@ -39,9 +39,25 @@ def test_the_first_line_answers_and_a_roomy_budget_needs_nothing(capsys, tmp_pat
     assert code == 0, err
     first = out.splitlines()[0]
     assert first.startswith("cheapest change that fits: ") and "predicted" in first
-    assert "SGD (freeze-embed)" in out and "| no " not in first
+    assert "GiB usable on 423MiB (0.41 GiB card)" in out  # the verdict names usable memory and the card
+    assert "SGD (freeze-embed)" in (tmp_path / "423MiB" / "advise.md").read_text() and "| no " not in first
     code, out, err = _advise(capsys, tmp_path, "8GiB")  # negative control: nothing to change
     assert code == 0 and out.startswith("the configuration already fits 8GiB")
+
+
+def test_the_terminal_gets_the_answer_and_a_short_list_the_file_gets_everything(capsys, tmp_path, monkeypatch):
+    from memprof.planning.advise import SHOWN
+
+    monkeypatch.setenv("COLUMNS", "100")
+    code, out, err = _advise(capsys, tmp_path, "423MiB", "--state-bits", "32")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert max(len(line) for line in lines) <= 100 or str(tmp_path) in lines[-1], out  # a path does not split
+    assert len(lines) <= 15 + SHOWN and "more candidates" in out and lines[-1].endswith("advise.md"), out
+    full = (tmp_path / "423MiB" / "advise.md").read_text()  # negative control: the file is the long form
+    assert len(full.splitlines()) > len(lines) and max(len(line) for line in full.splitlines()) > 100
+    listed = [line for line in full.splitlines() if line.startswith("| ") and "GiB" not in line]
+    assert len(listed) > SHOWN + 1  # every candidate
 
 
 def test_advise_starts_from_one_configuration(capsys, tmp_path):

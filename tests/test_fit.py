@@ -107,3 +107,78 @@ def test_a_budget_too_small_for_anything_names_what_fits(tmp_path, capsys):
                      "simulate", "--jobs", "1", "--no-progress", "--out", str(tmp_path / "o")])
     _, err = capsys.readouterr()
     assert code == 2 and "too small for batch 1 of every configuration" in err and "Traceback" not in err
+
+
+# --- headroom and what the table shows ---------------------------------------------------------------------
+
+GIB, MIB = 1 << 30, 1 << 20
+
+
+class _Predicted:
+    source = "predicted"
+
+
+def _synthetic(batch):
+    peak = GIB + batch * 100 * MIB
+    from memprof.budget import parse_budget
+
+    return {"status": "ok" if peak <= parse_budget("12GiB").usable_bytes else "oom",
+            "metrics": {"peak_reserved_bytes": peak}}
+
+
+def test_headroom_keeps_that_share_of_usable_memory_free():
+    from memprof.budget import parse_budget
+
+    usable = parse_budget("12GiB").usable_bytes
+    spec = RunSpec("test-vit", "sgd", budget="12GiB")
+    _, plain = fit_config(spec, _synthetic, _Predicted())
+    _, kept = fit_config(spec, _synthetic, _Predicted(), headroom="10%")
+    assert plain["max_batch_size"] == (usable - GIB) // (100 * MIB)
+    assert kept["max_batch_size"] == (round(0.9 * usable) - GIB) // (100 * MIB)
+    assert kept["next_batch_status"] == "over headroom" and kept["search_headroom_bytes"] == round(0.1 * usable)
+    _, sized = fit_config(spec, _synthetic, _Predicted(), headroom="1GiB")
+    assert sized["max_batch_size"] == (usable - 2 * GIB) // (100 * MIB)
+    _, none_kept = fit_config(spec, _synthetic, _Predicted(), headroom="0%")  # negative control: nothing kept
+    assert none_kept["max_batch_size"] == plain["max_batch_size"]
+
+
+@pytest.mark.parametrize("value, expect", [("5x", "give a share of the card's usable memory (5%) or a size"),
+                                           ("60%", "at most half the card's usable memory"),
+                                           ("20GiB", "at most half")])
+def test_bad_headroom_is_one_line(tmp_path, capsys, value, expect):
+    code = cli.main(["fit", "--models", "test-vit", "--optims", "sgd", "--budget", "titan-x", "--headroom", value,
+                     "--out", str(tmp_path / "o")])
+    _, err = capsys.readouterr()
+    assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+
+
+def _fit_record(fits: str, notes_long: bool = False) -> dict:
+    model = "timm:vit_huge_patch14_clip_224.laion2b_ft_in12k_in1k" if notes_long else "vit-l-14"
+    return {"task": "fit", "status": "ok", "source": "predicted", "environment": {"device": "cpu-simulated"},
+            "spec": {"model": model, "optim": "sgd", "grad_ckpt": False, "state_bits": 32, "budget": "rtx4090",
+                     "precision": "fp32"},
+            "metrics": {"max_batch_size": 51, "peak_reserved_bytes": 23.51 * GIB, "peak_reserved_bytes_upper":
+                        23.9 * GIB, "fits": fits, "next_batch_status": "oom", "search_budget_bytes": 23.6 * GIB,
+                        "search_headroom_bytes": 0, "monotone": not notes_long, "probes": [{}] * 6}}
+
+
+def test_the_fit_table_shows_may_not_fit_and_the_headroom_that_surely_fits():
+    from memprof.reports.planner import render_fit
+
+    for width in (None, 100):
+        shown = render_fit([_fit_record("may not fit")], width)
+        assert "may not" in shown and "--headroom 2% gives a batch that surely fits" in shown
+        calm = render_fit([_fit_record("yes")], width)  # negative control: a band within the card
+        assert "| may not" not in calm and "  may not " not in calm and "--headroom 2%" not in calm
+        assert "99.6" in calm  # the answer's share of usable memory
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_the_terminal_fit_table_fits_the_terminal(width):
+    from memprof.reports.planner import render_fit
+
+    records = [_fit_record("may not fit", notes_long=False), _fit_record("may not fit", notes_long=True)]
+    records[1]["spec"]["model"] = "vit-h-14"
+    shown = render_fit(records, width)
+    assert max(len(line) for line in shown.splitlines()) <= width, shown
+    assert max(len(line) for line in render_fit(records).splitlines()) > width  # the file keeps every column

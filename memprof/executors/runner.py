@@ -277,7 +277,7 @@ def run_grid(entries: list[GridEntry], out_dir: str, backend: str = "simulate", 
             def probe(batch: int, spec=spec) -> dict:
                 return run_isolated(replace(spec, batch_size=batch), backend, probe_options, options.get("timeout_s"))
 
-            status, metrics = fit_config(spec, probe, chosen, options.get("max_batch_size"))
+            status, metrics = fit_config(spec, probe, chosen, options.get("max_batch_size"), options.get("headroom"))
             from_worker(i, {"status": status, "metrics": metrics, "error": None, "device": None, "elapsed_s": None})
     elif runs_in_caller(chosen, jobs, len(todo)):
         for i in todo:

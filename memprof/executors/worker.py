@@ -65,7 +65,7 @@ def run_request(request: dict) -> tuple[str, dict]:
         from memprof.planning.fit import fit_config
 
         return fit_config(spec, backend.probe(spec, **options.get("probe_options", {})), backend,
-                          options.get("max_batch_size"))
+                          options.get("max_batch_size"), options.get("headroom"))
     outcome = as_outcome(backend.run(spec, **options))
     return outcome.status, {**outcome.metrics, **outcome.artifacts}  # a record names its files among its metrics
 

@@ -160,23 +160,34 @@ class Advice:
     usable_bytes: int
     source: str
 
+    total_bytes: int = 0  # the card's size
+
+    @property
+    def card(self) -> str:
+        """The card named with its usable memory and size, where a verdict is given."""
+        return f"{_gib(self.usable_bytes)} GiB usable on {self.budget_label} ({_gib(self.total_bytes)} GiB card)"
+
     @property
     def answer(self) -> str:
+        """Two lines: the answer (with where its figures come from), then its figures and its cost."""
         base = next(r for r in self.rows if not r["changes"])
+        kind = self.source.split(",")[0]
         if base["fits"]:
-            return (f"the configuration already fits {self.budget_label}: {_gib(base['peak_reserved_bytes'])} GiB "
-                    f"reserved, {_gib(base['headroom_bytes'])} GiB headroom ({self.source})")
+            return (f"the configuration already fits {self.budget_label} ({kind})\n"
+                    f"{_gib(base['peak_reserved_bytes'])} GiB reserved of {self.card}, "
+                    f"{_gib(base['headroom_bytes'])} GiB headroom ({self.source})")
         fitting = sorted((r for r in self.rows if r["fits"] and r["changes"]),
                          key=lambda r: (r["cost_rank"], r["peak_reserved_bytes"]))
         if not fitting:
             closest = min((r for r in self.rows if r["peak_reserved_bytes"] is not None),
                           key=lambda r: r["peak_reserved_bytes"])
-            return (f"no single change or pair fits {self.budget_label}; the closest: {closest['change']} "
-                    f"({_gib(closest['peak_reserved_bytes'])} GiB reserved, {self.source})")
+            return (f"no single change or pair fits {self.budget_label} ({kind})\n"
+                    f"the closest: {closest['change']}, {_gib(closest['peak_reserved_bytes'])} GiB reserved of "
+                    f"{self.card} ({self.source})")
         best = fitting[0]
-        return (f"cheapest change that fits: {best['change']} ({_gib(best['peak_reserved_bytes'])} GiB reserved, "
-                f"{_gib(best['headroom_bytes'])} GiB headroom on {self.budget_label}; cost: {best['cost']}; "
-                f"{self.source})")
+        return (f"cheapest change that fits: {best['change']} ({kind})\n"
+                f"{_gib(best['peak_reserved_bytes'])} GiB reserved of {self.card}, {_gib(best['headroom_bytes'])} "
+                f"GiB headroom; cost: {best['cost']} ({self.source})")
 
 
 def _gib(v) -> str:
@@ -203,7 +214,7 @@ def advice(candidates_: list[Candidate], records: dict, not_modelled, not_applic
         })
     rows.sort(key=lambda r: (r["peak_reserved_bytes"] is None, r["peak_reserved_bytes"] or 0))
     source = f"{records[candidates_[0].spec.key]['source']}, {records[candidates_[0].spec.key]['environment'].get('device')}"
-    return Advice(rows, not_modelled, not_applicable, budget.name, budget.usable_bytes, source)
+    return Advice(rows, not_modelled, not_applicable, budget.name, budget.usable_bytes, source, budget.total_bytes)
 
 
 def _verdict(verdicts: dict, spec) -> str:
@@ -216,26 +227,54 @@ def _verdict(verdicts: dict, spec) -> str:
     return ""
 
 
-def render_advice(a: Advice, width: int | None = None) -> str:
-    """The answer, then every candidate ranked; `width`: fitted to a terminal that wide (else markdown)."""
+SHOWN = 5  # candidates the terminal lists after the answer; advise.md has them all
+
+
+def render_advice(a: Advice) -> str:
+    """The answer, then every candidate ranked by peak, what is not modelled and what does not apply
+    (markdown, advise.md)."""
     from tabulate import tabulate
 
-    from memprof.reports.table4 import fit_table
-
-    table = [[r["change"], _gib(r["peak_reserved_bytes"]), _gib(r["headroom_bytes"]),
-              "yes" if r["fits"] and not r["may_not_fit"] else "may not" if r["fits"] else
-              ("no" if r["status"] == "oom" else r["status"]), r["cost"], r["accuracy"]] for r in a.rows]
+    table = [[r["change"], _gib(r["peak_reserved_bytes"]), _gib(r["headroom_bytes"]), _fits(r), r["cost"],
+              r["accuracy"]] for r in a.rows]
     out = [a.answer, "", f"# What fits {a.budget_label}", "",
            f"Every figure is {a.source}; ranked by peak reserved. Headroom: the card's usable memory "
            f"({_gib(a.usable_bytes)} GiB, after the CUDA context) minus peak reserved. 'may not': fits, but the "
            "prediction's uncertainty band reaches past the budget. Accuracy: accuracy mode's verdict for that "
            "setting, where one was given (`--accuracy-from`).", "",
-           ""]
-    headers = ["change", "peak reserved GiB", "headroom GiB", "fits", "cost", "accuracy"]
-    out[-1] = fit_table(table, headers, width) if width else tabulate(table, headers=headers, tablefmt="github")
+           tabulate(table, headers=["change", "peak reserved GiB", "headroom GiB", "fits", "cost", "accuracy"],
+                    tablefmt="github")]
     if a.not_modelled:
         out += ["", "Not modelled in this version (no prediction): " + "; ".join(
             f"{c.name} ({c.not_modelled_why})" for c in a.not_modelled) + "."]
     if a.not_applicable:
         out += ["", "Not applicable here: " + "; ".join(f"{name} ({why})" for name, why in a.not_applicable) + "."]
     return "\n".join(out) + "\n"
+
+
+def render_advice_terminal(a: Advice, width: int, full_path: str) -> str:
+    """For a terminal `width` columns wide: the answer, the configuration as given, and the SHOWN cheapest
+    changes that fit (cost rank, then peak: the answer's order), then where the rest is."""
+    import textwrap
+
+    from memprof.reports.table4 import fit_table
+
+    base = next(r for r in a.rows if not r["changes"])
+    fitting = sorted((r for r in a.rows if r["fits"] and r["changes"]),
+                     key=lambda r: (r["cost_rank"], r["peak_reserved_bytes"]))
+    shown = [base, *fitting[:SHOWN]]
+    table = [[r["change"], _gib(r["peak_reserved_bytes"]), _gib(r["headroom_bytes"]), _fits(r)] for r in shown]
+    rest = len(a.rows) - len(shown)
+    lines = [*(textwrap.fill(line, width) for line in a.answer.splitlines()), "",
+             textwrap.fill(f"The configuration as given and the {len(shown) - 1} cheapest changes that fit "
+                           f"{a.budget_label} ({_gib(a.usable_bytes)} GiB usable), cheapest first:", width), "",
+             fit_table(table, ["change", "reserved GiB", "headroom GiB", "fits"], width), "",
+             textwrap.fill(f"{rest} more candidates, what each costs, and what is not modelled or does not apply: "
+                           f"{full_path}", width, break_long_words=False, break_on_hyphens=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _fits(r: dict) -> str:
+    if r["fits"]:
+        return "may not" if r["may_not_fit"] else "yes"
+    return "no" if r["status"] == "oom" else r["status"]

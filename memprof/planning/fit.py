@@ -25,10 +25,16 @@ class Probe:
     peak_bytes: int | None  # PEAK_FIELD of the probe (an OOM prediction still has its full need)
     metrics: dict = field(default_factory=dict)
     error: str | None = None
+    within_headroom: bool = True  # with --headroom: the peak leaves that much of the card free
 
     @property
     def fits(self) -> bool:
-        return self.status == "ok"
+        return self.status == "ok" and self.within_headroom
+
+    @property
+    def verdict(self) -> str:
+        """The status, or "over headroom" for a run that fits the card but not with the headroom kept free."""
+        return "over headroom" if self.status == "ok" and not self.within_headroom else self.status
 
 
 @dataclass
@@ -130,11 +136,11 @@ def search(probe: Callable[[int], Probe], budget_bytes: float, max_batch_size: i
     return done(lo)
 
 
-def as_probe(batch: int, run, predicted: bool) -> Probe:
+def as_probe(batch: int, run, predicted: bool, limit_bytes: float | None = None) -> Probe:
     """A probe from one run at `batch`: `run(batch)` returns an Outcome (memprof.backends.base) or a worker's
     result dict ({"status", "metrics", "error"}); an exception is a failed probe, which stops the search and
     says why. A predicted OOM carries the full need; a measured one stops at the failing request, so its peak
-    is not used."""
+    is not used. `limit_bytes` (with --headroom): a run that fits counts only when its peak is within it."""
     from memprof.errors import describe
 
     try:
@@ -146,7 +152,8 @@ def as_probe(batch: int, run, predicted: bool) -> Probe:
     else:
         status, metrics, error = out.status, out.metrics, None
     peak = metrics.get(PEAK_FIELD) if status == "ok" or (status == "oom" and predicted) else None
-    return Probe(batch, status, peak, metrics, error)
+    within = limit_bytes is None or status != "ok" or peak is None or peak <= limit_bytes
+    return Probe(batch, status, peak, metrics, error, within)
 
 
 def usable_bytes(budget: str) -> float:
@@ -156,39 +163,46 @@ def usable_bytes(budget: str) -> float:
     return parse_budget(budget).usable_bytes
 
 
-def fit_metrics(result: FitResult, budget_bytes: float) -> dict:
+def fit_metrics(result: FitResult, budget_bytes: float, headroom_bytes: int = 0) -> dict:
     """A fit as record metrics: the answer, the peak there and the verdict at the next batch, the probes,
-    the linear fit."""
+    the linear fit; `budget_bytes` is the limit searched against (usable memory less `headroom_bytes`)."""
     at = result.at_max
     nxt = result.next_up
     return {
         **(at.metrics if at else {}),
         "max_batch_size": result.max_batch_size,
-        "next_batch_status": nxt.status if nxt else None,
+        "next_batch_status": nxt.verdict if nxt else None,
         "capped_at_max_batch_size": result.capped,
         "monotone": result.monotone,
         "fit_fixed_bytes": None if result.fixed_bytes is None else round(result.fixed_bytes),
         "fit_bytes_per_sample": None if result.per_sample_bytes is None else round(result.per_sample_bytes),
         "fit_residual_bytes": None if result.residual_bytes is None else round(result.residual_bytes),
         "search_budget_bytes": budget_bytes,
-        "probes": [{"batch_size": p.batch_size, "status": p.status, PEAK_FIELD: p.peak_bytes,
+        "search_headroom_bytes": headroom_bytes,
+        "probes": [{"batch_size": p.batch_size, "status": p.verdict, PEAK_FIELD: p.peak_bytes,
                     "peak_reserved_bytes": p.metrics.get("peak_reserved_bytes")} for p in result.probes],
         "search_failure": result.failed,
     }
 
 
-def fit_config(spec, probe, backend, max_batch_size: int | None = None) -> tuple[str, dict]:
+def fit_config(spec, probe, backend, max_batch_size: int | None = None,
+               headroom: str | None = None) -> tuple[str, dict]:
     """(status, metrics) of the search for `spec` (its batch size is ignored) with `probe(batch)` (a backend's
     probe, memprof.backends.base.Backend.probe, or a run in a fresh process): "ok" with a max_batch_size, "oom"
-    when not even batch 1 fits, "error" when a probe failed before any answer."""
+    when not even batch 1 fits, "error" when a probe failed before any answer. `headroom` (`5%`, `1GiB`,
+    memprof.budget.parse_headroom): the answer's peak reserved leaves that much of the usable memory free."""
     from memprof.backends.base import PREDICTED
+    from memprof.budget import parse_headroom
 
-    budget = usable_bytes(spec.budget) if spec.budget != "device" else device_usable_bytes(backend)
+    usable = usable_bytes(spec.budget) if spec.budget != "device" else device_usable_bytes(backend)
+    held = 0 if headroom is None or usable == float("inf") else parse_headroom(headroom, int(usable))
+    limit = usable - held
     predicted = backend.source == PREDICTED
-    result = search(lambda batch: as_probe(batch, probe, predicted), budget, max_batch_size or DEFAULT_MAX_BATCH_SIZE)
+    result = search(lambda batch: as_probe(batch, probe, predicted, limit if held else None), limit,
+                    max_batch_size or DEFAULT_MAX_BATCH_SIZE)
     status = "error" if result.failed and result.max_batch_size is None else (
         "oom" if result.max_batch_size is None else "ok")
-    return status, fit_metrics(result, budget)
+    return status, fit_metrics(result, limit, held)
 
 
 def device_usable_bytes(backend) -> float:

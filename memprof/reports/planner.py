@@ -9,6 +9,8 @@ import os
 
 from tabulate import tabulate
 
+from memprof.reports.table4 import fit_table
+
 GIB = 1 << 30
 MIB = 1 << 20
 
@@ -42,11 +44,20 @@ def fit_rows(records: list[dict]) -> list[dict]:
             notes.append("peak is not monotone in batch size (allocator effects)")
         if m.get("search_failure") and r["status"] == "ok":
             notes.append(f"search stopped: {m['search_failure']}")
+        usable = (m.get("search_budget_bytes") or 0) + (m.get("search_headroom_bytes") or 0)
+        may_not_fit = r["status"] == "ok" and m.get("fits") == "may not fit"
+        if may_not_fit:
+            notes.append(f"may not fit: the uncertainty band reaches past usable memory; --headroom "
+                         f"{suggested_headroom_pct(m, usable)}% gives a batch that surely fits")
         rows.append({
             "config": _config(r), "model": r["spec"]["model"], "optim": r["spec"]["optim"],
             "budget": r["spec"]["budget"], "source": r["source"], "device": r["environment"].get("device"),
             "status": r["status"], "max_batch_size": m.get("max_batch_size"),
             "peak_reserved_bytes": m.get("peak_reserved_bytes"), "peak_allocated_bytes": m.get("peak_allocated_bytes"),
+            "usable_bytes": usable or None, "headroom_bytes": m.get("search_headroom_bytes") or 0,
+            "share_of_usable_pct": (round(100 * m["peak_reserved_bytes"] / usable, 1)
+                                    if usable and usable != float("inf") and m.get("peak_reserved_bytes") else None),
+            "fits": ("may not" if may_not_fit else "yes") if r["status"] == "ok" else "no",
             "next_batch_status": m.get("next_batch_status"), "fixed_bytes": m.get("fit_fixed_bytes"),
             "bytes_per_sample": m.get("fit_bytes_per_sample"), "residual_bytes": m.get("fit_residual_bytes"),
             "probes": len(m.get("probes", [])), "notes": "; ".join(notes),
@@ -54,23 +65,53 @@ def fit_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
-def render_fit(records: list[dict]) -> str:
+def suggested_headroom_pct(metrics: dict, usable_bytes: float) -> int:
+    """The whole percentage of usable memory that covers the answer's uncertainty band (upper reserved minus
+    reserved): what --headroom needs for a batch that surely fits."""
+    import math
+
+    band = (metrics.get("peak_reserved_bytes_upper") or 0) - (metrics.get("peak_reserved_bytes") or 0)
+    return max(1, math.ceil(100 * band / usable_bytes)) if usable_bytes and usable_bytes != float("inf") else 1
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def render_fit(records: list[dict], width: int | None = None) -> str:
+    """The fit table: markdown with every column (fit.md), or for a terminal `width` columns wide the answer's
+    columns only (the linear fit stays in fit.md and fit.csv)."""
     rows = fit_rows(records)
     if not rows:
         return ""
     sources = sorted({f"{r['source']} ({r['device']})" for r in rows})
-    table = [[r["config"], r["budget"], r["max_batch_size"] if r["max_batch_size"] is not None else "none",
-              _gib(r["peak_reserved_bytes"]), r["next_batch_status"] or "", _gib(r["fixed_bytes"]),
-              "n/a" if r["bytes_per_sample"] is None else f"{r['bytes_per_sample'] / MIB:.1f}",
-              "n/a" if r["residual_bytes"] is None else f"{r['residual_bytes'] / MIB:.1f}", r["probes"], r["notes"]]
-             for r in rows]
-    return ("# Largest micro-batch that fits\n\n"
-            f"Figures: **{', '.join(sources)}**. Each probe is a full prediction (or a measurement in a fresh process) "
-            "at one batch size; it fits when its status is ok (peak reserved within the card's usable memory). "
-            "The peak is at the largest batch that fits; 'next' is the verdict one batch above. Linear fit of peak "
-            "reserved against batch over every probe: fixed + per sample x batch, with its largest residual.\n\n"
-            + tabulate(table, headers=["config", "budget", "max batch", "peak reserved GiB", "next", "fixed GiB",
-                                       "MiB / sample", "residual MiB", "probes", "notes"], tablefmt="github") + "\n")
+    held = sorted({r["headroom_bytes"] for r in rows})
+    kept = (f" With --headroom, {', '.join(_gib(h) for h in held)} GiB of it is kept free: a batch fits only when its "
+            "peak leaves that." if any(held) else "")
+    intro = (f"Figures: **{', '.join(sources)}**. Each probe is a full prediction (or a measurement in a fresh process) "
+             "at one batch size; it fits when its status is ok (peak reserved within the card's usable memory: the "
+             f"card minus the CUDA context).{kept} 'fits': 'may not' where the prediction's uncertainty band at the "
+             "answer reaches past usable memory (the note says the --headroom that surely fits). 'next' is the "
+             "verdict one batch above.")
+    answer = [[r["config"], r["max_batch_size"] if r["max_batch_size"] is not None else "none",
+               _gib(r["peak_reserved_bytes"]), _pct(r["share_of_usable_pct"]), r["fits"], r["next_batch_status"] or ""]
+              for r in rows]
+    headers = ["config", "max batch", "peak reserved GiB", "% of usable", "fits", "next"]
+    if width:  # the notes under the table, each wrapped to the terminal
+        import textwrap
+
+        notes = [textwrap.fill(f"{r['config']}: {r['notes']}", width, subsequent_indent="  ")
+                 for r in rows if r["notes"]]
+        return (f"# Largest micro-batch that fits {', '.join(sorted({r['budget'] for r in rows}))}\n\n"
+                + fit_table(answer, headers, width) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else ""))
+    table = [a[:1] + [r["budget"]] + a[1:] + [
+        _gib(r["fixed_bytes"]), "n/a" if r["bytes_per_sample"] is None else f"{r['bytes_per_sample'] / MIB:.1f}",
+        "n/a" if r["residual_bytes"] is None else f"{r['residual_bytes'] / MIB:.1f}", r["probes"], r["notes"]]
+        for a, r in zip(answer, rows)]
+    return ("# Largest micro-batch that fits\n\n" + intro + " Linear fit of peak reserved against batch over every "
+            "probe: fixed + per sample x batch, with its largest residual.\n\n"
+            + tabulate(table, headers=headers[:1] + ["budget"] + headers[1:] + [
+                "fixed GiB", "MiB / sample", "residual MiB", "probes", "notes"], tablefmt="github") + "\n")
 
 
 def render_fit_csv(records: list[dict]) -> str:

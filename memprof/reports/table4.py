@@ -128,21 +128,29 @@ def _size(nbytes: int) -> str:
 
 def fit_table(rows: list, headers: list, width: int, tablefmt: str = "simple") -> str:
     """A table for the terminal, `width` columns wide at most where it can be: headers wrap to their
-    column, and the widest prose columns wrap (tabulate's maxcolwidths) until it fits; names (no spaces)
-    never split. Files keep the full text."""
+    column, and the widest prose columns wrap (tabulate's maxcolwidths) until the rendered table fits; names
+    (no spaces) never split. Files keep the full text."""
     cells = [[str(c) for c in row] for row in rows]
     words = [max([len(w) for w in str(h).replace("-", "- ").split()] or [1]) for h in headers]
-    natural = [max([words[i]] + [len(r[i]) for r in cells]) for i in range(len(headers))]
-    limits = list(natural)
-    gap = 2 * len(headers)
+    limits = [max([words[i]] + [len(r[i]) for r in cells]) for i in range(len(headers))]
     prose = [any(" " in r[i] for r in cells) for i in range(len(headers))]  # wraps at spaces; names would break
-    while sum(limits) + gap > width:  # only prose wraps: a name split in two is worse than a wide table
+
+    def render() -> str:
+        return tabulate(cells, headers=headers, tablefmt=tablefmt, maxcolwidths=limits, maxheadercolwidths=limits,
+                        disable_numparse=True)
+
+    def shrink() -> bool:  # only prose wraps: a name split in two is worse than a wide table
         candidates = [i for i in range(len(limits)) if prose[i] and limits[i] > max(10, words[i])]
-        if not candidates:
-            break
-        limits[max(candidates, key=limits.__getitem__)] -= 1
-    return tabulate(cells, headers=headers, tablefmt=tablefmt, maxcolwidths=limits, maxheadercolwidths=limits,
-                    disable_numparse=True)
+        if candidates:
+            limits[max(candidates, key=limits.__getitem__)] -= 1
+        return bool(candidates)
+
+    while sum(limits) + 2 * len(headers) > width and shrink():  # the widest prose first, a column at a time
+        pass
+    text = render()
+    while max(len(line) for line in text.splitlines()) > width and shrink():  # what padding adds
+        text = render()
+    return text
 
 
 def _verdict_text(verdict: dict | None) -> str:
