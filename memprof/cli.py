@@ -438,9 +438,9 @@ def cmd_list(args) -> int:
     elif args.what == "optims":
         from memprof.optims import REGISTRY
 
-        rows = [[o.name, o.label, o.factory, o.bnb_8bit or "-", "yes" if o.freeze_embed else "",
-                 o.state_tensors_per_param, o.description] for o in REGISTRY.values()]
-        print(fit_table(rows, ["name", "paper name", "class", "8-bit class", "freeze-embed", "states per param",
+        rows = [[o.name, o.label, o.factory + (f" (8-bit: {o.bnb_8bit})" if o.bnb_8bit else ""),
+                 "yes" if o.freeze_embed else "", o.state_tensors_per_param, o.description] for o in REGISTRY.values()]
+        print(fit_table(rows, ["name", "paper name", "class (8-bit class)", "freeze-embed", "states per param",
                                "description"], width))
         print("\n`--optims all` runs all of them; `--optims paper` runs Table 4's four.")
     elif args.what == "backends":

@@ -135,9 +135,10 @@ def fit_table(rows: list, headers: list, width: int, tablefmt: str = "simple") -
     limits = [max([words[i]] + [len(r[i]) for r in cells]) for i in range(len(headers))]
     prose = [any(" " in r[i] for r in cells) for i in range(len(headers))]  # wraps at spaces; names would break
 
-    def render() -> str:
-        return tabulate(cells, headers=headers, tablefmt=tablefmt, maxcolwidths=limits, maxheadercolwidths=limits,
-                        disable_numparse=True)
+    def render() -> str:  # without the padding tabulate leaves at a line's end: a terminal wraps on it too
+        return "\n".join(line.rstrip() for line in tabulate(
+            cells, headers=headers, tablefmt=tablefmt, maxcolwidths=limits, maxheadercolwidths=limits,
+            disable_numparse=True).splitlines())
 
     def shrink() -> bool:  # only prose wraps: a name split in two is worse than a wide table
         candidates = [i for i in range(len(limits)) if prose[i] and limits[i] > max(10, words[i])]
