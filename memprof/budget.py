@@ -86,22 +86,28 @@ def format_size(nbytes: float | None) -> str:
         return f"{nbytes / KiB:.1f} KiB"
     return f"{nbytes:.0f} B"
 _LOOKS_LIKE_SIZE = re.compile(r"^\s*\d")
-_PLAIN_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(TiB|GiB|MiB|KiB|B)\s*$")
+SIZE_UNITS = {"B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "TiB": TiB,
+              "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12}
+_PLAIN_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(" + "|".join(SIZE_UNITS) + r")\s*$")
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 
 def parse_size(text: str, flag: str) -> int:
-    """Bytes from a size such as `2GiB`, `2 GiB`, `512MiB` or `100B` (binary units, as every figure memprof
-    prints); anything else is a one-line UsageError naming `flag`."""
+    """Bytes from a positive size such as `2GiB`, `2 GiB`, `512MiB`, `8 GB` or `100B` (binary units as every
+    figure memprof prints, or decimal ones as card vendors write); the one size syntax of the package (flags,
+    the pytest plugin's limits). Anything else is a one-line UsageError naming `flag`."""
     m = _PLAIN_SIZE.match(str(text))
-    if not m:
-        raise UsageError(f"{flag} '{text}': give a size in TiB, GiB, MiB, KiB or B, e.g. 2GiB")
-    return int(float(m.group(1)) * {**_UNITS, "KiB": KiB, "B": 1}[m.group(2)])
+    if not m or float(m.group(1)) <= 0:
+        raise UsageError(f"{flag} {text!r}: give a size such as \"6 GiB\" or \"512 MiB\" "
+                         f"(units: {', '.join(SIZE_UNITS)})")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
 
 
 def parse_headroom(text: str, usable_bytes: int, flag: str = "--headroom") -> int:
     """The bytes to keep free of `usable_bytes`: a share of it (`5%`) or a size (`1GiB`); at most half of it."""
     m = _PERCENT.match(str(text))
+    if m and float(m.group(1)) == 0:
+        return 0
     if not m and not _PLAIN_SIZE.match(str(text)):
         raise UsageError(f"{flag} '{text}': give a share of the card's usable memory (5%) or a size (1GiB)")
     held = round(usable_bytes * float(m.group(1)) / 100) if m else parse_size(text, flag)

@@ -4,11 +4,15 @@
     def test_step_fits(cuda_memory):
         cuda_memory.step(build, step, batch)
 
+    @pytest.mark.limit_cuda_memory("6 GiB", budget="rtx4090", metric="reserved")  # what the card runs out of
+
 `cuda_memory.step(build, step, batch)` runs a user's step (memprof.api): predicted without a GPU (the
 simulation: allocated bytes torch.cuda would report on the budget card), measured with one (torch.cuda's
 max_memory_allocated), or live tensor bytes on the CPU; `--memprof-backend` chooses (auto: cuda where a
-GPU is present, else simulate). A peak over the marker's limit fails the test with the breakdown at the
-peak and the op where it happened. `--memprof` prints one line per step after the run (peak, predicted or
+GPU is present, else simulate). The limit is checked against allocated bytes by default, or with
+`metric="reserved"` against reserved bytes (torch.cuda.max_memory_reserved: the allocator's cache included,
+which is what a card runs out of; the cpu backend has none). A peak over the limit fails the test with the
+breakdown at the peak and the op where it happened. `--memprof` prints one line per step after the run (peak, predicted or
 measured, budget); `--memprof-json PATH` writes the results records `memprof compare` reads. A bad limit,
 an unknown budget, a marker on a test without the fixture, or a limited test that never runs a step is a
 usage error or a failure, never a silent pass.
@@ -22,39 +26,47 @@ import sys
 
 import pytest
 
-_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
-          "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12}
-_LIMIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(" + "|".join(_UNITS) + r")\s*$")
+METRICS = {"allocated": "peak_allocated_bytes", "reserved": "peak_reserved_bytes"}  # marker metric= -> field
 _RECORDS = pytest.StashKey[list]()
 DEFAULT_BUDGET = "titan-x"
 
 
 def parse_limit(text) -> int:
-    """'6 GiB', '512MiB', '8 GB' (or a whole number of bytes) -> bytes; ValueError names the fix."""
+    """'6 GiB', '512MiB', '8 GB' (or a whole number of bytes) -> bytes (memprof.budget.parse_size, the
+    package's one size syntax); ValueError names the fix."""
+    from memprof.budget import parse_size
+    from memprof.errors import UsageError
+
     if isinstance(text, int) and not isinstance(text, bool) and text > 0:
         return text
-    m = _LIMIT.match(str(text))
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"limit_cuda_memory({text!r}): give a size such as \"6 GiB\" or \"512 MiB\" "
-                         f"(units: {', '.join(_UNITS)})")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        return parse_size(text, "limit_cuda_memory")
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
 
 
-def _marker_args(marker) -> tuple[int, str]:
-    """(limit bytes, budget) of a limit_cuda_memory marker; ValueError on a bad limit or budget."""
+def _marker_args(marker) -> tuple[int, str, str]:
+    """(limit bytes, budget, metric) of a limit_cuda_memory marker; ValueError on a bad limit, budget or metric."""
+    import difflib
+
     from memprof.budget import parse_budget
     from memprof.errors import UsageError
 
-    if len(marker.args) != 1 or set(marker.kwargs) - {"budget"}:
-        raise ValueError("limit_cuda_memory takes one limit and an optional budget=, e.g. "
-                         "@pytest.mark.limit_cuda_memory(\"6 GiB\", budget=\"rtx4090\")")
+    if len(marker.args) != 1 or set(marker.kwargs) - {"budget", "metric"}:
+        raise ValueError("limit_cuda_memory takes one limit and an optional budget= and metric=, e.g. "
+                         "@pytest.mark.limit_cuda_memory(\"6 GiB\", budget=\"rtx4090\", metric=\"reserved\")")
     limit = parse_limit(marker.args[0])
     budget = marker.kwargs.get("budget", DEFAULT_BUDGET)
     try:
         parse_budget(str(budget))
     except UsageError as exc:
         raise ValueError(f"limit_cuda_memory budget={budget!r}: {exc}") from None
-    return limit, budget
+    metric = marker.kwargs.get("metric", "allocated")
+    if metric not in METRICS:
+        close = difflib.get_close_matches(str(metric), list(METRICS), n=1, cutoff=0.5)
+        raise ValueError(f"limit_cuda_memory metric={metric!r}: use {' or '.join(map(repr, METRICS))}"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return limit, budget, metric
 
 
 def pytest_addoption(parser):
@@ -68,8 +80,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "limit_cuda_memory(limit, budget='titan-x'): fail when the peak of the "
-                                       "steps the test runs through the cuda_memory fixture exceeds limit")
+    config.addinivalue_line("markers", "limit_cuda_memory(limit, budget='titan-x', metric='allocated'): fail when "
+                                       "the peak (allocated, or reserved) of the steps the test runs through the "
+                                       "cuda_memory fixture exceeds limit")
     config.stash[_RECORDS] = []
     path = config.getoption("memprof_json", None)
     if path:
@@ -133,7 +146,8 @@ class CudaMemory:
     def __init__(self, node, config):
         self.node, self.config = node, config
         marker = node.get_closest_marker("limit_cuda_memory")
-        self.limit_bytes, self.budget = _marker_args(marker) if marker else (None, DEFAULT_BUDGET)
+        self.limit_bytes, self.budget, self.metric = _marker_args(marker) if marker else (None, DEFAULT_BUDGET,
+                                                                                           "allocated")
         self.backend = _backend(config)
         self.results: list = []
         self.called = False
@@ -155,9 +169,12 @@ class CudaMemory:
         self.config.stash[_RECORDS].append((self.node.nodeid, self.limit_bytes, result))
         if result.record["status"] == "error":
             pytest.fail(f"cuda_memory: the step failed: {result.record['error']}", pytrace=False)
-        peak = result.peak_bytes
+        peak = result.peak_bytes if self.metric == "allocated" else result.record["metrics"].get(METRICS[self.metric])
+        if peak is None and self.limit_bytes is not None:
+            pytest.fail(f"cuda_memory: the {self.backend.name} backend reports no {self.metric} peak (it has no "
+                        f"caching allocator): use metric=\"allocated\" or another --memprof-backend", pytrace=False)
         if self.limit_bytes is not None and (result.record["status"] == "oom" or peak > self.limit_bytes):
-            pytest.fail(f"cuda_memory: {result.record['source']} peak {_size(peak)} exceeds the limit "
+            pytest.fail(f"cuda_memory: {result.record['source']} peak {self.metric} {_size(peak)} exceeds the limit "
                         f"{_size(self.limit_bytes)} (budget {self.budget})\n{result}", pytrace=False)
         return result
 

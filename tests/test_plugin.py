@@ -147,3 +147,37 @@ def test_the_plugin_is_a_pytest11_entry_point():
     """Installed with the package: pip registers the entry point from pyproject.toml."""
     project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     assert project["project"]["entry-points"]["pytest11"] == {"memprof": "memprof.pytest_plugin"}
+
+
+def test_the_limit_checks_reserved_when_the_marker_says_so(pytester):
+    """A limit between the step's allocated and reserved peaks passes on allocated (the default) and fails on
+    reserved; the allocated run is the negative control."""
+    from memprof import api
+
+    exec(STEP, namespace := {})
+    probe = api.predict_step(namespace["build"], namespace["step"], namespace["batch"], budget="titan-x")
+    allocated, reserved = probe.peak_allocated_bytes, probe.peak_reserved_bytes
+    assert allocated < reserved
+    limit = (allocated + reserved) // 2
+    result = run(pytester, f'''
+@pytest.mark.limit_cuda_memory({limit})
+def test_allocated(cuda_memory):
+    cuda_memory.step(build, step, batch)
+
+
+@pytest.mark.limit_cuda_memory({limit}, metric="reserved")
+def test_reserved(cuda_memory):
+    cuda_memory.step(build, step, batch)
+''')
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*test_reserved*", "*peak reserved * exceeds the limit*"])
+
+
+def test_an_unknown_metric_is_a_usage_error_with_the_close_match(pytester):
+    result = run(pytester, '''
+@pytest.mark.limit_cuda_memory("6 GiB", metric="reserve")
+def test_x(cuda_memory):
+    cuda_memory.step(build, step, batch)
+''')
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*metric='reserve': use 'allocated' or 'reserved' (did you mean 'reserved'?)*"])
