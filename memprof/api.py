@@ -19,6 +19,10 @@ from typing import Any, Callable
 from memprof.errors import UsageError
 
 from memprof.backends.base import MEASURED, PREDICTED
+from memprof.options import OPTIONS, SUITE
+
+# the keywords predict/measure take beyond their named parameters: every grid option of the table
+RUN_KEYWORDS = tuple(o.name for o in OPTIONS if SUITE in o.commands and o.name not in ("models", "optims", "backend"))
 from memprof.results import Result, _gib  # noqa: F401  (memprof.Result; the size formatter results print with)
 
 
@@ -47,18 +51,18 @@ def _switch(value, name: str) -> str:
         return "on" if value else "off"
     if not isinstance(value, str):
         raise UsageError(f"{name}={value!r}: give True/False or 'on'/'off'")
-    values = parse_switch(value, name)
+    values = parse_switch(value, "--" + name.replace("_", "-"))  # the message `memprof run` gives
     if len(values) != 1:
         raise UsageError(f"{name}={value!r}: give one value, True/False or 'on'/'off' (a grid is `memprof run`'s)")
     return "on" if values[0] else "off"
 
 
-def _run_one(model, optimizer, backend: str, source: str, out: str | None, **options) -> Result:
-    """One configuration through plan_run and execute (the CLI's path, the same option table and checks), into
-    `out` or a temporary directory, on a backend whose figures are `source` (predicted or measured)."""
+def plan_one(model, optimizer, backend: str, source: str, out: str, **options):
+    """The validated plan of one configuration: the options checked against the table (memprof.options) by
+    plan_run, as `memprof run` and a suite's [[run]] are."""
     from memprof.backends.registry import get
     from memprof.executors.runner import runs_in_caller
-    from memprof.plan import execute, plan_run, run_options
+    from memprof.plan import plan_run, run_options
 
     chosen = get(backend)
     if chosen.source != source:
@@ -76,10 +80,21 @@ def _run_one(model, optimizer, backend: str, source: str, out: str | None, **opt
     for number in ("batch_size", "state_bits"):
         if number in options and not isinstance(options[number], str):
             options[number] = str(options[number])
+    unknown = sorted(set(options) - set(RUN_KEYWORDS))
+    if unknown:
+        from memprof.errors import unknown_name
+
+        raise unknown_name("keyword", unknown[0], RUN_KEYWORDS, "help(memprof.predict)")
+    return plan_run(run_options(models=name, optims=optimizer, backend=backend, out=out, progress=False, **options))
+
+
+def _run_one(model, optimizer, backend: str, source: str, out: str | None, **options) -> Result:
+    """One configuration through plan_one and execute (the CLI's path, the same option table and checks), into
+    `out` or a temporary directory, on a backend whose figures are `source` (predicted or measured)."""
+    from memprof.plan import execute
+
     with tempfile.TemporaryDirectory(prefix="memprof-api-") as tmp:
-        opts = run_options(models=name, optims=optimizer, backend=backend, out=out or os.path.join(tmp, "run"),
-                           progress=False, **options)
-        records = execute(plan_run(opts))
+        records = execute(plan_one(model, optimizer, backend, source, out or os.path.join(tmp, "run"), **options))
     return Result(records[-1])
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 
 from memprof.errors import UsageError, UserCodeError, WriteFailed
+from memprof.options import FIT, RUN, add_options
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -100,16 +101,11 @@ def _finish(records: list[dict], out_dir: str) -> int:
 
 
 def _run_options(args, **extra) -> dict:
+    """The run options the command line gave (the table's, memprof.options), `extra` overriding them."""
+    from memprof.options import given_options
     from memprof.plan import run_options
 
-    names = ("models", "optims", "grad_ckpt", "state_bits", "paged", "batch_size", "steps", "budget", "num_classes",
-             "pretrained", "backend", "out", "resume", "retry_failed", "jobs", "timeout_s", "snapshot",
-             "nvml_period_ms", "precision", "optim_impl", "optim_in_backward", "resident", "freeze", "input_shape",
-             "executor", "ray_address", "parallel", "world_size", "bucket_cap_mb", "grad_as_bucket_view",
-             "reshard_after_forward")
-    names = tuple(n for n in names if hasattr(args, n))
-    return run_options(getattr(args, "preset", None), progress=not args.no_progress,
-                       **{n: getattr(args, n) for n in names if n not in extra}, **extra)
+    return run_options(getattr(args, "preset", None), **{**given_options(args), **extra})
 
 
 def report(records: list[dict], out_dir: str, metric: str | None) -> None:
@@ -191,8 +187,7 @@ def cmd_fit(args) -> int:
     from memprof.reports.planner import render_fit, write_fit_reports
     from memprof.results import RunDirectory
 
-    plan = plan_fit(_run_options(args, max_batch_size=args.max_batch_size, headroom=args.headroom, batch_size=None),
-                    args.batch_size)
+    plan = plan_fit(_run_options(args, batch_size=None), args.batch_size)
     try:
         with RunDirectory(plan.out_dir):
             for line in [plan.announce, *plan.notes]:
@@ -253,13 +248,12 @@ def _plan_accuracy(args, run_options: dict | None = None):
     """Accuracy mode's plan; after a run (`run --accuracy`), for the run's models and optimizers."""
     from memprof.plan import accuracy_options, plan_accuracy
 
-    given = run_options or {"models": args.models, "optims": args.optims}
+    setting = ("models", "optims", "grad_ckpt", "state_bits", "batch_size", "pretrained", "num_classes", "precision",
+               "optim_impl", "optim_in_backward")
+    given = {k: run_options[k] for k in setting} if run_options else {k: getattr(args, k) for k in setting}
     return plan_accuracy(accuracy_options(
-        models=given["models"], optims=given["optims"], grad_ckpt=args.grad_ckpt, state_bits=args.state_bits,
-        batch_size=args.batch_size, pretrained=args.pretrained, num_classes=args.num_classes,
-        train_steps=args.train_steps, lr_sgd=args.lr_sgd, lr_adaptive=args.lr_adaptive, data=args.data,
-        seed=args.seed, backend=args.accuracy_backend, progress=not args.no_progress, precision=args.precision,
-        optim_impl=args.optim_impl, optim_in_backward=args.optim_in_backward))
+        **given, train_steps=args.train_steps, lr_sgd=args.lr_sgd, lr_adaptive=args.lr_adaptive, data=args.data,
+        seed=args.seed, backend=args.accuracy_backend, progress=not args.no_progress))
 
 
 def _execute_accuracy(accuracy, out_dir: str) -> None:
@@ -296,22 +290,14 @@ def cmd_accuracy(args) -> int:
 def cmd_suite(args) -> int:
     """Every [[run]] of a suite file into one results.jsonl; all runs are validated before the first starts,
     and an error names the line of the key it concerns."""
-    from memprof.plan import execute, plan_run, run_options, writable_dir
+    from memprof.plan import execute, plan_suite, writable_dir
     from memprof.results import RunDirectory
-    from memprof.suite import load_suite
 
-    runs = load_suite(args.file)
     name = os.path.splitext(os.path.basename(args.file))[0]
     out_dir = writable_dir(args.out if args.out is not None else
                            os.path.join("reports", "runs", f"suite-{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    plans = []
-    for run in runs:
-        try:
-            plans.append(plan_run(run_options(**run.options, out=out_dir, resume=args.resume,
-                                              retry_failed=args.retry_failed, progress=not args.no_progress,
-                                              executor=args.executor, ray_address=args.ray_address)))
-        except UsageError as exc:
-            raise UsageError(f"{args.file}:{run.line_of(exc.option)}: {exc}") from None
+    plans = plan_suite(args.file, out=out_dir, resume=args.resume, retry_failed=args.retry_failed,
+                       progress=not args.no_progress, executor=args.executor, ray_address=args.ray_address)
     try:
         with RunDirectory(out_dir):
             for plan in plans:
@@ -483,79 +469,18 @@ def _accuracy_options(p) -> None:
 
 
 def _model_source_options(p) -> None:
-    p.add_argument("--freeze", metavar="GLOB[,GLOB]", default=None,
-                   help="the embedding layer freeze-embed optimizers freeze: module-name globs of the network, "
-                        "overriding the model's declared one (e.g. 'patch_embed,norm_pre')")
-    p.add_argument("--input-shape", metavar="CxHxW", default=None,
-                   help="input image shape of timm:/torchvision:/py: models (required where the model cannot say, "
-                        "e.g. a py: factory), e.g. 3x224x224; open_clip towers keep their own")
-
-
-def _grid_options(p, profiles) -> None:
-    """The options of a grid that `run` and `fit` share."""
-    p.add_argument("--models", help="comma list of models, or `paper` (default: paper)")
-    p.add_argument("--optims", help="comma list of optimizers, `paper` or `all` (default: paper)")
-    p.add_argument("--grad-ckpt", default="off", help="off, on or off,on (default: off)")
-    p.add_argument("--state-bits", default="32", help="optimizer state bits: 32, 8 or 32,8 (8: bitsandbytes "
-                                                      "block-wise 8-bit states)")
-    p.add_argument("--paged", action="store_true", help="8-bit states in bitsandbytes' paged optimizers "
-                                                        "(CUDA managed memory, outside torch's allocator)")
-    p.add_argument("--steps", type=int, default=2, help="training steps per config (default: 2, the minimum)")
-    p.add_argument("--budget", default=None,
-                   help="card or size whose memory decides OOM: titan-x (12 GiB, the paper's card size; the "
-                        f"simulation's default), {', '.join(list(profiles)[1:])} (`memprof list budgets`), a size "
-                        "such as 11GiB, or device (the whole GPU; the measuring backends' default). On a bigger "
-                        "GPU the cuda backend emulates the budget by capping the allocator")
-    p.add_argument("--num-classes", type=int, default=10, help="classes of the new linear head (default: 10)")
-    p.add_argument("--pretrained", help="weights: a local file, or an open_clip tag found in the local cache")
-    _model_source_options(p)
-    p.add_argument("--backend", default="auto",
-                   help="auto (default: cuda where a GPU is present, else simulate), cuda (measure with torch.cuda "
-                        "and NVML), simulate (predict), cpu (measure live tensor bytes on the CPU), or a backend "
-                        "another package registers (entry-point group memprof.backends)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out: skip configurations already "
-                                                         "in its results.jsonl")
-    p.add_argument("--retry-failed", action="store_true", help="with --resume: also rerun configurations that "
-                                                               "errored or crashed")
-    p.add_argument("--timeout-s", type=float, default=None, help="cpu/cuda: a worker running longer is crashed")
-    p.add_argument("--out", help="output directory (default: reports/runs/<timestamp>); one that holds results "
-                                 "needs --resume")
-    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: up to 2, one per core)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _training_options(p)
-    _executor_options(p)
-    p.add_argument("--parallel", default="none", help="none, ddp, fsdp or a comma list: predict rank 0 of "
-                   "--world-size ranks (fake process group; simulate backend) (default: none)")
-    p.add_argument("--world-size", type=int, default=1, help="ranks of --parallel (1..1024; default: 1)")
-    p.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket_cap_mb (default: DDP's 25, with a "
-                   "1 MiB first bucket)")
-    p.add_argument("--grad-as-bucket-view", default=None, help="DDP gradient_as_bucket_view: off, on or off,on "
-                   "(default: off)")
-    p.add_argument("--reshard-after-forward", default=None, help="FSDP reshard_after_forward: on, off or off,on "
-                   "(default: on)")
+    add_options(p, None, ("freeze", "input_shape"))
 
 
 def _executor_options(p) -> None:
-    p.add_argument("--executor", choices=["local", "ray"], default="local", help="local (default: worker processes "
-                   "here) or ray (one Ray task per configuration; pip install -e '.[ray]')")
-    p.add_argument("--ray-address", default=None, help="with --executor ray: auto, or ray://host:10001 (default: "
-                   "start Ray on this machine)")
+    add_options(p, None, ("executor", "ray_address"))
 
 
 def _training_options(p) -> None:
-    p.add_argument("--resident", help="what is on the device: tower (the image tower and head, "
-                   "default), clip (also CLIP's text tower and logit scale, frozen and unused), or tower,clip")
-    p.add_argument("--precision", default="fp32", help="fp32, bf16-amp, fp16-amp, bf16 (model in bfloat16), comma "
-                   "list or all (default: fp32)")
-    p.add_argument("--optim-impl", help="optimizer implementation: foreach, fused, forloop, comma "
-                   "list or all (default: foreach)")
-    p.add_argument("--optim-in-backward", default="off", help="step each parameter from its post-accumulate-grad "
-                   "hook: off, on or off,on (default: off)")
+    add_options(p, None, ("resident", "precision", "optim_impl", "optim_in_backward"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from memprof.budget import PROFILES
-
     parser = _Parser(prog="memprof", description="Peak GPU memory of fine-tuning vision transformers: "
                      "measured on a GPU, predicted by a CUDA-faithful simulation on a CPU.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -565,8 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "peak memory. Without a GPU the figures are predicted by the simulation. "
                                      "Exit status: 0 when every configuration gave a result (ok, oom, skipped), "
                                      "1 when any errored or crashed, 2 for bad input.")
-    _grid_options(run, PROFILES)
-    run.add_argument("--batch-size", default="1", help="micro-batch sizes, comma list (default: 1)")
+    add_options(run, RUN)  # every run option, from the one table (memprof.options)
     from memprof.plan import PRESETS
 
     run.add_argument("--preset", choices=list(PRESETS), default=None,
@@ -577,11 +501,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     run.add_argument("--metric", choices=list(METRICS), default=None,
                      help="figure shown in the table (default: reserved; live for the cpu backend)")
-    run.add_argument("--snapshot", metavar="DIR", help="write an allocator snapshot per config for "
-                                                       "https://pytorch.org/memory_viz: recorded (cuda) or predicted "
-                                                       "(simulate)")
-    run.add_argument("--nvml-period-ms", type=float, default=None, help="cuda: NVML sampling period (default: 5; "
-                                                                        "0 = off)")
     run.add_argument("--accuracy", action="store_true",
                      help="then train each configuration for real and add its verdict to the table (see `accuracy`)")
     _accuracy_options(run)
@@ -615,12 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "prediction (simulate) or a measurement in a fresh process (cuda). Writes "
                                      "results.jsonl (one search per configuration, with its probes), fit.md/.csv and "
                                      "fit.png (peak against batch size).")
-    _grid_options(fit, PROFILES)
-    fit.add_argument("--max-batch-size", type=int, default=None,
-                     help="upper bound of the search (default: 4096); reaching it is said")
-    fit.add_argument("--headroom", default=None,
-                     help="keep this much of the card's usable memory free: a share (5%%) or a size (1GiB); the "
-                          "answer is then the largest batch whose peak reserved leaves it (default: none)")
+    add_options(fit, FIT)
     fit.add_argument("--batch-size", default=None, help=argparse.SUPPRESS)  # rejected: fit searches it
     fit.set_defaults(func=cmd_fit, snapshot=None, nvml_period_ms=None)
 

@@ -16,19 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 from memprof.errors import UsageError
+from memprof.options import RUN_OPTIONS  # every option of a run, with its default (the table: memprof.options)
 from memprof.results import FAILED, RESULTS_FILE, RunDirectory, read_records
 
-# every option of a run, with its default (CLI flags are these names with dashes)
-RUN_OPTIONS = {
-    "models": "paper", "optims": "paper", "grad_ckpt": "off", "state_bits": "32", "paged": False,
-    "batch_size": "1", "steps": 2, "budget": None, "num_classes": 10, "pretrained": None, "backend": "auto",
-    "out": None, "resume": False, "retry_failed": False, "jobs": None, "timeout_s": None, "snapshot": None,
-    "nvml_period_ms": None, "progress": True, "max_batch_size": None, "precision": "fp32", "optim_impl": "foreach",
-    "optim_in_backward": "off", "resident": "tower", "freeze": None, "input_shape": None, "executor": "local",
-    "ray_address": None, "parallel": "none", "world_size": 1, "bucket_cap_mb": None, "grad_as_bucket_view": None,
-    "reshard_after_forward": None,  # None: not given (DDP's default off, FSDP's default on)
-    "headroom": None,  # fit: memory kept free of the card's usable memory (5% or 1GiB); None: none
-}
 EXECUTORS = ("local", "ray")
 # Named sets of options. paper-2022: the paper grid as its 2022 setup ran it. PyTorch before 2.0 ran the
 # optimizers' for-loop implementation on CUDA; 2.0 made foreach the default (pytorch/pytorch PR 92306 and
@@ -194,6 +184,20 @@ def run_options(preset: str | None = None, **given) -> dict:
     return {**RUN_OPTIONS, **PRESETS.get(preset, {}), **{k: v for k, v in given.items() if v is not None}}
 
 
+def plan_suite(path: str, **command) -> list[RunPlan]:
+    """Every [[run]] of a suite file as a validated plan, each with the `memprof suite` command's options
+    (out, resume, executor, ...); an error names the file and the line of the key it concerns."""
+    from memprof.suite import load_suite
+
+    plans = []
+    for run in load_suite(path):
+        try:
+            plans.append(plan_run(run_options(**run.options, **command)))
+        except UsageError as exc:
+            raise UsageError(f"{path}:{run.line_of(exc.option)}: {exc}") from None
+    return plans
+
+
 def plan_fit(opts: dict, batch_size: str | None = None) -> RunPlan:
     """A validated `memprof fit`: the grid of a run without batch sizes (the search finds them); a
     `batch_size` given is bad input."""
@@ -277,7 +281,8 @@ def parallel_axes(opts: dict, state_bits: list, backend: str) -> list[dict]:
                          "sharded (DTensor) parameters; use --state-bits 32", option="state_bits")
     cap = opts.get("bucket_cap_mb")
     if cap is not None and not (isinstance(cap, (int, float)) and 0 < cap < float("inf")):
-        raise UsageError(f"--bucket-cap-mb {cap}: give a positive number of MiB (DDP's default: 25)",
+        shown = f"{cap:g}" if isinstance(cap, (int, float)) and not isinstance(cap, bool) else repr(cap)
+        raise UsageError(f"--bucket-cap-mb {shown}: give a positive number of MiB (DDP's default: 25)",
                          option="bucket_cap_mb")
     for name, kind in (("bucket_cap_mb", "ddp"), ("grad_as_bucket_view", "ddp"), ("reshard_after_forward", "fsdp")):
         if opts.get(name) is not None and kind not in kinds:

@@ -17,16 +17,12 @@ import tomllib
 from dataclasses import dataclass
 
 from memprof.errors import UsageError
+from memprof.options import OPTIONS, SUITE, SUITE_KEYS, SWITCH
 
-KEYS = {"backend": str, "models": str, "optims": str, "grad_ckpt": str, "state_bits": (str, int),
-        "batch_size": (str, int), "steps": int, "budget": str, "num_classes": int, "pretrained": str, "paged": bool,
-        "precision": str, "optim_impl": str, "optim_in_backward": str, "resident": str, "preset": str,
-        "freeze": str, "input_shape": str, "parallel": str, "world_size": int, "bucket_cap_mb": (int, float),
-        "grad_as_bucket_view": str, "reshard_after_forward": str, "timeout_s": (int, float),
-        "nvml_period_ms": (int, float), "snapshot": str}
+KEYS = {**SUITE_KEYS, "preset": str}  # a [[run]]'s keys: every grid option of the table, and a preset
 # run options a [[run]] does not set: they belong to the `memprof suite` command (one output directory, one
-# executor, one progress bar for every run) or to another command (fit's search bound)
-COMMAND_OPTIONS = ("out", "resume", "retry_failed", "progress", "jobs", "executor", "ray_address", "max_batch_size", "headroom")
+# executor, one progress bar for every run) or to another command (fit's search bound and headroom)
+COMMAND_OPTIONS = tuple(o.name for o in OPTIONS if SUITE not in o.commands)
 
 
 @dataclass(frozen=True)
@@ -85,7 +81,9 @@ def load_suite(path: str) -> list[SuiteRun]:
             line = _line_of(text, i, key)
             if key not in KEYS:
                 raise UsageError(f"{path}:{line}: unknown key '{key}' (known: {', '.join(KEYS)})")
-            if not isinstance(value, KEYS[key]) or (isinstance(value, bool) and KEYS[key] is not bool):
+            types = KEYS[key] if isinstance(KEYS[key], tuple) else (KEYS[key],)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
                 raise UsageError(f"{path}:{line}: '{key}' has the wrong type ({type(value).__name__})")
-        out.append(SuiteRun(_line_of(text, i, None), dict(run), {k: _line_of(text, i, k) for k in run}))
+        options = {k: ("on" if v else "off") if isinstance(v, bool) and KEYS[k] == SWITCH else v for k, v in run.items()}
+        out.append(SuiteRun(_line_of(text, i, None), options, {k: _line_of(text, i, k) for k in run}))
     return out

@@ -131,7 +131,8 @@ def fit_table(rows: list, headers: list, width: int, tablefmt: str = "simple") -
     column, and the widest prose columns wrap (tabulate's maxcolwidths) until the rendered table fits; names
     (no spaces) never split. Files keep the full text."""
     cells = [[str(c) for c in row] for row in rows]
-    words = [max([len(w) for w in str(h).replace("-", "- ").split()] or [1]) for h in headers]
+    words = [max([len(w) for w in str(h).replace("-", "- ").split()] + [len(w) for r in cells for w in r[i].split()]
+                 or [1]) for i, h in enumerate(headers)]  # the longest word of a column: it never splits
     limits = [max([words[i]] + [len(r[i]) for r in cells]) for i in range(len(headers))]
     prose = [any(" " in r[i] for r in cells) for i in range(len(headers))]  # wraps at spaces; names would break
 

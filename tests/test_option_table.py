@@ -1,0 +1,133 @@
+"""The option table (memprof.options) behind every front door: for each grid option, `memprof run`, a suite's
+[[run]] and memprof.predict accept the same value and plan the same configurations (same keys, same options),
+and a bad value gets the same one-line error from all three."""
+
+import pytest
+
+from memprof import cli
+from memprof.api import RUN_KEYWORDS, plan_one
+from memprof.errors import UsageError
+from memprof.options import OPTIONS, SUITE
+from memprof.plan import plan_run, plan_suite
+
+BASE = {"models": "test-vit", "optims": "sgd-fe"}
+# option -> (value as the command line gives it, as TOML and Python give it, options it needs, a bad value and the
+# error it gets). A value is not the default, so a front door that dropped it would plan something else.
+EXAMPLES = {
+    "grad_ckpt": ("on", True, {}, "maybe", "--grad-ckpt"),
+    "state_bits": ("8", 8, {}, "16", "--state-bits"),
+    "paged": (None, True, {"state_bits": 8}, None, None),
+    "batch_size": ("4", 4, {}, "0", "--batch-size 0"),
+    "steps": ("3", 3, {}, "0", "--steps 0"),
+    "budget": ("rtx4090", "rtx4090", {}, "rtx-4090", "did you mean rtx4090"),
+    "num_classes": ("5", 5, {}, "0", "--num-classes"),
+    "pretrained": (None, None, {}, "/nonexistent/weights.pt", "/nonexistent/weights.pt"),
+    "freeze": ("conv1", "conv1", {}, None, None),  # a glob that matches nothing is found when the model is built
+    "input_shape": (None, None, {}, "3x224", "--input-shape"),
+    "backend": ("cpu", "cpu", {}, "simulat", "did you mean simulate"),
+    "resident": ("clip", "clip", {"models": "vit-b-16"}, "gpu", "unknown resident 'gpu'"),
+    "precision": ("bf16-amp", "bf16-amp", {}, "fp8", "unknown precision 'fp8': did you mean fp32?"),
+    "optim_impl": ("fused", "fused", {}, "fast", "unknown optimizer implementation 'fast'"),
+    "optim_in_backward": ("on", True, {}, "maybe", "--optim-in-backward"),
+    "parallel": ("ddp", "ddp", {"world_size": 2}, "dp", "unknown parallelism 'dp': did you mean ddp, fsdp?"),
+    "world_size": ("2", 2, {"parallel": "ddp"}, "0", "--world-size 0"),
+    "bucket_cap_mb": ("10", 10, {"parallel": "ddp"}, "-1", "--bucket-cap-mb"),
+    "grad_as_bucket_view": ("on", "on", {"parallel": "ddp"}, "maybe", "--grad-as-bucket-view"),
+    "reshard_after_forward": ("off", "off", {"parallel": "fsdp"}, "maybe", "--reshard-after-forward"),
+    "timeout_s": ("100", 100, {}, "-5", "--timeout-s"),
+    "snapshot": ("SNAP", "SNAP", {}, None, None),
+    "nvml_period_ms": (None, None, {}, "10", "--nvml-period-ms applies to the cuda backend, not simulate"),
+}
+GRID = [o.name for o in OPTIONS if SUITE in o.commands and o.name not in BASE]
+
+
+def test_every_grid_option_has_an_example():
+    assert sorted(GRID) == sorted(EXAMPLES)
+    assert sorted(RUN_KEYWORDS) == sorted(n for n in GRID if n != "backend")  # control: the API takes each
+    # (backend is a named parameter of predict and measure)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _toml(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else repr(value).replace("'", '"')
+
+
+def _via_cli(tmp_path, options: dict) -> object:
+    options = {**BASE, **options}
+    argv = ["run", "--out", str(tmp_path / "cli")]
+    for name, value in options.items():
+        argv += [_flag(name)] if value is True and name == "paged" else [_flag(name), str(value)]
+    return plan_run(cli._run_options(cli.build_parser().parse_args(argv)))
+
+
+def _via_suite(tmp_path, options: dict) -> object:
+    path = tmp_path / "suite.toml"
+    path.write_text("[[run]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in {**BASE, "backend": "simulate",
+                                                                             **options}.items()))
+    return plan_suite(str(path), out=str(tmp_path / "suite"), progress=False)[0]
+
+
+def _via_api(tmp_path, options: dict) -> object:
+    from memprof.backends.registry import BUILTIN, get
+
+    options = {**BASE, **options}
+    backend = options.pop("backend", "simulate")
+    source = get(backend).source if backend in BUILTIN else "predicted"  # predict() or measure()
+    return plan_one(options.pop("models"), options.pop("optims"), backend, source, str(tmp_path / "api"), **options)
+
+
+def _same(plan) -> tuple:
+    """What a plan runs: each configuration (its spec: the record key), its skip reason, the backend, and what
+    each record carries beyond its spec."""
+    import os
+
+    recorded = [plan.options["timeout_s"], plan.options["nvml_period_ms"],
+                plan.options["snapshot"] and os.path.basename(plan.options["snapshot"])]
+    return [e.spec for e in plan.entries], [e.skip_reason for e in plan.entries], plan.backend, \
+        [None if v is None else float(v) if isinstance(v, (int, float)) else v for v in recorded]
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_run_suite_and_predict_plan_the_same(tmp_path, name):
+    cli_value, value, needs, _, _ = EXAMPLES[name]
+    if value is None:
+        pytest.skip(f"{name}: no value that plans on this machine without a file (its bad value is checked)")
+    given_cli = {**{k: str(v) for k, v in needs.items()}, name: cli_value if cli_value is not None else value}
+    given = {**needs, name: value}
+    if name == "snapshot":
+        given_cli[name] = given[name] = str(tmp_path / "SNAP")
+    planned = [_same(_via_cli(tmp_path, given_cli)), _same(_via_suite(tmp_path, dict(given))),
+               _same(_via_api(tmp_path, dict(given)))]
+    assert planned[0] == planned[1] == planned[2]
+    try:  # negative control: the same without the option
+        default = _same(_via_api(tmp_path, dict(needs)))
+    except UsageError:  # an option that needs this one (world_size 2 needs parallel)
+        default = _same(_via_api(tmp_path, {k: v for k, v in needs.items() if k == "models"}))
+    assert planned[0] != default, f"{name}={value!r} plans the same as its default: the check could not fail"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in EXAMPLES if EXAMPLES[n][3] is not None))
+def test_a_bad_value_gets_the_same_one_line_error_from_every_front_door(tmp_path, name):
+    _, _, needs, bad, expect = EXAMPLES[name]
+    errors = []
+    needs = {"backend": "simulate", **needs}  # the CLI's auto is simulate here; said, so every door plans alike
+    for via, given in ((_via_cli, {**{k: str(v) for k, v in needs.items()}, name: bad}),
+                       (_via_suite, {**needs, name: _typed(name, bad)}), (_via_api, {**needs, name: _typed(name, bad)})):
+        with pytest.raises(UsageError) as exc:
+            via(tmp_path, given)
+        errors.append(str(exc.value))
+    assert all(expect in e and "\n" not in e for e in errors), errors
+    assert errors[1].endswith(errors[0]) and errors[2] == errors[0], errors  # the suite adds its file:line
+
+
+def _typed(name: str, text: str):
+    """The bad value as TOML and Python give it: a number where the option is a number."""
+    option = next(o for o in OPTIONS if o.name == name)
+    if option.toml[0] is int or (int in option.toml and str not in option.toml):
+        return int(text)
+    if float in option.toml and str not in option.toml:
+        return float(text)
+    return text
