@@ -106,3 +106,70 @@ def test_blocks_that_differ_are_traced_whole(monkeypatch, outcomes):
 def test_shallow_models_are_traced_whole(outcomes):
     _predict(replace(SPECS[0], model="test-vit"), share=True)  # 2 blocks: nothing to gain
     assert outcomes == []
+
+
+class _Counting:
+    """A rule (memprof.simulation.rule.Rule's contract) counting the ops it sees: a count grows block by block."""
+
+    name, summary, source, forward_only, acts_on = "counting", "", "", False, None
+    storage_maps, emptied_each_step = (), ()
+
+    def __init__(self):
+        self.ops = 0
+
+    def before_op(self, tracker, func, args, kwargs):
+        pass
+
+    def after_op(self, tracker, func, args, kwargs, out):
+        self.ops += 1
+
+    def attach(self, tracker, optimizer):
+        pass
+
+    def metrics(self):
+        return {"ops_seen": self.ops}
+
+    def describe(self):
+        return {"name": self.name, "summary": "", "source": ""}
+
+
+class _HoldsAStorage(_Counting):
+    """A rule that keeps the last op's name, undeclared: not a count, changes in every block."""
+
+    def __init__(self):
+        super().__init__()
+        self.last_op = ""
+
+    def after_op(self, tracker, func, args, kwargs, out):
+        self.last_op = f"{func}#{self.ops}"
+        self.ops += 1
+
+
+def _with_rule(spec, rule):
+    from memprof.simulation.shared import trace_shared
+
+    def make(rules):
+        rules.append(rule)
+        return trace_shared(spec, rules)
+
+    return predict_traced(make, spec.budget, spec)
+
+
+def test_a_rule_state_the_shortcut_cannot_scale_is_refused_by_name(outcomes):
+    """A rule whose undeclared attribute changes in each block and is not a count: repeated blocks refuses it,
+    naming the rule and the attribute, and the model is traced whole; a counting rule (the control) is
+    synthesized, its count scaled to every block."""
+    _with_rule(SPECS[0], _Counting())
+    assert outcomes == ["synthesized"]
+    shared.clear()
+    _with_rule(SPECS[0], _HoldsAStorage())
+    assert len(outcomes) == 2 and "rule _HoldsAStorage: last_op changes in each block and is not a count" in outcomes[1]
+
+
+def test_the_shortcuts_read_what_rules_declare():
+    from memprof.simulation.rule import declared
+    from memprof.simulation.rules import CudaAutocastPolicy, InPlaceGradAccumulation
+
+    assert declared(InPlaceGradAccumulation.__new__(InPlaceGradAccumulation))[1] == ("candidates",)
+    assert declared(CudaAutocastPolicy.__new__(CudaAutocastPolicy))[2] == ("cache",)
+    assert declared(_Counting()) == ("_Counting", (), ())  # control: a rule declaring nothing

@@ -10,7 +10,8 @@ check: they must match block 1's event for event (kinds, sizes, ops), naming the
 where block 1 names block 0's, and so on. The full model's stream is the traced one with n - 4 copies of block
 1's events inserted between blocks 1 and 2 wherever they appear, each copy naming fresh storages for its
 own and its neighbours' for theirs. Rules' counters (autocast casts, attention kernels) grow by what block 1's
-events added; rule attributes declared in `STORAGE_MAPS` (storage ids) are copied like events.
+events added; rule attributes a rule declares as `storage_maps` (storage ids, memprof.simulation.rule.Rule) are
+copied like events, and those it declares `emptied_each_step` must be empty after the steps.
 
 Where the check fails, the stream is not periodic (a block that differs, a storage shared across blocks)
 and the caller traces the whole model (memprof.simulation.shared). tests/test_repeated_blocks.py compares
@@ -34,8 +35,6 @@ AFTER = "after"  # a block's forward has returned: the releases of the previous 
 # (the loop dropping the previous block's output) are the block's
 TRACED = 4  # blocks traced: first, pattern, check, last
 MIN_BLOCKS = 8  # below this, tracing the whole stack costs little more
-STORAGE_MAPS = {"InPlaceGradAccumulation": ("candidates",)}  # rule attributes: {storage id: storage id}
-EMPTIED = {"CudaAutocastPolicy": ("cache",)}  # rule attributes emptied as each step ends (the autocast region)
 
 
 class NotPeriodic(Exception):
@@ -113,9 +112,12 @@ def _counter_delta(before, after):
 class Synthesis:
     """The stream of the full `n`-block model from one traced with `TRACED` blocks (see the module docstring)."""
 
-    def __init__(self, events: list, module: dict, origin: dict, snapshots: list, rule_names: list[str], path: str,
+    def __init__(self, events: list, module: dict, origin: dict, snapshots: list, rules: list[tuple], path: str,
                  n: int):
-        self.path, self.n, self.rule_names = path, n, rule_names
+        self.path, self.n = path, n
+        self.rule_names = [name for name, _, _ in rules]  # each rule's declaration (memprof.simulation.rule.declared)
+        self.maps = {name: maps for name, maps, _ in rules}
+        self.emptied = {name: emptied for name, _, emptied in rules}
         self.module, self.origin = module, origin
         prefix = path + "."
         self._owner: dict[int, int | None] = {}
@@ -215,7 +217,7 @@ class Synthesis:
                 continue
             for r, (name, rule_before, rule_after) in enumerate(zip(self.rule_names, before, after)):
                 for k in set(rule_before) | set(rule_after):
-                    skipped = k in STORAGE_MAPS.get(name, ()) + EMPTIED.get(name, ())
+                    skipped = k in self.maps[name] + self.emptied[name]
                     if skipped or same_value(rule_before.get(k), rule_after.get(k)):
                         continue
                     delta = _counter_delta(rule_before.get(k), rule_after.get(k))
@@ -300,7 +302,7 @@ class Synthesis:
         out = []
         for rule_state, added, name in zip(state, self.deltas, self.rule_names):
             rule_state = dict(rule_state)
-            maps = STORAGE_MAPS.get(name, ())
+            maps = self.maps[name]
             for k, delta in added.items():
                 if k in maps:
                     continue
@@ -313,8 +315,8 @@ class Synthesis:
                                      for key in set(rule_state[k]) | set(delta)}
             for k in maps:
                 rule_state[k] = self._map_storages(rule_state[k])
-            if any(rule_state[k] for k in EMPTIED.get(name, ())):
-                raise NotPeriodic(f"rule {name}: {EMPTIED[name]} not empty after the steps")
+            if any(rule_state[k] for k in self.emptied[name]):
+                raise NotPeriodic(f"rule {name}: {self.emptied[name]} not empty after the steps")
             out.append(rule_state)
         return out
 
@@ -349,7 +351,7 @@ def _add(x: dict, y: dict) -> dict:
 
 
 
-def expand(traced, marks: BlockMarks, blocks, path: str, rule_names: list[str], traced_order: list,
+def expand(traced, marks: BlockMarks, blocks, path: str, rules: list[tuple], traced_order: list,
            traced_trainable: list, full_order: list, full_trainable: list):
     """The forward of the full model (memprof.simulation.shared.Forward) from `traced`, the forward traced with
     only the first TRACED of `blocks`: its stream, storages, gradients and rule state (NotPeriodic where
@@ -364,7 +366,7 @@ def expand(traced, marks: BlockMarks, blocks, path: str, rule_names: list[str], 
         events += sentinels.get(i, [])
         events.append(ev)
     events += sentinels.get(len(traced.events), [])
-    synth = Synthesis(events, traced.module, traced.origin, marks.snapshots, rule_names, path, n)
+    synth = Synthesis(events, traced.module, traced.origin, marks.snapshots, rules, path, n)
     out, window_at = synth.build()
     source = {0: 0, 1: 1, n - 2: 2, n - 1: 3}  # positions the traced blocks take
 

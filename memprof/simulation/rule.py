@@ -7,12 +7,27 @@ from __future__ import annotations
 
 
 class Rule:
+    """A CUDA behaviour the simulation models: hooks on each op (before_op, after_op), on the optimizer
+    (attach), and figures it adds (metrics).
+
+    The contract with the exact shortcuts (memprof.simulation.shared, repeated_blocks, batch_scaling): a rule's
+    state is its instance attributes. They are copied between traces (copy_state: containers shallow-copied) and
+    compared as plain values (snapshot: counts and dicts of counts as they are, other containers by length);
+    counts that grow block by block are scaled with the blocks; any other attribute that changes inside a block
+    makes the stream "not periodic" and the whole model is traced. Declare here what the shortcuts cannot infer:
+    `storage_maps`, attributes that are {storage id: storage id} maps (copied like events, each copy naming its
+    own storages), and `emptied_each_step`, attributes that must be empty when a step ends (a per-step cache).
+    A rule that holds storage ids anywhere else must not be used with repeated blocks: repeated_blocks refuses
+    an attribute that changes in each block and is not a count, naming the rule and the attribute."""
+
     name = ""
     summary = ""
     source = ""
     forward_only = False  # its mode() acts only inside the forward (autocast, attention): an optimizer's step alone
     # is traced without it (memprof.simulation.shared.trace_windows)
     acts_on = None  # the ops its after_op acts on (the tracker calls it for these only); None: every op
+    storage_maps: tuple[str, ...] = ()  # attributes holding {storage id: storage id}
+    emptied_each_step: tuple[str, ...] = ()  # attributes empty whenever a step ends
 
     def before_op(self, tracker, func, args, kwargs) -> None:
         pass
@@ -29,6 +44,11 @@ class Rule:
 
     def describe(self) -> dict:
         return {"name": self.name, "summary": self.summary, "source": self.source}
+
+
+def declared(rule) -> tuple[str, tuple, tuple]:
+    """(class name, storage_maps, emptied_each_step) of a rule: what the shortcuts read from its declaration."""
+    return type(rule).__name__, tuple(getattr(rule, "storage_maps", ())), tuple(getattr(rule, "emptied_each_step", ()))
 
 
 def copy_state(state: dict) -> dict:

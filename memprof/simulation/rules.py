@@ -277,6 +277,7 @@ class InPlaceGradAccumulation(Rule):
     summary = ("gradients reaching a tensor more than once are summed in place on CUDA (out of place under the "
                "tracing dispatch mode): the out-of-place sum's allocation is folded into the old gradient")
     source = "torch/csrc/autograd/input_buffer.cpp accumulate; torch/csrc/autograd/functions/accumulate_grad.h"
+    storage_maps = ("candidates",)  # {gradient storage: the storage its in-place sum folds into}
 
     def __init__(self):
         self.candidates: dict[int, int] = {}  # result storage id -> first operand's storage id
@@ -494,6 +495,7 @@ class CudaAutocastPolicy(Rule):
                "SDPA with one cached cast per weight per region; layer_norm, softmax, nll_loss in fp32; "
                "cross_entropy_loss unlisted (its log_softmax is low precision)")
     source = "aten/src/ATen/autocast_mode.h AT_FORALL_*; aten/src/ATen/autocast_mode.cpp cached_cast, set_opt_dtype"
+    emptied_each_step = ("cache",)  # the cast cache lives for one autocast region
 
     def __init__(self):
         self.cache: dict[int, tuple] = {}

@@ -39,7 +39,7 @@ from memprof.optims import REGISTRY as OPTIMS, build_optimizer
 from memprof.simulation.attribution import ModuleAttribution
 from memprof.simulation.distributed import local
 from memprof.simulation.fake_compat import fake_storage, register_meta_kernels
-from memprof.simulation.rule import copy_state as _copy_state
+from memprof.simulation.rule import copy_state as _copy_state, declared
 from memprof.simulation.tracker import StorageTracker
 from memprof.spec import OPTIMIZER_FIELDS, RunSpec, forward_group
 
@@ -139,7 +139,7 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
     if stack_of is None:
         return traced
     try:
-        return repeated_blocks.expand(traced, marks, blocks, path, [type(r).__name__ for r in rules], order,
+        return repeated_blocks.expand(traced, marks, blocks, path, [declared(r) for r in rules], order,
                                       trainable, full_order, full_trainable)
     except repeated_blocks.NotPeriodic:
         _reset(rules, initial)
