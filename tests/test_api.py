@@ -112,7 +112,7 @@ def test_predict_takes_a_factory():
 @pytest.mark.parametrize("kwargs, message", [
     ({"precision": "fp16"}, "use --precision fp16-amp"),
     ({"precision": "fp64"}, "unknown precision"),
-    ({"optim_implementation": "fused"}, "unknown option 'optim_implementation'"),
+    ({"optim_implementation": "fused"}, "unknown keyword 'optim_implementation': did you mean optim_impl"),
     ({"grad_ckpt": 1}, "give True/False"),
     ({"grad_ckpt": "maybe"}, "use off, on"),
     ({"optimizer": "paper"}, "one optimizer"),
