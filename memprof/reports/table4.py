@@ -115,9 +115,22 @@ def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
             f"{metric}_gib": None if value is None else round(value / GIB, 3),
             "adamw_extra_pct": extra, "adamw_status": adamw["status"] if adamw else None,
             "over_budget_bytes": rec["metrics"].get("over_budget_bytes"),
+            "peak_reserved_bytes": rec["metrics"].get("peak_reserved_bytes"),
+            "budget": rec["spec"]["budget"], "budget_bytes": rec["metrics"].get("budget_bytes"),
+            "usable_bytes": _usable(rec["metrics"]),
             "skip_reason": rec.get("skip_reason"), "error": rec.get("error"),
         })
     return rows
+
+
+def _usable(metrics: dict) -> int | None:
+    """What the allocator could reserve on the budget card: the card minus the CUDA context (measured where a
+    record has it, else the estimate the prediction used)."""
+    from memprof.budget import CONTEXT_ESTIMATE_BYTES
+
+    total = metrics.get("budget_bytes")
+    context = metrics.get("context_bytes") or metrics.get("context_bytes_estimate") or CONTEXT_ESTIMATE_BYTES
+    return None if total is None else total - context
 
 
 def _size(nbytes: int) -> str:
@@ -171,11 +184,7 @@ def _cell(row: dict, metric: str) -> str:
         return f"n/a (no {metric} figure)"
     value = row[f"{metric}_bytes"]
     if status == "oom":
-        over = _size(row["over_budget_bytes"])
-        if metric in ("reserved", "nvml-process"):
-            return f"OOM ({row['source']}): needs {_size(value)}, {over} over"
-        # the budget verdict is about reserved + context: say so rather than mixing it with this metric
-        return f"OOM ({row['source']}): {metric} {_size(value)}; reserved + context {over} over budget"
+        return _oom_cell(row, metric, value)
     text = _size(value)
     if (row["optim"], row["state_bits"], row["paged"]) == ("adamw", 32, False):
         return text
@@ -185,6 +194,25 @@ def _cell(row: dict, metric: str) -> str:
     elif row["adamw_status"] == "oom":
         text += ", AdamW OOM"
     return text
+
+
+def _oom_cell(row: dict, metric: str, value: int) -> str:
+    """The verdict against what the card offers: peak reserved beside the usable memory (the card minus the
+    CUDA context), the NVML view beside the whole card, naming the card and its size."""
+    from memprof.budget import card_label
+
+    head = f"OOM ({row['source']})"
+    if row["budget_bytes"] is None or row["usable_bytes"] is None:
+        return f"{head}: needs {_size(value)}, {_size(row['over_budget_bytes'])} over the budget"
+    card = card_label(row["budget"], row["budget_bytes"])
+    if metric == "nvml-process":
+        return f"{head}: needs {_size(value)} of {card}, CUDA context included"
+    if metric == "reserved":
+        return f"{head}: needs {_size(value)} of {_size(row['usable_bytes'])} usable on {card}"
+    # the budget verdict is about reserved: say so rather than mixing it with this metric
+    reserved = row["peak_reserved_bytes"]
+    return (f"{head}: {metric} {_size(value)}; reserved {_size(reserved)} of {_size(row['usable_bytes'])} usable "
+            f"on {card}")
 
 
 def _sections(records: list[dict], metric: str, verdicts: dict | None) -> list[tuple]:
