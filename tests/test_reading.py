@@ -60,3 +60,244 @@ def test_oom_cell_reads_the_card_from_the_record():
 def test_oom_cell_check_fails_on_the_old_cell():
     """Negative control: main's cell ("needs 12.42 GiB, 0.81 GiB over") names neither card nor usable memory."""
     assert not names_card_and_usable("OOM (predicted): needs 12.42 GiB, 0.81 GiB over", "titan-x (12 GiB)", 11.61)
+
+
+# --- pictures ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every matplotlib figure saved while the test runs (kept open to be inspected)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    saved = []
+    real = Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        saved.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)
+    yield saved
+    plt.close("all")
+
+
+def legend_colors(fig) -> dict:
+    """legend label -> facecolor (hex) of every patch or polygon handle in the figure's legends."""
+    from matplotlib.colors import to_hex
+
+    out = {}
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        for handle, text in zip(legend.legend_handles, legend.get_texts()):
+            if hasattr(handle, "get_facecolor"):
+                out[text.get_text()] = to_hex(handle.get_facecolor())
+    return out
+
+
+def same_category_colors(a: dict, b: dict) -> list:
+    """Category labels both figures name whose colours differ (empty: one palette)."""
+    from memprof.reports.palette import CATEGORY_COLORS, category_label
+
+    labels = [category_label(c) for c in CATEGORY_COLORS]
+    return [lab for lab in labels if lab in a and lab in b and a[lab] != b[lab]] + \
+        [lab for lab in labels if lab not in a or lab not in b]
+
+
+def _timeline_figure(figures, tmp_path):
+    from memprof.reports.timeline import plot_timeline
+
+    n = 6
+    series = {"x": list(range(n)), "reserved_bytes": [GIB] * n, "phases": [[0, "forward", 1]], "n_events": n,
+              "categories_bytes": {c: [1 << 26] * n for c in
+                                   ("parameters", "gradients", "optimizer_state", "activations", "temporaries",
+                                    "workspace", "communication")}}
+    plot_timeline(str(tmp_path / "t.png"), "t", series)
+    return figures[-1]
+
+
+def test_table4_and_timelines_share_one_palette(figures, tmp_path):
+    from memprof.reports.table4 import render_plot
+
+    render_plot(paper(), str(tmp_path / "t4.png"))
+    table4 = legend_colors(figures[-1])
+    timeline = legend_colors(_timeline_figure(figures, tmp_path))
+    assert same_category_colors(table4, timeline) == []
+
+
+def test_palette_check_fails_on_two_palettes(figures, tmp_path):
+    """Negative control: main's Table 4 drew its categories in matplotlib's default cycle."""
+    from matplotlib.colors import to_hex
+
+    from memprof.reports.palette import category_label
+    from memprof.simulation import CATEGORIES
+
+    timeline = legend_colors(_timeline_figure(figures, tmp_path))
+    default_cycle = {category_label(c): to_hex(f"C{i}") for i, c in enumerate(CATEGORIES)}
+    assert same_category_colors(default_cycle, timeline)
+
+
+def legend_covers_a_bar(fig) -> bool:
+    """Does a legend drawn inside an axes overlap any bar (or a bar's note)?"""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        box = legend.get_window_extent(renderer)
+        if not ax.get_window_extent(renderer).overlaps(box):
+            continue  # beside the axes
+        for artist in list(ax.patches) + list(ax.texts):
+            if artist.get_window_extent(renderer).overlaps(box):
+                return True
+    return False
+
+
+def test_table4_legend_covers_no_bar(figures, tmp_path):
+    from memprof.reports.table4 import render_plot
+
+    for recs in (paper(), [r for r in paper() if r["spec"]["state_bits"] == 32], paper()[:2]):
+        render_plot(recs, str(tmp_path / "t4.png"))
+        assert not legend_covers_a_bar(figures[-1])
+
+
+def test_legend_check_fails_on_the_old_placement(figures, tmp_path):
+    """Negative control: main's legend, in the lower right corner of the axes, sat on ViT-H/14's OOM bar."""
+    from memprof.reports.table4 import render_plot
+
+    render_plot([r for r in paper() if r["spec"]["state_bits"] == 32], str(tmp_path / "t4.png"))
+    fig = figures[-1]
+    ax = fig.axes[0]
+    ax.legend(fontsize=7, loc="lower right")
+    assert legend_covers_a_bar(fig)
+
+
+def bar_ends(fig) -> dict:
+    """y tick label -> where that row's bars end (GiB)."""
+    ax = fig.axes[0]
+    labels = {round(t): lab.get_text() for t, lab in zip(ax.get_yticks(), ax.get_yticklabels())}
+    ends = {}
+    for p in ax.patches:
+        row = labels[round(p.get_y() + p.get_height() / 2)]
+        ends[row] = max(ends.get(row, 0), p.get_x() + p.get_width())
+    return ends
+
+
+def test_table4_bars_end_at_the_reserved_figure_and_the_budget_is_usable_memory(figures, tmp_path):
+    """The table shows peak reserved; the OOM verdict is reserved past usable memory: a bar ends at peak
+    reserved and the budget line stands at the card's usable memory, so the OOM bar is the one that crosses it."""
+    from memprof.reports.table4 import render_plot
+
+    recs = [r for r in paper() if r["spec"]["state_bits"] == 32]
+    render_plot(recs, str(tmp_path / "t4.png"))
+    fig = figures[-1]
+    ends = bar_ends(fig)
+    assert ends["vit-h-14 · adamw"] == pytest.approx(
+        next(r for r in recs if r["key"].startswith("vit-h-14/adamw/"))["metrics"]["peak_reserved_bytes"] / GIB)
+    lines = [ln for ln in fig.axes[0].get_lines() if "usable" in ln.get_label()]
+    assert len(lines) == 1 and lines[0].get_xdata()[0] == pytest.approx(12 - 400 / 1024)
+    crossing = sorted(row for row, end in ends.items() if end > lines[0].get_xdata()[0])
+    assert crossing == ["vit-h-14 · adamw"]
+    assert "usable (for peak reserved)" in lines[0].get_label() and "titan-x (12 GiB)" in lines[0].get_label()
+
+
+def test_bar_check_fails_on_allocated_bars_and_the_whole_card(figures, tmp_path):
+    """Negative control: main's bars ended at peak allocated and its line stood at the whole 12 GiB."""
+    from memprof.reports.table4 import render_plot
+
+    recs = [r for r in paper() if r["spec"]["state_bits"] == 32]
+    for r in recs:
+        r["metrics"]["peak_reserved_bytes"] = r["metrics"]["peak_allocated_bytes"]  # no cache segment drawn
+    render_plot(recs, str(tmp_path / "t4.png"))
+    ends = bar_ends(figures[-1])
+    assert ends["vit-h-14 · adamw"] != pytest.approx(
+        next(r for r in paper() if r["key"].startswith("vit-h-14/adamw/"))["metrics"]["peak_reserved_bytes"] / GIB)
+
+
+def _precisions():
+    """ViT-B/16 AdamW at fp32 and (the same record relabelled) bf16-amp."""
+    fp32 = next(r for r in paper() if r["key"].startswith("vit-b-16/adamw/ckpt-off/32bit"))
+    bf16 = copy.deepcopy(fp32)
+    bf16["spec"]["precision"] = "bf16-amp"
+    bf16["key"] = bf16["key"].replace("/fp32/", "/bf16-amp/")
+    return [fp32, bf16]
+
+
+def test_fp32_and_bf16_bars_carry_different_labels():
+    from memprof.reports.table4 import plot_labels
+
+    labels, common = plot_labels(_precisions())
+    assert sorted(labels) == ["vit-b-16 · adamw · bf16-amp", "vit-b-16 · adamw · fp32"]
+    assert "titan-x" in common and "bs1" in common  # what every bar shares is said once, in the title
+    # any two configurations the label's slots cannot tell apart carry their keys
+    twins = _precisions()[:1] * 2
+    twins[1] = copy.deepcopy(twins[0])
+    twins[1]["spec"]["freeze"], twins[1]["key"] = "embed", twins[0]["key"] + "+freeze"
+    assert len(set(plot_labels(twins)[0])) == 2
+
+
+def test_label_check_fails_on_the_old_label():
+    """Negative control: main's label (model · optim · bsN · [source]) is the same for fp32 and bf16."""
+    def old(r):
+        s = r["spec"]
+        return " · ".join([s["model"], s["optim"], f"bs{s['batch_size']}", f"[{r['source']}]"])
+
+    assert len({old(r) for r in _precisions()}) == 1
+
+
+def _far_search():
+    """A fit whose search ran out to batch 4096 (a small model: still fits at the bound)."""
+    far = copy.deepcopy(fits()[0])
+    far["metrics"]["probes"].append({"batch_size": 4096, "status": "ok", "peak_reserved_bytes": 20 * GIB})
+    far["metrics"]["max_batch_size"], far["metrics"]["capped_at_max_batch_size"] = 4096, True
+    return far
+
+
+def batch_axis_ok(ax) -> bool:
+    """The batch axis starts above 0 and labels no batch below 1."""
+    low, high = ax.get_xlim()
+    return low > 0 and all(t >= 1 for t in ax.get_xticks() if low <= t <= high)
+
+
+def test_fit_png_starts_at_batch_one_and_shows_may_not_fit(figures, tmp_path):
+    from memprof.reports.planner import may_not_fit, plot_fit
+
+    recs = fits()
+    assert [may_not_fit(r["metrics"]) for r in recs] == [False, False, False, True]
+    plot_fit(recs, str(tmp_path / "fit.png"))
+    fig = figures[-1]
+    ax, near = fig.axes
+    fig.canvas.draw()
+    assert batch_axis_ok(ax)
+    plot_fit(recs + [_far_search()], str(tmp_path / "fit.png"))
+    figures[-1].canvas.draw()
+    assert batch_axis_ok(figures[-1].axes[0])
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sum("may not fit" in lab for lab in labels) == 2  # SGD's line, and the key
+    assert "rtx4090 (24 GiB): 23.61 GiB usable" in labels
+    assert [t.get_text() for t in near.get_yticklabels()][-1] == "vit-l-14/sgd @ 51 (may not fit)"
+    assert "1 of 4 answers may not fit" in ax.get_title()
+    # the record's own field wins where it has one (a bool fits with may_not_fit beside it)
+    assert may_not_fit({"fits": True, "may_not_fit": True}) and not may_not_fit({"fits": True, "may_not_fit": False})
+
+
+def test_fit_png_check_fails_on_the_old_axis():
+    """Negative control: main's axis (symlog, linear below 8) ran to negative batch sizes."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    for r in fits() + [_far_search()]:
+        probes = r["metrics"]["probes"]
+        ax.plot([p["batch_size"] for p in probes], [p["peak_reserved_bytes"] / GIB for p in probes], marker=".")
+    ax.set_xscale("symlog", linthresh=8)
+    fig.canvas.draw()
+    assert not batch_axis_ok(ax)
+    plt.close(fig)

@@ -688,10 +688,31 @@ def render_json(records: list[dict], metric: str = "reserved") -> str:
                        "rows": table_rows(records, metric)}, indent=2, sort_keys=True) + "\n"
 
 
-def _plot_label(r: dict) -> str:
+def _plot_parts(r: dict) -> dict:
+    """What tells a bar apart, slot by slot: model, method and every setting (precision, optimizer
+    implementation, checkpointing, batch, budget, parallelism), then the source."""
     s = r["spec"]
-    return " · ".join([s["model"], s["optim"]] + (["8-bit"] if s["state_bits"] == 8 else [])
-                      + (["ckpt"] if s["grad_ckpt"] else []) + [f"bs{s['batch_size']}", f"[{r['source']}]"])
+    precision, impl, in_backward, resident = _training(s)
+    return {"model": s["model"], "optim": s["optim"], "bits": "8-bit" if s["state_bits"] == 8 else "",
+            "paged": "paged" if s.get("paged") else "", "precision": precision,
+            "impl": impl if impl != "foreach" else "", "in_backward": "in-backward" if in_backward else "",
+            "resident": "clip resident" if resident == "clip" else "", "ckpt": "ckpt" if s["grad_ckpt"] else "",
+            "batch": f"bs{s['batch_size']}", "budget": s["budget"],
+            "parallel": _parallelism(s) if _parallelism(s) != "none" else "", "source": f"[{r['source']}]"}
+
+
+def plot_labels(records: list[dict]) -> tuple[list[str], str]:
+    """The plot's row labels, in plot_rows' order, and what every row shares (said once, in the title):
+    distinct for distinct configurations (where two would still read the same, e.g. differing only in
+    --freeze, each carries its configuration key instead)."""
+    recs = [r for r, _ in plot_rows(records)]
+    parts = [_plot_parts(r) for r in recs]
+    shared = [k for k in (parts[0] if parts else {}) if k not in ("model", "optim")
+              and len({p[k] for p in parts}) == 1 and len(parts) > 1]
+    labels = [" · ".join(v for k, v in p.items() if v and k not in shared) for p in parts]
+    common = " · ".join(parts[0][k] for k in shared if parts[0][k]) if parts else ""
+    return ([label if labels.count(label) == 1 else f"{r['key']} [{r['source']}]" for label, r in zip(labels, recs)],
+            common)
 
 
 def plot_rows(records: list[dict]) -> list[tuple[dict, str]]:
@@ -705,41 +726,67 @@ def plot_rows(records: list[dict]) -> list[tuple[dict, str]]:
 
 
 def render_plot(records: list[dict], path: str) -> None:
-    """Horizontal stacked bars of the breakdown at the peak (allocated bytes by category), one bar per
-    configuration, its label on one line (readable for any number of configurations); a measured CUDA run
-    has no breakdown and shows its peak allocated as one grey bar; a configuration without a figure
-    (skipped, error, crashed) keeps its row with its status written in it."""
+    """Horizontal stacked bars, one per configuration, its label on one line (readable for any number of
+    configurations): the breakdown at the peak (allocated bytes by category, in the palette every memprof
+    picture uses) and the allocator's cache on top, so a bar ends at peak reserved, the figure Table 4 shows
+    and the one the budget is judged on; the budget line is the card's usable memory (the card minus the
+    CUDA context). A measured CUDA run has no breakdown: its peak allocated is one grey bar. A configuration
+    without a figure (skipped, error, crashed) keeps its row with its status written in it. The legend sits
+    beside the axes, never over a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from memprof.budget import card_label
+    from memprof.reports.palette import (BUDGET_COLOR, CACHE_COLOR, CATEGORY_COLORS, MEASURED_COLOR,
+                                         category_label)
     from memprof.simulation import CATEGORIES
 
-    recs = [r for r, _ in plot_rows(records)]
+    rows = plot_rows(records)
+    recs = [r for r, _ in rows]
     n = max(1, len(recs))
-    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.28 * n))
-    y = list(range(n))[::-1]
+    fig, ax = plt.subplots(figsize=(12, max(3.0, 1.9 + 0.28 * n)))
+    y = list(range(n))[::-1][:len(recs)]
     lefts = [0.0] * len(recs)
+
+    def stack(vals, **style):
+        ax.barh(y, vals, left=lefts, **style)
+        return [a + v for a, v in zip(lefts, vals)]
+
     for cat in CATEGORIES:
         vals = [(r["metrics"].get("breakdown_at_peak_bytes") or {}).get(cat, 0) / GIB for r in recs]
-        ax.barh(y[:len(recs)], vals, left=lefts, label=cat.replace("_", " "))
-        lefts = [a + v for a, v in zip(lefts, vals)]
+        lefts = stack(vals, color=CATEGORY_COLORS[cat], label=category_label(cat))
     whole = [0.0 if r["metrics"].get("breakdown_at_peak_bytes") else
              (r["metrics"].get("peak_allocated_bytes") or 0) / GIB for r in recs]
     if any(whole):
-        ax.barh(y[:len(recs)], whole, left=lefts, color="grey", label="measured peak allocated")
-        lefts = [a + v for a, v in zip(lefts, whole)]
-    for i, (r, note) in enumerate(plot_rows(records)):
+        lefts = stack(whole, color=MEASURED_COLOR, label="measured peak allocated (no breakdown)")
+    cache = [max(0, (r["metrics"].get("peak_reserved_bytes") or 0) - (r["metrics"].get("peak_allocated_bytes") or 0))
+             / GIB if r["metrics"].get("peak_reserved_bytes") is not None and left else 0.0
+             for r, left in zip(recs, lefts)]
+    if any(cache):
+        lefts = stack(cache, color=CACHE_COLOR, hatch="///", edgecolor="#999", linewidth=0,
+                      label="allocator cache (reserved, not allocated)")
+    for i, (r, note) in enumerate(rows):
         if note:
-            ax.text(lefts[i], y[i], f" {note}", va="center", fontsize=7, color="red" if note == "OOM" else "dimgrey")
-    budgets = {r["metrics"]["budget_bytes"] for r in recs if r["metrics"].get("budget_bytes")}
-    for b in sorted(budgets):
-        ax.axvline(b / GIB, color="red", linestyle="--", linewidth=1, label=f"budget {b / GIB:.0f} GiB")
-    ax.set_yticks(y[:len(recs)], [_plot_label(r) for r in recs], fontsize=7)
-    ax.set_xlabel("GiB at the peak, by category")
-    ax.set_title(f"Peak memory by category: {_source(records)}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+            ax.text(lefts[i], y[i], f" {note}", va="center", fontsize=7,
+                    color=BUDGET_COLOR if note == "OOM" else "dimgrey")
+    budgets = {}
+    for r in recs:
+        usable = _usable(r["metrics"])
+        if r["metrics"].get("budget_bytes") and usable:
+            budgets.setdefault(usable, card_label(r["spec"]["budget"], r["metrics"]["budget_bytes"]))
+    for usable, card in sorted(budgets.items()):
+        ax.axvline(usable / GIB, color=BUDGET_COLOR, linestyle="--", linewidth=1,
+                   label=f"{card}: {usable / GIB:.2f} GiB usable (for peak reserved)")
+    labels, common = plot_labels(records)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlim(0, max(lefts + [u / GIB for u in budgets] + [1e-3]) * 1.12)  # room for the notes
+    ax.set_xlabel("GiB at the peak: allocated by category, then the allocator's cache (the bar ends at peak reserved)"
+                  if any(cache) else "GiB at the peak, by category")
+    ax.set_title(f"Peak memory by category: {_source(records)}" + (f"; every bar: {common}" if common else ""),
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     save_figure(fig, path)
 
 
