@@ -301,3 +301,86 @@ def test_fit_png_check_fails_on_the_old_axis():
     fig.canvas.draw()
     assert not batch_axis_ok(ax)
     plt.close(fig)
+
+
+# --- the paper's framing belongs to the paper's grid ---------------------------------------------------------
+
+PAPER_FRAMING = ("Table 4", "how much more memory AdamW needs", "AdamW +", "AdamW OOM", "micro-batch",
+                 "The paper's claims", "implied", "agrees", "differs")
+
+
+def paper_framing_in(text: str) -> list:
+    """The phrases of the paper's framing found in a report."""
+    return [p for p in PAPER_FRAMING if p in text]
+
+
+def user_grid():
+    """A user's grid: ViT-B/16 and a model of their own (ViT-B/16's records relabelled), AdamW and SGD variants."""
+    recs = [r for r in paper() if r["spec"]["model"] == "vit-b-16" and r["spec"]["state_bits"] == 32]
+    mine = copy.deepcopy(recs)
+    for r in mine:
+        r["spec"]["model"], r["key"] = "my-vit", r["key"].replace("vit-b-16/", "my-vit/")
+    return recs + mine
+
+
+def test_a_users_grid_gets_a_plain_table_of_its_own_axes():
+    from memprof.reports.table4 import render_markdown, render_terminal
+
+    for text in (render_markdown(user_grid()), render_terminal(user_grid(), "reserved", None, 100)):
+        assert paper_framing_in(text) == [], text
+        assert "batch size 1" in text and "my-vit" in text and "1.85 GiB" in text
+    assert render_markdown(user_grid()).startswith("# Peak memory per optimizer and model")
+
+
+def test_the_paper_grid_keeps_the_papers_framing():
+    """The same check finds the framing where it belongs (and so fails on a report that frames any grid)."""
+    from memprof.reports.table4 import render_markdown
+
+    assert paper_framing_in(render_markdown(paper())) == list(PAPER_FRAMING)
+    # a subset of the paper's grid (its models and optimizers at micro-batch 1) is still the paper's
+    sub = [r for r in paper() if r["spec"]["model"] == "vit-b-16"]
+    assert "The paper's claims" in render_markdown(sub) and "AdamW +" in render_markdown(sub)
+
+
+def test_the_framing_check_fails_on_mains_report_of_a_users_grid():
+    """Negative control: main's rendering of the user's grid, as it read (micro-batch header, AdamW columns)."""
+    old = ("# Table 4: peak memory per optimizer and model\n\n## micro-batch 1, fp32, gradient checkpointing off, "
+           "budget titan-x: predicted (cpu-simulated)\n| SGD | 1.14 GiB, AdamW +62% | 1.14 GiB, AdamW +62% |")
+    assert paper_framing_in(old)
+
+
+def test_a_fit_report_is_not_framed_as_table4(tmp_path):
+    """A fit's records say batch 1 in their spec but hold the figures at the largest batch that fits: no Table
+    4 of them, no implied overhead (main printed 'implied X = -23.52 GiB'); the HTML report shows fit.md and
+    fit.png."""
+    import shutil
+
+    from memprof.reports.html import render_html
+    from memprof.reports.planner import write_fit_reports
+    from memprof.reports.table4 import render_markdown, table_rows
+
+    assert table_rows(fits()) == [] and "implied" not in render_markdown(fits())
+    shutil.copy(DATA / "fit_vit_l14_rtx4090.jsonl", tmp_path / "results.jsonl")
+    write_fit_reports(fits(), str(tmp_path))
+    page = render_html(str(tmp_path), str(tmp_path / "report.html"), write_pngs=False)
+    # (fit.md's own "largest micro-batch that fits" is a fit's term, not the paper's framing)
+    assert paper_framing_in(page.replace("micro-batch that fits", "")) == [] and "Largest micro-batch that fits" in page
+    assert page.count("data:image/png;base64,") == 1  # fit.png (no timelines were recorded)
+
+
+def test_claims_columns_are_distinct_on_every_metric():
+    """The paper-2022 preset tables nvml-process: its two figure columns were both 'ours (nvml-process)'."""
+    from memprof.reports.table4 import METRICS, claim_headers, render_markdown
+
+    for metric in METRICS:
+        headers = claim_headers(metric)
+        assert len(set(headers)) == len(headers), headers
+    md = render_markdown(paper(), "nvml-process")
+    assert "ours: NVML process peak" in md and "ours: peak reserved" in md
+
+
+def test_column_check_fails_on_mains_headers():
+    """Negative control: main's headers for the nvml-process metric."""
+    metric = "nvml-process"
+    old = ["setup", "model", "paper", f"ours ({metric})", "ours (nvml-process)", "verdict"]
+    assert len(set(old)) != len(old)

@@ -177,14 +177,15 @@ def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_
                 max_timelines: int | None = None) -> str:
     """The report's HTML text (see the module docstring)."""
     from memprof.results import load_verdicts
-    from memprof.reports.table4 import default_metric, render_fidelity, render_markdown
+    from memprof.reports.table4 import default_metric, paper_settings, render_fidelity, render_markdown, run_records
 
     loaded = _load(run_dir, pair_dir)
     records = [r for r, _ in loaded]
     out_dir = os.path.dirname(os.path.abspath(out_path))
     metric = default_metric(records)
-    sections = [("table4", "Table 4 and what it rests on",
-                 markdown_to_html(render_markdown(records, metric, load_verdicts(run_dir) or None), shift=1))]
+    runs = run_records(records)  # a fit's records are reported in its own section (fit.md), not as Table 4
+    sections = [("table4", "Table 4 and what it rests on" if paper_settings(runs) else "Peak memory and what it rests on",
+                 markdown_to_html(render_markdown(runs, metric, load_verdicts(run_dir) or None), shift=1))] if runs else []
     measured = [r for r in records if r["source"] == "measured"]
     predicted = [r for r in records if r["source"] == "predicted"]
     if measured and predicted:
@@ -196,7 +197,12 @@ def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
             with open(path, encoding="utf-8") as fh:
-                sections.append((name.split(".")[0], title, markdown_to_html(fh.read(), shift=1)))
+                content = markdown_to_html(fh.read(), shift=1)
+            png = os.path.splitext(path)[0] + ".png"
+            if os.path.exists(png):  # fit.png: the probes against the budget, each answer's headroom
+                with open(png, "rb") as fh:
+                    content += (f"<div class='fig'><img alt='{html.escape(title)}' src='{_png_uri(fh.read())}'></div>")
+            sections.append((name.split(".")[0], title, content))
     sections.append(("timelines", "Timelines", _timelines(loaded, out_dir, write_pngs, max_timelines)))
     nav = "".join(f"<li><a href='#{sid}'>{html.escape(title)}</a></li>" for sid, title, _ in sections)
     sources = sorted({r["source"] for r in records})

@@ -64,9 +64,37 @@ def _parallelism(spec: dict) -> str:
     return RunSpec(**spec).parallelism if spec.get("parallel", "none") != "none" else "none"
 
 
-def _setting_title(setting: tuple) -> str:
+def run_records(records: list[dict]) -> list[dict]:
+    """The records Table 4 is made of: runs, not `memprof fit` searches (a fit record's spec says batch 1,
+    its figures are at the largest batch that fits; fit.md reports it)."""
+    return [r for r in records if r.get("task", "run") != "fit"]
+
+
+def paper_settings(records: list[dict]) -> set:
+    """The settings (see _setting) on the paper's grid: every model one of the paper's, every optimizer one
+    of the paper's, micro-batch 1. Only these get the paper's framing (how much more AdamW needs, the
+    paper's claims and verdicts, the overhead its percentages imply); any other grid is a plain table of
+    its own axes."""
+    from memprof.models import PAPER_MODELS
+    from memprof.optims import PAPER_OPTIMS
+
+    groups: dict = {}
+    for r in records:
+        groups.setdefault(_setting(r), []).append(r)
+    return {setting for setting, recs in groups.items()
+            if setting[1] == 1 and all(r["spec"]["model"] in PAPER_MODELS and r["spec"]["optim"] in PAPER_OPTIMS
+                                       for r in recs)}
+
+
+def paper_records(records: list[dict]) -> list[dict]:
+    """The records on the paper's grid (paper_settings)."""
+    paper = paper_settings(records)
+    return [r for r in records if _setting(r) in paper]
+
+
+def _setting_title(setting: tuple, paper: bool = True) -> str:
     ckpt, bs, budget, training, source, device, parallelism = setting
-    return (f"micro-batch {bs}, {_training_label(training)}, gradient checkpointing {'on' if ckpt else 'off'}, "
+    return (f"{'micro-batch' if paper else 'batch size'} {bs}, {_training_label(training)}, gradient checkpointing {'on' if ckpt else 'off'}, "
             f"budget {budget}" + ("" if parallelism == "none" else f", rank 0 of {parallelism}") +
             f": {source} ({device})")
 
@@ -97,7 +125,9 @@ def _source(records: list[dict]) -> str:
 def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
     """One row per (setting, optimizer, model) with raw numbers: the data behind every format."""
     field, _ = METRICS[metric]
+    records = run_records(records)
     by_key = {(_setting(r), _method(r), r["spec"]["model"]): r for r in records}
+    paper = paper_settings(records)
     rows = []
     for (setting, method, model), rec in by_key.items():
         value = rec["metrics"].get(field)
@@ -106,14 +136,16 @@ def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
         # a measured OOM's peak is cut short by the budget: no percentage can be computed from it
         truncated = adamw is not None and adamw["status"] == "oom" and adamw["source"] == "measured"
         extra = (round(100 * (adamw_value / value - 1), 1)
-                 if value and adamw_value and rec["status"] in ("ok", "oom") and not truncated else None)
+                 if value and adamw_value and rec["status"] in ("ok", "oom") and not truncated and setting in paper
+                 else None)
         rows.append({
             "config": "/".join(rec["key"].split("/")[:6]),
-            "setting": _setting_title(setting), "optim": method[0], "state_bits": method[1], "paged": method[2],
+            "setting": _setting_title(setting, setting in paper), "paper_grid": setting in paper, "optim": method[0], "state_bits": method[1], "paged": method[2],
             "method": _method_label(method), "model": model, "status": rec["status"],
             "source": rec["source"], "metric": metric, f"{metric}_bytes": value,
             f"{metric}_gib": None if value is None else round(value / GIB, 3),
-            "adamw_extra_pct": extra, "adamw_status": adamw["status"] if adamw else None,
+            "adamw_extra_pct": extra,
+            "adamw_status": adamw["status"] if adamw and setting in paper else None,
             "over_budget_bytes": rec["metrics"].get("over_budget_bytes"),
             "peak_reserved_bytes": rec["metrics"].get("peak_reserved_bytes"),
             "budget": rec["spec"]["budget"], "budget_bytes": rec["metrics"].get("budget_bytes"),
@@ -238,12 +270,28 @@ def _sections(records: list[dict], metric: str, verdicts: dict | None) -> list[t
 
 
 def _intro(records: list[dict], metric: str) -> str:
-    return (f"Figures: **{_source(records)}**, {METRICS[metric][1]}. A cell is the peak and how much more memory "
-            f"AdamW needs than that row (the paper's comparison).\n")
+    head = f"Figures: **{_source(records)}**, {METRICS[metric][1]}. "
+    paper = paper_settings(records)
+    if not paper:
+        return head + "A cell is the peak.\n"
+    if len(paper) == len({_setting(r) for r in records}):
+        return head + "A cell is the peak and how much more memory AdamW needs than that row (the paper's comparison).\n"
+    return (head + "A cell is the peak; in the sections on the paper's grid (its models and optimizers at micro-batch "
+            "1) also how much more memory AdamW needs than that row (the paper's comparison).\n")
+
+
+def _title(records: list[dict]) -> str:
+    return ("# Table 4: peak memory per optimizer and model\n" if paper_settings(records)
+            else "# Peak memory per optimizer and model\n")
 
 
 def render_markdown(records: list[dict], metric: str = "reserved", verdicts: dict | None = None) -> str:
-    out = ["# Table 4: peak memory per optimizer and model\n", _intro(records, metric)]
+    fit_only = bool(records) and not run_records(records)
+    records = run_records(records)
+    if fit_only:
+        return ("# Peak memory per optimizer and model\n\nNo run records here: these are `memprof fit` searches, "
+                "reported in fit.md.\n")
+    out = [_title(records), _intro(records, metric)]
     for setting, headers, table, reasons in _sections(records, metric, verdicts):
         out.append(f"## {setting}\n")
         out.append(tabulate(table, headers=headers, tablefmt="github") + "\n")
@@ -275,6 +323,7 @@ def render_terminal(records: list[dict], metric: str, verdicts: dict | None, wid
         return "\n".join(textwrap.fill(p, width, subsequent_indent="  " if p.startswith(("-", "*")) else "")
                          for p in text.replace("**", "").replace("## ", "").splitlines() if p.strip())
 
+    records = run_records(records)
     out = [prose(_intro(records, metric))]
     for setting, headers, table, reasons in _sections(records, metric, verdicts):
         out.append("\n" + prose(setting))
@@ -297,6 +346,7 @@ SHOULD_NEED_LESS = (("sgd-fe", "sgd"), ("adamw-fe", "adamw"), ("sgd-fe-nomom", "
 def render_ordering_notes(records: list[dict]) -> str:
     """Where a configuration that should need less reserves more, say why (the caching allocator's segments)
     with the allocated figures that show the expected order."""
+    paper = paper_settings(records)
     by = {(_setting(r), r["spec"]["model"], _method(r)): r for r in records if r["status"] in ("ok", "oom")}
     lines = []
     for (setting, model, (optim, bits, paged)), rec in sorted(by.items(), key=lambda kv: str(kv[0])):
@@ -315,7 +365,7 @@ def render_ordering_notes(records: list[dict]) -> str:
                              f"{_size(m['peak_reserved_bytes'])}, more than {_method_label((more, bits, paged))} "
                              f"({_size(o['peak_reserved_bytes'])}), though it needs less: the caching allocator "
                              f"keeps freed blocks in segments sized by the order of requests, so a smaller peak can "
-                             f"reserve more; {alloc} ({_setting_title(setting)}).")
+                             f"reserve more; {alloc} ({_setting_title(setting, setting in paper)}).")
     if not lines:
         return ""
     return "## Why a leaner method can reserve more\n\n" + "\n".join(lines) + "\n"
@@ -325,7 +375,7 @@ def _paper_setups(records: list[dict]) -> dict:
     """The paper's setting (micro-batch 1, no checkpointing, 32-bit, fp32, ordinary step), one group of records per
     optimizer implementation, resident model and source: {label: records}."""
     groups: dict = {}
-    for r in records:
+    for r in paper_records(run_records(records)):
         s = r["spec"]
         precision, impl, in_backward, resident = _training(s)
         if (s["batch_size"], s["grad_ckpt"], s["state_bits"], precision, in_backward) != (1, False, 32, "fp32", False):
@@ -348,8 +398,21 @@ def _ours(row: dict | None) -> str:
 
 
 
+# each metric as a claims column names it
+CLAIM_COLUMN = {"reserved": "peak reserved", "allocated": "peak allocated",
+                "nvml-process": "NVML process peak", "live": "peak live tensors"}
+
+
+def second_metric(metric: str) -> str:
+    """The claims table's second view: NVML process memory (what the paper's W&B figures are), or, when the
+    table itself is on that, peak reserved (what torch reports)."""
+    return "reserved" if metric == "nvml-process" else "nvml-process"
+
+
 def claim_headers(metric: str) -> list[str]:
-    return ["setup", "model", "paper", f"ours ({metric})", "ours (nvml-process)", "verdict"]
+    """Two distinct figures of ours: the table's metric, then second_metric's."""
+    return ["setup", "model", "paper", f"ours: {CLAIM_COLUMN[metric]}", f"ours: {CLAIM_COLUMN[second_metric(metric)]}",
+            "verdict"]
 
 
 def claim_verdict(model: str, paper_pct: float, row: dict) -> str:
@@ -377,7 +440,7 @@ def _claim_rows(records: list[dict], metric: str) -> list[list]:
     lines = []
     for setup, group in _paper_setups(records).items():
         rows = _paper_setting_rows(group, metric)
-        device_rows = _paper_setting_rows(group, "nvml-process")
+        device_rows = _paper_setting_rows(group, second_metric(metric))
         for model, optim, paper_pct, claim in PAPER_CLAIMS:
             row = rows.get((model, optim))
             if row is not None:
@@ -394,7 +457,8 @@ def render_claims(records: list[dict], metric: str = "reserved") -> str:
     head = ("## The paper's claims beside ours\n\n"
             "Paper: peak memory from Weights & Biases system metrics (NVML: the whole process, CUDA context "
             "included) on a 12 GB Titan-X, with the PyTorch of 2022. Ours: " + METRICS[metric][1] + " and, "
-            "closer to what NVML sees, " + METRICS["nvml-process"][1] + f"; {_source(records)}. A percentage agrees "
+            + ("closer to what NVML sees, " if metric != "nvml-process" else "what torch reports, ")
+            + METRICS[second_metric(metric)][1] + f"; {_source(records)}. A percentage agrees "
             f"when it is within {CLAIM_TOLERANCE_POINTS} points of the paper's. Today's PyTorch runs "
             "AdamW in its foreach implementation, whose step holds one extra full-size copy of the trainable "
             "parameters, which widens the gap; a fixed per-process overhead (context, anything else the process "
@@ -722,7 +786,7 @@ def plot_rows(records: list[dict]) -> list[tuple[dict, str]]:
                                           else 99, r["spec"]["model"], str(_setting(r)), -_method(r)[1],
                                           order.index(r["spec"]["optim"]) if r["spec"]["optim"] in order else 99))
     notes = {"oom": "OOM", "skipped": "skipped", "error": "error", "crashed": "crashed"}
-    return [(r, notes.get(r["status"], "")) for r in recs]
+    return [(r, notes.get(r["status"], "")) for r in run_records(recs)]
 
 
 def render_plot(records: list[dict], path: str) -> None:
