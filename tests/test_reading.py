@@ -384,3 +384,60 @@ def test_column_check_fails_on_mains_headers():
     metric = "nvml-process"
     old = ["setup", "model", "paper", f"ours ({metric})", "ours (nvml-process)", "verdict"]
     assert len(set(old)) != len(old)
+
+
+# --- compare names the category that grew ------------------------------------------------------------------
+
+def _grown(category="activations", by=300 << 20):
+    """The paper grid, and the same with ViT-B/16 SGD (freeze-embed) holding `by` more bytes of `category` at
+    its peak (allocated and reserved grow with it)."""
+    old, new = paper(), paper()
+    rec = next(r for r in new if r["key"].startswith("vit-b-16/sgd-fe/ckpt-off/32bit"))
+    m = rec["metrics"]
+    m["breakdown_at_peak_bytes"][category] += by
+    m["peak_allocated_bytes"] += by
+    m["peak_reserved_bytes"] += by
+    return old, new, rec["key"]
+
+
+def names_category(line: str, category: str, gib: float) -> bool:
+    return f"{category} grew most, +{gib:.2f} GiB" in line and "GiB (+" in line
+
+
+@pytest.mark.parametrize("category", ["activations", "optimizer_state"])
+def test_compare_says_which_category_grew_in_gib_and_percent(category):
+    from memprof.baseline import DEFAULT_FAIL, compare, make_baseline, parse_threshold
+
+    old, new, key = _grown(category)
+    result = compare(make_baseline(old), make_baseline(new), [parse_threshold(t) for t in DEFAULT_FAIL])
+    lines = [r for r in result.regressions if r.startswith(key + ": peak_reserved")]
+    assert len(lines) == 1, result.regressions
+    line = lines[0]
+    label = category.replace("_", " ")
+    assert names_category(line, label, 300 / 1024), line
+    base = next(r for r in old if r["key"] == key)["metrics"]
+    pct = 100 * (300 << 20) / base["breakdown_at_peak_bytes"][category]
+    assert f"{label} grew most, +0.29 GiB ({pct:+.1f}%)" in line
+    grown = 100 * (300 << 20) / base["peak_reserved_bytes"]
+    assert f"grew by +0.29 GiB ({grown:+.1f}%)" in line
+
+
+def test_compare_says_when_categories_are_unknown():
+    """A baseline saved without breakdowns (as main saved them, e.g. reports/baselines/ci.json): said, not
+    guessed."""
+    from memprof.baseline import BREAKDOWN, compare, make_baseline, parse_threshold
+
+    old, new, key = _grown()
+    base = make_baseline(old)
+    for e in base["benchmarks"]:
+        e.pop(BREAKDOWN, None)
+    line = compare(base, make_baseline(new), [parse_threshold("peak_reserved:0%")]).regressions[0]
+    assert "by category: unknown, no breakdown at the peak in the baseline" in line
+
+
+def test_category_check_fails_on_mains_message():
+    """Negative control: main's line, raw bytes only."""
+    old, new, key = _grown()
+    b = next(r for r in old if r["key"] == key)["metrics"]["peak_reserved_bytes"]
+    main_line = f"{key}: peak_reserved grew: {b} -> {b + (300 << 20)} (+25.29%), past 0%"
+    assert not names_category(main_line, "activations", 300 / 1024)
