@@ -101,6 +101,7 @@ def test_report_is_valid_offline_html_with_decodable_images(run_dir):
     for needle in ("Peak memory per optimizer and model", "One view", "Largest holders at the peak",
                    "Timelines", "predicted", "pytorch.org/memory_viz", "visual.transformer.resblocks.0.mlp.c_fc"):
         assert needle in body, needle
+    assert text.count("<details class='snapview' open>") == 2 and "Offline view of" in body  # one per snapshot
 
 
 def test_audit_catches_a_broken_page(run_dir):

@@ -441,3 +441,62 @@ def test_category_check_fails_on_mains_message():
     b = next(r for r in old if r["key"] == key)["metrics"]["peak_reserved_bytes"]
     main_line = f"{key}: peak_reserved grew: {b} -> {b + (300 << 20)} (+25.29%), past 0%"
     assert not names_category(main_line, "activations", 300 / 1024)
+
+
+# --- an offline view of a snapshot ---------------------------------------------------------------------------
+
+MIB = 1 << 20
+
+
+def _tiny_snapshot():
+    """A 2 MiB segment; 1 MiB of activations, then 0.5 MiB of optimizer state (the peak, 1.5 MiB); the
+    activations freed."""
+    from memprof.reports.snapshot import BASE_ADDR
+
+    def frames(cat):
+        return [{"filename": "visual.block", "line": 0, "name": "aten.mm.default"},
+                {"filename": "memprof (predicted)", "line": 1, "name": f"{cat}, forward step 1"}]
+
+    a = BASE_ADDR
+    trace = [{"action": "segment_alloc", "addr": a, "size": 2 * MIB, "frames": []},
+             {"action": "alloc", "addr": a, "size": MIB, "frames": frames("activations")},
+             {"action": "alloc", "addr": a + MIB, "size": MIB // 2, "frames": frames("optimizer_state")},
+             {"action": "free_requested", "addr": a, "size": MIB, "frames": []},
+             {"action": "free_completed", "addr": a, "size": MIB, "frames": []}]
+    for i, e in enumerate(trace):
+        e.update(stream=0, time_us=i)
+    return {"segments": [], "device_traces": [trace]}
+
+
+def offline_view_in(page: str) -> bool:
+    """A snapshot view a browser draws offline: inline SVG blocks, a table of blocks, nothing loaded."""
+    return ("<svg" in page and "<rect" in page and "<th>requested</th>" in page and "<script" not in page
+            and "src='http" not in page)
+
+
+def test_a_snapshot_has_an_offline_view(tmp_path):
+    import pickle
+
+    from memprof.reports.html import snapshot_view
+    from memprof.reports.palette import CATEGORY_COLORS
+    from memprof.reports.snapshot import peak_view
+
+    snap = _tiny_snapshot()
+    view = peak_view(snap)
+    assert (view.entry, view.allocated_bytes, view.reserved_bytes) == (2, 3 * MIB // 2, 2 * MIB)
+    assert [size for _a, size, _f in view.blocks] == [MIB, MIB // 2]
+    path = tmp_path / "s.pickle"
+    path.write_bytes(pickle.dumps(snap, protocol=4))
+    page = snapshot_view(str(path))
+    assert offline_view_in(page)
+    assert "1.5 MiB allocated in 2 blocks, 2.0 MiB reserved in 1 segment" in page
+    assert CATEGORY_COLORS["activations"] in page and CATEGORY_COLORS["optimizer_state"] in page
+    assert "https://pytorch.org/memory_viz" not in page  # the view itself needs no viewer
+
+
+def test_offline_view_check_fails_on_mains_links():
+    """Negative control: main's report gave links and the viewer's address only."""
+    main_html = ("<ul class='note'><li><span class='pred'>predicted</span> snapshot: <a href='s.pickle'>s.pickle</a>"
+                 "</li></ul><p class='note'>Open a snapshot in <a href='https://pytorch.org/memory_viz'>"
+                 "https://pytorch.org/memory_viz</a> (drop the file on the page)</p>")
+    assert not offline_view_in(main_html)
