@@ -5,8 +5,8 @@ holders at the peak, the rules), the fidelity table when the records (or a paire
 measurements and predictions (else a fidelity.md found in the directory), fit.md / advise.md when present,
 each configuration's timeline (memprof.reports.timeline), links to its snapshots and an offline view of each
 (snapshot_view: its reserved memory at the peak as inline SVG, its largest blocks; torch's memory_viz needs the
-network). Images are embedded as base64
-PNG; the page loads nothing (no script, no stylesheet, no font from a network), so it opens offline.
+network). Images are embedded as base64 PNG; the page loads nothing (no script, no stylesheet, no font from a
+network), so it opens offline.
 Timeline PNGs are also written beside their JSON in RUN_DIR/timelines/.
 """
 
