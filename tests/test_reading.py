@@ -359,7 +359,10 @@ def test_a_fit_report_is_not_framed_as_table4(tmp_path):
     from memprof.reports.planner import write_fit_reports
     from memprof.reports.table4 import render_markdown, table_rows
 
+    from memprof.reports.table4 import render_terminal
+
     assert table_rows(fits()) == [] and "implied" not in render_markdown(fits())
+    assert render_terminal(fits(), "reserved", None, 100).startswith("No run records here")
     shutil.copy(DATA / "fit_vit_l14_rtx4090.jsonl", tmp_path / "results.jsonl")
     write_fit_reports(fits(), str(tmp_path))
     page = render_html(str(tmp_path), str(tmp_path / "report.html"), write_pngs=False)

@@ -316,6 +316,8 @@ def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool, limit: int |
     from memprof.reports.timeline import TIMELINE_DIR
 
     groups: OrderedDict = OrderedDict()
+    searches = sum(rec.get("task") == "fit" for rec, _ in loaded)
+    loaded = [(rec, base) for rec, base in loaded if rec.get("task") != "fit"]  # a fit's probes keep no timeline
     for rec, base in sorted(loaded, key=lambda rb: rb[0]["key"]):
         groups.setdefault(_config(rec), []).append((rec, base))
     parts, skipped, undrawn = [], [], []
@@ -345,6 +347,9 @@ def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool, limit: int |
              "GPU snapshot's trace when the cuda backend ran with <code>--snapshot</code>, else only the measured "
              "peaks are marked.</p>")
     tail = f"<p>No timeline:</p><ul>{''.join(skipped)}</ul>" if skipped else ""
+    if searches:
+        tail += (f"<p class='note'>{searches} <code>memprof fit</code> searches: a search's probes keep no timeline "
+                 "(fit.png shows them); <code>memprof run --batch-size N</code> draws one at a batch it found.</p>")
     if undrawn:  # each figure costs a fraction of a second: a large grid's run draws the first ones only
         tail += (f"<p class='note'>{len(undrawn)} more timelines are not drawn here, to keep the run quick: "
                  f"<code>memprof report {html.escape(os.path.abspath(out_dir))}</code> draws every one "

@@ -280,17 +280,18 @@ def _intro(records: list[dict], metric: str) -> str:
             "1) also how much more memory AdamW needs than that row (the paper's comparison).\n")
 
 
+FIT_ONLY = "No run records here: these are `memprof fit` searches, reported in fit.md."
+
+
 def _title(records: list[dict]) -> str:
     return ("# Table 4: peak memory per optimizer and model\n" if paper_settings(records)
             else "# Peak memory per optimizer and model\n")
 
 
 def render_markdown(records: list[dict], metric: str = "reserved", verdicts: dict | None = None) -> str:
-    fit_only = bool(records) and not run_records(records)
+    if records and not run_records(records):
+        return f"# Peak memory per optimizer and model\n\n{FIT_ONLY}\n"
     records = run_records(records)
-    if fit_only:
-        return ("# Peak memory per optimizer and model\n\nNo run records here: these are `memprof fit` searches, "
-                "reported in fit.md.\n")
     out = [_title(records), _intro(records, metric)]
     for setting, headers, table, reasons in _sections(records, metric, verdicts):
         out.append(f"## {setting}\n")
@@ -323,6 +324,8 @@ def render_terminal(records: list[dict], metric: str, verdicts: dict | None, wid
         return "\n".join(textwrap.fill(p, width, subsequent_indent="  " if p.startswith(("-", "*")) else "")
                          for p in text.replace("**", "").replace("## ", "").splitlines() if p.strip())
 
+    if records and not run_records(records):
+        return prose(FIT_ONLY.replace("`", ""))
     records = run_records(records)
     out = [prose(_intro(records, metric))]
     for setting, headers, table, reasons in _sections(records, metric, verdicts):
