@@ -495,6 +495,8 @@ def test_a_snapshot_has_an_offline_view(tmp_path):
     assert "1.5 MiB allocated in 2 blocks, 2.0 MiB reserved in 1 segment" in page
     assert CATEGORY_COLORS["activations"] in page and CATEGORY_COLORS["optimizer_state"] in page
     assert "https://pytorch.org/memory_viz" not in page  # the view itself needs no viewer
+    assert "Offline view of the <span class='pred'>predicted</span> snapshot" in page  # labelled predicted
+    assert "<span class='meas'>measured</span>" in snapshot_view(str(path), "measured")
 
 
 def test_offline_view_check_fails_on_mains_links():

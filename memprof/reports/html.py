@@ -152,7 +152,7 @@ SNAPSHOT_ROWS_MIN, SNAPSHOT_ROWS_MAX = 4, 30  # the snapshot map's rows: all res
 SNAPSHOT_BLOCKS_LISTED = 10
 
 
-def snapshot_view(path: str) -> str:
+def snapshot_view(path: str, source: str = "predicted") -> str:
     """An offline view of one snapshot at its peak of allocated bytes (memprof.reports.snapshot.peak_view):
     an inline SVG of the live segments, each a row as wide as its size, its blocks coloured by category (the
     palette of every memprof picture), and a table of the largest blocks with what made them. HTML and SVG
@@ -221,7 +221,9 @@ def snapshot_view(path: str) -> str:
         f"</td><td><code>{html.escape(fr[0]['name'] if fr else '')}</code></td><td><code>"
         f"{html.escape(fr[0]['filename'] if fr else '')}</code></td><td>{html.escape(fr[1]['name'] if len(fr) > 1 else '')}"
         f"</td></tr>" for _addr, nbytes, fr in view.blocks[:SNAPSHOT_BLOCKS_LISTED])
-    return (f"<details class='snapview' open><summary>Offline view of <code>{html.escape(os.path.basename(path))}</code> at its "
+    cls = "pred" if source == "predicted" else "meas"
+    return (f"<details class='snapview' open><summary>Offline view of the <span class='{cls}'>{html.escape(source)}</span> "
+            f"snapshot <code>{html.escape(os.path.basename(path))}</code> at its "
             f"peak (drawn here from the file: no viewer, no network)</summary>"
             f"<p class='note'>At trace entry {view.entry + 1} of {view.entries}: {format_size(view.allocated_bytes)} "
             f"allocated in {len(view.blocks)} block{'s' if len(view.blocks) != 1 else ''}, "
@@ -241,7 +243,7 @@ def _snapshot_links(recs: list[tuple], out_dir: str) -> str:
         if not path:
             continue
         if os.path.exists(path):
-            views.append(snapshot_view(path))
+            views.append(snapshot_view(path, rec["source"]))
         rel = os.path.relpath(path, out_dir) if os.path.exists(path) else path
         cls, what = ("pred", "predicted") if rec["source"] == "predicted" else ("meas", "measured")
         links.append(f"<li><span class='{cls}'>{what}</span> snapshot: <a href='{html.escape(rel)}'>"
