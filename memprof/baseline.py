@@ -277,7 +277,8 @@ def compare(base: dict, current: dict, thresholds: list[Threshold], allow_missin
                 if t.field.endswith("_bytes"):  # in GiB and %, and what it is made of (a line of its own)
                     from memprof.budget import format_size
 
-                    regressions.append(f"{name}: {t.name} {how} by {_change(cv - bv, bv)}: {format_size(bv)} -> "
+                    regressions.append(f"{name}: {t.name} {how} by {_change(cv - bv, bv).lstrip('+-')}: "
+                                       f"{format_size(bv)} -> "
                                        f"{format_size(cv)} ({bv} -> {cv} B), {limit}\n    {explain_growth(b, c)}")
                 else:
                     regressions.append(f"{name}: {t.name} {how}: {bv} -> {cv} ({delta}), {limit}")

@@ -422,7 +422,7 @@ def test_compare_says_which_category_grew_in_gib_and_percent(category):
     pct = 100 * (300 << 20) / base["breakdown_at_peak_bytes"][category]
     assert f"{label} grew most, +0.29 GiB ({pct:+.1f}%)" in line
     grown = 100 * (300 << 20) / base["peak_reserved_bytes"]
-    assert f"grew by +0.29 GiB ({grown:+.1f}%)" in line
+    assert f"grew by 0.29 GiB ({grown:+.1f}%)" in line
 
 
 def test_compare_says_when_categories_are_unknown():
@@ -505,3 +505,13 @@ def test_offline_view_check_fails_on_mains_links():
                  "</li></ul><p class='note'>Open a snapshot in <a href='https://pytorch.org/memory_viz'>"
                  "https://pytorch.org/memory_viz</a> (drop the file on the page)</p>")
     assert not offline_view_in(main_html)
+
+
+def test_the_committed_baseline_can_say_which_category_grew():
+    """reports/baselines/ci.json keeps each configuration's breakdown at the peak (added from a fresh CI run
+    whose peaks equal the baseline's), so a gate failure against it names the category."""
+    from memprof.baseline import BREAKDOWN, load_any
+
+    base = load_any(str(Path(__file__).resolve().parents[1] / "reports" / "baselines" / "ci.json"))
+    ran = [e for e in base["benchmarks"] if e["status"] in ("ok", "oom")]
+    assert ran and all(e.get(BREAKDOWN) for e in ran)
