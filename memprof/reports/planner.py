@@ -90,6 +90,12 @@ def may_not_fit(metrics: dict) -> bool:
     return metrics.get("fits") == "may not fit"
 
 
+def _usable(metrics: dict) -> float | None:
+    """The card's usable memory a fit searched against: its search budget plus any --headroom kept free."""
+    budget = metrics.get("search_budget_bytes")
+    return None if budget is None else budget + (metrics.get("search_headroom_bytes") or 0)
+
+
 def plot_fit(records: list[dict], path: str) -> None:
     """Peak reserved against batch size (a log axis from batch 1: no batch below it), one line per
     configuration (its probes), each card's usable memory, the largest fitting batch marked: filled where it
@@ -120,7 +126,7 @@ def plot_fit(records: list[dict], path: str) -> None:
         label = _config(r) + ("" if best is None else f": max batch {best}" + (", may not fit" if doubt else ""))
         line, = ax.plot(xs, [p["peak_reserved_bytes"] / GIB for p in probes], marker=".", label=label)
         at = next((p for p in probes if p["batch_size"] == best), None)
-        budget = m.get("search_budget_bytes")
+        budget = _usable(m)
         if at and budget and budget != float("inf"):
             upper = max(at["peak_reserved_bytes"], m.get("peak_reserved_bytes_upper") or 0)
             answers.append((_config(r), best, 100 * at["peak_reserved_bytes"] / budget, 100 * upper / budget,
@@ -132,14 +138,19 @@ def plot_fit(records: list[dict], path: str) -> None:
             ax.plot([best], [peak], marker="o", ms=9, mfc="white", mec=UNCERTAIN_COLOR, mew=2, ls="none")
         elif at:
             ax.plot([best], [at["peak_reserved_bytes"] / GIB], marker="o", color=line.get_color())
-    cards = {}
+    cards, kept = {}, {}
     for r in fits:
-        b = r["metrics"].get("search_budget_bytes")
+        b = _usable(r["metrics"])
         if b and b != float("inf"):
             total = r["metrics"].get("budget_bytes")
             cards.setdefault(b, card_label(r["spec"]["budget"], total) if total else r["spec"]["budget"])
+            if r["metrics"].get("search_headroom_bytes"):  # --headroom: what a batch had to leave free
+                kept.setdefault(r["metrics"]["search_budget_bytes"], r["metrics"]["search_headroom_bytes"])
     for b, card in sorted(cards.items()):
         ax.axhline(b / GIB, color=BUDGET_COLOR, linestyle="--", linewidth=1, label=f"{card}: {b / GIB:.2f} GiB usable")
+    for b, headroom in sorted(kept.items()):
+        ax.axhline(b / GIB, color=BUDGET_COLOR, linestyle=":", linewidth=1,
+                   label=f"usable minus --headroom {headroom / GIB:.2f} GiB: {b / GIB:.2f} GiB")
     if uncertain:
         ax.plot([], [], marker="o", ms=7, mfc="white", mec=UNCERTAIN_COLOR, mew=2, color=UNCERTAIN_COLOR, lw=2.5,
                 label="may not fit: the prediction's band (to its upper bound) reaches past usable memory")
