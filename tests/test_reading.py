@@ -515,3 +515,20 @@ def test_the_committed_baseline_can_say_which_category_grew():
     base = load_any(str(Path(__file__).resolve().parents[1] / "reports" / "baselines" / "ci.json"))
     ran = [e for e in base["benchmarks"] if e["status"] in ("ok", "oom")]
     assert ran and all(e.get(BREAKDOWN) for e in ran)
+
+
+def test_fit_png_keeps_usable_memory_under_headroom(figures, tmp_path):
+    """With --headroom (main's search_headroom_bytes) the search budget is usable memory minus the headroom:
+    the usable line stays at the card's usable memory, the headroom's line is drawn apart (main's plot would
+    have called the reduced budget 'usable')."""
+    from memprof.reports.planner import plot_fit
+
+    recs = fits()
+    for r in recs:
+        m = r["metrics"]
+        m["search_headroom_bytes"] = int(0.05 * m["search_budget_bytes"])
+        m["search_budget_bytes"] -= m["search_headroom_bytes"]
+    plot_fit(recs, str(tmp_path / "fit.png"))
+    labels = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+    assert "rtx4090 (24 GiB): 23.61 GiB usable" in labels
+    assert any(lab.startswith("usable minus --headroom 1.18 GiB: 22.43 GiB") for lab in labels)

@@ -164,15 +164,17 @@ def plot_fit(records: list[dict], path: str) -> None:
     ax.set_title(f"Peak memory against batch size ({'/'.join(sources) or 'no probes'})"
                  + (f"; {uncertain} of {len(fits)} answers may not fit" if uncertain else ""), fontsize=9)
     ax.legend(fontsize=6.5, loc="upper left")
-    _plot_answers(near, answers)
+    _plot_answers(near, answers, sorted({100 * b / u for b, u in ((r["metrics"].get("search_budget_bytes"),
+                                                                  _usable(r["metrics"])) for r in fits)
+                                          if u and u != float("inf") and b and b < u}))
     from memprof.reports.table4 import save_figure
 
     save_figure(fig, path)
 
 
-def _plot_answers(ax, answers: list) -> None:
+def _plot_answers(ax, answers: list, kept_pct: list = ()) -> None:
     """Each answer's peak reserved as a share of usable memory, with the band to the prediction's upper bound:
-    where the band crosses 100% the answer may not fit."""
+    where the band crosses 100% the answer may not fit; `kept_pct`: where --headroom stops a search (dotted)."""
     import matplotlib.ticker
 
     from memprof.reports.palette import BUDGET_COLOR, UNCERTAIN_COLOR
@@ -184,9 +186,11 @@ def _plot_answers(ax, answers: list) -> None:
         ax.plot([pct], [yi], marker="o", ms=7, ls="none", **(
             {"mfc": "white", "mec": UNCERTAIN_COLOR, "mew": 2} if doubt else {"color": color}))
     ax.axvline(100, color=BUDGET_COLOR, ls="--", lw=1)
+    for pct in kept_pct:
+        ax.axvline(pct, color=BUDGET_COLOR, ls=":", lw=1)
     ax.set_yticks(y, ["/".join(name.split("/")[:2]) + f" @ {best}" + (" (may not fit)" if doubt else "")
                       for name, best, _p, _u, doubt, _c in answers], fontsize=7)
-    lo = min([p for _n, _b, p, _u, _d, _c in answers] + [97.0])
+    lo = min([p for _n, _b, p, _u, _d, _c in answers] + list(kept_pct) + [97.0])
     hi = max([u for _n, _b, _p, u, _d, _c in answers] + [100.5])
     ax.set_xlim(lo - 0.5, hi + 0.5)
     ax.set_ylim(-0.8, max(len(answers), 1) - 0.2)
