@@ -38,6 +38,8 @@ FIELDS = {
 FAILED = ("oom", "error", "crashed", "skipped")  # a configuration that stops producing figures
 DEFAULT_FAIL = ("peak_allocated:0%", "peak_reserved:0%", "peak_live:0%")
 VERSIONED = ("torch", "open_clip_torch", "timm")
+BREAKDOWN = "breakdown_at_peak_bytes"  # an entry's allocated bytes at the peak by category, beside its stats
+GIB = 1 << 30
 
 
 def _git(*args) -> str | None:
@@ -63,9 +65,12 @@ def make_baseline(records: list[dict]) -> dict:
     entries = []
     for r in sorted(records, key=lambda r: r["key"]):
         stats = {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        entries.append({"name": r["key"], "params": r["spec"], "status": r["status"], "source": r["source"],
-                        "backend": r["environment"]["backend"], "device": r["environment"].get("device"),
-                        "stats": stats})
+        entry = {"name": r["key"], "params": r["spec"], "status": r["status"], "source": r["source"],
+                 "backend": r["environment"]["backend"], "device": r["environment"].get("device"), "stats": stats}
+        breakdown = r["metrics"].get("breakdown_at_peak_bytes")
+        if isinstance(breakdown, dict):  # what a regression's growth is made of (explain_growth)
+            entry[BREAKDOWN] = {k: v for k, v in breakdown.items() if isinstance(v, int) and not isinstance(v, bool)}
+        entries.append(entry)
     return {
         "kind": "memprof-baseline",
         "schema_version": SCHEMA_VERSION,
@@ -191,6 +196,32 @@ class Comparison:
     configs: int = 0  # configurations present in both
 
 
+def _change(nbytes: float, base: float) -> str:
+    """A change in bytes, in GiB, and in % of `base`: '+0.50 GiB (+10.0%)'."""
+    pct = f" ({100 * nbytes / base:+.1f}%)" if base else " (new)"
+    return f"{nbytes / GIB:+.2f} GiB{pct}"
+
+
+def explain_growth(b: dict, c: dict) -> str:
+    """Which categories of the breakdown at the peak (activations, optimizer state, ...) moved between two
+    entries, largest change first, each in GiB and % of its baseline figure; or why that cannot be said."""
+    old, new = b.get(BREAKDOWN), c.get(BREAKDOWN)
+    if not old or not new:
+        missing = " and ".join(w for w, x in (("the baseline", old), ("the current results", new)) if not x)
+        return (f"by category: unknown, no breakdown at the peak in {missing} (a measured run has none; a baseline "
+                f"saved before memprof kept one has none: save it again)")
+    moved = sorted(((cat, new.get(cat, 0) - old.get(cat, 0), old.get(cat, 0)) for cat in dict.fromkeys([*old, *new])),
+                   key=lambda t: -abs(t[1]))
+    moved = [m for m in moved if m[1]]
+    if not moved:
+        return "by category: no category moved at the peak (the allocator's rounding or cache did)"
+    grew = [m for m in moved if m[1] > 0]
+    head = (f"{grew[0][0].replace('_', ' ')} grew most, {_change(grew[0][1], grew[0][2])}" if grew
+            else f"{moved[0][0].replace('_', ' ')} shrank most, {_change(moved[0][1], moved[0][2])}")
+    rest = [f"{cat.replace('_', ' ')} {_change(d, base)}" for cat, d, base in moved if (cat, d, base) != (grew or moved)[0]]
+    return f"at the allocated peak, by category: {head}" + (f"; {', '.join(rest[:3])}" if rest else "")
+
+
 def _deterministic(b: dict, c: dict) -> bool:
     """Both figures predicted (the simulation gives the same figure every run): a change either way counts."""
     return b.get("source") == "predicted" and c.get("source") == "predicted"
@@ -242,9 +273,21 @@ def compare(base: dict, current: dict, thresholds: list[Threshold], allow_missin
             bad = t.exceeded(bv, cv, both_ways)
             if bad:
                 how = "grew" if cv > bv else "shrank (a deterministic prediction moved: if intended, update the baseline)"
-                regressions.append(f"{name}: {t.name} {how}: {bv} -> {cv} ({delta}), past "
-                                   f"{t.value:g}{'%' if t.percent else ''}")
-            rows.append([name, t.name, bv, cv, delta, "REGRESSION" if bad else "ok"])
+                limit = f"past {t.value:g}{'%' if t.percent else ''}"
+                if t.field.endswith("_bytes"):  # in GiB and %, and what it is made of (a line of its own)
+                    from memprof.budget import format_size
+
+                    regressions.append(f"{name}: {t.name} {how} by {_change(cv - bv, bv).lstrip('+-')}: "
+                                       f"{format_size(bv)} -> "
+                                       f"{format_size(cv)} ({bv} -> {cv} B), {limit}\n    {explain_growth(b, c)}")
+                else:
+                    regressions.append(f"{name}: {t.name} {how}: {bv} -> {cv} ({delta}), {limit}")
+            if t.field.endswith("_bytes"):  # sizes as a person reads them (the regression line gives bytes too)
+                from memprof.budget import format_size
+
+                rows.append([name, t.name, format_size(bv), format_size(cv), delta, "REGRESSION" if bad else "ok"])
+            else:
+                rows.append([name, t.name, bv, cv, delta, "REGRESSION" if bad else "ok"])
     return Comparison(rows, regressions, notes, len(common))
 
 

@@ -85,6 +85,19 @@ def format_size(nbytes: float | None) -> str:
     if abs(nbytes) >= KiB:
         return f"{nbytes / KiB:.1f} KiB"
     return f"{nbytes:.0f} B"
+
+
+def card_label(budget: str, total_bytes: int) -> str:
+    """A budget as a person reads it: the card's name with its size (`titan-x (12 GiB)`), a bare size as a
+    card of that size, `device` as the whole device."""
+    size = f"{total_bytes / GiB:.0f} GiB" if total_bytes % GiB == 0 else format_size(total_bytes)
+    if budget == "device":
+        return f"the whole device ({size})"
+    if _SIZE.match(budget):
+        return f"a {size} card"
+    return f"{budget} ({size})"
+
+
 _LOOKS_LIKE_SIZE = re.compile(r"^\s*\d")
 SIZE_UNITS = {"B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "TiB": TiB,
               "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12}

@@ -98,9 +98,10 @@ def test_report_is_valid_offline_html_with_decodable_images(run_dir):
     assert len(a.images) == 2 and all(decodes_as_png(src) for src in a.images)
     assert all(h.startswith(("#", "https://pytorch.org", "../snap/")) for h in a.links), a.links
     body = " ".join(a.text)
-    for needle in ("Table 4", "One view", "Largest holders at the peak",
+    for needle in ("Peak memory per optimizer and model", "One view", "Largest holders at the peak",
                    "Timelines", "predicted", "pytorch.org/memory_viz", "visual.transformer.resblocks.0.mlp.c_fc"):
         assert needle in body, needle
+    assert text.count("<details class='snapview' open>") == 2 and "Offline view of" in body  # one per snapshot
 
 
 def test_audit_catches_a_broken_page(run_dir):

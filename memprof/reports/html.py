@@ -3,14 +3,17 @@
 It holds Table 4 with everything table4.md says (the paper beside ours, the one-view table, the largest
 holders at the peak, the rules), the fidelity table when the records (or a paired run) hold both
 measurements and predictions (else a fidelity.md found in the directory), fit.md / advise.md when present,
-each configuration's timeline (memprof.reports.timeline) and links to its snapshots. Images are embedded as base64
-PNG; the page loads nothing (no script, no stylesheet, no font from a network), so it opens offline.
+each configuration's timeline (memprof.reports.timeline), links to its snapshots and an offline view of each
+(snapshot_view: its reserved memory at the peak as inline SVG, its largest blocks; torch's memory_viz needs the
+network). Images are embedded as base64 PNG; the page loads nothing (no script, no stylesheet, no font from a
+network), so it opens offline.
 Timeline PNGs are also written beside their JSON in RUN_DIR/timelines/.
 """
 
 from __future__ import annotations
 
 import base64
+import bisect
 import html
 import io
 import os
@@ -27,6 +30,7 @@ h1{font-size:24px}h2{font-size:19px;border-bottom:1px solid #ddd;padding-bottom:
 table{border-collapse:collapse;margin:8px 0 14px;font-size:12.5px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}code{background:#f3f3f3;padding:0 3px;border-radius:3px}
 img{max-width:100%;border:1px solid #ddd}.fig{margin:10px 0 26px}.note{color:#555;font-size:12.5px}
+.snapview{margin:6px 0 12px}.snapview svg{display:block;margin:6px 0}
 .pred{color:#1f5fa8;font-weight:600}.meas{color:#a8521f;font-weight:600}nav li{margin:1px 0}
 """
 
@@ -138,17 +142,108 @@ def _holders_html(rec: dict) -> str:
     holders = rec["metrics"].get("top_modules_at_peak") or []
     if not holders:
         return ""
-    items = "".join(f"<li><code>{html.escape(h['module'])}</code> {h['bytes'] / (1 << 30):.3f} GiB</li>"
-                    for h in holders[:5])
+    from memprof.budget import format_size
+
+    items = "".join(f"<li><code>{html.escape(h['module'])}</code> {format_size(h['bytes'])}</li>" for h in holders[:5])
     return f"<p class='note'>Largest holders at the predicted peak:</p><ol class='note'>{items}</ol>"
 
 
+SNAPSHOT_ROWS_MIN, SNAPSHOT_ROWS_MAX = 4, 30  # the snapshot map's rows: all reserved memory folded into them
+SNAPSHOT_BLOCKS_LISTED = 10
+
+
+def snapshot_view(path: str, source: str = "predicted") -> str:
+    """An offline view of one snapshot at its peak of allocated bytes (memprof.reports.snapshot.peak_view):
+    an inline SVG of the live segments, each a row as wide as its size, its blocks coloured by category (the
+    palette of every memprof picture), and a table of the largest blocks with what made them. HTML and SVG
+    only: no script, nothing fetched."""
+    from memprof.budget import format_size
+    from memprof.reports.palette import CACHE_COLOR, CATEGORY_COLORS, category_label
+    from memprof.reports.snapshot import frame_category, load_snapshot, peak_view
+
+    try:
+        view = peak_view(load_snapshot(path))
+    except Exception as exc:  # a snapshot memprof cannot read: the report goes on, saying so
+        return f"<p class='note'>No offline view of {html.escape(os.path.basename(path))}: {html.escape(str(exc))}</p>"
+    if view.entry < 0:
+        return "<p class='note'>This snapshot's trace is empty: nothing to show at a peak.</p>"
+    # every segment, end to end (largest first) in one address space folded into rows of equal bytes: a map
+    # of all reserved memory, each block where it sits in its segment
+    segs = view.segments
+    total = sum(size for _, size in segs) or 1
+    widest = max(size for _, size in segs) if segs else 1
+    n_rows = min(SNAPSHOT_ROWS_MAX, max(SNAPSHOT_ROWS_MIN, -(-total // widest)))
+    per_row = -(-total // n_rows)
+    width, row, gap = 900, 14, 3
+    offset, place = 0, {}
+    for addr, size in segs:
+        place[addr] = offset
+        offset += size
+    starts = sorted(place)
+    size_of = dict(segs)
+
+    def pieces(pos: int, length: int) -> list:
+        out = []
+        while length > 0:
+            r, x = divmod(pos, per_row)
+            take = min(length, per_row - x)
+            out.append((r, width * x / per_row, width * take / per_row))
+            pos, length = pos + take, length - take
+        return out
+
+    def rect(pos, length, fill, tip, extra="", least=0.6):
+        return "".join(f"<rect x='{x:.1f}' y='{r * (row + gap)}' width='{max(least, w):.1f}' height='{row}' "
+                       f"fill='{fill}'{extra}><title>{tip}</title></rect>" for r, x, w in pieces(pos, length))
+
+    rects, cats = [], {}
+    for addr, size in segs:
+        rects.append(rect(place[addr], size, CACHE_COLOR, f"segment {format_size(size)} (grey: reserved, not allocated)",
+                          " stroke='#fff' stroke-width='1'", least=1.0))
+    for addr, nbytes, frames in view.blocks:
+        cat = frame_category(frames)
+        cats[cat] = cats.get(cat, 0) + nbytes
+        j = bisect.bisect_right(starts, addr) - 1
+        if j < 0 or addr >= starts[j] + size_of[starts[j]]:
+            continue  # (a block outside every live segment: not in a trace memprof reads)
+        tip = html.escape(f"{format_size(nbytes)} {frames[0]['name'] if frames else ''} "
+                          f"{frames[0]['filename'] if frames else ''}".strip())
+        rects.append(rect(place[starts[j]] + addr - starts[j], nbytes, CATEGORY_COLORS.get(cat, "#8c8cc8"), tip))
+    height = n_rows * (row + gap)
+    svg = (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
+           f"aria-label='reserved memory at the peak'>{''.join(rects)}</svg>")
+    more = (f"<p class='note'>Each row is {format_size(per_row)} of the {format_size(total)} reserved; segments "
+            f"(largest first, white edges) run end to end across rows.</p>")
+    legend = " ".join(f"<span style='display:inline-block;width:10px;height:10px;background:"
+                      f"{CATEGORY_COLORS.get(c, '#8c8cc8')}'></span> {html.escape(category_label(c) if c else 'unknown')} "
+                      f"{format_size(b)}" for c, b in sorted(cats.items(), key=lambda kv: -kv[1]))
+    rows = "".join(
+        f"<tr><td>{format_size(nbytes)}</td><td>{html.escape(category_label(frame_category(fr)) if frame_category(fr) else '')}"
+        f"</td><td><code>{html.escape(fr[0]['name'] if fr else '')}</code></td><td><code>"
+        f"{html.escape(fr[0]['filename'] if fr else '')}</code></td><td>{html.escape(fr[1]['name'] if len(fr) > 1 else '')}"
+        f"</td></tr>" for _addr, nbytes, fr in view.blocks[:SNAPSHOT_BLOCKS_LISTED])
+    cls = "pred" if source == "predicted" else "meas"
+    return (f"<details class='snapview' open><summary>Offline view of the <span class='{cls}'>{html.escape(source)}</span> "
+            f"snapshot <code>{html.escape(os.path.basename(path))}</code> at its "
+            f"peak (drawn here from the file: no viewer, no network)</summary>"
+            f"<p class='note'>At trace entry {view.entry + 1} of {view.entries}: {format_size(view.allocated_bytes)} "
+            f"allocated in {len(view.blocks)} block{'s' if len(view.blocks) != 1 else ''}, "
+            f"{format_size(view.reserved_bytes)} reserved in {len(view.segments)} "
+            f"segment{'s' if len(view.segments) != 1 else ''}" + (" (blocks live before the recording began are not listed)"
+                                                  if view.before_recording else "")
+            + f". A coloured block is allocated (the bytes requested, where they sit in their segment), grey is "
+            f"reserved but free. Requested bytes by category: {legend}.</p>{svg}{more}"
+            f"<table><thead><tr><th>requested</th><th>category</th><th>op</th><th>module</th><th>when</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table></details>")
+
+
 def _snapshot_links(recs: list[tuple], out_dir: str) -> str:
-    links = []
+    links, views = [], []
     for rec, _base in recs:
         path = rec["metrics"].get("snapshot_file")
         if not path:
             continue
+        if os.path.exists(path):
+            views.append(snapshot_view(path, rec["source"]))
         rel = os.path.relpath(path, out_dir) if os.path.exists(path) else path
         cls, what = ("pred", "predicted") if rec["source"] == "predicted" else ("meas", "measured")
         links.append(f"<li><span class='{cls}'>{what}</span> snapshot: <a href='{html.escape(rel)}'>"
@@ -156,10 +251,12 @@ def _snapshot_links(recs: list[tuple], out_dir: str) -> str:
                      + "</li>")
     if not links:
         return ""
-    return ("<ul class='note'>" + "".join(links) + f"</ul><p class='note'>Open a snapshot in <a href='{VIEWER_URL}'>"
-            f"{VIEWER_URL}</a> (drop the file on the page; it stays on your machine), or run <code>python -m "
-            "torch.cuda._memory_viz trace_plot FILE -o trace.html</code> (that page loads the viewer from the "
-            "network).</p>")
+    return ("<ul class='note'>" + "".join(links) + "</ul>" + "".join(views)
+            + f"<p class='note'>Offline, the view above is drawn from the snapshot itself. For torch's full viewer "
+            f"(every allocation over time, stacks), open <a href='{VIEWER_URL}'>{VIEWER_URL}</a> in a browser with a "
+            "network connection and drop the file on the page (it stays on your machine); <code>python -m "
+            "torch.cuda._memory_viz trace_plot FILE -o trace.html</code> writes a page that also loads the viewer "
+            "from the network, so it shows nothing offline.</p>")
 
 
 # --- the page ----------------------------------------------------------------------------------------
@@ -177,14 +274,15 @@ def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_
                 max_timelines: int | None = None) -> str:
     """The report's HTML text (see the module docstring)."""
     from memprof.results import load_verdicts
-    from memprof.reports.table4 import default_metric, render_fidelity, render_markdown
+    from memprof.reports.table4 import default_metric, paper_settings, render_fidelity, render_markdown, run_records
 
     loaded = _load(run_dir, pair_dir)
     records = [r for r, _ in loaded]
     out_dir = os.path.dirname(os.path.abspath(out_path))
     metric = default_metric(records)
-    sections = [("table4", "Table 4 and what it rests on",
-                 markdown_to_html(render_markdown(records, metric, load_verdicts(run_dir) or None), shift=1))]
+    runs = run_records(records)  # a fit's records are reported in its own section (fit.md), not as Table 4
+    sections = [("table4", "Table 4 and what it rests on" if paper_settings(runs) else "Peak memory and what it rests on",
+                 markdown_to_html(render_markdown(runs, metric, load_verdicts(run_dir) or None), shift=1))] if runs else []
     measured = [r for r in records if r["source"] == "measured"]
     predicted = [r for r in records if r["source"] == "predicted"]
     if measured and predicted:
@@ -196,7 +294,12 @@ def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
             with open(path, encoding="utf-8") as fh:
-                sections.append((name.split(".")[0], title, markdown_to_html(fh.read(), shift=1)))
+                content = markdown_to_html(fh.read(), shift=1)
+            png = os.path.splitext(path)[0] + ".png"
+            if os.path.exists(png):  # fit.png: the probes against the budget, each answer's headroom
+                with open(png, "rb") as fh:
+                    content += (f"<div class='fig'><img alt='{html.escape(title)}' src='{_png_uri(fh.read())}'></div>")
+            sections.append((name.split(".")[0], title, content))
     sections.append(("timelines", "Timelines", _timelines(loaded, out_dir, write_pngs, max_timelines)))
     nav = "".join(f"<li><a href='#{sid}'>{html.escape(title)}</a></li>" for sid, title, _ in sections)
     sources = sorted({r["source"] for r in records})
@@ -215,6 +318,8 @@ def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool, limit: int |
     from memprof.reports.timeline import TIMELINE_DIR
 
     groups: OrderedDict = OrderedDict()
+    searches = sum(rec.get("task") == "fit" for rec, _ in loaded)
+    loaded = [(rec, base) for rec, base in loaded if rec.get("task") != "fit"]  # a fit's probes keep no timeline
     for rec, base in sorted(loaded, key=lambda rb: rb[0]["key"]):
         groups.setdefault(_config(rec), []).append((rec, base))
     parts, skipped, undrawn = [], [], []
@@ -244,6 +349,9 @@ def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool, limit: int |
              "GPU snapshot's trace when the cuda backend ran with <code>--snapshot</code>, else only the measured "
              "peaks are marked.</p>")
     tail = f"<p>No timeline:</p><ul>{''.join(skipped)}</ul>" if skipped else ""
+    if searches:
+        tail += (f"<p class='note'>{searches} <code>memprof fit</code> searches: a search's probes keep no timeline "
+                 "(fit.png shows them); <code>memprof run --batch-size N</code> draws one at a batch it found.</p>")
     if undrawn:  # each figure costs a fraction of a second: a large grid's run draws the first ones only
         tail += (f"<p class='note'>{len(undrawn)} more timelines are not drawn here, to keep the run quick: "
                  f"<code>memprof report {html.escape(os.path.abspath(out_dir))}</code> draws every one "

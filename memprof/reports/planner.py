@@ -123,39 +123,122 @@ def render_fit_csv(records: list[dict]) -> str:
     return buf.getvalue()
 
 
+def may_not_fit(metrics: dict) -> bool:
+    """A fit's answer sits so close to the budget that the prediction's band reaches past it: the record's
+    `may_not_fit` where it has one, else its `fits` reading "may not fit"."""
+    if "may_not_fit" in metrics:
+        return bool(metrics["may_not_fit"])
+    return metrics.get("fits") == "may not fit"
+
+
+def _usable(metrics: dict) -> float | None:
+    """The card's usable memory a fit searched against: its search budget plus any --headroom kept free."""
+    budget = metrics.get("search_budget_bytes")
+    return None if budget is None else budget + (metrics.get("search_headroom_bytes") or 0)
+
+
 def plot_fit(records: list[dict], path: str) -> None:
-    """Peak reserved against batch size, one line per configuration (its probes), the budget line, the
-    largest fitting batch marked."""
+    """Peak reserved against batch size (a log axis from batch 1: no batch below it), one line per
+    configuration (its probes), each card's usable memory, the largest fitting batch marked: filled where it
+    fits, hollow in amber with the prediction's band up to its upper bound where it may not fit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    from memprof.budget import card_label
+    from memprof.reports.palette import BUDGET_COLOR, UNCERTAIN_COLOR
 
     fits = [r for r in records if r.get("task") == "fit" and r["metrics"].get("probes")]
-    fig, ax = plt.subplots(figsize=(10, 6))
+    fig, (ax, near) = plt.subplots(1, 2, figsize=(12, 6), gridspec_kw={"width_ratios": [3, 1.15]})
+    largest, uncertain, answers = 1, 0, []
     for r in fits:
-        probes = sorted((p for p in r["metrics"]["probes"] if p.get("peak_reserved_bytes") is not None),
+        m = r["metrics"]
+        probes = sorted((p for p in m["probes"] if p.get("peak_reserved_bytes") is not None),
                         key=lambda p: p["batch_size"])
         if not probes:
             continue
         xs = [p["batch_size"] for p in probes]
-        line, = ax.plot(xs, [p["peak_reserved_bytes"] / GIB for p in probes], marker=".", label=_config(r))
-        best = r["metrics"].get("max_batch_size")
+        largest = max([largest] + xs)
+        best = m.get("max_batch_size")
+        doubt = best is not None and may_not_fit(m)
+        uncertain += doubt
+        label = _config(r) + ("" if best is None else f": max batch {best}" + (", may not fit" if doubt else ""))
+        line, = ax.plot(xs, [p["peak_reserved_bytes"] / GIB for p in probes], marker=".", label=label)
         at = next((p for p in probes if p["batch_size"] == best), None)
-        if at:
+        budget = _usable(m)
+        if at and budget and budget != float("inf"):
+            upper = max(at["peak_reserved_bytes"], m.get("peak_reserved_bytes_upper") or 0)
+            answers.append((_config(r), best, 100 * at["peak_reserved_bytes"] / budget, 100 * upper / budget,
+                            doubt, line.get_color()))
+        if at and doubt:
+            peak = at["peak_reserved_bytes"] / GIB
+            upper = max(peak, (m.get("peak_reserved_bytes_upper") or at["peak_reserved_bytes"]) / GIB)
+            ax.plot([best, best], [peak, upper], color=UNCERTAIN_COLOR, lw=2.5, solid_capstyle="butt")
+            ax.plot([best], [peak], marker="o", ms=9, mfc="white", mec=UNCERTAIN_COLOR, mew=2, ls="none")
+        elif at:
             ax.plot([best], [at["peak_reserved_bytes"] / GIB], marker="o", color=line.get_color())
-    for b in sorted({r["metrics"].get("search_budget_bytes") for r in fits if r["metrics"].get("search_budget_bytes")}):
-        if b != float("inf"):
-            ax.axhline(b / GIB, color="red", linestyle="--", linewidth=1, label=f"usable {b / GIB:.1f} GiB")
-    ax.set_xscale("symlog", linthresh=8)
-    ax.set_xlabel("micro-batch size")
+    cards, kept = {}, {}
+    for r in fits:
+        b = _usable(r["metrics"])
+        if b and b != float("inf"):
+            total = r["metrics"].get("budget_bytes")
+            cards.setdefault(b, card_label(r["spec"]["budget"], total) if total else r["spec"]["budget"])
+            if r["metrics"].get("search_headroom_bytes"):  # --headroom: what a batch had to leave free
+                kept.setdefault(r["metrics"]["search_budget_bytes"], r["metrics"]["search_headroom_bytes"])
+    for b, card in sorted(cards.items()):
+        ax.axhline(b / GIB, color=BUDGET_COLOR, linestyle="--", linewidth=1, label=f"{card}: {b / GIB:.2f} GiB usable")
+    for b, headroom in sorted(kept.items()):
+        ax.axhline(b / GIB, color=BUDGET_COLOR, linestyle=":", linewidth=1,
+                   label=f"usable minus --headroom {headroom / GIB:.2f} GiB: {b / GIB:.2f} GiB")
+    if uncertain:
+        ax.plot([], [], marker="o", ms=7, mfc="white", mec=UNCERTAIN_COLOR, mew=2, color=UNCERTAIN_COLOR, lw=2.5,
+                label="may not fit: the prediction's band (to its upper bound) reaches past usable memory")
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(0.85, largest * 1.25)  # batch sizes start at 1
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("micro-batch size (log scale)")
     ax.set_ylabel("peak reserved (GiB)")
     sources = sorted({r["source"] for r in fits})
-    ax.set_title(f"Peak memory against batch size ({'/'.join(sources) or 'no probes'})", fontsize=9)
-    ax.legend(fontsize=6, loc="upper left", ncol=2)
+    ax.set_title(f"Peak memory against batch size ({'/'.join(sources) or 'no probes'})"
+                 + (f"; {uncertain} of {len(fits)} answers may not fit" if uncertain else ""), fontsize=9)
+    ax.legend(fontsize=6.5, loc="upper left")
+    _plot_answers(near, answers, sorted({100 * b / u for b, u in ((r["metrics"].get("search_budget_bytes"),
+                                                                  _usable(r["metrics"])) for r in fits)
+                                          if u and u != float("inf") and b and b < u}))
     from memprof.reports.table4 import save_figure
 
     save_figure(fig, path)
+
+
+def _plot_answers(ax, answers: list, kept_pct: list = ()) -> None:
+    """Each answer's peak reserved as a share of usable memory, with the band to the prediction's upper bound:
+    where the band crosses 100% the answer may not fit; `kept_pct`: where --headroom stops a search (dotted)."""
+    import matplotlib.ticker
+
+    from memprof.reports.palette import BUDGET_COLOR, UNCERTAIN_COLOR
+
+    y = list(range(len(answers)))[::-1]
+    for yi, (_config_name, _best, pct, upper, doubt, color) in zip(y, answers):
+        ax.plot([pct, upper], [yi, yi], color=UNCERTAIN_COLOR if doubt else color, lw=6, alpha=0.45,
+                solid_capstyle="butt")
+        ax.plot([pct], [yi], marker="o", ms=7, ls="none", **(
+            {"mfc": "white", "mec": UNCERTAIN_COLOR, "mew": 2} if doubt else {"color": color}))
+    ax.axvline(100, color=BUDGET_COLOR, ls="--", lw=1)
+    for pct in kept_pct:
+        ax.axvline(pct, color=BUDGET_COLOR, ls=":", lw=1)
+    ax.set_yticks(y, ["/".join(name.split("/")[:2]) + f" @ {best}" + (" (may not fit)" if doubt else "")
+                      for name, best, _p, _u, doubt, _c in answers], fontsize=7)
+    lo = min([p for _n, _b, p, _u, _d, _c in answers] + list(kept_pct) + [97.0])
+    hi = max([u for _n, _b, _p, u, _d, _c in answers] + [100.5])
+    ax.set_xlim(lo - 0.5, hi + 0.5)
+    ax.set_ylim(-0.8, max(len(answers), 1) - 0.2)
+    ax.set_xlabel("% of usable memory at the answer\n(dot: prediction; bar: to its upper bound)", fontsize=8)
+    ax.set_title("How close each answer is", fontsize=9)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
 
 
 def write_fit_reports(records: list[dict], out_dir: str) -> dict:

@@ -302,3 +302,58 @@ def check_snapshot(snap: dict, metrics: dict) -> list[str]:
     except (AssertionError, KeyError, TypeError) as exc:
         problems.append(f"torch's segsum rejects the segments: {exc}")
     return problems
+
+
+# --- an offline view ----------------------------------------------------------------------------------
+
+@dataclass
+class PeakView:
+    """What a snapshot holds at its peak of allocated bytes: the live blocks (address, requested bytes, frames)
+    and segments (address, size), read from its trace, for a view that needs no viewer."""
+
+    entry: int  # the trace entry at which the peak was reached (its index)
+    entries: int
+    allocated_bytes: int  # block sizes, as torch.cuda.memory_allocated reads
+    reserved_bytes: int
+    blocks: list  # (address, requested bytes, frames), largest first
+    segments: list  # (address, size), largest first
+    before_recording: bool = False  # a GPU recording that began with blocks live: those are not listed
+
+
+def peak_view(snap: dict, device: int = 0) -> PeakView:
+    """The blocks and segments live at the first moment the trace reaches its peak allocated bytes (the point
+    trace_peaks finds), by replaying the trace to that entry."""
+    peaks = trace_peaks(snap, device, strict=False, series=True)
+    entries = (snap.get("device_traces") or [[]])[device] if device < len(snap.get("device_traces") or []) else []
+    counted = ("alloc", "free_completed", "segment_alloc", "segment_free")
+    target = next((k for k, p in enumerate(peaks.series) if p[1] == peaks.peak_allocated_bytes), None)
+    blocks: dict[int, tuple] = {}
+    segs: dict[int, int] = {}
+    k, at = -1, -1
+    for n, e in enumerate(entries if target is not None else []):
+        action = e["action"]
+        if action == "alloc":
+            blocks[e["addr"]] = (e["size"], e.get("frames") or [])
+        elif action == "free_completed":
+            blocks.pop(e["addr"], None)
+        elif action == "segment_alloc":
+            segs[e["addr"]] = e["size"]
+        elif action == "segment_free":
+            segs.pop(e["addr"], None)
+        if action in counted:
+            k += 1
+            if k == target:
+                at = n
+                break
+    return PeakView(at, len(entries), peaks.peak_allocated_bytes,
+                    peaks.series[target][2] if target is not None else peaks.peak_reserved_bytes,
+                    sorted(((a, size, fr) for a, (size, fr) in blocks.items()), key=lambda b: -b[1]),
+                    sorted(segs.items(), key=lambda s: -s[1]), bool(peaks.start_allocated_bytes))
+
+
+def frame_category(frames: list) -> str | None:
+    """The category a predicted snapshot's second frame names ('activations, forward step 1'); None for a GPU
+    recording's Python frames."""
+    if len(frames) > 1 and frames[1].get("filename") == "memprof (predicted)":
+        return frames[1]["name"].split(",")[0]
+    return None

@@ -64,9 +64,37 @@ def _parallelism(spec: dict) -> str:
     return RunSpec(**spec).parallelism if spec.get("parallel", "none") != "none" else "none"
 
 
-def _setting_title(setting: tuple) -> str:
+def run_records(records: list[dict]) -> list[dict]:
+    """The records Table 4 is made of: runs, not `memprof fit` searches (a fit record's spec says batch 1,
+    its figures are at the largest batch that fits; fit.md reports it)."""
+    return [r for r in records if r.get("task", "run") != "fit"]
+
+
+def paper_settings(records: list[dict]) -> set:
+    """The settings (see _setting) on the paper's grid: every model one of the paper's, every optimizer one
+    of the paper's, micro-batch 1. Only these get the paper's framing (how much more AdamW needs, the
+    paper's claims and verdicts, the overhead its percentages imply); any other grid is a plain table of
+    its own axes."""
+    from memprof.models import PAPER_MODELS
+    from memprof.optims import PAPER_OPTIMS
+
+    groups: dict = {}
+    for r in records:
+        groups.setdefault(_setting(r), []).append(r)
+    return {setting for setting, recs in groups.items()
+            if setting[1] == 1 and all(r["spec"]["model"] in PAPER_MODELS and r["spec"]["optim"] in PAPER_OPTIMS
+                                       for r in recs)}
+
+
+def paper_records(records: list[dict]) -> list[dict]:
+    """The records on the paper's grid (paper_settings)."""
+    paper = paper_settings(records)
+    return [r for r in records if _setting(r) in paper]
+
+
+def _setting_title(setting: tuple, paper: bool = True) -> str:
     ckpt, bs, budget, training, source, device, parallelism = setting
-    return (f"micro-batch {bs}, {_training_label(training)}, gradient checkpointing {'on' if ckpt else 'off'}, "
+    return (f"{'micro-batch' if paper else 'batch size'} {bs}, {_training_label(training)}, gradient checkpointing {'on' if ckpt else 'off'}, "
             f"budget {budget}" + ("" if parallelism == "none" else f", rank 0 of {parallelism}") +
             f": {source} ({device})")
 
@@ -97,7 +125,9 @@ def _source(records: list[dict]) -> str:
 def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
     """One row per (setting, optimizer, model) with raw numbers: the data behind every format."""
     field, _ = METRICS[metric]
+    records = run_records(records)
     by_key = {(_setting(r), _method(r), r["spec"]["model"]): r for r in records}
+    paper = paper_settings(records)
     rows = []
     for (setting, method, model), rec in by_key.items():
         value = rec["metrics"].get(field)
@@ -106,18 +136,33 @@ def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
         # a measured OOM's peak is cut short by the budget: no percentage can be computed from it
         truncated = adamw is not None and adamw["status"] == "oom" and adamw["source"] == "measured"
         extra = (round(100 * (adamw_value / value - 1), 1)
-                 if value and adamw_value and rec["status"] in ("ok", "oom") and not truncated else None)
+                 if value and adamw_value and rec["status"] in ("ok", "oom") and not truncated and setting in paper
+                 else None)
         rows.append({
             "config": "/".join(rec["key"].split("/")[:6]),
-            "setting": _setting_title(setting), "optim": method[0], "state_bits": method[1], "paged": method[2],
+            "setting": _setting_title(setting, setting in paper), "paper_grid": setting in paper, "optim": method[0], "state_bits": method[1], "paged": method[2],
             "method": _method_label(method), "model": model, "status": rec["status"],
             "source": rec["source"], "metric": metric, f"{metric}_bytes": value,
             f"{metric}_gib": None if value is None else round(value / GIB, 3),
-            "adamw_extra_pct": extra, "adamw_status": adamw["status"] if adamw else None,
+            "adamw_extra_pct": extra,
+            "adamw_status": adamw["status"] if adamw and setting in paper else None,
             "over_budget_bytes": rec["metrics"].get("over_budget_bytes"),
+            "peak_reserved_bytes": rec["metrics"].get("peak_reserved_bytes"),
+            "budget": rec["spec"]["budget"], "budget_bytes": rec["metrics"].get("budget_bytes"),
+            "usable_bytes": _usable(rec["metrics"]),
             "skip_reason": rec.get("skip_reason"), "error": rec.get("error"),
         })
     return rows
+
+
+def _usable(metrics: dict) -> int | None:
+    """What the allocator could reserve on the budget card: the card minus the CUDA context (measured where a
+    record has it, else the estimate the prediction used)."""
+    from memprof.budget import CONTEXT_ESTIMATE_BYTES
+
+    total = metrics.get("budget_bytes")
+    context = metrics.get("context_bytes") or metrics.get("context_bytes_estimate") or CONTEXT_ESTIMATE_BYTES
+    return None if total is None else total - context
 
 
 def _size(nbytes: int) -> str:
@@ -181,11 +226,7 @@ def _cell(row: dict, metric: str) -> str:
         return f"n/a (no {metric} figure)"
     value = row[f"{metric}_bytes"]
     if status == "oom":
-        over = _size(row["over_budget_bytes"])
-        if metric in ("reserved", "nvml-process"):
-            return f"OOM ({row['source']}): needs {_size(value)}, {over} over"
-        # the budget verdict is about reserved + context: say so rather than mixing it with this metric
-        return f"OOM ({row['source']}): {metric} {_size(value)}; reserved + context {over} over budget"
+        return _oom_cell(row, metric, value)
     text = _size(value)
     if (row["optim"], row["state_bits"], row["paged"]) == ("adamw", 32, False):
         return text
@@ -195,6 +236,25 @@ def _cell(row: dict, metric: str) -> str:
     elif row["adamw_status"] == "oom":
         text += ", AdamW OOM"
     return text
+
+
+def _oom_cell(row: dict, metric: str, value: int) -> str:
+    """The verdict against what the card offers: peak reserved beside the usable memory (the card minus the
+    CUDA context), the NVML view beside the whole card, naming the card and its size."""
+    from memprof.budget import card_label
+
+    head = f"OOM ({row['source']})"
+    if row["budget_bytes"] is None or row["usable_bytes"] is None:
+        return f"{head}: needs {_size(value)}, {_size(row['over_budget_bytes'])} over the budget"
+    card = card_label(row["budget"], row["budget_bytes"])
+    if metric == "nvml-process":
+        return f"{head}: needs {_size(value)} of {card}, CUDA context included"
+    if metric == "reserved":
+        return f"{head}: needs {_size(value)} of {_size(row['usable_bytes'])} usable on {card}"
+    # the budget verdict is about reserved: say so rather than mixing it with this metric
+    reserved = row["peak_reserved_bytes"]
+    return (f"{head}: {metric} {_size(value)}; reserved {_size(reserved)} of {_size(row['usable_bytes'])} usable "
+            f"on {card}")
 
 
 def _sections(records: list[dict], metric: str, verdicts: dict | None) -> list[tuple]:
@@ -220,12 +280,29 @@ def _sections(records: list[dict], metric: str, verdicts: dict | None) -> list[t
 
 
 def _intro(records: list[dict], metric: str) -> str:
-    return (f"Figures: **{_source(records)}**, {METRICS[metric][1]}. A cell is the peak and how much more memory "
-            f"AdamW needs than that row (the paper's comparison).\n")
+    head = f"Figures: **{_source(records)}**, {METRICS[metric][1]}. "
+    paper = paper_settings(records)
+    if not paper:
+        return head + "A cell is the peak.\n"
+    if len(paper) == len({_setting(r) for r in records}):
+        return head + "A cell is the peak and how much more memory AdamW needs than that row (the paper's comparison).\n"
+    return (head + "A cell is the peak; in the sections on the paper's grid (its models and optimizers at micro-batch "
+            "1) also how much more memory AdamW needs than that row (the paper's comparison).\n")
+
+
+FIT_ONLY = "No run records here: these are `memprof fit` searches, reported in fit.md."
+
+
+def _title(records: list[dict]) -> str:
+    return ("# Table 4: peak memory per optimizer and model\n" if paper_settings(records)
+            else "# Peak memory per optimizer and model\n")
 
 
 def render_markdown(records: list[dict], metric: str = "reserved", verdicts: dict | None = None) -> str:
-    out = ["# Table 4: peak memory per optimizer and model\n", _intro(records, metric)]
+    if records and not run_records(records):
+        return f"# Peak memory per optimizer and model\n\n{FIT_ONLY}\n"
+    records = run_records(records)
+    out = [_title(records), _intro(records, metric)]
     for setting, headers, table, reasons in _sections(records, metric, verdicts):
         out.append(f"## {setting}\n")
         out.append(tabulate(table, headers=headers, tablefmt="github") + "\n")
@@ -257,6 +334,9 @@ def render_terminal(records: list[dict], metric: str, verdicts: dict | None, wid
         return "\n".join(textwrap.fill(p, width, subsequent_indent="  " if p.startswith(("-", "*")) else "")
                          for p in text.replace("**", "").replace("## ", "").splitlines() if p.strip())
 
+    if records and not run_records(records):
+        return prose(FIT_ONLY.replace("`", ""))
+    records = run_records(records)
     out = [prose(_intro(records, metric))]
     for setting, headers, table, reasons in _sections(records, metric, verdicts):
         out.append("\n" + prose(setting))
@@ -279,6 +359,7 @@ SHOULD_NEED_LESS = (("sgd-fe", "sgd"), ("adamw-fe", "adamw"), ("sgd-fe-nomom", "
 def render_ordering_notes(records: list[dict]) -> str:
     """Where a configuration that should need less reserves more, say why (the caching allocator's segments)
     with the allocated figures that show the expected order."""
+    paper = paper_settings(records)
     by = {(_setting(r), r["spec"]["model"], _method(r)): r for r in records if r["status"] in ("ok", "oom")}
     lines = []
     for (setting, model, (optim, bits, paged)), rec in sorted(by.items(), key=lambda kv: str(kv[0])):
@@ -297,7 +378,7 @@ def render_ordering_notes(records: list[dict]) -> str:
                              f"{_size(m['peak_reserved_bytes'])}, more than {_method_label((more, bits, paged))} "
                              f"({_size(o['peak_reserved_bytes'])}), though it needs less: the caching allocator "
                              f"keeps freed blocks in segments sized by the order of requests, so a smaller peak can "
-                             f"reserve more; {alloc} ({_setting_title(setting)}).")
+                             f"reserve more; {alloc} ({_setting_title(setting, setting in paper)}).")
     if not lines:
         return ""
     return "## Why a leaner method can reserve more\n\n" + "\n".join(lines) + "\n"
@@ -307,7 +388,7 @@ def _paper_setups(records: list[dict]) -> dict:
     """The paper's setting (micro-batch 1, no checkpointing, 32-bit, fp32, ordinary step), one group of records per
     optimizer implementation, resident model and source: {label: records}."""
     groups: dict = {}
-    for r in records:
+    for r in paper_records(run_records(records)):
         s = r["spec"]
         precision, impl, in_backward, resident = _training(s)
         if (s["batch_size"], s["grad_ckpt"], s["state_bits"], precision, in_backward) != (1, False, 32, "fp32", False):
@@ -330,8 +411,21 @@ def _ours(row: dict | None) -> str:
 
 
 
+# each metric as a claims column names it
+CLAIM_COLUMN = {"reserved": "peak reserved", "allocated": "peak allocated",
+                "nvml-process": "NVML process peak", "live": "peak live tensors"}
+
+
+def second_metric(metric: str) -> str:
+    """The claims table's second view: NVML process memory (what the paper's W&B figures are), or, when the
+    table itself is on that, peak reserved (what torch reports)."""
+    return "reserved" if metric == "nvml-process" else "nvml-process"
+
+
 def claim_headers(metric: str) -> list[str]:
-    return ["setup", "model", "paper", f"ours ({metric})", "ours (nvml-process)", "verdict"]
+    """Two distinct figures of ours: the table's metric, then second_metric's."""
+    return ["setup", "model", "paper", f"ours: {CLAIM_COLUMN[metric]}", f"ours: {CLAIM_COLUMN[second_metric(metric)]}",
+            "verdict"]
 
 
 def claim_verdict(model: str, paper_pct: float, row: dict) -> str:
@@ -359,7 +453,7 @@ def _claim_rows(records: list[dict], metric: str) -> list[list]:
     lines = []
     for setup, group in _paper_setups(records).items():
         rows = _paper_setting_rows(group, metric)
-        device_rows = _paper_setting_rows(group, "nvml-process")
+        device_rows = _paper_setting_rows(group, second_metric(metric))
         for model, optim, paper_pct, claim in PAPER_CLAIMS:
             row = rows.get((model, optim))
             if row is not None:
@@ -376,7 +470,8 @@ def render_claims(records: list[dict], metric: str = "reserved") -> str:
     head = ("## The paper's claims beside ours\n\n"
             "Paper: peak memory from Weights & Biases system metrics (NVML: the whole process, CUDA context "
             "included) on a 12 GB Titan-X, with the PyTorch of 2022. Ours: " + METRICS[metric][1] + " and, "
-            "closer to what NVML sees, " + METRICS["nvml-process"][1] + f"; {_source(records)}. A percentage agrees "
+            + ("closer to what NVML sees, " if metric != "nvml-process" else "what torch reports, ")
+            + METRICS[second_metric(metric)][1] + f"; {_source(records)}. A percentage agrees "
             f"when it is within {CLAIM_TOLERANCE_POINTS} points of the paper's. Today's PyTorch runs "
             "AdamW in its foreach implementation, whose step holds one extra full-size copy of the trainable "
             "parameters, which widens the gap; a fixed per-process overhead (context, anything else the process "
@@ -670,10 +765,31 @@ def render_json(records: list[dict], metric: str = "reserved") -> str:
                        "rows": table_rows(records, metric)}, indent=2, sort_keys=True) + "\n"
 
 
-def _plot_label(r: dict) -> str:
+def _plot_parts(r: dict) -> dict:
+    """What tells a bar apart, slot by slot: model, method and every setting (precision, optimizer
+    implementation, checkpointing, batch, budget, parallelism), then the source."""
     s = r["spec"]
-    return " · ".join([s["model"], s["optim"]] + (["8-bit"] if s["state_bits"] == 8 else [])
-                      + (["ckpt"] if s["grad_ckpt"] else []) + [f"bs{s['batch_size']}", f"[{r['source']}]"])
+    precision, impl, in_backward, resident = _training(s)
+    return {"model": s["model"], "optim": s["optim"], "bits": "8-bit" if s["state_bits"] == 8 else "",
+            "paged": "paged" if s.get("paged") else "", "precision": precision,
+            "impl": impl if impl != "foreach" else "", "in_backward": "in-backward" if in_backward else "",
+            "resident": "clip resident" if resident == "clip" else "", "ckpt": "ckpt" if s["grad_ckpt"] else "",
+            "batch": f"bs{s['batch_size']}", "budget": s["budget"],
+            "parallel": _parallelism(s) if _parallelism(s) != "none" else "", "source": f"[{r['source']}]"}
+
+
+def plot_labels(records: list[dict]) -> tuple[list[str], str]:
+    """The plot's row labels, in plot_rows' order, and what every row shares (said once, in the title):
+    distinct for distinct configurations (where two would still read the same, e.g. differing only in
+    --freeze, each carries its configuration key instead)."""
+    recs = [r for r, _ in plot_rows(records)]
+    parts = [_plot_parts(r) for r in recs]
+    shared = [k for k in (parts[0] if parts else {}) if k not in ("model", "optim")
+              and len({p[k] for p in parts}) == 1 and len(parts) > 1]
+    labels = [" · ".join(v for k, v in p.items() if v and k not in shared) for p in parts]
+    common = " · ".join(parts[0][k] for k in shared if parts[0][k]) if parts else ""
+    return ([label if labels.count(label) == 1 else f"{r['key']} [{r['source']}]" for label, r in zip(labels, recs)],
+            common)
 
 
 def plot_rows(records: list[dict]) -> list[tuple[dict, str]]:
@@ -683,45 +799,71 @@ def plot_rows(records: list[dict]) -> list[tuple[dict, str]]:
                                           else 99, r["spec"]["model"], str(_setting(r)), -_method(r)[1],
                                           order.index(r["spec"]["optim"]) if r["spec"]["optim"] in order else 99))
     notes = {"oom": "OOM", "skipped": "skipped", "error": "error", "crashed": "crashed"}
-    return [(r, notes.get(r["status"], "")) for r in recs]
+    return [(r, notes.get(r["status"], "")) for r in run_records(recs)]
 
 
 def render_plot(records: list[dict], path: str) -> None:
-    """Horizontal stacked bars of the breakdown at the peak (allocated bytes by category), one bar per
-    configuration, its label on one line (readable for any number of configurations); a measured CUDA run
-    has no breakdown and shows its peak allocated as one grey bar; a configuration without a figure
-    (skipped, error, crashed) keeps its row with its status written in it."""
+    """Horizontal stacked bars, one per configuration, its label on one line (readable for any number of
+    configurations): the breakdown at the peak (allocated bytes by category, in the palette every memprof
+    picture uses) and the allocator's cache on top, so a bar ends at peak reserved, the figure Table 4 shows
+    and the one the budget is judged on; the budget line is the card's usable memory (the card minus the
+    CUDA context). A measured CUDA run has no breakdown: its peak allocated is one grey bar. A configuration
+    without a figure (skipped, error, crashed) keeps its row with its status written in it. The legend sits
+    beside the axes, never over a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from memprof.budget import card_label
+    from memprof.reports.palette import (BUDGET_COLOR, CACHE_COLOR, CATEGORY_COLORS, MEASURED_COLOR,
+                                         category_label)
     from memprof.simulation import CATEGORIES
 
-    recs = [r for r, _ in plot_rows(records)]
+    rows = plot_rows(records)
+    recs = [r for r, _ in rows]
     n = max(1, len(recs))
-    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.28 * n))
-    y = list(range(n))[::-1]
+    fig, ax = plt.subplots(figsize=(12, max(3.0, 1.9 + 0.28 * n)))
+    y = list(range(n))[::-1][:len(recs)]
     lefts = [0.0] * len(recs)
+
+    def stack(vals, **style):
+        ax.barh(y, vals, left=lefts, **style)
+        return [a + v for a, v in zip(lefts, vals)]
+
     for cat in CATEGORIES:
         vals = [(r["metrics"].get("breakdown_at_peak_bytes") or {}).get(cat, 0) / GIB for r in recs]
-        ax.barh(y[:len(recs)], vals, left=lefts, label=cat.replace("_", " "))
-        lefts = [a + v for a, v in zip(lefts, vals)]
+        lefts = stack(vals, color=CATEGORY_COLORS[cat], label=category_label(cat))
     whole = [0.0 if r["metrics"].get("breakdown_at_peak_bytes") else
              (r["metrics"].get("peak_allocated_bytes") or 0) / GIB for r in recs]
     if any(whole):
-        ax.barh(y[:len(recs)], whole, left=lefts, color="grey", label="measured peak allocated")
-        lefts = [a + v for a, v in zip(lefts, whole)]
-    for i, (r, note) in enumerate(plot_rows(records)):
+        lefts = stack(whole, color=MEASURED_COLOR, label="measured peak allocated (no breakdown)")
+    cache = [max(0, (r["metrics"].get("peak_reserved_bytes") or 0) - (r["metrics"].get("peak_allocated_bytes") or 0))
+             / GIB if r["metrics"].get("peak_reserved_bytes") is not None and left else 0.0
+             for r, left in zip(recs, lefts)]
+    if any(cache):
+        lefts = stack(cache, color=CACHE_COLOR, hatch="///", edgecolor="#999", linewidth=0,
+                      label="allocator cache (reserved, not allocated)")
+    for i, (r, note) in enumerate(rows):
         if note:
-            ax.text(lefts[i], y[i], f" {note}", va="center", fontsize=7, color="red" if note == "OOM" else "dimgrey")
-    budgets = {r["metrics"]["budget_bytes"] for r in recs if r["metrics"].get("budget_bytes")}
-    for b in sorted(budgets):
-        ax.axvline(b / GIB, color="red", linestyle="--", linewidth=1, label=f"budget {b / GIB:.0f} GiB")
-    ax.set_yticks(y[:len(recs)], [_plot_label(r) for r in recs], fontsize=7)
-    ax.set_xlabel("GiB at the peak, by category")
-    ax.set_title(f"Peak memory by category: {_source(records)}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+            ax.text(lefts[i], y[i], f" {note}", va="center", fontsize=7,
+                    color=BUDGET_COLOR if note == "OOM" else "dimgrey")
+    budgets = {}
+    for r in recs:
+        usable = _usable(r["metrics"])
+        if r["metrics"].get("budget_bytes") and usable:
+            budgets.setdefault(usable, card_label(r["spec"]["budget"], r["metrics"]["budget_bytes"]))
+    for usable, card in sorted(budgets.items()):
+        ax.axvline(usable / GIB, color=BUDGET_COLOR, linestyle="--", linewidth=1,
+                   label=f"{card}: {usable / GIB:.2f} GiB usable (for peak reserved)")
+    labels, common = plot_labels(records)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlim(0, max(lefts + [u / GIB for u in budgets] + [1e-3]) * 1.12)  # room for the notes
+    ax.set_xlabel("GiB at the peak: allocated by category, then the allocator's cache (the bar ends at peak reserved)"
+                  if any(cache) else "GiB at the peak, by category")
+    ax.set_title(f"Peak memory by category: {_source(records)}" + (f"; every bar: {common}" if common else ""),
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     save_figure(fig, path)
 
 

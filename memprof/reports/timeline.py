@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 
+from memprof.reports.palette import BUDGET_COLOR, CATEGORY_COLORS, category_label
 from memprof.simulation import CATEGORIES
 
 MAX_POINTS = 1600
 TIMELINE_DIR = "timelines"
-COLORS = {"parameters": "#4e79a7", "gradients": "#f28e2b", "optimizer_state": "#e15759", "activations": "#76b7b2",
-          "temporaries": "#59a14f", "workspace": "#b07aa1", "communication": "#9c755f"}
 PHASE_COLORS = {"setup": "#ffffff", "forward": "#eef4fb", "backward": "#fdf1e6", "optimizer": "#fbeaea",
                 "done": "#ffffff"}
 
@@ -144,8 +143,8 @@ def plot_timeline(path, title: str, predicted: dict | None = None, measured: dic
                 ax.text((x0 + x1) / 2, 1.0, f"{label} {step}", transform=ax.get_xaxis_transform(), ha="center",
                         va="bottom", fontsize=7, color="#555")
         stacks = [[v / div for v in predicted["categories_bytes"][c]] for c in CATEGORIES]
-        ax.stackplot(xs, *stacks, step="post", colors=[COLORS[c] for c in CATEGORIES],
-                     labels=[f"{c.replace('_', ' ')}" for c in CATEGORIES], linewidth=0)
+        ax.stackplot(xs, *stacks, step="post", colors=[CATEGORY_COLORS[c] for c in CATEGORIES],
+                     labels=[category_label(c) for c in CATEGORIES], linewidth=0)
         ax.step(xs, [v / div for v in predicted["reserved_bytes"]], where="post", color="black", lw=1.1,
                 label="reserved")
         peak = predicted.get("peak")
@@ -160,7 +159,7 @@ def plot_timeline(path, title: str, predicted: dict | None = None, measured: dic
         if budget:
             usable = budget["usable_bytes"]
             if usable <= BUDGET_SHOWN_UP_TO * max(highest, 1):
-                ax.axhline(usable / div, color="crimson", ls="--", lw=1,
+                ax.axhline(usable / div, color=BUDGET_COLOR, ls="--", lw=1,
                            label=f"{budget['device']}: {usable / div:.2f} {unit} usable")
                 top = max(top, usable)
             else:
