@@ -424,11 +424,14 @@ def cmd_list(args) -> int:
     elif args.what == "optims":
         from memprof.optims import REGISTRY
 
-        rows = [[o.name, o.label, o.factory + (f" (8-bit: {o.bnb_8bit})" if o.bnb_8bit else ""),
-                 "yes" if o.freeze_embed else "", o.state_tensors_per_param, o.description] for o in REGISTRY.values()]
-        print(fit_table(rows, ["name", "paper name", "class (8-bit class)", "freeze-embed", "states per param",
-                               "description"], width))
-        print("\n`--optims all` runs all of them; `--optims paper` runs Table 4's four.")
+        rows = [[o.name, o.label, o.factory, "yes" if o.freeze_embed else "", o.state_tensors_per_param,
+                 o.description] for o in REGISTRY.values()]
+        print(fit_table(rows, ["name", "paper name", "class", "frozen", "states", "description"], width))
+        eight = ", ".join(f"{o.name} {o.bnb_8bit}" for o in REGISTRY.values() if o.bnb_8bit)
+        for text in ("frozen: the embedding layer is frozen (freeze-embed); states: optimizer state tensors per "
+                     "parameter.", f"With --state-bits 8: {eight}.",
+                     "`--optims all` runs all of them; `--optims paper` runs Table 4's four."):
+            print("\n" + textwrap.fill(text, width, break_long_words=False, break_on_hyphens=False))
     elif args.what == "backends":
         from memprof.backends.registry import get, names, targets
 
