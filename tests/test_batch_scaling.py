@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 
 from memprof.budget import parse_budget
+from memprof.simulation.memo import MEMO
 from memprof.simulation import shared
 from memprof.simulation.batch_scaling import BatchLine, NotAffine
 from memprof.simulation.rules import cuda_rules
@@ -34,9 +35,9 @@ def _forward(spec):
 def test_synthesized_forwards_and_reused_windows_equal_traces(spec):
     with shared.scaling_in_batch():
         scaled = {b: predict(replace(spec, batch_size=b)) for b in BATCHES}
-    family = next(iter(shared._LINES.values()))
+    family = next(iter(MEMO.lines.values()))
     assert family["verified"] is True
-    assert [seen[3] for seen in shared._WINDOWS.values()] == [True]
+    assert [seen[3] for seen in MEMO.windows.values()] == [True]
     for b in (17, 5, 200):  # 17 on: synthesized; 64 on: optimizer windows reused too
         shared.clear()
         assert scaled[b] == predict(replace(spec, batch_size=b)), b
@@ -83,8 +84,8 @@ def test_windows_that_change_are_not_reused(monkeypatch):
     calls = []
     original = shared.trace_windows
 
-    def drifting(fwd, spec, rules):
-        opt = original(fwd, spec, rules)
+    def drifting(fwd, spec, rules, memo=MEMO):
+        opt = original(fwd, spec, rules, memo)
         calls.append(spec.batch_size)
         if len(calls) > 1:  # the second trace loses a release the first had
             opt.events[0] = opt.events[0][:-1]
@@ -94,5 +95,5 @@ def test_windows_that_change_are_not_reused(monkeypatch):
     with shared.scaling_in_batch():
         for b in (2, 3, 4, 7):
             predict(replace(spec, batch_size=b))
-    assert [seen[3] for seen in shared._WINDOWS.values()] == [False]
+    assert [seen[3] for seen in MEMO.windows.values()] == [False]
     assert calls == [2, 3, 4, 7]

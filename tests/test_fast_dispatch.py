@@ -132,11 +132,13 @@ def test_a_tampered_entry_is_caught():
 
 def test_predictions_equal_with_the_cache_off(monkeypatch):
     spec = RunSpec("test-vit", "adamw", precision="bf16-amp", optim_impl="fused", budget="titan-x")
+    from memprof.simulation.memo import MEMO
+
     shared.clear()
-    hits = tracker.FRONT_CACHE.hits
+    hits = MEMO.front.hits
     on = predict(spec)
-    assert tracker.FRONT_CACHE.hits > hits + 500  # the prediction went through the cache
-    monkeypatch.setattr(tracker, "FRONT_CACHE", None)
+    assert MEMO.front.hits > hits + 500  # the prediction went through the cache
+    monkeypatch.setattr(MEMO, "front", None)
     shared.clear()
     off = predict(spec)
     drop = ("trace_seconds", "elapsed")

@@ -50,9 +50,11 @@ SPECS = [  # titan-x: below sm80, bf16 attention takes the math path
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.precision}-bs{s.batch_size}-ckpt{s.grad_ckpt}")
 def test_replayed_stream_is_the_composites(spec, monkeypatch):
-    before = math_attention.STATS["replayed"]
+    from memprof.simulation.memo import MEMO
+
+    before = MEMO.attention_replayed
     replayed = traced(spec, True, monkeypatch)
-    assert (math_attention.STATS["replayed"] > before) == (not spec.grad_ckpt)
+    assert (MEMO.attention_replayed > before) == (not spec.grad_ckpt)
     assert canonical(replayed) == canonical(traced(spec, False, monkeypatch))
 
 

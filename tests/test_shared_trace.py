@@ -11,6 +11,7 @@ forward trace is reused from an earlier optimizer. What it does not prove: equal
 import pytest
 
 from memprof.executors.runner import _assign
+from memprof.simulation.memo import MEMO
 from memprof.simulation import shared
 from memprof.simulation.simulate import predict_traced
 from memprof.simulation.tracing import trace
@@ -50,7 +51,7 @@ def test_forward_trace_is_reused_across_optimizers():
     _predict(RunSpec("test-vit", "adamw"), share=True)
     _predict(RunSpec("test-vit", "sgd"), share=True)
     _predict(RunSpec("test-vit", "sgd-fe"), share=True)  # freezes the embedding: its own forward
-    assert len(shared._CACHE) == 2
+    assert len(MEMO.forwards) == 2
 
 
 def test_comparison_catches_a_broken_splice(monkeypatch):
@@ -80,7 +81,7 @@ def test_unshareable_setups_trace_whole(spec):
     assert not shared.shareable(spec)
     shared.clear()
     _predict(spec, share=True)
-    assert not shared._CACHE
+    assert not MEMO.forwards
 
 
 def test_forward_group_ignores_only_the_optimizer():
@@ -127,5 +128,5 @@ def test_a_failed_optimizer_trace_drops_its_forward(monkeypatch):
         m.setattr(torch.optim.SGD, "step", broken_step)
         with pytest.raises(RuntimeError, match="step failed"):
             _predict(RunSpec("test-vit", "sgd"), share=True)
-    assert not shared._CACHE
+    assert not MEMO.forwards
     assert _predict(RunSpec("test-vit", "sgd"), share=True) == _predict(RunSpec("test-vit", "sgd"), share=False)

@@ -57,12 +57,12 @@ class SimulateBackend(Backend):
         (memprof.simulation.batch_scaling), exactly as a trace would give it."""
         from dataclasses import replace
 
-        from memprof.simulation import shared
+        from memprof.simulation.memo import MEMO
         from memprof.simulation.simulate import prediction
 
         def probe(batch: int) -> Outcome:
-            with shared.scaling_in_batch():
-                p = prediction(replace(spec, batch_size=batch))
+            with MEMO.scaling_in_batch():
+                p = prediction(replace(spec, batch_size=batch), memo=MEMO)
             return Outcome(p.status, p.metrics)
 
         return probe

@@ -4,8 +4,11 @@ distributed), and the caching-allocator model the stream is replayed through (al
 one entrance: `prediction_of(make_trace, budget, spec)` returns a Prediction and writes nothing (the simulate
 backend, memprof.backends.simulate, makes the files). Exact shortcuts sit above the core, which never calls
 them: shared (one forward per optimizer group), repeated_blocks, batch_scaling, math_attention (reached
-through the half-precision attention rule) and fast_dispatch (the tracker's front cache). It imports nothing
-from backends, executors, planning, reports or the front doors (tests/test_layering.py)."""
+through the half-precision attention rule) and fast_dispatch (the tracker's front cache). Everything they
+reuse between predictions is in one object, `memo.Memo` (the process's `memo.MEMO` unless a prediction is
+given another); no module keeps a cache or switch of its own (tests/test_memo.py). A rule declares on
+`rule.Rule` what the shortcuts need of its state. It imports nothing from backends, executors, planning,
+reports or the front doors (tests/test_layering.py)."""
 
 # what each storage is (memprof.simulation.tracing); torch-free, so reports can name them without torch
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "workspace",

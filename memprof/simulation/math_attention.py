@@ -39,11 +39,11 @@ import torch
 
 from memprof.simulation.fast_dispatch import extent_bytes
 from memprof.simulation.rule import copy_state, snapshot
+from memprof.simulation.memo import ATTENTION_ENTRIES
 from memprof.simulation.tracker import ALLOC, FREE, StorageTracker, relabel, release
 
 aten = torch.ops.aten
 _AUTOCAST_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
-_ENABLED = [False]
 _REFUSED = object()
 
 
@@ -58,8 +58,6 @@ class Template:
     bwd: dict = field(default_factory=dict)  # incoming gradient's layout -> (entries, gradients' layouts) or _REFUSED
 
 
-STATS = {"replayed": 0}  # replayed calls in this process
-
 
 @dataclass
 class _TraceState:
@@ -70,14 +68,11 @@ class _TraceState:
     watches: list = field(default_factory=list)
 
 
-# (the rules' state where a trace first attends, inputs' layout, is_causal, scale) -> Template or _REFUSED
-_TEMPLATES: dict = {}
-MAX_TEMPLATES = 1024
-
-
 def clear() -> None:
-    """Forget every recording."""
-    _TEMPLATES.clear()
+    """Forget every recording of the process's memo (memprof.simulation.memo.MEMO)."""
+    from memprof.simulation.memo import MEMO
+
+    MEMO.attention.clear()
 
 
 def _rules_key(tracker) -> tuple:
@@ -86,24 +81,20 @@ def _rules_key(tracker) -> tuple:
                                           for k, v in snapshot(r).items())) for r in tracker.rules)
 
 
-_STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tracker -> _TraceState
-
-
 def _state(tracker) -> _TraceState:
-    if tracker not in _STATES:
-        _STATES[tracker] = _TraceState()
-    return _STATES[tracker]
+    if tracker.attention_state is None:
+        tracker.attention_state = _TraceState()
+    return tracker.attention_state
 
 
 @contextlib.contextmanager
-def replaying():
-    """Within, math-path attention under a StorageTracker is replayed where it can be."""
-    saved = _ENABLED[0]
-    _ENABLED[0] = True
+def replaying(tracker):
+    """Within, math-path attention under `tracker` is replayed where it can be, from its memo's recordings."""
+    saved, tracker.replay_attention = tracker.replay_attention, True
     try:
         yield
     finally:
-        _ENABLED[0] = saved
+        tracker.replay_attention = saved
 
 
 def _tracker() -> StorageTracker | None:
@@ -298,7 +289,7 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, tracker, template, key, is_causal, scale):
         ctx.set_materialize_grads(False)
-        STATS["replayed"] += 1
+        tracker.memo.attention_replayed += 1
         ctx.tracker, ctx.template, ctx.key, ctx.is_causal, ctx.scale = tracker, template, key, is_causal, scale
         local, out = {}, None
         for e in template.fwd:
@@ -368,7 +359,7 @@ def _release_now(tracker, tensor: torch.Tensor) -> dict:
 
 def broken(tracker) -> str | None:
     """Why `tracker`'s stream is not the composite's (see the module docstring), or None."""
-    state = _STATES.get(tracker)
+    state = getattr(tracker, "attention_state", None)
     if state is None:
         return None
     if state.broken:
@@ -381,7 +372,8 @@ def broken(tracker) -> str | None:
 def attention(query, key, value, attn_mask, dropout_p, is_causal, scale):
     """The math path's output for bf16/fp16 `query`, `key`, `value`: replayed (see the module docstring) or
     the composite op by op."""
-    tracker = _tracker() if _ENABLED[0] else None
+    tracker = _tracker()
+    tracker = tracker if tracker is not None and tracker.replay_attention else None
     replayable = (tracker is not None and attn_mask is None and dropout_p == 0.0 and torch.is_grad_enabled()
                   and all(t.requires_grad for t in (query, key, value))
                   and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
@@ -392,11 +384,12 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale):
         if state.rules is None:
             state.rules = _rules_key(tracker)
         signature = (state.rules, key_, is_causal, scale)
-        if signature not in _TEMPLATES:
-            if len(_TEMPLATES) >= MAX_TEMPLATES:
-                _TEMPLATES.clear()
-            _TEMPLATES[signature] = _record_forward(tracker, key_, is_causal, scale)
-        template = _TEMPLATES[signature]
+        recordings = tracker.memo.attention
+        if signature not in recordings:
+            if len(recordings) >= ATTENTION_ENTRIES:
+                recordings.clear()
+            recordings[signature] = _record_forward(tracker, key_, is_causal, scale)
+        template = recordings[signature]
     if template is _REFUSED:
         return aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
                                                        scale=scale)[0]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,11 +38,11 @@ from memprof.optims import REGISTRY as OPTIMS, build_optimizer
 from memprof.simulation.attribution import ModuleAttribution
 from memprof.simulation.distributed import local
 from memprof.simulation.fake_compat import fake_storage, register_meta_kernels
+from memprof.simulation.memo import FORWARD_ENTRIES, MEMO, Memo
 from memprof.simulation.rule import copy_state as _copy_state, declared
 from memprof.simulation.tracker import StorageTracker
 from memprof.spec import OPTIMIZER_FIELDS, RunSpec, forward_group
 
-CACHE_ENTRIES = 8  # forward traces kept per process (e.g. frozen or not x checkpointing off or on x 2 batch sizes)
 
 
 def shareable(spec: RunSpec) -> bool:
@@ -91,7 +90,8 @@ class _StandIn:
         self.windows[-1][1] = len(self.tracker.events)
 
 
-def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_attention: bool = True) -> Forward:
+def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_attention: bool = True,
+                  memo: Memo = MEMO) -> Forward:
     """The steps of `spec` with the stand-in optimizer, on fake tensors, under `rules`. A deep ViT is traced with
     four of its blocks and the rest synthesized (memprof.simulation.repeated_blocks), unless `repeat_blocks`
     is False or the traced blocks do not repeat exactly; math-path attention is replayed
@@ -115,7 +115,7 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
             stack.callback(setattr, parent, attr, blocks)
         trainable = [p for p in model.parameters() if p.requires_grad]
         order = list(to_device_order(model))
-        tracker = stack.enter_context(StorageTracker(rules))
+        tracker = stack.enter_context(StorageTracker(rules, memo=memo))
         for rule_mode in [r.mode() for r in rules if hasattr(r, "mode")]:
             stack.enter_context(rule_mode)
         params = {tracker.register(local(t), "Module.to (parameters and buffers)") for t in order}
@@ -125,7 +125,7 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
             stack.callback(marks.remove)
         stand_in = _StandIn(tracker, trainable)
         try:
-            with math_attention.replaying() if replay_attention else contextlib.nullcontext():
+            with math_attention.replaying(tracker) if replay_attention else contextlib.nullcontext():
                 tracing.train_steps(model, stand_in, spec, "cpu", tracker.set_phase)  # looked up there: one place to patch
         except (DataDependentOutputException, DynamicOutputShapeException) as exc:
             raise _untraceable(exc, model) from None
@@ -135,7 +135,7 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
                          [_copy_state(vars(r)) for r in rules], tracker._next_id)
     if broken:
         _reset(rules, initial)
-        return trace_forward(spec, rules, repeat_blocks, replay_attention=False)
+        return trace_forward(spec, rules, repeat_blocks, replay_attention=False, memo=memo)
     if stack_of is None:
         return traced
     try:
@@ -143,7 +143,7 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
                                       trainable, full_order, full_trainable)
     except repeated_blocks.NotPeriodic:
         _reset(rules, initial)
-        return trace_forward(spec, rules, repeat_blocks=False, replay_attention=replay_attention)
+        return trace_forward(spec, rules, repeat_blocks=False, replay_attention=replay_attention, memo=memo)
 
 
 def _reset(rules, states) -> None:
@@ -165,7 +165,7 @@ class Windows:
     rule_state: list  # each rule's attributes after the optimizer's steps
 
 
-def trace_windows(fwd: Forward, spec: RunSpec, rules) -> Windows:
+def trace_windows(fwd: Forward, spec: RunSpec, rules, memo: Memo = MEMO) -> Windows:
     """`spec`'s optimizer traced into each window of `fwd`, under `rules` (given `fwd`'s state first)."""
     from memprof.simulation.tracing import floor, no_gc, state_summary, to_device_order
 
@@ -178,7 +178,7 @@ def trace_windows(fwd: Forward, spec: RunSpec, rules) -> Windows:
         # every step's gradients, made before the tracker sees them (the shared stream has their allocations)
         made = [[(i, sid, torch.empty_strided(size, stride, dtype=dtype)) for i, sid, size, stride, dtype in grads]
                 for _, _, grads in fwd.windows]
-        tracker = stack.enter_context(StorageTracker(rules))
+        tracker = stack.enter_context(StorageTracker(rules, memo=memo))
         tracker._next_id = fwd.next_id
         for rule_mode in [r.mode() for r in rules if hasattr(r, "mode") and not r.forward_only]:
             stack.enter_context(rule_mode)
@@ -233,49 +233,35 @@ def splice(fwd: Forward, opt: Windows, rules):
     return result
 
 
-def trace_optimizer(fwd: Forward, spec: RunSpec, rules):
+def trace_optimizer(fwd: Forward, spec: RunSpec, rules, memo: Memo = MEMO):
     """The full trace of `spec`: `fwd`'s stream with `spec`'s optimizer traced into each window."""
-    return splice(fwd, trace_windows(fwd, spec, rules), rules)
-
-
-_CACHE: OrderedDict = OrderedDict()
-_LINES: dict = {}  # batch family -> {"traced": {batch: Forward}, "line": BatchLine | None, "verified": bool | None}
-_SCALING = [False]
-_WINDOWS: dict = {}  # (batch family, optimizer fields) -> what _with_windows reuses
+    return splice(fwd, trace_windows(fwd, spec, rules, memo), rules)
 
 
 def clear() -> None:
-    """Forget every forward trace (benchmarks time a prediction from scratch this way)."""
-    _CACHE.clear()
-    _LINES.clear()
-    _WINDOWS.clear()
+    """Forget every forward trace of the process's memo, its attention recordings kept (benchmarks time a
+    prediction from scratch with this and math_attention.clear)."""
+    MEMO.clear(attention=False)
 
 
-@contextlib.contextmanager
 def scaling_in_batch():
-    """Within, a configuration traced at two batch sizes (2 or more) and checked at a third gives its forward at
-    every other batch from memprof.simulation.batch_scaling instead of a trace (`memprof fit`'s probes)."""
-    saved = _SCALING[0]
-    _SCALING[0] = True
-    try:
-        yield
-    finally:
-        _SCALING[0] = saved
+    """The process's memo's batch lines on, within (memprof.simulation.memo.Memo.scaling_in_batch)."""
+    return MEMO.scaling_in_batch()
 
 
 def _family_key(spec: RunSpec, rules) -> tuple:
     return forward_key(replace(spec, batch_size=0), rules)
 
 
-def _from_line(spec: RunSpec, rules):
+def _from_line(spec: RunSpec, rules, memo: Memo):
     """The forward of `spec` from its family's verified batch line, or None."""
-    family = _LINES.get(_family_key(spec, rules))
+    family = memo.lines.get(_family_key(spec, rules))
     if family is None or not family["verified"]:
         return None
     return family["line"].at(spec.batch_size)
 
 
-def _with_windows(fwd: Forward, spec: RunSpec, rules):
+def _with_windows(fwd: Forward, spec: RunSpec, rules, memo: Memo):
     """The trace of `spec` on `fwd`. An optimizer's windows do not depend on the batch (its gradients do not),
     so once they are traced at two batches whose forwards made the same gradients (same storages, same
     windows) and the second matches what the first gives there, they are reused instead of traced; the
@@ -284,21 +270,21 @@ def _with_windows(fwd: Forward, spec: RunSpec, rules):
 
     key = (_family_key(spec, rules), *(getattr(spec, f) for f in OPTIMIZER_FIELDS))
     made_by = (fwd.windows, fwd.resident_ids, fwd.next_id)  # the gradients and storages the windows refer to
-    seen = _WINDOWS.get(key)  # [Windows, rule attributes the optimizer changed, made_by, verified]
+    seen = memo.windows.get(key)  # [Windows, rule attributes the optimizer changed, made_by, verified]
     if seen is not None and seen[2] != made_by:  # e.g. batch 1's forward, whose other paths make other storages
         if seen[3]:
-            return trace_optimizer(fwd, spec, rules)
+            return trace_optimizer(fwd, spec, rules, memo)
         seen = None  # the newer forward is more like the ones to come
     if seen is not None and seen[3]:
         for rule, before, changed in zip(rules, fwd.rule_state, seen[1]):
             vars(rule).update(_copy_state({**before, **changed}))
         return splice(fwd, seen[0], rules)
-    opt = trace_windows(fwd, spec, rules)
+    opt = trace_windows(fwd, spec, rules, memo)
     traced = splice(fwd, opt, rules)
     if seen is None:
         changed = [{k: v for k, v in after.items() if k not in before or not same_value(before[k], v)}
                    for before, after in zip(fwd.rule_state, opt.rule_state)]
-        _WINDOWS[key] = [opt, changed, made_by, None]
+        memo.windows[key] = [opt, changed, made_by, None]
     elif seen[3] is None:
         reused_state = [{**before, **changed} for before, changed in zip(fwd.rule_state, seen[1])]
         twins = [copy.copy(r) for r in rules]
@@ -308,13 +294,13 @@ def _with_windows(fwd: Forward, spec: RunSpec, rules):
     return traced
 
 
-def _learn(spec: RunSpec, rules, fwd: Forward) -> None:
+def _learn(spec: RunSpec, rules, fwd: Forward, memo: Memo) -> None:
     """Add a traced forward to its family: the first two (batch 2 or more) make the line, the third checks it."""
     from memprof.simulation.batch_scaling import BatchLine, NotAffine
 
     if spec.batch_size < 2:  # batch 1 often takes other paths (views already contiguous)
         return
-    family = _LINES.setdefault(forward_key(replace(spec, batch_size=0), rules),
+    family = memo.lines.setdefault(forward_key(replace(spec, batch_size=0), rules),
                                {"traced": {}, "line": None, "verified": None})
     if family["verified"] is not None:
         return
@@ -332,26 +318,26 @@ def _learn(spec: RunSpec, rules, fwd: Forward) -> None:
             family["traced"].clear()
 
 
-def trace_shared(spec: RunSpec, rules):
-    """The trace of `spec` under `rules`, its forward and backward taken from this process's cache when an
-    earlier spec with the same forward key traced them."""
+def trace_shared(spec: RunSpec, rules, memo: Memo = MEMO):
+    """The trace of `spec` under `rules`, its forward and backward taken from `memo` when an earlier spec with
+    the same forward key traced them (and put there when not)."""
     key = forward_key(spec, rules)
-    fwd = _CACHE.get(key)
+    fwd = memo.forwards.get(key)
     if fwd is not None:
-        _CACHE.move_to_end(key)
-    elif _SCALING[0]:
-        fwd = _from_line(spec, rules)  # not cached: made again in an instant
+        memo.forwards.move_to_end(key)
+    elif memo.scaling:
+        fwd = _from_line(spec, rules, memo)  # not kept: made again in an instant
     if fwd is None:
-        fwd = trace_forward(spec, rules)
-        if _SCALING[0]:
-            _learn(spec, rules, fwd)
-        _CACHE[key] = fwd
-        while len(_CACHE) > CACHE_ENTRIES:
-            _CACHE.popitem(last=False)
+        fwd = trace_forward(spec, rules, memo=memo)
+        if memo.scaling:
+            _learn(spec, rules, fwd, memo)
+        memo.forwards[key] = fwd
+        while len(memo.forwards) > FORWARD_ENTRIES:
+            memo.forwards.popitem(last=False)
     try:
-        return _with_windows(fwd, spec, rules) if _SCALING[0] else trace_optimizer(fwd, spec, rules)
+        return _with_windows(fwd, spec, rules, memo) if memo.scaling else trace_optimizer(fwd, spec, rules, memo)
     except BaseException:  # a failed step may leave gradients on the shared parameters: trace afresh next time
-        _CACHE.pop(key, None)
-        _LINES.pop(_family_key(spec, rules), None)
-        _WINDOWS.pop((_family_key(spec, rules), *(getattr(spec, f) for f in OPTIMIZER_FIELDS)), None)
+        memo.forwards.pop(key, None)
+        memo.lines.pop(_family_key(spec, rules), None)
+        memo.windows.pop((_family_key(spec, rules), *(getattr(spec, f) for f in OPTIMIZER_FIELDS)), None)
         raise

@@ -97,16 +97,18 @@ def predict(spec: RunSpec) -> tuple[str, dict]:
     return p.status, p.metrics
 
 
-def prediction(spec: RunSpec, history: bool = False, capped_history: bool = False) -> Prediction:
+def prediction(spec: RunSpec, history: bool = False, capped_history: bool = False, memo=None) -> Prediction:
     """The Prediction of `spec` (its forward and backward shared with other optimizers' where they can be,
-    memprof.simulation.shared). `history`: keep the unlimited replay's allocator history (for a timeline);
-    `capped_history`: replay the budget card's allocator with its history even when it fits (for a snapshot)."""
+    memprof.simulation.shared, through `memo`: the process's memprof.simulation.memo.MEMO unless given).
+    `history`: keep the unlimited replay's allocator history (for a timeline); `capped_history`: replay the
+    budget card's allocator with its history even when it fits (for a snapshot)."""
+    from memprof.simulation.memo import MEMO
     from memprof.simulation.shared import shareable, trace_shared
 
     def make_trace(rules):
         if shareable(spec):
             resolve_model(spec.model, True, spec.freeze, spec.input_shape)  # a name it cannot predict says why
-            return trace_shared(spec, rules)
+            return trace_shared(spec, rules, memo or MEMO)
         return trace(spec, rules)
 
     return prediction_of(make_trace, spec.budget, spec, history, capped_history)

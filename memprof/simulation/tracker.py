@@ -22,13 +22,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memprof.simulation.fast_dispatch import FrontCache
+from memprof.simulation.memo import MEMO, Memo
 
 ALLOC, FREE, PHASE = 0, 1, 2  # events: (ALLOC, id, nbytes, phase, op), (FREE, id), (PHASE, name, step)
 _DEVICE = torch.ops.prim.device.default  # `Tensor.device` of a fake tensor: asked thousands of times a step
 
-
-FRONT_CACHE = FrontCache()  # one per process, like FakeTensorMode's own cache
 
 
 def _may_allocate(func) -> bool:
@@ -40,8 +38,9 @@ def _may_allocate(func) -> bool:
 class StorageTracker(TorchDispatchMode):
     """Logs (ALLOC, id, nbytes, phase, op) and (FREE, id) events for every device storage."""
 
-    def __init__(self, rules=(), limit_bytes: int | None = None):
+    def __init__(self, rules=(), limit_bytes: int | None = None, memo: Memo | None = None):
         super().__init__()
+        self.memo = memo or MEMO  # what this trace may reuse and fill (memprof.simulation.memo)
         self.rules = tuple(rules)
         # only the rules that act per op are called per op
         self._before = tuple(r for r in self.rules if _overrides(r, "before_op"))
@@ -60,7 +59,9 @@ class StorageTracker(TorchDispatchMode):
         self._refs: dict[int, weakref.ref] = {}
         self._next_id = 0
         self._allocating: dict = {}  # op -> its name when it may allocate, else None
-        self.front = FRONT_CACHE  # fake-tensor dispatch through memprof.simulation.fast_dispatch (None: off)
+        self.front = self.memo.front  # fake-tensor dispatch through memprof.simulation.fast_dispatch (None: off)
+        self.replay_attention = False  # math-path attention replayed from the memo's recordings (math_attention)
+        self.attention_state = None  # this trace's replays (math_attention._TraceState)
 
     # --- bookkeeping -----------------------------------------------------------------------------
     def _new_id(self) -> int:
