@@ -94,7 +94,7 @@ def cases(tmp: str) -> list[tuple[str, list[str], int]]:
         out.append((f"suite {name}", ["suite", f(name, text), "--out", os.path.join(tmp, "suite-out")], 2))
     for cmd in (["--help"], ["run", "--help"], ["compare", "--help"], ["fit", "--help"], ["advise", "--help"]):
         out.append((" ".join(cmd), cmd, 0))
-    return out + round3_cases(tmp, f)
+    return out + round3_cases(tmp, f) + round4_cases(tmp, f)
 
 
 USER_MODULE = """\
@@ -397,6 +397,56 @@ def round3_cases(tmp: str, f) -> list[tuple]:
     os.makedirs(gone)
     out.append(("pytest --memprof-json whose folder goes away", pytest_plugin(tmp, os.path.join(gone, "m.jsonl"), gone),
                 1, {"want": "memprof: error: cannot write --memprof-json", "forbid": "INTERNALERROR"}))
+    return out
+
+
+def _unknown_keyword_is_named() -> bool:
+    """memprof.predict with a misspelled keyword names the close match, as `memprof run` does for a flag"""
+    import memprof
+    from memprof.errors import UsageError
+
+    try:
+        memprof.predict("test-vit", optim_implementation="fused")
+    except UsageError as exc:
+        return "did you mean optim_impl" in str(exc)
+    return False
+
+
+def _switches_read_alike() -> bool:
+    """a switch given to memprof.predict as 'maybe' gets memprof run's message"""
+    import memprof
+    from memprof.errors import UsageError
+
+    try:
+        memprof.predict("test-vit", grad_ckpt="maybe")
+    except UsageError as exc:
+        return str(exc) == "--grad-ckpt 'maybe': use off, on or off,on"
+    return False
+
+
+def round4_cases(tmp: str, f) -> list[tuple]:
+    """This round's classes: fit's --headroom, the plugin marker's metric, the API's keywords, a suite's switches."""
+    out = []
+    fit = ["fit", "--models", "test-vit", "--optims", "sgd", "--backend", "simulate", "--no-progress", "--out",
+           os.path.join(tmp, "fit4")]
+    for value, want in (("5x", "give a share of the card's usable memory (5%) or a size (1GiB)"),
+                        ("60%", "at most half the card's usable memory"), ("=-1GiB", "give a share"),
+                        ("100TiB", "at most half")):
+        given = ["--headroom" + value] if value.startswith("=") else ["--headroom", value]
+        out.append((f"fit --headroom {value}", fit + given, 2, {"want": want}))
+    out.append(("run --headroom (a fit option)", RUN + ["--headroom", "5%", "--out", os.path.join(tmp, "x")], 2,
+                {"want": "unrecognized arguments: --headroom"}))
+    out.append(("suite headroom (a fit option)", ["suite", f("headroom.toml", '[[run]]\nmodels = "test-vit"\n'
+                                                                             'headroom = "5%"\n')], 2,
+                {"want": "headroom.toml:3: unknown key 'headroom'"}))
+    out.append(("suite switch as a number", ["suite", f("switch.toml", '[[run]]\nmodels = "test-vit"\ngrad_ckpt = 1\n')],
+                2, {"want": "switch.toml:3: 'grad_ckpt' has the wrong type (int)"}))
+    out.append(("suite switch as 'maybe'", ["suite", f("maybe.toml", '[[run]]\nmodels = "test-vit"\n'
+                                                                       'grad_ckpt = "maybe"\n'), "--out",
+                                            os.path.join(tmp, "x")], 2,
+                {"want": "maybe.toml:3: --grad-ckpt 'maybe': use off, on or off,on"}))
+    out += [("predict with a misspelled keyword", api_case(_unknown_keyword_is_named), 0),
+            ("predict's switch message is run's", api_case(_switches_read_alike), 0)]
     return out
 
 
