@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1] / "memprof"
 
 # lowest first; a module belongs to the first layer with a prefix that names it or a package above it
 LAYERS = (
-    ("core", ("memprof.errors", "memprof.budget", "memprof.recipe", "memprof.options", "memprof.suite")),
+    ("core", ("memprof.errors", "memprof.budget", "memprof.recipe", "memprof.options", "memprof.metrics",
+              "memprof.suite")),
     ("sources", ("memprof.models", "memprof.optims", "memprof.spec", "memprof.results", "memprof.baseline",
                  "memprof.harness")),
     ("engine", ("memprof.simulation",)),
