@@ -604,12 +604,20 @@ def _cpu_autocast_ops() -> list[str]:
     return _CPU_AUTOCAST_OPS
 
 
+def rng_state_on_device(seed) -> bool:
+    """Whether flash attention's RNG state is a device tensor in the installed torch: since its "BC breaking
+    change to flash seed/offset" (flash_api.cpp mha_fwd) the state is `rng_state`, 2 uint64 on the CUDA device,
+    and `_unused`, 1 uint64 there too, both saved for the backward (two 512 B blocks per attention call); its
+    shape function says so with a (2,) uint64 seed. Before (and on ROCm) they were host scalars (a () long)."""
+    return isinstance(seed, torch.Tensor) and tuple(seed.shape) == (2,) and seed.dtype == torch.uint64
+
+
 class HalfPrecisionAttention(Rule):
     """Which kernel CUDA's scaled_dot_product_attention runs for fp16/bf16 inputs, from the card's compute
     capability (sdp_utils.cpp select_sdp_backend, order flash > efficient > math):
     - sm80 and newer: flash attention (fp16/bf16, no attention mask, head dim <= 256). It saves q, k, v, the
       output (laid out [B, L, H, K] like q) and an fp32 logsumexp [B, H, L] (its meta function gives both),
-      plus its RNG state;
+      plus its RNG state (on the device since torch's seed/offset change: `rng_state_on_device`);
     - older cards: the memory-efficient kernel for fp16 (as MemEfficientAttention does for fp32); bf16 is not
       among its dtypes below sm80 (less_than_sm80_mem_efficient_dtypes: half, float), so the math path runs,
       which upcasts q, k, v to fp32 and keeps fp32 scores and probabilities [B, H, L, S].
@@ -668,23 +676,27 @@ class HalfPrecisionAttention(Rule):
         return math_attention.attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
 
     def after_op(self, tracker, func, args, kwargs, out) -> None:
-        if func is aten._scaled_dot_product_flash_attention.default:
-            for rng_state in out[6:8]:  # the RNG state: host scalars unless dropout runs under a CUDA graph
+        if func is aten._scaled_dot_product_flash_attention.default and not rng_state_on_device(out[6]):
+            for rng_state in out[6:8]:  # the older layout: host scalars unless dropout runs under a CUDA graph
                 if isinstance(rng_state, torch.Tensor):
                     tracker.treat_as_host(rng_state)
+
 
     def metrics(self) -> dict:
         return {"attention_kernels": dict(sorted(self.kernels.items()))} if self.kernels else {}
 
 
 class FlashAttentionBackward(Rule):
-    """What the flash backward allocates besides the gradients its shape function returns (flash_api.cpp
-    mha_bwd): softmax_d, fp32 [B, H, ceil(L/128)*128], and the fp32 dq accumulator [B, ceil(L/128)*128, H,
-    D rounded up to 32 (64 when D > 128)]; both are released when the op returns."""
+    """What the flash backward allocates besides the gradients its shape function returns: contiguous copies
+    of the incoming gradient and of the output, [B, L, H, D], where their transposes are strided
+    (attention_backward.cu _flash_attention_backward: a batch above 1 under nn.MultiheadAttention); softmax_d,
+    fp32 [B, H, ceil(L/128)*128], and the fp32 dq accumulator [B, ceil(L/128)*128, H, D rounded up to 32 (64
+    when D > 128)] (flash_api.cpp mha_bwd); all are released when the op returns."""
 
     acts_on = frozenset({aten._scaled_dot_product_flash_attention_backward.default})
     name = "flash-attention-backward-temporaries"
-    summary = "the flash backward holds fp32 softmax_d [B,H,L128] and dq_accum [B,L128,H,D32] while it runs"
+    summary = ("the flash backward holds contiguous copies of a strided grad_out / out, fp32 softmax_d [B,H,L128] "
+               "and dq_accum [B,L128,H,D32] while it runs")
     source = "aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp mha_bwd (unpinned copy)"
 
     def after_op(self, tracker, func, args, kwargs, out) -> None:
@@ -693,10 +705,29 @@ class FlashAttentionBackward(Rule):
         b, h, m, d = args[1].shape
         m128 = -(-m // 128) * 128
         d_round = -(-d // 64) * 64 if d > 128 else -(-d // 32) * 32
+        # _flash_attention_backward (attention_backward.cu): "CUDA code assumes that dout is contiguous", so
+        # grad_out.transpose(1, 2) and out.transpose(1, 2) are copied with .contiguous() where they are strided
+        copies = [tracker.synthetic_alloc(t.numel() * t.element_size(), f"flash backward contiguous {name}")
+                  for name, t in (("grad_out", args[0]), ("out", args[4])) if not _transposed_contiguous(t)]
         softmax_d = tracker.synthetic_alloc(b * h * m128 * 4, "flash backward softmax_d")
         dq_accum = tracker.synthetic_alloc(b * m128 * h * d_round * 4, "flash backward dq_accum")
         tracker.free_synthetic(dq_accum)
         tracker.free_synthetic(softmax_d)
+        for sid in reversed(copies):
+            tracker.free_synthetic(sid)
+
+
+def _transposed_contiguous(t: torch.Tensor) -> bool:
+    """Whether t.transpose(1, 2) is contiguous (dimensions of size 1 impose nothing, as in c10's check), read
+    from the sizes and strides alone (no op dispatched)."""
+    sizes, strides = list(t.shape), list(t.stride())
+    sizes[1], sizes[2], strides[1], strides[2] = sizes[2], sizes[1], strides[2], strides[1]
+    expected = 1
+    for size, stride in zip(reversed(sizes), reversed(strides)):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class FakeGradScalerStep(Rule):
