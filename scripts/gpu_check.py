@@ -223,6 +223,27 @@ def predict_all(out_dir: str, budget: str, dry: bool, skip: set = frozenset()) -
     return read_records(out_dir)
 
 
+ENGINE_DIGEST_FILE = "engine.sha256"  # beside the carried results: the engine that made them
+
+
+def engine_digest() -> str:
+    """A SHA-256 over the source of everything a prediction depends on (the engine, the models, optimizers,
+    harness, budgets, specs, the script runner): carried predictions made by other code do not serve."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    package = os.path.join(ROOT, "memprof")
+    paths = [os.path.join(package, name) for name in ("budget.py", "harness.py", "models.py", "optims.py", "spec.py")]
+    for folder in ("simulation", "script"):
+        paths += sorted(os.path.join(package, folder, n) for n in os.listdir(os.path.join(package, folder))
+                        if n.endswith(".py"))
+    for path in paths:
+        digest.update(os.path.relpath(path, ROOT).encode())
+        with open(path, "rb") as fh:
+            digest.update(fh.read())
+    return digest.hexdigest()
+
+
 def carried_predictions(budget: str, dry: bool) -> tuple[list[dict] | None, str]:
     """The carried predictions and why they serve, or None and why not (then the check predicts again)."""
     from memprof.results import read_records
@@ -231,8 +252,12 @@ def carried_predictions(budget: str, dry: bool) -> tuple[list[dict] | None, str]
         return None, "dry run: predicted afresh for test-vit"
     try:
         records = read_records(PREDICTED_DIR)
+        with open(os.path.join(PREDICTED_DIR, ENGINE_DIGEST_FILE), encoding="ascii") as fh:
+            made_by = fh.read().strip()
     except Exception as exc:  # missing or unreadable: predict again
         return None, f"no carried predictions ({exc})"
+    if made_by != engine_digest():
+        return None, "carried predictions were made by another version of the engine: predicting again"
     made = {k: records[0]["environment"].get(k) for k in ("torch", "open_clip_torch", "timm")}
     made = {k: v.split("+")[0] if v else v for k, v in made.items()}
     here = versions()
@@ -441,6 +466,8 @@ def main(argv=None) -> int:
     if args.predict:
         records = predict_all(args.predict, budget, args.dry_run)  # the device's configurations, made here
         shutil.rmtree(os.path.join(args.predict, "timelines"), ignore_errors=True)  # only the records travel
+        with open(os.path.join(args.predict, ENGINE_DIGEST_FILE), "w", encoding="ascii") as fh:
+            fh.write(engine_digest() + "\n")
         print(f"predicted {len(records)} configurations for {budget} under {versions()} into {args.predict}")
         return 0
 

@@ -92,6 +92,7 @@ def test_carried_predictions_serve_only_under_the_same_versions_and_card(tmp_pat
               "metrics": {}, "environment": {"torch": here["torch"], "open_clip_torch": here["open_clip_torch"],
                                              "timm": here["timm"]}}
     (tmp_path / "results.jsonl").write_text(json.dumps(record) + "\n")
+    (tmp_path / check.ENGINE_DIGEST_FILE).write_text(check.engine_digest() + "\n")
     monkeypatch.setattr(check, "PREDICTED_DIR", str(tmp_path))
     records, why = check.carried_predictions("143771MiB@9.0", dry=False)
     assert records and "carried predictions made under" in why
@@ -103,6 +104,19 @@ def test_carried_predictions_serve_only_under_the_same_versions_and_card(tmp_pat
     (tmp_path / "results.jsonl").write_text(json.dumps(record) + "\n")
     records, why = check.carried_predictions("143771MiB@9.0", dry=False)
     assert records is None and "1.13.1" in why
+    record["environment"]["torch"] = here["torch"]  # the versions match again, but another engine made them
+    (tmp_path / "results.jsonl").write_text(json.dumps(record) + "\n")
+    (tmp_path / check.ENGINE_DIGEST_FILE).write_text("0" * 64 + "\n")
+    records, why = check.carried_predictions("143771MiB@9.0", dry=False)
+    assert records is None and "another version of the engine" in why
+
+
+def test_the_committed_predictions_were_made_by_this_engine():
+    """reports/gpu/predicted/ is regenerated (`scripts/gpu_check.py --predict`, under the device's torch) whenever
+    the engine changes; a stale set would be refused on the device and predicted again there."""
+    check = _module()
+    with open(os.path.join(check.PREDICTED_DIR, check.ENGINE_DIGEST_FILE), encoding="ascii") as fh:
+        assert fh.read().strip() == check.engine_digest()
 
 
 def test_the_committed_predictions_are_for_the_lent_h200_and_every_measured_configuration():
