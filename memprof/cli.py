@@ -52,6 +52,19 @@ def _note(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+def _wrote(*paths: str) -> None:
+    """`memprof: wrote` and the files, by their folder, wrapped to the terminal (a path never splits)."""
+    import textwrap
+
+    folders: dict[str, list[str]] = {}
+    for path in paths:
+        folders.setdefault(os.path.dirname(path) or ".", []).append(os.path.basename(path))
+    text = "memprof: wrote " + "; ".join(f"in {d}: {', '.join(names)}" if len(names) > 1 else os.path.join(d, names[0])
+                                         for d, names in folders.items())
+    _note(textwrap.fill(text, terminal_width(), subsequent_indent="  ", break_long_words=False,
+                        break_on_hyphens=False))
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C would be, so a terminated run ends as an interrupted one does."""
 
@@ -117,7 +130,7 @@ def report(records: list[dict], out_dir: str, metric: str | None) -> None:
     metric = metric or default_metric(records)
     paths = write_reports(records, out_dir, metric, verdicts)
     print(render_terminal(records, metric, verdicts, terminal_width()))
-    _note(f"memprof: wrote {os.path.join(out_dir, 'results.jsonl')} and {', '.join(sorted(paths.values()))}")
+    _wrote(os.path.join(out_dir, "results.jsonl"), *sorted(paths.values()))
 
 
 BASELINE_FILE = "baseline.json"  # `baseline save` without -o: beside the results, never a committed baseline
@@ -130,7 +143,7 @@ def html_report(out_dir: str) -> None:
     from memprof.reports.html import write_html_report
 
     try:
-        _note(f"memprof: wrote {write_html_report(out_dir, max_timelines=RUN_TIMELINES)}")
+        _wrote(write_html_report(out_dir, max_timelines=RUN_TIMELINES))
     except UsageError:
         raise
     except Exception as exc:  # the results and Table 4 are written; a failing picture does not undo them
@@ -204,7 +217,7 @@ def cmd_fit(args) -> int:
                          f"asked for; the largest that fits: {best or 'none of the registered models'}")
     paths = write_fit_reports(records, plan.out_dir)
     print(render_fit(records, terminal_width()))
-    _note(f"memprof: wrote {os.path.join(plan.out_dir, 'results.jsonl')} and {', '.join(sorted(paths.values()))}")
+    _wrote(os.path.join(plan.out_dir, "results.jsonl"), *sorted(paths.values()))
     return _finish(records, plan.out_dir)
 
 
@@ -233,8 +246,7 @@ def cmd_advise(args) -> int:
     result = advice(ap.candidates, records, ap.not_modelled, ap.not_applicable, verdicts)
     write_text(os.path.join(ap.run.out_dir, "advise.md"), render_advice(result))
     print(render_advice_terminal(result, terminal_width(), os.path.join(ap.run.out_dir, "advise.md")))
-    _note(f"memprof: wrote {os.path.join(ap.run.out_dir, 'results.jsonl')} and "
-          f"{os.path.join(ap.run.out_dir, 'advise.md')}")
+    _wrote(os.path.join(ap.run.out_dir, "results.jsonl"), os.path.join(ap.run.out_dir, "advise.md"))
     return _finish(list(records.values()), ap.run.out_dir)
 
 
@@ -280,7 +292,7 @@ def cmd_accuracy(args) -> int:
     text = render_verdicts(verdicts)
     write_text(os.path.join(out_dir, "accuracy.md"), text)
     print(text)
-    _note(f"memprof: wrote {os.path.join(out_dir, ACCURACY_FILE)} and {os.path.join(out_dir, 'accuracy.md')}")
+    _wrote(os.path.join(out_dir, ACCURACY_FILE), os.path.join(out_dir, "accuracy.md"))
     failed = sum(1 for v in verdicts if v["verdict"] in ("error", "fail"))
     _note(f"memprof: {len(verdicts)} configurations: " + ", ".join(
         f"{sum(1 for v in verdicts if v['verdict'] == k)} {k}" for k in ("pass", "fail", "skipped", "error")))
@@ -322,7 +334,7 @@ def cmd_table(args) -> int:
     metric = args.metric or default_metric(records)
     paths = write_reports(records, out_dir, metric)
     print(render_terminal(records, metric, None, terminal_width()))
-    _note(f"memprof: wrote {', '.join(sorted(paths.values()))}")
+    _wrote(*sorted(paths.values()))
     return EXIT_OK
 
 
@@ -378,7 +390,17 @@ def cmd_compare(args) -> int:
     base, current = load_any(args.baseline), load_any(args.current)
     result = compare(base, current, thresholds, allow_missing=args.allow_missing)
     if result.rows:
-        print(fit_table(result.rows, ["config", "field", "baseline", "current", "delta", "verdict"], terminal_width()))
+        headers = ["config", "field", "baseline", "current", "delta", "verdict"]
+        table = fit_table(result.rows, headers, terminal_width())
+        if max(len(line) for line in table.splitlines()) > terminal_width():  # each configuration's rows under it
+            from tabulate import tabulate
+
+            groups: dict = {}
+            for row in result.rows:
+                groups.setdefault(row[0], []).append(row[1:])
+            table = "\n\n".join(f"{config}\n" + "\n".join("  " + line for line in tabulate(
+                rows, headers=headers[1:], disable_numparse=True).splitlines()) for config, rows in groups.items())
+        print(table)
     for note in result.notes:
         print(note)
     if result.regressions:

@@ -23,3 +23,22 @@ def test_fit_table_counts_the_padding_tabulate_leaves_at_line_ends():
     # negative control: as tabulate lays it out, the empty last column pads every line past the width
     plain = tabulate(rows, headers=headers, maxcolwidths=[None, 44, None])
     assert max(len(line) for line in plain.splitlines()) > 60
+
+
+def test_what_a_newcomer_runs_fits_100_columns(capsys, monkeypatch, tmp_path):
+    """run, fit, advise and compare at 100 columns, on the test model: no line of what they print (stdout and
+    stderr) is wider than the terminal."""
+    monkeypatch.setenv("COLUMNS", "100")
+    common = ["--models", "test-vit", "--backend", "simulate", "--no-progress", "--jobs", "1"]
+    runs = [["run", *common, "--optims", "paper", "--out", str(tmp_path / "run")],
+            ["fit", *common, "--optims", "sgd,adamw", "--budget", "1GiB", "--out", str(tmp_path / "fit")],
+            ["advise", *common, "--optims", "adamw", "--budget", "423MiB", "--state-bits", "32", "--out",
+             str(tmp_path / "advise")],
+            ["compare", str(tmp_path / "run"), str(tmp_path / "run")]]
+    wide = []
+    for argv in runs:
+        code = cli.main(argv)
+        out, err = capsys.readouterr()
+        assert code in (0, 1), (argv, err)
+        wide += [(argv[0], line) for line in (out + err).splitlines() if len(line) > 100]
+    assert wide == []
