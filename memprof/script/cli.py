@@ -29,6 +29,9 @@ def add_script_parser(sub) -> None:
                    help="simulate: predict on the simulated --budget card (default, no GPU needed); cuda: run the "
                    "script for real on this machine's GPU and measure (torch.cuda peaks per phase), with the same "
                    "record key, so `memprof fidelity` can compare the two")
+    p.add_argument("--world-size", type=int, default=None, metavar="N", help="a torchrun-style script "
+                   "(init_process_group, DistributedDataParallel or fully_shard) runs as rank 0 of N on a fake process "
+                   "group, and rank 0's memory is predicted (as `memprof run --parallel ddp|fsdp --world-size N`)")
     p.add_argument("--fit-batch-arg", default=None, metavar="FLAG", help="search the script's own batch flag (e.g. "
                    "--fit-batch-arg=--batch-size) for the largest batch whose prediction fits the card: doubling, "
                    "then bisection, each probe a full run of the script (--steps defaults to 2 there)")
@@ -46,6 +49,8 @@ def cmd_script(args) -> int:
         raise UsageError("give the training script: memprof script [--budget CARD] [--steps N] [--out DIR] FILE [ARGS...]")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: give at least 1 (or leave it out to let the script end)")
+    if args.world_size is not None and args.world_size < 1:
+        raise UsageError(f"--world-size {args.world_size}: give the number of ranks, at least 1")
     from memprof.budget import parse_budget
 
     parse_budget(args.budget)  # a bad card is refused before the script runs
@@ -72,7 +77,7 @@ def cmd_script(args) -> int:
                              "to predict (the simulated card)")
         snapshots = None
     result = run_script(args.file, args.args, budget=args.budget, steps=args.steps, out_dir=args.out,
-                        snapshot_dir=snapshots, backend=args.backend)
+                        snapshot_dir=snapshots, backend=args.backend, world_size=args.world_size)
     print(summary(result), flush=True)
     if args.out is not None:
         from memprof.reports.html import write_html_report
@@ -97,7 +102,7 @@ def _fit(args) -> int:
 
     print(f"searching {args.fit_batch_arg} of {args.file} on a simulated {args.budget} (every probe predicted):")
     best, failing, probes = fit_script(args.file, args.args, args.fit_batch_arg, budget=args.budget,
-                                       steps=args.steps or 2, on_probe=on_probe)
+                                       steps=args.steps or 2, on_probe=on_probe, world_size=args.world_size)
     if best is None:
         print(f"no batch fits: {args.fit_batch_arg} 1 does not fit {args.budget} (predicted)")
     else:

@@ -35,7 +35,8 @@ How (no GPU, nothing allocated for real on the CUDA side):
 Anything that cannot be simulated raises UnsupportedCall: one line naming the call and the user's file:line.
 
 Limits (each said where it applies, or listed here):
-- one device (cuda:0); no multi-GPU, DDP or FSDP scripts (torchrun) yet;
+- one device (cuda:0); a torchrun-style DDP / FSDP2 script runs as rank 0 of `world_size` on the engine's fake
+  process group (memprof.script.parallel);
 - CUDA work started from another thread than the one that entered the block is not tracked (the modes are
   per thread; a DataLoader's workers and pinning thread only touch CPU data, and run as usual);
 - the script's own constructors run for real on the CPU (their time and host memory are real);
@@ -72,6 +73,7 @@ from memprof.spec import RunSpec
 CUDA0 = torch.device("cuda", 0)
 _META = torch.device("meta")
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_DISTRIBUTED_DIR = os.path.join(_TORCH_DIR, "distributed", "")
 _MEMPROF_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READBACK_NOTE = ("values read back from the device (.item(), float(), print, .tolist(), .cpu(), .numpy()) are "
                  "stand-ins (zeros): the simulation has no data; control flow that reads them (a GradScaler's inf "
@@ -152,7 +154,16 @@ class _SimTracker(StorageTracker):
         return super().register(tensor, op)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if FakeTensor not in types:
+        if FakeTensor not in types and not (self.sim._sharded and types and _dtensor_types(types)):
+            if not types and self.sim._sharded and _from_distributed():
+                # FSDP on the simulated device shards over a CPU mesh, as the engine does: what torch.distributed
+                # makes on the mesh's device (all-gather and reduce-scatter buffers) is the device's
+                with self.sim.fake_mode:
+                    out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        self.register(t, str(func))
+                return out
             return func(*args, **(kwargs or {}))
         if func in _ATTENTION_OPS:
             self.sim._check_sdp_flags(func)
@@ -224,6 +235,36 @@ class _SimFunctionMode(TorchFunctionMode):
         if dev is None and self.sim._default_cuda and func in _device_constructors():
             return self.sim._factory(func, args, kwargs)  # torch.set_default_device("cuda") under the simulation
         return func(*args, **kwargs)
+
+
+def _local(t):
+    """The tensor whose storage this rank holds: a DTensor's local shard (FSDP), else `t` itself."""
+    return getattr(t, "_local_tensor", t)
+
+
+def _dtensor_types(types) -> bool:
+    """Whether an op's tensor types include a DTensor (FSDP's sharded parameters, whose local shards are the
+    simulated device's: the op runs, and its outputs are counted, as for a device tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(issubclass(t, DTensor) for t in types)
+
+
+def _from_distributed() -> bool:
+    """Whether the op being dispatched was called from torch.distributed's Python code (the first frame above
+    the dispatch machinery)."""
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_code.co_filename
+        if name.startswith(_DISTRIBUTED_DIR):
+            return True
+        if not name.startswith(_TORCH_DIR) and f.f_code is not _FUNCTION_MODE_CODE:
+            return False  # the user's code, or memprof's own (a read-back's stand-in)
+        f = f.f_back
+    return False
+
+
+_FUNCTION_MODE_CODE = _SimFunctionMode.__torch_function__.__code__
 
 
 def _from_torch() -> bool:
@@ -334,7 +375,7 @@ class SimulatedCuda:
     """
 
     def __init__(self, budget: str = "titan-x", steps: int | None = None, user_file: str | None = None,
-                 label: str | None = None):
+                 label: str | None = None, world_size: int | None = None):
         from memprof.budget import parse_budget
 
         self.budget = budget
@@ -342,6 +383,10 @@ class SimulatedCuda:
         if steps is not None and steps < 1:
             raise UsageError(f"--steps {steps}: give at least 1 (or leave it out to let the script end)")
         self.max_steps = steps
+        if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int)
+                                       or world_size < 1):
+            raise UsageError(f"--world-size {world_size}: give the number of ranks, at least 1")
+        self.world_size = world_size
         self.user_file = user_file
         if label is None:
             fr = _user_frame()
@@ -350,7 +395,8 @@ class SimulatedCuda:
         self.notes: dict[str, str] = {}  # key -> note (each said once)
         self.detected: dict = {"batch_size": None, "autocast_dtypes": [], "grad_scaler": False,
                                "checkpointing": False, "optimizers": [], "steps": 0,
-                         "optimizer_in_backward": False}
+                               "optimizer_in_backward": False, "parallel": "none", "bucket_cap_mb": None,
+                               "grad_as_bucket_view": False, "reshard_after_forward": True}
         self._result = None
         self._trace = None
         self._entered = False
@@ -359,12 +405,16 @@ class SimulatedCuda:
     def note(self, key: str, text: str) -> None:
         self.notes.setdefault(key, text)
 
+    def refuse(self, text: str):
+        """Raise UnsupportedCall: `text`, after the user's file:line."""
+        raise UnsupportedCall(f"{_where(self.user_file)}: {text}")
+
     def _check_devices(self, func, args, kwargs) -> None:
         """CUDA refuses ops mixing a device tensor with a CPU tensor (other than a 0-dim one, a copy or an index)."""
         for a in (*args, *kwargs.values()) if kwargs else args:  # (no pytree: this runs for every op)
             for t in a if isinstance(a, (list, tuple)) else (a,):
                 if type(t) is not FakeTensor and isinstance(t, torch.Tensor) and t.dim() > 0 \
-                        and t.device.type == "cpu":
+                        and t.device.type == "cpu" and not hasattr(t, "_local_tensor"):  # (a DTensor: FSDP's)
                     name = func._schema.name
                     if name in _CROSS_DEVICE_OK:
                         return
@@ -380,6 +430,48 @@ class SimulatedCuda:
                               f"torch.backends.cuda.enable_*_sdp) before {_where(self.user_file)}: not modelled; "
                               f"attention is predicted with the kernel CUDA's default selection picks "
                               f"({func.__name__.split('.')[0]})")
+
+    # --- data-parallel and sharded scripts (memprof.script.parallel) ---------------------------------------
+    @staticmethod
+    def internal():
+        """A block in which the simulated device's tensors report their real (CPU) device (torch code that
+        computes with them, as inside dispatch)."""
+        return _internal()
+
+    def _add_parallel(self, kind: str, rules) -> None:
+        """The engine's rules of a parallelism the script started (DDP or FSDP), joining the run from here."""
+        if self.detected["parallel"] not in ("none", kind):
+            raise UnsupportedCall(f"{_where(self.user_file)}: the script uses both DistributedDataParallel and "
+                                  f"fully_shard: one parallelism per run is simulated")
+        self.detected["parallel"] = kind
+        for rule in rules:
+            self.parallel_rules.append(rule)
+            self.tracker.add_rule(rule)
+            if hasattr(rule, "mode"):
+                self._stack.enter_context(rule.mode())
+
+    def _add_ddp(self, module, bucket_cap_mb, as_view: bool) -> None:
+        """DistributedDataParallel(module): its gradient buckets placed now, as DDP's constructor places them, by
+        the engine's DDPBuckets (the trainable parameters in the module's order, as DDP and the harness take them)."""
+        from memprof.simulation.distributed import DDPBuckets
+
+        rule = DDPBuckets(bucket_cap_mb, bool(as_view))
+        self._add_parallel("ddp", [rule])
+        self.detected["bucket_cap_mb"], self.detected["grad_as_bucket_view"] = bucket_cap_mb, bool(as_view)
+        holder = types.SimpleNamespace(param_groups=[{"params": [p for p in module.parameters() if p.requires_grad]}])
+        with _internal(), self.fake_mode:
+            rule.attach(self.tracker, holder)
+
+    def _add_fsdp(self, reshard_after_forward: bool) -> None:
+        from memprof.simulation.distributed import DTensorLocal, FSDPStorageEvents
+
+        if self.detected["parallel"] != "fsdp":
+            self._add_parallel("fsdp", [DTensorLocal(), FSDPStorageEvents()])
+            self._sharded = True
+            self.note("fsdp-foreach", "FSDP's parameters are DTensors over a CPU mesh here: an optimizer left at "
+                                      "foreach=None runs its for-loop (on CUDA it would run foreach, whose "
+                                      "temporaries can raise the optimizer phase's peak)")
+        self.detected["reshard_after_forward"] = bool(reshard_after_forward)
 
     # --- the device moves and factories --------------------------------------------------------------------
     def _to_sim(self, t: torch.Tensor, dtype=None, op: str = "Tensor.to(cuda)",
@@ -747,10 +839,13 @@ class SimulatedCuda:
         if module not in self._roots:
             self._roots.add(module)
             for name, p in module.named_parameters():
-                if is_sim(p):
-                    self._params.add(self.tracker.storage_id(p))
+                shard = _local(p)  # (FSDP's parameters: this rank's shard)
+                if is_sim(shard):
+                    self._params.add(self.tracker.storage_id(shard))
                 if id(p) not in self._param_info:  # what the model holds, as its first forward finds it
                     self._param_info[id(p)] = (name, p.numel(), p.element_size(), p.requires_grad, str(p.dtype))
+                    if shard is not p:
+                        self._shard_numel[id(p)] = shard.numel()
             for b in module.buffers():
                 if is_sim(b):
                     self._params.add(self.tracker.storage_id(b))
@@ -807,8 +902,9 @@ class SimulatedCuda:
             self._phase("optimizer")
         params = [p for g in optimizer.param_groups for p in g["params"]]
         for p in params:
-            if p.grad is not None and is_sim(p.grad):
-                self._grads.add(self.tracker.storage_id(p.grad))
+            grad = p.grad if p.grad is None else _local(p.grad)
+            if grad is not None and is_sim(grad):
+                self._grads.add(self.tracker.storage_id(grad))
         if self._attribution is not None:
             self._attribution._grads()
         if id(optimizer) not in self._described:
@@ -821,6 +917,7 @@ class SimulatedCuda:
         self._in_step = max(0, self._in_step - 1)
         for state in optimizer.state.values():
             for t in state.values():
+                t = _local(t)
                 if is_sim(t):
                     self._states.add(self.tracker.storage_id(t))
         if self._attribution is not None:
@@ -858,12 +955,15 @@ class SimulatedCuda:
         self.rules = cuda_rules(self.device, self.rule_spec())
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.tracker = _SimTracker(self.rules, self)
+        self.parallel_rules = []  # DDP's or FSDP's, once the script starts it (memprof.script.parallel)
+        self._fsdp_mesh = None
+        self._sharded = False  # FSDP started: torch.distributed's factories on the (CPU) mesh make device tensors
         self._fed, self._alloc = [], None
         self._peak_alloc = self._peak_reserved = 0
         self._in_step = 0
         self._sdp_default = _sdp_flags()
         self._depth, self._in_backward, self._since_backward, self._stepped_in_backward = 0, 0, False, False
-        self._roots, self._param_info = weakref.WeakSet(), {}
+        self._roots, self._param_info, self._shard_numel = weakref.WeakSet(), {}, {}
         self._params, self._grads, self._states = set(), set(), set()
         self._state_summaries, self._described, self._attribution = {}, set(), None
         self._stack = contextlib.ExitStack()
@@ -999,6 +1099,9 @@ class SimulatedCuda:
         self._default_cuda = False
         setattr_restored(torch, "set_default_device", set_default_device)
         setattr_restored(torch, "get_default_device", get_default_device)
+        from memprof.script import parallel
+
+        parallel.install(self, stack, setattr_restored)
         for handle in (optim_mod.register_optimizer_step_pre_hook(self._optimizer_pre),
                        optim_mod.register_optimizer_step_post_hook(self._optimizer_post),
                        module_mod.register_module_forward_pre_hook(self._forward_pre),
@@ -1053,8 +1156,9 @@ class SimulatedCuda:
         info = self._param_info.values()
         total = sum(n for _, n, _, _, _ in info)
         trainable = sum(n for _, n, _, rg, _ in info if rg)
-        weights = sum(n * size for _, n, size, _, _ in info)
-        grads_floor = sum(n * size for _, n, size, rg, _ in info if rg)
+        held = self._shard_numel  # what this rank holds of a sharded (FSDP) parameter
+        weights = sum(held.get(k, n) * size for k, (_, n, size, _, _) in self._param_info.items())
+        grads_floor = sum(held.get(k, n) * size for k, (_, n, size, rg, _) in self._param_info.items() if rg)
         frozen = sorted(name for name, _, _, rg, _ in info if not rg)
         summaries: dict = {"optimizer_state_bytes": 0}
         for s in self._state_summaries.values():
@@ -1063,8 +1167,8 @@ class SimulatedCuda:
         module = self._attribution.result() if self._attribution is not None else dict(tracker.module)
         return Trace(events, _categorize(events, self._params, self._grads, self._states, tracker.origin),
                      dict(tracker.origin), params_total=total, params_trainable=trainable, frozen=frozen,
-                     state=summaries, rules=[r.describe() for r in self.rules], module=module,
-                     extra={**common_rule_metrics(self.rules),
+                     state=summaries, rules=[r.describe() for r in (*self.rules, *self.parallel_rules)],
+                     module=module, extra={**common_rule_metrics((*self.rules, *self.parallel_rules)),
                             "floor_bytes": weights + grads_floor + summaries["optimizer_state_bytes"]})
 
     def predict(self, out_dir: str | None = None, snapshot_dir: str | None = None, key: str | None = None):

@@ -28,7 +28,11 @@ class MeasuredCuda:
     """Context manager: measure the code inside on the real CUDA device (see the module docstring)."""
 
     def __init__(self, budget: str | None = None, steps: int | None = None, user_file: str | None = None,
-                 label: str | None = None):
+                 label: str | None = None, world_size: int | None = None):
+        if world_size not in (None, 1):
+            raise UsageError(f"--world-size {world_size}: one GPU measures world size 1 only; predict larger worlds "
+                             f"on the simulated card (leave --backend out)")
+        self.world_size = world_size
         self.budget = budget
         self.max_steps = steps
         self.user_file = user_file
@@ -144,6 +148,10 @@ class MeasuredCuda:
         self.allocated, self.reserved = {}, {}
         self._stack = stack = contextlib.ExitStack()
         try:
+            if self.world_size is not None:  # a torchrun script's own init_process_group, on this one GPU
+                from memprof.script.parallel import environment
+
+                stack.enter_context(environment(self.world_size))
             sim = self
             original_init = autocast_mode.autocast.__init__
 

@@ -38,17 +38,19 @@ def device_kind(backend: str):
 
 
 def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: int | None = None,
-               out_dir: str | None = None, snapshot_dir: str | None = None, backend: str = "simulate"):
+               out_dir: str | None = None, snapshot_dir: str | None = None, backend: str = "simulate",
+               world_size: int | None = None):
     """Run the script at `path` with `args` on the simulated `budget` card; its Result (predicted). With `out_dir`
     the timeline is written there, with `snapshot_dir` the predicted snapshot. backend="cuda": run it for real on
-    the GPU at hand and measure (memprof.script.measure; `budget` is only judged against)."""
+    the GPU at hand and measure (memprof.script.measure; `budget` is only judged against). `world_size`: a
+    torchrun-style script runs as rank 0 of that many (memprof.script.parallel; measured: 1 only)."""
     from memprof.script.device import SimulatedCuda, StopSimulation
 
     if not os.path.isfile(path):
         raise UsageError(f"no script at {path}: give the path of a Python file")
     kind = device_kind(backend)
     args = list(args)
-    sim = kind(budget, steps=steps, user_file=path, label=script_label(path, args))
+    sim = kind(budget, steps=steps, user_file=path, label=script_label(path, args), world_size=world_size)
     sim.script_args = args
     saved_argv = sys.argv
     sys.argv = [path, *args]
@@ -130,7 +132,7 @@ def fits(result) -> bool:
 
 
 def fit_script(path: str, args: list[str], batch_arg: str, budget: str = "titan-x", steps: int | None = 2,
-               max_batch: int = 1 << 16, on_probe=None):
+               max_batch: int = 1 << 16, on_probe=None, world_size: int | None = None):
     """The largest value of the script's own batch flag whose prediction fits the card: doubling from 1 until a
     probe does not fit, then bisection. Returns (largest fitting Result or None, smallest failing batch or None,
     probes [(batch, Result)]). Every probe is a full run of the script on the simulated card (predicted)."""
@@ -141,7 +143,8 @@ def fit_script(path: str, args: list[str], batch_arg: str, budget: str = "titan-
     def probe(batch: int):
         if batch not in probes:
             with contextlib.redirect_stdout(io.StringIO()):  # the script's own output, once per probe, is dropped
-                probes[batch] = run_script(path, with_batch(list(args), batch_arg, batch), budget=budget, steps=steps)
+                probes[batch] = run_script(path, with_batch(list(args), batch_arg, batch), budget=budget, steps=steps,
+                                            world_size=world_size)
             if on_probe is not None:
                 on_probe(batch, probes[batch])
         return probes[batch]

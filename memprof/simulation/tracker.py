@@ -62,6 +62,13 @@ class StorageTracker(TorchDispatchMode):
         self._allocating: dict = {}  # op -> its name when it may allocate, else None
         self.front = FRONT_CACHE  # fake-tensor dispatch through memprof.simulation.fast_dispatch (None: off)
 
+    def add_rule(self, rule) -> None:
+        """A rule joining a run already under way (a parallelism a user's script starts midway)."""
+        self.rules = (*self.rules, rule)
+        self._before = tuple(r for r in self.rules if _overrides(r, "before_op"))
+        self._after = tuple(r for r in self.rules if _overrides(r, "after_op"))
+        self._after_for = {}
+
     # --- bookkeeping -----------------------------------------------------------------------------
     def _new_id(self) -> int:
         self._next_id += 1

@@ -1,0 +1,118 @@
+"""torchrun-style scripts on the simulated device (memprof.script.parallel): `memprof script --world-size N` runs a
+script that starts a process group and wraps its model in DistributedDataParallel or fully_shard as rank 0 of N,
+and predicts what `memprof run --parallel ddp|fsdp --world-size N` predicts for the same model. Negative controls:
+the same script without its wrapper, and a script that starts a group without --world-size."""
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from memprof.errors import UsageError
+from memprof.script import UnsupportedCall
+from memprof.script.runner import run_script
+
+ROOT = Path(__file__).parent.parent
+TWIN = str(ROOT / "tests" / "data" / "scripts" / "registry_twin.py")
+FIELDS = ("peak_allocated_bytes", "peak_reserved_bytes", "peak_phase", "peak_step", "breakdown_at_peak_bytes",
+          "floor_bytes", "optimizer_state_bytes", "params_total")
+
+TORCHRUN = """import os
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("nccl")
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(64, 64).cuda())
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+for _ in range(2):
+    loss = model(torch.randn(8, 64, device="cuda")).sum()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+dist.all_reduce(loss)
+print("RANK", rank, dist.get_rank(), "WORLD", world, dist.get_world_size())
+dist.destroy_process_group()
+"""
+
+
+def run(path, *args, budget="titan-x", world_size=None):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = run_script(str(path), list(args), budget=budget, world_size=world_size)
+    return result, out.getvalue()
+
+
+def registry(**options):
+    from memprof.plan import execute, plan_run, run_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return execute(plan_run(run_options(models="test-vit", optims="adam", budget="titan-x",
+                                            out=os.path.join(tmp, "run"), progress=False, **options)))[-1]["metrics"]
+
+
+def test_a_ddp_script_equals_memprof_run_parallel_ddp():
+    script, _ = run(TWIN, "--parallel", "ddp", world_size=2)
+    m, ran = script.record["metrics"], registry(parallel="ddp", world_size=2)
+    for field in FIELDS:
+        assert m[field] == ran[field], field
+    assert abs(m["peak_allocated_bytes"] / ran["peak_allocated_bytes"] - 1) < 0.01
+    assert m["ddp_bucket_count"] == ran["ddp_bucket_count"] and m["ddp_bucket_bytes"] == ran["ddp_bucket_bytes"]
+    assert "ddp-gradient-buckets" in m["rules"] and script.key.endswith("/ddp2@simulate")
+    plain, _ = run(TWIN)  # negative control: the same script without DDP has no buckets and a lower peak
+    assert plain.breakdown_at_peak_bytes["communication"] == 0 < script.breakdown_at_peak_bytes["communication"]
+    assert plain.peak_allocated_bytes < script.peak_allocated_bytes and "ddp" not in plain.key
+
+
+def test_an_fsdp_script_equals_memprof_run_parallel_fsdp():
+    """fully_shard on each block and the root, as `memprof run --parallel fsdp` shards: the same peak (the peak is in
+    backward; the optimizer's foreach=None resolves to its for-loop on FSDP's DTensors here, noted in the report)."""
+    script, _ = run(TWIN, "--parallel", "fsdp", world_size=2)
+    m, ran = script.record["metrics"], registry(parallel="fsdp", world_size=2)
+    for field in FIELDS:
+        assert m[field] == ran[field], field
+    assert script.key.endswith("/fsdp2@simulate") and any("for-loop" in n for n in script.notes)
+    wider, _ = run(TWIN, "--parallel", "fsdp", world_size=4)  # negative control: more ranks, smaller shards
+    assert wider.floor_bytes < script.floor_bytes
+
+
+def test_a_torchrun_script_needs_world_size_and_runs_as_rank_0(tmp_path):
+    path = tmp_path / "train_ddp.py"
+    path.write_text(TORCHRUN)
+    with pytest.raises(UnsupportedCall, match=r"train_ddp.py:5: torch.distributed.init_process_group\('nccl'\) .*"
+                                              r"give memprof script --world-size N"):
+        run(path)
+    result, out = run(path, world_size=4)  # negative control: with --world-size it runs, as rank 0 of 4
+    assert "RANK 0 0 WORLD 4 4" in out and result.status == "ok" and result.key.endswith("/ddp4@simulate")
+    assert "RANK" not in os.environ or os.environ.get("WORLD_SIZE") != "4"  # torchrun's variables are restored
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    with pytest.raises(UsageError, match="at least 1"):
+        run(path, world_size=0)
+    fsdp1 = tmp_path / "train_fsdp1.py"
+    fsdp1.write_text(TORCHRUN.replace("torch.nn.parallel.DistributedDataParallel(", "FSDP(").replace(
+        "import torch.distributed as dist\n", "import torch.distributed as dist\n"
+        "from torch.distributed.fsdp import FullyShardedDataParallel as FSDP\n"))
+    with pytest.raises(UnsupportedCall, match=r"train_fsdp1.py:9: FullyShardedDataParallel \(FSDP1\) .*fully_shard"):
+        run(fsdp1, world_size=2)
+
+
+def test_world_size_on_the_command_line(tmp_path):
+    path = tmp_path / "train_ddp.py"
+    path.write_text(TORCHRUN)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    bad = subprocess.run([sys.executable, "-m", "memprof", "script", str(path)], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip().count("\n") == 0
+    assert "train_ddp.py:5" in bad.stderr and "--world-size" in bad.stderr
+    ok = subprocess.run([sys.executable, "-m", "memprof", "script", "--world-size", "2", str(path)],
+                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr  # negative control
+    assert "RANK 0 0 WORLD 2 2" in ok.stdout and "predicted" in ok.stdout
