@@ -361,8 +361,26 @@ def test_a_restricted_sdpa_backend_is_said_not_silently_replaced():
                 torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
         return sim
 
-    assert any("SDPA backends were restricted" in n for n in attend(True).notes.values())
+    assert any("SDPA backends were restricted" in n and "to math at" in n for n in attend(True).notes.values())
     assert not attend(False).notes  # negative control
+
+
+def test_sdpa_kernel_and_backend_flags_choose_the_modelled_kernel():
+    """sdpa_kernel(MATH) or enable_flash_sdp(False) + enable_mem_efficient_sdp(False) in a bf16-autocast script:
+    attention runs CUDA's math path (fp32 scores), predicted higher; left on default it is flash, as `memprof run`."""
+    args = ["--amp", "bf16", "--batch-size", "64"]
+    default, _ = run(TWIN, *args)
+    math, _ = run(TWIN, *args, "--sdpa", "math")
+    flags, _ = run(TWIN, *args, "--sdpa", "flags")
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()  # restored
+    assert math.attention_kernels == flags.attention_kernels == {"math": 4} and default.attention_kernels == {"flash": 4}
+    assert math.peak_allocated_bytes == flags.peak_allocated_bytes > default.peak_allocated_bytes
+    assert any("restricted" in n and "to math at" in n for n in math.notes) and not default.notes
+    registry = _registry("test-vit", optims="adam", precision="bf16-amp", batch_size="64", budget="a100-80g")
+    assert default.peak_allocated_bytes == registry["peak_allocated_bytes"]  # negative control: the default kernel
+    fp32, _ = run(TWIN, "--batch-size", "64")
+    fp32_math, _ = run(TWIN, "--batch-size", "64", "--sdpa", "math")  # fp32: math instead of memory-efficient
+    assert fp32_math.peak_allocated_bytes > fp32.peak_allocated_bytes
 
 
 # --- steps, data, errors --------------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ How (no GPU, nothing allocated for real on the CUDA side):
 - `torch.autocast("cuda", dtype)` (and `torch.cuda.amp.autocast`) becomes CPU autocast with that dtype;
   the cuda-autocast-policy rule makes CPU autocast follow CUDA's op lists. `torch.amp.GradScaler("cuda")`
   runs; its inf check reads a stand-in zero, so it takes the finite path (every step is taken).
+- `torch.nn.attention.sdpa_kernel` and `torch.backends.cuda.enable_flash_sdp / enable_mem_efficient_sdp /
+  enable_math_sdp` choose the attention kernel the rules model, as CUDA selects among the enabled ones (noted);
+  the flags are restored on exit.
 - optimizers resolve `foreach=None` / `fused=None` as on CUDA: their parameters report `cuda`, and the fake
   tensor type is accepted where torch lists the types its foreach kernels take (restored on exit).
 - `torch.cuda.is_available / device_count / get_device_name / get_device_properties / mem_get_info /
@@ -42,7 +45,7 @@ Limits (each said where it applies, or listed here):
 - the script's own constructors run for real on the CPU (their time and host memory are real);
 - a script that would run out of memory on the card runs on; the record says where it would (status "oom");
 - `torch.cuda.empty_cache()` and `reset_peak_memory_stats()` act on the figures the script reads, not on the
-  record's (noted); `torch.nn.attention.sdpa_kernel` / `enable_*_sdp` restrictions are noted, not modelled;
+  record's (noted);
 - tensors and modules moved to the device inside the block stay simulated after it.
 """
 
@@ -165,8 +168,6 @@ class _SimTracker(StorageTracker):
                         self.register(t, str(func))
                 return out
             return func(*args, **(kwargs or {}))
-        if func in _ATTENTION_OPS:
-            self.sim._check_sdp_flags(func)
         _INTERNAL.depth += 1
         try:
             self.sim._check_devices(func, args, kwargs or {})
@@ -176,16 +177,16 @@ class _SimTracker(StorageTracker):
             _INTERNAL.depth -= 1
 
 
-_aten = torch.ops.aten
-_ATTENTION_OPS = frozenset({_aten._scaled_dot_product_efficient_attention.default,
-                            _aten._scaled_dot_product_flash_attention.default,
-                            _aten._scaled_dot_product_flash_attention_for_cpu.default,
-                            _aten._scaled_dot_product_attention_math.default})
 _SDP_FLAGS = ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled")
 
 
 def _sdp_flags() -> tuple:
     return tuple(getattr(torch.backends.cuda, f)() for f in _SDP_FLAGS if hasattr(torch.backends.cuda, f))
+
+
+def _set_sdp_flags(flags: tuple) -> None:
+    for name, on in zip((f for f in _SDP_FLAGS if hasattr(torch.backends.cuda, f)), flags):
+        getattr(torch.backends.cuda, "enable_" + name.removesuffix("_enabled"))(on)
 
 
 _CROSS_DEVICE_OK = {"aten::copy_", "aten::_to_copy", "aten::index", "aten::index_put", "aten::index_put_",
@@ -422,14 +423,24 @@ class SimulatedCuda:
                                           f"the CPU (shape {tuple(t.shape)}); on CUDA this fails with 'Expected all "
                                           f"tensors to be on the same device': move it with .to(device)")
 
-    def _check_sdp_flags(self, func) -> None:
-        """torch.nn.attention.sdpa_kernel / torch.backends.cuda.enable_*_sdp choose SDPA's kernel on CUDA; the
-        simulation's attention rules pick the kernel CUDA's default selection takes: a changed choice is said."""
-        if _sdp_flags() != self._sdp_default:
-            self.note("sdpa", f"the SDPA backends were restricted (torch.nn.attention.sdpa_kernel or "
-                              f"torch.backends.cuda.enable_*_sdp) before {_where(self.user_file)}: not modelled; "
-                              f"attention is predicted with the kernel CUDA's default selection picks "
-                              f"({func.__name__.split('.')[0]})")
+    def _sdpa(self, current):
+        """F.scaled_dot_product_attention, outermost: torch.nn.attention.sdpa_kernel / torch.backends.cuda.enable_*_sdp
+        choose SDPA's kernel on CUDA, and the simulation's attention rules select among the enabled kernels as CUDA
+        does (memprof.simulation.rules MemEfficientAttention, HalfPrecisionAttention): a restricted choice is said."""
+        sim = self
+
+        def scaled_dot_product_attention(*args, **kwargs):
+            flags = _sdp_flags()
+            if flags != sim._sdp_default:
+                enabled = ", ".join(n.removesuffix("_sdp_enabled").replace("mem_", "memory-") for n, on in
+                                    zip(_SDP_FLAGS, flags) if on) or "none"
+                sim.note(f"sdpa:{enabled}", f"the SDPA backends were restricted (torch.nn.attention.sdpa_kernel or "
+                                            f"torch.backends.cuda.enable_*_sdp) to {enabled} at "
+                                            f"{_where(sim.user_file)}: attention is predicted with the kernel CUDA "
+                                            f"selects among those")
+            return current(*args, **kwargs)
+
+        return scaled_dot_product_attention
 
     # --- data-parallel and sharded scripts (memprof.script.parallel) ---------------------------------------
     @staticmethod
@@ -980,6 +991,11 @@ class SimulatedCuda:
             for rule in self.rules:
                 if hasattr(rule, "mode"):
                     stack.enter_context(rule.mode())
+            import torch.nn.functional as F
+
+            current = F.scaled_dot_product_attention  # (the rules' own, looked up at call time as torch does)
+            F.scaled_dot_product_attention = self._sdpa(current)
+            stack.callback(setattr, F, "scaled_dot_product_attention", current)
             self.function_mode = _SimFunctionMode(self)
             stack.enter_context(self.function_mode)
         except BaseException:
@@ -1001,6 +1017,7 @@ class SimulatedCuda:
             stack.callback(lambda: setattr(obj, name, old) if had else delattr(obj, name))
 
         setattr_restored(FakeTensor, "device", property(_sim_device, _FAKE_DEVICE_PROPERTY.fset))
+        stack.callback(_set_sdp_flags, _sdp_flags())  # a script's enable_*_sdp(False) ends with it
         # Module.to / .cuda() keep each Parameter object (as CUDA's in-place `.data =` does), so optimizers built
         # before the move and hooks registered on parameters survive: torch's swap-on-conversion path, with the
         # hooks re-installed on the swapped object (the C++ hooks travel with the tensor's implementation)

@@ -3,6 +3,7 @@ bf16-amp] [--optim-impl fused]` does: the model on
 the device, Adam(model.parameters()) with torch's defaults (foreach resolved on CUDA), micro-batch training
 steps of random images, cross-entropy, backward, step, zero_grad(set_to_none=True)."""
 import argparse
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ parser.add_argument("--in-backward", action="store_true", help="per-parameter op
 parser.add_argument("--print-peak", action="store_true")
 parser.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp"],
                     help="torchrun-style: init_process_group('nccl'), then DistributedDataParallel or fully_shard")
+parser.add_argument("--sdpa", default="default", choices=["default", "math", "flags"],
+                    help="math: the loop under sdpa_kernel(SDPBackend.MATH); flags: enable_flash_sdp(False) and "
+                         "enable_mem_efficient_sdp(False) before it")
 args = parser.parse_args()
 
 if args.parallel != "none":  # as torchrun starts it: the rank from the environment, one GPU per rank
@@ -56,6 +60,14 @@ if args.in_backward:  # the PyTorch tutorial's optimizer-in-backward, hooks regi
         p.register_post_accumulate_grad_hook(hook)
 else:
     optimizer = cls(model.parameters(), **kwargs)
+kernels = contextlib.ExitStack()
+if args.sdpa == "math":
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels.enter_context(sdpa_kernel([SDPBackend.MATH]))
+elif args.sdpa == "flags":
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
 for _ in range(args.steps):
     images = torch.randn(args.batch_size, c, h, w, device="cuda")
     labels = torch.randint(0, 10, (args.batch_size,), device="cuda")
@@ -66,6 +78,7 @@ for _ in range(args.steps):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     del images, labels, loss  # the harness drops each step's inputs before making the next
+kernels.close()
 if args.parallel != "none":
     dist.destroy_process_group()
 if args.print_peak:
