@@ -408,6 +408,29 @@ def test_fit_searches_the_scripts_own_batch_flag(tmp_path):
         fit_script(SMALL, [], "batch-size")
 
 
+def test_memprof_fit_script_spelling(capsys, tmp_path):
+    """`memprof fit --script FILE --batch-arg=FLAG [ARGS...]`: the same search as `memprof script --fit-batch-arg`,
+    with the same one-line errors."""
+    from memprof.cli import main
+
+    assert main(["fit", "--budget", "700MiB", "--steps", "1", "--out", str(tmp_path / "fit"), "--script", SMALL,
+                 "--batch-arg=--batch-size", "--width", "512", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    best = int(out.split("largest fitting: --batch-size ")[1].split()[0])
+    assert f"; {best + 1} does not fit (predicted)" in out  # the next batch: the negative control
+    (rec,) = [r for r in read_records(str(tmp_path / "fit")) if r["metrics"]["script_batch_size"] == best]
+    assert rec["metrics"]["script_args"] == ["--width", "512", "--batch-size", str(best)]  # its own flag replaced
+    for argv, says in ((["--batch-arg=--batchsize"], "exited when run with --batchsize 1 (train_small.py: error: "
+                                                     "unrecognized arguments: --batchsize 1)"),
+                       (["--batch-arg=batch-size"], "--batch-arg batch-size: give the script's flag"),
+                       ([], "give the script's batch flag right after it")):
+        assert main(["fit", "--script", SMALL, *argv]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert main(["fit", "--models", "test-vit", "--script", SMALL, "--batch-arg=--batch-size"]) == 2
+    assert "--models is an option of a registry fit" in capsys.readouterr().err
+
+
 def test_steps_stop_the_script_after_n_optimizer_steps():
     r, out = run(SMALL, "--forever", steps=3)
     assert r.script_steps == 3 and r.record["spec"]["steps"] == 3 and "step 3 loss" not in out

@@ -131,20 +131,35 @@ def fits(result) -> bool:
     return result.status == "ok" and result.record["metrics"].get("fits") == "yes"
 
 
+def check_batch_arg(batch_arg: str, option: str = "--batch-arg") -> None:
+    if not batch_arg.startswith("-"):
+        raise UsageError(f"{option} {batch_arg}: give the script's flag, e.g. {option}=--batch-size")
+
+
 def fit_script(path: str, args: list[str], batch_arg: str, budget: str = "titan-x", steps: int | None = 2,
-               max_batch: int = 1 << 16, on_probe=None, world_size: int | None = None):
+               max_batch: int = 1 << 16, on_probe=None, world_size: int | None = None, option: str = "--batch-arg"):
     """The largest value of the script's own batch flag whose prediction fits the card: doubling from 1 until a
     probe does not fit, then bisection. Returns (largest fitting Result or None, smallest failing batch or None,
-    probes [(batch, Result)]). Every probe is a full run of the script on the simulated card (predicted)."""
-    if not batch_arg.startswith("-"):
-        raise UsageError(f"--batch-arg {batch_arg}: give the script's flag, e.g. --batch-arg=--batch-size")
+    probes [(batch, Result)]). Every probe is a full run of the script on the simulated card (predicted). `option`
+    is the command-line option that gave `batch_arg` (named in the errors)."""
+    check_batch_arg(batch_arg, option)
     probes: dict[int, object] = {}
 
     def probe(batch: int):
         if batch not in probes:
-            with contextlib.redirect_stdout(io.StringIO()):  # the script's own output, once per probe, is dropped
-                probes[batch] = run_script(path, with_batch(list(args), batch_arg, batch), budget=budget, steps=steps,
-                                            world_size=world_size)
+            said = io.StringIO()
+            probe_args = with_batch(list(args), batch_arg, batch)
+            try:
+                # the script's own output, once per probe, is dropped (its last error line is kept for the message)
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(said):
+                    probes[batch] = run_script(path, probe_args, budget=budget, steps=steps, world_size=world_size)
+            except UsageError as exc:
+                last = next((line.strip() for line in reversed(said.getvalue().splitlines()) if line.strip()), "")
+                if "exited with status" not in str(exc):
+                    raise
+                raise UsageError(f"{path} exited when run with {batch_arg} {batch}" + (f" ({last})" if last else "")
+                                 + f": does it take {batch_arg} N? give its own batch flag with {option}=FLAG") \
+                    from None
             if on_probe is not None:
                 on_probe(batch, probes[batch])
         return probes[batch]
