@@ -34,7 +34,8 @@ How (no GPU, nothing allocated for real on the CUDA side):
   `torch.cuda.max_memory_allocated()` at its end prints the record's peak_allocated_bytes exactly. The
   torch.cuda functions are replaced on entry and restored on exit.
 - phases: forward (the model's outermost forward), backward (torch.autograd.backward), optimizer (a global
-  optimizer step pre-hook); `steps=N` stops the code with `StopSimulation` after N optimizer steps.
+  optimizer step pre-hook); steps are counted as the measuring twin counts them (memprof.script.counting);
+  `steps=N` stops the code with `StopSimulation` after N optimizer steps.
 Anything that cannot be simulated raises UnsupportedCall: one line naming the call and the user's file:line.
 
 Limits (each said where it applies, or listed here):
@@ -70,6 +71,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memprof.errors import UsageError
+from memprof.script.counting import StepCounting, StopSimulation  # noqa: F401 (StopSimulation: the runner's)
 from memprof.simulation.tracker import ALLOC, FREE, StorageTracker
 from memprof.spec import RunSpec
 
@@ -85,11 +87,6 @@ READBACK_NOTE = ("values read back from the device (.item(), float(), print, .to
 
 class UnsupportedCall(UsageError):
     """A call the simulated device cannot honour; the message names the call and the user's file:line."""
-
-
-class StopSimulation(BaseException):
-    """Raised after the requested number of optimizer steps (a BaseException: the user's `except Exception`
-    does not catch it); the runner ends the script there."""
 
 
 class _Internal(threading.local):
@@ -367,7 +364,7 @@ class _Stream:
         return False
 
 
-class SimulatedCuda:
+class SimulatedCuda(StepCounting):
     """Context manager: the budget's card as a simulated CUDA device (see the module docstring).
 
     `budget`: a card name or size (memprof.budget.parse_budget). `steps`: stop with StopSimulation after that
@@ -889,24 +886,6 @@ class SimulatedCuda:
     def _phase(self, name: str) -> None:
         self.tracker.set_phase(name, self.detected["steps"])
 
-    def _backward(self, original):
-        sim = self
-
-        def backward(*args, **kwargs):
-            sim._phase("backward")
-            sim._in_backward += 1
-            sim._stepped_in_backward = False
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                sim._in_backward -= 1
-            sim._since_backward = True
-            if sim._stepped_in_backward:  # optimizer-in-backward: the step ends with the backward
-                sim._step_done()
-            return out
-
-        return backward
-
     def _optimizer_pre(self, optimizer, args, kwargs):
         self._in_step += 1
         if not self._in_backward:
@@ -936,17 +915,7 @@ class SimulatedCuda:
         from memprof.simulation.tracing import state_summary
 
         self._state_summaries[id(optimizer)] = state_summary(optimizer)
-        if self._in_backward:
-            self._stepped_in_backward = True
-            self.detected["optimizer_in_backward"] = True
-        elif self._since_backward:
-            self._since_backward = False
-            self._step_done()
-
-    def _step_done(self) -> None:
-        self.detected["steps"] += 1
-        if self.max_steps is not None and self.detected["steps"] >= self.max_steps:
-            raise StopSimulation(self.detected["steps"])
+        self._optimizer_stepped()
 
     # --- enter / exit -------------------------------------------------------------------------------------
     def rule_spec(self, key: str | None = None):
@@ -973,7 +942,8 @@ class SimulatedCuda:
         self._peak_alloc = self._peak_reserved = 0
         self._in_step = 0
         self._sdp_default = _sdp_flags()
-        self._depth, self._in_backward, self._since_backward, self._stepped_in_backward = 0, 0, False, False
+        self._depth = 0
+        self._start_counting()
         self._roots, self._param_info, self._shard_numel = weakref.WeakSet(), {}, {}
         self._params, self._grads, self._states = set(), set(), set()
         self._state_summaries, self._described, self._attribution = {}, set(), None

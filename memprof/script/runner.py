@@ -44,7 +44,8 @@ def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: 
     the timeline is written there, with `snapshot_dir` the predicted snapshot. backend="cuda": run it for real on
     the GPU at hand and measure (memprof.script.measure; `budget` is only judged against). `world_size`: a
     torchrun-style script runs as rank 0 of that many (memprof.script.parallel; measured: 1 only)."""
-    from memprof.script.device import SimulatedCuda, StopSimulation
+    from memprof.script.counting import StopSimulation
+    from memprof.script.device import SimulatedCuda
 
     if not os.path.isfile(path):
         raise UsageError(f"no script at {path}: give the path of a Python file")
