@@ -25,6 +25,7 @@ ROOT = Path(__file__).parent.parent
 SCRIPTS = ROOT / "tests" / "data" / "scripts"
 SMALL = str(SCRIPTS / "train_small.py")
 TWIN = str(SCRIPTS / "registry_twin.py")
+HF_STYLE = str(SCRIPTS / "train_hf_style.py")
 MiB = 1 << 20
 
 
@@ -324,6 +325,42 @@ def test_checkpointing_is_seen_and_lowers_the_peak():
     assert ckpt.script_checkpointing and not plain.script_checkpointing
     assert ckpt.breakdown_at_peak_bytes["activations"] < plain.breakdown_at_peak_bytes["activations"]
     assert "ckpt-on" in ckpt.key
+
+
+def test_hf_style_gradient_checkpointing_enable_is_honoured():
+    """A model with transformers' own switch, `gradient_checkpointing_enable()` (checkpoint with use_reentrant=True
+    by default, or the kwargs given), as a script calls it (tests/data/scripts/train_hf_style.py)."""
+    plain, _ = run(HF_STYLE)
+    reentrant, _ = run(HF_STYLE, "--ckpt", "reentrant")
+    non_reentrant, _ = run(HF_STYLE, "--ckpt", "non-reentrant")
+    assert not plain.script_checkpointing and "ckpt-off" in plain.key  # negative control: the switch left off
+    for ckpt in (reentrant, non_reentrant):
+        assert ckpt.script_checkpointing and "ckpt-on" in ckpt.key and ckpt.script_steps == 2
+        assert ckpt.breakdown_at_peak_bytes["activations"] < plain.breakdown_at_peak_bytes["activations"] / 10
+        assert ckpt.peak_allocated_bytes < plain.peak_allocated_bytes
+
+
+def test_steps_are_counted_once_for_both_devices_and_a_reentrant_recompute_is_no_step():
+    """One counter (memprof.script.counting) for the simulated and the measured device; the backward a reentrant
+    checkpoint runs inside the outer one is part of it, so optimizers stepped from hooks count one step per backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    from memprof.script.counting import StepCounting
+    from memprof.script.device import SimulatedCuda
+    from memprof.script.measure import MeasuredCuda
+
+    assert issubclass(SimulatedCuda, StepCounting) and issubclass(MeasuredCuda, StepCounting)
+    assert "_step_done" not in vars(SimulatedCuda) and "_step_done" not in vars(MeasuredCuda)
+    for reentrant in (True, False):
+        with simulated_cuda("titan-x") as sim:
+            model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).cuda()
+            optimizers = {p: torch.optim.SGD([p], lr=0.1) for p in model.parameters()}
+            for p in model.parameters():
+                p.register_post_accumulate_grad_hook(lambda q: optimizers[q].step())
+            for _ in range(3):
+                x = torch.randn(4, 8, device="cuda", requires_grad=True)
+                checkpoint(model, x, use_reentrant=reentrant).sum().backward()
+        assert sim.detected["steps"] == 3 and sim.detected["optimizer_in_backward"], reentrant
 
 
 def test_timm_set_grad_checkpointing_torch_save_and_compile(tmp_path):
