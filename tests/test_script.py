@@ -172,6 +172,44 @@ def test_a_model_the_script_drops_is_freed():
             assert torch.cuda.memory_allocated() == workspaces < held  # negative control: held while alive
 
 
+def _build_cpu_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 8))
+    torch.nn.init.trunc_normal_(model[0].weight, std=0.02)
+    torch.nn.init.zeros_(model[2].weight)
+    return model
+
+
+def test_cpu_initialisation_is_deferred_until_read_and_stays_exact(monkeypatch):
+    """The CPU's random fills run only when something could see them (memprof.script.deferred): values and the CPU
+    generator's stream as in an eager run; skipped for a model that goes to the device unread, with a note, and
+    no figure changes."""
+    eager = _build_cpu_model()
+    eager_draw, eager_out = torch.randn(3), eager(torch.ones(2, 64))
+    with simulated_cuda("titan-x") as sim:
+        model = _build_cpu_model()
+        assert torch.equal(torch.randn(3), eager_draw)  # a draw settles the queue first
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), eager.state_dict().values()))
+        assert torch.equal(model(torch.ones(2, 64)), eager_out)  # a CPU model stays a real one
+    assert sim.result.record["metrics"]["script_cpu_fills_skipped"] == 0  # every fill was needed, and ran
+
+    def train():
+        with simulated_cuda("titan-x") as sim:
+            model = _build_cpu_model().cuda()
+            model(torch.randn(16, 64, device="cuda")).sum().backward()
+            print_peak = torch.cuda.max_memory_allocated()
+        return sim, print_peak
+
+    deferred, peak = train()
+    assert deferred.result.record["metrics"]["script_cpu_fills_skipped"] >= 5 and not deferred.notes
+    from memprof.script import deferred as module
+
+    monkeypatch.setattr(module.DeferredFills, "deferrable", lambda self, t, generator=None: False)
+    eager_run, eager_peak = train()  # negative control: nothing deferred, the same figures
+    assert eager_run.result.record["metrics"]["script_cpu_fills_skipped"] == 0 and peak == eager_peak
+    assert eager_run.result.peak_reserved_bytes == deferred.result.peak_reserved_bytes
+
+
 def test_values_read_back_are_stand_ins_said_once():
     with simulated_cuda("titan-x") as sim:
         x = torch.ones(3, device="cuda")

@@ -72,6 +72,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memprof.errors import UsageError
 from memprof.script.counting import StepCounting, StopSimulation  # noqa: F401 (StopSimulation: the runner's)
+from memprof.script.deferred import DEFERRABLE as _DEFERRABLE, DeferredFills
 from memprof.simulation.tracker import ALLOC, FREE, StorageTracker
 from memprof.spec import RunSpec
 
@@ -164,6 +165,12 @@ class _SimTracker(StorageTracker):
                     if isinstance(t, torch.Tensor):
                         self.register(t, str(func))
                 return out
+            deferred = self.sim._deferred
+            # a CPU fill queued, or settled (memprof.script.deferred); not for what the fake mode below will run
+            if (deferred.queue or func in _DEFERRABLE) and _get_dispatch_mode(_FAKE_KEY) is None:
+                done, out = deferred.dispatch(func, args, kwargs or {})
+                if done:
+                    return out
             return func(*args, **(kwargs or {}))
         _INTERNAL.depth += 1
         try:
@@ -246,6 +253,9 @@ def _dtensor_types(types) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(issubclass(t, DTensor) for t in types)
+
+
+_get_dispatch_mode, _FAKE_KEY = torch._C._get_dispatch_mode, torch._C._TorchDispatchModeKey.FAKE
 
 
 def _from_distributed() -> bool:
@@ -568,6 +578,14 @@ class SimulatedCuda(StepCounting):
         t = args[0]
         return self._stand_in(t) if is_sim(t) else func(*args, **kwargs)
 
+    def _settling(self, original):
+        def settled_first(*args, **kwargs):
+            self._settled()
+            return original(*args, **kwargs)
+
+        settled_first.__name__ = getattr(original, "__name__", "settled_first")
+        return settled_first
+
     def _swap_tensors(self, original):
         memo = self.fake_mode.fake_tensor_converter.meta_converter.tensor_memo
 
@@ -596,13 +614,22 @@ class SimulatedCuda(StepCounting):
             return func(*args, **kwargs)
         return func(self._stand_in(t), *args[1:], **kwargs)
 
+    def _settled(self) -> None:
+        """The CPU's deferred fills run, before something reads CPU memory without an op (memprof.script.deferred)."""
+        if self._deferred.queue:
+            self._deferred.settle()
+
     def _tolist(self, func, args, kwargs):
         t = args[0]
-        return self._stand_in(t).tolist() if is_sim(t) else func(*args, **kwargs)
+        if is_sim(t):
+            return self._stand_in(t).tolist()
+        self._settled()
+        return func(*args, **kwargs)
 
     def _numpy(self, func, args, kwargs):
         t = args[0]
         if not is_sim(t):
+            self._settled()
             return func(*args, **kwargs)
         raise UnsupportedCall(f"{_where(self.user_file)}: .numpy() of a tensor on cuda:0: on CUDA this raises "
                               "(call .cpu() first)") if func is torch.Tensor.numpy else self._stand_in(t).numpy()
@@ -656,6 +683,7 @@ class SimulatedCuda(StepCounting):
     def _reduce(self, func, args, kwargs):
         if is_sim(args[0]):
             raise UnsupportedCall(f"{_where(self.user_file)}: pickling a tensor on cuda:0 (the simulation has no data)")
+        self._settled()
         return func(*args, **kwargs)
 
     # --- torch.cuda ---------------------------------------------------------------------------------------
@@ -935,6 +963,7 @@ class SimulatedCuda(StepCounting):
         self.rules = cuda_rules(self.device, self.rule_spec())
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.tracker = _SimTracker(self.rules, self)
+        self._deferred = DeferredFills()  # the CPU's random fills, until read (memprof.script.deferred)
         self.parallel_rules = []  # DDP's or FSDP's, once the script starts it (memprof.script.parallel)
         self._fsdp_mesh = None
         self._sharded = False  # FSDP started: torch.distributed's factories on the (CPU) mesh make device tensors
@@ -1051,9 +1080,17 @@ class SimulatedCuda(StepCounting):
                 self.note(f"save:{_where(self.user_file)}", f"torch.save at {_where(self.user_file)}: it holds tensors "
                                                             "on the simulated device; nothing was written")
                 return None
+            self._settled()
             return original_save(obj, f, *args, **kwargs)
 
         setattr_restored(torch, "save", save)
+        from memprof.script.deferred import trunc_normal
+
+        setattr_restored(torch.nn.init, "trunc_normal_", trunc_normal(self._deferred, torch.nn.init.trunc_normal_))
+        for mod in (torch, torch.random):  # the CPU generator read or reset: the deferred fills run first
+            for name in ("get_rng_state", "set_rng_state", "manual_seed", "seed"):
+                if name in vars(mod):
+                    setattr_restored(mod, name, self._settling(getattr(mod, name)))
         original_load = torch.load
 
         def load(f, map_location=None, *args, **kwargs):
@@ -1096,6 +1133,7 @@ class SimulatedCuda(StepCounting):
             stack.callback(handle.remove)
 
     def __exit__(self, exc_type, exc, tb):
+        self._deferred.drop()  # fills of CPU tensors that went to the device unread (the record's count)
         try:
             if exc is None or isinstance(exc, StopSimulation) or (isinstance(exc, SystemExit) and not exc.code):
                 self._phase("done")

@@ -63,6 +63,8 @@ def result_of(sim, out_dir: str | None = None, snapshot_dir: str | None = None):
         "script_steps": d["steps"],
         "script_steps_limit": sim.max_steps,
         "notes": list(sim.notes.values()),
+        # random fills of CPU tensors that went to the device unread, skipped (memprof.script.deferred)
+        "script_cpu_fills_skipped": sim._deferred.skipped,
     })
     if getattr(sim, "script_args", None) is not None:
         metrics["script_args"] = sim.script_args
