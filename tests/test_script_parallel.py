@@ -116,3 +116,19 @@ def test_world_size_on_the_command_line(tmp_path):
                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr  # negative control
     assert "RANK 0 0 WORLD 2 2" in ok.stdout and "predicted" in ok.stdout
+
+
+def test_a_measured_ddp_script_has_the_predicted_key():
+    """`--backend cuda --world-size 1` (memprof.script.measure), run where torch.cuda is the simulated card: the script's
+    own init_process_group("nccl") and DDP run, and the record's key is the prediction's (@cuda), ddp1 included."""
+    from memprof.script import simulated_cuda
+
+    predicted, _ = run(TWIN, "--parallel", "ddp", world_size=1)
+    with simulated_cuda("titan-x", world_size=1):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            measured = run_script(TWIN, ["--parallel", "ddp"], budget="titan-x", backend="cuda", world_size=1)
+    assert measured.source == "measured" and measured.key == predicted.key.replace("@simulate", "@cuda")
+    assert predicted.key.endswith("/ddp1@simulate") and measured.peak_allocated_bytes == predicted.peak_allocated_bytes
+    with pytest.raises(UsageError, match="one GPU measures world size 1 only"):  # negative control
+        run_script(TWIN, ["--parallel", "ddp"], backend="cuda", world_size=2)

@@ -378,7 +378,9 @@ class SimulatedCuda(StepCounting):
     """Context manager: the budget's card as a simulated CUDA device (see the module docstring).
 
     `budget`: a card name or size (memprof.budget.parse_budget). `steps`: stop with StopSimulation after that
-    many optimizer steps (None: let the code end). `user_file`: the script whose lines errors name.
+    many optimizer steps (None: let the code end). `user_file`: the script whose lines errors name. `world_size`:
+    a torchrun-style script's process group, DDP and FSDP2 run as rank 0 of that many (memprof.script.parallel;
+    None: init_process_group is refused with the fix).
     After the block: `result` (a memprof.results.Result), `detected` (what ran), `notes`.
     """
 
@@ -1286,6 +1288,8 @@ def _describe_optimizer(optimizer, params) -> dict:
             "params": len(params)}
 
 
-def simulated_cuda(budget: str = "titan-x", steps: int | None = None, label: str | None = None) -> SimulatedCuda:
-    """`with memprof.simulated_cuda(budget="a100-80g") as sim: train()`, then `sim.result` (predicted)."""
-    return SimulatedCuda(budget, steps=steps, label=label)
+def simulated_cuda(budget: str = "titan-x", steps: int | None = None, label: str | None = None,
+                   world_size: int | None = None) -> SimulatedCuda:
+    """`with memprof.simulated_cuda(budget="a100-80g") as sim: train()`, then `sim.result` (predicted). With
+    `world_size`, code that starts a process group runs as rank 0 of that many (memprof.script.parallel)."""
+    return SimulatedCuda(budget, steps=steps, label=label, world_size=world_size)

@@ -43,7 +43,8 @@ class MeasuredCuda(StepCounting):
         self.label = label
         self.notes: dict[str, str] = {}
         self.detected: dict = {"batch_size": None, "autocast_dtypes": [], "grad_scaler": False,
-                               "checkpointing": False, "optimizers": [], "steps": 0, "optimizer_in_backward": False}
+                               "checkpointing": False, "optimizers": [], "steps": 0, "optimizer_in_backward": False,
+                               "parallel": "none"}
         self._result = None
 
     def note(self, key: str, text: str) -> None:
@@ -71,6 +72,9 @@ class MeasuredCuda(StepCounting):
                     self._phase("forward")
                 if module not in self._roots:
                     self._roots.add(module)
+                    from memprof.script.parallel import parallel_of
+
+                    self.detected.update(parallel_of(module))  # DDP / FSDP2, as the simulated device records it
                     for name, p in module.named_parameters():
                         self._param_info.setdefault(id(p), (name, p.numel(), p.requires_grad, str(p.dtype)))
                 if self.detected["batch_size"] is None:

@@ -100,6 +100,10 @@ def _install_ddp(sim, setattr_restored) -> None:
             self.device_ids, self.output_device, self.dim = device_ids, output_device, dim
             self.require_backward_grad_sync = True
             self._delay_all_reduce_all_params = False
+            # what DDP exposes of its configuration (memprof.script.measure reads it from a real DDP alike)
+            self.bucket_bytes_cap = int((25 if bucket_cap_mb is None else bucket_cap_mb) * (1 << 20))
+            self.bucket_bytes_cap_default = bucket_cap_mb is None
+            self.gradient_as_bucket_view = bool(gradient_as_bucket_view)
             sim._add_ddp(module, bucket_cap_mb, gradient_as_bucket_view)
 
         def forward(self, *inputs, **kwargs):
@@ -156,3 +160,23 @@ def _install_fsdp(sim, stack, setattr_restored) -> None:
     for mod in (fsdp, fsdp1):
         setattr_restored(mod, "FullyShardedDataParallel", FullyShardedDataParallel)
 
+
+
+def parallel_of(module) -> dict:
+    """The parallelism a root module runs (its record fields, as memprof.script.record.parallel_fields takes them):
+    DistributedDataParallel's bucket_cap_mb (None: DDP's default) and gradient_as_bucket_view, or FSDP2's
+    reshard_after_forward; {} for neither. Read from the module, so a real DDP and the simulated one say the same."""
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}
+    if "torch.nn.parallel.distributed.DistributedDataParallel" in names:
+        default = getattr(module, "bucket_bytes_cap_default", True)
+        cap = getattr(module, "bucket_bytes_cap", None)
+        return {"parallel": "ddp", "bucket_cap_mb": None if default or cap is None else cap / (1 << 20),
+                "grad_as_bucket_view": bool(getattr(module, "gradient_as_bucket_view", False))}
+    if any(n.endswith(".FSDPModule") for n in names):
+        try:
+            group = module._get_fsdp_state()._fsdp_param_group
+            reshard = group is None or group.post_forward_mesh_info is not None
+        except AttributeError:
+            reshard = True
+        return {"parallel": "fsdp", "reshard_after_forward": reshard}
+    return {}
