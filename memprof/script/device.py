@@ -488,9 +488,6 @@ class SimulatedCuda(StepCounting):
         if self.detected["parallel"] != "fsdp":
             self._add_parallel("fsdp", [DTensorLocal(), FSDPStorageEvents()])
             self._sharded = True
-            self.note("fsdp-foreach", "FSDP's parameters are DTensors over a CPU mesh here: an optimizer left at "
-                                      "foreach=None runs its for-loop (on CUDA it would run foreach, whose "
-                                      "temporaries can raise the optimizer phase's peak)")
         self.detected["reshard_after_forward"] = bool(reshard_after_forward)
 
     # --- the device moves and factories --------------------------------------------------------------------

@@ -144,6 +144,12 @@ def _install_fsdp(sim, stack, setattr_restored) -> None:
             return original(module, *args, mesh=sim._fsdp_mesh, reshard_after_forward=reshard_after_forward, **kwargs)
 
     setattr_restored(fsdp, "fully_shard", fully_shard)  # (not in its own module: it reads itself from there)
+    # FSDP's parameters are DTensors over the CPU mesh (as the engine shards): their wrappers report the CPU where
+    # CUDA's report cuda, so once sharded the CPU counts among the foreach / fused kernels' devices, and optimizers
+    # resolve foreach=None / fused=None as on CUDA
+    optim_mod = importlib.import_module("torch.optim.optimizer")
+    for name in ("_get_foreach_kernels_supported_devices", "_get_fused_kernels_supported_devices"):
+        setattr_restored(optim_mod, name, _with_cpu_when_sharded(sim, getattr(optim_mod, name)))
     composable = importlib.import_module("torch.distributed._composable.fsdp")
     if "fully_shard" in vars(composable):
         setattr_restored(composable, "fully_shard", fully_shard)
@@ -160,6 +166,14 @@ def _install_fsdp(sim, stack, setattr_restored) -> None:
     for mod in (fsdp, fsdp1):
         setattr_restored(mod, "FullyShardedDataParallel", FullyShardedDataParallel)
 
+
+
+def _with_cpu_when_sharded(sim, original):
+    def devices():
+        found = original()
+        return [*found, "cpu"] if sim._sharded else found
+
+    return devices
 
 
 def parallel_of(module) -> dict:
