@@ -65,6 +65,11 @@ def test_a_ddp_script_equals_memprof_run_parallel_ddp():
     assert abs(m["peak_allocated_bytes"] / ran["peak_allocated_bytes"] - 1) < 0.01
     assert m["ddp_bucket_count"] == ran["ddp_bucket_count"] and m["ddp_bucket_bytes"] == ran["ddp_bucket_bytes"]
     assert "ddp-gradient-buckets" in m["rules"] and script.key.endswith("/ddp2@simulate")
+    capped, _ = run(TWIN, "--parallel", "ddp", "--bucket-cap-mb", "0.1", "--grad-as-bucket-view", world_size=8)
+    ran_capped = registry(parallel="ddp", world_size=8, bucket_cap_mb=0.1, grad_as_bucket_view="on")
+    for field in FIELDS:  # DDP's own bucket_cap_mb and gradient_as_bucket_view, as memprof run's options
+        assert capped.record["metrics"][field] == ran_capped[field], field
+    assert capped.key.endswith("/ddp8+cap0.1+view@simulate") and capped.ddp_bucket_count > script.ddp_bucket_count
     plain, _ = run(TWIN)  # negative control: the same script without DDP has no buckets and a lower peak
     assert plain.breakdown_at_peak_bytes["communication"] == 0 < script.breakdown_at_peak_bytes["communication"]
     assert plain.peak_allocated_bytes < script.peak_allocated_bytes and "ddp" not in plain.key

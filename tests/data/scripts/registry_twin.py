@@ -24,6 +24,8 @@ parser.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp"
 parser.add_argument("--sdpa", default="default", choices=["default", "math", "flags"],
                     help="math: the loop under sdpa_kernel(SDPBackend.MATH); flags: enable_flash_sdp(False) and "
                          "enable_mem_efficient_sdp(False) before it")
+parser.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP's bucket_cap_mb")
+parser.add_argument("--grad-as-bucket-view", action="store_true", help="DDP's gradient_as_bucket_view")
 args = parser.parse_args()
 
 if args.parallel != "none":  # as torchrun starts it: the rank from the environment, one GPU per rank
@@ -39,7 +41,8 @@ model.train()
 model.cuda()
 c, h, w = input_shape(model)
 if args.parallel == "ddp":
-    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank])
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank], bucket_cap_mb=args.bucket_cap_mb,
+                                                      gradient_as_bucket_view=args.grad_as_bucket_view)
 elif args.parallel == "fsdp":
     from torch.distributed.fsdp import fully_shard
 
