@@ -6,8 +6,6 @@ the same script without its wrapper, and a script that starts a group without --
 import contextlib
 import io
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -109,18 +107,19 @@ def test_a_torchrun_script_needs_world_size_and_runs_as_rank_0(tmp_path):
         run(fsdp1, world_size=2)
 
 
-def test_world_size_on_the_command_line(tmp_path):
+def test_world_size_on_the_command_line(tmp_path, capsys):
+    from memprof.cli import main
+
     path = tmp_path / "train_ddp.py"
     path.write_text(TORCHRUN)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    bad = subprocess.run([sys.executable, "-m", "memprof", "script", str(path)], capture_output=True, text=True,
-                         cwd=tmp_path, env=env, timeout=300)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip().count("\n") == 0
-    assert "train_ddp.py:5" in bad.stderr and "--world-size" in bad.stderr
-    ok = subprocess.run([sys.executable, "-m", "memprof", "script", "--world-size", "2", str(path)],
-                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-    assert ok.returncode == 0, ok.stderr  # negative control
-    assert "RANK 0 0 WORLD 2 2" in ok.stdout and "predicted" in ok.stdout
+    assert main(["script", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+    assert "train_ddp.py:5" in err and "--world-size" in err
+    assert main(["script", "--world-size", "2", str(path)]) == 0  # negative control
+    out = capsys.readouterr().out
+    assert "RANK 0 0 WORLD 2 2" in out and "predicted" in out
+    assert main(["script", "--world-size", "0", str(path)]) == 2 and "at least 1" in capsys.readouterr().err
 
 
 def test_a_measured_ddp_script_has_the_predicted_key():
