@@ -177,6 +177,10 @@ def _build_cpu_model():
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 8))
     torch.nn.init.trunc_normal_(model[0].weight, std=0.02)
     torch.nn.init.zeros_(model[2].weight)
+    with torch.no_grad():  # timm's trunc_normal_, in-place op by op; a 0-dim factor changed after its use
+        bias, scale = model[0].bias, torch.tensor(3.0)
+        bias.uniform_(-0.5, 0.5).erfinv_().mul_(scale).add_(0.25).clamp_(-2.0, 2.0)
+        scale.fill_(100.0)
     return model
 
 

@@ -27,6 +27,21 @@ DEFERRABLE = frozenset({_aten.uniform_.default, _aten.normal_.default})
 OVERWRITING = frozenset({_aten.fill_.Scalar, _aten.zero_.default})  # (nn.init.constant_ / zeros_ after a fill)
 
 
+def _scalars_kept(rest):
+    """The other arguments of an in-place op, with 0-dim tensors (Python numbers wrapped by torch) copied so the
+    queued op reads them as they are now; None when any other tensor takes part (the op must run now)."""
+    out = []
+    for a in rest:
+        if isinstance(a, torch.Tensor):
+            if a.dim() != 0 or type(a) is not torch.Tensor or a.device.type != "cpu":
+                return None
+            a = a.clone()
+        elif isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in a):
+            return None
+        out.append(a)
+    return tuple(out)
+
+
 def _GONE():
     return None
 
@@ -57,9 +72,11 @@ class DeferredFills:
         if not self.queue:
             return False, None
         if self._in_place_on_self(func) and isinstance(args[0], torch.Tensor) \
-                and args[0].untyped_storage()._cdata in self.pending and not self._touches(args[1:], kwargs):
-            self.defer(func, args[0], args[1:], kwargs)  # (timm's trunc_normal_: uniform_, erfinv_, mul_, add_, clamp_)
-            return True, args[0]
+                and args[0].untyped_storage()._cdata in self.pending:
+            rest = _scalars_kept(args[1:])
+            if rest is not None and not kwargs:  # (timm's trunc_normal_: uniform_, erfinv_, mul_, add_, clamp_)
+                self.defer(func, args[0], rest, kwargs)
+                return True, args[0]
         if func in OVERWRITING and self._overwrites(args[0]):
             return False, None  # it runs now; the queued fills it overwrites only advance the generator
         if self._draws(func) or self._touches(args, kwargs):
@@ -69,9 +86,12 @@ class DeferredFills:
     def defer(self, fn, t, rest, kwargs) -> None:
         """Queue fn(t, *rest, **kwargs) (an in-place op, or a Python init function filling `t`)."""
         st = t.untyped_storage()  # (a weak reference to the tensor itself would refuse its swap)
-        self.queue.append([weakref.ref(st), st._cdata, fn, tuple(rest), dict(kwargs),
+        cdata = st._cdata
+        # a storage that dies (its tensor went to the device) is no longer pending: its address may be reused
+        ref = weakref.ref(st, lambda _r, cdata=cdata, pending=self.pending: pending.discard(cdata))
+        self.queue.append([ref, cdata, fn, tuple(rest), dict(kwargs),
                            (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)])
-        self.pending.add(st._cdata)
+        self.pending.add(cdata)
 
     def deferrable(self, t, generator=None) -> bool:
         """Whether a fill of `t` may be queued: a real, contiguous CPU tensor, the default generator."""
@@ -85,7 +105,7 @@ class DeferredFills:
             args = schema.arguments
             known = self.in_place[func] = bool(
                 args and args[0].alias_info is not None and args[0].alias_info.is_write
-                and not any("Tensor" in str(a.type) for a in args[1:]) and not self._draws(func))
+                and not any(a.alias_info is not None for a in args[1:]) and not self._draws(func))
         return known
 
     def _overwrites(self, t) -> bool:
