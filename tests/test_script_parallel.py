@@ -86,6 +86,12 @@ def test_an_fsdp_script_equals_memprof_run_parallel_fsdp():
 
 
 def test_a_torchrun_script_needs_world_size_and_runs_as_rank_0(tmp_path):
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.fsdp as fsdp
+
+    originals = (dist.init_process_group, torch.nn.parallel.DistributedDataParallel, fsdp.fully_shard,
+                 fsdp.FullyShardedDataParallel)
     path = tmp_path / "train_ddp.py"
     path.write_text(TORCHRUN)
     with pytest.raises(UnsupportedCall, match=r"train_ddp.py:5: torch.distributed.init_process_group\('nccl'\) .*"
@@ -94,8 +100,6 @@ def test_a_torchrun_script_needs_world_size_and_runs_as_rank_0(tmp_path):
     result, out = run(path, world_size=4)  # negative control: with --world-size it runs, as rank 0 of 4
     assert "RANK 0 0 WORLD 4 4" in out and result.status == "ok" and result.key.endswith("/ddp4@simulate")
     assert "RANK" not in os.environ or os.environ.get("WORLD_SIZE") != "4"  # torchrun's variables are restored
-    import torch.distributed as dist
-
     assert not dist.is_initialized()
     with pytest.raises(UsageError, match="at least 1"):
         run(path, world_size=0)
@@ -105,6 +109,8 @@ def test_a_torchrun_script_needs_world_size_and_runs_as_rank_0(tmp_path):
         "from torch.distributed.fsdp import FullyShardedDataParallel as FSDP\n"))
     with pytest.raises(UnsupportedCall, match=r"train_fsdp1.py:9: FullyShardedDataParallel \(FSDP1\) .*fully_shard"):
         run(fsdp1, world_size=2)
+    assert (dist.init_process_group, torch.nn.parallel.DistributedDataParallel, fsdp.fully_shard,
+            fsdp.FullyShardedDataParallel) == originals  # all restored
 
 
 def test_world_size_on_the_command_line(tmp_path, capsys):

@@ -43,7 +43,9 @@ Limits (each said where it applies, or listed here):
   process group (memprof.script.parallel);
 - CUDA work started from another thread than the one that entered the block is not tracked (the modes are
   per thread; a DataLoader's workers and pinning thread only touch CPU data, and run as usual);
-- the script's own constructors run for real on the CPU (their time and host memory are real);
+- the script's own constructors run for real on the CPU (their host memory is real); their random fills of CPU
+  tensors wait until something could see them (memprof.script.deferred), and are skipped for tensors that go to
+  the device unread (the record's script_cpu_fills_skipped);
 - a script that would run out of memory on the card runs on; the record says where it would (status "oom");
 - `torch.cuda.empty_cache()` and `reset_peak_memory_stats()` act on the figures the script reads, not on the
   record's (noted);

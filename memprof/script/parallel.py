@@ -50,6 +50,9 @@ def environment(world_size: int):
 def install(sim, stack, setattr_restored) -> None:
     """Patch torch.distributed for the simulated block `sim` (its world_size None: no process group may start)."""
     import torch.distributed as dist
+
+    if not dist.is_available():  # a torch built without it: a script importing it fails as it would anyway
+        return
     from torch.distributed import distributed_c10d as c10d
 
     if sim.world_size is not None:
