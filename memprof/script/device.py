@@ -75,6 +75,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from memprof.errors import UsageError
 from memprof.script.counting import StepCounting, StopSimulation  # noqa: F401 (StopSimulation: the runner's)
 from memprof.script.deferred import DEFERRABLE as _DEFERRABLE, DeferredFills
+from memprof.simulation.distributed import local as _local  # (FSDP: the shard this rank holds)
 from memprof.simulation.tracker import ALLOC, FREE, StorageTracker
 from memprof.spec import RunSpec
 
@@ -242,11 +243,6 @@ class _SimFunctionMode(TorchFunctionMode):
         if dev is None and self.sim._default_cuda and func in _device_constructors():
             return self.sim._factory(func, args, kwargs)  # torch.set_default_device("cuda") under the simulation
         return func(*args, **kwargs)
-
-
-def _local(t):
-    """The tensor whose storage this rank holds: a DTensor's local shard (FSDP), else `t` itself."""
-    return getattr(t, "_local_tensor", t)
 
 
 def _dtensor_types(types) -> bool:
