@@ -196,6 +196,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_fit(args) -> int:
+    if args.script is not None:
+        from memprof.script.cli import cmd_fit_script
+
+        return cmd_fit_script(args, args.argv)
     from memprof.plan import execute, plan_fit
     from memprof.reports.planner import render_fit, write_fit_reports
     from memprof.results import RunDirectory
@@ -561,7 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "fit.png (peak against batch size).")
     add_options(fit, FIT)
     fit.add_argument("--batch-size", default=None, help=argparse.SUPPRESS)  # rejected: fit searches it
-    fit.set_defaults(func=cmd_fit, snapshot=None, nvml_period_ms=None)
+    from memprof.script.cli import add_fit_script_options
+
+    add_fit_script_options(fit)  # `memprof fit --script FILE --batch-arg=FLAG [ARGS...]` (memprof.script.cli)
+    fit.set_defaults(func=cmd_fit, snapshot=None, nvml_period_ms=None, script_args=None, argv=())
 
     acc = sub.add_parser("accuracy", help="train each configuration for real: does the memory setting still train?",
                          description="Trains each configuration at its micro-batch size (cosine schedule to 0) and "
@@ -657,7 +664,13 @@ def main(argv=None) -> int:
     except ValueError:  # not the main thread: SIGTERM keeps its handler
         previous = None
     try:
+        from memprof.script.cli import split_fit_script
+
+        argv = list(sys.argv[1:] if argv is None else argv)
+        argv, script_args = split_fit_script(argv)  # `fit --script FILE ... ARGS`: the script's ARGS kept apart
         args = build_parser().parse_args(argv)
+        if script_args is not None:
+            args.script_args, args.argv = script_args, argv
         return args.func(args)
     except UsageError as exc:
         print(f"memprof: error: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ ROOT = Path(__file__).parent.parent
 SCRIPTS = ROOT / "tests" / "data" / "scripts"
 SMALL = str(SCRIPTS / "train_small.py")
 TWIN = str(SCRIPTS / "registry_twin.py")
+HF_STYLE = str(SCRIPTS / "train_hf_style.py")
 MiB = 1 << 20
 
 
@@ -169,6 +170,48 @@ def test_a_model_the_script_drops_is_freed():
             del model, optimizer
             workspaces = 2 * 8519680  # cuBLAS keeps one per thread (titan-x, sm_75), never freed
             assert torch.cuda.memory_allocated() == workspaces < held  # negative control: held while alive
+
+
+def _build_cpu_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 8))
+    torch.nn.init.trunc_normal_(model[0].weight, std=0.02)
+    torch.nn.init.zeros_(model[2].weight)
+    with torch.no_grad():  # timm's trunc_normal_, in-place op by op; a 0-dim factor changed after its use
+        bias, scale = model[0].bias, torch.tensor(3.0)
+        bias.uniform_(-0.5, 0.5).erfinv_().mul_(scale).add_(0.25).clamp_(-2.0, 2.0)
+        scale.fill_(100.0)
+    return model
+
+
+def test_cpu_initialisation_is_deferred_until_read_and_stays_exact(monkeypatch):
+    """The CPU's random fills run only when something could see them (memprof.script.deferred): values and the CPU
+    generator's stream as in an eager run; skipped for a model that goes to the device unread, with a note, and
+    no figure changes."""
+    eager = _build_cpu_model()
+    eager_draw, eager_out = torch.randn(3), eager(torch.ones(2, 64))
+    with simulated_cuda("titan-x") as sim:
+        model = _build_cpu_model()
+        assert torch.equal(torch.randn(3), eager_draw)  # a draw settles the queue first
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), eager.state_dict().values()))
+        assert torch.equal(model(torch.ones(2, 64)), eager_out)  # a CPU model stays a real one
+    assert sim.result.record["metrics"]["script_cpu_fills_skipped"] == 0  # every fill was needed, and ran
+
+    def train():
+        with simulated_cuda("titan-x") as sim:
+            model = _build_cpu_model().cuda()
+            model(torch.randn(16, 64, device="cuda")).sum().backward()
+            print_peak = torch.cuda.max_memory_allocated()
+        return sim, print_peak
+
+    deferred, peak = train()
+    assert deferred.result.record["metrics"]["script_cpu_fills_skipped"] >= 5 and not deferred.notes
+    from memprof.script import deferred as module
+
+    monkeypatch.setattr(module.DeferredFills, "deferrable", lambda self, t, generator=None: False)
+    eager_run, eager_peak = train()  # negative control: nothing deferred, the same figures
+    assert eager_run.result.record["metrics"]["script_cpu_fills_skipped"] == 0 and peak == eager_peak
+    assert eager_run.result.peak_reserved_bytes == deferred.result.peak_reserved_bytes
 
 
 def test_values_read_back_are_stand_ins_said_once():
@@ -326,6 +369,42 @@ def test_checkpointing_is_seen_and_lowers_the_peak():
     assert "ckpt-on" in ckpt.key
 
 
+def test_hf_style_gradient_checkpointing_enable_is_honoured():
+    """A model with transformers' own switch, `gradient_checkpointing_enable()` (checkpoint with use_reentrant=True
+    by default, or the kwargs given), as a script calls it (tests/data/scripts/train_hf_style.py)."""
+    plain, _ = run(HF_STYLE)
+    reentrant, _ = run(HF_STYLE, "--ckpt", "reentrant")
+    non_reentrant, _ = run(HF_STYLE, "--ckpt", "non-reentrant")
+    assert not plain.script_checkpointing and "ckpt-off" in plain.key  # negative control: the switch left off
+    for ckpt in (reentrant, non_reentrant):
+        assert ckpt.script_checkpointing and "ckpt-on" in ckpt.key and ckpt.script_steps == 2
+        assert ckpt.breakdown_at_peak_bytes["activations"] < plain.breakdown_at_peak_bytes["activations"] / 10
+        assert ckpt.peak_allocated_bytes < plain.peak_allocated_bytes
+
+
+def test_steps_are_counted_once_for_both_devices_and_a_reentrant_recompute_is_no_step():
+    """One counter (memprof.script.counting) for the simulated and the measured device; the backward a reentrant
+    checkpoint runs inside the outer one is part of it, so optimizers stepped from hooks count one step per backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    from memprof.script.counting import StepCounting
+    from memprof.script.device import SimulatedCuda
+    from memprof.script.measure import MeasuredCuda
+
+    assert issubclass(SimulatedCuda, StepCounting) and issubclass(MeasuredCuda, StepCounting)
+    assert "_step_done" not in vars(SimulatedCuda) and "_step_done" not in vars(MeasuredCuda)
+    for reentrant in (True, False):
+        with simulated_cuda("titan-x") as sim:
+            model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).cuda()
+            optimizers = {p: torch.optim.SGD([p], lr=0.1) for p in model.parameters()}
+            for p in model.parameters():
+                p.register_post_accumulate_grad_hook(lambda q: optimizers[q].step())
+            for _ in range(3):
+                x = torch.randn(4, 8, device="cuda", requires_grad=True)
+                checkpoint(model, x, use_reentrant=reentrant).sum().backward()
+        assert sim.detected["steps"] == 3 and sim.detected["optimizer_in_backward"], reentrant
+
+
 def test_timm_set_grad_checkpointing_torch_save_and_compile(tmp_path):
     timm = pytest.importorskip("timm")
     target = tmp_path / "weights.pt"
@@ -361,8 +440,26 @@ def test_a_restricted_sdpa_backend_is_said_not_silently_replaced():
                 torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
         return sim
 
-    assert any("SDPA backends were restricted" in n for n in attend(True).notes.values())
+    assert any("SDPA backends were restricted" in n and "to math at" in n for n in attend(True).notes.values())
     assert not attend(False).notes  # negative control
+
+
+def test_sdpa_kernel_and_backend_flags_choose_the_modelled_kernel():
+    """sdpa_kernel(MATH) or enable_flash_sdp(False) + enable_mem_efficient_sdp(False) in a bf16-autocast script:
+    attention runs CUDA's math path (fp32 scores), predicted higher; left on default it is flash, as `memprof run`."""
+    args = ["--amp", "bf16", "--batch-size", "64"]
+    default, _ = run(TWIN, *args)
+    math, _ = run(TWIN, *args, "--sdpa", "math")
+    flags, _ = run(TWIN, *args, "--sdpa", "flags")
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()  # restored
+    assert math.attention_kernels == flags.attention_kernels == {"math": 4} and default.attention_kernels == {"flash": 4}
+    assert math.peak_allocated_bytes == flags.peak_allocated_bytes > default.peak_allocated_bytes
+    assert any("restricted" in n and "to math at" in n for n in math.notes) and not default.notes
+    registry = _registry("test-vit", optims="adam", precision="bf16-amp", batch_size="64", budget="a100-80g")
+    assert default.peak_allocated_bytes == registry["peak_allocated_bytes"]  # negative control: the default kernel
+    fp32, _ = run(TWIN, "--batch-size", "64")
+    fp32_math, _ = run(TWIN, "--batch-size", "64", "--sdpa", "math")  # fp32: math instead of memory-efficient
+    assert fp32_math.peak_allocated_bytes > fp32.peak_allocated_bytes
 
 
 # --- steps, data, errors --------------------------------------------------------------------------------------
@@ -388,6 +485,29 @@ def test_fit_searches_the_scripts_own_batch_flag(tmp_path):
     assert best.fits is True and not dict(probes)[failing].fits  # the next batch is the negative control
     with pytest.raises(UsageError, match="give the script's flag"):
         fit_script(SMALL, [], "batch-size")
+
+
+def test_memprof_fit_script_spelling(capsys, tmp_path):
+    """`memprof fit --script FILE --batch-arg=FLAG [ARGS...]`: the same search as `memprof script --fit-batch-arg`,
+    with the same one-line errors."""
+    from memprof.cli import main
+
+    assert main(["fit", "--budget", "700MiB", "--steps", "1", "--out", str(tmp_path / "fit"), "--script", SMALL,
+                 "--batch-arg=--batch-size", "--width", "512", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    best = int(out.split("largest fitting: --batch-size ")[1].split()[0])
+    assert f"; {best + 1} does not fit (predicted)" in out  # the next batch: the negative control
+    (rec,) = [r for r in read_records(str(tmp_path / "fit")) if r["metrics"]["script_batch_size"] == best]
+    assert rec["metrics"]["script_args"] == ["--width", "512", "--batch-size", str(best)]  # its own flag replaced
+    for argv, says in ((["--batch-arg=--batchsize"], "exited when run with --batchsize 1 (train_small.py: error: "
+                                                     "unrecognized arguments: --batchsize 1)"),
+                       (["--batch-arg=batch-size"], "--batch-arg batch-size: give the script's flag"),
+                       ([], "give the script's batch flag right after it")):
+        assert main(["fit", "--script", SMALL, *argv]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert main(["fit", "--models", "test-vit", "--script", SMALL, "--batch-arg=--batch-size"]) == 2
+    assert "--models is an option of a registry fit" in capsys.readouterr().err
 
 
 def test_steps_stop_the_script_after_n_optimizer_steps():

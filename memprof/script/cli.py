@@ -29,6 +29,9 @@ def add_script_parser(sub) -> None:
                    help="simulate: predict on the simulated --budget card (default, no GPU needed); cuda: run the "
                    "script for real on this machine's GPU and measure (torch.cuda peaks per phase), with the same "
                    "record key, so `memprof fidelity` can compare the two")
+    p.add_argument("--world-size", type=int, default=None, metavar="N", help="a torchrun-style script "
+                   "(init_process_group, DistributedDataParallel or fully_shard) runs as rank 0 of N on a fake process "
+                   "group, and rank 0's memory is predicted (as `memprof run --parallel ddp|fsdp --world-size N`)")
     p.add_argument("--fit-batch-arg", default=None, metavar="FLAG", help="search the script's own batch flag (e.g. "
                    "--fit-batch-arg=--batch-size) for the largest batch whose prediction fits the card: doubling, "
                    "then bisection, each probe a full run of the script (--steps defaults to 2 there)")
@@ -38,6 +41,10 @@ def add_script_parser(sub) -> None:
 
 
 def cmd_script(args) -> int:
+    return _checked(args, fit=args.fit_batch_arg is not None)
+
+
+def _checked(args, fit: bool) -> int:
     from memprof.errors import UsageError
     from memprof.script.device import SimulatedCuda
     from memprof.script.runner import device_kind, run_script, summary
@@ -46,12 +53,14 @@ def cmd_script(args) -> int:
         raise UsageError("give the training script: memprof script [--budget CARD] [--steps N] [--out DIR] FILE [ARGS...]")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: give at least 1 (or leave it out to let the script end)")
+    if args.world_size is not None and args.world_size < 1:
+        raise UsageError(f"--world-size {args.world_size}: give the number of ranks, at least 1")
     from memprof.budget import parse_budget
 
     parse_budget(args.budget)  # a bad card is refused before the script runs
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a file: give a directory")
-    if args.fit_batch_arg is not None:
+    if fit:
         if device_kind(args.backend) is not SimulatedCuda:
             raise UsageError("--fit-batch-arg searches on the simulated card: leave --backend out")
         return _fit(args)
@@ -72,7 +81,7 @@ def cmd_script(args) -> int:
                              "to predict (the simulated card)")
         snapshots = None
     result = run_script(args.file, args.args, budget=args.budget, steps=args.steps, out_dir=args.out,
-                        snapshot_dir=snapshots, backend=args.backend)
+                        snapshot_dir=snapshots, backend=args.backend, world_size=args.world_size)
     print(summary(result), flush=True)
     if args.out is not None:
         from memprof.reports.html import write_html_report
@@ -88,7 +97,10 @@ def cmd_script(args) -> int:
 
 def _fit(args) -> int:
     from memprof.budget import format_size as _gib
-    from memprof.script.runner import fit_script, summary
+    from memprof.script.runner import check_batch_arg, fit_script, summary
+
+    option = getattr(args, "batch_option", "--fit-batch-arg")
+    check_batch_arg(args.fit_batch_arg, option)
 
     def on_probe(batch, result):
         m = result.record["metrics"]
@@ -97,7 +109,8 @@ def _fit(args) -> int:
 
     print(f"searching {args.fit_batch_arg} of {args.file} on a simulated {args.budget} (every probe predicted):")
     best, failing, probes = fit_script(args.file, args.args, args.fit_batch_arg, budget=args.budget,
-                                       steps=args.steps or 2, on_probe=on_probe)
+                                       steps=args.steps or 2, on_probe=on_probe, world_size=args.world_size,
+                                       option=option)
     if best is None:
         print(f"no batch fits: {args.fit_batch_arg} 1 does not fit {args.budget} (predicted)")
     else:
@@ -112,3 +125,61 @@ def _fit(args) -> int:
         for _batch, result in probes:
             append(os.path.join(args.out, RESULTS_FILE), result.record)
     return 0
+
+
+# --- `memprof fit --script FILE --batch-arg=FLAG [ARGS...]`: the same search, spelled as `fit` --------------------
+
+def split_fit_script(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """`memprof fit ... --script FILE [--batch-arg=FLAG] [ARGS...]`: (memprof's arguments, the script's ARGS), or
+    (argv, None) without --script. memprof's other options go before --script; right after FILE only --batch-arg
+    is memprof's, everything after it (or after FILE) is the script's own."""
+    if not argv or argv[0] != "fit":
+        return argv, None
+    for i, a in enumerate(argv):
+        if a == "--script":
+            end = i + 2
+        elif a.startswith("--script="):
+            end = i + 1
+        else:
+            continue
+        if end < len(argv) and argv[end].startswith("--batch-arg="):
+            end += 1
+        elif end + 1 < len(argv) and argv[end] == "--batch-arg":
+            end += 2
+        return argv[:end], argv[end:]
+    return argv, None
+
+
+def add_fit_script_options(fit) -> None:
+    fit.add_argument("--script", default=None, metavar="FILE", help="fit your own training script instead of the "
+                     "registry's models: `memprof fit [--budget CARD] [--world-size N] --script FILE --batch-arg=FLAG "
+                     "[ARGS...]` searches the script's own batch flag FLAG for the largest batch whose prediction "
+                     "fits the card (each probe a full run on the simulated card; ARGS are the script's)")
+    fit.add_argument("--batch-arg", default=None, metavar="FLAG", help="with --script: the script's batch flag, "
+                     "e.g. --batch-arg=--batch-size")
+
+
+FIT_SCRIPT_OPTIONS = ("--script", "--batch-arg", "--budget", "--steps", "--out", "--world-size", "--no-progress")
+
+
+def cmd_fit_script(args, argv: list[str]) -> int:
+    """`memprof fit --script`: a thin front over `memprof script --fit-batch-arg` (memprof.script.runner.fit_script)."""
+    from memprof.budget import DEFAULT_BUDGET
+    from memprof.errors import UsageError
+
+    if args.batch_arg is None:
+        raise UsageError(f"--script {args.script}: give the script's batch flag right after it, e.g. "
+                         f"memprof fit --script {args.script} --batch-arg=--batch-size")
+    options = [a.split("=")[0] for i, a in enumerate(argv[1:], 1)
+               if a.startswith("--") and not (argv[i - 1] == "--batch-arg")]
+    other = next((a for a in options if a not in FIT_SCRIPT_OPTIONS), None)
+    if other is not None:
+        raise UsageError(f"{other} is an option of a registry fit: with --script the script's own code decides it "
+                         f"(fit --script takes {', '.join(FIT_SCRIPT_OPTIONS[2:])} before --script; the script's own "
+                         f"arguments go after FILE)")
+    explicit_world = any(a == "--world-size" or a.startswith("--world-size=") for a in argv)
+    script = argparse.Namespace(file=args.script, args=args.script_args, fit_batch_arg=args.batch_arg,
+                                budget=args.budget or DEFAULT_BUDGET, steps=args.steps, out=args.out,
+                                backend="simulate", world_size=args.world_size if explicit_world else None,
+                                batch_option="--batch-arg")
+    return _checked(script, fit=True)

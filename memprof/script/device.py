@@ -21,6 +21,9 @@ How (no GPU, nothing allocated for real on the CUDA side):
 - `torch.autocast("cuda", dtype)` (and `torch.cuda.amp.autocast`) becomes CPU autocast with that dtype;
   the cuda-autocast-policy rule makes CPU autocast follow CUDA's op lists. `torch.amp.GradScaler("cuda")`
   runs; its inf check reads a stand-in zero, so it takes the finite path (every step is taken).
+- `torch.nn.attention.sdpa_kernel` and `torch.backends.cuda.enable_flash_sdp / enable_mem_efficient_sdp /
+  enable_math_sdp` choose the attention kernel the rules model, as CUDA selects among the enabled ones (noted);
+  the flags are restored on exit.
 - optimizers resolve `foreach=None` / `fused=None` as on CUDA: their parameters report `cuda`, and the fake
   tensor type is accepted where torch lists the types its foreach kernels take (restored on exit).
 - `torch.cuda.is_available / device_count / get_device_name / get_device_properties / mem_get_info /
@@ -31,17 +34,21 @@ How (no GPU, nothing allocated for real on the CUDA side):
   `torch.cuda.max_memory_allocated()` at its end prints the record's peak_allocated_bytes exactly. The
   torch.cuda functions are replaced on entry and restored on exit.
 - phases: forward (the model's outermost forward), backward (torch.autograd.backward), optimizer (a global
-  optimizer step pre-hook); `steps=N` stops the code with `StopSimulation` after N optimizer steps.
+  optimizer step pre-hook); steps are counted as the measuring twin counts them (memprof.script.counting);
+  `steps=N` stops the code with `StopSimulation` after N optimizer steps.
 Anything that cannot be simulated raises UnsupportedCall: one line naming the call and the user's file:line.
 
 Limits (each said where it applies, or listed here):
-- one device (cuda:0); no multi-GPU, DDP or FSDP scripts (torchrun) yet;
+- one device (cuda:0); a torchrun-style DDP / FSDP2 script runs as rank 0 of `world_size` on the engine's fake
+  process group (memprof.script.parallel);
 - CUDA work started from another thread than the one that entered the block is not tracked (the modes are
   per thread; a DataLoader's workers and pinning thread only touch CPU data, and run as usual);
-- the script's own constructors run for real on the CPU (their time and host memory are real);
+- the script's own constructors run for real on the CPU (their host memory is real); their random fills of CPU
+  tensors wait until something could see them (memprof.script.deferred), and are skipped for tensors that go to
+  the device unread (the record's script_cpu_fills_skipped);
 - a script that would run out of memory on the card runs on; the record says where it would (status "oom");
 - `torch.cuda.empty_cache()` and `reset_peak_memory_stats()` act on the figures the script reads, not on the
-  record's (noted); `torch.nn.attention.sdpa_kernel` / `enable_*_sdp` restrictions are noted, not modelled;
+  record's (noted);
 - tensors and modules moved to the device inside the block stay simulated after it.
 """
 
@@ -66,12 +73,16 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memprof.errors import UsageError
+from memprof.script.counting import StepCounting, StopSimulation  # noqa: F401 (StopSimulation: the runner's)
+from memprof.script.deferred import DEFERRABLE as _DEFERRABLE, DeferredFills
+from memprof.simulation.distributed import local as _local  # (FSDP: the shard this rank holds)
 from memprof.simulation.tracker import ALLOC, FREE, StorageTracker
 from memprof.spec import RunSpec
 
 CUDA0 = torch.device("cuda", 0)
 _META = torch.device("meta")
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_DISTRIBUTED_DIR = os.path.join(_TORCH_DIR, "distributed", "")
 _MEMPROF_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READBACK_NOTE = ("values read back from the device (.item(), float(), print, .tolist(), .cpu(), .numpy()) are "
                  "stand-ins (zeros): the simulation has no data; control flow that reads them (a GradScaler's inf "
@@ -80,11 +91,6 @@ READBACK_NOTE = ("values read back from the device (.item(), float(), print, .to
 
 class UnsupportedCall(UsageError):
     """A call the simulated device cannot honour; the message names the call and the user's file:line."""
-
-
-class StopSimulation(BaseException):
-    """Raised after the requested number of optimizer steps (a BaseException: the user's `except Exception`
-    does not catch it); the runner ends the script there."""
 
 
 class _Internal(threading.local):
@@ -152,10 +158,23 @@ class _SimTracker(StorageTracker):
         return super().register(tensor, op)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if FakeTensor not in types:
+        if FakeTensor not in types and not (self.sim._sharded and types and _dtensor_types(types)):
+            if not types and self.sim._sharded and _from_distributed():
+                # FSDP on the simulated device shards over a CPU mesh, as the engine does: what torch.distributed
+                # makes on the mesh's device (all-gather and reduce-scatter buffers) is the device's
+                with self.sim.fake_mode:
+                    out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        self.register(t, str(func))
+                return out
+            deferred = self.sim._deferred
+            # a CPU fill queued, or settled (memprof.script.deferred); not for what the fake mode below will run
+            if (deferred.queue or func in _DEFERRABLE) and _get_dispatch_mode(_FAKE_KEY) is None:
+                done, out = deferred.dispatch(func, args, kwargs or {})
+                if done:
+                    return out
             return func(*args, **(kwargs or {}))
-        if func in _ATTENTION_OPS:
-            self.sim._check_sdp_flags(func)
         _INTERNAL.depth += 1
         try:
             self.sim._check_devices(func, args, kwargs or {})
@@ -165,16 +184,16 @@ class _SimTracker(StorageTracker):
             _INTERNAL.depth -= 1
 
 
-_aten = torch.ops.aten
-_ATTENTION_OPS = frozenset({_aten._scaled_dot_product_efficient_attention.default,
-                            _aten._scaled_dot_product_flash_attention.default,
-                            _aten._scaled_dot_product_flash_attention_for_cpu.default,
-                            _aten._scaled_dot_product_attention_math.default})
 _SDP_FLAGS = ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled")
 
 
 def _sdp_flags() -> tuple:
     return tuple(getattr(torch.backends.cuda, f)() for f in _SDP_FLAGS if hasattr(torch.backends.cuda, f))
+
+
+def _set_sdp_flags(flags: tuple) -> None:
+    for name, on in zip((f for f in _SDP_FLAGS if hasattr(torch.backends.cuda, f)), flags):
+        getattr(torch.backends.cuda, "enable_" + name.removesuffix("_enabled"))(on)
 
 
 _CROSS_DEVICE_OK = {"aten::copy_", "aten::_to_copy", "aten::index", "aten::index_put", "aten::index_put_",
@@ -224,6 +243,34 @@ class _SimFunctionMode(TorchFunctionMode):
         if dev is None and self.sim._default_cuda and func in _device_constructors():
             return self.sim._factory(func, args, kwargs)  # torch.set_default_device("cuda") under the simulation
         return func(*args, **kwargs)
+
+
+def _dtensor_types(types) -> bool:
+    """Whether an op's tensor types include a DTensor (FSDP's sharded parameters, whose local shards are the
+    simulated device's: the op runs, and its outputs are counted, as for a device tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(issubclass(t, DTensor) for t in types)
+
+
+_get_dispatch_mode, _FAKE_KEY = torch._C._get_dispatch_mode, torch._C._TorchDispatchModeKey.FAKE
+
+
+def _from_distributed() -> bool:
+    """Whether the op being dispatched was called from torch.distributed's Python code (the first frame above
+    the dispatch machinery)."""
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_code.co_filename
+        if name.startswith(_DISTRIBUTED_DIR):
+            return True
+        if not name.startswith(_TORCH_DIR) and f.f_code is not _FUNCTION_MODE_CODE:
+            return False  # the user's code, or memprof's own (a read-back's stand-in)
+        f = f.f_back
+    return False
+
+
+_FUNCTION_MODE_CODE = _SimFunctionMode.__torch_function__.__code__
 
 
 def _from_torch() -> bool:
@@ -325,16 +372,18 @@ class _Stream:
         return False
 
 
-class SimulatedCuda:
+class SimulatedCuda(StepCounting):
     """Context manager: the budget's card as a simulated CUDA device (see the module docstring).
 
     `budget`: a card name or size (memprof.budget.parse_budget). `steps`: stop with StopSimulation after that
-    many optimizer steps (None: let the code end). `user_file`: the script whose lines errors name.
+    many optimizer steps (None: let the code end). `user_file`: the script whose lines errors name. `world_size`:
+    a torchrun-style script's process group, DDP and FSDP2 run as rank 0 of that many (memprof.script.parallel;
+    None: init_process_group is refused with the fix).
     After the block: `result` (a memprof.results.Result), `detected` (what ran), `notes`.
     """
 
     def __init__(self, budget: str = "titan-x", steps: int | None = None, user_file: str | None = None,
-                 label: str | None = None):
+                 label: str | None = None, world_size: int | None = None):
         from memprof.budget import parse_budget
 
         self.budget = budget
@@ -342,6 +391,10 @@ class SimulatedCuda:
         if steps is not None and steps < 1:
             raise UsageError(f"--steps {steps}: give at least 1 (or leave it out to let the script end)")
         self.max_steps = steps
+        if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int)
+                                       or world_size < 1):
+            raise UsageError(f"--world-size {world_size}: give the number of ranks, at least 1")
+        self.world_size = world_size
         self.user_file = user_file
         if label is None:
             fr = _user_frame()
@@ -350,7 +403,8 @@ class SimulatedCuda:
         self.notes: dict[str, str] = {}  # key -> note (each said once)
         self.detected: dict = {"batch_size": None, "autocast_dtypes": [], "grad_scaler": False,
                                "checkpointing": False, "optimizers": [], "steps": 0,
-                         "optimizer_in_backward": False}
+                               "optimizer_in_backward": False, "parallel": "none", "bucket_cap_mb": None,
+                               "grad_as_bucket_view": False, "reshard_after_forward": True}
         self._result = None
         self._trace = None
         self._entered = False
@@ -359,12 +413,16 @@ class SimulatedCuda:
     def note(self, key: str, text: str) -> None:
         self.notes.setdefault(key, text)
 
+    def refuse(self, text: str):
+        """Raise UnsupportedCall: `text`, after the user's file:line."""
+        raise UnsupportedCall(f"{_where(self.user_file)}: {text}")
+
     def _check_devices(self, func, args, kwargs) -> None:
         """CUDA refuses ops mixing a device tensor with a CPU tensor (other than a 0-dim one, a copy or an index)."""
         for a in (*args, *kwargs.values()) if kwargs else args:  # (no pytree: this runs for every op)
             for t in a if isinstance(a, (list, tuple)) else (a,):
                 if type(t) is not FakeTensor and isinstance(t, torch.Tensor) and t.dim() > 0 \
-                        and t.device.type == "cpu":
+                        and t.device.type == "cpu" and not hasattr(t, "_local_tensor"):  # (a DTensor: FSDP's)
                     name = func._schema.name
                     if name in _CROSS_DEVICE_OK:
                         return
@@ -372,14 +430,63 @@ class SimulatedCuda:
                                           f"the CPU (shape {tuple(t.shape)}); on CUDA this fails with 'Expected all "
                                           f"tensors to be on the same device': move it with .to(device)")
 
-    def _check_sdp_flags(self, func) -> None:
-        """torch.nn.attention.sdpa_kernel / torch.backends.cuda.enable_*_sdp choose SDPA's kernel on CUDA; the
-        simulation's attention rules pick the kernel CUDA's default selection takes: a changed choice is said."""
-        if _sdp_flags() != self._sdp_default:
-            self.note("sdpa", f"the SDPA backends were restricted (torch.nn.attention.sdpa_kernel or "
-                              f"torch.backends.cuda.enable_*_sdp) before {_where(self.user_file)}: not modelled; "
-                              f"attention is predicted with the kernel CUDA's default selection picks "
-                              f"({func.__name__.split('.')[0]})")
+    def _sdpa(self, current):
+        """F.scaled_dot_product_attention, outermost: torch.nn.attention.sdpa_kernel / torch.backends.cuda.enable_*_sdp
+        choose SDPA's kernel on CUDA, and the simulation's attention rules select among the enabled kernels as CUDA
+        does (memprof.simulation.rules MemEfficientAttention, HalfPrecisionAttention): a restricted choice is said."""
+        sim = self
+
+        def scaled_dot_product_attention(*args, **kwargs):
+            flags = _sdp_flags()
+            if flags != sim._sdp_default:
+                enabled = ", ".join(n.removesuffix("_sdp_enabled").replace("mem_", "memory-") for n, on in
+                                    zip(_SDP_FLAGS, flags) if on) or "none"
+                sim.note(f"sdpa:{enabled}", f"the SDPA backends were restricted (torch.nn.attention.sdpa_kernel or "
+                                            f"torch.backends.cuda.enable_*_sdp) to {enabled} at "
+                                            f"{_where(sim.user_file)}: attention is predicted with the kernel CUDA "
+                                            f"selects among those")
+            return current(*args, **kwargs)
+
+        return scaled_dot_product_attention
+
+    # --- data-parallel and sharded scripts (memprof.script.parallel) ---------------------------------------
+    @staticmethod
+    def internal():
+        """A block in which the simulated device's tensors report their real (CPU) device (torch code that
+        computes with them, as inside dispatch)."""
+        return _internal()
+
+    def _add_parallel(self, kind: str, rules) -> None:
+        """The engine's rules of a parallelism the script started (DDP or FSDP), joining the run from here."""
+        if self.detected["parallel"] not in ("none", kind):
+            raise UnsupportedCall(f"{_where(self.user_file)}: the script uses both DistributedDataParallel and "
+                                  f"fully_shard: one parallelism per run is simulated")
+        self.detected["parallel"] = kind
+        for rule in rules:
+            self.parallel_rules.append(rule)
+            self.tracker.add_rule(rule)
+            if hasattr(rule, "mode"):
+                self._stack.enter_context(rule.mode())
+
+    def _add_ddp(self, module, bucket_cap_mb, as_view: bool) -> None:
+        """DistributedDataParallel(module): its gradient buckets placed now, as DDP's constructor places them, by
+        the engine's DDPBuckets (the trainable parameters in the module's order, as DDP and the harness take them)."""
+        from memprof.simulation.distributed import DDPBuckets
+
+        rule = DDPBuckets(bucket_cap_mb, bool(as_view))
+        self._add_parallel("ddp", [rule])
+        self.detected["bucket_cap_mb"], self.detected["grad_as_bucket_view"] = bucket_cap_mb, bool(as_view)
+        holder = types.SimpleNamespace(param_groups=[{"params": [p for p in module.parameters() if p.requires_grad]}])
+        with _internal(), self.fake_mode:
+            rule.attach(self.tracker, holder)
+
+    def _add_fsdp(self, reshard_after_forward: bool) -> None:
+        from memprof.simulation.distributed import DTensorLocal, FSDPStorageEvents
+
+        if self.detected["parallel"] != "fsdp":
+            self._add_parallel("fsdp", [DTensorLocal(), FSDPStorageEvents()])
+            self._sharded = True
+        self.detected["reshard_after_forward"] = bool(reshard_after_forward)
 
     # --- the device moves and factories --------------------------------------------------------------------
     def _to_sim(self, t: torch.Tensor, dtype=None, op: str = "Tensor.to(cuda)",
@@ -468,6 +575,14 @@ class SimulatedCuda:
         t = args[0]
         return self._stand_in(t) if is_sim(t) else func(*args, **kwargs)
 
+    def _settling(self, original):
+        def settled_first(*args, **kwargs):
+            self._settled()
+            return original(*args, **kwargs)
+
+        settled_first.__name__ = getattr(original, "__name__", "settled_first")
+        return settled_first
+
     def _swap_tensors(self, original):
         memo = self.fake_mode.fake_tensor_converter.meta_converter.tensor_memo
 
@@ -496,13 +611,22 @@ class SimulatedCuda:
             return func(*args, **kwargs)
         return func(self._stand_in(t), *args[1:], **kwargs)
 
+    def _settled(self) -> None:
+        """The CPU's deferred fills run, before something reads CPU memory without an op (memprof.script.deferred)."""
+        if self._deferred.queue:
+            self._deferred.settle()
+
     def _tolist(self, func, args, kwargs):
         t = args[0]
-        return self._stand_in(t).tolist() if is_sim(t) else func(*args, **kwargs)
+        if is_sim(t):
+            return self._stand_in(t).tolist()
+        self._settled()
+        return func(*args, **kwargs)
 
     def _numpy(self, func, args, kwargs):
         t = args[0]
         if not is_sim(t):
+            self._settled()
             return func(*args, **kwargs)
         raise UnsupportedCall(f"{_where(self.user_file)}: .numpy() of a tensor on cuda:0: on CUDA this raises "
                               "(call .cpu() first)") if func is torch.Tensor.numpy else self._stand_in(t).numpy()
@@ -556,6 +680,7 @@ class SimulatedCuda:
     def _reduce(self, func, args, kwargs):
         if is_sim(args[0]):
             raise UnsupportedCall(f"{_where(self.user_file)}: pickling a tensor on cuda:0 (the simulation has no data)")
+        self._settled()
         return func(*args, **kwargs)
 
     # --- torch.cuda ---------------------------------------------------------------------------------------
@@ -747,10 +872,13 @@ class SimulatedCuda:
         if module not in self._roots:
             self._roots.add(module)
             for name, p in module.named_parameters():
-                if is_sim(p):
-                    self._params.add(self.tracker.storage_id(p))
+                shard = _local(p)  # (FSDP's parameters: this rank's shard)
+                if is_sim(shard):
+                    self._params.add(self.tracker.storage_id(shard))
                 if id(p) not in self._param_info:  # what the model holds, as its first forward finds it
                     self._param_info[id(p)] = (name, p.numel(), p.element_size(), p.requires_grad, str(p.dtype))
+                    if shard is not p:
+                        self._shard_numel[id(p)] = shard.numel()
             for b in module.buffers():
                 if is_sim(b):
                     self._params.add(self.tracker.storage_id(b))
@@ -783,32 +911,15 @@ class SimulatedCuda:
     def _phase(self, name: str) -> None:
         self.tracker.set_phase(name, self.detected["steps"])
 
-    def _backward(self, original):
-        sim = self
-
-        def backward(*args, **kwargs):
-            sim._phase("backward")
-            sim._in_backward += 1
-            sim._stepped_in_backward = False
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                sim._in_backward -= 1
-            sim._since_backward = True
-            if sim._stepped_in_backward:  # optimizer-in-backward: the step ends with the backward
-                sim._step_done()
-            return out
-
-        return backward
-
     def _optimizer_pre(self, optimizer, args, kwargs):
         self._in_step += 1
         if not self._in_backward:
             self._phase("optimizer")
         params = [p for g in optimizer.param_groups for p in g["params"]]
         for p in params:
-            if p.grad is not None and is_sim(p.grad):
-                self._grads.add(self.tracker.storage_id(p.grad))
+            grad = p.grad if p.grad is None else _local(p.grad)
+            if grad is not None and is_sim(grad):
+                self._grads.add(self.tracker.storage_id(grad))
         if self._attribution is not None:
             self._attribution._grads()
         if id(optimizer) not in self._described:
@@ -821,6 +932,7 @@ class SimulatedCuda:
         self._in_step = max(0, self._in_step - 1)
         for state in optimizer.state.values():
             for t in state.values():
+                t = _local(t)
                 if is_sim(t):
                     self._states.add(self.tracker.storage_id(t))
         if self._attribution is not None:
@@ -828,17 +940,7 @@ class SimulatedCuda:
         from memprof.simulation.tracing import state_summary
 
         self._state_summaries[id(optimizer)] = state_summary(optimizer)
-        if self._in_backward:
-            self._stepped_in_backward = True
-            self.detected["optimizer_in_backward"] = True
-        elif self._since_backward:
-            self._since_backward = False
-            self._step_done()
-
-    def _step_done(self) -> None:
-        self.detected["steps"] += 1
-        if self.max_steps is not None and self.detected["steps"] >= self.max_steps:
-            raise StopSimulation(self.detected["steps"])
+        self._optimizer_stepped()
 
     # --- enter / exit -------------------------------------------------------------------------------------
     def rule_spec(self, key: str | None = None):
@@ -861,12 +963,17 @@ class SimulatedCuda:
         register_meta_kernels()
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.tracker = _SimTracker(self.rules, self)
+        self._deferred = DeferredFills()  # the CPU's random fills, until read (memprof.script.deferred)
+        self.parallel_rules = []  # DDP's or FSDP's, once the script starts it (memprof.script.parallel)
+        self._fsdp_mesh = None
+        self._sharded = False  # FSDP started: torch.distributed's factories on the (CPU) mesh make device tensors
         self._fed, self._alloc = [], None
         self._peak_alloc = self._peak_reserved = 0
         self._in_step = 0
         self._sdp_default = _sdp_flags()
-        self._depth, self._in_backward, self._since_backward, self._stepped_in_backward = 0, 0, False, False
-        self._roots, self._param_info = weakref.WeakSet(), {}
+        self._depth = 0
+        self._start_counting()
+        self._roots, self._param_info, self._shard_numel = weakref.WeakSet(), {}, {}
         self._params, self._grads, self._states = set(), set(), set()
         self._state_summaries, self._described, self._attribution = {}, set(), None
         self._stack = contextlib.ExitStack()
@@ -883,6 +990,11 @@ class SimulatedCuda:
             for rule in self.rules:
                 if hasattr(rule, "mode"):
                     stack.enter_context(rule.mode())
+            import torch.nn.functional as F
+
+            current = F.scaled_dot_product_attention  # (the rules' own, looked up at call time as torch does)
+            F.scaled_dot_product_attention = self._sdpa(current)
+            stack.callback(setattr, F, "scaled_dot_product_attention", current)
             self.function_mode = _SimFunctionMode(self)
             stack.enter_context(self.function_mode)
         except BaseException:
@@ -904,6 +1016,7 @@ class SimulatedCuda:
             stack.callback(lambda: setattr(obj, name, old) if had else delattr(obj, name))
 
         setattr_restored(FakeTensor, "device", property(_sim_device, _FAKE_DEVICE_PROPERTY.fset))
+        stack.callback(_set_sdp_flags, _sdp_flags())  # a script's enable_*_sdp(False) ends with it
         # Module.to / .cuda() keep each Parameter object (as CUDA's in-place `.data =` does), so optimizers built
         # before the move and hooks registered on parameters survive: torch's swap-on-conversion path, with the
         # hooks re-installed on the swapped object (the C++ hooks travel with the tensor's implementation)
@@ -967,9 +1080,17 @@ class SimulatedCuda:
                 self.note(f"save:{_where(self.user_file)}", f"torch.save at {_where(self.user_file)}: it holds tensors "
                                                             "on the simulated device; nothing was written")
                 return None
+            self._settled()
             return original_save(obj, f, *args, **kwargs)
 
         setattr_restored(torch, "save", save)
+        from memprof.script.deferred import trunc_normal
+
+        setattr_restored(torch.nn.init, "trunc_normal_", trunc_normal(self._deferred, torch.nn.init.trunc_normal_))
+        for mod in (torch, torch.random):  # the CPU generator read or reset: the deferred fills run first
+            for name in ("get_rng_state", "set_rng_state", "manual_seed", "seed"):
+                if name in vars(mod):
+                    setattr_restored(mod, name, self._settling(getattr(mod, name)))
         original_load = torch.load
 
         def load(f, map_location=None, *args, **kwargs):
@@ -1002,6 +1123,9 @@ class SimulatedCuda:
         self._default_cuda = False
         setattr_restored(torch, "set_default_device", set_default_device)
         setattr_restored(torch, "get_default_device", get_default_device)
+        from memprof.script import parallel
+
+        parallel.install(self, stack, setattr_restored)
         for handle in (optim_mod.register_optimizer_step_pre_hook(self._optimizer_pre),
                        optim_mod.register_optimizer_step_post_hook(self._optimizer_post),
                        module_mod.register_module_forward_pre_hook(self._forward_pre),
@@ -1009,6 +1133,7 @@ class SimulatedCuda:
             stack.callback(handle.remove)
 
     def __exit__(self, exc_type, exc, tb):
+        self._deferred.drop()  # fills of CPU tensors that went to the device unread (the record's count)
         try:
             if exc is None or isinstance(exc, StopSimulation) or (isinstance(exc, SystemExit) and not exc.code):
                 self._phase("done")
@@ -1056,8 +1181,9 @@ class SimulatedCuda:
         info = self._param_info.values()
         total = sum(n for _, n, _, _, _ in info)
         trainable = sum(n for _, n, _, rg, _ in info if rg)
-        weights = sum(n * size for _, n, size, _, _ in info)
-        grads_floor = sum(n * size for _, n, size, rg, _ in info if rg)
+        held = self._shard_numel  # what this rank holds of a sharded (FSDP) parameter
+        weights = sum(held.get(k, n) * size for k, (_, n, size, _, _) in self._param_info.items())
+        grads_floor = sum(held.get(k, n) * size for k, (_, n, size, rg, _) in self._param_info.items() if rg)
         frozen = sorted(name for name, _, _, rg, _ in info if not rg)
         summaries: dict = {"optimizer_state_bytes": 0}
         for s in self._state_summaries.values():
@@ -1066,8 +1192,8 @@ class SimulatedCuda:
         module = self._attribution.result() if self._attribution is not None else dict(tracker.module)
         return Trace(events, _categorize(events, self._params, self._grads, self._states, tracker.origin),
                      dict(tracker.origin), params_total=total, params_trainable=trainable, frozen=frozen,
-                     state=summaries, rules=[r.describe() for r in self.rules], module=module,
-                     extra={**common_rule_metrics(self.rules),
+                     state=summaries, rules=[r.describe() for r in (*self.rules, *self.parallel_rules)],
+                     module=module, extra={**common_rule_metrics((*self.rules, *self.parallel_rules)),
                             "floor_bytes": weights + grads_floor + summaries["optimizer_state_bytes"]})
 
     def predict(self, out_dir: str | None = None, snapshot_dir: str | None = None, key: str | None = None):
@@ -1160,6 +1286,8 @@ def _describe_optimizer(optimizer, params) -> dict:
             "params": len(params)}
 
 
-def simulated_cuda(budget: str = "titan-x", steps: int | None = None, label: str | None = None) -> SimulatedCuda:
-    """`with memprof.simulated_cuda(budget="a100-80g") as sim: train()`, then `sim.result` (predicted)."""
-    return SimulatedCuda(budget, steps=steps, label=label)
+def simulated_cuda(budget: str = "titan-x", steps: int | None = None, label: str | None = None,
+                   world_size: int | None = None) -> SimulatedCuda:
+    """`with memprof.simulated_cuda(budget="a100-80g") as sim: train()`, then `sim.result` (predicted). With
+    `world_size`, code that starts a process group runs as rank 0 of that many (memprof.script.parallel)."""
+    return SimulatedCuda(budget, steps=steps, label=label, world_size=world_size)

@@ -19,16 +19,21 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from memprof.errors import UsageError
-from memprof.script.device import StopSimulation, _describe_optimizer, _user_frame
+from memprof.script.counting import StepCounting, StopSimulation
+from memprof.script.device import _describe_optimizer, _user_frame
 
 PHASES = ("forward", "backward", "optimizer")
 
 
-class MeasuredCuda:
+class MeasuredCuda(StepCounting):
     """Context manager: measure the code inside on the real CUDA device (see the module docstring)."""
 
     def __init__(self, budget: str | None = None, steps: int | None = None, user_file: str | None = None,
-                 label: str | None = None):
+                 label: str | None = None, world_size: int | None = None):
+        if world_size not in (None, 1):
+            raise UsageError(f"--world-size {world_size}: one GPU measures world size 1 only; predict larger worlds "
+                             f"on the simulated card (leave --backend out)")
+        self.world_size = world_size
         self.budget = budget
         self.max_steps = steps
         self.user_file = user_file
@@ -38,7 +43,8 @@ class MeasuredCuda:
         self.label = label
         self.notes: dict[str, str] = {}
         self.detected: dict = {"batch_size": None, "autocast_dtypes": [], "grad_scaler": False,
-                               "checkpointing": False, "optimizers": [], "steps": 0, "optimizer_in_backward": False}
+                               "checkpointing": False, "optimizers": [], "steps": 0, "optimizer_in_backward": False,
+                               "parallel": "none"}
         self._result = None
 
     def note(self, key: str, text: str) -> None:
@@ -66,6 +72,9 @@ class MeasuredCuda:
                     self._phase("forward")
                 if module not in self._roots:
                     self._roots.add(module)
+                    from memprof.script.parallel import parallel_of
+
+                    self.detected.update(parallel_of(module))  # DDP / FSDP2, as the simulated device records it
                     for name, p in module.named_parameters():
                         self._param_info.setdefault(id(p), (name, p.numel(), p.requires_grad, str(p.dtype)))
                 if self.detected["batch_size"] is None:
@@ -81,22 +90,6 @@ class MeasuredCuda:
     def _forward_post(self, module, args, output):
         self._depth = max(0, self._depth - 1)
 
-    def _backward(self, original):
-        def backward(*args, **kwargs):
-            self._phase("backward")
-            self._in_backward += 1
-            self._stepped_in_backward = False
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                self._in_backward -= 1
-            self._since_backward = True
-            if self._stepped_in_backward:
-                self._step_done()
-            return out
-
-        return backward
-
     def _optimizer_pre(self, optimizer, args, kwargs):
         if not self._in_backward:
             self._phase("optimizer")
@@ -109,17 +102,7 @@ class MeasuredCuda:
         self._state_bytes[id(optimizer)] = sum(
             t.untyped_storage().nbytes() for st in optimizer.state.values() for k, t in st.items()
             if isinstance(t, torch.Tensor) and t.is_cuda and k != "step")
-        if self._in_backward:
-            self._stepped_in_backward = True
-            self.detected["optimizer_in_backward"] = True
-        elif self._since_backward:
-            self._since_backward = False
-            self._step_done()
-
-    def _step_done(self) -> None:
-        self.detected["steps"] += 1
-        if self.max_steps is not None and self.detected["steps"] >= self.max_steps:
-            raise StopSimulation(self.detected["steps"])
+        self._optimizer_stepped()
 
     def param_dtypes(self) -> list[str]:
         return list(dict.fromkeys(d for *_, d in self._param_info.values()))
@@ -139,11 +122,16 @@ class MeasuredCuda:
             raise UsageError("--backend cuda measures on a CUDA GPU and this machine has none: leave --backend out "
                              "to predict (the simulated card)")
         self._start = time.perf_counter()
-        self._depth, self._in_backward, self._since_backward, self._stepped_in_backward = 0, 0, False, False
+        self._depth = 0
+        self._start_counting()
         self._roots, self._param_info, self._described, self._state_bytes = weakref.WeakSet(), {}, set(), {}
         self.allocated, self.reserved = {}, {}
         self._stack = stack = contextlib.ExitStack()
         try:
+            if self.world_size is not None:  # a torchrun script's own init_process_group, on this one GPU
+                from memprof.script.parallel import environment
+
+                stack.enter_context(environment(self.world_size))
             sim = self
             original_init = autocast_mode.autocast.__init__
 

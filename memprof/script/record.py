@@ -26,7 +26,21 @@ def record_spec(sim):
     return RunSpec(model=sim.label, optim="+".join(names) if names else "none", grad_ckpt=d["checkpointing"],
                    state_bits=8 if eight_bit else 32,
                    batch_size=d["batch_size"] or 0, precision=precision, steps=d["steps"], budget=sim.budget,
-                   optim_impl=impl, optim_in_backward=d["optimizer_in_backward"])
+                   optim_impl=impl, optim_in_backward=d["optimizer_in_backward"], **parallel_fields(sim))
+
+
+def parallel_fields(sim) -> dict:
+    """The RunSpec's parallelism fields from what the script started (none: a single-process run)."""
+    d = sim.detected
+    kind = d.get("parallel", "none")
+    if kind == "none":
+        return {}
+    out = {"parallel": kind, "world_size": getattr(sim, "world_size", None) or 1}
+    if kind == "ddp":
+        out.update(bucket_cap_mb=d["bucket_cap_mb"], grad_as_bucket_view=d["grad_as_bucket_view"])
+    else:
+        out["reshard_after_forward"] = d["reshard_after_forward"]
+    return out
 
 
 def result_of(sim, out_dir: str | None = None, snapshot_dir: str | None = None):
@@ -49,6 +63,8 @@ def result_of(sim, out_dir: str | None = None, snapshot_dir: str | None = None):
         "script_steps": d["steps"],
         "script_steps_limit": sim.max_steps,
         "notes": list(sim.notes.values()),
+        # random fills of CPU tensors that went to the device unread, skipped (memprof.script.deferred)
+        "script_cpu_fills_skipped": sim._deferred.skipped,
     })
     if getattr(sim, "script_args", None) is not None:
         metrics["script_args"] = sim.script_args

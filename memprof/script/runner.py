@@ -38,17 +38,20 @@ def device_kind(backend: str):
 
 
 def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: int | None = None,
-               out_dir: str | None = None, snapshot_dir: str | None = None, backend: str = "simulate"):
+               out_dir: str | None = None, snapshot_dir: str | None = None, backend: str = "simulate",
+               world_size: int | None = None):
     """Run the script at `path` with `args` on the simulated `budget` card; its Result (predicted). With `out_dir`
     the timeline is written there, with `snapshot_dir` the predicted snapshot. backend="cuda": run it for real on
-    the GPU at hand and measure (memprof.script.measure; `budget` is only judged against)."""
-    from memprof.script.device import SimulatedCuda, StopSimulation
+    the GPU at hand and measure (memprof.script.measure; `budget` is only judged against). `world_size`: a
+    torchrun-style script runs as rank 0 of that many (memprof.script.parallel; measured: 1 only)."""
+    from memprof.script.counting import StopSimulation
+    from memprof.script.device import SimulatedCuda
 
     if not os.path.isfile(path):
         raise UsageError(f"no script at {path}: give the path of a Python file")
     kind = device_kind(backend)
     args = list(args)
-    sim = kind(budget, steps=steps, user_file=path, label=script_label(path, args))
+    sim = kind(budget, steps=steps, user_file=path, label=script_label(path, args), world_size=world_size)
     sim.script_args = args
     saved_argv = sys.argv
     sys.argv = [path, *args]
@@ -129,19 +132,35 @@ def fits(result) -> bool:
     return result.status == "ok" and result.record["metrics"].get("fits") == "yes"
 
 
+def check_batch_arg(batch_arg: str, option: str = "--batch-arg") -> None:
+    if not batch_arg.startswith("-"):
+        raise UsageError(f"{option} {batch_arg}: give the script's flag, e.g. {option}=--batch-size")
+
+
 def fit_script(path: str, args: list[str], batch_arg: str, budget: str = "titan-x", steps: int | None = 2,
-               max_batch: int = 1 << 16, on_probe=None):
+               max_batch: int = 1 << 16, on_probe=None, world_size: int | None = None, option: str = "--batch-arg"):
     """The largest value of the script's own batch flag whose prediction fits the card: doubling from 1 until a
     probe does not fit, then bisection. Returns (largest fitting Result or None, smallest failing batch or None,
-    probes [(batch, Result)]). Every probe is a full run of the script on the simulated card (predicted)."""
-    if not batch_arg.startswith("-"):
-        raise UsageError(f"--batch-arg {batch_arg}: give the script's flag, e.g. --batch-arg=--batch-size")
+    probes [(batch, Result)]). Every probe is a full run of the script on the simulated card (predicted). `option`
+    is the command-line option that gave `batch_arg` (named in the errors)."""
+    check_batch_arg(batch_arg, option)
     probes: dict[int, object] = {}
 
     def probe(batch: int):
         if batch not in probes:
-            with contextlib.redirect_stdout(io.StringIO()):  # the script's own output, once per probe, is dropped
-                probes[batch] = run_script(path, with_batch(list(args), batch_arg, batch), budget=budget, steps=steps)
+            said = io.StringIO()
+            probe_args = with_batch(list(args), batch_arg, batch)
+            try:
+                # the script's own output, once per probe, is dropped (its last error line is kept for the message)
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(said):
+                    probes[batch] = run_script(path, probe_args, budget=budget, steps=steps, world_size=world_size)
+            except UsageError as exc:
+                last = next((line.strip() for line in reversed(said.getvalue().splitlines()) if line.strip()), "")
+                if "exited with status" not in str(exc):
+                    raise
+                raise UsageError(f"{path} exited when run with {batch_arg} {batch}" + (f" ({last})" if last else "")
+                                 + f": does it take {batch_arg} N? give its own batch flag with {option}=FLAG") \
+                    from None
             if on_probe is not None:
                 on_probe(batch, probes[batch])
         return probes[batch]

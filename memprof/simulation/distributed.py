@@ -64,15 +64,21 @@ def blocks(model: torch.nn.Module) -> list:
 def shard(model: torch.nn.Module, spec) -> None:
     """FSDP2 `fully_shard` on each block, then the root, over a CPU mesh of `spec.world_size` (fake) ranks.
     Call inside the FakeTensorMode, after the model has its (fake) storage and dtype."""
-    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    with unset_fake_temporarily():  # the mesh reads its rank map as host values
-        mesh = DeviceMesh("cpu", torch.arange(spec.world_size))
+    mesh = fsdp_mesh(spec.world_size)
     for block in blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=spec.reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=spec.reshard_after_forward)
+
+
+def fsdp_mesh(world_size: int):
+    """The CPU device mesh of `world_size` fake ranks FSDP shards over (its rank map read as host values)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return DeviceMesh("cpu", torch.arange(world_size))
 
 
 class DTensorLocal:

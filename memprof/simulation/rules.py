@@ -72,8 +72,11 @@ class MemEfficientAttention(Rule):
         original = F.scaled_dot_product_attention
 
         def sdpa(query, key, value, *args, **kwargs):
-            if query.dtype == torch.float32 and query.size(-1) % 4 == 0 and not kwargs.get("enable_gqa"):
-                return efficient_sdpa(query, key, value, *args, **kwargs)
+            if query.dtype == torch.float32 and not kwargs.get("enable_gqa"):
+                if not torch.backends.cuda.mem_efficient_sdp_enabled():  # the kernel restricted away (sdpa_kernel)
+                    return math_sdpa(query, key, value, *args, **kwargs)  # (flash takes no fp32 on CUDA)
+                if query.size(-1) % 4 == 0:
+                    return efficient_sdpa(query, key, value, *args, **kwargs)
             return original(query, key, value, *args, **kwargs)
 
         F.scaled_dot_product_attention = sdpa
@@ -89,6 +92,13 @@ def efficient_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     return aten._scaled_dot_product_efficient_attention(
         query, key, value, attn_mask, needs_lse, dropout_p, is_causal, scale=scale)[0]
+
+
+def math_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """scaled_dot_product_attention on CUDA's math path (`_scaled_dot_product_attention_math`), the kernel left
+    when the fused ones are switched off (torch.nn.attention.sdpa_kernel, torch.backends.cuda.enable_*_sdp)."""
+    return aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                                   enable_gqa=enable_gqa)[0]
 
 
 MATMUL_OPS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
@@ -639,9 +649,12 @@ class HalfPrecisionAttention(Rule):
         self.kernels: dict[str, int] = {}
 
     def backend(self, dtype, head_dim: int, masked: bool) -> str:
-        if self.flash and not masked and head_dim <= 256:
+        """The kernel CUDA selects, among those enabled (torch.nn.attention.sdpa_kernel and
+        torch.backends.cuda.enable_flash_sdp / enable_mem_efficient_sdp switch them off; math is what is left)."""
+        if self.flash and not masked and head_dim <= 256 and torch.backends.cuda.flash_sdp_enabled():
             return "flash"
-        if dtype == torch.float16 or (self.flash and dtype == torch.bfloat16):
+        if (dtype == torch.float16 or (self.flash and dtype == torch.bfloat16)) \
+                and torch.backends.cuda.mem_efficient_sdp_enabled():
             return "efficient"
         return "math"
 

@@ -147,7 +147,7 @@ def prediction_of(make_trace, budget: str, spec: RunSpec | None = None, history:
         "peak_live_bytes": live_peak(t).peak_bytes,
         "peak_phase": phase,
         "peak_step": step,
-        "peak_op": t.events[full.peak_index][4],
+        "peak_op": t.events[full.peak_index][4] if t.events[full.peak_index][0] == ALLOC else None,  # (none: empty)
         "breakdown_at_peak_bytes": breakdown,
         "top_modules_at_peak": top_holders(sums),
         "top_blocks_at_peak": top_blocks(sums),

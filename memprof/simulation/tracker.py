@@ -63,6 +63,13 @@ class StorageTracker(TorchDispatchMode):
         self.replay_attention = False  # math-path attention replayed from the memo's recordings (math_attention)
         self.attention_state = None  # this trace's replays (math_attention._TraceState)
 
+    def add_rule(self, rule) -> None:
+        """A rule joining a run already under way (a parallelism a user's script starts midway)."""
+        self.rules = (*self.rules, rule)
+        self._before = tuple(r for r in self.rules if _overrides(r, "before_op"))
+        self._after = tuple(r for r in self.rules if _overrides(r, "after_op"))
+        self._after_for = {}
+
     # --- bookkeeping -----------------------------------------------------------------------------
     def _new_id(self) -> int:
         self._next_id += 1
