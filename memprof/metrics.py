@@ -110,6 +110,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "script_optimizer_in_backward": (FLAG, "optimizers stepped from gradient hooks"),
     "script_checkpointing": (FLAG, "activation checkpointing seen"),
     "script_grad_scaler": (FLAG, "a GradScaler seen"),
+    "script_cpu_fills_skipped": (COUNT, "CPU random initialisations never run: their tensors went to the device "
+                                        "unread (memprof.script.deferred)"),
 }
 
 

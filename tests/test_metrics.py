@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_metric_a_record_carries_is_declared(tmp_path, capsys):
     """Records of the kinds this machine makes: predictions (fp32, bf16 with checkpointing, a snapshot, DDP and
-    FSDP), a fit search with headroom, and a cpu measurement."""
+    FSDP), a fit search with headroom, a cpu measurement and a user's script."""
     import memprof
 
     records = [memprof.predict("test-vit", "adamw", precision=p, grad_ckpt=True, budget="a100-80g",
@@ -26,10 +26,14 @@ def test_every_metric_a_record_carries_is_declared(tmp_path, capsys):
     assert cli.main(["fit", "--models", "test-vit", "--optims", "sgd", "--backend", "simulate", "--budget", "500MiB",
                      "--headroom", "5%", "--no-progress", "--jobs", "1", "--out", str(out)]) == 0
     records += read_records(str(out))
+    from memprof.script.runner import run_script
+
+    records.append(run_script(str(ROOT / "tests" / "data" / "scripts" / "train_small.py"), [], budget="rtx4090",
+                              steps=2).record)
     capsys.readouterr()
     names = {k for r in records for k in r["metrics"]}
     assert {"peak_reserved_bytes", "max_batch_size", "ddp_bucket_bytes", "rank_parameter_bytes", "peak_live_bytes",
-            "snapshot_file", "attention_kernels"} <= names  # every kind of record was made
+            "snapshot_file", "attention_kernels", "script_batch_size"} <= names  # every kind of record was made
     assert [undeclared(r["metrics"]) for r in records if undeclared(r["metrics"])] == []
 
 
