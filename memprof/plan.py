@@ -249,7 +249,10 @@ def plan_advise(opts: dict) -> AdvisePlan:
     if base.skip_reason:
         raise UsageError(f"this configuration cannot run: {base.skip_reason}")
     cands, not_modelled, not_applicable = candidates(base.spec)
-    plan.entries = [GridEntry(spec) for spec in dict.fromkeys(c.spec for c in cands)]
+    # the configurations that share no forward (optimizer-in-backward traces its whole step) go first, so the
+    # quick ones that reuse a worker's forward fill the end and both workers finish together
+    specs = sorted(dict.fromkeys(c.spec for c in cands), key=lambda spec: not spec.optim_in_backward)
+    plan.entries = [GridEntry(spec) for spec in specs]
     if any(e.spec.state_bits == 8 for e in plan.entries):
         from memprof.optims import require_bitsandbytes
 

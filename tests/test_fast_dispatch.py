@@ -101,12 +101,28 @@ def test_int_and_float_scalars_are_different_keys():
         assert cache.call(aten.mul.Scalar, (x, 2.0), {}).dtype == torch.float32
 
 
+def test_in_place_ops_hit_with_their_own_argument():
+    """An in-place op's repeat returns the argument it wrote into (never a rebuilt tensor), and a foreach
+    in-place op returns nothing, as FakeTensorMode does; a different layout is another key."""
+    cache = FrontCache()
+    with FakeTensorMode():
+        x, y = torch.empty(3), torch.empty(3)
+        for t in (x, y, x):
+            assert cache.call(aten.add_.Tensor, (t, t), {}) is t
+        assert cache.call(aten._foreach_mul_.Scalar, ([x, y], 2.0), {}) is None
+        assert cache.call(aten._foreach_mul_.Scalar, ([x, y], 2.0), {}) is None
+        assert cache.hits == 3
+        z = torch.empty(4)
+        assert cache.call(aten.add_.Tensor, (z, z), {}) is z and cache.hits == 3  # another layout: a miss
+
+
 def test_what_it_does_not_cache_goes_to_fake_tensor_mode():
     cache = FrontCache()
     with FakeTensorMode():
         x = torch.empty(3)
-        for _ in range(2):  # in place: the argument itself comes back, never a rebuilt tensor
-            assert cache.call(aten.add_.Tensor, (x, x), {}) is x
+        for _ in range(2):  # an in-place op that changes its argument's metadata: never cached
+            assert cache.call(aten.resize_.default, (torch.empty(3), [6]), {}).shape == (6,)
+            assert cache.call(aten.t_.default, (torch.empty(2, 3),), {}).shape == (3, 2)
         assert cache.hits == 0
         const = torch.tensor(2.0)  # a fake constant (its value is known): never keyed
         assert cache.key(aten.mul.Tensor, (const, const), {}) is None

@@ -8,7 +8,10 @@ argument by its type and value, plus the default dtype and inference mode (what 
 On a hit it builds the outputs as FakeTensorMode builds them from its own cache entry (an empty meta tensor
 of the recorded shape, strides and dtype, set onto the input's storage for an output that aliases one).
 
-What it will not cache goes to FakeTensorMode unchanged, every time: ops that mutate their inputs or whose
+An in-place op (add_, lerp_, the in-place foreach ops of an optimizer's step) returns the arguments it writes
+into: its entry says which, and a repeat returns them without asking FakeTensorMode (whose meta kernel would
+only check the layouts the key already holds). What it will not cache goes to FakeTensorMode unchanged, every
+time: ops that change their argument's metadata (inplace_view), in-place ops returning anything else, ops whose
 outputs depend on data or have data-dependent shapes, arguments it cannot key (a real tensor, a fake constant,
 a symbolic size, an object), outputs that are not plain fake tensors (None inside a tuple aside), a fresh
 output whose storage is not exactly its own extent or is shared with another output, and anything dispatched while another dispatch mode sits
@@ -93,12 +96,37 @@ class FrontCache:
         return _build(entry, args)
 
 
+def _in_place_entry(func, args, out):
+    """An in-place op (add_, mul_, lerp_, addcdiv_, the in-place foreach ops, ...): what it returns is the
+    arguments it wrote into, itself, so a repeat returns them again. `("in-place", indices, sequence)`: the
+    positional arguments returned (None: the op returns nothing), or None where an output is anything else
+    (a fresh tensor, a keyword argument) or the op changes its argument's metadata (inplace_view)."""
+    schema = func._schema
+    name = schema.name.split("::")[-1]
+    if not name.endswith("_") or "resize" in name:  # the in-place variant of an op, by aten's naming (torch 2.11
+        return None  # has no Tag.inplace): not set_data or record_stream; not _resize_output_, which resizes
+    if any(r.alias_info is None or not r.alias_info.is_write for r in schema.returns):
+        return None
+    if not schema.returns:
+        return ("in-place", None, None) if out is None else None
+    sequence = type(out) if type(out) in (tuple, list) else None
+    indices = []
+    for t in (out if sequence else (out,)):
+        i = next((i for i, a in enumerate(args) if a is t), None)
+        if i is None or type(t) is not FakeTensor:
+            return None
+        indices.append(i)
+    return "in-place", tuple(indices), sequence
+
+
 def _entry(func, args, out, kwargs=None):
     """What rebuilds `out` from `args` (outputs' specs, whether a tuple or list), or None when it cannot be
     rebuilt exactly."""
     schema = func._schema
-    if schema.is_mutable or func in _LIFTS or any(tag in func.tags for tag in _UNCACHEABLE_TAGS):
+    if func in _LIFTS or any(tag in func.tags for tag in _UNCACHEABLE_TAGS):
         return None
+    if schema.is_mutable:
+        return _in_place_entry(func, args, out)
     storages, mode = {}, None
     for i, a in enumerate(args):
         if type(a) is FakeTensor:
@@ -138,6 +166,11 @@ def _fake_mode():
 
 
 def _build(entry, args):
+    if entry[0] == "in-place":  # the op wrote into its arguments, as FakeTensorMode's meta kernel would
+        _, indices, sequence = entry
+        if indices is None:
+            return None
+        return sequence(args[i] for i in indices) if sequence else args[indices[0]]
     specs, sequence = entry
     mode = next((a.fake_mode for a in args if type(a) is FakeTensor), None) or _fake_mode()
     built = []
