@@ -346,7 +346,7 @@ def cmd_fidelity(args) -> int:
     import json
 
     from memprof.plan import writable_dir
-    from memprof.reports.table4 import fidelity_rows, render_fidelity
+    from memprof.reports.fidelity import fidelity_rows, render_fidelity
     from memprof.results import read_records, write_text
 
     measured, predicted = read_records(args.measured), read_records(args.predicted)
@@ -388,7 +388,7 @@ def cmd_baseline_save(args) -> int:
 
 def cmd_compare(args) -> int:
     from memprof.baseline import DEFAULT_FAIL, compare, load_any, parse_threshold
-    from memprof.reports.table4 import fit_table
+    from memprof.reports.terminal import fit_table
 
     thresholds = [parse_threshold(t) for t in (args.fail or DEFAULT_FAIL)]
     base, current = load_any(args.baseline), load_any(args.current)
@@ -419,7 +419,7 @@ def cmd_compare(args) -> int:
 def cmd_list(args) -> int:
     import textwrap
 
-    from memprof.reports.table4 import fit_table
+    from memprof.reports.terminal import fit_table
 
     width = terminal_width()
     if args.what != "models" and (args.source or args.filter):

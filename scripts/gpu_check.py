@@ -296,7 +296,8 @@ def records_in(scratch: str, sub: str) -> list[dict]:
 def write_outputs(scratch: str, out: str | None, predicted: list[dict] | None, budget: str, log: Log) -> None:
     """The fidelity tables, the measured Table 4 and every measured record in the scratch folder, then the
     7 files in $OUT (each written under a temporary name, then renamed)."""
-    from memprof.reports.table4 import default_metric, render_fidelity, render_markdown
+    from memprof.reports.fidelity import render_fidelity
+    from memprof.reports.table4 import default_metric, render_markdown
 
     grids = {g.out: g for s in STAGES for g in s.grids}
     grids[SCRIPTS_OUT] = Grid({}, SCRIPTS_OUT)  # the scripts' measured records, graded with the main table

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from memprof import cli
-from memprof.reports.table4 import fit_table, render_markdown, render_terminal, table_rows
+from memprof.reports.table4 import render_markdown, render_terminal, table_rows
+from memprof.reports.terminal import fit_table
 from memprof.results import read_records
 
 DATA = Path(__file__).parent / "data"

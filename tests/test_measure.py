@@ -15,7 +15,7 @@ from memprof.backends.cuda import emulation_fraction, requested_bytes
 from memprof.errors import UsageError
 from memprof.models import REGISTRY as MODELS
 from memprof.optims import REGISTRY as OPTIMS
-from memprof.reports.table4 import fidelity_rows, render_fidelity
+from memprof.reports.fidelity import fidelity_rows, render_fidelity
 from memprof.executors.runner import run_grid, run_isolated
 from memprof.simulation.simulate import predict_cpu
 from memprof.spec import RunSpec, expand_grid
@@ -176,7 +176,7 @@ def test_cuda_emulated_titan_x_oom_pattern():
 def test_fidelity_grades_the_out_of_memory_verdicts_of_an_emulated_card():
     """The emulated 12 GB card's OOM pattern: each configuration's measured and predicted status side by side;
     a prediction that fits where the measurement ran out is a disagreement (negative control)."""
-    from memprof.reports.table4 import verdict_rows
+    from memprof.reports.fidelity import verdict_rows
 
     key = "vit-h-14/{}/ckpt-off/32bit/bs1/fp32/steps2/12GiB@9.0"
     measured = [_record(key.format("adamw"), "measured", 11, 12, "oom"),

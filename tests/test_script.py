@@ -611,7 +611,7 @@ def test_the_measuring_backend_gives_the_same_key_and_reads_torch_cuda():
     assert measured.peak_reserved_bytes == predicted.peak_reserved_bytes
     assert measured.phase_peak_allocated_bytes["optimizer"] == predicted.phase_peak_allocated_bytes["optimizer"]
     assert measured.script_optimizers == predicted.script_optimizers and measured.fits is True
-    from memprof.reports.table4 import fidelity_rows
+    from memprof.reports.fidelity import fidelity_rows
 
     (row,) = fidelity_rows([measured.record], [predicted.record])  # `memprof fidelity` pairs them
     assert row["allocated_error_pct"] == 0.0 and row["reserved_error_pct"] == 0.0

@@ -4,7 +4,7 @@ import pytest
 from tabulate import tabulate
 
 from memprof import cli
-from memprof.reports.table4 import fit_table
+from memprof.reports.terminal import fit_table
 
 
 @pytest.mark.parametrize("what", ["models", "optims", "budgets", "backends"])

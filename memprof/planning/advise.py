@@ -257,7 +257,7 @@ def render_advice_terminal(a: Advice, width: int, full_path: str) -> str:
     changes that fit (cost rank, then peak: the answer's order), then where the rest is."""
     import textwrap
 
-    from memprof.reports.table4 import fit_table
+    from memprof.reports.terminal import fit_table
 
     base = next(r for r in a.rows if not r["changes"])
     fitting = sorted((r for r in a.rows if r["fits"] and r["changes"]),

@@ -274,7 +274,8 @@ def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_
                 max_timelines: int | None = None) -> str:
     """The report's HTML text (see the module docstring)."""
     from memprof.results import load_verdicts
-    from memprof.reports.table4 import default_metric, paper_settings, render_fidelity, render_markdown, run_records
+    from memprof.reports.fidelity import render_fidelity
+    from memprof.reports.table4 import default_metric, paper_settings, render_markdown, run_records
 
     loaded = _load(run_dir, pair_dir)
     records = [r for r, _ in loaded]
@@ -314,7 +315,7 @@ def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_
 
 
 def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool, limit: int | None = None) -> str:
-    from memprof.reports.table4 import _config
+    from memprof.reports.fidelity import config_of as _config
     from memprof.reports.timeline import TIMELINE_DIR
 
     groups: OrderedDict = OrderedDict()

@@ -9,7 +9,7 @@ import os
 
 from tabulate import tabulate
 
-from memprof.reports.table4 import fit_table
+from memprof.reports.terminal import fit_table
 
 GIB = 1 << 30
 MIB = 1 << 20

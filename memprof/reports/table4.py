@@ -19,6 +19,7 @@ from tabulate import tabulate
 from memprof.models import REGISTRY as MODELS
 from memprof.reports.overhead import render_overhead
 from memprof.reports.paper import CLAIM_TOLERANCE_POINTS, PAPER_CLAIMS
+from memprof.reports.terminal import fit_table
 from memprof.optims import REGISTRY as OPTIMS
 
 GIB = 1 << 30
@@ -169,43 +170,6 @@ def _size(nbytes: int) -> str:
     from memprof.budget import format_size
 
     return format_size(nbytes)
-
-
-WHOLE_WORD = 16  # words up to this long never split when a table is fitted (a class name such as timm.optim.Lamb)
-
-
-def fit_table(rows: list, headers: list, width: int, tablefmt: str = "simple") -> str:
-    """A table for the terminal, `width` columns wide at most where it can be: headers wrap to their
-    column, and the widest prose columns wrap (tabulate's maxcolwidths) until the rendered table fits. Words
-    up to WHOLE_WORD long split only where the table cannot fit otherwise; names (cells without spaces) never
-    split. Files keep the full text."""
-    cells = [[str(c) for c in row] for row in rows]
-    heads = [max([len(w) for w in str(h).replace("-", "- ").split()] or [1]) for h in headers]
-    whole = [max([heads[i]] + [min(len(w), WHOLE_WORD) for r in cells for w in r[i].split()])
-             for i in range(len(headers))]  # a column's longest word up to WHOLE_WORD
-    limits = [max([whole[i]] + [len(r[i]) for r in cells]) for i in range(len(headers))]
-    prose = [any(" " in r[i] for r in cells) for i in range(len(headers))]  # wraps at spaces; names would break
-
-    def render() -> str:  # without the padding tabulate leaves at a line's end: a terminal wraps on it too
-        return "\n".join(line.rstrip() for line in tabulate(
-            cells, headers=headers, tablefmt=tablefmt, maxcolwidths=limits, maxheadercolwidths=limits,
-            disable_numparse=True).splitlines())
-
-    def shrink(floor: list) -> bool:  # only prose wraps: a name split in two is worse than a wide table
-        candidates = [i for i in range(len(limits)) if prose[i] and limits[i] > max(10, floor[i])]
-        if candidates:
-            limits[max(candidates, key=limits.__getitem__)] -= 1
-        return bool(candidates)
-
-    for floor in (whole, heads):  # whole words first; split them only if the table cannot fit so
-        while sum(limits) + 2 * len(headers) > width and shrink(floor):  # the widest prose first
-            pass
-        text = render()
-        while max(len(line) for line in text.splitlines()) > width and shrink(floor):  # what padding adds
-            text = render()
-        if max(len(line) for line in text.splitlines()) <= width:
-            break
-    return text
 
 
 def _verdict_text(verdict: dict | None) -> str:
@@ -688,75 +652,6 @@ def render_holders(records: list[dict], n: int = HOLDERS_SHOWN) -> str:
         return ""
     return ("## Largest holders at the peak\n\nAllocated bytes (allocator blocks) held at each configuration's peak, "
             "by module.\n\n" + "\n".join(parts))
-
-
-def _config(rec: dict) -> str:
-    """A key without its budget: the same configuration measured on one card and predicted for it (the key's
-    sixth segment, e.g. `bf16-amp+fused+in-backward`, keeps precision and optimizer implementation apart; a
-    parallel run's ninth, e.g. `fsdp8`, is kept)."""
-    if rec.get("spec", {}).get("parallel", "none") == "none":
-        return rec["key"].rsplit("/", 1)[0]
-    head, parallelism = rec["key"].rsplit("@", 1)[0].rsplit("/", 1)
-    return head.rsplit("/", 1)[0] + "/" + parallelism
-
-
-def fidelity_rows(measured: list[dict], predicted: list[dict]) -> list[dict]:
-    """Predicted vs measured allocated and reserved peaks, % error per configuration (both ran to the end)."""
-    pred = {_config(r): r for r in predicted if r["source"] == "predicted"}
-    rows = []
-    for m in sorted(measured, key=_config):
-        p = pred.get(_config(m))
-        if m["source"] != "measured" or p is None or m["status"] != "ok" or "peak_allocated_bytes" not in m["metrics"]:
-            continue  # (the cpu backend measures live tensor bytes: nothing to grade a CUDA prediction by)
-        row = {"config": _config(m), "device": m["environment"]["device"]}
-        for field in ("peak_allocated_bytes", "peak_reserved_bytes"):
-            mv, pv = m["metrics"].get(field), p["metrics"].get(field)
-            row[f"measured_{field}"], row[f"predicted_{field}"] = mv, pv
-            row[f"{field.split('_')[1]}_error_pct"] = round(100 * (pv - mv) / mv, 2) if mv and pv is not None else None
-        rows.append(row)
-    return rows
-
-
-def verdict_rows(measured: list[dict], predicted: list[dict]) -> list[dict]:
-    """Every configuration both measured and predicted, with both statuses: does the prediction's fits / out of
-    memory verdict agree with the measurement's (an emulated card's OOM pattern is graded here)?"""
-    pred = {_config(r): r for r in predicted if r["source"] == "predicted"}
-    rows = []
-    for m in sorted(measured, key=_config):
-        p = pred.get(_config(m))
-        if m["source"] != "measured" or p is None or m["status"] not in ("ok", "oom"):
-            continue
-        rows.append({"config": _config(m), "measured_status": m["status"], "predicted_status": p["status"],
-                     "agrees": m["status"] == p["status"]})
-    return rows
-
-
-def render_fidelity(measured: list[dict], predicted: list[dict]) -> str:
-    """The fidelity table (peaks of configurations both ran to the end) and, where any configuration ran out of
-    memory, the out-of-memory verdicts side by side."""
-    rows = fidelity_rows(measured, predicted)
-    verdicts = verdict_rows(measured, predicted)
-    if not rows and not verdicts:
-        return "No configuration was both measured and predicted.\n"
-    text = ""
-    if rows:
-        gib = lambda v: "n/a" if v is None else f"{v / GIB:.3f}"  # noqa: E731
-        table = [[r["config"], gib(r["predicted_peak_allocated_bytes"]), gib(r["measured_peak_allocated_bytes"]),
-                  r["allocated_error_pct"], gib(r["predicted_peak_reserved_bytes"]),
-                  gib(r["measured_peak_reserved_bytes"]), r["reserved_error_pct"]] for r in rows]
-        worst = max(abs(r["allocated_error_pct"] or 0) for r in rows)
-        text = (f"# Simulation fidelity: predicted vs measured on {rows[0]['device']}\n\n"
-                f"Error = (predicted - measured) / measured. Largest allocated error: {worst:.2f}%.\n\n"
-                + tabulate(table, headers=["config", "predicted alloc GiB", "measured alloc GiB", "alloc err %",
-                                           "predicted reserved GiB", "measured reserved GiB", "reserved err %"],
-                           tablefmt="github") + "\n")
-    if any(v["measured_status"] != "ok" or v["predicted_status"] != "ok" for v in verdicts):
-        agree = sum(v["agrees"] for v in verdicts)
-        text += (f"\n## Out-of-memory verdicts: {agree} of {len(verdicts)} agree\n\n"
-                 + tabulate([[v["config"], v["measured_status"], v["predicted_status"],
-                              "agrees" if v["agrees"] else "DISAGREES"] for v in verdicts],
-                            headers=["config", "measured", "predicted", "verdict"], tablefmt="github") + "\n")
-    return text
 
 
 def render_csv(records: list[dict], metric: str = "reserved") -> str:
