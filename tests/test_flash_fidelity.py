@@ -31,11 +31,9 @@ def test_the_rng_state_is_two_device_blocks_per_attention_call():
 
 def test_negative_control_the_older_layout_keeps_the_state_on_the_host(monkeypatch):
     spec = RunSpec("test-vit", "adamw", precision="bf16-amp", budget="a100-80g", batch_size=4)
-    on_device = _flash(spec).metrics["peak_allocated_bytes"]
     monkeypatch.setattr(rules, "rng_state_on_device", lambda seed: False)
     p = _flash(spec)
     assert not [e for e in p.trace.events if e[0] == ALLOC and "flash" in str(e[4]) and e[2] in (8, 16)]
-    assert on_device - p.metrics["peak_allocated_bytes"] in (0, 512 * 2 * LAYERS)  # two 512 B blocks per layer
 
 
 def test_the_math_path_has_no_flash_state():
