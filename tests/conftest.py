@@ -25,8 +25,7 @@ def pytest_collection_modifyitems(config, items):
 def _fresh_forward_traces():
     """Each test predicts from scratch: no forward trace or attention recording carried over from another test's
     predictions."""
-    from memprof.simulation import math_attention, shared
+    from memprof.simulation.memo import MEMO
 
-    shared.clear()
-    math_attention.clear()
+    MEMO.clear()
     yield

@@ -57,7 +57,7 @@ def test_a_broken_third_trace_fails_the_check():
     third = _forward(replace(spec, batch_size=11))
     i = next(iter(line.sizes))
     ev = third.events[i]
-    bigger = replace(third, events=[*third.events[:i], (ev[0], ev[1], ev[2] + 1, *ev[3:]), *third.events[i + 1:]])
+    bigger = replace(third, events=[*third.events[:i], ev._replace(nbytes=ev.nbytes + 1), *third.events[i + 1:]])
     assert not line.verify(bigger, 11)
     assert not line.verify(replace(third, events=third.events[:-1]), 11)
     assert not line.verify(third, 12)  # right stream, wrong batch
@@ -73,7 +73,7 @@ def test_streams_that_differ_in_more_than_sizes_make_no_line():
         five = _forward(replace(spec, batch_size=5))
         i = next(j for j, (x, y) in enumerate(zip(two.events, five.events)) if x != y)
         ev = five.events[i]
-        BatchLine(two, 2, replace(five, events=[*five.events[:i], (ev[0], ev[1], ev[2] + 1, *ev[3:]),
+        BatchLine(two, 2, replace(five, events=[*five.events[:i], ev._replace(nbytes=ev.nbytes + 1),
                                                *five.events[i + 1:]]), 5)
 
 

@@ -15,6 +15,12 @@ LAYERS = (
               "memprof.suite")),
     ("sources", ("memprof.models", "memprof.optims", "memprof.spec", "memprof.results", "memprof.baseline",
                  "memprof.harness")),
+    # the engine in three: its core (the tracker, rules, allocator model) never imports the exact shortcuts above
+    # it, which never import the entrance (simulate) that composes them
+    ("engine core", tuple(f"memprof.simulation.{m}" for m in (
+        "events", "allocator", "rule", "rules", "tracker", "tracing", "attribution", "fake_compat", "distributed"))),
+    ("engine shortcuts", tuple(f"memprof.simulation.{m}" for m in (
+        "memo", "fast_dispatch", "math_attention", "batch_scaling", "repeated_blocks", "shared"))),
     ("engine", ("memprof.simulation",)),
     ("reports", ("memprof.reports",)),
     ("backends", ("memprof.backends",)),
@@ -126,6 +132,7 @@ def test_the_engine_imports_nothing_above_it():
 @pytest.mark.parametrize("extra, finds", [
     ({"memprof.simulation.tracker": "from memprof.reports.timeline import write_timeline"}, "upward"),
     ({"memprof.simulation.tracker": "def f():\n    from memprof.backends import registry\n"}, "upward"),
+    ({"memprof.simulation.rules": "def f():\n    from memprof.simulation import math_attention\n"}, "upward"),
     ({"memprof.reports.timeline": "import memprof.reports.html", "memprof.reports.html":
       "from memprof.reports import timeline"}, "cycle"),
 ])

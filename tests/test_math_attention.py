@@ -6,8 +6,9 @@ import pytest
 
 from memprof.budget import parse_budget
 from memprof.simulation import math_attention, shared, tracing
+from memprof.simulation.memo import MEMO
 from memprof.simulation.rules import cuda_rules
-from memprof.simulation.tracker import ALLOC, FREE
+from memprof.simulation.events import ALLOC, FREE
 from memprof.spec import RunSpec
 
 
@@ -25,15 +26,15 @@ def canonical(t) -> tuple:
 @pytest.fixture(autouse=True)
 def no_recordings():
     """Each test records afresh, and leaves no recording (some are wrong on purpose) to later tests."""
-    math_attention.clear()
+    MEMO.attention.clear()
     yield
-    math_attention.clear()
+    MEMO.attention.clear()
 
 
 def traced(spec, replay: bool, monkeypatch):
     with monkeypatch.context() as m:
         if not replay:
-            m.setattr(math_attention, "replaying", contextlib.nullcontext)
+            m.setattr(math_attention, "replaying", lambda tracker, memo: contextlib.nullcontext())
         shared.clear()
         from memprof.simulation.shared import shareable, trace_shared
 

@@ -8,6 +8,7 @@ import weakref
 from collections import OrderedDict
 
 from memprof import simulation
+from memprof.simulation.events import ALLOC
 from memprof.simulation.memo import MEMO, Memo
 from memprof.simulation.simulate import prediction
 from memprof.spec import RunSpec
@@ -33,8 +34,8 @@ def test_a_prediction_reads_and_fills_the_memo_it_is_given():
     assert again.metrics["peak_reserved_bytes"] == first.metrics["peak_reserved_bytes"]
     # negative control: a memo whose forward lost its largest allocation gives another figure, so it was read
     fwd = next(iter(mine.forwards.values()))
-    largest = max((i for i, e in enumerate(fwd.events) if e[0] == 0), key=lambda i: fwd.events[i][2])
-    fwd.events[largest] = (*fwd.events[largest][:2], 0, *fwd.events[largest][3:])
+    largest = max((i for i, e in enumerate(fwd.events) if e.kind is ALLOC), key=lambda i: fwd.events[i].nbytes)
+    fwd.events[largest] = fwd.events[largest]._replace(nbytes=0)
     assert prediction(SPEC, memo=mine).metrics["peak_allocated_bytes"] != first.metrics["peak_allocated_bytes"]
     fresh = prediction(SPEC, memo=Memo())  # a fresh memo predicts from scratch: the true figure
     assert (fresh.metrics["peak_allocated_bytes"], fresh.metrics["peak_reserved_bytes"]) == \

@@ -20,7 +20,8 @@ from memprof.simulation.rules import (CudaAutocastPolicy, FlashAttentionBackward
 from memprof.simulation.simulate import predict
 from memprof.spec import RunSpec, skip_reason
 from memprof.models import REGISTRY as MODELS
-from memprof.simulation.tracker import ALLOC, StorageTracker
+from memprof.simulation.events import ALLOC
+from memprof.simulation.tracker import StorageTracker
 
 BF16 = torch.bfloat16
 

@@ -23,7 +23,7 @@ from memprof.harness import prepare, train_steps
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
 from memprof.simulation.tracing import live_peak, trace
-from memprof.simulation.tracker import FREE, PHASE
+from memprof.simulation.events import FREE, PHASE
 
 mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
 

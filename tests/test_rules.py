@@ -8,7 +8,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memprof.budget import PROFILES, parse_budget
 from memprof.simulation.rules import (CublasWorkspace, EfficientAttentionBackward, HostLiterals, MemEfficientAttention,
                            TimmForeachChunks, cublas_workspace_bytes)
-from memprof.simulation.tracker import ALLOC, FREE, StorageTracker
+from memprof.simulation.events import ALLOC, FREE
+from memprof.simulation.tracker import StorageTracker
 from memprof.spec import RunSpec
 
 
@@ -200,7 +201,7 @@ def test_attention_backward_copy_negative_control():
 def _lamb_step_peak(device, numels=(3_000_000,) * 3):
     """Live-byte peak of one timm LAMB (foreach) step over fake fp32 parameters, under the chunking rule."""
     from memprof.optims import REGISTRY, build_optimizer
-    from memprof.simulation.tracker import ALLOC, FREE
+    from memprof.simulation.events import ALLOC, FREE
 
     rule = TimmForeachChunks(device)
     with FakeTensorMode():

@@ -14,7 +14,7 @@ from memprof.simulation.simulate import predict
 from memprof.reports.snapshot import (BASE_ADDR, SnapshotError, build_snapshot, check_snapshot, load_snapshot,
                               snapshot_name, state_totals, trace_peaks)
 from memprof.spec import RunSpec
-from memprof.simulation.tracker import ALLOC, FREE, PHASE
+from memprof.simulation.events import ALLOC, FREE, PHASE, alloc, free, phase
 
 MiB = 1 << 20
 
@@ -142,8 +142,8 @@ def test_block_sizes_are_recovered_from_addresses():
     """A hand-made stream: the unsplit 19.5 MiB reuse of a 20 MiB segment counts whole (20 MiB), as the
     allocator model says, and the trace replay recovers it from the addresses alone."""
     a = CachingAllocatorModel(record=True)
-    events = [(PHASE, "forward", 0), (ALLOC, 1, 5 * MiB, "forward", "op"), (FREE, 1),
-              (ALLOC, 2, 19 * MiB + MiB // 2, "forward", "op"), (ALLOC, 3, 1000, "forward", "op")]
+    events = [phase("forward", 0), alloc(1, 5 * MiB, "forward", "op"), free(1),
+              alloc(2, 19 * MiB + MiB // 2, "forward", "op"), alloc(3, 1000, "forward", "op")]
     for i, ev in enumerate(events):
         a.clock = i
         if ev[0] == ALLOC:
@@ -172,7 +172,7 @@ def test_oom_snapshot_ends_in_oom(tmp_path):
 def test_released_cache_is_a_segment_free():
     """The OOM retry returns entirely free segments (segment_free) before failing; the trace replays it."""
     a = CachingAllocatorModel(capacity=24 * MiB, record=True)
-    events = [(ALLOC, 1, 5 * MiB, "forward", "op"), (FREE, 1), (ALLOC, 2, 21 * MiB, "forward", "op")]
+    events = [alloc(1, 5 * MiB, "forward", "op"), free(1), alloc(2, 21 * MiB, "forward", "op")]
     for i, ev in enumerate(events):
         a.clock = i
         a.malloc(ev[1], ev[2]) if ev[0] == ALLOC else a.free(ev[1])

@@ -17,7 +17,8 @@ from memprof.backends.base import MEASURED, Backend, as_outcome
 from memprof.budget import parse_budget
 from memprof.errors import UsageError
 from memprof.spec import RunSpec
-from memprof.simulation.tracing import common_metrics, live_peak, median_ms, peak_to_floor, phase_at, trace
+from memprof.simulation.events import phase_at
+from memprof.simulation.tracing import common_metrics, live_peak, median_ms, peak_to_floor, trace
 
 
 class CpuBackend(Backend):
@@ -75,7 +76,7 @@ def measure(spec: RunSpec, **_) -> tuple[str, dict]:
         "phase_peak_live_bytes": peak.phase_peaks,
         "peak_phase": phase,
         "peak_step": step,
-        "peak_op": t.events[peak.peak_index][4],
+        "peak_op": t.events[peak.peak_index].op,
         "breakdown_at_peak_bytes": peak.breakdown,
         **common_metrics(t),
         "step_ms_median": median_ms(t.step_ms),

@@ -44,15 +44,15 @@ def _request_info(events, category: dict, module: dict) -> dict:
     """request id -> (op, module path or holder, category, phase, step) from the tracker's stream."""
     from memprof.simulation.attribution import holder  # (torch: only where a snapshot is built)
 
-    from memprof.simulation.tracker import ALLOC, PHASE
+    from memprof.simulation.events import ALLOC, PHASE
 
     info, phase, step = {}, "setup", 0
     for ev in events:
-        if ev[0] == PHASE:
-            phase, step = ev[1], ev[2]
-        elif ev[0] == ALLOC:
-            cat = category.get(ev[1], "temporaries")
-            info[ev[1]] = (ev[4], holder(module.get(ev[1], ""), cat, phase), cat, phase, step)
+        if ev.kind is PHASE:
+            phase, step = ev.name, ev.step
+        elif ev.kind is ALLOC:
+            cat = category.get(ev.sid, "temporaries")
+            info[ev.sid] = (ev.op, holder(module.get(ev.sid, ""), cat, phase), cat, phase, step)
     return info
 
 

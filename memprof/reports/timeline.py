@@ -42,7 +42,7 @@ def _thin(points: list, peak_at: int) -> list:
 
 def predicted_series(history: list, events: list, category: dict) -> dict:
     """x, bytes per category and reserved bytes after each event, phase bands, and each ALLOC's x."""
-    from memprof.simulation.tracker import ALLOC, PHASE
+    from memprof.simulation.events import ALLOC, PHASE
 
     totals = dict.fromkeys(CATEGORIES, 0)
     reserved, points, peak_at, peak = 0, [], 0, -1
@@ -66,11 +66,11 @@ def predicted_series(history: list, events: list, category: dict) -> dict:
         if point[1] > peak:
             peak, peak_at = point[1], len(points) - 1
     points = _thin(points, peak_at)
-    phases = [[i, ev[1], ev[2]] for i, ev in enumerate(events) if ev[0] == PHASE]
+    phases = [[i, ev.name, ev.step] for i, ev in enumerate(events) if ev.kind is PHASE]
     return {"x": [p[0] for p in points], "reserved_bytes": [p[2] for p in points],
             "categories_bytes": {c: [p[3 + k] for p in points] for k, c in enumerate(CATEGORIES)},
             "phases": phases, "n_events": len(events),
-            "alloc_x": [i for i, ev in enumerate(events) if ev[0] == ALLOC]}
+            "alloc_x": [i for i, ev in enumerate(events) if ev.kind is ALLOC]}
 
 
 def write_timeline(series: dict, path: str) -> str:

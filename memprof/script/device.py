@@ -76,7 +76,9 @@ from memprof.errors import UsageError
 from memprof.script.counting import StepCounting, StopSimulation  # noqa: F401 (StopSimulation: the runner's)
 from memprof.script.deferred import DEFERRABLE as _DEFERRABLE, DeferredFills
 from memprof.simulation.distributed import local as _local  # (FSDP: the shard this rank holds)
-from memprof.simulation.tracker import ALLOC, FREE, StorageTracker
+from memprof.simulation.events import ALLOC, FREE
+from memprof.simulation.memo import MEMO
+from memprof.simulation.tracker import StorageTracker
 from memprof.spec import RunSpec
 
 CUDA0 = torch.device("cuda", 0)
@@ -149,7 +151,7 @@ class _SimTracker(StorageTracker):
     the device's FakeTensorMode (so the tracker's front cache applies), ops on real tensors run for real."""
 
     def __init__(self, rules, sim):
-        super().__init__(rules)
+        super().__init__(rules, front=MEMO.front)
         self.sim = sim
 
     def register(self, tensor, op):
@@ -703,12 +705,12 @@ class SimulatedCuda(StepCounting):
             self._peak_alloc = self._peak_reserved = 0
         alloc = self._alloc
         for ev in events[len(fed):]:
-            if ev[0] == ALLOC:
-                alloc.malloc(ev[1], ev[2])
+            if ev.kind is ALLOC:
+                alloc.malloc(ev.sid, ev.nbytes)
                 self._peak_alloc = max(self._peak_alloc, alloc.allocated)
                 self._peak_reserved = max(self._peak_reserved, alloc.reserved)
-            elif ev[0] == FREE:
-                alloc.free(ev[1])
+            elif ev.kind is FREE:
+                alloc.free(ev.sid)
             fed.append(ev)
         return alloc
 

@@ -1,10 +1,11 @@
-"""The engine, a one-way library: training steps traced on fake tensors (tracker, tracing, fake_compat,
-attribution), the rules where CUDA allocates differently from the CPU (`rule`: their base; rules,
+"""The engine, a one-way library in three layers (tests/test_layering.py). Its core: training steps traced on fake
+tensors (tracker, tracing, fake_compat, attribution) into a stream of typed events (events), the rules where CUDA allocates differently from the CPU (`rule`: their base; rules,
 distributed), and the caching-allocator model the stream is replayed through (allocator). `simulate` is its
-one entrance: `prediction_of(make_trace, budget, spec)` returns a Prediction and writes nothing (the simulate
-backend, memprof.backends.simulate, makes the files). Exact shortcuts sit above the core, which never calls
-them: shared (one forward per optimizer group), repeated_blocks, batch_scaling, math_attention (reached
-through the half-precision attention rule) and fast_dispatch (the tracker's front cache). Everything they
+one entrance, above the rest: `prediction_of(make_trace, budget, spec)` returns a Prediction and writes nothing (the simulate
+backend, memprof.backends.simulate, makes the files). Exact shortcuts sit between them, above the core, which never
+imports them: shared (one forward per optimizer group), repeated_blocks, batch_scaling, math_attention (which
+`replaying` installs on a tracker, for the half-precision attention rule to call) and fast_dispatch (the front
+cache a tracker is given). Everything they
 reuse between predictions is in one object, `memo.Memo` (the process's `memo.MEMO` unless a prediction is
 given another); no module keeps a cache or switch of its own (tests/test_memo.py). A rule declares on
 `rule.Rule` what the shortcuts need of its state. It imports nothing from backends, executors, planning,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from memprof.simulation.tracker import ALLOC
+from memprof.simulation.events import ALLOC
 
 
 class NotAffine(Exception):
@@ -51,9 +51,9 @@ class BatchLine:
         for i, (x, y) in enumerate(zip(low.events, high.events)):
             if x == y:
                 continue
-            if x[0] != ALLOC or y[0] != ALLOC or x[1] != y[1] or x[3:] != y[3:]:
+            if x.kind is not ALLOC or y.kind is not ALLOC or x._replace(nbytes=0) != y._replace(nbytes=0):
                 raise NotAffine(f"event {i} differs in more than its size: {x} / {y}")
-            sizes[i] = _line(x[2], y[2], b_low, b_high)
+            sizes[i] = _line(x.nbytes, y.nbytes, b_low, b_high)
         self.sizes = sizes
         if low.windows != high.windows or low.resident_ids != high.resident_ids or low.params != high.params \
                 or low.origin != high.origin or low.module != high.module or low.next_id != high.next_id:
@@ -77,8 +77,7 @@ class BatchLine:
             size = fixed + per * batch
             if size <= 0:
                 raise NotAffine(f"event {i} would ask for {size} B at batch {batch}")
-            ev = events[i]
-            events[i] = (ev[0], ev[1], size, *ev[3:])
+            events[i] = events[i]._replace(nbytes=size)
         return replace(self.high, events=events, rule_state=self.state_at(self.high.rule_state, batch))
 
     def state_at(self, rule_state: list, batch: int) -> list:

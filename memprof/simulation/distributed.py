@@ -29,7 +29,6 @@ from unittest import mock
 
 import torch
 
-from memprof.simulation.tracker import relabel, release
 
 COMMUNICATION = "communication:"
 UNSHARDED = "unsharded parameter:"
@@ -138,7 +137,7 @@ class FSDPStorageEvents:
             for t in _tensors(out):
                 sid = tracker.storage_id(local(t))
                 if sid is not None and not tracker.origin[sid].startswith((COMMUNICATION, UNSHARDED)):
-                    relabel(tracker, sid, f"{self.label} {tracker.origin[sid]}")
+                    tracker.relabel(sid, f"{self.label} {tracker.origin[sid]}")
 
     def describe(self) -> dict:
         return {"name": self.name, "what": "FSDP2 storage resizes are allocations; its collectives' buffers are "
@@ -157,7 +156,7 @@ class FSDPStorageEvents:
     def _free(self, original):
         def free_storage(tensor):
             if self.tracker is not None and tensor.untyped_storage().size() != 0:
-                release(self.tracker, tensor)
+                self.tracker.release(tensor)
             original(tensor)
         return free_storage
 
@@ -214,7 +213,7 @@ class DDPBuckets:
             for idx in indices:
                 members = [params[i] for i in idx]
                 flat = torch.empty(sum(p.numel() for p in members), dtype=members[0].dtype)
-                relabel(self.tracker, self.tracker.register(flat, "bucket"), f"{COMMUNICATION} DDP gradient bucket")
+                self.tracker.relabel(self.tracker.register(flat, "bucket"), f"{COMMUNICATION} DDP gradient bucket")
                 offset = 0
                 for p in members:
                     self.views[id(p)] = flat[offset: offset + p.numel()].view_as(p)

@@ -37,10 +37,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memprof.simulation.events import ALLOC, FREE, first_allocation
 from memprof.simulation.fast_dispatch import extent_bytes
 from memprof.simulation.rule import copy_state, snapshot
 from memprof.simulation.memo import ATTENTION_ENTRIES
-from memprof.simulation.tracker import ALLOC, FREE, StorageTracker, relabel, release
+from memprof.simulation.rules import math_composite
+from memprof.simulation.tracker import StorageTracker, current_tracker
 
 aten = torch.ops.aten
 _AUTOCAST_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
@@ -61,18 +63,12 @@ class Template:
 
 @dataclass
 class _TraceState:
-    """One trace's replays: the rules' state where it first attends (its recordings' key), why it broke, the
-    released gradients watched."""
+    """One trace's replays: the memo holding its recordings (memprof.simulation.memo.Memo), the rules' state
+    where it first attends (its recordings' key), why it broke, the released gradients watched."""
+    memo: object = None
     rules: tuple | None = None
     broken: str | None = None
     watches: list = field(default_factory=list)
-
-
-def clear() -> None:
-    """Forget every recording of the process's memo (memprof.simulation.memo.MEMO)."""
-    from memprof.simulation.memo import MEMO
-
-    MEMO.attention.clear()
 
 
 def _rules_key(tracker) -> tuple:
@@ -82,25 +78,20 @@ def _rules_key(tracker) -> tuple:
 
 
 def _state(tracker) -> _TraceState:
-    if tracker.attention_state is None:
-        tracker.attention_state = _TraceState()
     return tracker.attention_state
 
 
 @contextlib.contextmanager
-def replaying(tracker):
-    """Within, math-path attention under `tracker` is replayed where it can be, from its memo's recordings."""
-    saved, tracker.replay_attention = tracker.replay_attention, True
+def replaying(tracker: StorageTracker, memo):
+    """Within, math-path attention under `tracker` is replayed where it can be, from `memo`'s recordings."""
+    saved = tracker.math_attention, tracker.attention_state
+    tracker.math_attention = attention
+    if tracker.attention_state is None:
+        tracker.attention_state = _TraceState(memo)
     try:
         yield
     finally:
-        tracker.replay_attention = saved
-
-
-def _tracker() -> StorageTracker | None:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    return next((m for m in _get_current_dispatch_mode_stack() if isinstance(m, StorageTracker)), None)
+        tracker.math_attention = saved[0]
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -149,32 +140,22 @@ def _composite(q, k, v, is_causal, scale):
 
 @contextlib.contextmanager
 def _isolated(tracker: StorageTracker, result: dict):
-    """Events go to a scratch list (result["events"]); afterwards the tracker's ids and the rules' state are
-    as before. result["clean"] says whether the rules' state was untouched and nothing made inside is alive."""
-    events, next_id = tracker.events, tracker._next_id
+    """Events go to a scratch list (result["events"], StorageTracker.scratch); afterwards the tracker's ids and
+    the rules' state are as before. result["clean"] says whether the rules' state was untouched and nothing made
+    inside is alive."""
     states = [copy_state(vars(r)) for r in tracker.rules]
     snapshots = [snapshot(r) for r in tracker.rules]
-    tracker.events = result["events"] = []
-    try:
-        yield
-    finally:
-        tracker.events = events
-        changed = [snapshot(r) for r in tracker.rules] != snapshots
-        if changed:
-            for rule, state in zip(tracker.rules, states):
-                vars(rule).clear()
-                vars(rule).update(state)
-        made = [sid for sid in tracker._sizes if sid > next_id]
-        alive = [sid for sid in made if sid in tracker._refs]
-        for sid in made:  # requests of rules undone above (e.g. a workspace): never in the stream
-            if sid not in tracker._refs:
-                tracker.live_bytes -= tracker._sizes.pop(sid)
-        if not alive:
-            for sid in range(next_id + 1, tracker._next_id + 1):
-                tracker.origin.pop(sid, None)
-                tracker.module.pop(sid, None)
-            tracker._next_id = next_id
-        result["clean"] = not changed and not alive
+    with tracker.scratch() as scratch:
+        result["events"] = scratch.events
+        try:
+            yield
+        finally:
+            changed = [snapshot(r) for r in tracker.rules] != snapshots
+            if changed:
+                for rule, state in zip(tracker.rules, states):
+                    vars(rule).clear()
+                    vars(rule).update(state)
+    result["clean"] = not changed and not scratch.alive
 
 
 def _entries(window, special: dict, known: dict) -> tuple[list, dict] | None:
@@ -182,22 +163,22 @@ def _entries(window, special: dict, known: dict) -> tuple[list, dict] | None:
     id -> local of storages made before (the forward's). Returns (entries, locals made) or None."""
     entries, made = [], {}
     for ev in window:
-        if ev[0] == ALLOC:
+        if ev.kind is ALLOC:
             local = len(known) + len(made)
-            made[ev[1]] = local
-            tag = special.get(ev[1])
+            made[ev.sid] = local
+            tag = special.get(ev.sid)
             if tag is None:
-                entries.append(("a", local, ev[2], ev[4]))
+                entries.append(("a", local, ev.nbytes, ev.op))
             elif tag[0] == "o":
-                entries.append(("o", local, ev[2], ev[4]))
+                entries.append(("o", local, ev.nbytes, ev.op))
             else:
-                entries.append(("g", tag[1], ev[2], ev[4]))
-        elif ev[0] == FREE:
-            if ev[1] in made:
-                entries.append(("f", made[ev[1]]))
-            elif ev[1] in known:
-                entries.append(("f", known[ev[1]]))
-            elif special.get(ev[1]) == "go":
+                entries.append(("g", tag[1], ev.nbytes, ev.op))
+        elif ev.kind is FREE:
+            if ev.sid in made:
+                entries.append(("f", made[ev.sid]))
+            elif ev.sid in known:
+                entries.append(("f", known[ev.sid]))
+            elif special.get(ev.sid) == "go":
                 entries.append(("go",))
             else:
                 return None
@@ -269,7 +250,7 @@ def _record_backward(tracker, key, is_causal, scale, template: Template, grad_la
         return _REFUSED
     fwd_made = fwd[1]
     go_sid = mark[0]
-    seeded = next((i for i, ev in enumerate(events) if ev[0] == ALLOC and ev[1] == go_sid), None)
+    seeded = first_allocation(events, go_sid)
     if seeded is None:
         return _REFUSED
     special = {go_sid: "go", **{sid: ("g", i) for i, sid in enumerate(grad_sids)}}
@@ -289,7 +270,7 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, tracker, template, key, is_causal, scale):
         ctx.set_materialize_grads(False)
-        tracker.memo.attention_replayed += 1
+        _state(tracker).memo.attention_replayed += 1
         ctx.tracker, ctx.template, ctx.key, ctx.is_causal, ctx.scale = tracker, template, key, is_causal, scale
         local, out = {}, None
         for e in template.fwd:
@@ -337,7 +318,7 @@ class _Replay(torch.autograd.Function):
 def _made(tracker, layout, op: str) -> torch.Tensor:
     """A fake tensor of `layout` on a storage of its own, its request logged under `op`."""
     base, view = _make(*layout)
-    relabel(tracker, tracker.storage_id(base), op)
+    tracker.relabel(tracker.storage_id(base), op)
     return view
 
 
@@ -345,7 +326,7 @@ def _release_now(tracker, tensor: torch.Tensor) -> dict:
     """Log the release of `tensor`'s storage now (the composite releases it here; the replay's node holds it
     until it returns). Returns the watch whose "events" the caller sets when the node returns: the storage's
     actual death must come then, with no event in between, else the tracker is marked broken."""
-    release(tracker, tensor)  # logged now; the storage's own death will log nothing
+    tracker.release(tensor)  # logged now; the storage's own death will log nothing
     state, events, watch = _state(tracker), tracker.events, {"events": None}  # (no reference back to the tracker)
 
     def died(_ref):
@@ -370,11 +351,10 @@ def broken(tracker) -> str | None:
 
 
 def attention(query, key, value, attn_mask, dropout_p, is_causal, scale):
-    """The math path's output for bf16/fp16 `query`, `key`, `value`: replayed (see the module docstring) or
-    the composite op by op."""
-    tracker = _tracker()
-    tracker = tracker if tracker is not None and tracker.replay_attention else None
-    replayable = (tracker is not None and attn_mask is None and dropout_p == 0.0 and torch.is_grad_enabled()
+    """The math path's output for bf16/fp16 `query`, `key`, `value` under the current tracker, which `replaying`
+    set up: replayed (see the module docstring) or the composite op by op."""
+    tracker = current_tracker()
+    replayable = (attn_mask is None and dropout_p == 0.0 and torch.is_grad_enabled()
                   and all(t.requires_grad for t in (query, key, value))
                   and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
     key_ = _inputs_key((query, key, value)) if replayable else None
@@ -384,13 +364,12 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale):
         if state.rules is None:
             state.rules = _rules_key(tracker)
         signature = (state.rules, key_, is_causal, scale)
-        recordings = tracker.memo.attention
+        recordings = state.memo.attention
         if signature not in recordings:
             if len(recordings) >= ATTENTION_ENTRIES:
                 recordings.clear()
             recordings[signature] = _record_forward(tracker, key_, is_causal, scale)
         template = recordings[signature]
     if template is _REFUSED:
-        return aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
-                                                       scale=scale)[0]
+        return math_composite(query, key, value, attn_mask, dropout_p, is_causal, scale)
     return _Replay.apply(query, key, value, tracker, template, key_, is_causal, scale)

@@ -3,8 +3,8 @@ between predictions.
 
 `MEMO` is the process's: memprof.simulation.simulate.prediction takes a `memo` (default MEMO) and hands it to the
 shortcuts that read and fill it (memprof.simulation.shared: forward traces, batch lines, optimizer windows;
-memprof.simulation.math_attention: attention recordings, through the tracker) and to the tracker (the front cache
-of memprof.simulation.fast_dispatch). A fresh Memo() predicts from scratch, as MEMO.clear() makes the process's
+memprof.simulation.math_attention: attention recordings, through `replaying`), and gives each tracker its front
+cache (memprof.simulation.fast_dispatch). A fresh Memo() predicts from scratch, as MEMO.clear() makes the process's
 do (benchmarks and tests). What stays process-wide besides is not a memo: facts of the installed torch (which ops
 have CPU autocast kernels) and the meta kernels memprof.simulation.fake_compat registers.
 """

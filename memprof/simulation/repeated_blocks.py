@@ -28,9 +28,7 @@ from dataclasses import replace
 from memprof.simulation.attribution import _ModuleStack
 from memprof.simulation.batch_scaling import same_value
 from memprof.simulation.rule import snapshot as _snapshot
-from memprof.simulation.tracker import ALLOC, FREE
-
-BLOCK, WINDOW = 3, 4  # markers in the traced stream: (BLOCK, index, (AFTER, index) or None), (WINDOW, step, end)
+from memprof.simulation.events import ALLOC, BLOCK, FREE, WINDOW, Block, Window, names_storage, renamed
 AFTER = "after"  # a block's forward has returned: the releases of the previous block's storages that follow at once
 # (the loop dropping the previous block's output) are the block's
 TRACED = 4  # blocks traced: first, pattern, check, last
@@ -69,7 +67,7 @@ class BlockMarks:
     def _mark(self, j) -> None:
         if j != self.current:
             self.current = j
-            self.tracker.events.append((BLOCK, j))
+            self.tracker.mark(Block(BLOCK, j))
             self.snapshots.append((j, [_snapshot(r) for r in self.rules]))
 
     def _pre(self, j, args) -> None:
@@ -126,16 +124,16 @@ class Synthesis:
                 self._owner[sid] = int(name[len(prefix):].split(".", 1)[0])
         tagged, ctx, after = [], None, None
         for ev in events:
-            if ev[0] == BLOCK:
-                ctx, after = (None, ev[1][1]) if isinstance(ev[1], tuple) else (ev[1], None)
+            if ev.kind is BLOCK:
+                ctx, after = (None, ev.at[1]) if isinstance(ev.at, tuple) else (ev.at, None)
                 continue
             if after is not None:  # right after block j: releases of block j - 1's storages are block j's
-                if ev[0] == FREE and self.owner(ev[1]) == after - 1:
+                if ev.kind is FREE and self.owner(ev.sid) == after - 1:
                     tagged.append((ev, after, after))
                     continue
                 after = None
-            if ev[0] in (ALLOC, FREE):
-                tag = ctx if ctx is not None else self.owner(ev[1])
+            if names_storage(ev):
+                tag = ctx if ctx is not None else self.owner(ev.sid)
             else:
                 tag = None
             tagged.append((ev, tag, ctx))
@@ -147,7 +145,7 @@ class Synthesis:
         for a, b, _ in self.pairs:
             self._align(a, b)
         self.deltas = self._rule_deltas(snapshots)
-        self._next = max((ev[1] for ev, _, _ in tagged if ev[0] == ALLOC), default=0) + 1
+        self._next = max((ev.sid for ev, _, _ in tagged if ev.kind is ALLOC), default=0) + 1
         self.fresh: dict[tuple[int, int], int] = {}  # (position, block 1's storage) -> new storage
 
     def owner(self, sid) -> int | None:
@@ -161,9 +159,9 @@ class Synthesis:
     def _check_outer(self) -> None:
         """Blocks 0 and 3 keep their places next to blocks 1 and 2: they may name only those."""
         for ev, tag, ctx in self.tagged:
-            if ev[0] not in (ALLOC, FREE) or ctx not in (0, TRACED - 1):
+            if not names_storage(ev) or ctx not in (0, TRACED - 1):
                 continue
-            o = self.owner(ev[1])
+            o = self.owner(ev.sid)
             if o is not None and abs(o - ctx) > 1:
                 raise NotPeriodic(f"block {ctx} names a storage of block {o}")
 
@@ -196,17 +194,17 @@ class Synthesis:
             raise NotPeriodic(f"blocks 1 and 2 differ in length at events {a[0]} / {b[0]}")
         for i, j in zip(range(*a), range(*b)):
             e1, e2 = self.tagged[i][0], self.tagged[j][0]
-            if e1[0] != e2[0] or e1[2:] != e2[2:]:
+            if not _alike(e1, e2):
                 raise NotPeriodic(f"blocks 1 and 2 differ: {e1} / {e2}")
-            if e1[0] not in (ALLOC, FREE):
+            if not names_storage(e1):
                 continue
-            r1, r2 = self._rel(e1[1], 1), self._rel(e2[1], 2)
+            r1, r2 = self._rel(e1.sid, 1), self._rel(e2.sid, 2)
             if r1 != r2 or r1 not in (-1, 0, 1):
                 raise NotPeriodic(f"blocks 1 and 2 name storages of other blocks: {e1} / {e2}")
-            if r1 == 0 and self.own_map.setdefault(e2[1], e1[1]) != e1[1]:
-                raise NotPeriodic(f"storage {e2[1]} of block 2 plays two parts")
-            if r1 == -1 and self.prev_map.setdefault(e1[1], e2[1]) != e2[1]:
-                raise NotPeriodic(f"storage {e1[1]} of block 0 plays two parts")
+            if r1 == 0 and self.own_map.setdefault(e2.sid, e1.sid) != e1.sid:
+                raise NotPeriodic(f"storage {e2.sid} of block 2 plays two parts")
+            if r1 == -1 and self.prev_map.setdefault(e1.sid, e2.sid) != e2.sid:
+                raise NotPeriodic(f"storage {e1.sid} of block 0 plays two parts")
 
     def _rule_deltas(self, snapshots) -> list[dict]:
         """Per rule: what block 1's runs added to each count, checked equal to what block 2's added; any other
@@ -275,9 +273,8 @@ class Synthesis:
         def emit(span, position):
             for k in range(*span):
                 ev = self.tagged[k][0]
-                if ev[0] in (ALLOC, FREE):
-                    sid = self.at(position, ev[1]) if position != "block 2" else self._block2(ev[1])
-                    ev = (ev[0], sid, *ev[2:])
+                if names_storage(ev):
+                    ev = renamed(ev, self.at(position, ev.sid) if position != "block 2" else self._block2(ev.sid))
                 out.append(ev)
 
         while i < len(self.tagged):
@@ -289,8 +286,8 @@ class Synthesis:
                 i = max(a[1], b[1])
                 continue
             ev = self.tagged[i][0]
-            if ev[0] == WINDOW:
-                windows[(ev[1], ev[2])] = len(out)
+            if ev.kind is WINDOW:
+                windows[(ev.step, ev.which)] = len(out)
             else:
                 out.append(ev)
             i += 1
@@ -336,6 +333,13 @@ class Synthesis:
         return out
 
 
+def _alike(e1, e2) -> bool:
+    """Whether two events are one pattern's: the same kind and, the storage they name aside, the same fields."""
+    if e1.kind is not e2.kind:
+        return False
+    return renamed(e1, 0) == renamed(e2, 0) if names_storage(e1) else e1 == e2
+
+
 def _add(x: dict, y: dict) -> dict:
     out = dict(x)
     for k, v in y.items():
@@ -359,8 +363,8 @@ def expand(traced, marks: BlockMarks, blocks, path: str, rules: list[tuple], tra
     n = len(blocks)
     sentinels = defaultdict(list)  # the stand-in's windows as marks in the stream, to find them after
     for step, (first, end, _) in enumerate(traced.windows):
-        sentinels[first].append((WINDOW, step, "first"))
-        sentinels[end].append((WINDOW, step, "end"))
+        sentinels[first].append(Window(WINDOW, step, "first"))
+        sentinels[end].append(Window(WINDOW, step, "end"))
     events = []
     for i, ev in enumerate(traced.events):
         events += sentinels.get(i, [])

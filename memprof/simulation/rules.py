@@ -13,9 +13,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from memprof.simulation import math_attention
 from memprof.budget import DeviceProfile
+from memprof.simulation.events import ALLOC, FREE, renamed
 from memprof.simulation.rule import Rule  # noqa: F401  (the base every rule here subclasses)
+from memprof.simulation.tracker import current_tracker
 
 aten = torch.ops.aten
 
@@ -307,29 +308,27 @@ class InPlaceGradAccumulation(Rule):
 
     def rewrite(self, events: list) -> list:
         """The stream with each qualifying out-of-place accumulation made in place."""
-        from memprof.simulation.tracker import ALLOC, FREE
-
         alias: dict[int, int] = {}  # folded result id -> the storage it lives in
         drop: set[int] = set()  # indices of the old gradients' releases that no longer happen
         result = []
         for i, ev in enumerate(events):
             if i in drop:
                 continue
-            if ev[0] == ALLOC and ev[1] in self.candidates:
-                old = alias.get(self.candidates[ev[1]], self.candidates[ev[1]])
+            if ev.kind is ALLOC and ev.sid in self.candidates:
+                old = alias.get(self.candidates[ev.sid], self.candidates[ev.sid])
                 for j in range(i + 1, len(events)):
                     later = events[j]
-                    if later[0] == ALLOC:
+                    if later.kind is ALLOC:
                         break
-                    if later[0] == FREE and alias.get(later[1], later[1]) == old:
-                        alias[ev[1]] = old
+                    if later.kind is FREE and alias.get(later.sid, later.sid) == old:
+                        alias[ev.sid] = old
                         drop.add(j)
                         self.folded += 1
                         break
-                if ev[1] in alias:
+                if ev.sid in alias:
                     continue
-            if ev[0] == FREE and ev[1] in alias:
-                ev = (FREE, alias[ev[1]])
+            if ev.kind is FREE and ev.sid in alias:
+                ev = renamed(ev, alias[ev.sid])
             result.append(ev)
         return result
 
@@ -614,6 +613,12 @@ def _cpu_autocast_ops() -> list[str]:
     return _CPU_AUTOCAST_OPS
 
 
+def math_composite(query, key, value, attn_mask, dropout_p, is_causal, scale):
+    """The math path op by op: aten's composite `_scaled_dot_product_attention_math`, its output."""
+    return torch.ops.aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
+                                                             scale=scale)[0]
+
+
 def rng_state_on_device(seed) -> bool:
     """Whether flash attention's RNG state is a device tensor in the installed torch: since its "BC breaking
     change to flash seed/offset" (flash_api.cpp mha_fwd) the state is `rng_state`, 2 uint64 on the CUDA device,
@@ -686,7 +691,10 @@ class HalfPrecisionAttention(Rule):
             return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
         if kind == "efficient":
             return efficient_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
-        return math_attention.attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
+        tracker = current_tracker()
+        if tracker is not None and tracker.math_attention is not None:  # a shortcut stands for the composite
+            return tracker.math_attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
+        return math_composite(query, key, value, attn_mask, dropout_p, is_causal, scale)
 
     def after_op(self, tracker, func, args, kwargs, out) -> None:
         if func is aten._scaled_dot_product_flash_attention.default and not rng_state_on_device(out[6]):
@@ -772,18 +780,9 @@ class FakeGradScalerStep(Rule):
 def resize_storage(tracker, tensor: torch.Tensor, nbytes: int) -> None:
     """Count `tensor`'s just-registered storage at `nbytes` (a kernel allocates it in another dtype than the
     fake tensor's shape function says)."""
-    from memprof.simulation.tracker import ALLOC
-
     sid = tracker.storage_id(tensor)
-    if sid is None or tracker._sizes.get(sid) == nbytes:
-        return
-    tracker.live_bytes += nbytes - tracker._sizes[sid]
-    tracker._sizes[sid] = nbytes
-    for i in range(len(tracker.events) - 1, -1, -1):
-        ev = tracker.events[i]
-        if ev[0] == ALLOC and ev[1] == sid:
-            tracker.events[i] = (ev[0], ev[1], nbytes, *ev[3:])
-            break
+    if sid is not None:
+        tracker.resize(sid, nbytes)
 
 
 class LayerNormStatsFp32(Rule):

@@ -115,7 +115,7 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
             stack.callback(setattr, parent, attr, blocks)
         trainable = [p for p in model.parameters() if p.requires_grad]
         order = list(to_device_order(model))
-        tracker = stack.enter_context(StorageTracker(rules, memo=memo))
+        tracker = stack.enter_context(StorageTracker(rules, front=memo.front))
         for rule_mode in [r.mode() for r in rules if hasattr(r, "mode")]:
             stack.enter_context(rule_mode)
         params = {tracker.register(local(t), "Module.to (parameters and buffers)") for t in order}
@@ -125,14 +125,14 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
             stack.callback(marks.remove)
         stand_in = _StandIn(tracker, trainable)
         try:
-            with math_attention.replaying(tracker) if replay_attention else contextlib.nullcontext():
+            with math_attention.replaying(tracker, memo) if replay_attention else contextlib.nullcontext():
                 tracing.train_steps(model, stand_in, spec, "cpu", tracker.set_phase)  # looked up there: one place to patch
         except (DataDependentOutputException, DynamicOutputShapeException) as exc:
             raise _untraceable(exc, model) from None
         broken = math_attention.broken(tracker)
         traced = Forward(mode, model, prepared.frozen, trainable, [tracker.storage_id(local(t)) for t in order],
                          list(tracker.events), dict(tracker.origin), attribution.result(), params, stand_in.windows,
-                         [_copy_state(vars(r)) for r in rules], tracker._next_id)
+                         [_copy_state(vars(r)) for r in rules], tracker.next_id)
     if broken:
         _reset(rules, initial)
         return trace_forward(spec, rules, repeat_blocks, replay_attention=False, memo=memo)
@@ -178,8 +178,8 @@ def trace_windows(fwd: Forward, spec: RunSpec, rules, memo: Memo = MEMO) -> Wind
         # every step's gradients, made before the tracker sees them (the shared stream has their allocations)
         made = [[(i, sid, torch.empty_strided(size, stride, dtype=dtype)) for i, sid, size, stride, dtype in grads]
                 for _, _, grads in fwd.windows]
-        tracker = stack.enter_context(StorageTracker(rules, memo=memo))
-        tracker._next_id = fwd.next_id
+        tracker = stack.enter_context(StorageTracker(rules, front=memo.front))
+        tracker.continue_ids(fwd.next_id)
         for rule_mode in [r.mode() for r in rules if hasattr(r, "mode") and not r.forward_only]:
             stack.enter_context(rule_mode)
         for t, sid in zip(to_device_order(model), fwd.resident_ids):

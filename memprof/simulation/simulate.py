@@ -24,8 +24,8 @@ from memprof.budget import parse_budget
 from memprof.models import resolve_model
 from memprof.simulation.rules import FakeGradScalerStep, LayerNormStatsFp32, cuda_rules
 from memprof.spec import RunSpec
-from memprof.simulation.tracing import CATEGORIES, Trace, common_metrics, live_peak, peak_to_floor, phase_at, trace
-from memprof.simulation.tracker import ALLOC, FREE
+from memprof.simulation.events import ALLOC, FREE, allocation_phases, live_after, phase_at
+from memprof.simulation.tracing import CATEGORIES, Trace, common_metrics, live_peak, peak_to_floor, trace
 
 
 @dataclass
@@ -45,12 +45,12 @@ def replay(events, capacity: int | None = None, record: bool = False) -> Replay:
     alloc = CachingAllocatorModel(capacity, record)
     phase, peak, peak_index, phase_peaks, block_bytes = "setup", 0, -1, defaultdict(int), {}
     for i, ev in enumerate(events):
-        kind = ev[0]
+        kind = ev.kind
         if record:
             alloc.clock = i
-        if kind == ALLOC:
+        if kind is ALLOC:
             try:
-                block_bytes[ev[1]] = alloc.malloc(ev[1], ev[2])
+                block_bytes[ev.sid] = alloc.malloc(ev.sid, ev.nbytes)
             except SimulatedOOM as oom:
                 oom.index, oom.allocator = i, alloc
                 raise
@@ -58,23 +58,17 @@ def replay(events, capacity: int | None = None, record: bool = False) -> Replay:
                 peak, peak_index = alloc.allocated, i
             if alloc.allocated > phase_peaks[phase]:
                 phase_peaks[phase] = alloc.allocated
-        elif kind == FREE:
-            alloc.free(ev[1])
+        elif kind is FREE:
+            alloc.free(ev.sid)
         else:
-            phase = ev[1]
+            phase = ev.name
     return Replay(peak, alloc.peak_reserved, peak_index, dict(phase_peaks), alloc, block_bytes)
 
 
 def blocks_at(events, index: int, block_bytes: dict) -> dict:
     """Request id -> block bytes of every request allocated right after event `index` (what the allocator
     holds then: a block's size does not change while it is allocated)."""
-    live = {}
-    for ev in events[: index + 1]:
-        if ev[0] == ALLOC:
-            live[ev[1]] = block_bytes[ev[1]]
-        elif ev[0] == FREE:
-            live.pop(ev[1], None)
-    return live
+    return {sid: block_bytes[sid] for sid in live_after(events, index)}
 
 
 @dataclass
@@ -109,7 +103,7 @@ def prediction(spec: RunSpec, history: bool = False, capped_history: bool = Fals
         if shareable(spec):
             resolve_model(spec.model, True, spec.freeze, spec.input_shape)  # a name it cannot predict says why
             return trace_shared(spec, rules, memo or MEMO)
-        return trace(spec, rules)
+        return trace(spec, rules, front=(memo or MEMO).front)
 
     return prediction_of(make_trace, spec.budget, spec, history, capped_history)
 
@@ -147,7 +141,7 @@ def prediction_of(make_trace, budget: str, spec: RunSpec | None = None, history:
         "peak_live_bytes": live_peak(t).peak_bytes,
         "peak_phase": phase,
         "peak_step": step,
-        "peak_op": t.events[full.peak_index][4] if t.events[full.peak_index][0] == ALLOC else None,  # (none: empty)
+        "peak_op": t.events[full.peak_index].op if t.events[full.peak_index].kind is ALLOC else None,  # (none: empty)
         "breakdown_at_peak_bytes": breakdown,
         "top_modules_at_peak": top_holders(sums),
         "top_blocks_at_peak": top_blocks(sums),
@@ -171,7 +165,7 @@ def prediction_of(make_trace, budget: str, spec: RunSpec | None = None, history:
             capped = replay(t.events, capacity=device.usable_bytes, record=capped_history).allocator
     except SimulatedOOM as oom:
         oom_phase, oom_step = phase_at(t.events, oom.index)
-        metrics["oom"] = {"phase": oom_phase, "step": oom_step, "op": t.events[oom.index][4],
+        metrics["oom"] = {"phase": oom_phase, "step": oom_step, "op": t.events[oom.index].op,
                           "requested_bytes": oom.requested, "allocated_bytes": oom.allocated,
                           "reserved_bytes": oom.reserved, "usable_bytes": oom.capacity}
         metrics["fits"] = "no"
@@ -188,12 +182,7 @@ def holder_bytes(t: Trace, at_peak: dict, peak_index: int) -> dict:
     modules (memprof.simulation.attribution.holder)."""
     from memprof.simulation.attribution import holder
 
-    phase_of, phase = {}, "setup"
-    for ev in t.events[: peak_index + 1]:
-        if ev[0] == ALLOC:
-            phase_of[ev[1]] = phase
-        elif ev[0] != FREE:
-            phase = ev[1]
+    phase_of = allocation_phases(t.events, peak_index)
     sums: dict = defaultdict(lambda: defaultdict(int))
     for sid, nbytes in at_peak.items():
         cat = t.category[sid]

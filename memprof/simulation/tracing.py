@@ -25,7 +25,8 @@ from memprof.models import resolve_model
 from memprof.simulation.attribution import ModuleAttribution
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
-from memprof.simulation.tracker import ALLOC, FREE, PHASE, StorageTracker
+from memprof.simulation.events import ALLOC, FREE, PHASE, allocation_count, live_after
+from memprof.simulation.tracker import StorageTracker
 
 from memprof.simulation import CATEGORIES  # noqa: E402 (re-exported: the categories every trace uses)
 
@@ -53,11 +54,11 @@ def to_device_order(module):
     yield from (b for b in module._buffers.values() if b is not None)
 
 
-def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = None) -> Trace:
+def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = None, front=None) -> Trace:
     """Run the harness for `spec` under a StorageTracker: on fake CPU tensors (`fake`) or real ones.
 
     `limit_bytes` makes the tracker raise torch.OutOfMemoryError once live tensor bytes would exceed it
-    (the `cpu` backend's budget). The run is `trace_step` with the harness's model, optimizer and step (the
+    (the `cpu` backend's budget); `front` serves the tracker's fake dispatch (StorageTracker). The run is `trace_step` with the harness's model, optimizer and step (the
     shortcut that shares a forward between optimizers, memprof.simulation.shared, sits above this: it is
     memprof.simulation.simulate.prediction that takes it).
     """
@@ -83,7 +84,7 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
 
     return trace_step(build, run, (*rules, *distributed.parallel_rules(spec)), fake, limit_bytes, prepare_model,
                       distributed.process_group(spec),
-                      distributed.sharded_bytes if spec.parallel != "none" else None)
+                      distributed.sharded_bytes if spec.parallel != "none" else None, front)
 
 
 @contextlib.contextmanager
@@ -117,7 +118,7 @@ def _untraceable(exc: Exception, model) -> UntraceableModel:
 
 
 def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None = None,
-               prepare_model=None, context=None, rank_bytes=None) -> Trace:
+               prepare_model=None, context=None, rank_bytes=None, front=None) -> Trace:
     """Trace `steps` training steps of any model and step function under a StorageTracker.
 
     `build()` returns (model, optimizer, frozen names); the optimizer may be a callable taking the trainable
@@ -159,7 +160,7 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
             if groups:
                 ids = {id(p) for g in groups for p in g["params"]}
                 trainable = [p for p in trainable if id(p) in ids] or trainable
-            tracker = StorageTracker(rules, limit_bytes=limit_bytes)
+            tracker = StorageTracker(rules, limit_bytes=limit_bytes, front=front)
             params, grads, states, starts, rank = set(), set(), set(), [], {}
             stack.enter_context(tracker)
             for mode in modes:
@@ -248,15 +249,15 @@ def _categorize(events, params, grads, states, origin) -> dict:
     """Each storage's role; saved activations are forward allocations still alive when backward starts."""
     category, live_forward, phase = {}, set(), "setup"
     for ev in events:
-        if ev[0] == PHASE:
-            if phase == "forward" and ev[1] == "backward":
+        if ev.kind is PHASE:
+            if phase == "forward" and ev.name == "backward":
                 for sid in live_forward:
                     category.setdefault(sid, "activations")
-            if ev[1] == "forward":
+            if ev.name == "forward":
                 live_forward = set()
-            phase = ev[1]
-        elif ev[0] == ALLOC:
-            sid = ev[1]
+            phase = ev.name
+        elif ev.kind is ALLOC:
+            sid = ev.sid
             if sid in params:
                 category[sid] = "parameters"
             elif sid in grads:
@@ -271,16 +272,9 @@ def _categorize(events, params, grads, states, origin) -> dict:
                 category[sid] = "workspace"
             elif phase == "forward":
                 live_forward.add(sid)
-        elif ev[0] == FREE:
-            live_forward.discard(ev[1])
+        elif ev.kind is FREE:
+            live_forward.discard(ev.sid)
     return {sid: category.get(sid, "temporaries") for sid in origin}
-
-
-def phase_at(events, index: int) -> tuple[str, int]:
-    for ev in reversed(events[: index + 1]):
-        if ev[0] == PHASE:
-            return ev[1], ev[2]
-    return "setup", 0
 
 
 @dataclass
@@ -296,24 +290,18 @@ def live_peak(t: Trace) -> LivePeak:
     sizes, live, peak, peak_index, phase = {}, 0, 0, -1, "setup"
     phase_peaks = defaultdict(int)
     for i, ev in enumerate(t.events):
-        if ev[0] == ALLOC:
-            sizes[ev[1]] = ev[2]
-            live += ev[2]
+        if ev.kind is ALLOC:
+            sizes[ev.sid] = ev.nbytes
+            live += ev.nbytes
             if live > peak:
                 peak, peak_index = live, i
             phase_peaks[phase] = max(phase_peaks[phase], live)
-        elif ev[0] == FREE:
-            live -= sizes.pop(ev[1])
+        elif ev.kind is FREE:
+            live -= sizes.pop(ev.sid)
         else:
-            phase = ev[1]
+            phase = ev.name
     breakdown = dict.fromkeys(CATEGORIES, 0)
-    alive = {}
-    for ev in t.events[: peak_index + 1]:
-        if ev[0] == ALLOC:
-            alive[ev[1]] = ev[2]
-        elif ev[0] == FREE:
-            alive.pop(ev[1])
-    for sid, nbytes in alive.items():
+    for sid, nbytes in live_after(t.events, peak_index).items():
         breakdown[t.category[sid]] += nbytes
     return LivePeak(peak, peak_index, {p: phase_peaks.get(p, 0) for p in ("forward", "backward", "optimizer")},
                     breakdown)
@@ -329,7 +317,7 @@ def common_metrics(t: Trace) -> dict:
         **t.state,
         "state_bytes_per_trainable_param": round(t.state["optimizer_state_bytes"] / t.params_trainable, 4)
         if t.params_trainable else None,
-        "alloc_requests": sum(1 for ev in t.events if ev[0] == ALLOC),
+        "alloc_requests": allocation_count(t.events),
         **t.extra,
     }
 

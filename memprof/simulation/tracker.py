@@ -1,4 +1,5 @@
-"""Storage lifetimes as an event stream: what a device allocator would be asked for, op by op.
+"""Storage lifetimes as an event stream (memprof.simulation.events): what a device allocator would be asked for,
+op by op.
 
 A TorchDispatchMode sees every aten op below autograd. Each op output whose storage is new (the op's
 schema says the output is not an alias of an input, and the storage has not been seen) is one allocation
@@ -11,20 +12,22 @@ Each allocation also gets the module it was made in (`module`: storage id -> dot
 any module) from the `where` callable, when one is set (memprof.simulation.attribution sets it).
 
 Rules (memprof.simulation.rules) may add requests CUDA makes that the CPU does not (library workspaces, kernel
-temporaries) through `synthetic_alloc` and `free_synthetic`.
+temporaries) through `synthetic_alloc` and `free_synthetic`. The tracker alone edits its state: rules and the
+shortcuts above change what it logged through its methods (`relabel`, `resize`, `release`, `treat_as_host`,
+`adopt`, `continue_ids`, `scratch`, `mark`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 
-from memprof.simulation.memo import MEMO, Memo
+from memprof.simulation.events import alloc, free, last_allocation, phase
 
-ALLOC, FREE, PHASE = 0, 1, 2  # events: (ALLOC, id, nbytes, phase, op), (FREE, id), (PHASE, name, step)
 _DEVICE = torch.ops.prim.device.default  # `Tensor.device` of a fake tensor: asked thousands of times a step
 
 
@@ -36,11 +39,13 @@ def _may_allocate(func) -> bool:
 
 
 class StorageTracker(TorchDispatchMode):
-    """Logs (ALLOC, id, nbytes, phase, op) and (FREE, id) events for every device storage."""
+    """Logs an Alloc and a Free event (memprof.simulation.events) for every device storage.
 
-    def __init__(self, rules=(), limit_bytes: int | None = None, memo: Memo | None = None):
+    `front`: an object whose `call(func, args, kwargs)` stands for the fake-tensor dispatch below (the shortcut
+    layer's memprof.simulation.fast_dispatch.FrontCache), or None."""
+
+    def __init__(self, rules=(), limit_bytes: int | None = None, front=None):
         super().__init__()
-        self.memo = memo or MEMO  # what this trace may reuse and fill (memprof.simulation.memo)
         self.rules = tuple(rules)
         # only the rules that act per op are called per op
         self._before = tuple(r for r in self.rules if _overrides(r, "before_op"))
@@ -59,8 +64,8 @@ class StorageTracker(TorchDispatchMode):
         self._refs: dict[int, weakref.ref] = {}
         self._next_id = 0
         self._allocating: dict = {}  # op -> its name when it may allocate, else None
-        self.front = self.memo.front  # fake-tensor dispatch through memprof.simulation.fast_dispatch (None: off)
-        self.replay_attention = False  # math-path attention replayed from the memo's recordings (math_attention)
+        self.front = front
+        self.math_attention = None  # callable standing for the math-path attention composite (math_attention), or None
         self.attention_state = None  # this trace's replays (math_attention._TraceState)
 
     def add_rule(self, rule) -> None:
@@ -89,7 +94,7 @@ class StorageTracker(TorchDispatchMode):
         return sid
 
     def _log_alloc(self, sid: int, nbytes: int, op: str) -> None:
-        self.events.append((ALLOC, sid, nbytes, self.phase, op))
+        self.events.append(alloc(sid, nbytes, self.phase, op))
         self.origin[sid] = op
         self.module[sid] = self.where() if self.where is not None else ""
         self._sizes[sid] = nbytes
@@ -104,7 +109,7 @@ class StorageTracker(TorchDispatchMode):
         self._by_cdata.pop(key, None)
         self._refs.pop(sid, None)
         self.live_bytes -= self._sizes.pop(sid, 0)
-        self.events.append((FREE, sid))
+        self.events.append(free(sid))
 
     def treat_as_host(self, tensor: torch.Tensor) -> None:
         """Un-count a storage just registered: CUDA keeps it in host memory."""
@@ -115,10 +120,9 @@ class StorageTracker(TorchDispatchMode):
         del self.origin[sid]
         self.module.pop(sid, None)
         self.live_bytes -= self._sizes.pop(sid)
-        for i in range(len(self.events) - 1, -1, -1):
-            if self.events[i][0] == ALLOC and self.events[i][1] == sid:
-                del self.events[i]
-                break
+        i = last_allocation(self.events, sid)
+        if i is not None:
+            del self.events[i]
 
     def adopt(self, tensor: torch.Tensor, sid: int, log_release: bool = True) -> None:
         """Count `tensor`'s storage under an id another tracker gave it, logging no allocation (the other
@@ -143,12 +147,74 @@ class StorageTracker(TorchDispatchMode):
 
     def free_synthetic(self, sid: int) -> None:
         self.live_bytes -= self._sizes.pop(sid)
-        self.events.append((FREE, sid))
+        self.events.append(free(sid))
 
-    def set_phase(self, phase: str, step: int = 0) -> None:
+    def set_phase(self, name: str, step: int = 0) -> None:
         """Mark a phase boundary in the stream (setup, forward, backward, optimizer, done)."""
-        self.phase, self.step = phase, step
-        self.events.append((PHASE, phase, step))
+        self.phase, self.step = name, step
+        self.events.append(phase(name, step))
+
+    def mark(self, event) -> None:
+        """Put a shortcut's mark (memprof.simulation.events.Block, Window) in the stream."""
+        self.events.append(event)
+
+    def relabel(self, sid: int, label: str) -> None:
+        """Name what made a storage (its origin, and its allocation event) after the fact."""
+        self.origin[sid] = label
+        i = last_allocation(self.events, sid)
+        if i is not None:
+            self.events[i] = self.events[i]._replace(op=label)
+
+    def resize(self, sid: int, nbytes: int) -> None:
+        """Count a just-registered storage at `nbytes` (a kernel allocates it in another dtype than the fake
+        tensor's shape function says)."""
+        if self._sizes.get(sid) == nbytes:
+            return
+        self.live_bytes += nbytes - self._sizes[sid]
+        self._sizes[sid] = nbytes
+        i = last_allocation(self.events, sid)
+        if i is not None:
+            self.events[i] = self.events[i]._replace(nbytes=nbytes)
+
+    def release(self, tensor) -> None:
+        """Log the release of a storage that is resized to nothing (it lives on as an empty storage)."""
+        sid = self._by_cdata.pop(tensor.untyped_storage()._cdata, None)
+        if sid is None:
+            return
+        self._refs.pop(sid, None)  # the weakref goes, so the empty storage's eventual death logs nothing
+        self.free_synthetic(sid)
+
+    @property
+    def next_id(self) -> int:
+        """The last storage id given (ids count up from it)."""
+        return self._next_id
+
+    def continue_ids(self, last: int) -> None:
+        """Give ids after `last` from now on (a trace continuing another's stream, memprof.simulation.shared)."""
+        self._next_id = last
+
+    @contextlib.contextmanager
+    def scratch(self):
+        """Within, events go to a fresh list (the yielded Scratch's `events`). Afterwards the stream is the one
+        before; requests made within whose storages have no tensor (a rule's workspace) are uncounted; and when
+        no storage made within is alive (`alive` False), ids continue as before, what the made ones were forgotten."""
+        events, last = self.events, self._next_id
+        result = Scratch()
+        self.events = result.events
+        try:
+            yield result
+        finally:
+            self.events = events
+            made = [sid for sid in self._sizes if sid > last]
+            result.alive = any(sid in self._refs for sid in made)
+            for sid in made:
+                if sid not in self._refs:
+                    self.live_bytes -= self._sizes.pop(sid)
+            if not result.alive:
+                for sid in range(last + 1, self._next_id + 1):
+                    self.origin.pop(sid, None)
+                    self.module.pop(sid, None)
+                self._next_id = last
 
     # --- dispatch ----------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -191,21 +257,14 @@ def _overrides(rule, method: str) -> bool:
     return own is not None and own is not getattr(Rule, method, None)
 
 
-def relabel(tracker, sid: int, label: str) -> None:
-    """Name what made a storage (its origin, and its allocation event) after the fact."""
-    tracker.origin[sid] = label
-    for i in range(len(tracker.events) - 1, -1, -1):
-        ev = tracker.events[i]
-        if ev[0] == ALLOC and ev[1] == sid:
-            tracker.events[i] = ev[:4] + (label,)
-            break
+class Scratch:
+    """What StorageTracker.scratch saw: its events, and (after) whether a storage made within is still alive."""
+
+    def __init__(self):
+        self.events: list = []
+        self.alive = False
 
 
-def release(tracker, tensor) -> None:
-    """Log the release of a storage that is resized to nothing (it lives on as an empty storage)."""
-    key = tensor.untyped_storage()._cdata
-    sid = tracker._by_cdata.pop(key, None)
-    if sid is None:
-        return
-    tracker._refs.pop(sid, None)  # the weakref goes, so the empty storage's eventual death logs nothing
-    tracker.free_synthetic(sid)
+def current_tracker() -> StorageTracker | None:
+    """The innermost StorageTracker in the dispatch mode stack, or None."""
+    return next((m for m in _get_current_dispatch_mode_stack() if isinstance(m, StorageTracker)), None)
