@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from memprof.errors import UsageError
 from memprof.models import (build_text_tower, build_model, check_pretrained, freeze_embedding, input_shape,
                             read_pretrained, resolve_model)
 from memprof.optims import OptimInfo, REGISTRY as OPTIMS
@@ -170,3 +172,24 @@ def run_steps(model, optimizer, batch, step, steps: int, on_phase) -> None:
         if handle is not None:
             handle.remove()
     on_phase("done", steps)
+
+
+SDPA_SWITCHES = {"cudnn": "enable_cudnn_sdp", "flash": "enable_flash_sdp", "efficient": "enable_mem_efficient_sdp",
+                 "math": "enable_math_sdp"}
+SDPA_DISABLE_ENV = "MEMPROF_CUDA_SDPA_DISABLE"  # e.g. "cudnn": measured and predicted with cuDNN attention off
+
+
+def sdpa_kernels() -> dict:
+    """With MEMPROF_CUDA_SDPA_DISABLE set (a comma list, perhaps empty), the attention kernels it names are off and
+    the others on (torch.backends.cuda's switches, which the GPU's kernel choice and the simulation's rules both
+    read); unset, the switches stay as they are. Returns which are enabled now."""
+    raw = os.environ.get(SDPA_DISABLE_ENV)
+    if raw is not None:
+        names = [n.strip() for n in raw.split(",") if n.strip()]
+        unknown = [n for n in names if n not in SDPA_SWITCHES]
+        if unknown:
+            raise UsageError(f"{SDPA_DISABLE_ENV}={raw}: unknown kernel {unknown[0]} (use {', '.join(SDPA_SWITCHES)})")
+        for name, switch in SDPA_SWITCHES.items():
+            getattr(torch.backends.cuda, switch)(name not in names)
+    return {"cudnn": torch.backends.cuda.cudnn_sdp_enabled(), "flash": torch.backends.cuda.flash_sdp_enabled(),
+            "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(), "math": torch.backends.cuda.math_sdp_enabled()}

@@ -42,7 +42,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "rules": ("list", "the rules a prediction applied (name, summary, source)"),
     "notes": ("list of text", "what the record's reader should know (limits of the figure)"),
     # rule counters
-    "attention_kernels": ("dict of count", "SDPA calls per kernel the rules chose (flash, efficient, math)"),
+    "attention_kernels": ("dict of count", "SDPA calls per kernel the rules chose (cudnn, flash, efficient, math)"),
     "autocast_casts": (COUNT, "casts autocast made"),
     "autocast_cache_hits": (COUNT, "casts served by autocast's weight-cast cache"),
     "in_place_accumulations": (COUNT, "gradients summed in place (autograd's input buffer)"),

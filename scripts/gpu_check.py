@@ -38,6 +38,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from unittest import mock
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,10 +49,12 @@ PER_CONFIG_TIMEOUT_S = 60.0
 GPU_TESTS_TIMEOUT_S = 120.0
 PREDICTED_DIR = os.path.join(ROOT, "reports", "gpu", "predicted")
 EMULATED = "12GiB@9.0"  # the paper's 12 GB card, emulated on the GPU (capped allocator), with the GPU's sm90 rules
-SDPA_OFF = "cudnn"  # measured with cuDNN attention off: the simulation predicts flash (see memprof.backends.cuda)
+SDPA_OFF = "cudnn"  # measured and predicted with cuDNN attention off (flash), except in the cudnn-attention stage
 MAX_TARBALL_BYTES = 15 << 20  # the device tool returns files of at most 16 MiB
 OUT_FILES = ("gpu_check.tar.gz", "gpu_check.log", "fidelity.md", "fidelity-12g.md", "fidelity-dist.md",
-             "table4-measured.md", "results-cuda.jsonl")
+             "fidelity-cudnn.md", "table4-measured.md", "results-cuda.jsonl")
+CUDNN = "cudnn"  # the fidelity table of the stage measured with cuDNN attention on; its predictions are kept apart
+# (PREDICTED_DIR/cudnn: their keys are the setups stage's, made with cuDNN attention off)
 # estimated seconds per measured configuration on an H200 (fresh process: imports, CUDA context, build, steps);
 # estimates until the first run measures them, bounded by PER_CONFIG_TIMEOUT_S and the deadline
 ESTIMATE_S = {"vit-b-16": 7.0, "vit-l-14": 8.0, "vit-h-14": 10.0, "test-vit": 2.0}
@@ -68,7 +71,8 @@ SCRIPT_ESTIMATE_S = 12.0
 @dataclass(frozen=True)
 class Grid:
     """One `memprof run` grid measured in a stage: its options, the scratch folder its records go to, and the
-    fidelity table (main, 12g, dist) that grades it against the predictions for `budget`."""
+    fidelity table (main, 12g, dist, cudnn) that grades it against the predictions for `budget`, and the
+    environment both the measurement and the prediction run under (on top of MEMPROF_CUDA_SDPA_DISABLE=SDPA_OFF)."""
     options: dict
     out: str
     fidelity: str = "main"
@@ -105,7 +109,7 @@ STAGES = (
                                  "overhead-nvml-0", "none")), gpu_only=True),
     Stage("gpu-tests", command="pytest"),
     Stage("cudnn-attention", (Grid({"models": "paper", "optims": "adamw", "precision": "bf16-amp"}, "cuda-cudnn",
-                                   "none", env={"MEMPROF_CUDA_SDPA_DISABLE": ""}),)),
+                                   CUDNN, env={"MEMPROF_CUDA_SDPA_DISABLE": ""}),)),
 )
 
 
@@ -212,15 +216,38 @@ def predict_all(out_dir: str, budget: str, dry: bool, skip: set = frozenset()) -
         for grid in stage.grids:
             if grid.fidelity == "none" or (dry and stage.gpu_only) or stage.name in skip:
                 continue
-            run_grid(entries_of(grid, budget, dry), out_dir, "simulate", progress=False, jobs=1)
+            with sdpa_environment(grid):
+                run_grid(entries_of(grid, budget, dry), os.path.join(out_dir, CUDNN) if grid.fidelity == CUDNN
+                         else out_dir, "simulate", progress=False, jobs=1)
     if not dry and "scripts" not in skip:
         from memprof.results import append
         from memprof.script.runner import run_script
 
-        for path, *args in SCRIPTS:
-            append(os.path.join(out_dir, "results.jsonl"),
-                   run_script(os.path.join(ROOT, path), args, budget=budget).record)
-    return read_records(out_dir)
+        from memprof.harness import sdpa_kernels
+
+        with sdpa_environment(Grid({}, SCRIPTS_OUT, env={"MEMPROF_CUDA_SDPA_DISABLE": ""})):
+            sdpa_kernels()  # a script runs with torch's default kernels, as `memprof script --backend cuda` measures it
+            for path, *args in SCRIPTS:
+                append(os.path.join(out_dir, "results.jsonl"),
+                       run_script(os.path.join(ROOT, path), args, budget=budget).record)
+    return read_predictions(out_dir)
+
+
+def read_predictions(folder: str) -> list[dict]:
+    """The records of `folder`, and those of its cudnn subfolder marked `fidelity_group` "cudnn" (in memory only)."""
+    from memprof.results import read_records
+
+    records = read_records(folder)
+    if os.path.exists(os.path.join(folder, CUDNN, "results.jsonl")):
+        records += [{**r, "fidelity_group": CUDNN} for r in read_records(os.path.join(folder, CUDNN))]
+    return records
+
+
+def sdpa_environment(grid: Grid):
+    """The attention kernels `grid` runs with: cuDNN attention off (SDPA_OFF) unless its env says otherwise. The
+    measuring and the predicting backends both read MEMPROF_CUDA_SDPA_DISABLE where they run (memprof.harness.
+    sdpa_kernels), in this process or a worker it starts."""
+    return mock.patch.dict(os.environ, {"MEMPROF_CUDA_SDPA_DISABLE": SDPA_OFF, **grid.env})
 
 
 ENGINE_DIGEST_FILE = "engine.sha256"  # beside the carried results: the engine that made them
@@ -251,7 +278,7 @@ def carried_predictions(budget: str, dry: bool) -> tuple[list[dict] | None, str]
     if dry:
         return None, "dry run: predicted afresh for test-vit"
     try:
-        records = read_records(PREDICTED_DIR)
+        records = read_predictions(PREDICTED_DIR)
         with open(os.path.join(PREDICTED_DIR, ENGINE_DIGEST_FILE), encoding="ascii") as fh:
             made_by = fh.read().strip()
     except Exception as exc:  # missing or unreadable: predict again
@@ -295,7 +322,7 @@ def records_in(scratch: str, sub: str) -> list[dict]:
 
 def write_outputs(scratch: str, out: str | None, predicted: list[dict] | None, budget: str, log: Log) -> None:
     """The fidelity tables, the measured Table 4 and every measured record in the scratch folder, then the
-    7 files in $OUT (each written under a temporary name, then renamed)."""
+    8 files in $OUT (each written under a temporary name, then renamed)."""
     from memprof.reports.fidelity import render_fidelity
     from memprof.reports.table4 import default_metric, render_markdown
 
@@ -305,9 +332,10 @@ def write_outputs(scratch: str, out: str | None, predicted: list[dict] | None, b
     files = {"results-cuda.jsonl": "".join(json.dumps(r, sort_keys=True) + "\n"
                                            for sub in grids for r in measured[sub])}
     for name, group, want in (("fidelity.md", "main", budget), ("fidelity-12g.md", "12g", EMULATED),
-                              ("fidelity-dist.md", "dist", budget)):
+                              ("fidelity-dist.md", "dist", budget), ("fidelity-cudnn.md", CUDNN, budget)):
         got = [r for sub, g in grids.items() if g.fidelity == group for r in measured[sub]]
         preds = [r for r in predicted or [] if r["spec"]["budget"] == want
+                 and (r.get("fidelity_group") == CUDNN) == (group == CUDNN)
                  and (r["spec"].get("parallel", "none") != "none") == (group == "dist")]
         if not got:
             files[name] = f"# {name}: not measured yet\n"
@@ -315,7 +343,9 @@ def write_outputs(scratch: str, out: str | None, predicted: list[dict] | None, b
             files[name] = "# predictions still to be made (see gpu_check.log)\n"
         else:
             files[name] = render_fidelity(got, preds) + (
-                "\nMeasured with cuDNN attention off (MEMPROF_CUDA_SDPA_DISABLE=cudnn): the simulation models flash.\n")
+                "\nMeasured and predicted with cuDNN attention on (the kernel torch prefers on sm90/sm100 with cuDNN > "
+                "9.15: the prediction's workspace estimate is in its upper band).\n" if group == CUDNN else
+                "\nMeasured and predicted with cuDNN attention off (MEMPROF_CUDA_SDPA_DISABLE=cudnn): flash attention.\n")
     paper = [r for r in measured["cuda"] if r["spec"]["precision"] == "fp32" and r["spec"]["batch_size"] == 1
              and r["spec"]["optim_impl"] == "foreach" and not r["spec"]["optim_in_backward"]
              and not r["spec"]["grad_ckpt"]]
@@ -365,9 +395,7 @@ def measure_grid(grid: Grid, scratch: str, backend: str, dry: bool, deadline: fl
     if dry:
         opts.pop("nvml_period_ms", None)
     opts.setdefault("budget", "device")
-    saved = {k: os.environ.get(k) for k in grid.env}
-    os.environ.update(grid.env)
-    try:
+    with sdpa_environment(grid):
         planned = plan_run(run_options(**opts, backend=backend, out=out_dir, resume=True, progress=False,
                                        timeout_s=PER_CONFIG_TIMEOUT_S))
         done = 0
@@ -392,9 +420,6 @@ def measure_grid(grid: Grid, scratch: str, backend: str, dry: bool, deadline: fl
                 if record["status"] in ("error", "crashed"):
                     return done, f"{record['key']}: {record['status']}: {record['error']}"
         return done, ""
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def run_scripts(scratch: str, budget: str, deadline: float, log: Log) -> str:
@@ -466,7 +491,8 @@ def main(argv=None) -> int:
         return 0 if total <= args.deadline_s else 1
     if args.predict:
         records = predict_all(args.predict, budget, args.dry_run)  # the device's configurations, made here
-        shutil.rmtree(os.path.join(args.predict, "timelines"), ignore_errors=True)  # only the records travel
+        for folder in (args.predict, os.path.join(args.predict, CUDNN)):  # only the records travel
+            shutil.rmtree(os.path.join(folder, "timelines"), ignore_errors=True)
         with open(os.path.join(args.predict, ENGINE_DIGEST_FILE), "w", encoding="ascii") as fh:
             fh.write(engine_digest() + "\n")
         print(f"predicted {len(records)} configurations for {budget} under {versions()} into {args.predict}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (scripts/gpu_check.py says what it measures and writes). On a lent GPU machine, from the
 # repository root, with .whl/ (scripts/fetch_gpu_wheels.sh) carried:
-#   scripts/gpu_check.sh              # measures, grades, writes 7 files to $OUT after every stage
+#   scripts/gpu_check.sh              # measures, grades, writes 8 files to $OUT after every stage
 #   scripts/gpu_check.sh --plan       # the stages and their planned device time
 # Without a GPU it rehearses itself (test-vit on the cpu backend).
 set -uo pipefail

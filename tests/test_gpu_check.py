@@ -125,15 +125,19 @@ def test_the_committed_predictions_are_for_the_lent_h200_and_every_measured_conf
     from memprof.results import read_records
 
     check = _module()
-    records = read_records(check.PREDICTED_DIR)
-    keys = {r["key"] for r in records}
+    records = check.read_predictions(check.PREDICTED_DIR)
+    keys = {(r.get("fidelity_group"), r["key"]) for r in records}
     assert len({r["environment"]["torch"] for r in records}) == 1 and {r["source"] for r in records} == {"predicted"}
     for stage in check.STAGES:
         for grid in stage.grids:
             if grid.fidelity == "none":
                 continue
+            group = check.CUDNN if grid.fidelity == check.CUDNN else None
             for entry in check.entries_of(grid, "143771MiB@9.0", dry=False):
-                assert f"{entry.spec.key}@simulate" in keys, entry.spec.key
+                assert (group, f"{entry.spec.key}@simulate") in keys, (group, entry.spec.key)
+    # the two attention settings: flash where cuDNN attention is off, cuDNN where it is on (the H200 prefers it)
+    kernels = {(r.get("fidelity_group"), k) for r in records for k in r["metrics"].get("attention_kernels", {})}
+    assert kernels == {(None, "flash"), (check.CUDNN, "cudnn")}, kernels
     scripts = [r for r in records if r["spec"]["model"].startswith("script:")]
     assert len(scripts) == len(check.SCRIPTS) and all(r["status"] == "ok" for r in scripts)
 

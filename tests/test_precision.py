@@ -112,10 +112,13 @@ def test_policy_kernels_are_removed_after_the_rule():
 
 # --- attention backend per card ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("budget, dtype, kind", [("a100-80g", BF16, "flash"), ("h100-80g", torch.float16, "flash"),
-                                                 ("titan-x", torch.float16, "efficient"), ("titan-x", BF16, "math")])
-def test_attention_backend_follows_the_card(budget, dtype, kind):
-    rule = HalfPrecisionAttention(parse_budget(budget))
+@pytest.mark.parametrize("budget, dtype, cudnn, kind", [
+    ("a100-80g", BF16, 92400, "flash"), ("h100-80g", torch.float16, 91500, "flash"),
+    ("h100-80g", torch.float16, 92400, "cudnn"), ("titan-x", torch.float16, 92400, "efficient"),
+    ("titan-x", BF16, 92400, "math")])
+def test_attention_backend_follows_the_card(budget, dtype, cudnn, kind):
+    """cuDNN attention first on sm90 with a cuDNN newer than 9.15 (tests/test_cudnn_attention.py), else flash on sm80+."""
+    rule = HalfPrecisionAttention(parse_budget(budget), cudnn_version=cudnn)
     assert rule.backend(dtype, 64, masked=False) == kind
     assert rule.backend(dtype, 64, masked=True) != "flash"  # negative control: flash takes no mask
 

@@ -32,7 +32,7 @@ import torch
 
 from memprof.budget import NOMINAL_TOLERANCE, GiB, parse_budget
 from memprof.errors import UsageError
-from memprof.harness import apply_precision, materialize, prepare, train_steps
+from memprof.harness import apply_precision, materialize, prepare, sdpa_kernels, train_steps
 from memprof.backends import distributed
 from memprof.backends.base import MEASURED, Backend, as_outcome
 from memprof.backends.nvml import Nvml, Sampler, gpu_present, periodic_reading
@@ -124,22 +124,6 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
 
 
-SDPA_SWITCHES = {"cudnn": "enable_cudnn_sdp", "flash": "enable_flash_sdp", "efficient": "enable_mem_efficient_sdp",
-                 "math": "enable_math_sdp"}
-SDPA_DISABLE_ENV = "MEMPROF_CUDA_SDPA_DISABLE"
-
-
-def sdpa_kernels() -> dict:
-    """Turn off the attention kernels named in MEMPROF_CUDA_SDPA_DISABLE; returns which are enabled now."""
-    names = [n.strip() for n in os.environ.get(SDPA_DISABLE_ENV, "").split(",") if n.strip()]
-    unknown = [n for n in names if n not in SDPA_SWITCHES]
-    if unknown:
-        raise UsageError(f"{SDPA_DISABLE_ENV}={os.environ[SDPA_DISABLE_ENV]}: unknown kernel {unknown[0]} (use "
-                         f"{', '.join(SDPA_SWITCHES)})")
-    for name in names:
-        getattr(torch.backends.cuda, SDPA_SWITCHES[name])(False)
-    return {"cudnn": torch.backends.cuda.cudnn_sdp_enabled(), "flash": torch.backends.cuda.flash_sdp_enabled(),
-            "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(), "math": torch.backends.cuda.math_sdp_enabled()}
 
 
 def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: float = 5.0) -> tuple[str, dict]:

@@ -48,8 +48,9 @@ class SimulateBackend(Backend):
         its predicted snapshot of the budget card's replay goes there, named by the record key."""
         from memprof.simulation.simulate import prediction
 
+        switches = _sdpa_switches()
         p = prediction(spec, history=out_dir is not None, capped_history=snapshot_dir is not None)
-        return Outcome(p.status, p.metrics, write_artifacts(spec, p, out_dir, snapshot_dir))
+        return Outcome(p.status, {**p.metrics, **switches}, write_artifacts(spec, p, out_dir, snapshot_dir))
 
     def probe(self, spec, **options):
         """Probes by prediction in this process; once three batch sizes (2 or more) of the configuration's
@@ -60,12 +61,23 @@ class SimulateBackend(Backend):
         from memprof.simulation.memo import MEMO
         from memprof.simulation.simulate import prediction
 
+        _sdpa_switches()
+
         def probe(batch: int) -> Outcome:
             with MEMO.scaling_in_batch():
                 p = prediction(replace(spec, batch_size=batch), memo=MEMO)
             return Outcome(p.status, p.metrics)
 
         return probe
+
+
+def _sdpa_switches() -> dict:
+    """The attention kernels MEMPROF_CUDA_SDPA_DISABLE turns off, off here too (the cuda backend measures with the
+    same switch: memprof.harness.sdpa_kernels); the record names them only when one is off."""
+    from memprof.harness import sdpa_kernels
+
+    enabled = sdpa_kernels()
+    return {} if all(enabled.values()) else {"sdpa_kernels_enabled": enabled}
 
 
 def write_artifacts(spec, p, out_dir: str | None, snapshot_dir: str | None) -> dict:

@@ -8,6 +8,7 @@ docstring says and are listed so a prediction names everything it assumed.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import torch
@@ -627,9 +628,42 @@ def rng_state_on_device(seed) -> bool:
     return isinstance(seed, torch.Tensor) and tuple(seed.shape) == (2,) and seed.dtype == torch.uint64
 
 
+CUDNN_PREFERRED_ABOVE = 91500  # check_prefer_cudnn_attention: cudnnGetVersion() > 91500 (9.15.0 does not qualify)
+
+
+def cudnn_preferred(cc, cudnn_version: int | None, torch_version: str = torch.__version__) -> bool:
+    """Whether SDPA tries cuDNN attention first on a card of compute capability `cc` (sdp_utils.cpp
+    check_prefer_cudnn_attention, read in the torch 2.11.0 and 2.14.1 cu130 wheels): an sm90 or sm100-family card,
+    a runtime cuDNN newer than 9.15.0 (the wheels bundle 9.19.0 and 9.24.0) and TORCH_CUDNN_SDPA_DEPRIORITIZED
+    unset; 2.11 also asks for minor 0 or 3 (2.14.1 does not; versions between are taken as 2.11). The order is
+    then cudnn > flash > efficient > math."""
+    if cc is None or cudnn_version is None or cudnn_version <= CUDNN_PREFERRED_ABOVE or cc[0] not in (9, 10):
+        return False
+    if os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    return torch.torch_version.TorchVersion(torch_version) >= "2.14" or cc[1] in (0, 3)
+
+
+def cudnn_eligible(head_dim: int, kv_len: int, dropout_p: float) -> bool:
+    """can_use_cudnn_attention's checks that a ViT can fail (sdp_utils.cpp; fp16/bf16 and 4-D are given here, a
+    mask is allowed): enabled (torch.backends.cuda.enable_cudnn_sdp, sdpa_kernel), not under strict deterministic
+    algorithms, head dim a multiple of 8 and at most 128 (the d256 path of newer cuDNN is not modelled: flash is
+    predicted there), a key length other than 1, dropout a multiple of 1/16."""
+    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    return (torch.backends.cuda.cudnn_sdp_enabled() and not strict and head_dim % 8 == 0 and head_dim <= 128
+            and kv_len != 1 and float(dropout_p * 16).is_integer())
+
+
 class HalfPrecisionAttention(Rule):
     """Which kernel CUDA's scaled_dot_product_attention runs for fp16/bf16 inputs, from the card's compute
-    capability (sdp_utils.cpp select_sdp_backend, order flash > efficient > math):
+    capability and the installed torch's cuDNN (sdp_utils.cpp select_sdp_backend, order flash > efficient > math,
+    or cudnn first where `cudnn_preferred`):
+    - sm90/sm100 with cuDNN newer than 9.15: cuDNN attention where `cudnn_eligible`. Its meta function gives
+      what it allocates (attention.cu _cudnn_attention_forward): the output laid out as q when q is dense, else
+      contiguous [B, H, L, K] (alloc_with_matching_layout), an fp32 logsumexp [B, H, L, 1] when an input needs a
+      gradient (the meta makes it always: un-counted otherwise), and philox seed and offset, two 8 B device
+      tensors even without dropout (two 512 B blocks, saved for the backward). A bool mask becomes an additive
+      one in the query's dtype first (attention.cpp convert_boolean_attn_mask_cudnn);
     - sm80 and newer: flash attention (fp16/bf16, no attention mask, head dim <= 256). It saves q, k, v, the
       output (laid out [B, L, H, K] like q) and an fp32 logsumexp [B, H, L] (its meta function gives both),
       plus its RNG state (on the device since torch's seed/offset change: `rng_state_on_device`);
@@ -637,25 +671,31 @@ class HalfPrecisionAttention(Rule):
       among its dtypes below sm80 (less_than_sm80_mem_efficient_dtypes: half, float), so the math path runs,
       which upcasts q, k, v to fp32 and keeps fp32 scores and probabilities [B, H, L, S].
     Under autocast fp32 inputs are cast to the autocast dtype first (SDPA is on the lower-precision list).
-    Not modelled: on sm90+ with cuDNN newer than 9.15 torch may prefer cuDNN attention when its shape checks
-    pass (check_prefer_cudnn_attention); flash is predicted there.
     """
 
     forward_only = True
-    acts_on = frozenset({aten._scaled_dot_product_flash_attention.default})
+    acts_on = frozenset({aten._scaled_dot_product_flash_attention.default,
+                         aten._scaled_dot_product_cudnn_attention.default})
     name = "half-precision-attention"
-    summary = ("fp16/bf16 SDPA: flash attention on sm80+ (fp32 logsumexp [B,H,L]); below sm80 the memory-efficient "
-               "kernel for fp16 and the math path (fp32 scores) for bf16")
-    source = "aten/src/ATen/native/transformers/cuda/sdp_utils.cpp; torch/_meta_registrations.py flash attention"
+    summary = ("fp16/bf16 SDPA: cuDNN attention first on sm90/sm100 with cuDNN > 9.15, else flash on sm80+ (fp32 "
+               "logsumexp [B,H,L]); below sm80 the memory-efficient kernel for fp16 and the math path (fp32 scores) "
+               "for bf16")
+    source = ("aten/src/ATen/native/transformers/cuda/sdp_utils.cpp; attention.cu _cudnn_attention_forward; "
+              "torch/_meta_registrations.py flash and cuDNN attention")
 
-    def __init__(self, device: DeviceProfile):
+    def __init__(self, device: DeviceProfile, cudnn_version: int | None = None):
         cc = device.compute_capability
         self.flash = cc is not None and cc >= (8, 0)
+        self.cudnn_first = cudnn_preferred(cc, torch.backends.cudnn.version() if cudnn_version is None
+                                           else cudnn_version)
         self.kernels: dict[str, int] = {}
 
-    def backend(self, dtype, head_dim: int, masked: bool) -> str:
+    def backend(self, dtype, head_dim: int, masked: bool, kv_len: int = 2, dropout_p: float = 0.0) -> str:
         """The kernel CUDA selects, among those enabled (torch.nn.attention.sdpa_kernel and
-        torch.backends.cuda.enable_flash_sdp / enable_mem_efficient_sdp switch them off; math is what is left)."""
+        torch.backends.cuda.enable_cudnn_sdp / enable_flash_sdp / enable_mem_efficient_sdp switch them off; math
+        is what is left)."""
+        if self.cudnn_first and cudnn_eligible(head_dim, kv_len, dropout_p):
+            return "cudnn"
         if self.flash and not masked and head_dim <= 256 and torch.backends.cuda.flash_sdp_enabled():
             return "flash"
         if (dtype == torch.float16 or (self.flash and dtype == torch.bfloat16)) \
@@ -685,8 +725,16 @@ class HalfPrecisionAttention(Rule):
             F.scaled_dot_product_attention = original
 
     def _run(self, query, key, value, attn_mask, dropout_p, is_causal, scale):
-        kind = self.backend(query.dtype, query.size(-1), attn_mask is not None)
+        kind = self.backend(query.dtype, query.size(-1), attn_mask is not None, key.size(-2), dropout_p)
         self.kernels[kind] = self.kernels.get(kind, 0) + 1
+        if kind == "cudnn":
+            if attn_mask is not None and attn_mask.dtype == torch.bool:  # where(~mask, -65504, 0) in q's dtype
+                keep = attn_mask.logical_not()
+                attn_mask = torch.zeros_like(keep, dtype=query.dtype).masked_fill_(keep, -65504.0)
+                del keep
+            lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+            return aten._scaled_dot_product_cudnn_attention(query, key, value, attn_mask, lse, dropout_p, is_causal,
+                                                            False, scale=scale)[0]
         if kind == "flash":
             return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
         if kind == "efficient":
@@ -697,6 +745,10 @@ class HalfPrecisionAttention(Rule):
         return math_composite(query, key, value, attn_mask, dropout_p, is_causal, scale)
 
     def after_op(self, tracker, func, args, kwargs, out) -> None:
+        if func is aten._scaled_dot_product_cudnn_attention.default:
+            if not args[4] and isinstance(out[1], torch.Tensor):  # compute_log_sumexp off: the kernel makes none
+                tracker.treat_as_host(out[1])
+            return
         if func is aten._scaled_dot_product_flash_attention.default and not rng_state_on_device(out[6]):
             for rng_state in out[6:8]:  # the older layout: host scalars unless dropout runs under a CUDA graph
                 if isinstance(rng_state, torch.Tensor):
@@ -736,6 +788,54 @@ class FlashAttentionBackward(Rule):
         tracker.free_synthetic(softmax_d)
         for sid in reversed(copies):
             tracker.free_synthetic(sid)
+
+
+CUDNN_FORWARD_WORKSPACE_ESTIMATE = 1 << 20  # the engine's plan workspace: no source gives it (a guess)
+
+
+class CudnnAttentionWorkspace(Rule):
+    """What cuDNN attention's backward allocates besides the gradients its meta function returns
+    (attention_backward.cu _cudnn_attention_backward, MHA.cpp run_cudnn_SDP_bprop): a contiguous copy of the
+    incoming gradient only when its last stride is not 1 (permute_to_matching_layout; the output is never copied),
+    and one caching-allocator workspace released when the op returns, whose cudnn-frontend part is exact: fp32
+    dQ_accum [B, H, L, K] and softmax_sum [B, H, L] (CompositeSDPABackwardNode get_fe_workspace_size_node, no
+    dBias, not deterministic). The engine's plan workspaces (forward and backward) cannot be known offline:
+    predicted as 0, each call's estimate (forward 1 MiB; backward dQ_accum's size again) in `unmodelled` and the
+    upper band, an estimate, not a guarantee."""
+
+    acts_on = frozenset({aten._scaled_dot_product_cudnn_attention.default,
+                         aten._scaled_dot_product_cudnn_attention_backward.default})
+    name = "cudnn-attention-workspace"
+    summary = ("cuDNN attention's backward holds fp32 dQ_accum [B,H,L,K] + softmax_sum [B,H,L] (and a copy of a "
+               "grad_out whose last stride is not 1) while it runs; plan workspaces unmodelled, estimated")
+    source = ("aten/src/ATen/native/transformers/cuda/attention_backward.cu _cudnn_attention_backward; "
+              "aten/src/ATen/native/cudnn/MHA.cpp; cudnn-frontend scaled_dot_product_flash_attention.h")
+
+    def __init__(self):
+        self.estimate_bytes = 0
+        self.calls = 0
+
+    def after_op(self, tracker, func, args, kwargs, out) -> None:
+        if func is aten._scaled_dot_product_cudnn_attention.default:
+            self.calls += 1
+            self.estimate_bytes = max(self.estimate_bytes, CUDNN_FORWARD_WORKSPACE_ESTIMATE)
+            return
+        grad_out, query = args[0], args[1]
+        b, h, m, d = query.shape
+        copy = tracker.synthetic_alloc(grad_out.numel() * grad_out.element_size(),
+                                       "cudnn backward contiguous grad_out") if grad_out.stride(-1) != 1 else None
+        workspace = tracker.synthetic_alloc(4 * b * h * m * (d + 1), "cudnn backward workspace (dQ_accum, softmax_sum)")
+        tracker.free_synthetic(workspace)
+        if copy is not None:
+            tracker.free_synthetic(copy)
+        self.estimate_bytes = max(self.estimate_bytes, 4 * b * h * m * d)
+
+    def metrics(self) -> dict:
+        if not self.calls:
+            return {}
+        return {"unmodelled": [{"what": f"cuDNN attention plan workspaces ({self.calls} calls; the engine cuDNN "
+                                        "picks decides the size: an estimate, not a bound)",
+                                "bound_bytes": self.estimate_bytes, "source": self.source}]}
 
 
 def _transposed_contiguous(t: torch.Tensor) -> bool:
@@ -815,7 +915,7 @@ class LayerNormStatsFp32(Rule):
 RULES = {r.name: r for r in (CachingAllocator, ForeachOptimizer, HostLiterals, MemEfficientAttention,
                              CublasWorkspace, EfficientAttentionBackward, TimmForeachChunks, ConvWorkspaceBound,
                              InPlaceGradAccumulation, Bitsandbytes8bit, CudaAutocastPolicy, HalfPrecisionAttention,
-                             FlashAttentionBackward, FakeGradScalerStep, LayerNormStatsFp32)}
+                             FlashAttentionBackward, CudnnAttentionWorkspace, FakeGradScalerStep, LayerNormStatsFp32)}
 
 
 def cuda_rules(device: DeviceProfile, spec=None) -> list[Rule]:
@@ -826,7 +926,10 @@ def cuda_rules(device: DeviceProfile, spec=None) -> list[Rule]:
              ConvWorkspaceBound(), InPlaceGradAccumulation(), Bitsandbytes8bit()]
     precision = getattr(spec, "precision", "fp32")
     if precision != "fp32":
-        rules += [HalfPrecisionAttention(device), FlashAttentionBackward(), LayerNormStatsFp32()]
+        attention = HalfPrecisionAttention(device)
+        rules += [attention, FlashAttentionBackward(), LayerNormStatsFp32()]
+        if attention.cudnn_first:
+            rules.append(CudnnAttentionWorkspace())
     if precision.endswith("-amp"):
         rules.append(CudaAutocastPolicy())
     if precision == "fp16-amp":

@@ -53,7 +53,10 @@ def shareable(spec: RunSpec) -> bool:
 
 
 def forward_key(spec: RunSpec, rules) -> tuple:
-    return forward_group(spec), tuple(type(r).__name__ for r in rules)
+    """What a forward trace depends on besides its spec and rules: the SDPA kernel switches the rules read."""
+    switches = tuple(f() for f in (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.flash_sdp_enabled,
+                                   torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.math_sdp_enabled))
+    return forward_group(spec), tuple(type(r).__name__ for r in rules), switches
 
 
 @dataclass

@@ -205,8 +205,12 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
 
 
 def common_rule_metrics(rules) -> dict:
-    """The figures every rule adds (Rule.metrics), in rule order."""
-    return {k: v for r in rules for k, v in r.metrics().items()}
+    """The figures every rule adds (Rule.metrics), in rule order; the `unmodelled` lists of several rules joined."""
+    out: dict = {}
+    for r in rules:
+        for k, v in r.metrics().items():
+            out[k] = out.get(k, []) + v if k == "unmodelled" else v
+    return out
 
 
 def floor(model, trainable, optimizer) -> dict:
