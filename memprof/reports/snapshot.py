@@ -3,7 +3,9 @@
 `build_snapshot` turns the allocator model's history and final state (memprof.simulation.allocator, `record=True`)
 into the dict `torch.cuda.memory._snapshot()` returns: `segments` (each with its blocks: address, size,
 requested_size, state, frames) and `device_traces` (alloc / free_requested / free_completed /
-segment_alloc / segment_free / oom entries: action, addr, size, stream, time_us, frames). As in torch, a
+segment_alloc / segment_free / oom entries: action, addr, size, stream, time_us, frames). `stream` is the
+allocator model's number for the stream (0 the default stream, then in the order of first use,
+CachingAllocatorModel.stream_number), not a CUDA stream handle. As in torch, a
 trace entry's size is the bytes requested (before rounding) and a block's size is what it occupies. Frames
 name the op (`name`) and the module path (`filename`); a second frame says category, phase and step.
 `time_us` is the event's index in memprof's tracker stream (a logical clock, not microseconds). The file
@@ -83,20 +85,20 @@ def build_snapshot(allocator, events, category: dict, module: dict, meta: dict |
     for i, entry in enumerate(history):
         action = entry[0]
         if action == "alloc":
-            _, rid, addr, nbytes, _size, clock = entry
-            trace.append(_entry("alloc", addr, nbytes, clock, frames(rid)))
+            _, rid, addr, nbytes, _size, stream, clock = entry
+            trace.append(_entry("alloc", addr, nbytes, stream, clock, frames(rid)))
         elif action == "free":
-            _, rid, addr, nbytes, _size, clock = entry
-            trace.append(_entry("free_requested", addr, nbytes, clock, frames(rid)))
-            trace.append(_entry("free_completed", addr, nbytes, clock, frames(rid)))
+            _, rid, addr, nbytes, _size, stream, clock = entry
+            trace.append(_entry("free_requested", addr, nbytes, stream, clock, frames(rid)))
+            trace.append(_entry("free_completed", addr, nbytes, stream, clock, frames(rid)))
         elif action in ("segment_alloc", "segment_free"):
-            _, addr, size, clock = entry
+            _, addr, size, stream, clock = entry
             nxt = history[i + 1] if i + 1 < len(history) else None
             fr = frames(nxt[1]) if action == "segment_alloc" and nxt is not None and nxt[0] == "alloc" else []
-            trace.append(_entry(action, addr, size, clock, fr))
+            trace.append(_entry(action, addr, size, stream, clock, fr))
         elif action == "oom":
-            _, rounded, device_free, clock = entry
-            trace.append({"action": "oom", "device_free": device_free, "size": rounded, "stream": 0,
+            _, rounded, device_free, stream, clock = entry
+            trace.append({"action": "oom", "device_free": device_free, "size": rounded, "stream": stream,
                           "time_us": clock, "frames": []})
     segments = []
     for blocks in allocator.segments():
@@ -106,7 +108,8 @@ def build_snapshot(allocator, events, category: dict, module: dict, meta: dict |
         active = sum(b.size for b in blocks if not b.free)
         segments.append({"device": 0, "address": BASE_ADDR + blocks[0].addr, "total_size": sum(b.size for b in blocks),
                          "allocated_size": active, "active_size": active,
-                         "requested_size": sum(b.requested for b in blocks if not b.free), "stream": 0,
+                         "requested_size": sum(b.requested for b in blocks if not b.free),
+                         "stream": allocator.stream_number(blocks[0].stream),
                          "segment_type": "small" if blocks[0].small else "large", "segment_pool_id": (0, 0),
                          "is_expandable": False, "frames": [], "blocks": out_blocks})
     snap = {"segments": segments, "device_traces": [trace], "allocator_settings": {}, "external_annotations": []}
@@ -115,8 +118,8 @@ def build_snapshot(allocator, events, category: dict, module: dict, meta: dict |
     return snap
 
 
-def _entry(action: str, addr: int, size: int, clock: int, frames: list) -> dict:
-    return {"action": action, "addr": BASE_ADDR + addr, "size": size, "stream": 0, "time_us": clock,
+def _entry(action: str, addr: int, size: int, stream: int, clock: int, frames: list) -> dict:
+    return {"action": action, "addr": BASE_ADDR + addr, "size": size, "stream": stream, "time_us": clock,
             "frames": frames}
 
 

@@ -41,6 +41,8 @@ Anything that cannot be simulated raises UnsupportedCall: one line naming the ca
 Limits (each said where it applies, or listed here):
 - one device (cuda:0); a torchrun-style DDP / FSDP2 script runs as rank 0 of `world_size` on the engine's fake
   process group (memprof.script.parallel);
+- the script's own CUDA streams (`torch.cuda.Stream`, `torch.cuda.stream(s)`) are one stream: what it allocates
+  under them is counted on the default stream's pools (FSDP2's own streams are modelled, by the engine's rule);
 - CUDA work started from another thread than the one that entered the block is not tracked (the modes are
   per thread; a DataLoader's workers and pinning thread only touch CPU data, and run as usual);
 - the script's own constructors run for real on the CPU (their host memory is real); their random fills of CPU
@@ -689,9 +691,10 @@ class SimulatedCuda(StepCounting):
     def _live(self):
         """The allocator model fed with the stream so far, the rules' rewrites applied (as predict_traced
         applies them to the whole stream); fed incrementally while the rewritten prefix stays the same."""
-        from memprof.simulation.allocator import CachingAllocatorModel
+        from memprof.simulation.allocator import DEFAULT_STREAM, CachingAllocatorModel
 
         events = self.tracker.events
+        streams = self.tracker.stream  # (FSDP's streams; empty otherwise)
         rewriters = [r for r in self.rules if hasattr(r, "rewrite")]
         for rule in rewriters:
             folded = getattr(rule, "folded", None)
@@ -706,7 +709,7 @@ class SimulatedCuda(StepCounting):
         alloc = self._alloc
         for ev in events[len(fed):]:
             if ev.kind is ALLOC:
-                alloc.malloc(ev.sid, ev.nbytes)
+                alloc.malloc(ev.sid, ev.nbytes, streams.get(ev.sid, DEFAULT_STREAM))
                 self._peak_alloc = max(self._peak_alloc, alloc.allocated)
                 self._peak_reserved = max(self._peak_reserved, alloc.reserved)
             elif ev.kind is FREE:
@@ -1196,7 +1199,8 @@ class SimulatedCuda(StepCounting):
                      dict(tracker.origin), params_total=total, params_trainable=trainable, frozen=frozen,
                      state=summaries, rules=[r.describe() for r in (*self.rules, *self.parallel_rules)],
                      module=module, extra={**common_rule_metrics((*self.rules, *self.parallel_rules)),
-                            "floor_bytes": weights + grads_floor + summaries["optimizer_state_bytes"]})
+                            "floor_bytes": weights + grads_floor + summaries["optimizer_state_bytes"]},
+                     stream=dict(tracker.stream))
 
     def predict(self, out_dir: str | None = None, snapshot_dir: str | None = None, key: str | None = None):
         """(status, metrics) of what ran, through the engine's entrance (memprof.simulation.simulate.prediction_of);

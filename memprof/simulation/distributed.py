@@ -10,7 +10,11 @@ stands in for the other ranks, so the run needs no GPU and no second process; th
   unsharded parameters live in storages it resizes rather than allocates (`alloc_storage`/`free_storage`),
   which no dispatch mode sees: `FSDPStorageEvents` logs those resizes as allocations and releases. What
   FSDP's all-gather and reduce-scatter make is labelled `communication:`; the unsharded parameters
-  `unsharded parameter:` (category parameters, memprof.simulation.tracing).
+  `unsharded parameter:` (category parameters, memprof.simulation.tracing). FSDP enters its own streams
+  through its device handle, here `torch.cpu`, whose `current_stream()` follows `torch.cpu.stream(s)`: the
+  rule names each allocation's stream by its role in FSDP's FSDPCommContext (STREAM_ROLES: the all-gather
+  output is made on the all-gather copy-in stream, the reduce-scatter output, the new sharded gradient, on
+  the reduce-scatter stream; unsharded parameters and the reduce-scatter input on the default stream).
 - DDP: DDP itself cannot run two iterations on fake tensors (its Reducer's bucket rebuild needs real
   data), so its memory is modelled from its own rule: `DDPBuckets` places the gradient buckets with DDP's
   own `dist._compute_bucket_assignment_by_size` (one bucket of every trainable parameter for the first
@@ -31,6 +35,9 @@ import torch
 
 
 COMMUNICATION = "communication:"
+# FSDPCommContext.lazy_init's streams (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py) by role
+STREAM_ROLES = (("all_gather_copy_in_stream", "all-gather copy-in"), ("all_gather_stream", "all-gather"),
+                ("reduce_scatter_stream", "reduce-scatter"), ("all_reduce_stream", "all-reduce"))
 UNSHARDED = "unsharded parameter:"
 DDP_DEFAULT_BUCKET_CAP_MB = 25
 
@@ -114,23 +121,60 @@ def _tensors(out):
 
 
 class FSDPStorageEvents:
-    """Rule: FSDP2's storage resizes as allocations and releases, and its collectives' buffers labelled.
+    """Rule: FSDP2's storage resizes as allocations and releases, its collectives' buffers labelled, and the
+    stream each allocation is made on.
 
     `mode()` patches FSDP2's alloc_storage / free_storage (where it (re)allocates and frees unsharded
     parameters) and wraps foreach_all_gather / foreach_reduce so every storage they make is labelled
-    `communication:` (all-gather output, reduce-scatter input and output)."""
+    `communication:` (all-gather output, reduce-scatter input and output). It also wraps
+    FSDPCommContext.lazy_init to learn FSDP's streams, and has the tracker record the current stream's name
+    (`stream_name`) with each allocation."""
 
     name = "fsdp-storage-events"
 
     def __init__(self):
         self.tracker = None
         self.label = None
+        self.default_stream = None  # torch.cpu's current stream when the mode was entered
+        self.streams: dict[int, tuple] = {}  # id(stream) -> (stream, name): the streams kept alive, by identity
 
     def attach(self, tracker, optimizer):
         pass
 
     def before_op(self, tracker, func, args, kwargs):
-        self.tracker = tracker
+        if self.tracker is not tracker:
+            self.tracker = tracker
+            tracker.track_streams(self.stream_name)
+
+    def stream_name(self) -> str | None:
+        """The current stream's name: None for the default stream, FSDP's by role (STREAM_ROLES), another one
+        "stream N" in the order of first use."""
+        current = torch.cpu.current_stream()
+        if current is self.default_stream:
+            return None
+        known = self.streams.get(id(current))
+        if known is None:
+            known = self.streams[id(current)] = (current, self._unique(f"stream {len(self.streams) + 1}"))
+        return known[1]
+
+    def _unique(self, name: str) -> str:
+        taken = {n for _, n in self.streams.values()}
+        k, out = 1, name
+        while out in taken:
+            k += 1
+            out = f"{name} ({k})"
+        return out
+
+    def _lazy_init(self, original):
+        rule = self
+
+        def lazy_init(ctx, *args, **kwargs):
+            original(ctx, *args, **kwargs)
+            for attr, role in STREAM_ROLES:
+                stream = getattr(ctx, attr, None)
+                if stream is not None and id(stream) not in rule.streams:
+                    rule.streams[id(stream)] = (stream, rule._unique(role))
+        return lazy_init
 
     def after_op(self, tracker, func, args, kwargs, out):
         if self.label:
@@ -141,7 +185,7 @@ class FSDPStorageEvents:
 
     def describe(self) -> dict:
         return {"name": self.name, "what": "FSDP2 storage resizes are allocations; its collectives' buffers are "
-                                           "communication"}
+                                           "communication, each on the FSDP stream it is made on"}
 
     def metrics(self) -> dict:
         return {}
@@ -173,7 +217,10 @@ class FSDPStorageEvents:
     def mode(self):
         from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group as group
 
+        self.default_stream = torch.cpu.current_stream()
         with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch.object(group.FSDPCommContext, "lazy_init",
+                                                  self._lazy_init(group.FSDPCommContext.lazy_init)))
             for module in (_fsdp_param, group):
                 stack.enter_context(mock.patch.object(module, "alloc_storage", self._alloc(module.alloc_storage)))
             stack.enter_context(mock.patch.object(_fsdp_param, "free_storage", self._free(_fsdp_param.free_storage)))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from memprof.simulation.allocator import CachingAllocatorModel, SimulatedOOM, round_size, segment_size
+from memprof.simulation.allocator import DEFAULT_STREAM, CachingAllocatorModel, SimulatedOOM, round_size, segment_size
 from memprof.budget import parse_budget
 from memprof.models import resolve_model
 from memprof.simulation.rules import FakeGradScalerStep, LayerNormStatsFp32, cuda_rules
@@ -38,11 +38,13 @@ class Replay:
     block_bytes: dict  # request id -> the size of the block that served it (fixed while it is allocated)
 
 
-def replay(events, capacity: int | None = None, record: bool = False) -> Replay:
+def replay(events, capacity: int | None = None, record: bool = False, streams: dict | None = None) -> Replay:
     """Feed the request stream to the allocator model; `record` keeps the model's history
-    (memprof.simulation.allocator), each entry stamped with its event's index. A SimulatedOOM carries the event's
-    index and the allocator as it was."""
+    (memprof.simulation.allocator), each entry stamped with its event's index; `streams` (storage id -> stream
+    name, Trace.stream) puts those requests on their stream's pools, every other one on the default stream.
+    A SimulatedOOM carries the event's index and the allocator as it was."""
     alloc = CachingAllocatorModel(capacity, record)
+    stream_of = streams.get if streams else None
     phase, peak, peak_index, phase_peaks, block_bytes = "setup", 0, -1, defaultdict(int), {}
     for i, ev in enumerate(events):
         kind = ev.kind
@@ -50,7 +52,8 @@ def replay(events, capacity: int | None = None, record: bool = False) -> Replay:
             alloc.clock = i
         if kind is ALLOC:
             try:
-                block_bytes[ev.sid] = alloc.malloc(ev.sid, ev.nbytes)
+                block_bytes[ev.sid] = alloc.malloc(ev.sid, ev.nbytes) if stream_of is None else \
+                    alloc.malloc(ev.sid, ev.nbytes, stream_of(ev.sid, DEFAULT_STREAM))
             except SimulatedOOM as oom:
                 oom.index, oom.allocator = i, alloc
                 raise
@@ -128,7 +131,7 @@ def prediction_of(make_trace, budget: str, spec: RunSpec | None = None, history:
         if hasattr(rule, "rewrite"):  # rules that change the stream once it is complete
             t.events = rule.rewrite(t.events)
             folded += rule.folded
-    full = replay(t.events, record=history)
+    full = replay(t.events, record=history, streams=t.stream)
     at_peak = blocks_at(t.events, full.peak_index, full.block_bytes)
     breakdown = dict.fromkeys(CATEGORIES, 0)
     for sid, nbytes in at_peak.items():
@@ -162,7 +165,7 @@ def prediction_of(make_trace, budget: str, spec: RunSpec | None = None, history:
         # the card's allocator acts as the unlimited one until a new segment would pass its limit: below
         # it, the limited replay only matters for the snapshot it draws
         if full.peak_reserved > device.usable_bytes or capped_history:
-            capped = replay(t.events, capacity=device.usable_bytes, record=capped_history).allocator
+            capped = replay(t.events, capacity=device.usable_bytes, record=capped_history, streams=t.stream).allocator
     except SimulatedOOM as oom:
         oom_phase, oom_step = phase_at(t.events, oom.index)
         metrics["oom"] = {"phase": oom_phase, "step": oom_step, "op": t.events[oom.index].op,

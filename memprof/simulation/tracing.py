@@ -44,6 +44,7 @@ class Trace:
     rules: list = field(default_factory=list)
     module: dict = field(default_factory=dict)  # storage id -> module path ("" outside modules)
     extra: dict = field(default_factory=dict)  # metrics the rules add
+    stream: dict = field(default_factory=dict)  # storage id -> its stream, for those off the default one (FSDP)
 
 
 def to_device_order(module):
@@ -198,7 +199,8 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
                            state=state_summary(optimizer),
                            step_ms=[1000 * (b - a) for a, b in zip(starts[1:], starts[2:])],
                            rules=[r.describe() for r in rules], module=attribution.result(),
-                           extra={**common_rule_metrics(rules), **floor(model, trainable, optimizer), **rank})
+                           extra={**common_rule_metrics(rules), **floor(model, trainable, optimizer), **rank},
+                           stream=dict(tracker.stream))
             del model, optimizer, run  # (trainable stays: on_phase closes over it)
     result.category = _categorize(events, params, grads, states, result.origin)
     return result

@@ -9,12 +9,16 @@ e.g. the optimizers' step counters) reach dispatch only as `lift_fresh`, an alia
 on CUDA too, and are not counted. Rules can declare other outputs host memory (`treat_as_host`).
 
 Each allocation also gets the module it was made in (`module`: storage id -> dotted module path, "" outside
-any module) from the `where` callable, when one is set (memprof.simulation.attribution sets it).
+any module) from the `where` callable, when one is set (memprof.simulation.attribution sets it). An
+allocation made while a stream other than the default one is current gets that stream's name (`stream`:
+storage id -> name, only those) from the `stream_of` callable, when one is set (`track_streams`; FSDP's rule
+memprof.simulation.distributed.FSDPStorageEvents sets it): CUDA's caching allocator keeps each stream's
+blocks apart (memprof.simulation.allocator).
 
 Rules (memprof.simulation.rules) may add requests CUDA makes that the CPU does not (library workspaces, kernel
 temporaries) through `synthetic_alloc` and `free_synthetic`. The tracker alone edits its state: rules and the
 shortcuts above change what it logged through its methods (`relabel`, `resize`, `release`, `treat_as_host`,
-`adopt`, `continue_ids`, `scratch`, `mark`).
+`adopt`, `continue_ids`, `scratch`, `mark`, `track_streams`).
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class StorageTracker(TorchDispatchMode):
         self.origin: dict[int, str] = {}  # storage id -> what made it (for the op at the peak)
         self.module: dict[int, str] = {}  # storage id -> module path it was made in ("" outside modules)
         self.where = None  # callable -> current module path, or None
+        self.stream: dict[int, str] = {}  # storage id -> its stream, for those made off the default stream
+        self.stream_of = None  # callable -> the current stream's name (None: the default stream), or None
         self._by_cdata: dict[int, int] = {}
         self._refs: dict[int, weakref.ref] = {}
         self._next_id = 0
@@ -97,6 +103,10 @@ class StorageTracker(TorchDispatchMode):
         self.events.append(alloc(sid, nbytes, self.phase, op))
         self.origin[sid] = op
         self.module[sid] = self.where() if self.where is not None else ""
+        if self.stream_of is not None:
+            stream = self.stream_of()
+            if stream is not None:
+                self.stream[sid] = stream
         self._sizes[sid] = nbytes
         self.live_bytes += nbytes
         if self.limit_bytes is not None and self.live_bytes > self.limit_bytes:
@@ -119,6 +129,7 @@ class StorageTracker(TorchDispatchMode):
         del self._refs[sid]  # the weakref goes, so its release is never logged
         del self.origin[sid]
         self.module.pop(sid, None)
+        self.stream.pop(sid, None)
         self.live_bytes -= self._sizes.pop(sid)
         i = last_allocation(self.events, sid)
         if i is not None:
@@ -148,6 +159,10 @@ class StorageTracker(TorchDispatchMode):
     def free_synthetic(self, sid: int) -> None:
         self.live_bytes -= self._sizes.pop(sid)
         self.events.append(free(sid))
+
+    def track_streams(self, stream_of) -> None:
+        """Record each allocation's stream from now on: `stream_of()` names the current one (None: default)."""
+        self.stream_of = stream_of
 
     def set_phase(self, name: str, step: int = 0) -> None:
         """Mark a phase boundary in the stream (setup, forward, backward, optimizer, done)."""
@@ -214,6 +229,7 @@ class StorageTracker(TorchDispatchMode):
                 for sid in range(last + 1, self._next_id + 1):
                     self.origin.pop(sid, None)
                     self.module.pop(sid, None)
+                    self.stream.pop(sid, None)
                 self._next_id = last
 
     # --- dispatch ----------------------------------------------------------------------------------
