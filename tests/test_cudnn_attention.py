@@ -118,3 +118,15 @@ def test_the_simulate_backend_reads_the_same_kernel_switch_as_the_cuda_backend(m
     assert "sdpa_kernels_enabled" not in on.metrics
     if cudnn_preferred((9, 0), torch.backends.cudnn.version()):
         assert on.metrics["attention_kernels"] == {"cudnn": 4}
+
+
+def test_a_torch_without_cudnn_predicts_flash_on_hopper_and_says_so(monkeypatch):
+    """A CPU-only torch wheel has no cuDNN version: flash is predicted on an H100 with a note that the card would run
+    cuDNN attention; negative control: with a known cuDNN (or on an A100) there is no note."""
+    from memprof.simulation.rules import CUDNN_UNKNOWN_NOTE
+
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: None)
+    p = _predict()
+    assert p.metrics["attention_kernels"] == {"flash": 4} and CUDNN_UNKNOWN_NOTE in p.metrics["notes"]
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 92400)
+    assert "notes" not in _predict().metrics

@@ -62,7 +62,7 @@ def result_of(sim, out_dir: str | None = None, snapshot_dir: str | None = None):
         "script_optimizer_in_backward": d["optimizer_in_backward"],
         "script_steps": d["steps"],
         "script_steps_limit": sim.max_steps,
-        "notes": list(sim.notes.values()),
+        "notes": [*metrics.get("notes", []), *sim.notes.values()],  # the rules' notes, then the script's
         # random fills of CPU tensors that went to the device unread, skipped (memprof.script.deferred)
         "script_cpu_fills_skipped": sim._deferred.skipped,
     })

@@ -644,6 +644,10 @@ def cudnn_preferred(cc, cudnn_version: int | None, torch_version: str = torch.__
     return torch.torch_version.TorchVersion(torch_version) >= "2.14" or cc[1] in (0, 3)
 
 
+CUDNN_UNKNOWN_NOTE = ("this torch has no cuDNN, so which attention kernel this sm90/sm100 card runs is unknown here: "
+                      "torch's CUDA wheels bundle a cuDNN newer than 9.15 and run cuDNN attention; flash is predicted")
+
+
 def cudnn_eligible(head_dim: int, kv_len: int, dropout_p: float) -> bool:
     """can_use_cudnn_attention's checks that a ViT can fail (sdp_utils.cpp; fp16/bf16 and 4-D are given here, a
     mask is allowed): enabled (torch.backends.cuda.enable_cudnn_sdp, sdpa_kernel), not under strict deterministic
@@ -686,8 +690,9 @@ class HalfPrecisionAttention(Rule):
     def __init__(self, device: DeviceProfile, cudnn_version: int | None = None):
         cc = device.compute_capability
         self.flash = cc is not None and cc >= (8, 0)
-        self.cudnn_first = cudnn_preferred(cc, torch.backends.cudnn.version() if cudnn_version is None
-                                           else cudnn_version)
+        version = torch.backends.cudnn.version() if cudnn_version is None else cudnn_version
+        self.cudnn_first = cudnn_preferred(cc, version)
+        self.cudnn_unknown = version is None and cc is not None and cc[0] in (9, 10)  # a torch built without cuDNN
         self.kernels: dict[str, int] = {}
 
     def backend(self, dtype, head_dim: int, masked: bool, kv_len: int = 2, dropout_p: float = 0.0) -> str:
@@ -756,7 +761,12 @@ class HalfPrecisionAttention(Rule):
 
 
     def metrics(self) -> dict:
-        return {"attention_kernels": dict(sorted(self.kernels.items()))} if self.kernels else {}
+        if not self.kernels:
+            return {}
+        out = {"attention_kernels": dict(sorted(self.kernels.items()))}
+        if self.cudnn_unknown and "flash" in self.kernels:
+            out["notes"] = [CUDNN_UNKNOWN_NOTE]
+        return out
 
 
 class FlashAttentionBackward(Rule):

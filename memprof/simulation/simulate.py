@@ -44,7 +44,7 @@ def replay(events, capacity: int | None = None, record: bool = False, streams: d
     name, Trace.stream) puts those requests on their stream's pools, every other one on the default stream.
     A SimulatedOOM carries the event's index and the allocator as it was."""
     alloc = CachingAllocatorModel(capacity, record)
-    stream_of = streams.get if streams else None
+    stream_of = (streams or {}).get
     phase, peak, peak_index, phase_peaks, block_bytes = "setup", 0, -1, defaultdict(int), {}
     for i, ev in enumerate(events):
         kind = ev.kind
@@ -52,8 +52,7 @@ def replay(events, capacity: int | None = None, record: bool = False, streams: d
             alloc.clock = i
         if kind is ALLOC:
             try:
-                block_bytes[ev.sid] = alloc.malloc(ev.sid, ev.nbytes) if stream_of is None else \
-                    alloc.malloc(ev.sid, ev.nbytes, stream_of(ev.sid, DEFAULT_STREAM))
+                block_bytes[ev.sid] = alloc.malloc(ev.sid, ev.nbytes, stream_of(ev.sid, DEFAULT_STREAM))
             except SimulatedOOM as oom:
                 oom.index, oom.allocator = i, alloc
                 raise

@@ -59,7 +59,8 @@ def trace(spec: RunSpec, rules=(), fake: bool = True, limit_bytes: int | None = 
     """Run the harness for `spec` under a StorageTracker: on fake CPU tensors (`fake`) or real ones.
 
     `limit_bytes` makes the tracker raise torch.OutOfMemoryError once live tensor bytes would exceed it
-    (the `cpu` backend's budget); `front` serves the tracker's fake dispatch (StorageTracker). The run is `trace_step` with the harness's model, optimizer and step (the
+    (the `cpu` backend's budget); `front` serves the tracker's fake dispatch (StorageTracker). The run is
+    `trace_step` with the harness's model, optimizer and step (the
     shortcut that shares a forward between optimizers, memprof.simulation.shared, sits above this: it is
     memprof.simulation.simulate.prediction that takes it).
     """
@@ -207,11 +208,12 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
 
 
 def common_rule_metrics(rules) -> dict:
-    """The figures every rule adds (Rule.metrics), in rule order; the `unmodelled` lists of several rules joined."""
+    """The figures every rule adds (Rule.metrics), in rule order; the `unmodelled` and `notes` lists of several
+    rules joined."""
     out: dict = {}
     for r in rules:
         for k, v in r.metrics().items():
-            out[k] = out.get(k, []) + v if k == "unmodelled" else v
+            out[k] = out.get(k, []) + v if k in ("unmodelled", "notes") else v
     return out
 
 
