@@ -16,7 +16,7 @@ Read the stream through the walkers below or by the fields' names, never by posi
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 
 class Kind(IntEnum):
@@ -80,10 +80,6 @@ def names_storage(ev) -> bool:
 def renamed(ev, sid: int):
     """`ev` (an allocation or a release) naming storage `sid` instead."""
     return ev._replace(sid=sid)
-
-
-def allocations(events) -> Iterator[Alloc]:
-    return (ev for ev in events if ev.kind is ALLOC)
 
 
 def allocation_count(events) -> int:

@@ -84,14 +84,14 @@ def _state(tracker) -> _TraceState:
 @contextlib.contextmanager
 def replaying(tracker: StorageTracker, memo):
     """Within, math-path attention under `tracker` is replayed where it can be, from `memo`'s recordings."""
-    saved = tracker.math_attention, tracker.attention_state
+    saved = tracker.math_attention
     tracker.math_attention = attention
     if tracker.attention_state is None:
         tracker.attention_state = _TraceState(memo)
     try:
         yield
     finally:
-        tracker.math_attention = saved[0]
+        tracker.math_attention = saved
 
 
 def _layout(t: torch.Tensor) -> tuple:

@@ -243,7 +243,7 @@ def trace_optimizer(fwd: Forward, spec: RunSpec, rules, memo: Memo = MEMO):
 
 def clear() -> None:
     """Forget every forward trace of the process's memo, its attention recordings kept (benchmarks time a
-    prediction from scratch with this and math_attention.clear)."""
+    prediction from scratch with MEMO.clear(), which forgets those too)."""
     MEMO.clear(attention=False)
 
 
