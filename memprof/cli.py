@@ -17,7 +17,8 @@ import signal
 import sys
 import time
 
-from memprof.errors import UsageError, UserCodeError, WriteFailed
+from memprof.errors import Terminated, UsageError, UserCodeError, WriteFailed
+from memprof.reports.terminal import terminal_width
 from memprof.options import FIT, RUN, add_options
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -44,10 +45,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def terminal_width() -> int:
-    return shutil.get_terminal_size((120, 24)).columns
-
-
 def _note(text: str) -> None:
     print(text, file=sys.stderr)
 
@@ -63,10 +60,6 @@ def _wrote(*paths: str) -> None:
                                          for d, names in folders.items())
     _note(textwrap.fill(text, terminal_width(), subsequent_indent="  ", break_long_words=False,
                         break_on_hyphens=False))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Ctrl-C would be, so a terminated run ends as an interrupted one does."""
 
 
 def _on_sigterm(signum, frame):
@@ -664,13 +657,16 @@ def main(argv=None) -> int:
     except ValueError:  # not the main thread: SIGTERM keeps its handler
         previous = None
     try:
-        from memprof.script.cli import split_fit_script
+        from memprof.script.cli import split_fit_script, split_script_module
 
         argv = list(sys.argv[1:] if argv is None else argv)
         argv, script_args = split_fit_script(argv)  # `fit --script FILE ... ARGS`: the script's ARGS kept apart
+        argv, module_args = split_script_module(argv)  # `script -m MODULE ARGS`: the module's ARGS kept apart
         args = build_parser().parse_args(argv)
         if script_args is not None:
             args.script_args, args.argv = script_args, argv
+        if module_args is not None:
+            args.module_args = module_args
         return args.func(args)
     except UsageError as exc:
         print(f"memprof: error: {exc}", file=sys.stderr)

@@ -19,6 +19,10 @@ class WriteFailed(UsageError):
     line naming the path, but a failure of the run (exit 1), not bad input."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so a terminated run ends as an interrupted one does."""
+
+
 class UserCodeError(Exception):
     """A user's factory failed while a configuration was being built: the message names what it did and its
     file:line. Inside a configuration it becomes that configuration's error record; anywhere else (weights

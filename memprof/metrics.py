@@ -101,6 +101,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "script_path": (TEXT, "the script run"),
     "script_args": ("list of text", "its arguments"),
     "script_steps": (COUNT, "optimizer steps it ran"),
+    "script_forwards": (COUNT, "forwards of a model on the device it ran, outside a backward (evaluation included)"),
+    "script_backwards": (COUNT, "backwards it ran (torch.autograd.backward, outermost)"),
+    "incomplete_reason": (TEXT, "why a script's run is no training step's prediction (it trained no step, or "
+                                  "put nothing on the device)"),
     "script_steps_limit": (COUNT, "--steps, where given"),
     "script_batch_size": (COUNT, "the leading dimension of the first batch moved to the device"),
     "script_precision": (TEXT, "the precision detected (autocast dtypes, parameter dtypes)"),

@@ -26,7 +26,7 @@ from memprof.errors import UsageError, WriteFailed
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.jsonl"
 LOCK_FILE = ".memprof.lock"
-STATUSES = ("ok", "oom", "skipped", "error", "crashed")
+STATUSES = ("ok", "oom", "skipped", "error", "crashed", "incomplete")  # incomplete: a script that trained no step
 FAILED = ("error", "crashed")  # a configuration that gave no result: the run exits 1
 REQUIRED = {"key": str, "spec": dict, "status": str, "source": str, "metrics": dict, "environment": dict}
 
@@ -282,6 +282,8 @@ def status_counts(records: list[dict]) -> dict:
 def summary_line(records: list[dict]) -> str:
     """`12 configurations: 9 ok, 1 oom, 2 skipped, 0 error, 0 crashed` (the last line of a run)."""
     counts = status_counts(records)
+    if not counts["incomplete"]:
+        del counts["incomplete"]  # (a grid's configurations always train: said only where a script's did not)
     return f"{len(records)} configurations: " + ", ".join(f"{n} {s}" for s, n in counts.items())
 
 

@@ -18,6 +18,7 @@ import memprof
 from memprof.errors import UsageError
 from memprof.results import read_records
 from memprof.script import UnsupportedCall, simulated_cuda
+from memprof.script.state import CudaError
 from memprof.script.runner import run_script
 from memprof.simulation.allocator import round_size
 
@@ -60,7 +61,7 @@ def test_cuda_queries_describe_the_budget_card_and_are_restored():
         free, total = torch.cuda.mem_get_info()
         assert total == 80 * (1 << 30) and free < total
         assert torch.accelerator.is_available() and torch.accelerator.current_accelerator().type == "cuda"
-        with pytest.raises(UnsupportedCall, match="one device"):
+        with pytest.raises(CudaError, match="invalid device ordinal"):  # as CUDA says it
             torch.cuda.set_device(1)
     with simulated_cuda("rtx4090"):  # negative control: another card answers otherwise
         assert torch.cuda.get_device_capability() == (8, 9) and "4090" in torch.cuda.get_device_name()
@@ -214,19 +215,23 @@ def test_cpu_initialisation_is_deferred_until_read_and_stays_exact(monkeypatch):
     assert eager_run.result.peak_reserved_bytes == deferred.result.peak_reserved_bytes
 
 
-def test_values_read_back_are_stand_ins_said_once():
+def test_values_read_back_are_known_where_the_script_gave_them_and_stand_ins_elsewhere():
     with simulated_cuda("titan-x") as sim:
-        x = torch.ones(3, device="cuda")
+        x = torch.ones(3, device="cuda")  # known: a factory with a fill
         s = x.sum()
-        assert s.item() == 0.0 and float(s) == 0.0 and int(s) == 0 and not bool(s)
-        assert x.tolist() == [0.0, 0.0, 0.0] and x.cpu().numpy().tolist() == [0.0, 0.0, 0.0]
-        assert "device='cuda:0'" in repr(s) and f"{s:.2f}" == "0.00"
-        if torch.isnan(s):  # control flow on a value takes the finite path
-            raise AssertionError("stand-ins are finite")
-        with pytest.raises(UnsupportedCall, match="numpy"):
+        assert s.item() == 3.0 and float(s) == 3.0 and int(s) == 3 and bool(s)
+        labels = torch.tensor([3, 1, 4]).cuda()  # known: copied from the CPU
+        assert labels.tolist() == [3, 1, 4] and (labels != 1).sum().item() == 2
+        assert x.tolist() == [1.0, 1.0, 1.0] and x.cpu().numpy().tolist() == [1.0, 1.0, 1.0]
+        y = torch.randn(3, device="cuda")  # unknown: the device's own random values
+        loss = (y * x).mean()
+        assert loss.item() == 1.0 and "device='cuda:0'" in repr(loss) and f"{loss:.2f}" == "1.00"
+        assert not torch.isnan(loss) and torch.isfinite(loss) and torch.isfinite(y).all()  # the finite path
+        assert not bool(loss < 0.1)  # an unknown comparison reads False: not "converged"
+        with pytest.raises(TypeError, match="cuda:0 device type tensor to numpy"):
             x.numpy()  # as on CUDA: .cpu() first
-    notes = list(sim.notes.values())
-    assert sum("stand-ins" in n for n in notes) == 1
+    notes = [n for n in sim.notes.values() if "read back" in n]
+    assert len(notes) == 1 and " exact" in notes[0] and "stand-ins" in notes[0]
 
 
 # --- a script's printed peak is the record's, and the registry path's ----------------------------------------
@@ -307,7 +312,7 @@ def test_autocast_state_queries_and_checkpoint_recompute_under_autocast():
 def test_grad_scaler_cuda_runs_and_takes_the_finite_path():
     fp16, out = run(SMALL, "--amp", "fp16")
     assert fp16.script_grad_scaler and fp16.script_precision == "fp16-amp" and fp16.script_steps == 2
-    assert "grad-scaler-fake-step" in fp16.rules and "step 1 loss 0.0000" in out
+    assert "grad-scaler-fake-step" in fp16.rules and "step 1 loss 1.0000" in out
     with simulated_cuda("titan-x"):  # the older spellings
         scaler = torch.cuda.amp.GradScaler()
         with torch.cuda.amp.autocast():
@@ -383,15 +388,15 @@ def test_hf_style_gradient_checkpointing_enable_is_honoured():
 
 
 def test_steps_are_counted_once_for_both_devices_and_a_reentrant_recompute_is_no_step():
-    """One counter (memprof.script.counting) for the simulated and the measured device; the backward a reentrant
+    """One counter (memprof.script.detection) for the simulated and the measured device; the backward a reentrant
     checkpoint runs inside the outer one is part of it, so optimizers stepped from hooks count one step per backward."""
     from torch.utils.checkpoint import checkpoint
 
-    from memprof.script.counting import StepCounting
+    from memprof.script.detection import Detection
     from memprof.script.device import SimulatedCuda
     from memprof.script.measure import MeasuredCuda
 
-    assert issubclass(SimulatedCuda, StepCounting) and issubclass(MeasuredCuda, StepCounting)
+    assert issubclass(SimulatedCuda, Detection) and issubclass(MeasuredCuda, Detection)
     assert "_step_done" not in vars(SimulatedCuda) and "_step_done" not in vars(MeasuredCuda)
     for reentrant in (True, False):
         with simulated_cuda("titan-x") as sim:
@@ -421,13 +426,13 @@ def test_timm_set_grad_checkpointing_torch_save_and_compile(tmp_path):
                 optimizer.zero_grad()
             torch.save(model.state_dict(), target)
         results[ckpt] = sim.result
-        assert compiled is model and not target.exists()  # eager, and nothing written
+        assert compiled is model and target.stat().st_size < 100_000  # eager; a placeholder of shapes, no values
     assert results[True].script_checkpointing and not results[False].script_checkpointing
     assert results[True].peak_allocated_bytes < results[False].peak_allocated_bytes  # negative control
     notes = " ".join(results[True].notes)
-    assert "torch.save at" in notes and "nothing was written" in notes and "torch.compile runs eager" in notes
-    torch.save({"x": torch.ones(2)}, target)  # outside the simulation torch.save writes again
-    assert target.exists()
+    assert "torch.save at" in notes and "without values" in notes and "torch.compile runs eager" in notes
+    torch.save({"x": torch.ones(2)}, target)  # outside the simulation torch.save writes values again
+    assert torch.load(target)["x"].tolist() == [1.0, 1.0]
 
 
 def test_a_restricted_sdpa_backend_is_said_not_silently_replaced():
@@ -534,7 +539,7 @@ def test_an_image_script_with_accumulation_channels_last_and_eval():
     pytest.importorskip("torchvision")
     accum, out = run(SCRIPTS / "train_resnet.py", budget="titan-x")
     assert accum.script_steps == 2 and accum.script_batch_size == 8  # two micro-batches per optimizer step
-    assert "accuracy 0.0" in out and accum.script_optimizers[0]["name"] == "SGD"
+    assert "accuracy 0.125" in out and accum.script_optimizers[0]["name"] == "SGD"  # (an unknown count reads 1)
     every, _ = run(SCRIPTS / "train_resnet.py", "--accum", "1", budget="titan-x")
     assert every.script_steps == 4 and every.key != accum.key  # negative control
     with simulated_cuda("titan-x"):
@@ -566,11 +571,8 @@ def test_what_cannot_be_simulated_names_the_users_line(tmp_path):
     path = write(tmp_path, "import torch\nx = torch.randn(8, device='cuda')\ny = x[x > 0]\n")
     with pytest.raises(UnsupportedCall, match=r"train.py:3: `y = x\[x > 0\]` needs tensor data"):
         run(path)
-    path = write(tmp_path, "import torch\nm = torch.nn.Linear(4, 2).cuda()\n\nloss = m(torch.randn(3, 4))\n", "mix.py")
-    with pytest.raises(UnsupportedCall, match=r"mix.py:4: .*on cuda:0 and one on the CPU"):
-        run(path)  # as on CUDA, where it fails too
     ok = write(tmp_path, "import torch\nm = torch.nn.Linear(4, 2).cuda()\nloss = m(torch.randn(3, 4).cuda())\n", "ok.py")
-    assert run(ok)[0].status == "ok"  # negative control
+    assert run(ok)[0].status == "incomplete"  # negative control: it runs (and trains no step)
 
 
 def test_memprof_script_command_line(tmp_path):

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import shutil
+import textwrap
+
 from tabulate import tabulate
 
+WIDTH = 100  # the most columns a line for the terminal takes (fewer on a narrower terminal)
 WHOLE_WORD = 16  # words up to this long never split when a table is fitted (a class name such as timm.optim.Lamb)
+
+
+def terminal_width() -> int:
+    """The terminal's width, at most WIDTH (WIDTH when there is no terminal)."""
+    return min(WIDTH, shutil.get_terminal_size((WIDTH, 24)).columns)
+
+
+def wrapped(text: str, indent: str = "", width: int | None = None) -> str:
+    """`text` as lines of the terminal's width, the first beginning with `indent`, the rest indented two more;
+    names and paths (words without spaces) never split."""
+    return textwrap.fill(text, width or terminal_width(), initial_indent=indent, subsequent_indent=indent + "  ",
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def fit_table(rows: list, headers: list, width: int, tablefmt: str = "simple") -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 def add_script_parser(sub) -> None:
@@ -35,6 +36,8 @@ def add_script_parser(sub) -> None:
     p.add_argument("--fit-batch-arg", default=None, metavar="FLAG", help="search the script's own batch flag (e.g. "
                    "--fit-batch-arg=--batch-size) for the largest batch whose prediction fits the card: doubling, "
                    "then bisection, each probe a full run of the script (--steps defaults to 2 there)")
+    p.add_argument("-m", dest="module", default=None, metavar="MODULE", help="run an installed module as "
+                   "`python -m MODULE ARGS` would (e.g. -m open_clip_train.main), instead of FILE")
     p.add_argument("file", metavar="FILE", nargs="?", help="the training script")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
     p.set_defaults(func=cmd_script)
@@ -49,8 +52,13 @@ def _checked(args, fit: bool) -> int:
     from memprof.script.device import SimulatedCuda
     from memprof.script.runner import device_kind, run_script, summary
 
+    if getattr(args, "module", None) is not None:  # `-m MODULE ARGS...` (split off by split_script_module)
+        args.args = ([args.file] if args.file is not None else []) + list(args.args) + \
+            list(getattr(args, "module_args", None) or [])
+        args.file = args.module
     if args.file is None:
-        raise UsageError("give the training script: memprof script [--budget CARD] [--steps N] [--out DIR] FILE [ARGS...]")
+        raise UsageError("give the training script: memprof script [--budget CARD] [--steps N] [--out DIR] FILE [ARGS...]"
+                         " (or -m MODULE [ARGS...])")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: give at least 1 (or leave it out to let the script end)")
     if args.world_size is not None and args.world_size < 1:
@@ -80,8 +88,18 @@ def _checked(args, fit: bool) -> int:
             raise UsageError("--backend cuda measures on a CUDA GPU and this machine has none: leave --backend out "
                              "to predict (the simulated card)")
         snapshots = None
-    result = run_script(args.file, args.args, budget=args.budget, steps=args.steps, out_dir=args.out,
-                        snapshot_dir=snapshots, backend=args.backend, world_size=args.world_size)
+    from memprof.script.failures import ScriptError
+
+    failed = None
+    try:
+        result = run_script(args.file, args.args, budget=args.budget, steps=args.steps, out_dir=args.out,
+                            snapshot_dir=snapshots, backend=args.backend, world_size=args.world_size,
+                            module=getattr(args, "module", None) is not None)
+    except ScriptError as exc:  # the script's own error: as Python prints it, then what ran before it
+        failed = exc
+        if exc.text:
+            print(exc.text, end="", file=sys.stderr, flush=True)
+        result = exc.result
     print(summary(result), flush=True)
     if args.out is not None:
         from memprof.reports.html import write_html_report
@@ -92,7 +110,7 @@ def _checked(args, fit: bool) -> int:
         print(f"record: {path} ({result.record['key']})", flush=True)
         if not measured:
             print(f"report: {write_html_report(args.out, None, None)}", flush=True)
-    return 0
+    return failed.exit_code if failed is not None else 0
 
 
 def _fit(args) -> int:
@@ -107,10 +125,18 @@ def _fit(args) -> int:
         print(f"  {args.fit_batch_arg} {batch}: peak allocated {_gib(m['peak_allocated_bytes'])}, reserved "
               f"{_gib(m['peak_reserved_bytes'])} (predicted), fits: {m.get('fits')}", flush=True)
 
+    from memprof.script.runner import FitFailed
+
     print(f"searching {args.fit_batch_arg} of {args.file} on a simulated {args.budget} (every probe predicted):")
-    best, failing, probes = fit_script(args.file, args.args, args.fit_batch_arg, budget=args.budget,
-                                       steps=args.steps or 2, on_probe=on_probe, world_size=args.world_size,
-                                       option=option)
+    try:
+        best, failing, probes = fit_script(args.file, args.args, args.fit_batch_arg, budget=args.budget,
+                                           steps=args.steps or 2, on_probe=on_probe, world_size=args.world_size,
+                                           option=option)
+    except FitFailed as exc:
+        if exc.text:
+            print(exc.text, end="", file=sys.stderr)
+        print(f"memprof: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     if best is None:
         print(f"no batch fits: {args.fit_batch_arg} 1 does not fit {args.budget} (predicted)")
     else:
@@ -125,6 +151,22 @@ def _fit(args) -> int:
         for _batch, result in probes:
             append(os.path.join(args.out, RESULTS_FILE), result.record)
     return 0
+
+
+def split_script_module(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """`memprof script [OPTIONS] -m MODULE [ARGS...]`: (memprof's arguments, the module's ARGS), as `python -m`
+    splits them (everything after MODULE is the module's); (argv, None) without -m."""
+    if not argv or argv[0] != "script":
+        return argv, None
+    for i, a in enumerate(argv[1:], 1):
+        if a == "-m" and i + 1 < len(argv):
+            return argv[:i + 2], argv[i + 2:]
+        if not a.startswith("-") and argv[i - 1] not in _VALUED:
+            return argv, None  # FILE came first: the rest is the script's
+    return argv, None
+
+
+_VALUED = {"--budget", "--steps", "--out", "--backend", "--world-size", "--fit-batch-arg"}
 
 
 # --- `memprof fit --script FILE --batch-arg=FLAG [ARGS...]`: the same search, spelled as `fit` --------------------

@@ -46,6 +46,11 @@ def _GONE():
     return None
 
 
+def stand_in_fill(t, value):
+    """A stand-in's fill (memprof.script.standins), queued like a random fill but not counted among them."""
+    t.fill_(value)
+
+
 class DeferredFills:
     """The queue of deferred fills of one simulated block (memprof.script.device.SimulatedCuda)."""
 
@@ -154,7 +159,8 @@ class DeferredFills:
 
     def drop(self) -> int:
         """At the block's end: the fills nobody read (how many)."""
-        n, self.queue, self.pending = len(self.queue), [], set()
+        n = sum(1 for entry in self.queue if entry[2] is not stand_in_fill)
+        self.queue, self.pending = [], set()
         self.skipped += n
         return self.skipped
 

@@ -47,7 +47,7 @@ def environment(world_size: int):
                 os.environ[k] = v
 
 
-def install(sim, stack, setattr_restored) -> None:
+def install(sim, patches) -> None:
     """Patch torch.distributed for the simulated block `sim` (its world_size None: no process group may start)."""
     import torch.distributed as dist
 
@@ -56,7 +56,7 @@ def install(sim, stack, setattr_restored) -> None:
     from torch.distributed import distributed_c10d as c10d
 
     if sim.world_size is not None:
-        stack.enter_context(environment(sim.world_size))
+        patches.enter_context(environment(sim.world_size))
     original_init = c10d.init_process_group
 
     def init_process_group(backend=None, *args, **kwargs):
@@ -70,11 +70,11 @@ def install(sim, stack, setattr_restored) -> None:
         sim.detected["world_size"] = sim.world_size
 
     for mod in (dist, c10d):
-        setattr_restored(mod, "init_process_group", init_process_group)
-    stack.callback(lambda: dist.destroy_process_group() if dist.is_available() and c10d.is_initialized() else None)
-    _install_ddp(sim, setattr_restored)
+        patches.set(mod, "init_process_group", init_process_group)
+    patches.callback(lambda: dist.destroy_process_group() if dist.is_available() and c10d.is_initialized() else None)
+    _install_ddp(sim, patches)
     if sim.world_size is not None:  # (without one, FSDP's own init_process_group call is refused above)
-        _install_fsdp(sim, stack, setattr_restored)
+        _install_fsdp(sim, patches)
 
 
 def _require_group(sim, what: str) -> None:
@@ -86,7 +86,7 @@ def _require_group(sim, what: str) -> None:
         sim.refuse(f"{what} needs a process group: {fix} (rank 0 is predicted)")
 
 
-def _install_ddp(sim, setattr_restored) -> None:
+def _install_ddp(sim, patches) -> None:
     from torch.nn import parallel
     from torch.nn.parallel import distributed as ddp_mod
 
@@ -124,10 +124,10 @@ def _install_ddp(sim, setattr_restored) -> None:
 
     DistributedDataParallel.__qualname__ = DistributedDataParallel.__name__ = "DistributedDataParallel"
     for mod in (parallel, ddp_mod):
-        setattr_restored(mod, "DistributedDataParallel", DistributedDataParallel)
+        patches.set(mod, "DistributedDataParallel", DistributedDataParallel)
 
 
-def _install_fsdp(sim, stack, setattr_restored) -> None:
+def _install_fsdp(sim, patches) -> None:
     import importlib
 
     fsdp = importlib.import_module("torch.distributed.fsdp")
@@ -146,16 +146,16 @@ def _install_fsdp(sim, stack, setattr_restored) -> None:
         with sim.internal():
             return original(module, *args, mesh=sim._fsdp_mesh, reshard_after_forward=reshard_after_forward, **kwargs)
 
-    setattr_restored(fsdp, "fully_shard", fully_shard)  # (not in its own module: it reads itself from there)
+    patches.set(fsdp, "fully_shard", fully_shard)  # (not in its own module: it reads itself from there)
     # FSDP's parameters are DTensors over the CPU mesh (as the engine shards): their wrappers report the CPU where
     # CUDA's report cuda, so once sharded the CPU counts among the foreach / fused kernels' devices, and optimizers
     # resolve foreach=None / fused=None as on CUDA
     optim_mod = importlib.import_module("torch.optim.optimizer")
     for name in ("_get_foreach_kernels_supported_devices", "_get_fused_kernels_supported_devices"):
-        setattr_restored(optim_mod, name, _with_cpu_when_sharded(sim, getattr(optim_mod, name)))
+        patches.set(optim_mod, name, _with_cpu_when_sharded(sim, getattr(optim_mod, name)))
     composable = importlib.import_module("torch.distributed._composable.fsdp")
     if "fully_shard" in vars(composable):
-        setattr_restored(composable, "fully_shard", fully_shard)
+        patches.set(composable, "fully_shard", fully_shard)
     fsdp1 = importlib.import_module("torch.distributed.fsdp.fully_sharded_data_parallel")
 
     def refuse(*args, **kwargs):
@@ -167,7 +167,7 @@ def _install_fsdp(sim, stack, setattr_restored) -> None:
             refuse()
 
     for mod in (fsdp, fsdp1):
-        setattr_restored(mod, "FullyShardedDataParallel", FullyShardedDataParallel)
+        patches.set(mod, "FullyShardedDataParallel", FullyShardedDataParallel)
 
 
 

@@ -43,35 +43,61 @@ def parallel_fields(sim) -> dict:
     return out
 
 
-def result_of(sim, out_dir: str | None = None, snapshot_dir: str | None = None):
-    """The Result of a finished SimulatedCuda block (predicted); with `out_dir` / `snapshot_dir`, its timeline and
-    predicted allocator snapshot are written there (memprof.backends.simulate.write_artifacts)."""
-    from memprof.backends.base import PREDICTED
-    from memprof.results import Result, environment, make_record
-
-    status, metrics = sim.predict(out_dir, snapshot_dir, record_spec(sim).key)
-    d = sim.detected
-    metrics.update({
+def detected_metrics(device) -> dict:
+    """The record's `script_*` fields: what a script's run was seen to do (memprof.script.detection), the same for
+    the simulated device and the measured one."""
+    d = device.detected
+    out = {
         "script_batch_size": d["batch_size"],
-        "script_precision": sim.precision(),
+        "script_precision": device.precision(),
         "script_autocast_dtypes": [str(t).removeprefix("torch.") for t in d["autocast_dtypes"]],
-        "script_parameter_dtypes": [t.removeprefix("torch.") for t in sim.param_dtypes()],
+        "script_parameter_dtypes": [t.removeprefix("torch.") for t in device.param_dtypes()],
         "script_grad_scaler": d["grad_scaler"],
         "script_checkpointing": d["checkpointing"],
         "script_optimizers": d["optimizers"],
         "script_optimizer_in_backward": d["optimizer_in_backward"],
         "script_steps": d["steps"],
-        "script_steps_limit": sim.max_steps,
-        "notes": [*metrics.get("notes", []), *sim.notes.values()],  # the rules' notes, then the script's
-        # random fills of CPU tensors that went to the device unread, skipped (memprof.script.deferred)
-        "script_cpu_fills_skipped": sim._deferred.skipped,
-    })
-    if getattr(sim, "script_args", None) is not None:
-        metrics["script_args"] = sim.script_args
-        metrics["script_path"] = sim.user_file
-    env = environment("simulate", "cpu-simulated")
-    return Result(make_record(record_spec(sim), status, PREDICTED, env, metrics,
-                              elapsed_s=time.perf_counter() - sim._start))
+        "script_forwards": d["forwards"],
+        "script_backwards": d["backwards"],
+        "script_steps_limit": device.max_steps,
+    }
+    if getattr(device, "script_args", None) is not None:
+        out["script_args"] = device.script_args
+        out["script_path"] = device.user_file
+    return out
+
+
+def script_result(device, status: str, source: str, env: dict, metrics: dict):
+    """The Result of a finished device block: an `ok` run that completed no training step (or put nothing on the
+    device) is `incomplete`, with the reason and no verdict on the card."""
+    from memprof.results import Result, make_record
+
+    metrics = {**metrics, **detected_metrics(device)}
+    reason = device.incomplete(bool(metrics.get("peak_allocated_bytes")))
+    error = getattr(device, "error", None)
+    if error is not None:  # the script's own error: what ran before it, no verdict on the card
+        status = "error"
+    elif status == "ok" and reason is not None:
+        status = "incomplete"
+        metrics["incomplete_reason"] = reason
+    if status in ("error", "incomplete"):
+        metrics.pop("fits", None)
+        metrics.pop("over_budget_bytes", None)
+    return Result(make_record(record_spec(device), status, source, env, metrics, error=error,
+                              elapsed_s=time.perf_counter() - device._start))
+
+
+def result_of(sim, out_dir: str | None = None, snapshot_dir: str | None = None):
+    """The Result of a finished SimulatedCuda block (predicted); with `out_dir` / `snapshot_dir`, its timeline and
+    predicted allocator snapshot are written there (memprof.backends.simulate.write_artifacts)."""
+    from memprof.backends.base import PREDICTED
+    from memprof.results import environment
+
+    status, metrics = sim.predict(out_dir, snapshot_dir, record_spec(sim).key)
+    metrics["notes"] = [*metrics.get("notes", []), *sim.notes.values()]  # the rules' notes, then the script's
+    # random fills of CPU tensors that went to the device unread, skipped (memprof.script.deferred)
+    metrics["script_cpu_fills_skipped"] = sim._deferred.skipped
+    return script_result(sim, status, PREDICTED, environment("simulate", "cpu-simulated"), metrics)
 
 
 def script_label(path: str, args: list[str]) -> str:

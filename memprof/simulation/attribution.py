@@ -13,6 +13,7 @@ An allocation outside every module is labelled by its phase, e.g. "(optimizer st
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
@@ -102,13 +103,19 @@ class ModuleAttribution:
     """Context manager: sets `tracker.where` to the innermost running module; `owners(...)` fixes parameters,
     gradients and optimizer state to their parameter's module."""
 
-    def __init__(self, model: torch.nn.Module, tracker, optimizer=None):
+    def __init__(self, model: torch.nn.Module, tracker, optimizer=None, weak: bool = False):
         self.tracker = tracker
         self.modules = _ModuleStack(model)
         self._param_module = {}  # id(parameter) -> module path
         for name, p in model.named_parameters():
             self._param_module[id(p)] = name.rpartition(".")[0]
-        self._params = [p for p in model.parameters()]
+        if weak:  # (a user's script may drop its model: hold neither it nor a weak reference to a tensor, which
+            # would refuse the swap that moves a parameter off the device)
+            root = weakref.ref(model)
+            self._params = _WeakParams(root)
+            self.modules.names = weakref.WeakKeyDictionary(self.modules.names)
+        else:
+            self._params = [p for p in model.parameters()]
         self._buffers = [(b, name.rpartition(".")[0]) for name, b in model.named_buffers()]
         self.owner: dict[int, str] = {}  # storage id -> module path (static attribution)
         self._hooks = []
@@ -129,7 +136,7 @@ class ModuleAttribution:
     def _grads(self) -> None:
         for p in self._params:
             if p.grad is not None:
-                self._own(p.grad, self._param_module[id(p)])
+                self._own(p.grad, self._param_module.get(id(p), ""))
 
     def _states(self, optimizer) -> None:
         for p, state in optimizer.state.items():
@@ -145,6 +152,7 @@ class ModuleAttribution:
             self._own(p, self._param_module[id(p)])
         for b, module in self._buffers:
             self._own(b, module)
+        self._buffers = [] if isinstance(self._params, _WeakParams) else self._buffers
         self.modules.__enter__()
         self.tracker.where = self.where
         return self
@@ -160,6 +168,17 @@ class ModuleAttribution:
     def result(self) -> dict[int, str]:
         """storage id -> module path, static attribution first, then where it was made ("" outside modules)."""
         return {**self.tracker.module, **self.owner}
+
+
+class _WeakParams:
+    """A model's parameters, read from the model while it lives (nothing once it is gone)."""
+
+    def __init__(self, root):
+        self._root = root
+
+    def __iter__(self):
+        model = self._root()
+        return iter(() if model is None else list(model.parameters()))
 
 
 def holder(module: str, category: str, phase: str) -> str:

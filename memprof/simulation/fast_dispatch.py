@@ -180,9 +180,16 @@ def _build(entry, args):
                 built.append(None)
                 continue
             shape, stride, dtype, requires_grad, device, view_idx, offset = spec
-            empty = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-            if view_idx is not None:
-                empty.set_(args[view_idx].untyped_storage(), offset, shape, stride)
+            if view_idx is not None and not args[view_idx].is_inference():
+                # a view of a normal tensor is a normal tensor, in inference mode too (autograd then shares the
+                # base's version counter with it, which an inference tensor refuses)
+                with torch.inference_mode(False):
+                    empty = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+                    empty.set_(args[view_idx].untyped_storage(), offset, shape, stride)
+            else:
+                empty = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+                if view_idx is not None:
+                    empty.set_(args[view_idx].untyped_storage(), offset, shape, stride)
             if requires_grad:
                 empty.requires_grad_(True)
             built.append((empty, device))

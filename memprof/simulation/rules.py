@@ -241,6 +241,9 @@ class TimmForeachChunks(Rule):
         except ImportError:
             yield
             return
+        if not hasattr(_helpers, "_foreach_chunk_elements"):  # a timm before chunking (or after its rename)
+            yield
+            return
         original = _helpers._foreach_chunk_elements
         key = torch.device("cuda", 0)  # the device timm would query; its cached L2 size is ours meanwhile
         saved = _helpers._L2_CACHE_SIZE.get(key)

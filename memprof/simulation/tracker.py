@@ -150,6 +150,10 @@ class StorageTracker(TorchDispatchMode):
     def storage_id(self, tensor: torch.Tensor) -> int | None:
         return self._by_cdata.get(tensor.untyped_storage()._cdata)
 
+    def id_of_storage(self, storage) -> int | None:
+        """The id of a counted storage (an UntypedStorage), or None."""
+        return self._by_cdata.get(storage._cdata)
+
     def synthetic_alloc(self, nbytes: int, op: str) -> int:
         """A request CUDA makes that has no tensor here (e.g. a cuBLAS workspace)."""
         sid = self._new_id()

@@ -1,0 +1,283 @@
+"""How tensors reach, leave and are made on the simulated device: what the user's code calls, seen before dispatch
+by a TorchFunctionMode (`DeviceCalls`), and the same seen at dispatch (`dispatch_factory`) for what bypasses it.
+
+- **made on the device**: a factory of torch's (`torch.utils._device._device_constructors()`: empty, zeros, full,
+  arange, tensor, rand, ...), a `*_like` function or a `Tensor.new_*` method given `device="cuda"` (or under
+  `torch.set_default_device("cuda")` / `with torch.device("cuda")`) makes a fake tensor, an allocation. Nothing
+  else is a factory: `Module.to(device="cuda")` asks `torch._C._nn._parse_to(device="cuda")`, which only parses.
+  Code that torch runs with its own mode popped (a Python functional dispatched through __torch_function__) and
+  C++ composites reach dispatch instead: an op there that names the CUDA device, or a tensor-less factory given the
+  CPU device inside a call on device tensors (a C++ composite's `self.options()`, the fake tensor's real device:
+  `F.one_hot`'s `arange(n, self.options())`), is the device's too.
+- **moved to the device**: `Tensor.cuda()`, `.to("cuda" | device=... | other)`, `Module.to / cuda / to_empty`: a fake
+  copy of the CPU tensor, laid out as `memory_format` asks; a module keeps each Parameter object (torch's
+  swap-on-conversion, with the weak references FakeTensorMode keeps dropped first, and the hooks re-installed).
+- **moved off it**: `Module.cpu()` / `.to("cpu")` swap each parameter for a real CPU tensor of stand-in values
+  (memprof.script.standins; a large one filled only when read), so the card's copy is freed, as on CUDA; a tensor's
+  own `.cpu()` / `.to("cpu")` / `.item()` / `.tolist()` / `print` / `.numpy()` read back stand-ins.
+- **CUDA's own refusals**: another device ordinal than 0 ("invalid device ordinal"), `.numpy()` of a device tensor.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from memprof.script.files import meta_twin
+from memprof.script.state import (CUDA0, CudaError, from_torch, internal, is_cpu_device, is_cuda_device, is_sim,
+                                  cuda_index, under_module_apply)
+
+
+def _descriptor(name: str):
+    return torch._C.TensorBase.__dict__[name]
+
+
+def factories() -> frozenset:
+    """torch's tensor factories that take a `device` (the functions torch.set_default_device redirects, the
+    `*_like` functions and the `Tensor.new_*` methods)."""
+    from torch.utils._device import _device_constructors
+
+    like = (getattr(torch, n) for n in dir(torch) if n.endswith("_like") and callable(getattr(torch, n)))
+    new = (getattr(torch.Tensor, n) for n in dir(torch.Tensor) if n.startswith("new_"))
+    return frozenset((*_device_constructors(), *like, *new))
+
+
+class DeviceCalls(TorchFunctionMode):
+    """The user's calls before dispatch: moves, factories, read-backs (see the module docstring)."""
+
+    def __init__(self, sim):
+        super().__init__()
+        self.sim = sim
+        self.factories = factories()
+        self.constructors = frozenset(f for f in self.factories if not getattr(f, "__name__", "").endswith("_like")
+                                      and not getattr(f, "__name__", "").startswith("new_"))
+        T = torch.Tensor
+        self.handlers = {T.cuda: self._cuda, T.to: self._to, T.cpu: self._cpu, T.item: self._item,
+                         T.tolist: self._tolist, T.numpy: self._numpy, T.__float__: self._item, T.__int__: self._item,
+                         T.__bool__: self._item, T.__index__: self._item, T.__repr__: self._repr,
+                         T.__format__: self._format, T.__array__: self._numpy, T.get_device: self._get_device,
+                         T.pin_memory: self._pin_memory, T.is_pinned: self._is_pinned,
+                         T.record_stream: self._record_stream, T.__reduce_ex__: self._reduce,
+                         T.__deepcopy__: self._deepcopy, T.data_ptr: self._data_ptr}
+        self.getters = {_descriptor("is_cuda"): lambda t: True, _descriptor("is_cpu"): lambda t: False}
+        self.depth = threading.local()  # its `calls` > 0 while a call given device tensors runs in that thread
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = self.handlers.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs)
+        getter = self.getters.get(getattr(func, "__self__", None))
+        if getter is not None:
+            if args and is_sim(args[0]):
+                return getter(args[0])
+            return func(*args, **kwargs)
+        if func in self.factories:
+            dev = kwargs.get("device")
+            if dev is None and self.sim.default_cuda and func in self.constructors:
+                dev = CUDA0  # torch.set_default_device("cuda")
+            if dev is not None and is_cuda_device(dev):
+                return self.sim.factory(func, args, kwargs, dev)
+            if dev is None and args and is_sim(args[0]) and func not in self.constructors:
+                return self._on_device(func, args, kwargs)  # zeros_like(x) / x.new_zeros(...): x's device
+            return func(*args, **kwargs)
+        if args and (is_sim(args[0]) or type(args[0]) in (list, tuple) and args[0] and is_sim(args[0][0])):
+            return self._on_device(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    @property
+    def on_device_call(self) -> bool:
+        """Whether a call given device tensors runs in this thread (its tensor-less factories are the device's)."""
+        return getattr(self.depth, "calls", 0) > 0
+
+    def _on_device(self, func, args, kwargs):
+        depth = self.depth
+        depth.calls = getattr(depth, "calls", 0) + 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            depth.calls -= 1
+
+    # --- moves -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def parse_to(args, kwargs):
+        """(device, dtype, copy, memory_format) of a Tensor.to call; device "sim", "cpu", None or another."""
+        rest, kw = list(args[1:]), dict(kwargs)
+        other = kw.pop("other", None)
+        if other is None and rest and isinstance(rest[0], torch.Tensor):
+            other = rest.pop(0)
+        device = kw.pop("device", None)
+        dtype = kw.pop("dtype", None)
+        if other is not None:
+            device, dtype = ("sim" if is_sim(other) else other.device), other.dtype
+        else:
+            if rest and (rest[0] is None or isinstance(rest[0], (str, torch.device, int))) \
+                    and not isinstance(rest[0], bool):
+                device = rest.pop(0)  # to(device, dtype, ...), Module.to passes a None device positionally
+                if rest and (rest[0] is None or isinstance(rest[0], torch.dtype)):
+                    dtype = rest.pop(0)
+            elif rest and isinstance(rest[0], torch.dtype):
+                dtype = rest.pop(0)
+        if rest:
+            rest.pop(0)  # non_blocking
+        copy = kw.pop("copy", rest.pop(0) if rest else False)
+        memory_format = kw.pop("memory_format", torch.preserve_format)
+        if device is not None and device != "sim":
+            if is_cuda_device(device):
+                check_ordinal(device)
+                device = "sim"
+            elif is_cpu_device(device):
+                device = "cpu"
+        return device, dtype, copy, memory_format
+
+    def _to(self, func, args, kwargs):
+        t = args[0]
+        device, dtype, copy, memory_format = self.parse_to(args, kwargs)
+        if is_sim(t):
+            if device == "cpu":
+                if under_module_apply(3):
+                    return self.sim.off_device(t, dtype)  # Module.cpu() / Module.to("cpu"): the card's copy goes
+                if from_torch():
+                    device = None  # torch's own code moving a tensor to the device it grouped it by (its real one)
+                else:
+                    return self.sim.stand_in(t, dtype)
+            if device in ("sim", None):
+                if dtype in (None, t.dtype) and not copy and memory_format == torch.preserve_format:
+                    return t
+                return self._on_device(torch.Tensor.to, (t,), {"dtype": dtype or t.dtype, "copy": copy,
+                                                               "memory_format": memory_format})
+            return func(*args, **kwargs)
+        if device == "sim":
+            return self.sim.to_device(t, dtype, memory_format=memory_format)
+        return func(*args, **kwargs)
+
+    def _cuda(self, func, args, kwargs):
+        t = args[0]
+        device = args[1] if len(args) > 1 else kwargs.get("device")
+        if device is not None:
+            check_ordinal(device if not isinstance(device, int) else f"cuda:{device}")
+        return t if is_sim(t) else self.sim.to_device(t, op="Tensor.cuda()")
+
+    def _cpu(self, func, args, kwargs):
+        t = args[0]
+        if not is_sim(t):
+            return func(*args, **kwargs)
+        if under_module_apply(3):
+            return self.sim.off_device(t)
+        return self.sim.stand_in(t)
+
+    # --- read-backs --------------------------------------------------------------------------------------------
+    def _item(self, func, args, kwargs):
+        t = args[0]
+        if not is_sim(t):
+            return func(*args, **kwargs)
+        return func(self.sim.stand_in(t), *args[1:], **kwargs)
+
+    def _tolist(self, func, args, kwargs):
+        t = args[0]
+        if is_sim(t):
+            return self.sim.stand_in(t).tolist()
+        self.sim.settled()
+        return func(*args, **kwargs)
+
+    def _numpy(self, func, args, kwargs):
+        t = args[0]
+        if not is_sim(t):
+            self.sim.settled()
+            return func(*args, **kwargs)
+        if func is torch.Tensor.numpy:
+            raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to "
+                            "host memory first.")  # (CUDA's own message)
+        return self.sim.stand_in(t).numpy()
+
+    def _repr(self, func, args, kwargs):
+        t = args[0]
+        if not is_sim(t):
+            return func(*args, **kwargs)
+        text = repr(self.sim.stand_in(t))
+        return text[:-1] + ", device='cuda:0')" if text.endswith(")") else text
+
+    def _format(self, func, args, kwargs):
+        t = args[0]
+        if not is_sim(t):
+            return func(*args, **kwargs)
+        stand_in = self.sim.stand_in(t)
+        return format(stand_in.item(), *args[1:]) if stand_in.dim() == 0 else self._repr(func, args[:1], {})
+
+    def _get_device(self, func, args, kwargs):
+        return 0 if is_sim(args[0]) else func(*args, **kwargs)
+
+    def _pin_memory(self, func, args, kwargs):
+        self.sim.note("pin", "pin_memory(): page-locked host memory is host memory, not the card's (not counted)")
+        return args[0]
+
+    def _is_pinned(self, func, args, kwargs):
+        return False
+
+    def _record_stream(self, func, args, kwargs):
+        return None
+
+    def _data_ptr(self, func, args, kwargs):
+        t = args[0]
+        if not is_sim(t):
+            return func(*args, **kwargs)
+        return self.sim.address(t.untyped_storage()) + t.storage_offset() * t.element_size()
+
+    def _deepcopy(self, func, args, kwargs):
+        """copy.deepcopy of a device tensor (an EMA model, a best-weights copy): a new device tensor of its size,
+        as on CUDA (torch's own deepcopy would copy the fake mode with it)."""
+        t, memo = args[0], args[1] if len(args) > 1 else kwargs.get("memo", {})
+        if not is_sim(t):
+            return func(*args, **kwargs)
+        if id(t) in memo:
+            return memo[id(t)]
+        with torch.no_grad():
+            new = t.clone()
+        if getattr(t, "_is_param", False):
+            new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+        else:
+            new.requires_grad_(t.requires_grad)
+        memo[id(t)] = new
+        if t.grad is not None:
+            new.grad = self._deepcopy(func, (t.grad, memo), {})
+        return new
+
+    def _reduce(self, func, args, kwargs):
+        if is_sim(args[0]):
+            if self.sim.saving:  # torch.save: its shape, strides and dtype, no values (memprof.script.files)
+                return meta_twin(args[0]).__reduce_ex__(*args[1:], **kwargs)
+            # (pickling outside torch.save: a multiprocessing queue, copy.copy)
+            self.sim.refuse("pickling a tensor on cuda:0 outside torch.save (the simulation has no data)")
+        self.sim.settled()
+        return func(*args, **kwargs)
+
+
+def check_ordinal(device) -> None:
+    """CUDA's refusal of a device the simulated machine does not have (one card: cuda:0)."""
+    index = cuda_index(device)
+    if index not in (None, 0, -1):
+        raise CudaError("CUDA error: invalid device ordinal (the simulated machine has one card, cuda:0)")
+
+
+def dispatch_factory(sim, func, args, kwargs):
+    """At dispatch, an op given no device tensor: its outputs, made on the device when the op names the CUDA device
+    or runs inside a call given device tensors (DeviceCalls.on_device_call); None when it is not the device's."""
+    dev = kwargs.get("device")
+    if dev is not None and is_cuda_device(dev):
+        check_ordinal(dev)
+        kwargs = {**kwargs, "device": torch.device("cpu")}
+    elif not (sim.calls.on_device_call and dev is not None and is_cpu_device(dev)) or not _is_factory(func) \
+            or any(isinstance(t, torch.Tensor) for t in tree_flatten((args, kwargs))[0]):
+        return None  # (a factory given no device, in Python code torch runs, is the CPU's on CUDA too)
+    if kwargs.get("pin_memory"):
+        kwargs = {**kwargs, "pin_memory": False}
+    with internal(), sim.fake_mode:
+        return func(*args, **kwargs)
+
+
+def _is_factory(func) -> bool:
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is None for r in returns) and not func._schema.is_mutable
