@@ -499,7 +499,7 @@ def _executor_options(p) -> None:
 
 
 def _training_options(p) -> None:
-    add_options(p, None, ("resident", "precision", "optim_impl", "optim_in_backward"))
+    add_options(p, None, ("resident", "precision", "optim_impl", "optim_in_backward", "clear_grads"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -117,7 +117,8 @@ def train_steps(model, optimizer, spec: RunSpec, device, on_phase) -> None:
     c, h, w = input_shape(model)
     device_type = torch.device(device).type
     step = functools.partial(classification_step, amp=autocast_dtype(spec), scaler=grad_scaler(spec, device),
-                             device_type=device_type, in_backward=getattr(optimizer, "optimizers", None) is not None)
+                             device_type=device_type, in_backward=getattr(optimizer, "optimizers", None) is not None,
+                             clear_grads=spec.clear_grads)
 
     def batch():
         return (torch.randn(spec.batch_size, c, h, w, device=device, dtype=model_dtype(spec)),
@@ -127,13 +128,17 @@ def train_steps(model, optimizer, spec: RunSpec, device, on_phase) -> None:
 
 
 def classification_step(model, optimizer, inputs, amp=None, scaler=None, device_type: str = "cpu",
-                        in_backward: bool = False):
-    """One step of the paper's fine-tuning: forward and cross-entropy (under autocast with `amp`), backward (of
-    the scaled loss with a GradScaler), optimizer step and zero_grad (none with optimizer-in-backward); returns
-    the loss."""
+                        in_backward: bool = False, clear_grads: str = "after-step"):
+    """One step of the paper's fine-tuning: forward and cross-entropy (under autocast with `amp`), backward (of the
+    scaled loss with a GradScaler), optimizer step and zero_grad(set_to_none=True) (none with optimizer-in-backward);
+    returns the loss. clear_grads="before-backward" calls zero_grad after the forward instead, as torchvision's
+    reference script and Lightning's automatic optimization do (the previous step's gradients live through the
+    forward)."""
     images, labels = inputs
     with torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext():
         loss = F.cross_entropy(model(images), labels)
+    if clear_grads == "before-backward" and not in_backward:
+        optimizer.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler is not None else loss).backward()
     if not in_backward:
         if scaler is not None:
@@ -141,7 +146,8 @@ def classification_step(model, optimizer, inputs, amp=None, scaler=None, device_
             scaler.update()
         else:
             optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if clear_grads == "after-step":
+            optimizer.zero_grad(set_to_none=True)
     return loss
 
 

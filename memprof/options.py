@@ -70,6 +70,9 @@ OPTIONS: tuple[Option, ...] = (
        "foreach)"),
     _o("optim_in_backward", "off", "step each parameter from its post-accumulate-grad hook: off, on or off,on "
        "(default: off)", toml=SWITCH),
+    _o("clear_grads", "after-step", "when each step clears its gradients (zero_grad(set_to_none=True)): after-step "
+       "(after the optimizer step, default) or before-backward (after the forward, as torchvision's reference script "
+       "and Lightning do: the previous step's gradients live through the forward), or after-step,before-backward"),
     _o("parallel", "none", "none, ddp, fsdp or a comma list: predict rank 0 of --world-size ranks (fake process "
        "group; simulate backend) (default: none)"),
     _o("world_size", 1, "ranks of --parallel (1..1024; default: 1)", toml=(int,), type=int),

@@ -239,7 +239,7 @@ def plan_advise(opts: dict) -> AdvisePlan:
     from memprof.spec import GridEntry
 
     for name in ("models", "optims", "batch_size", "grad_ckpt", "state_bits", "precision", "optim_impl",
-                 "optim_in_backward"):
+                 "optim_in_backward", "clear_grads"):
         value = str(opts[name])
         if "," in value or value in ("paper", "all"):
             raise UsageError(f"advise starts from one configuration: give one value to {flag(name)} (got '{value}')",
@@ -406,8 +406,10 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
 
 def training_axes(opts: dict) -> dict:
     """--precision, --optim-impl and --optim-in-backward, validated: the expand_grid keywords."""
-    from memprof.spec import parse_optim_impls, parse_precisions, parse_switch
+    from memprof.spec import parse_clear_grads, parse_optim_impls, parse_precisions, parse_switch
 
+    with option("clear_grads"):
+        clear = parse_clear_grads(str(opts.get("clear_grads", "after-step")))
     with option("precision"):
         precisions = parse_precisions(str(opts.get("precision", "fp32")))
     with option("optim_impl"):
@@ -418,7 +420,10 @@ def training_axes(opts: dict) -> dict:
         raise UsageError("--optim-in-backward on cannot honour --precision fp16-amp: GradScaler must see every gradient "
                          "(to skip the whole step on inf/nan) before any parameter is updated; use bf16-amp, or "
                          "--optim-in-backward off", option="optim_in_backward")
-    return {"precisions": precisions, "optim_impls": impls, "in_backward": in_backward}
+    if in_backward == [True] and "after-step" not in clear:
+        raise UsageError("--clear-grads before-backward with --optim-in-backward on: optimizer-in-backward frees each "
+                         "gradient inside backward, so there is none to keep", option="clear_grads")
+    return {"precisions": precisions, "optim_impls": impls, "in_backward": in_backward, "clear_grads": clear}
 
 
 def _remaining(entries, out_dir: str, backend: str, resume: bool, retry_failed: bool, notes: list,

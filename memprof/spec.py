@@ -22,6 +22,7 @@ PRECISIONS = ("fp32", "bf16-amp", "fp16-amp", "bf16")
 AMP_DTYPES = {"bf16-amp": "bfloat16", "fp16-amp": "float16"}
 MODEL_DTYPES = {"bf16": "bfloat16"}
 OPTIM_IMPLS = ("foreach", "fused", "forloop")
+CLEAR_GRADS = ("after-step", "before-backward")  # when a step's zero_grad(set_to_none=True) runs
 RESIDENTS = ("tower", "clip")  # clip: CLIP's text tower and logit scale also on the device, frozen and unused
 DEFAULT_OPTIM_IMPL = "foreach"
 PURE_FP16 = ("fp16 (the whole model in float16) is not supported: fp16 has too little range for gradients and "
@@ -52,6 +53,7 @@ class RunSpec:
     bucket_cap_mb: float | None = None  # DDP's bucket_cap_mb (None: its default, 25 MiB with a 1 MiB first bucket)
     grad_as_bucket_view: bool = False  # DDP's gradient_as_bucket_view
     reshard_after_forward: bool = True  # FSDP2's reshard_after_forward
+    clear_grads: str = "after-step"  # after-step | before-backward (the previous step's gradients live through the forward)
 
     @property
     def training(self) -> str:
@@ -64,6 +66,8 @@ class RunSpec:
             parts.append("in-backward")
         if self.resident != "tower":
             parts.append(f"{self.resident}-resident")
+        if self.clear_grads != "after-step":
+            parts.append(f"clear-{self.clear_grads}")
         return "+".join(parts)
 
     @property
@@ -163,9 +167,16 @@ def parse_optim_impls(text: str) -> list[str]:
     return parse_names(text, "--optim-impl", OPTIM_IMPLS, "optimizer implementation")
 
 
+def parse_clear_grads(text: str) -> list[str]:
+    return parse_names(text, "--clear-grads", CLEAR_GRADS, "--clear-grads value")
+
+
 def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool = False,
                 grad_ckpt: bool = False, precision: str = "fp32", optim_impl: str = DEFAULT_OPTIM_IMPL,
-                in_backward: bool = False, parallel: str = "none") -> str | None:
+                in_backward: bool = False, parallel: str = "none", clear_grads: str = "after-step") -> str | None:
+    if in_backward and clear_grads != "after-step":
+        return ("optimizer-in-backward frees each gradient inside backward: there is no gradient for "
+                f"--clear-grads {clear_grads} to keep")
     if grad_ckpt and model.grad_ckpt_reason:
         return model.grad_ckpt_reason
     if optim.freeze_embed and not model.embedding_modules:
@@ -199,16 +210,19 @@ def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool
 def expand_grid(models: list[ModelInfo], optims: list[OptimInfo], grad_ckpt: list[bool],
                 state_bits: list[int], batch_sizes: list[int], paged: bool = False,
                 precisions: list[str] = ("fp32",), optim_impls: list[str] = (DEFAULT_OPTIM_IMPL,),
-                in_backward: list[bool] = (False,), parallel: list[dict] = ({},), **common) -> list[GridEntry]:
+                in_backward: list[bool] = (False,), parallel: list[dict] = ({},),
+                clear_grads: list[str] = ("after-step",), **common) -> list[GridEntry]:
     """The product of the axes, in the order given, each entry with its skip reason (or None)."""
     for bits in state_bits:
         if bits not in (32, 8):
             raise UsageError(f"--state-bits {bits}: use 32, 8 or 32,8")
     entries = []
-    for par, prec, impl, inb, m, o, ck, bits, bs in itertools.product(parallel, precisions, optim_impls, in_backward,
-                                                                       models, optims, grad_ckpt, state_bits, batch_sizes):
+    for par, clr, prec, impl, inb, m, o, ck, bits, bs in itertools.product(
+            parallel, clear_grads, precisions, optim_impls, in_backward, models, optims, grad_ckpt, state_bits,
+            batch_sizes):
         spec = RunSpec(model=m.name, optim=o.name, grad_ckpt=ck, state_bits=bits, batch_size=bs,
-                       paged=paged and bits == 8, precision=prec, optim_impl=impl, optim_in_backward=inb, **par, **common)
-        entries.append(GridEntry(spec, skip_reason(m, o, bits, spec.paged, ck, prec, impl, inb, spec.parallel)))
+                       paged=paged and bits == 8, precision=prec, optim_impl=impl, optim_in_backward=inb,
+                       clear_grads=clr, **par, **common)
+        entries.append(GridEntry(spec, skip_reason(m, o, bits, spec.paged, ck, prec, impl, inb, spec.parallel, clr)))
     return entries
 

@@ -28,6 +28,8 @@ EXAMPLES = {
     "resident": ("clip", "clip", {"models": "vit-b-16"}, "gpu", "unknown resident 'gpu'"),
     "precision": ("bf16-amp", "bf16-amp", {}, "fp8", "unknown precision 'fp8': did you mean fp32?"),
     "optim_impl": ("fused", "fused", {}, "fast", "unknown optimizer implementation 'fast'"),
+    "clear_grads": ("before-backward", "before-backward", {}, "before-forward",
+                    "unknown --clear-grads value 'before-forward'"),
     "optim_in_backward": ("on", True, {}, "maybe", "--optim-in-backward"),
     "parallel": ("ddp", "ddp", {"world_size": 2}, "dp", "unknown parallelism 'dp': did you mean ddp, fsdp?"),
     "world_size": ("2", 2, {"parallel": "ddp"}, "0", "--world-size 0"),

@@ -418,3 +418,39 @@ except KeyboardInterrupt:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, proc.stderr.read()
+
+
+# --- composites whose C++ body makes tensors from the input's options (F.one_hot) --------------------------------
+
+def test_one_hot_of_device_labels_is_made_on_the_device():
+    with simulated_cuda("a100-80g"):
+        labels = torch.tensor([0, 2, 1, 2]).cuda()
+        before = torch.cuda.memory_allocated()
+        hot = torch.nn.functional.one_hot(labels, 3)
+        assert hot.is_cuda and hot.shape == (4, 3) and torch.cuda.memory_allocated() > before
+        assert hot.sum(0).tolist() == [1, 1, 2]  # known labels: the values are exact
+
+
+def test_negative_control_one_hot_without_the_device_calls_factories_mixes_devices(monkeypatch):
+    from memprof.script.moves import DeviceCalls
+    from memprof.script.state import CudaError
+
+    monkeypatch.setattr(DeviceCalls, "_on_device", lambda self, func, args, kwargs: func(*args, **kwargs))
+    with pytest.raises(CudaError, match="same device"):
+        with simulated_cuda("a100-80g"):
+            torch.nn.functional.one_hot(torch.tensor([0, 2]).cuda(), 3)
+
+
+def test_timms_chunking_rule_stands_aside_for_a_timm_without_chunking(monkeypatch):
+    timm_helpers = pytest.importorskip("timm.optim._helpers")
+    from memprof.budget import parse_budget
+    from memprof.simulation.rules import TimmForeachChunks
+
+    rule = TimmForeachChunks(parse_budget("h100-80g"))
+    original = timm_helpers._foreach_chunk_elements
+    with rule.mode():
+        assert timm_helpers._foreach_chunk_elements is not original  # the card's L2 decides the chunks
+    assert timm_helpers._foreach_chunk_elements is original
+    monkeypatch.delattr(timm_helpers, "_foreach_chunk_elements")  # a timm from before chunking (or after a rename)
+    with rule.mode():  # (it raised AttributeError here: timm's own train.py run from a timm checkout failed)
+        assert not hasattr(timm_helpers, "_foreach_chunk_elements")

@@ -102,6 +102,10 @@ CHANGES = (
     Change("optimizer in backward", "optim_in_backward", 1, "steps each parameter as its gradient is ready: no "
            "gradient clipping over all parameters, no gradient accumulation", _field("optim_in_backward", True),
            _has_field("optim_in_backward"), "this version has no --optim-in-backward axis"),
+    Change("clear gradients after the step", "clear_grads", 0, "none: zero_grad(set_to_none=True) after "
+           "optimizer.step() instead of before backward, so the last step's gradients are gone before the next "
+           "forward", _field("clear_grads", "after-step"), _has_field("clear_grads"),
+           "this version has no --clear-grads axis"),
     Change("bf16 autocast", "precision", 2, "forward and backward in bfloat16 with fp32 master weights: lower "
            "numeric precision in activations", _field("precision", "bf16-amp"), _precision_modelled("bf16-amp"),
            "this version predicts fp32 only"),
@@ -143,7 +147,7 @@ def candidates(base, changes=CHANGES) -> tuple[list[Candidate], list[Change], li
             combos.append(((c1, c2), spec))
     for chs, spec in combos:
         why = skip_reason(resolve_model(spec.model), REGISTRY[spec.optim], spec.state_bits, spec.paged, spec.grad_ckpt,
-                          spec.precision, spec.optim_impl, spec.optim_in_backward)
+                          spec.precision, spec.optim_impl, spec.optim_in_backward, spec.parallel, spec.clear_grads)
         if why:
             not_applicable.append((" + ".join(c.name for c in chs), why))
         else:

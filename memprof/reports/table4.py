@@ -38,16 +38,17 @@ def default_metric(records: list[dict]) -> str:
 
 def _training(spec: dict) -> tuple:
     """How a record trains: precision, optimizer implementation, optimizer-in-backward, what is resident on
-    the device (older records: the defaults)."""
+    the device, when gradients are cleared (older records: the defaults)."""
     return (spec.get("precision", "fp32"), spec.get("optim_impl", "foreach"), bool(spec.get("optim_in_backward")),
-            spec.get("resident", "tower"))
+            spec.get("resident", "tower"), spec.get("clear_grads", "after-step"))
 
 
 def _training_label(training: tuple) -> str:
-    precision, impl, in_backward, resident = training
+    precision, impl, in_backward, resident, clear = training
     return ", ".join([precision] + ([f"{impl} optimizer"] if impl != "foreach" else [])
                      + (["optimizer in backward"] if in_backward else [])
-                     + (["whole CLIP model resident"] if resident == "clip" else []))
+                     + (["whole CLIP model resident"] if resident == "clip" else [])
+                     + ([f"gradients cleared {clear.replace('-', ' ')}"] if clear != "after-step" else []))
 
 
 def _setting(rec: dict) -> tuple:
@@ -362,8 +363,9 @@ def _paper_setups(records: list[dict]) -> dict:
     groups: dict = {}
     for r in paper_records(run_records(records)):
         s = r["spec"]
-        precision, impl, in_backward, resident = _training(s)
-        if (s["batch_size"], s["grad_ckpt"], s["state_bits"], precision, in_backward) != (1, False, 32, "fp32", False):
+        precision, impl, in_backward, resident, clear = _training(s)
+        if (s["batch_size"], s["grad_ckpt"], s["state_bits"], precision, in_backward, clear) != \
+                (1, False, 32, "fp32", False, "after-step"):
             continue
         label = (f"{impl}" + (", whole CLIP resident" if resident == "clip" else "")
                  + f"; {r['source']} ({r['environment'].get('device') or 'unknown device'})")
@@ -672,8 +674,9 @@ def _plot_parts(r: dict) -> dict:
     """What tells a bar apart, slot by slot: model, method and every setting (precision, optimizer
     implementation, checkpointing, batch, budget, parallelism), then the source."""
     s = r["spec"]
-    precision, impl, in_backward, resident = _training(s)
+    precision, impl, in_backward, resident, clear = _training(s)
     return {"model": s["model"], "optim": s["optim"], "bits": "8-bit" if s["state_bits"] == 8 else "",
+            "clear": "" if clear == "after-step" else f"clear {clear}",
             "paged": "paged" if s.get("paged") else "", "precision": precision,
             "impl": impl if impl != "foreach" else "", "in_backward": "in-backward" if in_backward else "",
             "resident": "clip resident" if resident == "clip" else "", "ckpt": "ckpt" if s["grad_ckpt"] else "",

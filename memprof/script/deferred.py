@@ -3,17 +3,18 @@
 A script builds its model on the CPU and then moves it to the device; the simulated device copies only shapes, so
 the CPU fills the constructors run (`uniform_`, `normal_`: nn.Linear's kaiming_uniform_, xavier_uniform_, normal_)
 are work nobody reads when the model goes to the device untouched: ~2.5 s of a 2-core CPU for ViT-L/16's 304M
-parameters. Here those fills are queued instead of run, and the queue is *settled* (every queued fill run, in
-order, on its tensor, or on a scratch tensor of its layout when the tensor is gone or was moved to the device, so
-the CPU generator advances exactly as it would have) before anything could tell the difference:
+parameters. Here those fills are queued instead of run, and the queue is *settled* (every queued fill whose tensor
+still holds the storage it was queued for run, in order, on it) before anything could tell the difference:
 - any op on a real tensor whose storage has a queued fill (a CPU model's forward, a view, .item(), printing);
 - any op that draws from a random generator (torch.Tag.nondeterministic_seeded: a DataLoader's shuffling seed,
   CPU data augmentation, another fill that is not queued), and torch.get_rng_state / set_rng_state / manual_seed /
   seed (torch.utils.checkpoint's preserve_rng_state reads it);
 - reads that bypass dispatch: .numpy(), .tolist(), pickling, torch.save of CPU tensors.
-So every value the script sees, and the CPU generator's stream, are as in an eager run. What is never settled
-(the tensors went to the device unread) is dropped when the block ends: the record's script_cpu_fills_skipped
-says how many, and the CPU generator is then where it was before them. No figure of the device depends on it.
+So every value the script sees is drawn as in an eager run, except in one way, said in the record's notes: the
+fills of tensors that went to the device unread are never drawn (the record's script_cpu_fills_skipped counts
+them), so the CPU generator's later draws (a DataLoader's order, augmentation, later initialisations) come from
+another point of its stream than in an eager run. No figure of the device depends on it. (Drawing them on
+scratch tensors, only to advance the generator, cost about 2 s per ViT-B.)
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class DeferredFills:
         self.seeded: dict = {}  # op -> whether it draws from a generator
         self.in_place: dict = {}  # op -> whether it only writes its first argument (no other tensor)
         self.skipped = 0
+        self.skipped_before_a_draw = 0
         self.settling = False
 
     def __bool__(self) -> bool:
@@ -141,8 +143,8 @@ class DeferredFills:
         return False
 
     def settle(self) -> None:
-        """Run every queued fill, in order: on its tensor when it still holds the storage the fill was queued for,
-        else on a scratch tensor of the same layout (the generator advances as it would have)."""
+        """Run every queued fill whose tensor still holds the storage the fill was queued for, in order, on it; a
+        fill whose tensor is gone (it went to the device) is skipped, counted, and not drawn."""
         queue, self.queue, self.pending = self.queue, [], set()
         self.settling = True
         try:
@@ -150,9 +152,11 @@ class DeferredFills:
                 for ref, _cdata, func, rest, kwargs, (offset, shape, stride, dtype) in queue:
                     st = ref()
                     if st is None:
-                        t = torch.empty(shape, dtype=dtype, device="cpu")
-                    else:
-                        t = torch.empty(0, dtype=dtype, device="cpu").set_(st, offset, shape, stride)
+                        if func is not stand_in_fill:
+                            self.skipped += 1
+                            self.skipped_before_a_draw += 1  # the generator's later draws differ (said)
+                        continue
+                    t = torch.empty(0, dtype=dtype, device="cpu").set_(st, offset, shape, stride)
                     func(t, *rest, **kwargs)
         finally:
             self.settling = False

@@ -372,10 +372,11 @@ class SimulatedCuda(Detection):
                                 f"stand-in values; the card's memory they held is freed")
         return self.host_stand_in(t, dtype)
 
-    def host_stand_in(self, t, dtype=None) -> torch.Tensor:
-        """A real CPU tensor of `t`'s shape holding its stand-in values; a large one is filled only when read."""
+    def host_stand_in(self, t, dtype=None, value=None) -> torch.Tensor:
+        """A real CPU tensor of `t`'s shape holding its stand-in values (`value`, else what is known of `t`); a
+        large one is filled only when read (an optimizer's state moved to the CPU at teardown is never touched)."""
         dtype = dtype or t.dtype
-        value = value_of(t) if type(t) is FakeTensor else None
+        value = value if value is not None else value_of(t) if type(t) is FakeTensor else None
         if t.numel() <= LIMIT or isinstance(value, torch.Tensor):
             return materialise(value, t).to(dtype)
         out = torch.empty(tuple(t.shape), dtype=dtype)
@@ -384,8 +385,8 @@ class SimulatedCuda(Detection):
         return out
 
     def stand_in(self, t, dtype=None) -> torch.Tensor:
-        """What the script reads back from device tensor `t` (memprof.script.standins)."""
-        return self.standins.read(t, dtype)
+        """What the script reads back from device tensor `t` (memprof.script.standins), as a real CPU tensor."""
+        return self.host_stand_in(t, dtype, self.standins.counted(t))
 
     def settled(self) -> None:
         """The CPU's deferred fills run, before something reads CPU memory without an op (memprof.script.deferred)."""
@@ -717,6 +718,10 @@ class SimulatedCuda(Detection):
         note = self.standins.note()
         if note:
             self.note("readback", note)
+        if self._deferred.skipped_before_a_draw:
+            self.note("cpu-rng", f"{self._deferred.skipped_before_a_draw} random initialisations of CPU tensors that "
+                                 f"went to the device unread were not drawn, so the CPU generator's later draws (data "
+                                 f"order, augmentation) differ from an eager run's; no device figure depends on them")
         if self.threads:
             n = len(self.threads)
             self.note("threads", f"{n} thread{'s' * (n > 1)} the script started put tensors on the simulated device "

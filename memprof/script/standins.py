@@ -98,6 +98,7 @@ class _OpInfo(NamedTuple):
     pointwise: bool
     keeps_constant: bool  # a view, a copy or a reduction that keeps a Constant constant
     unknowable: bool  # what it makes is random (drawn from a generator) or uninitialised (empty)
+    special: bool  # it may make a value from unknown inputs (a finiteness check, an overwrite)
 
 
 def _info(func) -> _OpInfo:
@@ -106,7 +107,8 @@ def _info(func) -> _OpInfo:
     view = bool(schema.returns) and not written and all(r.alias_info is not None for r in schema.returns)
     name = schema.name.split("::")[-1]
     unknowable = torch.Tag.nondeterministic_seeded in func.tags or name.startswith(("empty", "new_empty"))
-    return _OpInfo(written, torch.Tag.pointwise in func.tags, view or func in _KEEPS_CONSTANT, unknowable)
+    special = func in _FINITE or name in _COMPARE or func in _OVERWRITES or func in _FINDS_NOTHING
+    return _OpInfo(written, torch.Tag.pointwise in func.tags, view or func in _KEEPS_CONSTANT, unknowable, special)
 
 
 def _tensors(value):
@@ -139,15 +141,23 @@ class StandIns:
         info = self._infos.get(func)
         if info is None:
             info = self._infos[func] = _info(func)
-        values, constant, unknown = [], False, False
+        values, constant, unknown, known = [], False, False, False
         for a in args:
-            for t in _tensors(a):
-                v = value_of(t)
+            for t in (a,) if isinstance(a, torch.Tensor) else a if type(a) in (list, tuple) else ():
+                if type(t) is FakeTensor:
+                    v = t.__dict__.get(_ATTR)
+                elif isinstance(t, torch.Tensor):
+                    v = t  # a real tensor is its own value
+                else:
+                    continue
                 if v is None:
                     unknown = True
-                elif isinstance(v, Constant):
-                    constant = True
+                else:
+                    known = True
+                    constant = constant or isinstance(v, Constant)
                 values.append(v)
+        if unknown and not known and not info.special:  # the common case: nothing known in, nothing known out
+            return
         if info.unknowable:  # random (the CPU generator must not advance) or uninitialised
             self._forget_written(args, info)
             return
@@ -280,16 +290,15 @@ class StandIns:
                 set_value(fake, real.detach().to(dtype=fake.dtype).clone().reshape(tuple(fake.shape)))
 
     # --- read-backs ----------------------------------------------------------------------------------------------
-    def read(self, t, dtype=None) -> torch.Tensor:
-        """A real CPU tensor standing for device tensor `t`'s values (see the module docstring)."""
+    def counted(self, t):
+        """Device tensor `t`'s value (see value_of), counted as a read: exact or a stand-in."""
         v = value_of(t)
         self.reads["exact" if isinstance(v, torch.Tensor) else "stand_in"] += 1
-        got = materialise(v, t)
-        return got if dtype is None or dtype == got.dtype else got.to(dtype)
+        return v
 
     def scalar(self, t):
         """`aten._local_scalar_dense`: the Python number a one-element device tensor reads as."""
-        return self.read(t).reshape(()).item()
+        return materialise(self.counted(t), t).reshape(()).item()
 
     def note(self) -> str | None:
         exact, stand_in = self.reads["exact"], self.reads["stand_in"]

@@ -10,7 +10,8 @@ of the recorded shape, strides and dtype, set onto the input's storage for an ou
 
 An in-place op (add_, lerp_, the in-place foreach ops of an optimizer's step) returns the arguments it writes
 into: its entry says which, and a repeat returns them without asking FakeTensorMode (whose meta kernel would
-only check the layouts the key already holds). What it will not cache goes to FakeTensorMode unchanged, every
+only check the layouts the key already holds); its numbers are keyed by their type alone (an optimizer's step
+size, its bias corrections, change every step). What it will not cache goes to FakeTensorMode unchanged, every
 time: ops that change their argument's metadata (inplace_view), in-place ops returning anything else, ops whose
 outputs depend on data or have data-dependent shapes, arguments it cannot key (a real tensor, a fake constant,
 a symbolic size, an object), outputs that are not plain fake tensors (None inside a tuple aside), a fresh
@@ -47,6 +48,14 @@ def _arg_key(a):
     raise _Unkeyable
 
 
+def _in_place_arg_key(a):
+    if isinstance(a, (int, float)):  # (bool too)
+        return type(a)
+    if isinstance(a, (list, tuple)):
+        return (type(a), tuple(_in_place_arg_key(x) for x in a))
+    return _arg_key(a)
+
+
 def extent_bytes(shape, stride, itemsize: int) -> int:
     """Bytes of the smallest storage holding a tensor of this shape and these strides at offset 0."""
     if any(s == 0 for s in shape):
@@ -63,19 +72,30 @@ class FrontCache:
 
     def __init__(self):
         self.entries: dict = {}
+        self._mutables: dict = {}
         self.hits = 0
         self.misses = 0
 
     def key(self, func, args, kwargs):
+        arg_key = _in_place_arg_key if self._mutable(func) else _arg_key
         try:
             parts = [func, torch.get_default_dtype(), torch.is_inference_mode_enabled()]
-            parts.extend(_arg_key(a) for a in args)
+            parts.extend(arg_key(a) for a in args)
             for name, value in kwargs.items():
                 parts.append(name)
-                parts.append(_arg_key(value))
+                parts.append(arg_key(value))
             return tuple(parts)
         except _Unkeyable:
             return None
+
+    def _mutable(self, func) -> bool:
+        """Whether `func` writes into an argument: if cached at all, it is cached as returning the arguments it
+        wrote into, whatever its numbers (an optimizer's step size changes every step), so numbers are keyed by
+        their type alone."""
+        mutable = self._mutables.get(func)
+        if mutable is None:
+            mutable = self._mutables[func] = func._schema.is_mutable
+        return mutable
 
     def call(self, func, args, kwargs):
         """`func(*args, **kwargs)`, from the cache where it can be."""

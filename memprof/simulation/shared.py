@@ -19,8 +19,9 @@ batches (memprof.simulation.batch_scaling), and an optimizer's windows, once two
 reused at other batches (`_with_windows`).
 
 Traced whole instead (`shareable`): optimizer-in-backward (its steps run inside backward), fp16-amp (the
-GradScaler steps the optimizer), data-parallel and sharded runs, `py:` models (the user's factory), and real
-tensors (the cpu backend).
+GradScaler steps the optimizer), data-parallel and sharded runs, `py:` models (the user's factory), gradients
+cleared before the backward (the optimizer's gradients live through the next forward), and real tensors (the cpu
+backend).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def shareable(spec: RunSpec) -> bool:
     """Whether `spec`'s forward can come from the cache: not for the setups above, nor for a `py:` model,
     whose factory is the user's code and may build something else on the next call."""
     return (spec.parallel == "none" and not spec.optim_in_backward and spec.precision != "fp16-amp"
-            and not spec.model.startswith("py:"))
+            and not spec.model.startswith("py:") and spec.clear_grads == "after-step")
 
 
 def forward_key(spec: RunSpec, rules) -> tuple:
