@@ -8,6 +8,7 @@ docstring says and are listed so a prediction names everything it assumed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 
@@ -922,10 +923,69 @@ class LayerNormStatsFp32(Rule):
                 resize_storage(tracker, stat, stat.numel() * 4)
 
 
+class CudaDeviceBranches(Rule):
+    """Operations whose implementation depends on the device take CUDA's branch (memprof.simulation.branches).
+
+    Fake CPU tensors make every CompositeImplicitAutograd body that asks `is_cuda()` take the CPU's branch, and an
+    op whose CPU slot is a composite while CUDA has a kernel (`_fused_rms_norm`) decompose. While active, the
+    rule registers each `branches.BRANCHES` kernel at the AutogradCPU key: training dropout runs the fused
+    native_dropout (a 1-byte bool mask saved, not a mask of the input's dtype: Dropout.cpp), rms_norm the fused
+    kernel and its own autograd node (layer_norm.cpp), fp16 softmax/log_softmax with dtype=float32 the
+    half_to_float kernel (SoftMax.cpp), one_hot zeros + scatter_ (Onehot.cpp). After an op, what CUDA's shape
+    function gives and the CPU's does not: log_sigmoid_forward keeps no buffer on CUDA (an empty tensor;
+    LogSigmoid.cu), and native_batch_norm keeps its saved mean and inverse std in fp32 for a half input
+    (Normalization.cu batch_norm_cuda: the accumulate type; cudnn_batch_norm: the weight's fp32). Every such
+    difference, and each op audited and found alike, is listed in docs/device-branching-ops.md.
+    """
+
+    forward_only = True
+    acts_on = frozenset({aten.log_sigmoid_forward.default, aten.native_batch_norm.default})
+    name = "cuda-device-branches"
+    summary = ("ops that branch on the device take CUDA's branch: training dropout keeps a 1-byte mask "
+               "(native_dropout), rms_norm runs the fused kernel, fp16 softmax with dtype=float32 no fp32 copy, "
+               "one_hot zeros+scatter_; log_sigmoid keeps no buffer, batch norm fp32 stats for half inputs")
+    source = ("aten/src/ATen/native/Dropout.cpp dropout; layer_norm.cpp rms_norm_symint; SoftMax.cpp softmax; "
+              "Onehot.cpp one_hot; cuda/LogSigmoid.cu; cuda/Normalization.cu batch_norm_cuda")
+
+    def __init__(self):
+        self.taken: dict[str, int] = {}  # branch -> times CUDA's branch was taken
+
+    def _count(self, name: str) -> None:
+        self.taken[name] = self.taken.get(name, 0) + 1
+
+    @contextlib.contextmanager
+    def mode(self):
+        from memprof.simulation.branches import BRANCHES
+
+        lib = torch.library.Library("aten", "IMPL")
+        try:
+            for branch in BRANCHES:
+                lib.impl(branch.op, functools.partial(branch.kernel, self._count), "AutogradCPU")
+            yield
+        finally:
+            lib._destroy()
+
+    def after_op(self, tracker, func, args, kwargs, out) -> None:
+        if func is aten.log_sigmoid_forward.default:
+            buffer = out[1]
+            if buffer.numel():  # LogSigmoid.cu: the CUDA kernel returns `at::empty({0}, ...)` as its buffer
+                self._count("log_sigmoid_forward")
+                tracker.treat_as_host(buffer)
+        elif func is aten.native_batch_norm.default and args[0].dtype in (torch.float16, torch.bfloat16):
+            for stat in out[1:3]:
+                if stat.dtype != torch.float32 and stat.numel():
+                    self._count("native_batch_norm")
+                    resize_storage(tracker, stat, stat.numel() * 4)
+
+    def metrics(self) -> dict:
+        return {"cuda_branches": dict(sorted(self.taken.items()))} if self.taken else {}
+
+
 RULES = {r.name: r for r in (CachingAllocator, ForeachOptimizer, HostLiterals, MemEfficientAttention,
                              CublasWorkspace, EfficientAttentionBackward, TimmForeachChunks, ConvWorkspaceBound,
                              InPlaceGradAccumulation, Bitsandbytes8bit, CudaAutocastPolicy, HalfPrecisionAttention,
-                             FlashAttentionBackward, CudnnAttentionWorkspace, FakeGradScalerStep, LayerNormStatsFp32)}
+                             FlashAttentionBackward, CudnnAttentionWorkspace, FakeGradScalerStep, LayerNormStatsFp32,
+                             CudaDeviceBranches)}
 
 
 def cuda_rules(device: DeviceProfile, spec=None) -> list[Rule]:
@@ -933,7 +993,7 @@ def cuda_rules(device: DeviceProfile, spec=None) -> list[Rule]:
     precision rules join only for a spec that trains in reduced precision, so fp32 runs list what they did."""
     rules = [CachingAllocator(), ForeachOptimizer(), HostLiterals(), MemEfficientAttention(),
              CublasWorkspace(device), EfficientAttentionBackward(device), TimmForeachChunks(device),
-             ConvWorkspaceBound(), InPlaceGradAccumulation(), Bitsandbytes8bit()]
+             ConvWorkspaceBound(), InPlaceGradAccumulation(), Bitsandbytes8bit(), CudaDeviceBranches()]
     precision = getattr(spec, "precision", "fp32")
     if precision != "fp32":
         attention = HalfPrecisionAttention(device)
