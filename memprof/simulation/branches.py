@@ -23,8 +23,10 @@ aten = torch.ops.aten
 _DK = torch._C.DispatchKey
 _CIA = _DK.CompositeImplicitAutograd
 # the autograd kernel CUDA runs (VariableType's, registered for AutogradCUDA), then below autograd the Python key,
-# where the dispatch modes (the tracker, FakeTensorMode) take over
-_CUDA_AUTOGRAD = torch._C.DispatchKeySet(_DK.AutogradCUDA) | torch._C.DispatchKeySet(_DK.Python)
+# where the dispatch modes (the tracker, FakeTensorMode) take over; PythonTLSSnapshot first, whose fallback records
+# the mode stack the Python key reads (torch 2.11 asserts it was taken: PythonFallbackKernel.cpp tls_on_entry)
+_CUDA_AUTOGRAD = (torch._C.DispatchKeySet(_DK.AutogradCUDA) | torch._C.DispatchKeySet(_DK.Python)
+                  | torch._C.DispatchKeySet(_DK.PythonTLSSnapshot))
 
 
 def composite(op, *args, **kwargs):
