@@ -96,6 +96,18 @@ def one_hot(taken, input, num_classes=-1):
     return composite(aten.one_hot.default, input, num_classes)
 
 
+def _rnn(name):
+    def kernel(taken, *args, **kwargs):
+        """RNN.cpp: on CUDA with cuDNN acceptable the recurrent ops run _cudnn_rnn (weights flattened, a reserve
+        space sized by cuDNN at run time); the CPU runs mkldnn_rnn_layer or the cell-by-cell composite. Traced as
+        the CPU runs it, and said (the rule's notes)."""
+        if args and simulated(args[0]):
+            taken(f"{name} (cuDNN not modelled)")
+        return composite(getattr(aten, name).input, *args, **kwargs)
+
+    return kernel
+
+
 BRANCHES = (
     Branch("dropout", "aten/src/ATen/native/Dropout.cpp dropout, is_fused_kernel_acceptable",
            "training dropout (0 < p < 1, non-empty input) runs the fused native_dropout: a 1-byte bool mask is "
@@ -114,4 +126,24 @@ BRANCHES = (
     Branch("one_hot", "aten/src/ATen/native/Onehot.cpp one_hot",
            "zeros(int64 [..., C]) and scatter_, no min()/max() read back; the fake-tensor variant's bool "
            "[..., C] intermediate does not exist", one_hot),
+    *(Branch(f"{name}.input", "aten/src/ATen/native/RNN.cpp (cudnn_is_acceptable: lstm_cudnn_stub); "
+                              "native/cudnn/RNN.cpp _cudnn_rnn",
+             "cuDNN's RNN: packed weights and a reserve space (cudnnGetRNNTempSpaceSizes) not known offline: traced "
+             "as the CPU runs it and said in the record's notes", _rnn(name))
+      for name in ("lstm", "gru", "rnn_tanh", "rnn_relu")),
 )
+
+# what the rule says in a record's notes when the branch it counts was taken (CUDA behaviour it does not model)
+NOTES = {
+    "lstm (cuDNN not modelled)": "an LSTM ran as the CPU runs it; CUDA runs cuDNN (_cudnn_rnn), whose reserve space "
+                                 "(cudnnGetRNNTempSpaceSizes) is not modelled",
+    "gru (cuDNN not modelled)": "a GRU ran as the CPU runs it; CUDA runs cuDNN (_cudnn_rnn), whose reserve space is "
+                                "not modelled",
+    "rnn_tanh (cuDNN not modelled)": "an RNN ran as the CPU runs it; CUDA's cuDNN reserve space is not modelled",
+    "rnn_relu (cuDNN not modelled)": "an RNN ran as the CPU runs it; CUDA's cuDNN reserve space is not modelled",
+    "embedding_dense_backward": "embedding backward: CUDA sorts the indices first (int64 temporaries a few times the "
+                                "indices' size, Embedding.cu), not modelled",
+    "_embedding_bag": "embedding_bag: CUDA's int64 bookkeeping (offset2bag the indices' size) is sized as the CPU's",
+    "grid_sampler_2d (cuDNN)": "grid_sample (bilinear, zeros, align_corners=True) runs cuDNN's sampler on CUDA: the "
+                               "same outputs; contiguous copies of a strided input or grid are not modelled",
+}

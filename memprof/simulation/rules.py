@@ -939,7 +939,9 @@ class CudaDeviceBranches(Rule):
     """
 
     forward_only = True
-    acts_on = frozenset({aten.log_sigmoid_forward.default, aten.native_batch_norm.default})
+    acts_on = frozenset({aten.log_sigmoid_forward.default, aten.native_batch_norm.default, aten.index.Tensor,
+                         aten.embedding_dense_backward.default, aten._embedding_bag.default,
+                         aten.grid_sampler_2d.default})
     name = "cuda-device-branches"
     summary = ("ops that branch on the device take CUDA's branch: training dropout keeps a 1-byte mask "
                "(native_dropout), rms_norm runs the fused kernel, fp16 softmax with dtype=float32 no fp32 copy, "
@@ -971,14 +973,32 @@ class CudaDeviceBranches(Rule):
             if buffer.numel():  # LogSigmoid.cu: the CUDA kernel returns `at::empty({0}, ...)` as its buffer
                 self._count("log_sigmoid_forward")
                 tracker.treat_as_host(buffer)
-        elif func is aten.native_batch_norm.default and args[0].dtype in (torch.float16, torch.bfloat16):
-            for stat in out[1:3]:
-                if stat.dtype != torch.float32 and stat.numel():
-                    self._count("native_batch_norm")
-                    resize_storage(tracker, stat, stat.numel() * 4)
+        elif func is aten.native_batch_norm.default:
+            if args[0].dtype in (torch.float16, torch.bfloat16):
+                for stat in out[1:3]:
+                    if stat.dtype != torch.float32 and stat.numel():
+                        self._count("native_batch_norm")
+                        resize_storage(tracker, stat, stat.numel() * 4)
+        elif func is aten.index.Tensor:
+            # an index made on the host (a literal: lift_fresh, never counted) is copied to the device for the op
+            for index in args[1]:
+                if isinstance(index, torch.Tensor) and tracker.storage_id(index) is None and index.numel():
+                    self._count("host index copied")
+                    tracker.free_synthetic(tracker.synthetic_alloc(index.numel() * index.element_size(),
+                                                                   "index copied to the device"))
+        elif func is aten.grid_sampler_2d.default:
+            if args[2] == 0 and args[3] == 0 and args[4]:  # bilinear, zeros, align_corners: cond_cudnn_grid_sampler
+                self._count("grid_sampler_2d (cuDNN)")
+        else:  # embedding_dense_backward, _embedding_bag: CUDA's bookkeeping, said
+            self._count(func.__name__.split(".")[0])
 
     def metrics(self) -> dict:
-        return {"cuda_branches": dict(sorted(self.taken.items()))} if self.taken else {}
+        from memprof.simulation.branches import NOTES
+
+        if not self.taken:
+            return {}
+        notes = [NOTES[k] for k in self.taken if k in NOTES]
+        return {"cuda_branches": dict(sorted(self.taken.items())), **({"notes": notes} if notes else {})}
 
 
 RULES = {r.name: r for r in (CachingAllocator, ForeachOptimizer, HostLiterals, MemEfficientAttention,
