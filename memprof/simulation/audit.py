@@ -71,9 +71,9 @@ ROWS = (
     Row("attention dropout", "F.scaled_dot_product_attention(dropout_p>0)",
         "the fused kernels draw the mask from a Philox seed/offset (no mask tensor); cuDNN needs p a multiple of 1/16",
         "aten/src/ATen/native/transformers/cuda/sdp_utils.cpp; attention.cu", "CPU flash kernel",
-        "rule", "half-precision-attention", ("aten._scaled_dot_product_efficient_attention.default",
-                                             "aten._scaled_dot_product_flash_attention.default",
-                                             "aten._scaled_dot_product_cudnn_attention.default"),
+        "rule", "half-precision-attention", tuple(f"aten._scaled_dot_product_{k}_attention{b}.default"
+                                                  for k in ("efficient", "flash", "cudnn") for b in ("", "_backward"))
+        + ("aten._scaled_dot_product_attention_math.default",),
         ("nn.functional.scaled_dot_product_attention", "nn.functional.multi_head_attention_forward")),
     Row("batch norm, fp32 (and fp16 with fp32 weights)", "nn.BatchNorm*, F.batch_norm, instance_norm",
         "cudnn_batch_norm: output, save_mean / save_var (inverse std) fp32 [C], a reserve space sized by "
@@ -180,6 +180,10 @@ ROWS = (
         "aten/src/ATen/cuda/CublasHandlePool.cpp", "the same ops, no workspace", "rule", "cublas-workspace",
         ("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten._unsafe_view.default"), probe="linear",
         dtypes=("float32", "bfloat16")),
+    Row("optimizer step", "torch.optim Adam/AdamW/SGD (foreach=None, fused=None), timm's optimizers",
+        "CUDA parameters take the foreach implementation (multi-tensor kernels; full-size temporaries such as "
+        "sqrt(exp_avg_sq)); fused only when asked", "torch/optim/optimizer.py _default_to_fused_or_foreach",
+        "fake CPU parameters took the for-loop", "rule", "foreach-optimizer", ("aten._foreach_*", "aten._fused_*")),
     Row("pooling, shuffles, reductions", "max/avg/adaptive pooling, pixel_shuffle, topk, cumsum, unfold, roll, "
         "gather, normalize, cdist, BCE with logits", "the same ops on both devices",
         "aten/src/ATen/native (OpInfo scan)", "the same", "same", "tests/test_device_audit.py::test_probes_alike",
@@ -274,7 +278,8 @@ def read_scan(path: str = SCAN_FILE) -> dict:
 
 
 def audited_ops(scan: dict | None = None) -> dict[str, str]:
-    """aten op (name.overload, as a trace's origin writes it) -> the row that covers it, or `same (OpInfo scan)`."""
+    """aten op (name.overload, as a trace's origin writes it; a row may end a name with `*`) -> the row that covers
+    it, or `same (OpInfo scan)`."""
     scan = read_scan() if scan is None else scan
     out = {op: "same (OpInfo scan)" for op in scan["same"]}
     for row in ROWS:
@@ -283,11 +288,28 @@ def audited_ops(scan: dict | None = None) -> dict[str, str]:
     return out
 
 
+def _forward_of(op: str) -> str | None:
+    """`aten.x_backward.overload` -> `aten.x` (the backward of an op whose forward is audited follows it: autograd's
+    formula is the same on both devices, its kernel's own outputs come from its shape function)."""
+    name = op.split(".")[1] if op.count(".") >= 2 else ""
+    for suffix in ("_backward_data", "_backward"):
+        if name.endswith(suffix):
+            return f"aten.{name[:-len(suffix)]}"
+    return None
+
+
 def unaudited(ops, scan: dict | None = None) -> list[str]:
     """The ops of a trace (`aten.x.overload` strings; anything else, e.g. a rule's workspace, is ignored) that no
-    row and no alike op of the scan covers."""
+    row and no alike op of the scan covers; a backward is covered by its forward."""
     covered = audited_ops(scan)
-    return sorted({op for op in ops if op.startswith("aten.") and op not in covered})
+    prefixes = tuple(op[:-1] for op in covered if op.endswith("*"))
+    bases = {op.rsplit(".", 1)[0] for op in covered}
+
+    def audited(op):
+        forward = _forward_of(op)
+        return op in covered or op.startswith(prefixes) or (forward is not None and forward in bases)
+
+    return sorted({op for op in ops if op.startswith("aten.") and not audited(op)})
 
 
 def render(scan: dict | None = None) -> str:

@@ -696,11 +696,14 @@ class HalfPrecisionAttention(Rule):
         self.cudnn_unknown = version is None and cc is not None and cc[0] in (9, 10)  # a torch built without cuDNN
         self.kernels: dict[str, int] = {}
 
-    def backend(self, dtype, head_dim: int, masked: bool, kv_len: int = 2, dropout_p: float = 0.0) -> str:
+    def backend(self, dtype, head_dim: int, masked: bool, kv_len: int = 2, dropout_p: float = 0.0,
+                mask_grad: bool = False) -> str:
         """The kernel CUDA selects, among those enabled (torch.nn.attention.sdpa_kernel and
         torch.backends.cuda.enable_cudnn_sdp / enable_flash_sdp / enable_mem_efficient_sdp switch them off; math
         is what is left)."""
-        if self.cudnn_first and cudnn_eligible(head_dim, kv_len, dropout_p):
+        if self.cudnn_first and cudnn_eligible(head_dim, kv_len, dropout_p) and not mask_grad:
+            # (a mask that requires grad, e.g. Swin's relative position bias: derivatives.yaml makes
+            # _scaled_dot_product_cudnn_attention not differentiable in attn_bias, so it cannot be CUDA's choice)
             return "cudnn"
         if self.flash and not masked and head_dim <= 256 and torch.backends.cuda.flash_sdp_enabled():
             return "flash"
@@ -731,7 +734,8 @@ class HalfPrecisionAttention(Rule):
             F.scaled_dot_product_attention = original
 
     def _run(self, query, key, value, attn_mask, dropout_p, is_causal, scale):
-        kind = self.backend(query.dtype, query.size(-1), attn_mask is not None, key.size(-2), dropout_p)
+        kind = self.backend(query.dtype, query.size(-1), attn_mask is not None, key.size(-2), dropout_p,
+                            attn_mask is not None and attn_mask.requires_grad)
         self.kernels[kind] = self.kernels.get(kind, 0) + 1
         if kind == "cudnn":
             if attn_mask is not None and attn_mask.dtype == torch.bool:  # where(~mask, -65504, 0) in q's dtype
