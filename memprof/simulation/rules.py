@@ -993,7 +993,7 @@ class CudaDeviceBranches(Rule):
         elif func is aten.grid_sampler_2d.default:
             if args[2] == 0 and args[3] == 0 and args[4]:  # bilinear, zeros, align_corners: cond_cudnn_grid_sampler
                 self._count("grid_sampler_2d (cuDNN)")
-        else:  # embedding_dense_backward, _embedding_bag: CUDA's bookkeeping, said
+        elif func in (aten.embedding_dense_backward.default, aten._embedding_bag.default):  # CUDA's bookkeeping, said
             self._count(func.__name__.split(".")[0])
 
     def metrics(self) -> dict:
