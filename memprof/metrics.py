@@ -46,6 +46,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "autocast_casts": (COUNT, "casts autocast made"),
     "autocast_cache_hits": (COUNT, "casts served by autocast's weight-cast cache"),
     "in_place_accumulations": (COUNT, "gradients summed in place (autograd's input buffer)"),
+    "cuda_branches": ("dict of count", "ops that took CUDA's branch of a device-dependent implementation "
+                                       "(memprof.simulation.branches: dropout, rms_norm, ...)"),
     "ddp_bucket_bytes": (B, "DDP's gradient buckets"),
     "ddp_bucket_cap_bytes": (B, "DDP's bucket cap"),
     "ddp_first_bucket_cap_bytes": (B, "DDP's first bucket's cap"),

@@ -382,6 +382,30 @@ def parse_models(text: str, simulated: bool = True, freeze: str | None = None,
     return out
 
 
+def _timm_model(info: ModelInfo, arch: str, num_classes: int):
+    """timm's model at the input shape asked: a shape other than its pretrained config's is passed as `img_size=`
+    (and `in_chans=`), which timm's ViT-style families take (positional embeddings and patch grid built for that
+    size); a family whose constructor takes no img_size (CNNs) is built as it is and takes any size. One that fixes
+    its size otherwise fails its first forward with timm's own message."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    native = tuple(cfg.input_size) if cfg is not None and cfg.input_size else None
+    kwargs = {}
+    if info.input_shape is not None and native is not None and tuple(info.input_shape) != native:
+        if tuple(info.input_shape[1:]) != native[1:]:
+            kwargs["img_size"] = tuple(info.input_shape[1:])
+        if info.input_shape[0] != native[0]:
+            kwargs["in_chans"] = info.input_shape[0]
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        if "img_size" not in str(exc):
+            raise
+        kwargs.pop("img_size")
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+
+
 def build_model(info: ModelInfo, num_classes: int):
     """The image tower plus a new randomly initialised linear head, on the current default device (a
     timm/torchvision model with its own head for `num_classes`; a user's model as its factory makes it).
@@ -405,9 +429,7 @@ def build_model(info: ModelInfo, num_classes: int):
 
         arch = info.name.split(":", 1)[1]
         if info.source == "timm":
-            import timm
-
-            net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+            net = _timm_model(info, arch, num_classes)
         elif info.source == "torchvision":
             import torchvision
 

@@ -5,7 +5,9 @@ Usage (scripts/gpu_check.sh installs the carried wheels and calls this):
     python scripts/gpu_check.py --plan          # the stage list and its planned device time, then exit
     python scripts/gpu_check.py --predict DIR   # here: the predictions the check carries (DIR/results.jsonl)
 
-Stages run in order of value: a canary configuration (a failure stops the run with its error), the paper
+Stages run in order of value: the half-precision scripts (validation/raschka_vit_precision.py, ViT-B/16 bf16-true,
+bf16-mixed, measured with `memprof script --backend cuda` beside their predictions), a canary
+configuration (a failure stops the run with its error), the paper
 grid (with allocator snapshots), the training setups (bf16-amp, fused optimizer off/in backward), ViT-B/16
 with checkpointing and at batch 32, the emulated 12 GB card (its out-of-memory pattern), DDP and FSDP at world
 size 1, the NVML sampler's overhead, the GPU-marked tests, and bf16 with cuDNN attention left on. Each
@@ -64,6 +66,13 @@ KILL_AFTER_ENV = "MEMPROF_GPU_CHECK_KILL_AFTER"  # tests: SIGKILL the check once
 # predictions for the card, in the main fidelity table
 SCRIPTS = (("tests/data/scripts/registry_twin.py", "--model", "vit-b-16", "--batch-size", "8"),
            ("tests/data/scripts/train_small.py", "--amp", "bf16", "--batch-size", "32"))
+# first of all: the half-precision cases, where the predictions of reserved memory come in low against a public
+# measurement (benchmarks/validation.py: Raschka's ViT-finetuning-scripts, -4.8% bf16-mixed, -8.5% bf16-true at
+# ViT-B/16 batch 16), measured beside their predictions so the first lent minutes answer where the gap is (the fp32
+# control, -2.2%, is the paper grid's business). Each ends with validation batches in eval mode, as the original's
+# epochs do.
+HALF_SCRIPTS = tuple(("validation/raschka_vit_precision.py", "--model", "vit_b_16", "--precision", precision,
+                      "--batch-size", "16", "--eval-batches", "2") for precision in ("bf16-true", "bf16-mixed"))
 SCRIPTS_OUT = "cuda-scripts"
 SCRIPT_ESTIMATE_S = 12.0
 
@@ -89,6 +98,7 @@ class Stage:
 
 
 STAGES = (
+    Stage("half-precision", command="half-scripts", gpu_only=True),
     Stage("canary", (Grid({"models": "vit-b-16", "optims": "adamw"}, "cuda"),), canary=True),
     Stage("paper", (Grid({"models": "paper", "optims": "paper", "snapshot": True}, "cuda"),)),
     Stage("setups", (Grid({"models": "paper", "optims": "adamw", "precision": "bf16-amp"}, "cuda"),
@@ -111,6 +121,9 @@ STAGES = (
     Stage("cudnn-attention", (Grid({"models": "paper", "optims": "adamw", "precision": "bf16-amp"}, "cuda-cudnn",
                                    CUDNN, env={"MEMPROF_CUDA_SDPA_DISABLE": ""}),)),
 )
+
+
+SCRIPT_STAGES = {"half-scripts": HALF_SCRIPTS, "scripts": SCRIPTS}  # a stage's command -> the scripts it measures
 
 
 class Log:
@@ -172,8 +185,9 @@ def plan(dry: bool = False, stages=STAGES) -> list[dict]:
     for stage in stages:
         if dry and stage.gpu_only:
             continue
-        if stage.command == "scripts":
-            out.append({"stage": stage.name, "configs": len(SCRIPTS), "estimate_s": SCRIPT_ESTIMATE_S * len(SCRIPTS)})
+        if stage.command in SCRIPT_STAGES:
+            n = len(SCRIPT_STAGES[stage.command])
+            out.append({"stage": stage.name, "configs": n, "estimate_s": SCRIPT_ESTIMATE_S * n})
             continue
         if stage.command:
             out.append({"stage": stage.name, "configs": 0, "estimate_s": GPU_TESTS_TIMEOUT_S / 2})
@@ -227,7 +241,7 @@ def predict_all(out_dir: str, budget: str, dry: bool, skip: set = frozenset()) -
 
         with sdpa_environment(Grid({}, SCRIPTS_OUT, env={"MEMPROF_CUDA_SDPA_DISABLE": ""})):
             sdpa_kernels()  # a script runs with torch's default kernels, as `memprof script --backend cuda` measures it
-            for path, *args in SCRIPTS:
+            for path, *args in (*HALF_SCRIPTS, *SCRIPTS):
                 append(os.path.join(out_dir, "results.jsonl"),
                        run_script(os.path.join(ROOT, path), args, budget=budget).record)
     return read_predictions(out_dir)
@@ -422,12 +436,12 @@ def measure_grid(grid: Grid, scratch: str, backend: str, dry: bool, deadline: fl
         return done, ""
 
 
-def run_scripts(scratch: str, budget: str, deadline: float, log: Log) -> str:
-    """Each of SCRIPTS run for real on the GPU by `memprof script --backend cuda` (a fresh process, the
+def run_scripts(scratch: str, budget: str, deadline: float, log: Log, scripts=None) -> str:
+    """Each of `scripts` (SCRIPTS unless given) run for real on the GPU by `memprof script --backend cuda` (a fresh process, the
     per-configuration time-out), its record into the scratch folder; returns "" or what failed."""
     out, problems = os.path.join(scratch, SCRIPTS_OUT), []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), ROOT) if p))
-    for path, *args in SCRIPTS:
+    for path, *args in (SCRIPTS if scripts is None else scripts):
         if deadline - time.monotonic() < SCRIPT_ESTIMATE_S:
             return f"deadline: no room for {path}"
         cmd = [sys.executable, "-m", "memprof", "script", "--backend", "cuda", "--budget", budget, "--out", out,
@@ -517,8 +531,8 @@ def main(argv=None) -> int:
             continue
         t0 = time.monotonic()
         log(f"stage {stage.name}")
-        if stage.command == "scripts":
-            problem = run_scripts(scratch, budget, deadline, log)
+        if stage.command in SCRIPT_STAGES:
+            problem = run_scripts(scratch, budget, deadline, log, SCRIPT_STAGES[stage.command])
         elif stage.command:
             problem = run_gpu_tests(scratch, deadline, log)
         else:

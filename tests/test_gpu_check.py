@@ -68,8 +68,8 @@ def test_the_planned_device_time_fits_the_deadline():
     deadline, which is well inside one 10-minute device command; a stage list that cannot fit says so."""
     check = _module()
     rows = check.plan()
-    assert [r["stage"] for r in rows][:2] == ["canary", "paper"]
-    assert rows[1]["configs"] == 11 and check.planned_s(rows)  # the canary is measured once <= check.DEADLINE_S <= 8 * 60
+    assert [r["stage"] for r in rows][:3] == ["half-precision", "canary", "paper"]  # the half-precision scripts first
+    assert rows[0]["configs"] == len(check.HALF_SCRIPTS) == 2 and rows[2]["configs"] == 11 and check.planned_s(rows)  # the canary is measured once <= check.DEADLINE_S <= 8 * 60
     assert check.PER_CONFIG_TIMEOUT_S <= 60
     big = check.Stage("too-much", (check.Grid({"models": "vit-h-14", "optims": "all", "batch_size": "1,2,4,8,16"},
                                               "cuda"),))
@@ -143,7 +143,7 @@ def test_the_committed_predictions_are_for_the_lent_h200_and_every_measured_conf
     assert {k for r in records if r["spec"]["model"].startswith("script:")
             for k in r["metrics"].get("attention_kernels", {})} == {"cudnn"}
     scripts = [r for r in records if r["spec"]["model"].startswith("script:")]
-    assert len(scripts) == len(check.SCRIPTS) and all(r["status"] == "ok" for r in scripts)
+    assert len(scripts) == len(check.SCRIPTS) + len(check.HALF_SCRIPTS) and all(r["status"] == "ok" for r in scripts)
 
 
 def test_a_kill_after_the_first_stage_leaves_its_results_in_out(tmp_path):

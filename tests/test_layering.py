@@ -18,7 +18,8 @@ LAYERS = (
     # the engine in three: its core (the tracker, rules, allocator model) never imports the exact shortcuts above
     # it, which never import the entrance (simulate) that composes them
     ("engine core", tuple(f"memprof.simulation.{m}" for m in (
-        "events", "allocator", "rule", "rules", "tracker", "tracing", "attribution", "fake_compat", "distributed"))),
+        "events", "allocator", "rule", "rules", "branches", "tracker", "tracing", "attribution", "fake_compat",
+        "distributed"))),
     ("engine shortcuts", tuple(f"memprof.simulation.{m}" for m in (
         "memo", "fast_dispatch", "math_attention", "batch_scaling", "repeated_blocks", "shared"))),
     ("engine", ("memprof.simulation",)),

@@ -22,6 +22,9 @@ NOT_MEMOS = {
     ("memprof.simulation.attribution", "OUTSIDE"): "a constant table (categories outside any module)",
     ("memprof.simulation.rules", "RULES"): "the rule classes by name",
     ("memprof.simulation.shared", "OPTIMS"): "the optimizer registry, imported",
+    ("memprof.simulation.branches", "NOTES"): "a constant table (the notes of the CUDA branches not modelled)",
+    ("memprof.simulation.audit", "PROBES"): "a constant table (the audit's probe functions)",
+    ("memprof.simulation.audit", "NOT_IN_TRAINING"): "a constant table (OpInfo entries outside training)",
 }
 
 

@@ -8,6 +8,7 @@ docstring says and are listed so a prediction names everything it assumed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 
@@ -698,11 +699,14 @@ class HalfPrecisionAttention(Rule):
         self.cudnn_unknown = version is None and cc is not None and cc[0] in (9, 10)  # a torch built without cuDNN
         self.kernels: dict[str, int] = {}
 
-    def backend(self, dtype, head_dim: int, masked: bool, kv_len: int = 2, dropout_p: float = 0.0) -> str:
+    def backend(self, dtype, head_dim: int, masked: bool, kv_len: int = 2, dropout_p: float = 0.0,
+                mask_grad: bool = False) -> str:
         """The kernel CUDA selects, among those enabled (torch.nn.attention.sdpa_kernel and
         torch.backends.cuda.enable_cudnn_sdp / enable_flash_sdp / enable_mem_efficient_sdp switch them off; math
         is what is left)."""
-        if self.cudnn_first and cudnn_eligible(head_dim, kv_len, dropout_p):
+        if self.cudnn_first and cudnn_eligible(head_dim, kv_len, dropout_p) and not mask_grad:
+            # (a mask that requires grad, e.g. Swin's relative position bias: derivatives.yaml makes
+            # _scaled_dot_product_cudnn_attention not differentiable in attn_bias, so it cannot be CUDA's choice)
             return "cudnn"
         if self.flash and not masked and head_dim <= 256 and torch.backends.cuda.flash_sdp_enabled():
             return "flash"
@@ -733,7 +737,8 @@ class HalfPrecisionAttention(Rule):
             F.scaled_dot_product_attention = original
 
     def _run(self, query, key, value, attn_mask, dropout_p, is_causal, scale):
-        kind = self.backend(query.dtype, query.size(-1), attn_mask is not None, key.size(-2), dropout_p)
+        kind = self.backend(query.dtype, query.size(-1), attn_mask is not None, key.size(-2), dropout_p,
+                            attn_mask is not None and attn_mask.requires_grad)
         self.kernels[kind] = self.kernels.get(kind, 0) + 1
         if kind == "cudnn":
             if attn_mask is not None and attn_mask.dtype == torch.bool:  # where(~mask, -65504, 0) in q's dtype
@@ -925,10 +930,89 @@ class LayerNormStatsFp32(Rule):
                 resize_storage(tracker, stat, stat.numel() * 4)
 
 
+class CudaDeviceBranches(Rule):
+    """Operations whose implementation depends on the device take CUDA's branch (memprof.simulation.branches).
+
+    Fake CPU tensors make every CompositeImplicitAutograd body that asks `is_cuda()` take the CPU's branch, and an
+    op whose CPU slot is a composite while CUDA has a kernel (`_fused_rms_norm`) decompose. While active, the
+    rule registers each `branches.BRANCHES` kernel at the AutogradCPU key: training dropout runs the fused
+    native_dropout (a 1-byte bool mask saved, not a mask of the input's dtype: Dropout.cpp), rms_norm the fused
+    kernel and its own autograd node (layer_norm.cpp), fp16 softmax/log_softmax with dtype=float32 the
+    half_to_float kernel (SoftMax.cpp), one_hot zeros + scatter_ (Onehot.cpp). After an op, what CUDA's shape
+    function gives and the CPU's does not: log_sigmoid_forward keeps no buffer on CUDA (an empty tensor;
+    LogSigmoid.cu), and native_batch_norm keeps its saved mean and inverse std in fp32 for a half input
+    (Normalization.cu batch_norm_cuda: the accumulate type; cudnn_batch_norm: the weight's fp32). Every such
+    difference, and each op audited and found alike, is listed in docs/device-branching-ops.md.
+    """
+
+    forward_only = True
+    acts_on = frozenset({aten.log_sigmoid_forward.default, aten.native_batch_norm.default, aten.index.Tensor,
+                         aten.embedding_dense_backward.default, aten._embedding_bag.default,
+                         aten.grid_sampler_2d.default})
+    name = "cuda-device-branches"
+    summary = ("ops that branch on the device take CUDA's branch: training dropout keeps a 1-byte mask "
+               "(native_dropout), rms_norm runs the fused kernel, fp16 softmax with dtype=float32 no fp32 copy, "
+               "one_hot zeros+scatter_; log_sigmoid keeps no buffer, batch norm fp32 stats for half inputs")
+    source = ("aten/src/ATen/native/Dropout.cpp dropout; layer_norm.cpp rms_norm_symint; SoftMax.cpp softmax; "
+              "Onehot.cpp one_hot; cuda/LogSigmoid.cu; cuda/Normalization.cu batch_norm_cuda")
+
+    def __init__(self):
+        self.taken: dict[str, int] = {}  # branch -> times CUDA's branch was taken
+
+    def _count(self, name: str) -> None:
+        self.taken[name] = self.taken.get(name, 0) + 1
+
+    @contextlib.contextmanager
+    def mode(self):
+        from memprof.simulation.branches import BRANCHES
+
+        lib = torch.library.Library("aten", "IMPL")
+        try:
+            for branch in BRANCHES:
+                lib.impl(branch.op, functools.partial(branch.kernel, self._count), "AutogradCPU")
+            yield
+        finally:
+            lib._destroy()
+
+    def after_op(self, tracker, func, args, kwargs, out) -> None:
+        if func is aten.log_sigmoid_forward.default:
+            buffer = out[1]
+            if buffer.numel():  # LogSigmoid.cu: the CUDA kernel returns `at::empty({0}, ...)` as its buffer
+                self._count("log_sigmoid_forward")
+                tracker.treat_as_host(buffer)
+        elif func is aten.native_batch_norm.default:
+            if args[0].dtype in (torch.float16, torch.bfloat16):
+                for stat in out[1:3]:
+                    if stat.dtype != torch.float32 and stat.numel():
+                        self._count("native_batch_norm")
+                        resize_storage(tracker, stat, stat.numel() * 4)
+        elif func is aten.index.Tensor:
+            # an index made on the host (a literal: lift_fresh, never counted) is copied to the device for the op
+            for index in args[1]:
+                if isinstance(index, torch.Tensor) and tracker.storage_id(index) is None and index.numel():
+                    self._count("host index copied")
+                    tracker.free_synthetic(tracker.synthetic_alloc(index.numel() * index.element_size(),
+                                                                   "index copied to the device"))
+        elif func is aten.grid_sampler_2d.default:
+            if args[2] == 0 and args[3] == 0 and args[4]:  # bilinear, zeros, align_corners: cond_cudnn_grid_sampler
+                self._count("grid_sampler_2d (cuDNN)")
+        elif func in (aten.embedding_dense_backward.default, aten._embedding_bag.default):  # CUDA's bookkeeping, said
+            self._count(func.__name__.split(".")[0])
+
+    def metrics(self) -> dict:
+        from memprof.simulation.branches import NOTES
+
+        if not self.taken:
+            return {}
+        notes = [NOTES[k] for k in self.taken if k in NOTES]
+        return {"cuda_branches": dict(sorted(self.taken.items())), **({"notes": notes} if notes else {})}
+
+
 RULES = {r.name: r for r in (CachingAllocator, ForeachOptimizer, HostLiterals, MemEfficientAttention,
                              CublasWorkspace, EfficientAttentionBackward, TimmForeachChunks, ConvWorkspaceBound,
                              InPlaceGradAccumulation, Bitsandbytes8bit, CudaAutocastPolicy, HalfPrecisionAttention,
-                             FlashAttentionBackward, CudnnAttentionWorkspace, FakeGradScalerStep, LayerNormStatsFp32)}
+                             FlashAttentionBackward, CudnnAttentionWorkspace, FakeGradScalerStep, LayerNormStatsFp32,
+                             CudaDeviceBranches)}
 
 
 def cuda_rules(device: DeviceProfile, spec=None) -> list[Rule]:
@@ -936,7 +1020,7 @@ def cuda_rules(device: DeviceProfile, spec=None) -> list[Rule]:
     precision rules join only for a spec that trains in reduced precision, so fp32 runs list what they did."""
     rules = [CachingAllocator(), ForeachOptimizer(), HostLiterals(), MemEfficientAttention(),
              CublasWorkspace(device), EfficientAttentionBackward(device), TimmForeachChunks(device),
-             ConvWorkspaceBound(), InPlaceGradAccumulation(), Bitsandbytes8bit()]
+             ConvWorkspaceBound(), InPlaceGradAccumulation(), Bitsandbytes8bit(), CudaDeviceBranches()]
     precision = getattr(spec, "precision", "fp32")
     if precision != "fp32":
         attention = HalfPrecisionAttention(device)
