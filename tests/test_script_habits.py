@@ -420,7 +420,7 @@ except KeyboardInterrupt:
     assert proc.returncode == 143, proc.stderr.read()
 
 
-# --- composites whose C++ body makes tensors from the input's options (F.one_hot) --------------------------------
+# --- composites that branch on the device (F.one_hot), Python functionals that name it ------------------------------
 
 def test_one_hot_of_device_labels_is_made_on_the_device():
     with simulated_cuda("a100-80g"):
@@ -431,14 +431,24 @@ def test_one_hot_of_device_labels_is_made_on_the_device():
         assert hot.sum(0).tolist() == [1, 1, 2]  # known labels: the values are exact
 
 
-def test_negative_control_one_hot_without_the_device_calls_factories_mixes_devices(monkeypatch):
-    from memprof.script.moves import DeviceCalls
-    from memprof.script.state import CudaError
+def test_a_python_functional_naming_the_device_makes_its_tensors_there():
+    """torch runs a functional's Python body with the function mode popped: `multi_head_attention_forward`'s
+    `torch.zeros(..., device=k.device)` (add_zero_attn) reaches dispatch naming cuda:0, and is the device's."""
+    with simulated_cuda("a100-80g"):
+        attention = torch.nn.MultiheadAttention(8, 2, add_zero_attn=True).cuda()
+        x = torch.randn(3, 2, 8, device="cuda")
+        assert attention(x, x, x)[0].is_cuda
 
-    monkeypatch.setattr(DeviceCalls, "_on_device", lambda self, func, args, kwargs: func(*args, **kwargs))
-    with pytest.raises(CudaError, match="same device"):
+
+def test_negative_control_without_the_dispatch_factories_cuda_itself_is_called(monkeypatch):
+    from memprof.script import moves
+
+    monkeypatch.setattr(moves, "dispatch_factory", lambda *args: None)
+    with pytest.raises(Exception, match="NVIDIA driver|CUDA"):
         with simulated_cuda("a100-80g"):
-            torch.nn.functional.one_hot(torch.tensor([0, 2]).cuda(), 3)
+            attention = torch.nn.MultiheadAttention(8, 2, add_zero_attn=True).cuda()
+            x = torch.randn(3, 2, 8, device="cuda")
+            attention(x, x, x)
 
 
 def test_timms_chunking_rule_stands_aside_for_a_timm_without_chunking(monkeypatch):

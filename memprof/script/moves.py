@@ -5,10 +5,10 @@ by a TorchFunctionMode (`DeviceCalls`), and the same seen at dispatch (`dispatch
   arange, tensor, rand, ...), a `*_like` function or a `Tensor.new_*` method given `device="cuda"` (or under
   `torch.set_default_device("cuda")` / `with torch.device("cuda")`) makes a fake tensor, an allocation. Nothing
   else is a factory: `Module.to(device="cuda")` asks `torch._C._nn._parse_to(device="cuda")`, which only parses.
-  Code that torch runs with its own mode popped (a Python functional dispatched through __torch_function__) and
-  C++ composites reach dispatch instead: an op there that names the CUDA device, or a tensor-less factory given the
-  CPU device inside a call on device tensors (a C++ composite's `self.options()`, the fake tensor's real device:
-  `F.one_hot`'s `arange(n, self.options())`), is the device's too.
+  Code that torch runs with its own mode popped (a Python functional dispatched through __torch_function__, such as
+  `multi_head_attention_forward`'s `torch.zeros(..., device=k.device)`) reaches dispatch instead: an op there that
+  names the CUDA device is the device's too. (C++ composites that branch on the device, `F.one_hot` among them,
+  take CUDA's branch by the engine's rule, memprof.simulation.branches.)
 - **moved to the device**: `Tensor.cuda()`, `.to("cuda" | device=... | other)`, `Module.to / cuda / to_empty`: a fake
   copy of the CPU tensor, laid out as `memory_format` asks; a module keeps each Parameter object (torch's
   swap-on-conversion, with the weak references FakeTensorMode keeps dropped first, and the hooks re-installed).
@@ -20,11 +20,8 @@ by a TorchFunctionMode (`DeviceCalls`), and the same seen at dispatch (`dispatch
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from memprof.script.files import meta_twin
 from memprof.script.state import (CUDA0, CudaError, from_torch, internal, is_cpu_device, is_cuda_device, is_sim,
@@ -63,7 +60,6 @@ class DeviceCalls(TorchFunctionMode):
                          T.record_stream: self._record_stream, T.__reduce_ex__: self._reduce,
                          T.__deepcopy__: self._deepcopy, T.data_ptr: self._data_ptr}
         self.getters = {_descriptor("is_cuda"): lambda t: True, _descriptor("is_cpu"): lambda t: False}
-        self.depth = threading.local()  # its `calls` > 0 while a call given device tensors runs in that thread
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -81,25 +77,7 @@ class DeviceCalls(TorchFunctionMode):
                 dev = CUDA0  # torch.set_default_device("cuda")
             if dev is not None and is_cuda_device(dev):
                 return self.sim.factory(func, args, kwargs, dev)
-            if dev is None and args and is_sim(args[0]) and func not in self.constructors:
-                return self._on_device(func, args, kwargs)  # zeros_like(x) / x.new_zeros(...): x's device
-            return func(*args, **kwargs)
-        if args and (is_sim(args[0]) or type(args[0]) in (list, tuple) and args[0] and is_sim(args[0][0])):
-            return self._on_device(func, args, kwargs)
         return func(*args, **kwargs)
-
-    @property
-    def on_device_call(self) -> bool:
-        """Whether a call given device tensors runs in this thread (its tensor-less factories are the device's)."""
-        return getattr(self.depth, "calls", 0) > 0
-
-    def _on_device(self, func, args, kwargs):
-        depth = self.depth
-        depth.calls = getattr(depth, "calls", 0) + 1
-        try:
-            return func(*args, **kwargs)
-        finally:
-            depth.calls -= 1
 
     # --- moves -----------------------------------------------------------------------------------------------
     @staticmethod
@@ -147,8 +125,7 @@ class DeviceCalls(TorchFunctionMode):
             if device in ("sim", None):
                 if dtype in (None, t.dtype) and not copy and memory_format == torch.preserve_format:
                     return t
-                return self._on_device(torch.Tensor.to, (t,), {"dtype": dtype or t.dtype, "copy": copy,
-                                                               "memory_format": memory_format})
+                return torch.Tensor.to(t, dtype=dtype or t.dtype, copy=copy, memory_format=memory_format)
             return func(*args, **kwargs)
         if device == "sim":
             return self.sim.to_device(t, dtype, memory_format=memory_format)
@@ -263,21 +240,12 @@ def check_ordinal(device) -> None:
 
 
 def dispatch_factory(sim, func, args, kwargs):
-    """At dispatch, an op given no device tensor: its outputs, made on the device when the op names the CUDA device
-    or runs inside a call given device tensors (DeviceCalls.on_device_call); None when it is not the device's."""
+    """At dispatch, an op given no device tensor: its outputs, made on the device when the op names the CUDA device;
+    None when it does not (a factory given no device, in Python code torch runs, is the CPU's on CUDA too)."""
     dev = kwargs.get("device")
-    if dev is not None and is_cuda_device(dev):
-        check_ordinal(dev)
-        kwargs = {**kwargs, "device": torch.device("cpu")}
-    elif not (sim.calls.on_device_call and dev is not None and is_cpu_device(dev)) or not _is_factory(func) \
-            or any(isinstance(t, torch.Tensor) for t in tree_flatten((args, kwargs))[0]):
-        return None  # (a factory given no device, in Python code torch runs, is the CPU's on CUDA too)
-    if kwargs.get("pin_memory"):
-        kwargs = {**kwargs, "pin_memory": False}
+    if dev is None or not is_cuda_device(dev):
+        return None
+    check_ordinal(dev)
+    kwargs = {**kwargs, "device": torch.device("cpu"), **({"pin_memory": False} if kwargs.get("pin_memory") else {})}
     with internal(), sim.fake_mode:
         return func(*args, **kwargs)
-
-
-def _is_factory(func) -> bool:
-    returns = func._schema.returns
-    return bool(returns) and all(r.alias_info is None for r in returns) and not func._schema.is_mutable
