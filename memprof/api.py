@@ -119,119 +119,52 @@ def measure(model: str | Callable[[], Any], optimizer: str = "adamw", batch_size
                     grad_ckpt=grad_ckpt, budget=budget, **options)
 
 
-def _step_spec(build: Callable, budget: str, steps: int, label: str | None):
-    from memprof.spec import RunSpec
-
-    name = label or f"step:{getattr(build, '__module__', '?')}.{getattr(build, '__qualname__', 'build')}"
-    return RunSpec(model=name, optim="custom", steps=steps, budget=budget)
-
-
-def _user_build(build: Callable):
-    def wrapped():
-        got = build()
-        if not (isinstance(got, tuple) and len(got) == 2):
-            raise UsageError("build() must return (model, optimizer)")
-        model, optimizer = got
-        return model, optimizer, sorted(n for n, p in model.named_parameters() if not p.requires_grad)
-
-    return wrapped
-
-
 def predict_step(build: Callable[[], tuple], step: Callable[[Any, Any, Any], Any], batch: Callable[[], Any], *,
-                 budget: str = "titan-x", steps: int = 2, rules: str = "cuda", label: str | None = None) -> Result:
+                 budget: str = "titan-x", steps: int = 2, rules: str = "cuda", label: str | None = None,
+                 backend: str = "simulate") -> Result:
     """Predict the memory of a user's own training step without a GPU.
 
     `build()` returns (model, optimizer), `batch()` the inputs, `step(model, optimizer, inputs)` runs one step.
-    rules="cuda": the prediction of torch.cuda's peaks on `budget`, on a simulated CUDA device that is that card
-    (memprof.script.device.SimulatedCuda, through the engine's predict_traced as `predict`): build() runs on the
-    meta device (constructors allocate nothing) and may call `.cuda()`, `.to("cuda")` or use `device="cuda"`;
+    rules="cuda": the prediction of torch.cuda's peaks on `budget`, on the predicting backend's device (simulate:
+    the simulated card, memprof.script.device.SimulatedCuda, through the engine's entrance as `predict`): build() runs
+    on the meta device (constructors allocate nothing) and may call `.cuda()`, `.to("cuda")` or use `device="cuda"`;
     the model is then moved to the device (each Parameter object kept, so the optimizer and any hook build()
     registered stay attached), optimizers resolve foreach/fused as on CUDA, `torch.autocast("cuda")` follows
     CUDA's op lists, and the inputs batch() returns are moved to the device. The record's key and fields say
     what was detected (batch size, precision, optimizer and its implementation, checkpointing).
     rules="cpu": peak live tensor bytes under CPU rules, the quantity `measure_step(..., backend="cpu")` measures."""
-    from memprof.budget import parse_budget
-    from memprof.results import environment, make_record
-    from memprof.simulation.simulate import cpu_rules_metrics
-    from memprof.spec import MIN_STEPS
-    from memprof.simulation.tracing import trace_step
-
-    if steps < MIN_STEPS:
-        raise UsageError(f"steps {steps}: use at least {MIN_STEPS}, so a step runs with optimizer state present")
-    if rules not in ("cuda", "cpu"):
-        raise UsageError(f"rules '{rules}': use cuda (predicts torch.cuda) or cpu (live tensor bytes)")
-    device = parse_budget(budget)
-    if rules == "cuda":
-        from memprof.script.steps import predict_step_simulated
-
-        return predict_step_simulated(_user_build(build), step, batch, budget=budget, steps=steps,
-                                      label=label or _step_spec(build, budget, steps, None).model)
-
-    from memprof.harness import run_steps
-
-    def run(model, optimizer, on_phase):
-        run_steps(model, optimizer, batch, step, steps, on_phase)
-
-    start = time.perf_counter()
-    _, metrics = cpu_rules_metrics(trace_step(_user_build(build), run, (), fake=True))
-    metrics.update(budget_device=device.label, budget_bytes=device.total_bytes)
-    env = environment("simulate-cpu-rules", "cpu-simulated")
-    return Result(make_record(_step_spec(build, budget, steps, label), "ok", PREDICTED, env, metrics,
-                              elapsed_s=time.perf_counter() - start))
+    return _step(build, step, batch, backend, PREDICTED, budget=budget, steps=steps, label=label, rules=rules)
 
 
 def measure_step(build: Callable[[], tuple], step: Callable[[Any, Any, Any], Any], batch: Callable[[], Any], *,
                  backend: str = "cpu", budget: str | None = None, steps: int = 2, label: str | None = None) -> Result:
-    """Measure a user's own training step in this process: backend="cpu": peak live tensor bytes on real
-    CPU tensors through the simulation's tracker (equal to predict_step(rules="cpu") on the same step);
-    backend="cuda": torch.cuda.max_memory_allocated / max_memory_reserved over the steps (the model built
-    on the GPU by build(), so its parameters count)."""
-    from memprof.harness import run_steps
-    from memprof.results import environment, make_record
-    from memprof.simulation.simulate import cpu_rules_metrics
-    from memprof.simulation.tracing import trace_step
+    """Measure a user's own training step in this process on a measuring backend's device: backend="cpu": peak live
+    tensor bytes on real CPU tensors through the simulation's tracker (equal to predict_step(rules="cpu") on the same
+    step); backend="cuda": torch.cuda's peaks per phase on the GPU (memprof.script.measure.MeasuredCuda: the model
+    built on the GPU by build(), so its parameters count)."""
+    return _step(build, step, batch, backend, MEASURED, budget=budget, steps=steps, label=label)
 
-    import torch
 
-    if backend not in ("cpu", "cuda"):
-        raise UsageError(f"backend '{backend}': use cpu or cuda")
+def run_step(build: Callable[[], tuple], step: Callable[[Any, Any, Any], Any], batch: Callable[[], Any], *,
+             backend: str, budget: str | None = None, steps: int = 2, label: str | None = None) -> Result:
+    """A user's own training step on any backend's device (the pytest plugin's door): predicted or measured as the
+    backend's figures are."""
+    from memprof.backends.registry import get
 
-    def run(model, optimizer, on_phase):
-        run_steps(model, optimizer, batch, step, steps, on_phase)
+    return _step(build, step, batch, backend, get(backend).source, budget=budget, steps=steps, label=label)
 
-    start = time.perf_counter()
-    if backend == "cpu":
-        _, metrics = cpu_rules_metrics(trace_step(_user_build(build), run, (), fake=False))
-        device_name = "cpu"
-    else:
-        if not torch.cuda.is_available():
-            raise UsageError("measure_step(backend='cuda') needs a CUDA GPU: use predict_step (predicts) or cpu")
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with torch.device("cuda"):
-            model, optimizer, frozen = _user_build(build)()
-        phase_peaks: dict = {}
 
-        def on_phase(phase, i):
-            torch.cuda.synchronize()
-            phase_peaks[phase] = max(phase_peaks.get(phase, 0), torch.cuda.max_memory_allocated() - base)
+def _step(build, step, batch, backend: str, source: str, *, budget, steps: int, label, rules: str = "cuda") -> Result:
+    """A user's step on `backend` (memprof.backends.base.Backend.run_step), whose figures must be `source`'s."""
+    from memprof.backends.registry import get
+    from memprof.spec import MIN_STEPS
 
-        try:
-            run(model, optimizer, on_phase)
-            status = "ok"
-        except torch.OutOfMemoryError as exc:
-            status, metrics = "oom", {"oom": {"message": str(exc).splitlines()[0]}}
-        metrics = {} if status == "ok" else metrics
-        metrics.update(peak_allocated_bytes=torch.cuda.max_memory_allocated() - base,
-                       peak_reserved_bytes=torch.cuda.max_memory_reserved(),
-                       budget_device=torch.cuda.get_device_name(), budget_bytes=torch.cuda.get_device_properties(0).total_memory)
-        del model, optimizer
-        device_name = torch.cuda.get_device_name()
-        env = environment("cuda", device_name)
-        return Result(make_record(_step_spec(build, budget or "device", steps, label), status, MEASURED, env, metrics,
-                                  elapsed_s=time.perf_counter() - start))
-    env = environment("cpu", device_name)
-    return Result(make_record(_step_spec(build, budget or "device", steps, label), "ok", MEASURED, env, metrics,
-                              elapsed_s=time.perf_counter() - start))
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < MIN_STEPS:
+        raise UsageError(f"steps {steps}: use at least {MIN_STEPS}, so a step runs with optimizer state present")
+    chosen = get(backend)
+    if chosen.source != source:
+        raise UsageError(f"backend '{backend}' gives {chosen.source} figures: use memprof."
+                         f"{'predict_step' if chosen.source == PREDICTED else 'measure_step'}()")
+    return chosen.run_step(build, step, batch, budget=budget, steps=steps, label=label, rules=rules)
+
+

@@ -326,6 +326,10 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
                      f"({', '.join(towers)}) keep the image size of their config")
     with option("optims"):
         optims = parse_optims(opts["optims"])
+    if opts["freeze"] and not any(o.freeze_embed for o in optims):
+        raise UsageError(f"--freeze {opts['freeze']} names what a freeze-embed optimizer freezes, and none of "
+                         f"{', '.join(o.name for o in optims)} freezes anything: add one (e.g. --optims sgd-fe), or "
+                         f"drop --freeze", option="freeze")
     with option("grad_ckpt"):
         grad_ckpt = parse_switch(opts["grad_ckpt"], "--grad-ckpt")
     with option("state_bits"):
@@ -493,7 +497,8 @@ class AccuracyPlan:
     options: dict
 
 
-def _accuracy_device(backend: str, models) -> str:
+def _accuracy_device(choice: str, models) -> str:
+    """The torch device accuracy mode trains on for --accuracy-backend (auto: the GPU where one is present)."""
     import torch
 
     from memprof.recipe import CPU_PARAM_LIMIT
@@ -501,10 +506,10 @@ def _accuracy_device(backend: str, models) -> str:
     from memprof.backends.nvml import gpu_present
 
     has_gpu = gpu_present()
-    if backend == "cuda" and not has_gpu:
+    device = {"auto": "cuda" if has_gpu else "cpu"}.get(choice, choice)
+    if device == "cuda" and not has_gpu:
         raise UsageError("--accuracy-backend cuda needs a CUDA GPU and none is visible: use --accuracy-backend cpu "
                          "(or auto)", option="accuracy_backend")
-    device = "cuda" if backend == "cuda" or (backend == "auto" and has_gpu) else "cpu"
     if device == "cpu":
         from memprof.models import build_model
 

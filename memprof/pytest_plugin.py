@@ -84,6 +84,8 @@ def pytest_configure(config):
                                        "the peak (allocated, or reserved) of the steps the test runs through the "
                                        "cuda_memory fixture exceeds limit")
     config.stash[_RECORDS] = []
+    if config.getoption("memprof_backend", None) is not None:
+        _backend(config)  # a bad --memprof-backend is one usage error before any test, not one per test
     path = config.getoption("memprof_json", None)
     if path:
         _check_writable(path)
@@ -156,15 +158,11 @@ class CudaMemory:
         """Run `steps` steps of step(model, optimizer, batch()) on the model and optimizer build() returns;
         returns the memprof.results.Result. Fails the test when the peak exceeds the limit."""
         from memprof import api
-        from memprof.backends.base import PREDICTED
 
         self.called = True
         label = f"pytest:{self.node.nodeid}" + (f"#{len(self.results)}" if self.results else "")
-        if self.backend.source == PREDICTED:
-            result = api.predict_step(build, step, batch, budget=self.budget, steps=steps, label=label)
-        else:
-            result = api.measure_step(build, step, batch, backend=self.backend.name, budget=self.budget, steps=steps,
-                                      label=label)
+        result = api.run_step(build, step, batch, backend=self.backend.name, budget=self.budget, steps=steps,
+                              label=label)
         self.results.append(result)
         self.config.stash[_RECORDS].append((self.node.nodeid, self.limit_bytes, result))
         if result.record["status"] == "error":

@@ -26,6 +26,7 @@ from memprof.errors import UsageError, WriteFailed
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.jsonl"
 LOCK_FILE = ".memprof.lock"
+PREDICTED, MEASURED = "predicted", "measured"  # a record's source: the simulation's figures, or a device's
 STATUSES = ("ok", "oom", "skipped", "error", "crashed", "incomplete")  # incomplete: a script that trained no step
 FAILED = ("error", "crashed")  # a configuration that gave no result: the run exits 1
 REQUIRED = {"key": str, "spec": dict, "status": str, "source": str, "metrics": dict, "environment": dict}

@@ -217,12 +217,13 @@ def expand_grid(models: list[ModelInfo], optims: list[OptimInfo], grad_ckpt: lis
         if bits not in (32, 8):
             raise UsageError(f"--state-bits {bits}: use 32, 8 or 32,8")
     entries = []
+    freeze = common.pop("freeze", None)  # what a freeze-embed optimizer freezes: in its keys only
     for par, clr, prec, impl, inb, m, o, ck, bits, bs in itertools.product(
             parallel, clear_grads, precisions, optim_impls, in_backward, models, optims, grad_ckpt, state_bits,
             batch_sizes):
         spec = RunSpec(model=m.name, optim=o.name, grad_ckpt=ck, state_bits=bits, batch_size=bs,
                        paged=paged and bits == 8, precision=prec, optim_impl=impl, optim_in_backward=inb,
-                       clear_grads=clr, **par, **common)
+                       clear_grads=clr, freeze=freeze if o.freeze_embed else None, **par, **common)
         entries.append(GridEntry(spec, skip_reason(m, o, bits, spec.paged, ck, prec, impl, inb, spec.parallel, clr)))
     return entries
 

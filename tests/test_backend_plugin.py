@@ -35,7 +35,72 @@ class FormulaBackend(Backend):
     def run(self, spec, out_dir=None, **options):
         nbytes = (spec.batch_size + 1) << 20
         return Outcome("ok", {"peak_allocated_bytes": nbytes, "peak_reserved_bytes": 2 * nbytes})
+
+    def device(self, budget=None, *, steps=None, user_file=None, label=None, world_size=None):
+        return FormulaDevice(label or "code")
+
+
+class FormulaDevice:
+    """User code runs as it is (on the CPU); the figure is the formula's: 7 MiB per forward of a module."""
+
+    def __init__(self, label):
+        self.label, self.forwards = label, 0
+
+    def __enter__(self):
+        import torch
+
+        self.hook = torch.nn.modules.module.register_module_forward_pre_hook(self._count)
+        return self
+
+    def _count(self, module, args):
+        self.forwards += 1
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        return False
+
+    def build_user(self, build):
+        return build()
+
+    @staticmethod
+    def move_input(value):
+        return value
+
+    def result_with(self, out_dir=None, snapshot_dir=None):
+        from memprof.results import Result, environment, make_record
+        from memprof.spec import RunSpec
+
+        nbytes = 7 * self.forwards << 20
+        return Result(make_record(RunSpec(model=self.label, optim="custom"), "ok", PREDICTED,
+                                  environment("formula", "a formula"),
+                                  {"peak_allocated_bytes": nbytes, "peak_reserved_bytes": nbytes}))
+
+    result = property(result_with)
 '''
+
+SCRIPT = """
+import torch
+model = torch.nn.Linear(4, 2)
+for _ in range(3):
+    model(torch.randn(2, 4))
+print("DONE")
+"""
+
+PLUGIN_TEST = """
+import torch
+
+def test_step(cuda_memory):
+    def build():
+        model = torch.nn.Linear(4, 2)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(model, optimizer, x):
+        model(x).sum().backward()
+        optimizer.step()
+
+    r = cuda_memory.step(build, step, lambda: torch.randn(2, 4))
+    assert r.peak_allocated_bytes == 2 * 7 << 20 and r.environment["backend"] == "formula"
+"""
 
 
 @pytest.fixture
@@ -88,3 +153,29 @@ def test_a_registered_backend_serves_memprof_predict(plugin_dir, monkeypatch):
         registry.unregister("formula2")
     with pytest.raises(UsageError, match="unknown backend 'formula2'"):  # negative control: gone again
         memprof.predict("test-vit", "sgd", backend="formula2")
+
+
+def test_an_entry_point_backend_serves_memprof_script_and_the_pytest_plugin(plugin_dir, tmp_path):
+    """The same one module and one entry-point line give `memprof script` and the plugin their device: no edit of
+    memprof, no name compared anywhere (Backend.device)."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    proc = _memprof(["script", "--backend", "formula", "--out", str(tmp_path / "s"), str(script)], plugin_dir)
+    assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr
+    (record,) = [json.loads(line) for line in (tmp_path / "s" / "results.jsonl").read_text().splitlines()]
+    assert record["metrics"]["peak_allocated_bytes"] == 3 * 7 << 20 and record["key"].endswith("@formula")
+    (tmp_path / "test_step.py").write_text(PLUGIN_TEST)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (plugin_dir, ROOT))}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--memprof-backend",
+                          "formula", str(tmp_path / "test_step.py")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_a_backend_without_a_device_refuses_user_code_in_one_line(tmp_path):
+    """Negative control: a backend that runs no user code (the base refusal) says so, exit 2, no traceback."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    proc = _memprof(["script", "--backend", "cpu", str(script)])
+    assert proc.returncode == 2 and "not a script" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1

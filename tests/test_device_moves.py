@@ -177,7 +177,5 @@ def test_negative_control_parse_to_as_a_factory_leaves_the_module_on_the_cpu(mon
 
 
 def test_negative_control_a_move_off_that_keeps_the_copy_is_caught(monkeypatch):
-    from memprof.script.device import SimulatedCuda
-
-    monkeypatch.setattr(SimulatedCuda, "off_device", lambda self, t, dtype=None: t)  # as before: a no-op
+    monkeypatch.setattr(DeviceCalls, "off_device", lambda self, t, dtype=None: t)  # as before: a no-op
     assert _check_module_off(MODULE_OFF["m.cpu()"]) is not None

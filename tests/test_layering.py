@@ -18,12 +18,17 @@ LAYERS = (
     # the engine in three: its core (the tracker, rules, allocator model) never imports the exact shortcuts above
     # it, which never import the entrance (simulate) that composes them
     ("engine core", tuple(f"memprof.simulation.{m}" for m in (
-        "events", "allocator", "rule", "rules", "branches", "tracker", "tracing", "attribution", "fake_compat",
-        "distributed"))),
+        "events", "allocator", "replay", "rule", "rules", "branches", "tracker", "tracing", "attribution",
+        "fake_compat", "distributed"))),
     ("engine shortcuts", tuple(f"memprof.simulation.{m}" for m in (
         "memo", "fast_dispatch", "math_attention", "batch_scaling", "repeated_blocks", "shared"))),
     ("engine", ("memprof.simulation",)),
     ("reports", ("memprof.reports",)),
+    # the devices user code runs on (memprof.backends.base.Backend.device): the simulated card and the measured GPU,
+    # below the backends that hand them out; a script's runner and command line stay with the other doors
+    ("devices", tuple(f"memprof.script.{m}" for m in (
+        "state", "patches", "detection", "failures", "standins", "deferred", "files", "moves", "cuda_api", "parallel",
+        "torch_patches", "trace", "record", "device", "cuda_peaks", "measure", "steps"))),
     ("backends", ("memprof.backends",)),
     ("planning", ("memprof.planning",)),
     ("run", ("memprof.executors", "memprof.plan", "memprof.accuracy", "memprof.script")),

@@ -12,6 +12,8 @@ whose baseline figures are unchanged).
 from dataclasses import replace
 
 import pytest
+
+from memprof.simulation.rule import Rule
 import torch
 
 from memprof import harness, models
@@ -108,7 +110,7 @@ def test_shallow_models_are_traced_whole(outcomes):
     assert outcomes == []
 
 
-class _Counting:
+class _Counting(Rule):
     """A rule (memprof.simulation.rule.Rule's contract) counting the ops it sees: a count grows block by block."""
 
     name, summary, source, forward_only, acts_on = "counting", "", "", False, None

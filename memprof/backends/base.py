@@ -17,7 +17,11 @@ A backend is an object with these attributes and methods (memprof.backends.regis
 - `run(spec, out_dir=None, **options) -> Outcome` (`out_dir`: where a run's files may go); `device_total_bytes()`:
   what budget `device` means; `affinity(spec)`: configurations with the same value go to the same
   pooled worker (None: any); `probe(spec)`: a callable batch -> Outcome for `memprof fit`'s search, run
-  where the backend runs.
+  where the backend runs;
+- `device(budget, steps=, user_file=, label=, world_size=)`: a context that runs user code (`memprof script`,
+  `memprof.simulated_cuda`) on its device, whose `result` is a record as `run`'s are (simulate: the simulated card,
+  memprof.script.device; cuda: the GPU, memprof.script.measure; the default refuses in one line), and
+  `run_step(build, step, batch, ...)`: a user's own step on it (memprof.api, the pytest plugin).
 
 `Backend` below gives the defaults; a third-party backend subclasses it (or provides the same attributes)
 and registers through the `memprof.backends` entry-point group or memprof.backends.registry.register.
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-PREDICTED, MEASURED = "predicted", "measured"
+from memprof.results import MEASURED, PREDICTED  # noqa: F401 (backends declare their source with these)
 
 
 @dataclass
@@ -81,6 +85,28 @@ class Backend:
 
     def run(self, spec, **options) -> Outcome:
         raise NotImplementedError
+
+    def device(self, budget: str | None = None, *, steps: int | None = None, user_file: str | None = None,
+               label: str | None = None, world_size: int | None = None):
+        """A context manager that runs user code on this backend's device (a script, `memprof.simulated_cuda`, a
+        step of memprof.api or the pytest plugin); after the block its `result` is the record, as a grid
+        configuration's. `budget`: the card the verdict is for; `steps`: stop after that many optimizer steps;
+        `user_file`: the script whose lines errors name; `world_size`: a torchrun script's ranks."""
+        from memprof.errors import UsageError
+
+        raise UsageError(f"the {self.name} backend runs no user code (a script or a step): use simulate (predicts "
+                         f"on a simulated card) or cuda (measures on a GPU)")
+
+    def run_step(self, build, step, batch, *, budget: str | None, steps: int, label: str | None,
+                 rules: str = "cuda"):
+        """The Result of a user's own training step (memprof.api.predict_step / measure_step, the pytest plugin):
+        `steps` steps of step(model, optimizer, batch()) after build(), on this backend's device."""
+        from memprof.errors import UsageError
+        from memprof.script.steps import run_user_steps, step_label
+
+        if rules != "cuda":
+            raise UsageError(f"rules={rules!r}: the {self.name} backend predicts with the CUDA rules only")
+        return run_user_steps(self.device(budget, label=step_label(build, label)), build, step, batch, steps)
 
     def probe(self, spec, **options):
         """batch size -> Outcome, each a run of `spec` at that batch (memprof.planning.fit searches with it)."""

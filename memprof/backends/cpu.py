@@ -51,6 +51,19 @@ class CpuBackend(Backend):
     def run(self, spec, out_dir: str | None = None, **options):
         return as_outcome(measure(spec, **options))
 
+    def device(self, budget: str | None = None, **kwargs):
+        raise UsageError("the cpu backend measures steps given as functions (memprof.measure_step, the pytest "
+                         "plugin), not a script: a script's CUDA calls need --backend simulate (predicts) or cuda "
+                         "(measures on a GPU)")
+
+    def run_step(self, build, step, batch, *, budget: str | None, steps: int, label: str | None,
+                 rules: str = "cuda"):
+        """A user's own step on real CPU tensors: peak live tensor bytes (memprof.script.steps.cpu_rules_step); no
+        script runs here (its CUDA calls need a device: simulate or cuda)."""
+        from memprof.script.steps import cpu_rules_step
+
+        return cpu_rules_step(build, step, batch, steps=steps, budget=budget, label=label, fake=False)
+
 
 def device_name() -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"

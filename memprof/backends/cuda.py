@@ -38,11 +38,11 @@ from memprof.backends.base import MEASURED, Backend, as_outcome
 from memprof.backends.nvml import Nvml, Sampler, gpu_present, periodic_reading
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
+from memprof.script.cuda_peaks import PhasePeaks
 from memprof.simulation.tracing import floor, peak_to_floor
 
 _REQUEST = re.compile(r"Tried to allocate ([\d.]+) (B|KiB|MiB|GiB)")
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-PHASES = ("forward", "backward", "optimizer")
 
 
 def requested_bytes(message: str) -> int | None:
@@ -109,6 +109,13 @@ class CudaBackend(Backend):
         facts = device_facts()
         return facts.total_bytes if facts else torch.cuda.get_device_properties(0).total_memory
 
+    def device(self, budget: str | None = None, *, steps: int | None = None, user_file: str | None = None,
+               label: str | None = None, world_size: int | None = None):
+        """This machine's GPU, measured (memprof.script.measure.MeasuredCuda)."""
+        from memprof.script.measure import MeasuredCuda
+
+        return MeasuredCuda(budget, steps=steps, user_file=user_file, label=label, world_size=world_size)
+
     def run(self, spec, out_dir: str | None = None, **options):
         return as_outcome(measure(spec, **options))
 
@@ -154,21 +161,14 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
     with torch.device("meta"):
         prepared = prepare(spec, load_weights=False)
         apply_precision(prepared.model, spec)
-    allocated, reserved = {}, {}
-    state = {"phase": "setup", "step": 0, "starts": []}
-
-    def close_phase():
-        torch.cuda.synchronize()
-        ph = state["phase"]
-        allocated[ph] = max(allocated.get(ph, 0), torch.cuda.max_memory_allocated())
-        reserved[ph] = max(reserved.get(ph, 0), torch.cuda.max_memory_reserved())
-        torch.cuda.reset_peak_memory_stats()
+    peaks = PhasePeaks()  # (memprof.script.cuda_peaks: the one way phase peaks are measured)
+    state = {"step": 0, "starts": []}
 
     def on_phase(phase, step):
-        close_phase()
+        peaks.enter(phase)
         if phase in ("forward", "done"):
             state["starts"].append(time.perf_counter())
-        state["phase"], state["step"] = phase, step
+        state["step"] = step
 
     sampler = Sampler(nvml.read, nvml_period_ms / 1000).start() if nvml.available and nvml_period_ms > 0 else None
     status = "ok"
@@ -187,31 +187,26 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
         metrics.update(params_total=sum(p.numel() for p in model.parameters()),
                        params_trainable=sum(p.numel() for p in trainable), frozen_parameter_names=prepared.frozen,
                        setup_allocated_bytes=torch.cuda.memory_allocated())
-        close_phase()
+        peaks.close()
         train_steps(model, optimizer, spec, "cuda", on_phase)
         metrics.update(floor(model, trainable, optimizer))
     except torch.OutOfMemoryError as oom:
         status = "oom"
-        metrics["oom"] = {"phase": state["phase"], "step": state["step"],
+        metrics["oom"] = {"phase": peaks.current, "step": state["step"],
                           "requested_bytes": requested_bytes(str(oom)),
                           "allocated_bytes": torch.cuda.memory_allocated(),
                           "reserved_bytes": torch.cuda.memory_reserved(),
                           "message": str(oom).splitlines()[0][:300]}
-        close_phase()
+        peaks.close()
     finally:
         sampled = sampler.stop() if sampler else None
         world.close()
     stats = torch.cuda.memory_stats()
-    peak_phase = max(allocated, key=allocated.get)
     starts = state["starts"]
     step_ms = [1000 * (b - a) for a, b in zip(starts[1:], starts[2:])]
+    metrics.update(peaks.metrics())
     metrics.update({
-        "peak_allocated_bytes": max(allocated.values()),
-        "peak_reserved_bytes": max(reserved.values()),
-        "peak_phase": peak_phase,
-        "phase_peak_allocated_bytes": {p: allocated.get(p, 0) for p in PHASES},
-        "peak_to_floor_ratio": peak_to_floor(max(allocated.values()), metrics.get("floor_bytes")),
-        "phase_peak_reserved_bytes": {p: reserved.get(p, 0) for p in PHASES},
+        "peak_to_floor_ratio": peak_to_floor(metrics["peak_allocated_bytes"], metrics.get("floor_bytes")),
         "step_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
         # current values and counters only: the ".peak" ones were reset at every phase boundary
         "allocator_stats": {k: v for k, v in stats.items() if k.endswith(".all.current") or k.startswith("num_")},

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from memprof.reports.artifacts import write_artifacts
 from memprof.backends.base import PREDICTED, Backend, Outcome
 from memprof.errors import UsageError
 
@@ -70,6 +71,27 @@ class SimulateBackend(Backend):
 
         return probe
 
+    def device(self, budget: str | None = None, *, steps: int | None = None, user_file: str | None = None,
+               label: str | None = None, world_size: int | None = None):
+        """The simulated card (memprof.script.device.SimulatedCuda)."""
+        from memprof.script.device import SimulatedCuda
+
+        return SimulatedCuda(budget or self.default_budget, steps=steps, user_file=user_file, label=label,
+                             world_size=world_size)
+
+    def run_step(self, build, step, batch, *, budget: str | None, steps: int, label: str | None,
+                 rules: str = "cuda"):
+        """rules="cuda": on the simulated card (Backend.run_step); rules="cpu": peak live tensor bytes under the CPU's
+        rules, on fake tensors (the quantity the cpu backend measures)."""
+        if rules == "cpu":
+            from memprof.script.steps import cpu_rules_step
+
+            return cpu_rules_step(build, step, batch, steps=steps, budget=budget, label=label, fake=True)
+        if rules != "cuda":
+            raise UsageError(f"rules '{rules}': use cuda (predicts torch.cuda) or cpu (live tensor bytes)")
+        return super().run_step(build, step, batch, budget=budget, steps=steps, label=label)
+
+
 
 def _sdpa_switches() -> dict:
     """The attention kernels MEMPROF_CUDA_SDPA_DISABLE turns off, off here too (the cuda backend measures with the
@@ -80,35 +102,3 @@ def _sdpa_switches() -> dict:
     return {} if all(enabled.values()) else {"sdpa_kernels_enabled": enabled}
 
 
-def write_artifacts(spec, p, out_dir: str | None, snapshot_dir: str | None) -> dict:
-    """The timeline JSON (out_dir) and the predicted snapshot (snapshot_dir) of Prediction `p`; returns the
-    metrics naming them."""
-    from memprof.results import record_key
-
-    key = record_key(spec, "simulate")
-    out, metrics, device = {}, p.metrics, p.device
-    if out_dir is not None:
-        from memprof.reports.timeline import TIMELINE_DIR, predicted_series, timeline_name, write_timeline
-
-        series = predicted_series(p.full.allocator.history, p.trace.events, p.trace.category)
-        series.update(source="predicted", key=key, budget={
-            "device": device.name, "total_bytes": device.total_bytes, "usable_bytes": device.usable_bytes,
-            "context_bytes": device.context_bytes},
-            peak={"x": p.full.peak_index, "allocated_bytes": metrics["peak_allocated_bytes"],
-                  "reserved_bytes": metrics["peak_reserved_bytes"], "phase": metrics["peak_phase"],
-                  "step": metrics["peak_step"], "op": metrics["peak_op"],
-                  "top_modules": metrics["top_modules_at_peak"][:5]},
-            oom={"x": p.oom_index} if p.oom_index is not None else None)
-        rel = os.path.join(TIMELINE_DIR, timeline_name(key))
-        write_timeline(series, os.path.join(out_dir, rel))
-        out["timeline_file"] = rel
-    if snapshot_dir is not None:
-        from memprof.reports.snapshot import build_snapshot, snapshot_name, write_snapshot
-
-        meta = {"source": "predicted", "key": key, "budget_device": device.label,
-                "budget_usable_bytes": device.usable_bytes,
-                "time_us": "index of the event in memprof's tracker stream (a logical clock, not microseconds)",
-                "replay": "the budget card's allocator (its usable bytes as the device's limit)"}
-        snap = build_snapshot(p.capped, p.trace.events, p.trace.category, p.trace.module, meta)
-        out["snapshot_file"] = os.path.abspath(write_snapshot(snap, os.path.join(snapshot_dir, snapshot_name(key))))
-    return out

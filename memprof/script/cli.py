@@ -5,6 +5,7 @@ after it is the script's own arguments."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -26,10 +27,11 @@ def add_script_parser(sub) -> None:
     p.add_argument("--out", default=None, help="append the record to DIR/results.jsonl (the schema of `memprof run`), "
                    "with its timeline (DIR/timelines/), predicted allocator snapshot (DIR/snapshots/) and the HTML "
                    "report (DIR/report.html)")
-    p.add_argument("--backend", default="simulate", choices=["simulate", "cuda"],
+    p.add_argument("--backend", default="simulate",
                    help="simulate: predict on the simulated --budget card (default, no GPU needed); cuda: run the "
                    "script for real on this machine's GPU and measure (torch.cuda peaks per phase), with the same "
-                   "record key, so `memprof fidelity` can compare the two")
+                   "record key, so `memprof fidelity` can compare the two; or another backend that runs scripts "
+                   "(`memprof list backends`)")
     p.add_argument("--world-size", type=int, default=None, metavar="N", help="a torchrun-style script "
                    "(init_process_group, DistributedDataParallel or fully_shard) runs as rank 0 of N on a fake process "
                    "group, and rank 0's memory is predicted (as `memprof run --parallel ddp|fsdp --world-size N`)")
@@ -48,9 +50,10 @@ def cmd_script(args) -> int:
 
 
 def _checked(args, fit: bool) -> int:
+    from memprof.backends.registry import get
     from memprof.errors import UsageError
-    from memprof.script.device import SimulatedCuda
-    from memprof.script.runner import device_kind, run_script, summary
+    from memprof.results import PREDICTED
+    from memprof.script.runner import run_script, summary
 
     if getattr(args, "module", None) is not None:  # `-m MODULE ARGS...` (split off by split_script_module)
         args.args = ([args.file] if args.file is not None else []) + list(args.args) + \
@@ -66,29 +69,28 @@ def _checked(args, fit: bool) -> int:
     from memprof.budget import parse_budget
 
     parse_budget(args.budget)  # a bad card is refused before the script runs
-    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} is a file: give a directory")
+    get(args.backend)  # an unknown backend: close matches, before the script runs
+    if args.out is not None:
+        from memprof.plan import writable_dir
+
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out} is a file: give a directory")
+        writable_dir(args.out)  # the check `memprof run` makes, with its message and exit status
     if fit:
-        if device_kind(args.backend) is not SimulatedCuda:
+        if get(args.backend).source != PREDICTED:
             raise UsageError("--fit-batch-arg searches on the simulated card: leave --backend out")
         return _fit(args)
-    snapshots = os.path.join(args.out, "snapshots") if args.out is not None else None
-    if args.out is not None:
-        from memprof.results import write_error
+    measured = get(args.backend).source != PREDICTED
+    snapshots = os.path.join(args.out, "snapshots") if args.out is not None and not measured else None
+    from memprof.results import RunDirectory
 
-        try:
-            os.makedirs(snapshots, exist_ok=True)
-        except OSError as exc:
-            raise write_error(args.out, exc) from None
-    measured = device_kind(args.backend) is not SimulatedCuda
-    if measured:
-        import torch
+    with RunDirectory(args.out) if args.out is not None else contextlib.nullcontext():  # (a run's folder is locked)
+        return _run_one(args, snapshots, measured)
 
-        if not torch.cuda.is_available():
-            raise UsageError("--backend cuda measures on a CUDA GPU and this machine has none: leave --backend out "
-                             "to predict (the simulated card)")
-        snapshots = None
+
+def _run_one(args, snapshots: str | None, measured: bool) -> int:
     from memprof.script.failures import ScriptError
+    from memprof.script.runner import misplaced_option, run_script, summary
 
     failed = None
     try:
@@ -99,6 +101,9 @@ def _checked(args, fit: bool) -> int:
         failed = exc
         if exc.text:
             print(exc.text, end="", file=sys.stderr, flush=True)
+        hint = misplaced_option(exc)
+        if hint:
+            print(f"memprof: note: {hint}", file=sys.stderr, flush=True)
         result = exc.result
     print(summary(result), flush=True)
     if args.out is not None:
@@ -111,6 +116,8 @@ def _checked(args, fit: bool) -> int:
         if not measured:
             print(f"report: {write_html_report(args.out, None, None)}", flush=True)
     return failed.exit_code if failed is not None else 0
+
+
 
 
 def _fit(args) -> int:

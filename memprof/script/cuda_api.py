@@ -114,7 +114,7 @@ def generator_class():
 
 
 class CudaApi:
-    """The replacements of one simulated block `sim` (its `device`, `live()`, `peaks`, `note`, `refuse`)."""
+    """The replacements of one simulated block `sim` (its `device`, `live()`, `replayer`, `note`, `where`)."""
 
     def __init__(self, sim):
         self.sim = sim
@@ -129,18 +129,18 @@ class CudaApi:
 
     def max_memory_allocated(self, device=None) -> int:
         self.sim.live()
-        return self.sim.peaks[0]
+        return self.sim.replayer.peak_allocated
 
     def memory_reserved(self, device=None) -> int:
         return self.sim.live().reserved
 
     def max_memory_reserved(self, device=None) -> int:
         self.sim.live()
-        return self.sim.peaks[1]
+        return self.sim.replayer.peak_reserved
 
     def reset_peak_memory_stats(self, device=None) -> None:
-        alloc = self.sim.live()
-        self.sim.peaks = [alloc.allocated, alloc.reserved]
+        self.sim.live()
+        self.sim.replayer.reset_peaks()
         self.sim.note("reset", f"torch.cuda.reset_peak_memory_stats() at {self.sim.where()}: the script's own "
                                "max_memory_* figures count from there; the record's peaks are over the whole run")
 
@@ -152,7 +152,7 @@ class CudaApi:
 
     def memory_stats(self, device=None) -> dict:
         alloc = self.sim.live()
-        peak_alloc, peak_reserved = self.sim.peaks
+        peak_alloc, peak_reserved = self.sim.replayer.peak_allocated, self.sim.replayer.peak_reserved
         out = {"num_alloc_retries": 0, "num_ooms": 0, "num_device_alloc": alloc._segments}
         for name, cur, peak in (("allocated_bytes", alloc.allocated, peak_alloc),
                                 ("reserved_bytes", alloc.reserved, peak_reserved),
@@ -164,7 +164,7 @@ class CudaApi:
     def memory_summary(self, device=None, abbreviated=False) -> str:
         alloc = self.sim.live()
         mib = 1 << 20
-        peak_alloc, peak_reserved = self.sim.peaks
+        peak_alloc, peak_reserved = self.sim.replayer.peak_allocated, self.sim.replayer.peak_reserved
         return (f"|  memprof simulated CUDA device: {self.name} (predicted, not measured)\n"
                 f"|  Allocated memory: {alloc.allocated / mib:10.1f} MiB (peak {peak_alloc / mib:.1f} MiB)\n"
                 f"|  Reserved memory:  {alloc.reserved / mib:10.1f} MiB (peak {peak_reserved / mib:.1f} MiB)\n")

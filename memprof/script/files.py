@@ -105,7 +105,7 @@ def stand_ins(sim, obj, on_device: bool, op: str):
     the device."""
     def one(t):
         if t.device.type == "meta":
-            return sim.to_device(t, op=f"{op}(map_location=cuda)") if on_device else sim.host_stand_in(t)
-        return sim.to_device(t, op=f"{op}(map_location=cuda)") if on_device else t
+            return sim.calls.to_device(t, op=f"{op}(map_location=cuda)") if on_device else sim.calls.host_stand_in(t)
+        return sim.calls.to_device(t, op=f"{op}(map_location=cuda)") if on_device else t
 
     return tree_map_only(torch.Tensor, one, obj)

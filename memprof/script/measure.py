@@ -16,11 +16,11 @@ import time
 import torch
 
 from memprof.errors import UsageError
+from memprof.script.cuda_peaks import PhasePeaks
 from memprof.script.detection import Detection, StopSimulation
 from memprof.script.failures import user_frame
 from memprof.script.patches import Patches
 
-PHASES = ("forward", "backward", "optimizer")
 
 
 class MeasuredCuda(Detection):
@@ -46,20 +46,24 @@ class MeasuredCuda(Detection):
     def note(self, key: str, text: str) -> None:
         self.notes.setdefault(key, text)
 
-    # --- phases and peaks -------------------------------------------------------------------------------------
-    def _close_phase(self) -> None:
-        torch.cuda.synchronize()
-        ph = self._current
-        self.allocated[ph] = max(self.allocated.get(ph, 0), torch.cuda.max_memory_allocated() - self._base)
-        self.reserved[ph] = max(self.reserved.get(ph, 0), torch.cuda.max_memory_reserved())
-        torch.cuda.reset_peak_memory_stats()
+    @staticmethod
+    def move_input(value):
+        """A user step's input, on the device (memprof.script.steps)."""
+        from memprof.script.steps import to_cuda
 
+        return to_cuda(value)
+
+    def build_user(self, build):
+        """A user's build() inside the block, on the GPU (memprof.script.steps)."""
+        with torch.device("cuda"):
+            return build()
+
+    # --- phases and peaks (memprof.script.cuda_peaks) ----------------------------------------------------------
     def _phase(self, name: str) -> None:
-        self._close_phase()
-        self._current = name
+        self.peaks.enter(name)
 
     def _enter_forward(self) -> None:
-        if self._current != "forward":
+        if self.peaks.current != "forward":
             self._phase("forward")
 
     def _on_root(self, module) -> None:
@@ -80,7 +84,6 @@ class MeasuredCuda(Detection):
         self._start = time.perf_counter()
         self._start_detection()
         self._state_bytes = {}
-        self.allocated, self.reserved = {}, {}
         self._patches = patches = Patches()
         try:
             if self.world_size is not None:  # a torchrun script's own init_process_group, on this one GPU
@@ -89,9 +92,9 @@ class MeasuredCuda(Detection):
                 patches.enter_context(environment(self.world_size))
             self._install_detection(patches)
             torch.cuda.synchronize()
-            self._base = torch.cuda.memory_allocated()  # what the process held before the code (not the code's)
-            torch.cuda.reset_peak_memory_stats()
-            self._current = "setup"
+            # what the process held before the code is not the code's
+            self.peaks = PhasePeaks(base_bytes=torch.cuda.memory_allocated())
+            self.peaks.start()
         except BaseException:
             patches.close()
             raise
@@ -99,9 +102,9 @@ class MeasuredCuda(Detection):
 
     def __exit__(self, exc_type, exc, tb):
         try:
+            self._end_phase = self.peaks.current
             self._phase("done")
             self._oom = exc if isinstance(exc, torch.OutOfMemoryError) else None
-            self._end_phase = self._current
         finally:
             self._patches.close()
         if self._oom is not None:
@@ -110,6 +113,10 @@ class MeasuredCuda(Detection):
 
     @property
     def result(self):
+        return self.result_with()
+
+    def result_with(self, out_dir: str | None = None, snapshot_dir: str | None = None):
+        """The block's Result (measured); a measurement writes no timeline or predicted snapshot."""
         if self._result is None:
             self._result = measured_result(self)
         return self._result
@@ -117,28 +124,23 @@ class MeasuredCuda(Detection):
 
 def measured_result(meas):
     """The Result of a finished MeasuredCuda block (measured)."""
-    from memprof.backends.base import MEASURED
+    from memprof.results import MEASURED
     from memprof.budget import CONTEXT_ESTIMATE_BYTES, parse_budget
     from memprof.results import environment
     from memprof.script.record import script_result
 
-    peak = max(meas.allocated.values()) if meas.allocated else 0
     name = torch.cuda.get_device_name()
     total = torch.cuda.get_device_properties(0).total_memory
     info = meas._param_info.values()
     metrics = {
-        "peak_allocated_bytes": peak,
-        "peak_reserved_bytes": max(meas.reserved.values()) if meas.reserved else 0,
-        "peak_phase": max(meas.allocated, key=meas.allocated.get) if meas.allocated else None,
-        "phase_peak_allocated_bytes": {p: meas.allocated.get(p, 0) for p in PHASES},
-        "phase_peak_reserved_bytes": {p: meas.reserved.get(p, 0) for p in PHASES},
+        **meas.peaks.metrics(),
         "params_total": sum(n for _, n, _, _, _ in info),
         "params_trainable": sum(n for _, n, _, rg, _ in info if rg),
         "params_frozen": sum(n for _, n, _, rg, _ in info if not rg),
         "optimizer_state_bytes": sum(meas._state_bytes.values()),
         "budget_device": name,
         "budget_bytes": total,
-        "baseline_allocated_bytes": meas._base,
+        "baseline_allocated_bytes": meas.peaks.base_bytes,
         "notes": list(meas.notes.values()),
     }
     status = "ok"

@@ -21,11 +21,16 @@ by a TorchFunctionMode (`DeviceCalls`), and the same seen at dispatch (`dispatch
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 
 from memprof.script.files import meta_twin
-from memprof.script.state import (CUDA0, CudaError, from_torch, internal, is_cpu_device, is_cuda_device, is_sim,
-                                  cuda_index, under_module_apply)
+from memprof.script.standins import LIMIT, materialise, value_of
+from memprof.script.state import (CUDA0, CudaError, check_ordinal, from_torch, internal, is_cpu_device,  # noqa: F401
+                                  is_cuda_device, is_sim, under_module_apply)
+
+
+_ADDRESS_BASE, _ADDRESS_ALIGN = 0x7F0000000000, 512  # where the simulated card's (unique) addresses begin
 
 
 def _descriptor(name: str):
@@ -60,6 +65,7 @@ class DeviceCalls(TorchFunctionMode):
                          T.record_stream: self._record_stream, T.__reduce_ex__: self._reduce,
                          T.__deepcopy__: self._deepcopy, T.data_ptr: self._data_ptr}
         self.getters = {_descriptor("is_cuda"): lambda t: True, _descriptor("is_cpu"): lambda t: False}
+        self._addresses, self._next_address = {}, _ADDRESS_BASE
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -76,7 +82,7 @@ class DeviceCalls(TorchFunctionMode):
             if dev is None and self.sim.default_cuda and func in self.constructors:
                 dev = CUDA0  # torch.set_default_device("cuda")
             if dev is not None and is_cuda_device(dev):
-                return self.sim.factory(func, args, kwargs, dev)
+                return self.factory(func, args, kwargs, dev)
         return func(*args, **kwargs)
 
     # --- moves -----------------------------------------------------------------------------------------------
@@ -117,18 +123,18 @@ class DeviceCalls(TorchFunctionMode):
         if is_sim(t):
             if device == "cpu":
                 if under_module_apply(3):
-                    return self.sim.off_device(t, dtype)  # Module.cpu() / Module.to("cpu"): the card's copy goes
+                    return self.off_device(t, dtype)  # Module.cpu() / Module.to("cpu"): the card's copy goes
                 if from_torch():
                     device = None  # torch's own code moving a tensor to the device it grouped it by (its real one)
                 else:
-                    return self.sim.stand_in(t, dtype)
+                    return self.stand_in(t, dtype)
             if device in ("sim", None):
                 if dtype in (None, t.dtype) and not copy and memory_format == torch.preserve_format:
                     return t
                 return torch.Tensor.to(t, dtype=dtype or t.dtype, copy=copy, memory_format=memory_format)
             return func(*args, **kwargs)
         if device == "sim":
-            return self.sim.to_device(t, dtype, memory_format=memory_format)
+            return self.to_device(t, dtype, memory_format=memory_format)
         return func(*args, **kwargs)
 
     def _cuda(self, func, args, kwargs):
@@ -136,27 +142,108 @@ class DeviceCalls(TorchFunctionMode):
         device = args[1] if len(args) > 1 else kwargs.get("device")
         if device is not None:
             check_ordinal(device if not isinstance(device, int) else f"cuda:{device}")
-        return t if is_sim(t) else self.sim.to_device(t, op="Tensor.cuda()")
+        return t if is_sim(t) else self.to_device(t, op="Tensor.cuda()")
 
     def _cpu(self, func, args, kwargs):
         t = args[0]
         if not is_sim(t):
             return func(*args, **kwargs)
         if under_module_apply(3):
-            return self.sim.off_device(t)
-        return self.sim.stand_in(t)
+            return self.off_device(t)
+        return self.stand_in(t)
+
+    # --- what each move makes ---------------------------------------------------------------------------------
+    def to_device(self, t: torch.Tensor, dtype=None, op: str = "Tensor.to(cuda)",
+                  memory_format=torch.preserve_format) -> torch.Tensor:
+        """A fake device copy of real (or meta) tensor `t` (an allocation of its size), laid out as `memory_format`
+        asks; it keeps `t`'s values when they are few (memprof.script.standins)."""
+        from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+
+        sim = self.sim
+        dtype = dtype or t.dtype
+        stride = None if t.is_contiguous() or not is_non_overlapping_and_dense(t) else t.stride()  # preserve_format
+        with internal(), sim.fake_mode:
+            if memory_format not in (None, torch.preserve_format):
+                out = torch.empty(tuple(t.shape), dtype=dtype, device="cpu", memory_format=memory_format)
+            elif stride is None:
+                out = torch.empty(tuple(t.shape), dtype=dtype, device="cpu")
+            else:
+                out = torch.empty_strided(tuple(t.shape), stride, dtype=dtype, device="cpu")
+        sim.data_alloc()
+        sim.tracker.register(out, op)
+        if t.device.type == "cpu" and t.untyped_storage()._cdata not in sim.deferred.pending:
+            sim.standins.copied(out, t)  # (not a tensor whose random fill is still queued: that would run it)
+        if t.requires_grad and torch.is_grad_enabled() and (out.is_floating_point() or out.is_complex()):
+            out.requires_grad_(True)
+            sim.note("grad-move", f"a tensor that requires grad was moved to the device at {sim.where()}: its copy "
+                                  "is a new leaf (gradients do not flow back to the CPU tensor)")
+        return out
+
+    def factory(self, func, args, kwargs, device):
+        """A torch factory given the CUDA device: a fake tensor (an allocation). A `*_like` / `new_*` factory's
+        CPU or meta template is given as its meta twin (FakeTensorMode would keep a weak reference to it)."""
+        sim = self.sim
+        check_ordinal(device)
+        kwargs = {**kwargs, "device": "cpu", **({"pin_memory": False} if kwargs.get("pin_memory") else {})}
+        if args and isinstance(args[0], torch.Tensor) and type(args[0]) is not FakeTensor:
+            args = (meta_twin(args[0]), *args[1:])
+        with internal(), sim.fake_mode:
+            out = func(*args, **kwargs)
+        sim.data_alloc()
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                sim.tracker.register(t, f"torch.{getattr(func, '__name__', func)}(device=cuda)")
+        sim.standins.made(func, args, kwargs, out)
+        return out
+
+    def off_device(self, t, dtype=None) -> torch.Tensor:
+        """Module.cpu() / Module.to("cpu"): a real CPU tensor of stand-in values in the parameter's place (the card's
+        copy is freed when the parameter is swapped)."""
+        self.sim.note("off-device", f"parameters moved off the device at {self.sim.where()} (Module.cpu / to('cpu')) "
+                                    f"hold stand-in values; the card's memory they held is freed")
+        return self.host_stand_in(t, dtype)
+
+    def host_stand_in(self, t, dtype=None, value=None) -> torch.Tensor:
+        """A real CPU tensor of `t`'s shape holding its stand-in values (`value`, else what is known of `t`); a
+        large one is filled only when read (an optimizer's state moved to the CPU at teardown is never touched)."""
+        from memprof.script.deferred import stand_in_fill
+
+        dtype = dtype or t.dtype
+        value = value if value is not None else value_of(t) if type(t) is FakeTensor else None
+        if t.numel() <= LIMIT or isinstance(value, torch.Tensor):
+            return materialise(value, t).to(dtype)
+        out = torch.empty(tuple(t.shape), dtype=dtype)
+        fill = value.value if value is not None else (False if dtype == torch.bool else 1)
+        self.sim.deferred.defer(stand_in_fill, out, (fill,), {})
+        return out
+
+    def stand_in(self, t, dtype=None) -> torch.Tensor:
+        """What the script reads back from device tensor `t` (memprof.script.standins), as a real CPU tensor."""
+        return self.host_stand_in(t, dtype, self.sim.standins.counted(t))
+
+    def address(self, storage) -> int:
+        """A device storage's data pointer: unique and 512-aligned, as the caching allocator's are (sharing checks
+        such as safetensors' and transformers' tell storages apart by it)."""
+        sid = self.sim.tracker.id_of_storage(storage)
+        if sid is None:
+            return 0
+        address = self._addresses.get(sid)
+        if address is None:
+            address = self._addresses[sid] = self._next_address
+            self._next_address += -(-max(storage.nbytes(), 1) // _ADDRESS_ALIGN) * _ADDRESS_ALIGN
+        return address
 
     # --- read-backs --------------------------------------------------------------------------------------------
     def _item(self, func, args, kwargs):
         t = args[0]
         if not is_sim(t):
             return func(*args, **kwargs)
-        return func(self.sim.stand_in(t), *args[1:], **kwargs)
+        return func(self.stand_in(t), *args[1:], **kwargs)
 
     def _tolist(self, func, args, kwargs):
         t = args[0]
         if is_sim(t):
-            return self.sim.stand_in(t).tolist()
+            return self.stand_in(t).tolist()
         self.sim.settled()
         return func(*args, **kwargs)
 
@@ -168,20 +255,20 @@ class DeviceCalls(TorchFunctionMode):
         if func is torch.Tensor.numpy:
             raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to "
                             "host memory first.")  # (CUDA's own message)
-        return self.sim.stand_in(t).numpy()
+        return self.stand_in(t).numpy()
 
     def _repr(self, func, args, kwargs):
         t = args[0]
         if not is_sim(t):
             return func(*args, **kwargs)
-        text = repr(self.sim.stand_in(t))
+        text = repr(self.stand_in(t))
         return text[:-1] + ", device='cuda:0')" if text.endswith(")") else text
 
     def _format(self, func, args, kwargs):
         t = args[0]
         if not is_sim(t):
             return func(*args, **kwargs)
-        stand_in = self.sim.stand_in(t)
+        stand_in = self.stand_in(t)
         return format(stand_in.item(), *args[1:]) if stand_in.dim() == 0 else self._repr(func, args[:1], {})
 
     def _get_device(self, func, args, kwargs):
@@ -201,7 +288,7 @@ class DeviceCalls(TorchFunctionMode):
         t = args[0]
         if not is_sim(t):
             return func(*args, **kwargs)
-        return self.sim.address(t.untyped_storage()) + t.storage_offset() * t.element_size()
+        return self.address(t.untyped_storage()) + t.storage_offset() * t.element_size()
 
     def _deepcopy(self, func, args, kwargs):
         """copy.deepcopy of a device tensor (an EMA model, a best-weights copy): a new device tensor of its size,
@@ -230,13 +317,6 @@ class DeviceCalls(TorchFunctionMode):
             self.sim.refuse("pickling a tensor on cuda:0 outside torch.save (the simulation has no data)")
         self.sim.settled()
         return func(*args, **kwargs)
-
-
-def check_ordinal(device) -> None:
-    """CUDA's refusal of a device the simulated machine does not have (one card: cuda:0)."""
-    index = cuda_index(device)
-    if index not in (None, 0, -1):
-        raise CudaError("CUDA error: invalid device ordinal (the simulated machine has one card, cuda:0)")
 
 
 def dispatch_factory(sim, func, args, kwargs):

@@ -77,6 +77,43 @@ def install(sim, patches) -> None:
         _install_fsdp(sim, patches)
 
 
+def _add_parallel(sim, kind: str, rules) -> None:
+    """The engine's rules of a parallelism the script started (DDP or FSDP), joining the run from here."""
+    if sim.detected["parallel"] not in ("none", kind):
+        sim.refuse("the script uses both DistributedDataParallel and fully_shard: one parallelism per run is "
+                   "simulated")
+    sim.detected["parallel"] = kind
+    for rule in rules:
+        sim.parallel_rules.append(rule)
+        sim.tracker.add_rule(rule)
+        if hasattr(rule, "mode"):
+            sim.patches.enter_context(rule.mode())
+
+
+def add_ddp(sim, module, bucket_cap_mb, as_view: bool) -> None:
+    """DistributedDataParallel(module): its gradient buckets placed now, as DDP's constructor places them, by the
+    engine's DDPBuckets (the trainable parameters in the module's order, as DDP and the harness take them)."""
+    import types
+
+    from memprof.simulation.distributed import DDPBuckets
+
+    rule = DDPBuckets(bucket_cap_mb, bool(as_view))
+    _add_parallel(sim, "ddp", [rule])
+    sim.detected["bucket_cap_mb"], sim.detected["grad_as_bucket_view"] = bucket_cap_mb, bool(as_view)
+    holder = types.SimpleNamespace(param_groups=[{"params": [p for p in module.parameters() if p.requires_grad]}])
+    with sim.internal(), sim.fake_mode:
+        rule.attach(sim.tracker, holder)
+
+
+def add_fsdp(sim, reshard_after_forward: bool) -> None:
+    from memprof.simulation.distributed import DTensorLocal, FSDPStorageEvents
+
+    if sim.detected["parallel"] != "fsdp":
+        _add_parallel(sim, "fsdp", [DTensorLocal(), FSDPStorageEvents()])
+        sim.sharded = True
+    sim.detected["reshard_after_forward"] = bool(reshard_after_forward)
+
+
 def _require_group(sim, what: str) -> None:
     from torch.distributed import distributed_c10d as c10d
 
@@ -107,7 +144,7 @@ def _install_ddp(sim, patches) -> None:
             self.bucket_bytes_cap = int((25 if bucket_cap_mb is None else bucket_cap_mb) * (1 << 20))
             self.bucket_bytes_cap_default = bucket_cap_mb is None
             self.gradient_as_bucket_view = bool(gradient_as_bucket_view)
-            sim._add_ddp(module, bucket_cap_mb, gradient_as_bucket_view)
+            add_ddp(sim, module, bucket_cap_mb, gradient_as_bucket_view)
 
         def forward(self, *inputs, **kwargs):
             return self.module(*inputs, **kwargs)
@@ -140,11 +177,11 @@ def _install_fsdp(sim, patches) -> None:
 
         if reshard_after_forward is None:
             reshard_after_forward = True
-        if sim._fsdp_mesh is None:  # (made before FSDP's factories count as the device's)
-            sim._fsdp_mesh = fsdp_mesh(sim.world_size)
-        sim._add_fsdp(reshard_after_forward)
+        if sim.fsdp_mesh is None:  # (made before FSDP's factories count as the device's)
+            sim.fsdp_mesh = fsdp_mesh(sim.world_size)
+        add_fsdp(sim, reshard_after_forward)
         with sim.internal():
-            return original(module, *args, mesh=sim._fsdp_mesh, reshard_after_forward=reshard_after_forward, **kwargs)
+            return original(module, *args, mesh=sim.fsdp_mesh, reshard_after_forward=reshard_after_forward, **kwargs)
 
     patches.set(fsdp, "fully_shard", fully_shard)  # (not in its own module: it reads itself from there)
     # FSDP's parameters are DTensors over the CPU mesh (as the engine shards): their wrappers report the CPU where
@@ -174,7 +211,7 @@ def _install_fsdp(sim, patches) -> None:
 def _with_cpu_when_sharded(sim, original):
     def devices():
         found = original()
-        return [*found, "cpu"] if sim._sharded else found
+        return [*found, "cpu"] if sim.sharded else found
 
     return devices
 

@@ -2,7 +2,7 @@
 
 `run_script(path, args, budget, steps)` runs the file (runpy, with sys.argv and sys.path[0] as `python FILE
 ARGS` would set them; or a module, as `python -m MODULE ARGS` would) inside the device its backend gives
-(memprof.script.device.SimulatedCuda, or memprof.script.measure.MeasuredCuda on a GPU) and returns its Result;
+(memprof.backends.base.Backend.device: the simulated card, or the GPU measured) and returns its Result;
 `summary(result)` is the terminal's short text. The record has the schema of `memprof run`'s
 (memprof.results.make_record): every figure from the engine (memprof.script.record), plus what was detected
 (`script_*` fields), and a key combining the script, its arguments, the budget and what ran, so different runs
@@ -25,7 +25,7 @@ import sys
 
 from memprof.errors import Terminated, UsageError
 from memprof.script.failures import ScriptError, is_simulations, script_traceback, user_frame
-from memprof.script.record import result_of, script_label
+from memprof.script.record import script_label
 
 
 class _ScriptTerminated(BaseException):
@@ -34,23 +34,6 @@ class _ScriptTerminated(BaseException):
 
 def _on_sigterm(signum, frame):
     raise _ScriptTerminated()
-
-
-def device_kind(backend: str):
-    """Where a script runs for `--backend`: the simulated card for a predicting backend, the GPU at hand for a
-    measuring one that has a GPU (memprof.backends.registry); any other is bad input."""
-    from memprof.backends.base import PREDICTED
-    from memprof.backends.registry import get
-    from memprof.script.device import SimulatedCuda
-    from memprof.script.measure import MeasuredCuda
-
-    chosen = get(backend)
-    if chosen.source == PREDICTED:
-        return SimulatedCuda
-    if chosen.gpus:
-        return MeasuredCuda
-    raise UsageError(f"--backend {backend}: a script runs on the simulated card (simulate, the default) or on a "
-                     f"GPU (cuda)")
 
 
 def _target(path: str, module: bool):
@@ -68,6 +51,20 @@ def _target(path: str, module: bool):
     if spec is None or spec.origin is None:
         raise UsageError(f"-m {path}: no module of that name is installed (python -m {path} would fail too)")
     return (lambda: runpy.run_module(path, run_name="__main__", alter_sys=True)), spec.origin
+
+
+class _Tail:
+    """A stream passing everything to `stream`, keeping the last lines written (a script's argparse refusal)."""
+
+    def __init__(self, stream, keep: int = 2000):
+        self.stream, self.keep, self.tail = stream, keep, ""
+
+    def write(self, text):
+        self.tail = (self.tail + text)[-self.keep:]
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def _exit_code(exc: SystemExit) -> int:
@@ -88,13 +85,12 @@ def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: 
     backend="cuda": run it for real on the GPU at hand and measure (memprof.script.measure; `budget` is only judged
     against). `world_size`: a torchrun-style script runs as rank 0 of that many (memprof.script.parallel; measured:
     1 only). The script's own error raises ScriptError after the Result is made (its `result`)."""
+    from memprof.backends.registry import get
     from memprof.script.detection import StopSimulation
-    from memprof.script.device import SimulatedCuda
 
     run, file = _target(path, module)
-    kind = device_kind(backend)
     args = list(args)
-    sim = kind(budget, steps=steps, user_file=file, label=script_label(file, args), world_size=world_size)
+    sim = get(backend).device(budget, steps=steps, user_file=file, label=script_label(file, args), world_size=world_size)
     sim.script_args = args
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [file, *args]
@@ -104,9 +100,9 @@ def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: 
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread
         previous = None
-    failure, code = None, 0
+    failure, code, said = None, 0, _Tail(sys.stderr)
     try:
-        with sim:
+        with sim, contextlib.redirect_stderr(said):
             run()
     except StopSimulation:
         pass
@@ -126,13 +122,13 @@ def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: 
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     sim.error = _error_text(failure, code, file)
-    sim._result = result_of(sim, out_dir, snapshot_dir) if kind is SimulatedCuda else sim.result
+    result = sim.result_with(out_dir, snapshot_dir)
     if failure is not None or code:
         text = script_traceback(failure) if failure is not None else ""
         error = ScriptError(failure, text, code)
-        error.result = sim.result
+        error.result, error.stderr = result, said.tail
         raise error
-    return sim.result
+    return result
 
 
 def _error_text(failure, code: int, file: str) -> str | None:
@@ -225,6 +221,23 @@ def check_batch_arg(batch_arg: str, option: str = "--batch-arg") -> None:
         raise UsageError(f"{option} {batch_arg}: give the script's flag, e.g. {option}=--batch-size")
 
 
+MEMPROF_OPTIONS = ("--budget", "--steps", "--out", "--backend", "--world-size", "--fit-batch-arg", "--batch-arg",
+                   "--script", "-m")
+
+
+def misplaced_option(exc) -> str | None:
+    """Where the script refused one of memprof's own options (argparse: "unrecognized arguments: --budget ..."), the
+    fix: memprof's options go before FILE; everything after FILE is the script's."""
+    said = (exc.text or "") + str(getattr(exc, "stderr", "") or "")
+    if "unrecognized arguments:" not in said:
+        return None
+    refused = said.rsplit("unrecognized arguments:", 1)[1].split("\n")[0].split()
+    option = next((a.split("=")[0] for a in refused if a.split("=")[0] in MEMPROF_OPTIONS), None)
+    if option is None:
+        return None
+    return f"{option} is memprof's option: put it before the script (memprof script [OPTIONS] FILE [ARGS])"
+
+
 class FitFailed(Exception):
     """`fit --script` cannot answer: a probe raised the script's own error or trained no step. `text`: what to
     print first (the script's traceback, or nothing); `exit_code`: the command's."""
@@ -257,8 +270,9 @@ def fit_script(path: str, args: list[str], batch_arg: str, budget: str = "titan-
             except ScriptError as exc:
                 last = next((line.strip() for line in reversed(said.getvalue().splitlines()) if line.strip()), "")
                 if exc.error is None and exc.exit_code == 2:  # argparse's refusal
+                    exc.stderr = said.getvalue()
                     raise UsageError(f"{path} exited when run with {batch_arg} {batch}" + (f" ({last})" if last else "")
-                                     + f": {fix}") from None
+                                     + f": {misplaced_option(exc) or fix}") from None
                 raise FitFailed(f"{path} failed when run with {batch_arg} {batch} ({exc.result.record['error']}): "
                                 f"no batch is judged", exc.text, exc.exit_code or 1) from None
             m = probes[batch].record["metrics"]

@@ -87,3 +87,10 @@ def from_torch(depth: int = 3) -> bool:
 
 class CudaError(RuntimeError):
     """What CUDA itself raises for a call (an invalid device ordinal, ...): the script's own error, as on a card."""
+
+
+def check_ordinal(device) -> None:
+    """CUDA's refusal of a device the simulated machine does not have (one card: cuda:0)."""
+    index = cuda_index(device)
+    if index not in (None, 0, -1):
+        raise CudaError("CUDA error: invalid device ordinal (the simulated machine has one card, cuda:0)")

@@ -33,6 +33,8 @@ from unittest import mock
 
 import torch
 
+from memprof.simulation.rule import Rule
+
 
 COMMUNICATION = "communication:"
 # FSDPCommContext.lazy_init's streams (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py) by role
@@ -87,7 +89,7 @@ def fsdp_mesh(world_size: int):
         return DeviceMesh("cpu", torch.arange(world_size))
 
 
-class DTensorLocal:
+class DTensorLocal(Rule):
     """Rule: count a DTensor output by its local shard. (The tracker registers the wrapper, whose storage
     is the global size; the memory this rank holds is the local tensor's.)"""
 
@@ -120,7 +122,7 @@ def _tensors(out):
             yield from (u for u in t if isinstance(u, torch.Tensor))
 
 
-class FSDPStorageEvents:
+class FSDPStorageEvents(Rule):
     """Rule: FSDP2's storage resizes as allocations and releases, its collectives' buffers labelled, and the
     stream each allocation is made on.
 
@@ -231,7 +233,7 @@ class FSDPStorageEvents:
             yield
 
 
-class DDPBuckets:
+class DDPBuckets(Rule):
     """Rule: DistributedDataParallel's gradient buckets (see the module docstring)."""
 
     name = "ddp-gradient-buckets"

@@ -39,7 +39,7 @@ import torch
 
 from memprof.simulation.events import ALLOC, FREE, first_allocation
 from memprof.simulation.fast_dispatch import extent_bytes
-from memprof.simulation.rule import copy_state, snapshot
+from memprof.simulation.rule import snapshot
 from memprof.simulation.memo import ATTENTION_ENTRIES
 from memprof.simulation.rules import math_composite
 from memprof.simulation.tracker import StorageTracker, current_tracker
@@ -143,7 +143,7 @@ def _isolated(tracker: StorageTracker, result: dict):
     """Events go to a scratch list (result["events"], StorageTracker.scratch); afterwards the tracker's ids and
     the rules' state are as before. result["clean"] says whether the rules' state was untouched and nothing made
     inside is alive."""
-    states = [copy_state(vars(r)) for r in tracker.rules]
+    states = [r.state() for r in tracker.rules]
     snapshots = [snapshot(r) for r in tracker.rules]
     with tracker.scratch() as scratch:
         result["events"] = scratch.events
@@ -153,8 +153,7 @@ def _isolated(tracker: StorageTracker, result: dict):
             changed = [snapshot(r) for r in tracker.rules] != snapshots
             if changed:
                 for rule, state in zip(tracker.rules, states):
-                    vars(rule).clear()
-                    vars(rule).update(state)
+                    rule.load_state(state)
     result["clean"] = not changed and not scratch.alive
 
 

@@ -42,6 +42,21 @@ class Rule:
         """Figures the rule adds to a prediction."""
         return {}
 
+    def idle(self) -> bool:
+        """Whether the rule had nothing to act on in this run (a script's record leaves it out of `rules`); by
+        default a rule always acts (its work is on every run)."""
+        return False
+
+    def state(self) -> dict:
+        """The rule's state, to hand to another instance made for the same card and spec (load_state): its
+        attributes, containers copied (see the class docstring)."""
+        return copy_state(vars(self))
+
+    def load_state(self, state: dict) -> None:
+        """Take `state` (state()'s) as the rule's whole state."""
+        vars(self).clear()
+        vars(self).update(copy_state(state))
+
     def describe(self) -> dict:
         return {"name": self.name, "summary": self.summary, "source": self.source}
 

@@ -605,6 +605,9 @@ class CudaAutocastPolicy(Rule):
     def metrics(self) -> dict:
         return {"autocast_casts": self.casts, "autocast_cache_hits": self.cache_hits}
 
+    def idle(self) -> bool:
+        return not self.casts and not self.cache_hits
+
 
 _CPU_AUTOCAST_OPS: list[str] = []
 
@@ -768,6 +771,9 @@ class HalfPrecisionAttention(Rule):
                     tracker.treat_as_host(rng_state)
 
 
+    def idle(self) -> bool:
+        return not self.kernels
+
     def metrics(self) -> dict:
         if not self.kernels:
             return {}
@@ -790,9 +796,16 @@ class FlashAttentionBackward(Rule):
                "and dq_accum [B,L128,H,D32] while it runs")
     source = "aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp mha_bwd (unpinned copy)"
 
+    def __init__(self):
+        self.backwards = 0
+
+    def idle(self) -> bool:
+        return not self.backwards
+
     def after_op(self, tracker, func, args, kwargs, out) -> None:
         if func is not aten._scaled_dot_product_flash_attention_backward.default:
             return
+        self.backwards += 1
         b, h, m, d = args[1].shape
         m128 = -(-m // 128) * 128
         d_round = -(-d // 64) * 64 if d > 128 else -(-d // 32) * 32
@@ -879,6 +892,12 @@ class FakeGradScalerStep(Rule):
     summary = "GradScaler.step on fake tensors assumes no inf/nan was found (.item() has no value); the rest runs"
     source = "torch/amp/grad_scaler.py _maybe_opt_step"
 
+    def __init__(self):
+        self.steps = 0
+
+    def idle(self) -> bool:
+        return not self.steps
+
     @contextlib.contextmanager
     def mode(self):
         from torch.amp import grad_scaler
@@ -886,6 +905,7 @@ class FakeGradScalerStep(Rule):
         original = grad_scaler.GradScaler._maybe_opt_step
 
         def maybe_opt_step(scaler, optimizer, optimizer_state, *args, **kwargs):
+            self.steps += 1
             return optimizer.step(*args, **kwargs)
 
         grad_scaler.GradScaler._maybe_opt_step = maybe_opt_step
@@ -916,6 +936,10 @@ class LayerNormStatsFp32(Rule):
 
     def __init__(self, on_cpu: bool = False):
         self.on_cpu = on_cpu
+        self.resized = 0
+
+    def idle(self) -> bool:
+        return not self.resized
 
     def after_op(self, tracker, func, args, kwargs, out) -> None:
         if func is not aten.native_layer_norm.default:
@@ -927,6 +951,7 @@ class LayerNormStatsFp32(Rule):
             return
         for stat in out[1:3]:
             if stat.dtype != torch.float32:
+                self.resized += 1
                 resize_storage(tracker, stat, stat.numel() * 4)
 
 
@@ -998,6 +1023,9 @@ class CudaDeviceBranches(Rule):
                 self._count("grid_sampler_2d (cuDNN)")
         elif func in (aten.embedding_dense_backward.default, aten._embedding_bag.default):  # CUDA's bookkeeping, said
             self._count(func.__name__.split(".")[0])
+
+    def idle(self) -> bool:
+        return not self.taken
 
     def metrics(self) -> dict:
         from memprof.simulation.branches import NOTES

@@ -40,7 +40,7 @@ from memprof.simulation.attribution import ModuleAttribution
 from memprof.simulation.distributed import local
 from memprof.simulation.fake_compat import fake_storage, register_meta_kernels
 from memprof.simulation.memo import FORWARD_ENTRIES, MEMO, Memo
-from memprof.simulation.rule import copy_state as _copy_state, declared
+from memprof.simulation.rule import declared
 from memprof.simulation.tracker import StorageTracker
 from memprof.spec import OPTIMIZER_FIELDS, RunSpec, forward_group
 
@@ -108,7 +108,7 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
     register_meta_kernels()
     model, mode = prepared.model, FakeTensorMode()
     stack_of = repeated_blocks.block_stack(model) if repeat_blocks else None
-    initial = [_copy_state(vars(r)) for r in rules]  # to trace afresh if the blocks do not repeat
+    initial = [r.state() for r in rules]  # to trace afresh if the blocks do not repeat
     with tracing.no_gc(), mode, contextlib.ExitStack() as stack:
         fake_storage(model)
         apply_precision(model, spec)
@@ -136,7 +136,7 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
         broken = math_attention.broken(tracker)
         traced = Forward(mode, model, prepared.frozen, trainable, [tracker.storage_id(local(t)) for t in order],
                          list(tracker.events), dict(tracker.origin), attribution.result(), params, stand_in.windows,
-                         [_copy_state(vars(r)) for r in rules], tracker.next_id)
+                         [r.state() for r in rules], tracker.next_id)
     if broken:
         _reset(rules, initial)
         return trace_forward(spec, rules, repeat_blocks, replay_attention=False, memo=memo)
@@ -152,8 +152,7 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
 
 def _reset(rules, states) -> None:
     for rule, state in zip(rules, states):
-        vars(rule).clear()
-        vars(rule).update(_copy_state(state))
+        rule.load_state(state)
 
 
 @dataclass
@@ -174,7 +173,7 @@ def trace_windows(fwd: Forward, spec: RunSpec, rules, memo: Memo = MEMO) -> Wind
     from memprof.simulation.tracing import floor, no_gc, state_summary, to_device_order
 
     for rule, state in zip(rules, fwd.rule_state):
-        vars(rule).update(_copy_state(state))
+        rule.load_state(state)
     model, trainable = fwd.model, fwd.trainable
     with no_gc(), fwd.mode, contextlib.ExitStack() as stack:
         with unset_fake_temporarily():
@@ -212,7 +211,7 @@ def trace_windows(fwd: Forward, spec: RunSpec, rules, memo: Memo = MEMO) -> Wind
         result = Windows(windows, dict(tracker.origin), attribution.result(), grads, states,
                          state_summary(optimizer), floor(model, trainable, optimizer), [])
         del optimizer
-    result.rule_state = [_copy_state(vars(r)) for r in rules]
+    result.rule_state = [r.state() for r in rules]
     return result
 
 
@@ -281,7 +280,7 @@ def _with_windows(fwd: Forward, spec: RunSpec, rules, memo: Memo):
         seen = None  # the newer forward is more like the ones to come
     if seen is not None and seen[3]:
         for rule, before, changed in zip(rules, fwd.rule_state, seen[1]):
-            vars(rule).update(_copy_state({**before, **changed}))
+            rule.load_state({**before, **changed})
         return splice(fwd, seen[0], rules)
     opt = trace_windows(fwd, spec, rules, memo)
     traced = splice(fwd, opt, rules)
@@ -293,7 +292,7 @@ def _with_windows(fwd: Forward, spec: RunSpec, rules, memo: Memo):
         reused_state = [{**before, **changed} for before, changed in zip(fwd.rule_state, seen[1])]
         twins = [copy.copy(r) for r in rules]
         for twin, state in zip(twins, reused_state):
-            vars(twin).update(_copy_state(state))
+            twin.load_state(state)
         seen[3] = same_state(reused_state, opt.rule_state) and splice(fwd, seen[0], twins) == traced
     return traced
 

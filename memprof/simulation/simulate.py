@@ -19,52 +19,14 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from memprof.simulation.allocator import DEFAULT_STREAM, CachingAllocatorModel, SimulatedOOM, round_size, segment_size
+from memprof.simulation.allocator import CachingAllocatorModel, SimulatedOOM, round_size, segment_size
+from memprof.simulation.replay import Replay, replay  # noqa: F401 (Replay: callers read it from here)
 from memprof.budget import parse_budget
 from memprof.models import resolve_model
 from memprof.simulation.rules import FakeGradScalerStep, LayerNormStatsFp32, cuda_rules
 from memprof.spec import RunSpec
 from memprof.simulation.events import ALLOC, FREE, allocation_phases, live_after, phase_at
 from memprof.simulation.tracing import CATEGORIES, Trace, common_metrics, live_peak, peak_to_floor, trace
-
-
-@dataclass
-class Replay:
-    peak_allocated: int
-    peak_reserved: int
-    peak_index: int
-    phase_peaks: dict
-    allocator: CachingAllocatorModel
-    block_bytes: dict  # request id -> the size of the block that served it (fixed while it is allocated)
-
-
-def replay(events, capacity: int | None = None, record: bool = False, streams: dict | None = None) -> Replay:
-    """Feed the request stream to the allocator model; `record` keeps the model's history
-    (memprof.simulation.allocator), each entry stamped with its event's index; `streams` (storage id -> stream
-    name, Trace.stream) puts those requests on their stream's pools, every other one on the default stream.
-    A SimulatedOOM carries the event's index and the allocator as it was."""
-    alloc = CachingAllocatorModel(capacity, record)
-    stream_of = (streams or {}).get
-    phase, peak, peak_index, phase_peaks, block_bytes = "setup", 0, -1, defaultdict(int), {}
-    for i, ev in enumerate(events):
-        kind = ev.kind
-        if record:
-            alloc.clock = i
-        if kind is ALLOC:
-            try:
-                block_bytes[ev.sid] = alloc.malloc(ev.sid, ev.nbytes, stream_of(ev.sid, DEFAULT_STREAM))
-            except SimulatedOOM as oom:
-                oom.index, oom.allocator = i, alloc
-                raise
-            if alloc.allocated > peak:
-                peak, peak_index = alloc.allocated, i
-            if alloc.allocated > phase_peaks[phase]:
-                phase_peaks[phase] = alloc.allocated
-        elif kind is FREE:
-            alloc.free(ev.sid)
-        else:
-            phase = ev.name
-    return Replay(peak, alloc.peak_reserved, peak_index, dict(phase_peaks), alloc, block_bytes)
 
 
 def blocks_at(events, index: int, block_bytes: dict) -> dict:
@@ -154,7 +116,7 @@ def prediction_of(make_trace, budget: str, spec: RunSpec | None = None, history:
         "context_bytes_estimate": device.context_bytes,
         "nvml_process_peak_bytes": full.peak_reserved + device.context_bytes,
         "over_budget_bytes": max(0, full.peak_reserved + device.context_bytes - device.total_bytes),
-        "rules": [r["name"] for r in t.rules],
+        "rules": [r.name for r in rules if not r.idle()] + [r["name"] for r in t.rules[len(rules):]],  # (acting)
         "in_place_accumulations": folded,
     }
     metrics["peak_to_floor_ratio"] = peak_to_floor(full.peak_allocated, metrics.get("floor_bytes"))

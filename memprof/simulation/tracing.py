@@ -163,21 +163,21 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
                 ids = {id(p) for g in groups for p in g["params"]}
                 trainable = [p for p in trainable if id(p) in ids] or trainable
             tracker = StorageTracker(rules, limit_bytes=limit_bytes, front=front)
-            params, grads, states, starts, rank = set(), set(), set(), [], {}
+            builder, starts, rank = TraceBuilder(tracker), [], {}
             stack.enter_context(tracker)
             for mode in modes:
                 stack.enter_context(mode)
             for t in to_device_order(model):
-                params.add(tracker.register(local(t), "Module.to (parameters and buffers)"))
+                builder.params.add(tracker.register(local(t), "Module.to (parameters and buffers)"))
             for rule in rules:
                 rule.attach(tracker, optimizer)
             if hasattr(optimizer, "on_grad"):  # in backward: gradients live and die there; record them as they come
-                optimizer.on_grad = lambda p: grads.add(tracker.storage_id(local(p.grad)))
+                optimizer.on_grad = lambda p: builder.own(builder.grads, (p.grad,))
             attribution = stack.enter_context(ModuleAttribution(model, tracker, optimizer))
 
             def on_phase(phase, step):
                 if phase == "optimizer":
-                    grads.update(tracker.storage_id(local(p.grad)) for p in trainable if p.grad is not None)
+                    builder.own(builder.grads, (p.grad for p in trainable if p.grad is not None))
                     if rank_bytes is not None:  # DDP / FSDP: what this rank holds of each
                         rank.update(rank_bytes(model, trainable, optimizer))
                 if phase in ("forward", "done"):
@@ -191,20 +191,67 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
                 raise
             except (DataDependentOutputException, DynamicOutputShapeException) as exc:
                 raise _untraceable(exc, model) from None
-            events = list(tracker.events)
-            states.update(tracker.storage_id(local(t)) for s in optimizer.state.values() for t in s.values()
-                          if isinstance(t, torch.Tensor))
-            result = Trace(events, {}, dict(tracker.origin),
-                           params_total=sum(p.numel() for p in model.parameters()),
-                           params_trainable=sum(p.numel() for p in trainable), frozen=frozen,
-                           state=state_summary(optimizer),
-                           step_ms=[1000 * (b - a) for a, b in zip(starts[1:], starts[2:])],
-                           rules=[r.describe() for r in rules], module=attribution.result(),
-                           extra={**common_rule_metrics(rules), **floor(model, trainable, optimizer), **rank},
-                           stream=dict(tracker.stream))
+            builder.own_states(optimizer)
+            builder.record_model(model, trainable)
+            result = builder.trace(list(tracker.events), rules, attribution.result(),
+                                   [1000 * (b - a) for a, b in zip(starts[1:], starts[2:])], rank, frozen)
             del model, optimizer, run  # (trainable stays: on_phase closes over it)
-    result.category = _categorize(events, params, grads, states, result.origin)
     return result
+
+
+class TraceBuilder:
+    """What a trace says besides its events, filled while it runs: which storages hold parameters (and buffers),
+    gradients and optimizer state, the model's parameters as its forward or the harness finds them, and each
+    optimizer's state. The engine's trace_step and the simulated device (memprof.script.device) both fill one and
+    make their Trace with it."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+        self.params, self.grads, self.states = set(), set(), set()
+        self.param_info: dict = {}  # id(parameter) -> (name, numel held here, element size, trains, dtype)
+        self.state_summaries: dict = {}  # id(optimizer) -> state_summary
+
+    def own(self, kind: set, tensors) -> None:
+        """Storage ids of `tensors` (the shards this rank holds, for FSDP's) into `kind` (params/grads/states)."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                sid = self.tracker.storage_id(local(t))
+                if sid is not None:
+                    kind.add(sid)
+
+    def own_states(self, optimizer) -> None:
+        self.own(self.states, (t for s in optimizer.state.values() for t in s.values()))
+        self.state_summaries[id(optimizer)] = state_summary(optimizer)
+
+    def record_model(self, model, trainable=None) -> None:
+        """The model's parameters (name, the numel this rank holds, element size, whether it trains: in `trainable`
+        when given, else requires_grad, dtype), each once, as first seen."""
+        ids = None if trainable is None else {id(p) for p in trainable}
+        for name, p in model.named_parameters():
+            if id(p) not in self.param_info:
+                trains = p.requires_grad if ids is None else id(p) in ids
+                self.param_info[id(p)] = (name, p.numel(), local(p).numel(), p.element_size(), trains, str(p.dtype))
+
+    def trace(self, events, rules, module: dict, step_ms=(), extra: dict | None = None, frozen=None) -> Trace:
+        """The Trace of `events`; `frozen`: the frozen parameters' names as the caller lists them (else those that
+        do not train, sorted)."""
+        tracker = self.tracker
+        info = self.param_info.values()
+        state: dict = {"optimizer_state_bytes": 0}
+        for summary in self.state_summaries.values():
+            for k, v in summary.items():
+                state[k] = state.get(k, 0) + v
+        weights = sum(held * size for _, _, held, size, _, _ in info)
+        grads = sum(held * size for _, _, held, size, trains, _ in info if trains)
+        return Trace(events, _categorize(events, self.params, self.grads, self.states, tracker.origin),
+                     dict(tracker.origin), params_total=sum(n for _, n, *_ in info),
+                     params_trainable=sum(n for _, n, _, _, trains, _ in info if trains),
+                     frozen=list(frozen) if frozen is not None else
+                     sorted(name for name, _, _, _, trains, _ in info if not trains), state=state,
+                     step_ms=list(step_ms), rules=[r.describe() for r in rules], module=module,
+                     extra={**common_rule_metrics(rules), "floor_bytes": weights + grads + state["optimizer_state_bytes"],
+                            **(extra or {})},
+                     stream=dict(tracker.stream))
 
 
 def common_rule_metrics(rules) -> dict:
