@@ -286,9 +286,8 @@ def cmd_accuracy(args) -> int:
     except KeyboardInterrupt as exc:
         return _interrupted(out_dir, exc, file=ACCURACY_FILE, resume=None)
     verdicts = list(load_verdicts(out_dir).values())
-    text = render_verdicts(verdicts)
-    write_text(os.path.join(out_dir, "accuracy.md"), text)
-    print(text)
+    write_text(os.path.join(out_dir, "accuracy.md"), render_verdicts(verdicts))
+    print(render_verdicts(verdicts, terminal_width()))
     _wrote(os.path.join(out_dir, ACCURACY_FILE), os.path.join(out_dir, "accuracy.md"))
     failed = sum(1 for v in verdicts if v["verdict"] in ("error", "fail"))
     _note(f"memprof: {len(verdicts)} configurations: " + ", ".join(
@@ -398,12 +397,14 @@ def cmd_compare(args) -> int:
             table = "\n\n".join(f"{config}\n" + "\n".join("  " + line for line in tabulate(
                 rows, headers=headers[1:], disable_numparse=True).splitlines()) for config, rows in groups.items())
         print(table)
+    from memprof.reports.terminal import wrapped
+
     for note in result.notes:
-        print(note)
+        print(wrapped(note))
     if result.regressions:
         print(f"\n{len(result.regressions)} regression(s):")
         for r in result.regressions:
-            print(f"  {r}")
+            print(wrapped(str(r), "  "))
         return EXIT_FAILED
     print(f"\nno regression ({len(result.rows)} comparisons of {result.configs} configurations)")
     return EXIT_OK

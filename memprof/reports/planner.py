@@ -102,7 +102,9 @@ def render_fit(records: list[dict], width: int | None = None) -> str:
 
         notes = [textwrap.fill(f"{r['config']}: {r['notes']}", width, subsequent_indent="  ")
                  for r in rows if r["notes"]]
-        return (f"# Largest micro-batch that fits {', '.join(sorted({r['budget'] for r in rows}))}\n\n"
+        title = (f"Largest micro-batch that fits {', '.join(sorted({r['budget'] for r in rows}))}: "
+                 f"{', '.join(sources)}")
+        return (textwrap.fill(title, width, break_long_words=False) + "\n\n"
                 + fit_table(answer, headers, width) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else ""))
     table = [a[:1] + [r["budget"]] + a[1:] + [
         _gib(r["fixed_bytes"]), "n/a" if r["bytes_per_sample"] is None else f"{r['bytes_per_sample'] / MIB:.1f}",

@@ -806,8 +806,9 @@ def write_reports(records: list[dict], out_dir: str, metric: str = "reserved", v
     return paths
 
 
-def render_verdicts(verdicts: list[dict]) -> str:
-    """Accuracy mode's verdicts: one row per configuration, the figures of every check."""
+def render_verdicts(verdicts: list[dict], width: int | None = None) -> str:
+    """Accuracy mode's verdicts: one row per configuration, the figures of every check: markdown (accuracy.md), or
+    for a terminal `width` columns wide a fitted table under a plain title."""
     rows = []
     for v in sorted(verdicts, key=lambda v: v["key"]):
         checks = v.get("checks", {})
@@ -831,6 +832,15 @@ def render_verdicts(verdicts: list[dict]) -> str:
     if not rows:
         return ""
     first = verdicts[0]
+    headers = ["config", "verdict", "figures", "seconds"]
+    if width:
+        import textwrap
+
+        from memprof.reports.terminal import fit_table
+
+        title = (f"Accuracy mode: does each memory setting still train? Measured on {first['environment']['device']}; "
+                 f"the checks and their thresholds: accuracy.md")
+        return textwrap.fill(title, width, break_long_words=False) + "\n\n" + fit_table(rows, headers, width) + "\n"
     return ("# Accuracy mode: does each memory setting still train?\n\n"
             f"Measured on {first['environment']['device']}; data: {first.get('data', 'n/a')}; weights: "
             f"{first.get('weights')} (with random init, accuracy shows the setting trains, not how well a "
@@ -838,4 +848,4 @@ def render_verdicts(verdicts: list[dict]) -> str:
             "chance), frozen (frozen parameters bit-identical, trained ones changed), checkpointing exact "
             "(gradients and first losses equal with and without), 8-bit tracks 32-bit (update cosine >= 0.9 "
             "after 50 steps, accuracy within 10 points).\n\n"
-            + tabulate(rows, headers=["config", "verdict", "figures", "seconds"], tablefmt="github") + "\n")
+            + tabulate(rows, headers=headers, tablefmt="github") + "\n")
