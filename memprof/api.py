@@ -42,21 +42,6 @@ def _model_name(model: str | Callable[[], Any]) -> str:
     raise UsageError(f"model {model!r}: give a model name or a zero-argument factory returning an nn.Module")
 
 
-def _switch(value, name: str) -> str:
-    """A switch given as a bool or, as on the command line, "on"/"off" (memprof.spec.parse_switch's check):
-    "on" or "off". Anything else is a UsageError, never truthiness ("off" is a non-empty string)."""
-    from memprof.spec import parse_switch
-
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if not isinstance(value, str):
-        raise UsageError(f"{name}={value!r}: give True/False or 'on'/'off'")
-    values = parse_switch(value, "--" + name.replace("_", "-"))  # the message `memprof run` gives
-    if len(values) != 1:
-        raise UsageError(f"{name}={value!r}: give one value, True/False or 'on'/'off' (a grid is `memprof run`'s)")
-    return "on" if values[0] else "off"
-
-
 def plan_one(model, optimizer, backend: str, source: str, out: str, **options):
     """The validated plan of one configuration: the options checked against the table (memprof.options) by
     plan_run, as `memprof run` and a suite's [[run]] are."""
@@ -74,13 +59,14 @@ def plan_one(model, optimizer, backend: str, source: str, out: str, **options):
     if not runs_in_caller(chosen, 1, 1) and name.startswith("py:@local:"):
         raise UsageError(f"model {getattr(model, '__qualname__', model)}: a measurement runs in a fresh process, "
                          f"which can only import a module-level factory; define it at the top level of a module")
-    for switch in ("grad_ckpt", "optim_in_backward", "grad_as_bucket_view", "reshard_after_forward"):
-        if switch in options:
-            options[switch] = _switch(options[switch], switch)
-    for number in ("batch_size", "state_bits"):
-        if number in options and not isinstance(options[number], str):
-            options[number] = str(options[number])
-    unknown = sorted(set(options) - set(RUN_KEYWORDS))
+    unknown = sorted(set(options) - set(RUN_KEYWORDS))  # (typed values go as they are: each row parses its own)
+    if not unknown:
+        from memprof.options import parse
+
+        for key, value in options.items():
+            parsed = parse(key, value)
+            if isinstance(parsed, list) and len(parsed) > 1:
+                raise UsageError(f"{key}={value!r}: give one value (a grid is `memprof run`'s)", option=key)
     if unknown:
         from memprof.errors import unknown_name
 

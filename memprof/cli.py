@@ -19,7 +19,7 @@ import time
 
 from memprof.errors import Terminated, UsageError, UserCodeError, WriteFailed
 from memprof.reports.terminal import terminal_width
-from memprof.options import FIT, RUN, add_options
+from memprof.options import ACCURACY, ADVISE, FIT, OPTIONS, RUN, add_options
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -106,12 +106,18 @@ def _finish(records: list[dict], out_dir: str) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _run_options(args, **extra) -> dict:
-    """The run options the command line gave (the table's, memprof.options), `extra` overriding them."""
-    from memprof.options import given_options
+def _run_options(args, command: str = RUN, **extra) -> dict:
+    """The run options the command line gave (the table's, memprof.options), over `command`'s defaults where they
+    differ from a run's, `extra` overriding them."""
+    from memprof.options import defaults_of, given_options
     from memprof.plan import run_options
 
-    return run_options(getattr(args, "preset", None), **{**given_options(args), **extra})
+    from memprof.options import RUN_OPTIONS
+
+    given = {k: v for k, v in given_options(args).items() if k in RUN_OPTIONS}  # (a command's own: it reads them)
+    own = {k: v for k, v in defaults_of(command).items() if k in given} if command != RUN else {}
+    return run_options(getattr(args, "preset", None), **{**own, **{k: v for k, v in given.items() if v is not None},
+                                                         **extra})
 
 
 def report(records: list[dict], out_dir: str, metric: str | None) -> None:
@@ -161,7 +167,7 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
-ACCURACY_FLAGS = ("train_steps", "lr_sgd", "lr_adaptive", "data", "seed", "accuracy_backend")
+ACCURACY_FLAGS = tuple(o.name for o in OPTIONS if o.commands == {ACCURACY})  # accuracy mode's own (run --accuracy)
 
 
 def cmd_run(args) -> int:
@@ -232,7 +238,7 @@ def cmd_advise(args) -> int:
     if earlier and os.path.isfile(earlier) and os.path.getsize(earlier):
         raise UsageError(f"--out {args.out} already holds results: advise starts afresh (it has no --resume); "
                          f"choose a new --out")
-    ap = plan_advise(_run_options(args, resume=False, retry_failed=False, snapshot=None, nvml_period_ms=None))
+    ap = plan_advise(_run_options(args, ADVISE, resume=False, retry_failed=False, snapshot=None, nvml_period_ms=None))
     try:
         with RunDirectory(ap.run.out_dir):
             for line in [ap.run.announce, *ap.run.notes]:
@@ -257,12 +263,13 @@ def _plan_accuracy(args, run_options: dict | None = None):
     """Accuracy mode's plan; after a run (`run --accuracy`), for the run's models and optimizers."""
     from memprof.plan import accuracy_options, plan_accuracy
 
-    setting = ("models", "optims", "grad_ckpt", "state_bits", "batch_size", "pretrained", "num_classes", "precision",
-               "optim_impl", "optim_in_backward")
-    given = {k: run_options[k] for k in setting} if run_options else {k: getattr(args, k) for k in setting}
-    return plan_accuracy(accuracy_options(
-        **given, train_steps=args.train_steps, lr_sgd=args.lr_sgd, lr_adaptive=args.lr_adaptive, data=args.data,
-        seed=args.seed, backend=args.accuracy_backend, progress=not args.no_progress))
+    from memprof.options import ACCURACY, given_options, options_of
+
+    names = [o.name for o in options_of(ACCURACY)] + ["num_classes"]
+    given = {k: v for k, v in given_options(args).items() if k in names}
+    if run_options:  # after a run: its setting
+        given.update({k: run_options[k] for k in names if k in run_options and k not in ("out", "progress")})
+    return plan_accuracy(accuracy_options(**given))
 
 
 def _execute_accuracy(accuracy, out_dir: str) -> None:
@@ -474,33 +481,8 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
-def _accuracy_options(p) -> None:
-    from memprof.recipe import DEFAULT_LR_ADAPTIVE, DEFAULT_LR_SGD, DEFAULT_STEPS
-
-    p.add_argument("--train-steps", type=int, default=None,
-                   help=f"accuracy: training steps per configuration (default: {DEFAULT_STEPS})")
-    p.add_argument("--lr-sgd", type=float, default=None,
-                   help=f"accuracy: peak learning rate of SGD and LARS, cosine to 0 (default: {DEFAULT_LR_SGD}; the "
-                        "paper sweeps 3e-5..1e-2 for pretrained weights)")
-    p.add_argument("--lr-adaptive", type=float, default=None,
-                   help=f"accuracy: peak learning rate of AdamW and LAMB, cosine to 0 (default: {DEFAULT_LR_ADAPTIVE}; "
-                        "the paper sweeps 3e-7..1e-4 for pretrained weights; random init needs more)")
-    p.add_argument("--data", help="accuracy: an ImageFolder (default: scikit-learn's digits, shipped with it)")
-    p.add_argument("--seed", type=int, default=None, help="accuracy: seed of init and batch order (default: 0)")
-    p.add_argument("--accuracy-backend", choices=["auto", "cpu", "cuda"], default=None,
-                   help="accuracy: where to train (default: cuda where present, else cpu)")
-
-
-def _model_source_options(p) -> None:
-    add_options(p, None, ("freeze", "input_shape"))
-
-
 def _executor_options(p) -> None:
     add_options(p, None, ("executor", "ray_address"))
-
-
-def _training_options(p) -> None:
-    add_options(p, None, ("resident", "precision", "optim_impl", "optim_in_backward", "clear_grads"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -526,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="figure shown in the table (default: reserved; live for the cpu backend)")
     run.add_argument("--accuracy", action="store_true",
                      help="then train each configuration for real and add its verdict to the table (see `accuracy`)")
-    _accuracy_options(run)
+    add_options(run, None, ACCURACY_FLAGS)  # accuracy mode's own, for --accuracy
     run.set_defaults(func=cmd_run)
 
     adv = sub.add_parser("advise", help="from one configuration: which changes make it fit a budget, and at what cost",
@@ -534,22 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(freeze-embed), no momentum, 8-bit states, gradient checkpointing, a smaller "
                                      "micro-batch with accumulation, ...) and the pairs of them, ranks them by peak, "
                                      "and says the cheapest that fits first.")
-    adv.add_argument("--models", required=True, help="one model")
-    adv.add_argument("--optims", required=True, help="one optimizer")
-    adv.add_argument("--batch-size", default="1", help="micro-batch size (default: 1)")
-    adv.add_argument("--grad-ckpt", default="off", help="off or on (default: off)")
-    adv.add_argument("--state-bits", default="32", help="32 or 8 (default: 32)")
-    adv.add_argument("--budget", default=None, help="card or size to fit (default: titan-x; `memprof list budgets`)")
-    adv.add_argument("--backend", default="simulate",
-                     help="simulate (default: predicts) or cuda (measures each candidate in a fresh process)")
-    _training_options(adv)
-    _model_source_options(adv)
-    adv.add_argument("--accuracy-from", metavar="DIR", help="a run directory with accuracy.jsonl (`memprof accuracy`): "
-                                                            "its verdicts are shown per setting")
-    adv.add_argument("--out", help="output directory (default: reports/runs/<timestamp>)")
-    adv.add_argument("--jobs", type=int, default=None, help="worker processes (default: up to 2, one per core)")
-    adv.add_argument("--no-progress", action="store_true", help="no progress bar")
-    adv.set_defaults(func=cmd_advise, paged=False, steps=2, num_classes=10, pretrained=None, timeout_s=None)
+    add_options(adv, ADVISE)  # its options, from the one table (memprof.options)
+    adv.set_defaults(func=cmd_advise, paged=False, steps=2, num_classes=10, pretrained=None, timeout_s=None,
+                     executor="local", ray_address=None)
 
     fit = sub.add_parser("fit", help="the largest micro-batch that fits a budget, per configuration",
                          description="For every configuration (the grid of `run` without batch sizes), searches "
@@ -568,17 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Trains each configuration at its micro-batch size (cosine schedule to 0) and "
                                      "checks: it learns, frozen means frozen, checkpointing is exact, 8-bit tracks "
                                      "32-bit. One verdict per configuration; exit 1 when any fails or errors.")
-    acc.add_argument("--models", default="test-vit", help="comma list (default: test-vit; paper models need a GPU)")
-    acc.add_argument("--optims", default="paper", help="comma list, `paper` or `all` (default: paper)")
-    acc.add_argument("--grad-ckpt", default="off,on", help="off, on or off,on (default: off,on)")
-    acc.add_argument("--state-bits", default="32,8", help="32, 8 or 32,8 (default: 32,8)")
-    acc.add_argument("--batch-size", default="1", help="micro-batch size (default: 1)")
-    _training_options(acc)
-    acc.add_argument("--num-classes", type=int, default=10, help=argparse.SUPPRESS)
-    acc.add_argument("--pretrained", help="weights: a local file, or an open_clip tag found in the local cache")
-    acc.add_argument("--out", help="output directory (default: reports/runs/<timestamp>)")
-    acc.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _accuracy_options(acc)
+    add_options(acc, ACCURACY)  # its options, from the one table (memprof.options)
+    acc.add_argument("--num-classes", type=int, default=None, help=argparse.SUPPRESS)
     acc.set_defaults(func=cmd_accuracy)
 
     suite = sub.add_parser("suite", help="run a suite file (suites/*.toml): several grids into one results.jsonl")

@@ -263,12 +263,12 @@ def plan_advise(opts: dict) -> AdvisePlan:
 def parallel_axes(opts: dict, state_bits: list, backend: str) -> list[dict]:
     """--parallel, --world-size, --bucket-cap-mb, --grad-as-bucket-view, --reshard-after-forward, validated:
     the RunSpec fields of each parallelism asked for (expand_grid's `parallel`)."""
-    from memprof.spec import MAX_WORLD_SIZE, PARALLEL, parse_names, parse_switch
+    from memprof.options import parse
+    from memprof.spec import MAX_WORLD_SIZE
 
-    kinds = parse_names(str(opts.get("parallel", "none")), "--parallel", PARALLEL, "parallelism")
-    world = opts.get("world_size", 1)
-    if not isinstance(world, int) or world < 1:
-        raise UsageError(f"--world-size {world}: use a whole number of at least 1", option="world_size")
+    kinds = parse("parallel", opts.get("parallel", "none"))
+    with option("world_size"):
+        world = parse("world_size", opts.get("world_size", 1))
     if world > MAX_WORLD_SIZE:
         raise UsageError(f"--world-size {world}: at most {MAX_WORLD_SIZE} (rank 0's shards are a few elements past "
                          f"that)", option="world_size")
@@ -291,10 +291,8 @@ def parallel_axes(opts: dict, state_bits: list, backend: str) -> list[dict]:
         if opts.get(name) is not None and kind not in kinds:
             raise UsageError(f"{flag(name)} applies to --parallel {kind}: add --parallel {kind} (with --world-size N), "
                              f"or drop {flag(name)}", option=name)
-    views = opts.get("grad_as_bucket_view")
-    views = parse_switch("off" if views is None else str(views), "--grad-as-bucket-view")
-    reshard = opts.get("reshard_after_forward")
-    reshard = parse_switch("on" if reshard is None else str(reshard), "--reshard-after-forward")
+    views = parse("grad_as_bucket_view", opts.get("grad_as_bucket_view")) or [False]
+    reshard = parse("reshard_after_forward", opts.get("reshard_after_forward")) or [True]
     out: list[dict] = []
     for kind in kinds:
         if kind == "none":
@@ -312,7 +310,8 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
     from memprof.backends.registry import get as get_backend
     from memprof.models import parse_models
     from memprof.optims import parse_optims
-    from memprof.spec import MIN_STEPS, RESIDENTS, expand_grid, parse_ints, parse_names, parse_switch
+    from memprof.options import parse
+    from memprof.spec import MIN_STEPS, expand_grid
 
     notes: list[str] = []
     backend, announce = resolve_backend(opts["backend"])
@@ -331,11 +330,11 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
                          f"{', '.join(o.name for o in optims)} freezes anything: add one (e.g. --optims sgd-fe), or "
                          f"drop --freeze", option="freeze")
     with option("grad_ckpt"):
-        grad_ckpt = parse_switch(opts["grad_ckpt"], "--grad-ckpt")
+        grad_ckpt = parse("grad_ckpt", opts["grad_ckpt"])
     with option("state_bits"):
-        state_bits = unique(parse_ints(str(opts["state_bits"]), "--state-bits", 1), "state_bits", notes)
+        state_bits = unique(parse("state_bits", opts["state_bits"]), "state_bits", notes)
     with option("batch_size"):
-        batch_sizes = unique(parse_ints(str(opts["batch_size"]), "--batch-size", 1), "batch_size", notes)
+        batch_sizes = unique(parse("batch_size", opts["batch_size"]), "batch_size", notes)
     if max(batch_sizes) > MAX_BATCH_SIZE:
         raise UsageError(f"--batch-size {max(batch_sizes)}: at most {MAX_BATCH_SIZE} (2**31 - 1, the largest a CUDA "
                          f"kernel indexes; no card holds a batch near it)", option="batch_size")
@@ -388,7 +387,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
     with option("parallel"):
         parallel = parallel_axes(opts, state_bits, backend)
     with option("resident"):
-        residents = parse_names(str(opts["resident"]), "--resident", RESIDENTS, "resident")
+        residents = parse("resident", opts["resident"])
     if "clip" in residents:
         from memprof.models import text_config
 
@@ -410,16 +409,15 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
 
 def training_axes(opts: dict) -> dict:
     """--precision, --optim-impl and --optim-in-backward, validated: the expand_grid keywords."""
-    from memprof.spec import parse_clear_grads, parse_optim_impls, parse_precisions, parse_switch
+    from memprof.options import BY_NAME, parse
 
-    with option("clear_grads"):
-        clear = parse_clear_grads(str(opts.get("clear_grads", "after-step")))
-    with option("precision"):
-        precisions = parse_precisions(str(opts.get("precision", "fp32")))
-    with option("optim_impl"):
-        impls = parse_optim_impls(str(opts.get("optim_impl", "foreach")))
-    with option("optim_in_backward"):
-        in_backward = parse_switch(str(opts.get("optim_in_backward", "off")), "--optim-in-backward")
+    def value(name):
+        with option(name):
+            given = opts.get(name)
+            return parse(name, BY_NAME[name].default if given is None else given)
+
+    clear, precisions, impls, in_backward = (value(n) for n in ("clear_grads", "precision", "optim_impl",
+                                                                 "optim_in_backward"))
     if in_backward == [True] and precisions == ["fp16-amp"]:
         raise UsageError("--optim-in-backward on cannot honour --precision fp16-amp: GradScaler must see every gradient "
                          "(to skip the whole step on inf/nan) before any parameter is updated; use bf16-amp, or "
@@ -468,23 +466,19 @@ def execute(plan: RunPlan, lock: bool = True) -> list[dict]:
 
 # --- accuracy mode --------------------------------------------------------------------------------------
 
-ACCURACY_OPTIONS = {
-    "models": "test-vit", "optims": "paper", "grad_ckpt": "off,on", "state_bits": "32,8", "batch_size": "1",
-    "pretrained": None, "num_classes": 10, "train_steps": None, "lr_sgd": None, "lr_adaptive": None,
-    "data": None, "seed": 0, "backend": "auto", "progress": True, "precision": "fp32", "optim_impl": "foreach",
-    "optim_in_backward": "off",
-}
-
-
 def accuracy_options(**given) -> dict:
+    """Accuracy mode's options: the table's (memprof.options, its defaults for `accuracy`), `given` applied, the
+    recipe's where none was given (memprof.recipe); an unknown name is a UsageError listing the known ones."""
+    from memprof.options import ACCURACY, defaults_of
     from memprof.recipe import DEFAULT_LR_ADAPTIVE, DEFAULT_LR_SGD, DEFAULT_STEPS
 
-    unknown = sorted(set(given) - set(ACCURACY_OPTIONS))
+    known = {**defaults_of(ACCURACY), "num_classes": 10, "progress": True}
+    unknown = sorted(set(given) - set(known))
     if unknown:
-        raise UsageError(f"unknown option '{unknown[0]}' (known: {', '.join(ACCURACY_OPTIONS)})")
-    opts = {**ACCURACY_OPTIONS, **{k: v for k, v in given.items() if v is not None}}
+        raise UsageError(f"unknown option '{unknown[0]}' (known: {', '.join(known)})")
+    opts = {**known, **{k: v for k, v in given.items() if v is not None}}
     for name, default in (("train_steps", DEFAULT_STEPS), ("lr_sgd", DEFAULT_LR_SGD),
-                          ("lr_adaptive", DEFAULT_LR_ADAPTIVE)):
+                          ("lr_adaptive", DEFAULT_LR_ADAPTIVE), ("seed", 0), ("accuracy_backend", "auto")):
         if opts[name] is None:
             opts[name] = default
     return opts
@@ -527,16 +521,17 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
     from memprof.models import parse_models
     from memprof.optims import parse_optims, require_bitsandbytes
     from memprof.recipe import DEFAULT_STEPS
-    from memprof.spec import expand_grid, parse_ints, parse_switch
+    from memprof.options import parse
+    from memprof.spec import expand_grid
 
     notes: list[str] = []
     with option("models"):
         models = parse_models(opts["models"], simulated=False)  # trains for real: every name runs
     with option("optims"):
         optims = parse_optims(opts["optims"])
-    entries = expand_grid(models, optims, parse_switch(opts["grad_ckpt"], "--grad-ckpt"),
-                          unique(parse_ints(str(opts["state_bits"]), "--state-bits", 1), "state_bits", notes),
-                          unique(parse_ints(str(opts["batch_size"]), "--batch-size", 1), "batch_size", notes),
+    entries = expand_grid(models, optims, parse("grad_ckpt", opts["grad_ckpt"]),
+                          unique(parse("state_bits", opts["state_bits"]), "state_bits", notes),
+                          unique(parse("batch_size", opts["batch_size"]), "batch_size", notes),
                           pretrained=opts["pretrained"], budget="device", **training_axes(opts))
     for name in ("lr_sgd", "lr_adaptive"):
         value = opts[name]
@@ -560,7 +555,7 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
         load_data((32, 32), opts["data"])  # the folder's errors, before anything trains
     if opts["pretrained"]:
         check_pretrained(models, opts["pretrained"], opts["num_classes"])
-    return AccuracyPlan(entries, _accuracy_device(opts["backend"], models), opts)
+    return AccuracyPlan(entries, _accuracy_device(opts["accuracy_backend"], models), opts)
 
 
 def execute_accuracy(plan: AccuracyPlan, out_dir: str) -> list[dict]:

@@ -74,9 +74,10 @@ def pytest_addoption(parser):
     group.addoption("--memprof", action="store_true", help="print each cuda_memory step's peak after the run")
     group.addoption("--memprof-json", metavar="PATH", default=None,
                     help="write each step's results record (JSON lines) to PATH; `memprof compare` reads it")
-    group.addoption("--memprof-backend", default="auto",
-                    help="simulate (predict without a GPU), cuda (measure on the GPU), cpu (live tensor bytes), "
-                         "auto (default: cuda where a GPU is present, else simulate)")
+    from memprof.options import BY_NAME, PLUGIN
+
+    backend = BY_NAME["backend"]  # the table's option (memprof.options), as every other door takes it
+    group.addoption("--memprof-backend", default=backend.default_for(PLUGIN), help=backend.help)
 
 
 def pytest_configure(config):

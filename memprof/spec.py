@@ -171,6 +171,60 @@ def parse_clear_grads(text: str) -> list[str]:
     return parse_names(text, "--clear-grads", CLEAR_GRADS, "--clear-grads value")
 
 
+# --- the option table's parsers (memprof.options.Option.parse): a value as the command line gives it (text), as a
+# suite's TOML or the Python API gives it (a number, a bool, a list), each to its typed list, with `flag` in errors
+
+def _text(value, flag: str) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(_text(v, flag) for v in value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (int, str)):
+        return str(value)
+    raise UsageError(f"{flag} {value!r}: give text as the command line does, e.g. {flag} 1,2")
+
+
+def switches(value, flag: str) -> list[bool]:
+    """off, on, off,on; True / False; a list of them."""
+    if not isinstance(value, (str, bool, list, tuple)):
+        raise UsageError(f"{flag} {value!r}: give True/False or 'on'/'off' (a comma list: off,on)")
+    return parse_switch(_text(value, flag), flag)
+
+
+def batch_sizes(value, flag: str) -> list[int]:
+    return parse_ints(_text(value, flag), flag, 1)
+
+
+def state_bits(value, flag: str) -> list[int]:
+    return parse_ints(_text(value, flag), flag, 1)
+
+
+def precisions(value, flag: str) -> list[str]:
+    return parse_precisions(_text(value, flag))
+
+
+def optim_impls(value, flag: str) -> list[str]:
+    return parse_optim_impls(_text(value, flag))
+
+
+def clear_grads(value, flag: str) -> list[str]:
+    return parse_clear_grads(_text(value, flag))
+
+
+def residents(value, flag: str) -> list[str]:
+    return parse_names(_text(value, flag), flag, RESIDENTS, "resident")
+
+
+def world_size(value, flag: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{flag} {value}: use a whole number of at least 1")
+    return value
+
+
+def parallelisms(value, flag: str) -> list[str]:
+    return parse_names(_text(value, flag), flag, PARALLEL, "parallelism")
+
+
 def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool = False,
                 grad_ckpt: bool = False, precision: str = "fp32", optim_impl: str = DEFAULT_OPTIM_IMPL,
                 in_backward: bool = False, parallel: str = "none", clear_grads: str = "after-step") -> str | None:

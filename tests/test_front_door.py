@@ -286,11 +286,11 @@ def test_a_suite_sets_every_run_option_a_run_takes(tmp_path):
     assert sorted(set(RUN_OPTIONS) - set(KEYS) - set(COMMAND_OPTIONS)) == []
     assert "parallel" in KEYS and "max_batch_size" not in KEYS  # control: the partition is not everything in both
     suite = tmp_path / "s.toml"
-    suite.write_text('[[run]]\nbackend = "simulate"\nmodels = "test-vit"\noptims = "sgd"\nparallel = "ddp"\n'
+    suite.write_text('[[run]]\nbackend = "simulate"\nmodels = "test-vit"\noptims = "sgd-fe"\nparallel = "ddp"\n'
                      'world_size = 8\nbucket_cap_mb = 5\nfreeze = "conv1"\n')
     (run,) = load_suite(str(suite))
     from_suite = plan_run(run_options(**run.options, out=str(tmp_path / "a"), progress=False))
-    from_cli = plan_run(run_options(models="test-vit", optims="sgd", backend="simulate", parallel="ddp", world_size=8,
+    from_cli = plan_run(run_options(models="test-vit", optims="sgd-fe", backend="simulate", parallel="ddp", world_size=8,
                                     bucket_cap_mb=5.0, freeze="conv1", out=str(tmp_path / "b"), progress=False))
     assert [e.spec.key for e in from_suite.entries] == [e.spec.key for e in from_cli.entries]
     assert "ddp8+cap5" in from_suite.entries[0].spec.key

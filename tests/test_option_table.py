@@ -133,3 +133,58 @@ def _typed(name: str, text: str):
     if float in option.toml and str not in option.toml:
         return float(text)
     return text
+
+
+# --- every command draws its options from the table ---------------------------------------------------------------
+
+COMMANDS = ("run", "fit", "advise", "accuracy", "script")
+
+
+def _parser_of(command: str):
+    sub = next(a for a in cli.build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    return sub.choices[command]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_takes_its_table_options_with_the_tables_help(command):
+    from memprof.options import options_of
+
+    flags = {opt: action for action in _parser_of(command)._actions for opt in action.option_strings}
+    for o in options_of(command):
+        action = flags.get(o.option_string)
+        assert action is not None, f"{command} lacks {o.option_string}"
+        assert action.help == o.help and action.default in (None, False), (command, o.name)
+    # negative control: an option of another command is not there
+    assert "--headroom" not in flags or command == "fit"
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--grad-ckpt", "maybe"], "--grad-ckpt 'maybe': use off, on or off,on"),
+    (["--precision", "fp8"], "unknown precision 'fp8'"),
+    (["--clear-grads", "never"], "unknown --clear-grads value 'never'"),
+])
+def test_a_bad_value_reads_the_same_from_run_advise_and_accuracy(tmp_path, capsys, argv, expect):
+    errors = []
+    for command, extra in (("run", ["--models", "test-vit"]), ("advise", ["--models", "test-vit", "--optims", "sgd"]),
+                           ("accuracy", [])):
+        code = cli.main([command, *extra, *argv, "--out", str(tmp_path / command)])
+        err = capsys.readouterr().err
+        assert code == 2, (command, err)
+        errors.append(err.strip().removeprefix("memprof: error: "))
+    assert all(expect in e for e in errors) and len(set(errors)) == 1, errors
+
+
+def test_world_size_reads_the_same_from_run_script_and_the_api(tmp_path, capsys):
+    from memprof.script import simulated_cuda
+
+    script = tmp_path / "t.py"
+    script.write_text("pass\n")
+    said = []
+    for argv in (["run", "--models", "test-vit", "--parallel", "ddp", "--world-size", "0"],
+                 ["script", "--world-size", "0", str(script)]):
+        assert cli.main(argv) == 2
+        said.append(capsys.readouterr().err.strip())
+    with pytest.raises(UsageError) as exc:
+        simulated_cuda(world_size=0)
+    said.append(f"memprof: error: {exc.value}")
+    assert len(set(said)) == 1 and "--world-size 0: use a whole number of at least 1" in said[0], said

@@ -11,33 +11,18 @@ import sys
 
 
 def add_script_parser(sub) -> None:
-    from memprof.budget import DEFAULT_BUDGET
+    from memprof.options import SCRIPT, add_options
 
     p = sub.add_parser("script", help="run your own CUDA training script, unchanged, on a simulated card (predicted)",
-                       description="Runs FILE as __main__ (with ARGS as its sys.argv) on a simulated CUDA device "
-                                   "that is the --budget card: no GPU is used, and every figure is predicted by the "
-                                   "same simulation as `memprof run`. Prints the predicted peaks and what was "
-                                   "detected (batch size, precision, optimizer, checkpointing). Exit status: 0 when "
-                                   "the script ran (fits or not), 2 for bad input or a call that cannot be "
-                                   "simulated (named with its file:line).")
-    p.add_argument("--budget", default=DEFAULT_BUDGET, help=f"the card to simulate (`memprof list budgets`, or a "
-                   f"size like 24GiB@8.9; default: {DEFAULT_BUDGET})")
-    p.add_argument("--steps", type=int, default=None, help="stop the script after N optimizer steps "
-                   "(default: let it end)")
-    p.add_argument("--out", default=None, help="append the record to DIR/results.jsonl (the schema of `memprof run`), "
-                   "with its timeline (DIR/timelines/), predicted allocator snapshot (DIR/snapshots/) and the HTML "
-                   "report (DIR/report.html)")
-    p.add_argument("--backend", default="simulate",
-                   help="simulate: predict on the simulated --budget card (default, no GPU needed); cuda: run the "
-                   "script for real on this machine's GPU and measure (torch.cuda peaks per phase), with the same "
-                   "record key, so `memprof fidelity` can compare the two; or another backend that runs scripts "
-                   "(`memprof list backends`)")
-    p.add_argument("--world-size", type=int, default=None, metavar="N", help="a torchrun-style script "
-                   "(init_process_group, DistributedDataParallel or fully_shard) runs as rank 0 of N on a fake process "
-                   "group, and rank 0's memory is predicted (as `memprof run --parallel ddp|fsdp --world-size N`)")
-    p.add_argument("--fit-batch-arg", default=None, metavar="FLAG", help="search the script's own batch flag (e.g. "
-                   "--fit-batch-arg=--batch-size) for the largest batch whose prediction fits the card: doubling, "
-                   "then bisection, each probe a full run of the script (--steps defaults to 2 there)")
+                       description="Runs FILE as __main__ (with ARGS as its sys.argv; or -m MODULE as `python -m` "
+                                   "does) on a simulated CUDA device that is the --budget card: no GPU is used, and "
+                                   "every figure is predicted by the same simulation as `memprof run`. Prints the "
+                                   "predicted peaks and what was detected (batch size, precision, optimizer, "
+                                   "checkpointing, how many steps ran). Exit status: 0 when the script ran (fits or "
+                                   "not, or trained no step: incomplete), the script's own when it failed (its "
+                                   "traceback printed as Python prints it: 1, or what it passed to sys.exit), 2 for "
+                                   "bad input or a call that cannot be simulated (named with its file:line).")
+    add_options(p, SCRIPT)  # its options, from the one table (memprof.options)
     p.add_argument("-m", dest="module", default=None, metavar="MODULE", help="run an installed module as "
                    "`python -m MODULE ARGS` would (e.g. -m open_clip_train.main), instead of FILE")
     p.add_argument("file", metavar="FILE", nargs="?", help="the training script")
@@ -46,11 +31,17 @@ def add_script_parser(sub) -> None:
 
 
 def cmd_script(args) -> int:
+    from memprof.options import SCRIPT, defaults_of
+
+    for name, default in defaults_of(SCRIPT).items():  # the table's defaults for a script, where none was given
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
+    args.steps = args.script_steps
     return _checked(args, fit=args.fit_batch_arg is not None)
 
 
 def _checked(args, fit: bool) -> int:
-    from memprof.backends.registry import get
+    from memprof.backends.registry import AUTO, get, resolve
     from memprof.errors import UsageError
     from memprof.results import PREDICTED
     from memprof.script.runner import run_script, summary
@@ -64,12 +55,16 @@ def _checked(args, fit: bool) -> int:
                          " (or -m MODULE [ARGS...])")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: give at least 1 (or leave it out to let the script end)")
-    if args.world_size is not None and args.world_size < 1:
-        raise UsageError(f"--world-size {args.world_size}: give the number of ranks, at least 1")
+    from memprof.options import parse
+
+    parse("world_size", args.world_size)  # (the check `memprof run` makes)
     from memprof.budget import parse_budget
 
-    parse_budget(args.budget)  # a bad card is refused before the script runs
-    get(args.backend)  # an unknown backend: close matches, before the script runs
+    # an unknown backend: close matches, before the script runs (auto: a GPU where one is present)
+    chosen = resolve(args.backend)[0] if args.backend == AUTO else get(args.backend)
+    args.budget = args.budget or chosen.default_budget
+    if args.budget != "device":
+        parse_budget(args.budget)  # a bad card is refused before the script runs
     if args.out is not None:
         from memprof.plan import writable_dir
 
@@ -77,10 +72,10 @@ def _checked(args, fit: bool) -> int:
             raise UsageError(f"--out {args.out} is a file: give a directory")
         writable_dir(args.out)  # the check `memprof run` makes, with its message and exit status
     if fit:
-        if get(args.backend).source != PREDICTED:
+        if chosen.source != PREDICTED:
             raise UsageError("--fit-batch-arg searches on the simulated card: leave --backend out")
         return _fit(args)
-    measured = get(args.backend).source != PREDICTED
+    measured = chosen.source != PREDICTED
     snapshots = os.path.join(args.out, "snapshots") if args.out is not None and not measured else None
     from memprof.results import RunDirectory
 

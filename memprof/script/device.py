@@ -190,10 +190,9 @@ class SimulatedCuda(Detection):
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise UsageError(f"--steps {steps}: give at least 1 (or leave it out to let the script end)")
         self.max_steps = steps
-        if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int)
-                                       or world_size < 1):
-            raise UsageError(f"--world-size {world_size}: give the number of ranks, at least 1")
-        self.world_size = world_size
+        from memprof.options import parse
+
+        self.world_size = parse("world_size", world_size)
         self.user_file = user_file
         if label is None:
             fr = user_frame()

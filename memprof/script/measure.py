@@ -32,7 +32,7 @@ class MeasuredCuda(Detection):
             raise UsageError(f"--world-size {world_size}: one GPU measures world size 1 only; predict larger worlds "
                              f"on the simulated card (leave --backend out)")
         self.world_size = world_size
-        self.budget = budget
+        self.budget = None if budget == "device" else budget  # (the card itself)
         self.max_steps = steps
         self.user_file = user_file
         if label is None:

@@ -85,12 +85,13 @@ def run_script(path: str, args: list[str] = (), budget: str = "titan-x", steps: 
     backend="cuda": run it for real on the GPU at hand and measure (memprof.script.measure; `budget` is only judged
     against). `world_size`: a torchrun-style script runs as rank 0 of that many (memprof.script.parallel; measured:
     1 only). The script's own error raises ScriptError after the Result is made (its `result`)."""
-    from memprof.backends.registry import get
+    from memprof.backends.registry import AUTO, get, resolve
     from memprof.script.detection import StopSimulation
 
     run, file = _target(path, module)
     args = list(args)
-    sim = get(backend).device(budget, steps=steps, user_file=file, label=script_label(file, args), world_size=world_size)
+    chosen = resolve(backend)[0] if backend == AUTO else get(backend)
+    sim = chosen.device(budget, steps=steps, user_file=file, label=script_label(file, args), world_size=world_size)
     sim.script_args = args
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [file, *args]
