@@ -173,11 +173,11 @@ class CudaMemory:
             pytest.fail(f"cuda_memory: the {self.backend.name} backend reports no {self.metric} peak (it has no "
                         f"caching allocator): use metric=\"allocated\" or another --memprof-backend", pytrace=False)
         if self.limit_bytes is not None and (result.record["status"] == "oom" or peak > self.limit_bytes):
-            from memprof.reports.terminal import wrapped
+            from memprof.reports.terminal import WIDTH, wrapped
 
             pytest.fail(wrapped(f"cuda_memory: {result.record['source']} peak {self.metric} {_size(peak)} exceeds the "
-                                f"limit {_size(self.limit_bytes)} (budget {self.budget})") + f"\n{result}",
-                        pytrace=False)
+                                f"limit {_size(self.limit_bytes)} (budget {self.budget})", width=WIDTH)
+                        + f"\n{result}", pytrace=False)
         return result
 
 

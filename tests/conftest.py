@@ -29,3 +29,30 @@ def _fresh_forward_traces():
 
     MEMO.clear()
     yield
+
+
+@pytest.fixture
+def digits():
+    """Accuracy mode's default data set (scikit-learn's digits, 32x32)."""
+    from memprof import accuracy
+
+    return accuracy.load_data((32, 32))
+
+
+@pytest.fixture(scope="session")
+def torch_imported_once():
+    """pytester (in-process) forgets the modules an inner run imports, and torch registers its operator libraries
+    once per process: a step is predicted here first, so everything a step needs is imported before the inner runs."""
+    from memprof.api import predict_step
+
+    def build():
+        model = torch.nn.Linear(8, 2)
+        return model, torch.optim.AdamW(model.parameters())
+
+    def step(model, optimizer, inputs):
+        x, y = inputs
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    predict_step(build, step, lambda: (torch.randn(4, 8), torch.randint(0, 2, (4,))))

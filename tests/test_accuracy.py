@@ -10,11 +10,6 @@ from memprof import accuracy
 from memprof.spec import RunSpec
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return accuracy.load_data((32, 32))
-
-
 def test_digits_ship_with_scikit_learn(digits):
     assert digits.num_classes == 10
     assert digits.x_train.shape[1:] == (3, 32, 32) and len(digits.y_train) + len(digits.y_test) == 1797

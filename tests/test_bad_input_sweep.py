@@ -1,7 +1,7 @@
 """The whole sweep of bad inputs and faults (scripts/bad_input_sweep.py): zero tracebacks, the right exit
 codes, one error line each, the messages each class must (and must not) say, no corrupted results file, no
 lock file left. Each class of input has its own tests with negative controls in test_records.py,
-test_front_door.py and test_front_door_round3.py; this one keeps the breadth."""
+test_front_door.py and test_faults_and_bounds.py; this one keeps the breadth."""
 
 import importlib.util
 import subprocess

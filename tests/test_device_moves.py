@@ -152,6 +152,18 @@ def test_to_empty_after_meta_init_materialises_on_the_device():
         m(torch.randn(2, 16, device="cuda")).sum().backward()
 
 
+def test_negative_control_a_swap_that_keeps_fake_tensor_memos_refuses_to_empty_and_cpu(monkeypatch):
+    """Without the weak memos dropped before the swap, to_empty after meta init and cpu() after a forward fail as
+    they did ("Couldn't swap")."""
+    from memprof.script import torch_patches
+
+    monkeypatch.setattr(torch_patches, "_swap_tensors", lambda sim, original: original)
+    with pytest.raises(RuntimeError, match="swap"):
+        test_to_empty_after_meta_init_materialises_on_the_device()
+    with pytest.raises(RuntimeError, match="swap"):
+        _check_module_off(MODULE_OFF["m.cpu()"])
+
+
 def test_another_ordinal_is_refused_as_cuda_refuses_it():
     with simulated_cuda("a100-80g"):
         for form in (lambda: torch.ones(2).to("cuda:1"), lambda: torch.zeros(2, device="cuda:1"),

@@ -45,14 +45,7 @@ def step(model, optimizer, inputs):
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_imported_once():
-    """pytester (in-process) forgets the modules an inner run imports; torch registers operator libraries once
-    per process, so everything a step needs is imported here, before the inner runs."""
-    from memprof.api import predict_step
-
-    exec(STEP, namespace := {})
-    predict_step(namespace["build"], namespace["step"], namespace["batch"])
+pytestmark = pytest.mark.usefixtures("torch_imported_once")
 
 
 def run(pytester, body, *args):

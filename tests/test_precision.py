@@ -249,11 +249,6 @@ def test_amp_rules_join_only_reduced_precision():
 
 # --- accuracy verdicts -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def digits():
-    return accuracy.load_data((32, 32))
-
-
 @pytest.mark.parametrize("kw, check", [(dict(optim_impl="fused"), "matches_foreach"),
                                        (dict(optim_impl="forloop"), "matches_foreach"),
                                        (dict(optim_in_backward=True), "in_backward_matches_step")])

@@ -149,6 +149,20 @@ def test_step_with_a_closure_puts_the_update_in_the_optimizer_phase():
     assert phases["optimizer"] - written_out["optimizer"] == 512
 
 
+def test_negative_control_a_step_hook_that_ignores_the_closure_mislabels_the_update(monkeypatch):
+    """As before the fix: the pre hook opens the optimizer phase before the closure's forward and backward, so the
+    update lands in the backward phase."""
+    from memprof.script.detection import Detection
+
+    original = Detection._optimizer_pre
+    monkeypatch.setattr(Detection, "_optimizer_pre",
+                        lambda self, optimizer, args, kwargs: original(self, optimizer, args[:1], {}))
+    with_closure, plain = _closure_run(True), _closure_run(False)
+    phases = with_closure.record["metrics"]["phase_peak_allocated_bytes"]
+    written_out = plain.record["metrics"]["phase_peak_allocated_bytes"]
+    assert phases["optimizer"] - written_out["optimizer"] != 512 or phases["backward"] != written_out["backward"]
+
+
 def test_step_with_a_closure_under_lbfgs_runs_and_counts_steps():
     with simulated_cuda("a100-80g") as sim:
         model = torch.nn.Linear(8, 1).cuda()

@@ -1,5 +1,5 @@
-"""Issue 24's classes: a user's failing factory named by file:line, exit codes of faults, bounds, options that
-were silently accepted, and messages that misled. Each check has a negative control showing it catches the
+"""When something goes wrong: a user's failing factory named by file:line, damaged records and files, full disks,
+signals, the exit codes of faults, bounds, options that were silently accepted, and messages that misled. Each check has a negative control showing it catches the
 broken case."""
 
 import contextlib
@@ -236,16 +236,6 @@ def step(model, optimizer, inputs):
 def test_a(cuda_memory):
     cuda_memory.step(build, step, batch)
 '''
-
-
-@pytest.fixture(scope="module")
-def torch_imported_once():
-    """As in test_plugin: pytester's inner runs forget what they import, and torch registers its operator
-    libraries once per process, so a step is predicted here first."""
-    from memprof.api import predict_step
-
-    exec(PLUGIN_TEST, namespace := {})
-    predict_step(namespace["build"], namespace["step"], namespace["batch"])
 
 
 def _pytest(pytester, body, *args):
