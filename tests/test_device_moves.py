@@ -140,6 +140,7 @@ def test_each_call_form_behaves_as_on_cuda(name, check, form):
 
 
 def test_to_empty_after_meta_init_materialises_on_the_device():
+    _cold_caches()
     with simulated_cuda("a100-80g"):
         with torch.device("meta"):
             m = _linear()
@@ -152,14 +153,30 @@ def test_to_empty_after_meta_init_materialises_on_the_device():
         m(torch.randn(2, 16, device="cuda")).sum().backward()
 
 
-def test_negative_control_a_swap_that_keeps_fake_tensor_memos_refuses_to_empty_and_cpu(monkeypatch):
-    """Without the weak memos dropped before the swap, to_empty after meta init and cpu() after a forward fail as
-    they did ("Couldn't swap")."""
+def _cold_caches():
+    """As a script's process starts: with warm dispatch caches (FakeTensorMode's, the engine's front cache) a meta
+    tensor is never converted, so nothing holds it and the swap would pass without the fix."""
+    from memprof.simulation.memo import MEMO
+
+    MEMO.clear(front=True)
+    torch._subclasses.fake_tensor.FakeTensorMode.cache_clear()
+
+
+def test_negative_control_a_swap_that_keeps_fake_tensor_memos_refuses_to_empty(monkeypatch):
+    """Without the weak memos dropped before the swap, to_empty after meta init (and, below, cpu() after a forward)
+    fail as they did ("Couldn't swap")."""
     from memprof.script import torch_patches
 
     monkeypatch.setattr(torch_patches, "_swap_tensors", lambda sim, original: original)
     with pytest.raises(RuntimeError, match="swap"):
         test_to_empty_after_meta_init_materialises_on_the_device()
+
+
+def test_negative_control_a_swap_that_keeps_fake_tensor_memos_refuses_cpu_after_a_forward(monkeypatch):
+    from memprof.script import torch_patches
+
+    monkeypatch.setattr(torch_patches, "_swap_tensors", lambda sim, original: original)
+    _cold_caches()
     with pytest.raises(RuntimeError, match="swap"):
         _check_module_off(MODULE_OFF["m.cpu()"])
 
