@@ -261,10 +261,8 @@ class Result:
 
     @property
     def parsed(self) -> Record:
-        """The Record (checked on first use)."""
-        if not isinstance(self.record, Record):
-            self.__dict__["record"] = Record.parse(self.record, "the result's record")
-        return self.record
+        """The record as a Record (checked, where the API was handed a plain dict)."""
+        return Record.of(self.record)
 
     def __getattr__(self, name: str) -> Any:
         record = self.__dict__.get("record", {})
