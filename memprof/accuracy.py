@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from memprof.errors import UsageError
-from memprof.results import ACCURACY_FILE, config_of
+from memprof.results import ACCURACY_FILE
 from memprof.harness import apply_precision, autocast_dtype, classification_step, grad_scaler, model_dtype, prepare
 from memprof.optims import build_optimizer
 from memprof.spec import RunSpec
@@ -291,7 +291,7 @@ def run_accuracy(entries, out_dir: str, device: str, steps: int, lr_sgd: float |
     cache, records, sizes = {}, [], {}
     for entry in tqdm(entries, desc="accuracy", unit="config", file=sys.stderr, disable=None if progress else True):
         spec = entry.spec
-        key = config_of(spec.key) + f"/train{steps}"
+        key = spec.config + f"/train{steps}"
         record = {"key": key, "spec": spec.to_dict(), "source": "measured", "environment": env,
                   "weights": f"pretrained: {spec.pretrained}" if spec.pretrained else "random init"}
         if entry.skip_reason:

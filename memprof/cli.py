@@ -426,10 +426,10 @@ def cmd_list(args) -> int:
     if args.what != "models" and (args.source or args.filter):
         raise UsageError(f"--source and --filter apply to `memprof list models`, not {args.what}")
     if args.what == "models" and args.source:
-        from memprof.models import source_names
+        from memprof.models import source_names, source_prefix
 
         names = source_names(args.source, args.filter)
-        prefix = "" if args.source == "open_clip" else args.source + ":"
+        prefix = source_prefix(args.source)
         print(f"{len(names)} {args.source} models" + (f" matching '{args.filter}'" if args.filter else "")
               + (f" (give them as {prefix}NAME)" if prefix else "") + ":")
         print(textwrap.fill("  ".join(names), width=width, break_on_hyphens=False, break_long_words=False))
@@ -605,8 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list registered models, optimizers, budget cards or backends")
     lst.add_argument("what", choices=["models", "optims", "budgets", "backends"])
-    lst.add_argument("--source", choices=["timm", "torchvision", "open_clip"], default=None,
-                     help="models: the names one source accepts (prefix them: timm:NAME, torchvision:NAME)")
+    lst.add_argument("--source", default=None,
+                     help="models: the names one source accepts: open_clip, timm, torchvision or a source a package "
+                          "adds (prefix them: timm:NAME, torchvision:NAME)")
     lst.add_argument("--filter", default=None, help="models with --source: names matching this glob, e.g. 'vit_*'")
     lst.set_defaults(func=cmd_list)
     return parser

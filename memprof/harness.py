@@ -20,6 +20,7 @@ from memprof.models import (build_text_tower, build_model, check_pretrained, fre
                             read_pretrained, resolve_model)
 from memprof.optims import OptimInfo, REGISTRY as OPTIMS
 from memprof.spec import AMP_DTYPES, MODEL_DTYPES, RunSpec
+from memprof.vocabulary import Phase
 
 
 @dataclass
@@ -160,16 +161,16 @@ def run_steps(model, optimizer, batch, step, steps: int, on_phase) -> None:
     original = torch.autograd.backward
 
     def backward(*args, **kwargs):
-        on_phase("backward", current[0])
+        on_phase(Phase.BACKWARD, current[0])
         return original(*args, **kwargs)
 
     hook = getattr(optimizer, "register_step_pre_hook", None)
-    handle = hook(lambda *_: on_phase("optimizer", current[0])) if hook else None
+    handle = hook(lambda *_: on_phase(Phase.OPTIMIZER, current[0])) if hook else None
     torch.autograd.backward = backward
     try:
         for i in range(steps):
             current[0] = i
-            on_phase("forward", i)
+            on_phase(Phase.FORWARD, i)
             inputs = batch()
             step(model, optimizer, inputs)
             del inputs
@@ -177,7 +178,7 @@ def run_steps(model, optimizer, batch, step, steps: int, on_phase) -> None:
         torch.autograd.backward = original
         if handle is not None:
             handle.remove()
-    on_phase("done", steps)
+    on_phase(Phase.DONE, steps)
 
 
 SDPA_SWITCHES = {"cudnn": "enable_cudnn_sdp", "flash": "enable_flash_sdp", "efficient": "enable_mem_efficient_sdp",

@@ -1,7 +1,8 @@
 """Every metric a results record may carry, declared once: its unit and what it is (as torch.cuda.memory_stats
 documents its keys). Producers (the backends, the engine, the planner, the script runner) write these names;
 reports and the baseline read them. tests/test_metrics.py fails on a record, from any front door, whose
-metrics hold a name not declared here, and on a name the cuda backend's source writes that is not declared.
+metrics hold a name not declared here, and on a name any writer's source writes that is not declared (the
+backends, the engine's rules' `metrics()` and its entrance, fit, the script runner).
 
 Units: B (bytes), count, ratio, ms, s, text, flag (a bool), or a container of one of them.
 """
@@ -41,6 +42,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "unmodelled": ("list", "allocations the simulation does not model, each with its bound"),
     "rules": ("list", "the rules a prediction applied (name, summary, source)"),
     "notes": ("list of text", "what the record's reader should know (limits of the figure)"),
+    "host_scalars_note": (TEXT, "CPU rules only: the optimizer's step counters, host memory on CUDA, which a CPU "
+                                "allocator counts and a prediction does not"),
     # rule counters
     "attention_kernels": ("dict of count", "SDPA calls per kernel the rules chose (cudnn, flash, efficient, math)"),
     "autocast_casts": (COUNT, "casts autocast made"),
@@ -48,6 +51,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "in_place_accumulations": (COUNT, "gradients summed in place (autograd's input buffer)"),
     "cuda_branches": ("dict of count", "ops that took CUDA's branch of a device-dependent implementation "
                                        "(memprof.simulation.branches: dropout, rms_norm, ...)"),
+    "foreach_chunk_elements": ("dict of count", "timm's foreach optimizers: elements per chunk of the update, by "
+                                                "element size in bytes (null: one chunk), as timm decided for the card's "
+                                                "L2 cache (memprof.simulation.rules.TimmForeachChunks)"),
     "ddp_bucket_bytes": (B, "DDP's gradient buckets"),
     "ddp_bucket_cap_bytes": (B, "DDP's bucket cap"),
     "ddp_first_bucket_cap_bytes": (B, "DDP's first bucket's cap"),

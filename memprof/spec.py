@@ -6,8 +6,9 @@ kept in the grid with the reason it is skipped, so nothing is dropped silently.
 
 from __future__ import annotations
 
+import functools
 import itertools
-from dataclasses import asdict, astuple, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, fields, replace
 
 from memprof.budget import DEFAULT_BUDGET
 from memprof.errors import UsageError
@@ -74,13 +75,27 @@ class RunSpec:
     def key(self) -> str:
         """A stable, readable identity (used to resume and to compare runs). Its segments keep their
         positions whatever the axes: the sixth says how it trains (`training`), so default keys read as
-        they always did."""
+        they always did. Built from the fields; nothing reads a key back by position (`config` is on the spec)."""
+        return "/".join([*self._what, f"steps{self.steps}", self.budget, *self._variant])
+
+    @property
+    def config(self) -> str:
+        """The configuration, whatever card it ran on and however many steps: the key less its steps and budget
+        segments (`vit-b-16/adamw/ckpt-off/32bit/bs1/fp32`, `.../fp32/ddp8`, `.../freeze-0`). Every report pairs
+        and labels records by it: a measurement with the prediction for its card (`memprof fidelity`), an accuracy
+        verdict with the memory records of its configuration, a timeline's predicted and measured curves."""
+        return "/".join([*self._what, *self._variant])
+
+    @property
+    def _what(self) -> list[str]:
         bits = f"{self.state_bits}bit" + ("-paged" if self.paged else "")
-        key = (f"{self.model}/{self.optim}/ckpt-{'on' if self.grad_ckpt else 'off'}/{bits}/"
-               f"bs{self.batch_size}/{self.training}/steps{self.steps}/{self.budget}")
-        key = key if self.parallel == "none" else f"{key}/{self.parallelism}"
-        return key + (f"/freeze-{self.freeze}" if self.freeze else "") + (
-            f"/input-{self.input_shape}" if self.input_shape else "")
+        return [self.model, self.optim, f"ckpt-{'on' if self.grad_ckpt else 'off'}", bits, f"bs{self.batch_size}",
+                self.training]
+
+    @property
+    def _variant(self) -> list[str]:
+        return ([] if self.parallel == "none" else [self.parallelism]) + (
+            [f"freeze-{self.freeze}"] if self.freeze else []) + ([f"input-{self.input_shape}"] if self.input_shape else [])
 
     @property
     def parallelism(self) -> str:
@@ -99,6 +114,24 @@ class RunSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields_: dict) -> "RunSpec":
+        """A spec from a record's `spec` object: the fields this version knows (a field an older memprof did not
+        write takes its default; one it does not know is left to the record, which keeps it)."""
+        known = _field_names()
+        return cls(**{k: v for k, v in fields_.items() if k in known})
+
+    def __getitem__(self, name: str):
+        """A field by name, as the record's JSON object reads (`result.spec["grad_ckpt"]`)."""
+        if name not in _field_names():
+            raise KeyError(name)
+        return getattr(self, name)
+
+
+@functools.cache
+def _field_names() -> frozenset:
+    return frozenset(f.name for f in fields(RunSpec))
 
 
 OPTIMIZER_FIELDS = ("optim", "state_bits", "paged", "optim_impl")

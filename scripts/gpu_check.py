@@ -268,14 +268,15 @@ ENGINE_DIGEST_FILE = "engine.sha256"  # beside the carried results: the engine t
 
 
 def engine_digest() -> str:
-    """A SHA-256 over the source of everything a prediction depends on (the engine, the models, optimizers,
-    harness, budgets, specs, the script runner): carried predictions made by other code do not serve."""
+    """A SHA-256 over the source of everything a prediction depends on (the engine, the models and their sources,
+    optimizers, harness, budgets, specs, the script runner): carried predictions made by other code do not serve."""
     import hashlib
 
     digest = hashlib.sha256()
     package = os.path.join(ROOT, "memprof")
-    paths = [os.path.join(package, name) for name in ("budget.py", "harness.py", "models.py", "optims.py", "spec.py")]
-    for folder in ("simulation", "script"):
+    paths = [os.path.join(package, name) for name in ("budget.py", "harness.py", "models.py", "optims.py", "spec.py",
+                                                     "vocabulary.py")]
+    for folder in ("model_sources", "simulation", "script"):
         paths += sorted(os.path.join(package, folder, n) for n in os.listdir(os.path.join(package, folder))
                         if n.endswith(".py"))
     for path in paths:

@@ -13,10 +13,10 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="assumes no CUDA G
 
 def _openai_cached() -> bool:
     from memprof.errors import UsageError
-    from memprof.models import REGISTRY, _cached_pretrained_file
+    from memprof.model_sources.open_clip import REGISTRY, cached_pretrained_file
 
     try:
-        _cached_pretrained_file(REGISTRY["vit-b-16"], "openai")
+        cached_pretrained_file(REGISTRY["vit-b-16"], "openai")
         return True
     except UsageError:
         return False

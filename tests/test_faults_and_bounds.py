@@ -142,11 +142,11 @@ def test_a_factory_failing_while_weights_are_checked_is_one_line(tmp_path, user_
 def test_negative_control_an_unguarded_factory_escapes(tmp_path, user_module, monkeypatch):
     """Without the guard the factory's sys.exit leaves cli.main (the harness counts it), and a good factory
     in the same module runs: the error is the factory's, not the module's."""
-    from memprof import models
+    from memprof.model_sources import py
 
     name, _ = user_module
     assert _user_run(tmp_path / "a", f"py:{name}:good")[0] == 0
-    monkeypatch.setattr(models, "call_factory", lambda model, factory, error=None: factory())
+    monkeypatch.setattr(py, "call_factory", lambda model, factory, error=None: factory())
     code, _, tb = _user_run(tmp_path / "b", f"py:{name}:exits")
     assert code is None and "SystemExit" in tb
 

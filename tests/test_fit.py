@@ -154,7 +154,8 @@ def test_bad_headroom_is_one_line(tmp_path, capsys, value, expect):
 
 def _fit_record(fits: str, notes_long: bool = False) -> dict:
     model = "timm:vit_huge_patch14_clip_224.laion2b_ft_in12k_in1k" if notes_long else "vit-l-14"
-    return {"task": "fit", "status": "ok", "source": "predicted", "environment": {"device": "cpu-simulated"},
+    return {"key": f"{model}/sgd/ckpt-off/32bit/bs1/fp32/steps2/rtx4090@simulate#fit", "task": "fit", "status": "ok",
+            "source": "predicted", "environment": {"device": "cpu-simulated"},
             "spec": {"model": model, "optim": "sgd", "grad_ckpt": False, "state_bits": 32, "budget": "rtx4090",
                      "precision": "fp32"},
             "metrics": {"max_batch_size": 51, "peak_reserved_bytes": 23.51 * GIB, "peak_reserved_bytes_upper":

@@ -88,7 +88,8 @@ def test_a_deadline_with_no_room_left_starts_nothing(tmp_path):
 def test_carried_predictions_serve_only_under_the_same_versions_and_card(tmp_path, monkeypatch):
     check = _module()
     here = check.versions()
-    record = {"key": "k@simulate", "spec": {"budget": "143771MiB@9.0"}, "status": "ok", "source": "predicted",
+    record = {"key": "k@simulate", "spec": {"model": "test-vit", "optim": "sgd", "budget": "143771MiB@9.0"},
+              "status": "ok", "source": "predicted",
               "metrics": {}, "environment": {"torch": here["torch"], "open_clip_torch": here["open_clip_torch"],
                                              "timm": here["timm"]}}
     (tmp_path / "results.jsonl").write_text(json.dumps(record) + "\n")

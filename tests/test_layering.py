@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1] / "memprof"
 # lowest first; a module belongs to the first layer with a prefix that names it or a package above it
 LAYERS = (
     ("core", ("memprof.errors", "memprof.budget", "memprof.recipe", "memprof.options", "memprof.metrics",
-              "memprof.suite")),
-    ("sources", ("memprof.models", "memprof.optims", "memprof.spec", "memprof.results", "memprof.baseline",
-                 "memprof.harness")),
+              "memprof.suite", "memprof.vocabulary")),
+    ("sources", ("memprof.models", "memprof.model_sources", "memprof.optims", "memprof.spec", "memprof.records",
+                 "memprof.results", "memprof.baseline", "memprof.harness")),
     # the engine in three: its core (the tracker, rules, allocator model) never imports the exact shortcuts above
     # it, which never import the entrance (simulate) that composes them
     ("engine core", tuple(f"memprof.simulation.{m}" for m in (

@@ -17,6 +17,7 @@ from memprof.models import REGISTRY as MODELS
 from memprof.optims import REGISTRY as OPTIMS
 from memprof.reports.fidelity import fidelity_rows, render_fidelity
 from memprof.executors.runner import run_grid, run_isolated
+from memprof.results import environment, make_record
 from memprof.simulation.simulate import predict_cpu
 from memprof.spec import RunSpec, expand_grid
 
@@ -122,8 +123,11 @@ def test_requested_bytes_from_oom_message():
 
 
 def _record(key, source, alloc, reserved, status="ok", device="NVIDIA H200"):
-    return {"key": key, "source": source, "status": status, "environment": {"device": device},
-            "metrics": {"peak_allocated_bytes": alloc, "peak_reserved_bytes": reserved}}
+    """A record of the configuration `key` names (model/optim/.../steps/budget), as `memprof run` writes it."""
+    model, optim, _, _, _, _, steps, budget = key.split("/")
+    spec = RunSpec(model, optim, steps=int(steps.removeprefix("steps")), budget=budget)
+    return make_record(spec, status, source, environment("cuda" if source == "measured" else "simulate", device),
+                       {"peak_allocated_bytes": alloc, "peak_reserved_bytes": reserved})
 
 
 def test_fidelity_rows_match_configs_across_budgets():
@@ -134,7 +138,22 @@ def test_fidelity_rows_match_configs_across_budgets():
     rows = fidelity_rows(measured, predicted)
     assert len(rows) == 1  # the OOM measurement has no peak to grade
     assert rows[0]["allocated_error_pct"] == 10.0 and rows[0]["reserved_error_pct"] == 0.0
+    assert rows[0]["config"] == "vit-b-16/sgd/ckpt-off/32bit/bs1/fp32"
     assert "10.00%" in render_fidelity(measured, predicted)
+
+
+def test_fidelity_pairs_by_the_spec_not_by_the_key_s_positions():
+    """A key with segments after the budget (--freeze, --input-shape, a parallelism) pairs with its own prediction
+    only: the configuration is read from the spec. Negative control: another --freeze is another configuration."""
+    def rec(source, budget, freeze, alloc):
+        spec = RunSpec("test-vit", "sgd-fe", budget=budget, freeze=freeze, input_shape="3x32x32")
+        return make_record(spec, "ok", source, environment("cuda" if source == "measured" else "simulate", "H200"),
+                           {"peak_allocated_bytes": alloc, "peak_reserved_bytes": alloc})
+
+    (row,) = fidelity_rows([rec("measured", "device", "conv1", 100)], [rec("predicted", "h200", "conv1", 110),
+                                                                       rec("predicted", "h200", "ln_pre", 150)])
+    assert row["allocated_error_pct"] == 10.0 and row["config"].endswith("/freeze-conv1/input-3x32x32")
+    assert fidelity_rows([rec("measured", "device", "conv1", 100)], [rec("predicted", "h200", "ln_pre", 150)]) == []
 
 
 def test_measured_adamw_oom_gives_no_percentage():

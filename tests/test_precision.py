@@ -201,7 +201,7 @@ def test_keys_keep_defaults_and_name_the_new_axes():
     assert RunSpec("vit-b-16", "adamw").key == "vit-b-16/adamw/ckpt-off/32bit/bs1/fp32/steps2/titan-x"
     spec = RunSpec("vit-b-16", "adamw", precision="bf16-amp", optim_impl="fused", optim_in_backward=True)
     assert spec.key == "vit-b-16/adamw/ckpt-off/32bit/bs1/bf16-amp+fused+in-backward/steps2/titan-x"
-    assert accuracy.config_of(spec.key) == "vit-b-16/adamw/ckpt-off/32bit/bs1/bf16-amp+fused+in-backward"
+    assert spec.config == "vit-b-16/adamw/ckpt-off/32bit/bs1/bf16-amp+fused+in-backward"
 
 
 @pytest.mark.parametrize("given, words", [

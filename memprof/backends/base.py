@@ -31,7 +31,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from memprof.results import MEASURED, PREDICTED  # noqa: F401 (backends declare their source with these)
+from memprof.vocabulary import Source
+
+PREDICTED, MEASURED = Source.PREDICTED, Source.MEASURED  # backends declare their source with these
 
 
 @dataclass

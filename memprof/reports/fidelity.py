@@ -5,51 +5,43 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
+from memprof.records import Record, as_records
+from memprof.vocabulary import Source, Status
+
 GIB = 1 << 30
 
 
-def config_of(rec: dict) -> str:
-    """A key without its budget: the same configuration measured on one card and predicted for it (the key's
-    sixth segment, e.g. `bf16-amp+fused+in-backward`, keeps precision and optimizer implementation apart; a
-    parallel run's ninth, e.g. `fsdp8`, is kept)."""
-    if rec.get("spec", {}).get("parallel", "none") == "none":
-        return rec["key"].rsplit("/", 1)[0]
-    head, parallelism = rec["key"].rsplit("@", 1)[0].rsplit("/", 1)
-    return head.rsplit("/", 1)[0] + "/" + parallelism
+def _pairs(measured: list, predicted: list) -> list[tuple[Record, Record]]:
+    """(measured, predicted) records of each configuration both have (memprof.spec.RunSpec.config: the same
+    configuration measured on one card and predicted for it), in the order of their configurations."""
+    pred = {r.config: r for r in as_records(predicted) if r.source == Source.PREDICTED}
+    return [(m, pred[m.config]) for m in sorted(as_records(measured), key=lambda r: r.config)
+            if m.source == Source.MEASURED and m.config in pred]
 
 
-def fidelity_rows(measured: list[dict], predicted: list[dict]) -> list[dict]:
+def fidelity_rows(measured: list, predicted: list) -> list[dict]:
     """Predicted vs measured allocated and reserved peaks, % error per configuration (both ran to the end)."""
-    pred = {config_of(r): r for r in predicted if r["source"] == "predicted"}
     rows = []
-    for m in sorted(measured, key=config_of):
-        p = pred.get(config_of(m))
-        if m["source"] != "measured" or p is None or m["status"] != "ok" or "peak_allocated_bytes" not in m["metrics"]:
+    for m, p in _pairs(measured, predicted):
+        if m.status != Status.OK or "peak_allocated_bytes" not in m.metrics:
             continue  # (the cpu backend measures live tensor bytes: nothing to grade a CUDA prediction by)
-        row = {"config": config_of(m), "device": m["environment"]["device"]}
+        row = {"config": m.config, "device": m.device}
         for field in ("peak_allocated_bytes", "peak_reserved_bytes"):
-            mv, pv = m["metrics"].get(field), p["metrics"].get(field)
+            mv, pv = m.metrics.get(field), p.metrics.get(field)
             row[f"measured_{field}"], row[f"predicted_{field}"] = mv, pv
             row[f"{field.split('_')[1]}_error_pct"] = round(100 * (pv - mv) / mv, 2) if mv and pv is not None else None
         rows.append(row)
     return rows
 
 
-def verdict_rows(measured: list[dict], predicted: list[dict]) -> list[dict]:
+def verdict_rows(measured: list, predicted: list) -> list[dict]:
     """Every configuration both measured and predicted, with both statuses: does the prediction's fits / out of
     memory verdict agree with the measurement's (an emulated card's OOM pattern is graded here)?"""
-    pred = {config_of(r): r for r in predicted if r["source"] == "predicted"}
-    rows = []
-    for m in sorted(measured, key=config_of):
-        p = pred.get(config_of(m))
-        if m["source"] != "measured" or p is None or m["status"] not in ("ok", "oom"):
-            continue
-        rows.append({"config": config_of(m), "measured_status": m["status"], "predicted_status": p["status"],
-                     "agrees": m["status"] == p["status"]})
-    return rows
+    return [{"config": m.config, "measured_status": m.status.value, "predicted_status": p.status.value,
+             "agrees": m.status == p.status} for m, p in _pairs(measured, predicted) if m.status.ran]
 
 
-def render_fidelity(measured: list[dict], predicted: list[dict]) -> str:
+def render_fidelity(measured: list, predicted: list) -> str:
     """The fidelity table (peaks of configurations both ran to the end) and, where any configuration ran out of
     memory, the out-of-memory verdicts side by side."""
     rows = fidelity_rows(measured, predicted)

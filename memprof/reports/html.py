@@ -20,6 +20,8 @@ import os
 import re
 from collections import OrderedDict
 
+from memprof.vocabulary import Source
+
 REPORT_FILE = "report.html"
 EXTRA_FILES = (("fit.md", "What fits"), ("advise.md", "Advice"))
 VIEWER_URL = "https://pytorch.org/memory_viz"
@@ -245,7 +247,7 @@ def _snapshot_links(recs: list[tuple], out_dir: str) -> str:
         if os.path.exists(path):
             views.append(snapshot_view(path, rec["source"]))
         rel = os.path.relpath(path, out_dir) if os.path.exists(path) else path
-        cls, what = ("pred", "predicted") if rec["source"] == "predicted" else ("meas", "measured")
+        cls, what = ("pred", "predicted") if rec.source == Source.PREDICTED else ("meas", "measured")
         links.append(f"<li><span class='{cls}'>{what}</span> snapshot: <a href='{html.escape(rel)}'>"
                      f"{html.escape(os.path.basename(path))}</a>" + ("" if os.path.exists(path) else " (missing)")
                      + "</li>")
@@ -284,8 +286,8 @@ def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_
     runs = run_records(records)  # a fit's records are reported in its own section (fit.md), not as Table 4
     sections = [("table4", "Table 4 and what it rests on" if paper_settings(runs) else "Peak memory and what it rests on",
                  markdown_to_html(render_markdown(runs, metric, load_verdicts(run_dir) or None), shift=1))] if runs else []
-    measured = [r for r in records if r["source"] == "measured"]
-    predicted = [r for r in records if r["source"] == "predicted"]
+    measured = [r for r in records if r.source == Source.MEASURED]
+    predicted = [r for r in records if r.source == Source.PREDICTED]
     if measured and predicted:
         sections.append(("fidelity", "Fidelity", markdown_to_html(render_fidelity(measured, predicted), shift=1)))
     elif os.path.exists(os.path.join(run_dir, "fidelity.md")):
@@ -315,21 +317,20 @@ def render_html(run_dir: str, out_path: str, pair_dir: str | None = None, write_
 
 
 def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool, limit: int | None = None) -> str:
-    from memprof.reports.fidelity import config_of as _config
     from memprof.reports.timeline import TIMELINE_DIR
 
     groups: OrderedDict = OrderedDict()
-    searches = sum(rec.get("task") == "fit" for rec, _ in loaded)
-    loaded = [(rec, base) for rec, base in loaded if rec.get("task") != "fit"]  # a fit's probes keep no timeline
-    for rec, base in sorted(loaded, key=lambda rb: rb[0]["key"]):
-        groups.setdefault(_config(rec), []).append((rec, base))
+    searches = sum(rec.task == "fit" for rec, _ in loaded)
+    loaded = [(rec, base) for rec, base in loaded if rec.task != "fit"]  # a fit's probes keep no timeline
+    for rec, base in sorted(loaded, key=lambda rb: rb[0].key):
+        groups.setdefault(rec.config, []).append((rec, base))
     parts, skipped, undrawn = [], [], []
     for config, recs in groups.items():
-        runs = [(r, b) for r, b in recs if r["status"] in ("ok", "oom")]
-        pred = next(((r, b) for r, b in runs if r["source"] == "predicted" and r["metrics"].get("timeline_file")), None)
-        meas = next(((r, b) for r, b in runs if r["source"] == "measured"), None)
+        runs = [(r, b) for r, b in recs if r.status.ran]
+        pred = next(((r, b) for r, b in runs if r.source == Source.PREDICTED and r.metrics.get("timeline_file")), None)
+        meas = next(((r, b) for r, b in runs if r.source == Source.MEASURED), None)
         if pred is None and meas is None:
-            why = recs[0][0]["status"] if not runs else "no timeline was recorded (a run before timelines existed)"
+            why = recs[0][0].status if not runs else "no timeline was recorded (a run before timelines existed)"
             skipped.append(f"<li><code>{html.escape(config)}</code>: {html.escape(why)}</li>")
             continue
         if limit is not None and len(parts) >= limit:
@@ -338,8 +339,8 @@ def _timelines(loaded: list[tuple], out_dir: str, write_pngs: bool, limit: int |
         png, notes = _timeline_png(config, pred, meas)
         if write_pngs and pred is not None:
             _save_png(png, os.path.join(pred[1], pred[0]["metrics"]["timeline_file"]))
-        status = ", ".join(f"<span class='{'pred' if r['source'] == 'predicted' else 'meas'}'>{r['source']}</span> "
-                           f"{html.escape(r['status'])}" for r, _ in runs)
+        status = ", ".join(f"<span class='{'pred' if r.source == Source.PREDICTED else 'meas'}'>{r.source}</span> "
+                           f"{html.escape(r.status)}" for r, _ in runs)
         parts.append(f"<div class='fig'><h3>{html.escape(config)}</h3><p class='note'>{status}"
                      + "".join(f"; {html.escape(n)}" for n in notes) + "</p>"
                      f"<img alt='memory timeline of {html.escape(config)}' src='{_png_uri(png)}'>"

@@ -9,7 +9,9 @@ import os
 
 from tabulate import tabulate
 
+from memprof.records import Record, as_records
 from memprof.reports.terminal import fit_table
+from memprof.vocabulary import Status
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -19,45 +21,47 @@ def _gib(v) -> str:
     return "n/a" if v is None else f"{v / GIB:.2f}"
 
 
-def _config(rec: dict) -> str:
-    s = rec["spec"]
-    return "/".join([s["model"], s["optim"], f"ckpt-{'on' if s['grad_ckpt'] else 'off'}", f"{s['state_bits']}bit"]
-                    + [s.get(k) for k in ("precision",) if s.get(k) and s.get(k) != "fp32"])
+def _config(rec: Record) -> str:
+    """A search's label: model, optimizer, checkpointing, state bits and a precision other than fp32. Not the
+    configuration (RunSpec.config): a search's spec says batch 1, where it starts, and the batch is its answer."""
+    s = rec.spec
+    return "/".join([s.model, s.optim, f"ckpt-{'on' if s.grad_ckpt else 'off'}", f"{s.state_bits}bit"]
+                    + ([s.precision] if s.precision != "fp32" else []))
 
 
-def fit_rows(records: list[dict]) -> list[dict]:
+def fit_rows(records: list) -> list[dict]:
     rows = []
-    for r in records:
-        if r.get("task") != "fit":
+    for r in as_records(records):
+        if r.task != "fit":
             continue
-        m = r["metrics"]
+        m = r.metrics
         notes = []
-        if r["status"] == "skipped":
-            notes.append(f"skipped: {r['skip_reason']}")
-        elif r["status"] == "oom":
+        if r.status == Status.SKIPPED:
+            notes.append(f"skipped: {r.skip_reason}")
+        elif r.status == Status.OOM:
             notes.append("batch 1 does not fit")
-        elif r["status"] in ("error", "crashed"):
-            notes.append(f"{r['status']}: {r.get('error') or m.get('search_failure')}")
+        elif r.status.failed:
+            notes.append(f"{r.status}: {r.error or m.get('search_failure')}")
         if m.get("capped_at_max_batch_size"):
             notes.append(f"still fits at the search bound {m['max_batch_size']} (--max-batch-size)")
         if m.get("monotone") is False:
             notes.append("peak is not monotone in batch size (allocator effects)")
-        if m.get("search_failure") and r["status"] == "ok":
+        if m.get("search_failure") and r.status == Status.OK:
             notes.append(f"search stopped: {m['search_failure']}")
         usable = (m.get("search_budget_bytes") or 0) + (m.get("search_headroom_bytes") or 0)
-        may_not_fit = r["status"] == "ok" and m.get("fits") == "may not fit"
+        may_not_fit = r.status == Status.OK and m.get("fits") == "may not fit"
         if may_not_fit:
             notes.append(f"may not fit: the uncertainty band reaches past usable memory; --headroom "
                          f"{suggested_headroom_pct(m, usable)}% gives a batch that surely fits")
         rows.append({
-            "config": _config(r), "model": r["spec"]["model"], "optim": r["spec"]["optim"],
-            "budget": r["spec"]["budget"], "source": r["source"], "device": r["environment"].get("device"),
-            "status": r["status"], "max_batch_size": m.get("max_batch_size"),
+            "config": _config(r), "model": r.spec.model, "optim": r.spec.optim,
+            "budget": r.spec.budget, "source": r.source.value, "device": r.device,
+            "status": r.status.value, "max_batch_size": m.get("max_batch_size"),
             "peak_reserved_bytes": m.get("peak_reserved_bytes"), "peak_allocated_bytes": m.get("peak_allocated_bytes"),
             "usable_bytes": usable or None, "headroom_bytes": m.get("search_headroom_bytes") or 0,
             "share_of_usable_pct": (round(100 * m["peak_reserved_bytes"] / usable, 1)
                                     if usable and usable != float("inf") and m.get("peak_reserved_bytes") else None),
-            "fits": ("may not" if may_not_fit else "yes") if r["status"] == "ok" else "no",
+            "fits": ("may not" if may_not_fit else "yes") if r.status == Status.OK else "no",
             "next_batch_status": m.get("next_batch_status"), "fixed_bytes": m.get("fit_fixed_bytes"),
             "bytes_per_sample": m.get("fit_bytes_per_sample"), "residual_bytes": m.get("fit_residual_bytes"),
             "probes": len(m.get("probes", [])), "notes": "; ".join(notes),
@@ -152,7 +156,7 @@ def plot_fit(records: list[dict], path: str) -> None:
     from memprof.budget import card_label
     from memprof.reports.palette import BUDGET_COLOR, UNCERTAIN_COLOR
 
-    fits = [r for r in records if r.get("task") == "fit" and r["metrics"].get("probes")]
+    fits = [r for r in as_records(records) if r.task == "fit" and r.metrics.get("probes")]
     fig, (ax, near) = plt.subplots(1, 2, figsize=(12, 6), gridspec_kw={"width_ratios": [3, 1.15]})
     largest, uncertain, answers = 1, 0, []
     for r in fits:

@@ -17,10 +17,13 @@ from collections import OrderedDict
 from tabulate import tabulate
 
 from memprof.models import REGISTRY as MODELS
+from memprof.records import Record, as_records
 from memprof.reports.overhead import render_overhead
 from memprof.reports.paper import CLAIM_TOLERANCE_POINTS, PAPER_CLAIMS
 from memprof.reports.terminal import fit_table
 from memprof.optims import REGISTRY as OPTIMS
+from memprof.spec import RunSpec
+from memprof.vocabulary import Source, Status
 
 GIB = 1 << 30
 METRICS = {
@@ -36,11 +39,10 @@ def default_metric(records: list[dict]) -> str:
     return "reserved" if any("peak_reserved_bytes" in r["metrics"] for r in records) else "live"
 
 
-def _training(spec: dict) -> tuple:
+def _training(spec: RunSpec) -> tuple:
     """How a record trains: precision, optimizer implementation, optimizer-in-backward, what is resident on
     the device, when gradients are cleared (older records: the defaults)."""
-    return (spec.get("precision", "fp32"), spec.get("optim_impl", "foreach"), bool(spec.get("optim_in_backward")),
-            spec.get("resident", "tower"), spec.get("clear_grads", "after-step"))
+    return spec.precision, spec.optim_impl, spec.optim_in_backward, spec.resident, spec.clear_grads
 
 
 def _training_label(training: tuple) -> str:
@@ -51,28 +53,22 @@ def _training_label(training: tuple) -> str:
                      + ([f"gradients cleared {clear.replace('-', ' ')}"] if clear != "after-step" else []))
 
 
-def _setting(rec: dict) -> tuple:
+def _setting(rec: Record) -> tuple:
     """Records in one table share these (a section per precision and optimizer implementation); a table never
     mixes predicted and measured figures."""
-    s = rec["spec"]
-    return (s["grad_ckpt"], s["batch_size"], s["budget"], _training(s), rec["source"],
-            rec["environment"].get("device") or "unknown device", _parallelism(s))
+    s = rec.spec
+    return (s.grad_ckpt, s.batch_size, s.budget, _training(s), rec.source.value, rec.device or "unknown device",
+            s.parallelism)
 
 
-def _parallelism(spec: dict) -> str:
-    """`none`, or e.g. `fsdp8` (memprof.spec.RunSpec.parallelism; older records: none)."""
-    from memprof.spec import RunSpec
-
-    return RunSpec(**spec).parallelism if spec.get("parallel", "none") != "none" else "none"
-
-
-def run_records(records: list[dict]) -> list[dict]:
-    """The records Table 4 is made of: runs, not `memprof fit` searches (a fit record's spec says batch 1,
-    its figures are at the largest batch that fits; fit.md reports it)."""
-    return [r for r in records if r.get("task", "run") != "fit"]
+def run_records(records: list) -> list[Record]:
+    """The records Table 4 is made of (memprof.records.Record; JSON objects are parsed): runs, not `memprof fit`
+    searches (a fit record's spec says batch 1, its figures are at the largest batch that fits; fit.md reports
+    it)."""
+    return [r for r in as_records(records) if r.task != "fit"]
 
 
-def paper_settings(records: list[dict]) -> set:
+def paper_settings(records: list[Record]) -> set:
     """The settings (see _setting) on the paper's grid: every model one of the paper's, every optimizer one
     of the paper's, micro-batch 1. Only these get the paper's framing (how much more AdamW needs, the
     paper's claims and verdicts, the overhead its percentages imply); any other grid is a plain table of
@@ -84,8 +80,7 @@ def paper_settings(records: list[dict]) -> set:
     for r in records:
         groups.setdefault(_setting(r), []).append(r)
     return {setting for setting, recs in groups.items()
-            if setting[1] == 1 and all(r["spec"]["model"] in PAPER_MODELS and r["spec"]["optim"] in PAPER_OPTIMS
-                                       for r in recs)}
+            if setting[1] == 1 and all(r.spec.model in PAPER_MODELS and r.spec.optim in PAPER_OPTIMS for r in recs)}
 
 
 def paper_records(records: list[dict]) -> list[dict]:
@@ -101,10 +96,9 @@ def _setting_title(setting: tuple, paper: bool = True) -> str:
             f": {source} ({device})")
 
 
-def _method(rec: dict) -> tuple:
+def _method(rec: Record) -> tuple:
     """A table row: the optimizer and how its states are kept (32-bit, 8-bit, 8-bit paged)."""
-    s = rec["spec"]
-    return s["optim"], s["state_bits"], s.get("paged", False)
+    return rec.spec.optim, rec.spec.state_bits, rec.spec.paged
 
 
 def _method_label(method: tuple) -> str:
@@ -128,31 +122,30 @@ def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
     """One row per (setting, optimizer, model) with raw numbers: the data behind every format."""
     field, _ = METRICS[metric]
     records = run_records(records)
-    by_key = {(_setting(r), _method(r), r["spec"]["model"]): r for r in records}
+    by_key = {(_setting(r), _method(r), r.spec.model): r for r in records}
     paper = paper_settings(records)
     rows = []
     for (setting, method, model), rec in by_key.items():
-        value = rec["metrics"].get(field)
+        value = rec.metrics.get(field)
         adamw = by_key.get((setting, ("adamw", 32, False), model))
-        adamw_value = adamw["metrics"].get(field) if adamw else None
+        adamw_value = adamw.metrics.get(field) if adamw else None
         # a measured OOM's peak is cut short by the budget: no percentage can be computed from it
-        truncated = adamw is not None and adamw["status"] == "oom" and adamw["source"] == "measured"
+        truncated = adamw is not None and adamw.status == Status.OOM and adamw.source == Source.MEASURED
         extra = (round(100 * (adamw_value / value - 1), 1)
-                 if value and adamw_value and rec["status"] in ("ok", "oom") and not truncated and setting in paper
-                 else None)
+                 if value and adamw_value and rec.status.ran and not truncated and setting in paper else None)
         rows.append({
-            "config": "/".join(rec["key"].split("/")[:6]),
+            "config": rec.config,
             "setting": _setting_title(setting, setting in paper), "paper_grid": setting in paper, "optim": method[0], "state_bits": method[1], "paged": method[2],
-            "method": _method_label(method), "model": model, "status": rec["status"],
-            "source": rec["source"], "metric": metric, f"{metric}_bytes": value,
+            "method": _method_label(method), "model": model, "status": rec.status.value,
+            "source": rec.source.value, "metric": metric, f"{metric}_bytes": value,
             f"{metric}_gib": None if value is None else round(value / GIB, 3),
             "adamw_extra_pct": extra,
-            "adamw_status": adamw["status"] if adamw and setting in paper else None,
-            "over_budget_bytes": rec["metrics"].get("over_budget_bytes"),
-            "peak_reserved_bytes": rec["metrics"].get("peak_reserved_bytes"),
-            "budget": rec["spec"]["budget"], "budget_bytes": rec["metrics"].get("budget_bytes"),
-            "usable_bytes": _usable(rec["metrics"]),
-            "skip_reason": rec.get("skip_reason"), "error": rec.get("error"),
+            "adamw_status": adamw.status.value if adamw and setting in paper else None,
+            "over_budget_bytes": rec.metrics.get("over_budget_bytes"),
+            "peak_reserved_bytes": rec.metrics.get("peak_reserved_bytes"),
+            "budget": rec.spec.budget, "budget_bytes": rec.metrics.get("budget_bytes"),
+            "usable_bytes": _usable(rec.metrics),
+            "skip_reason": rec.skip_reason, "error": rec.error,
         })
     return rows
 
@@ -362,13 +355,13 @@ def _paper_setups(records: list[dict]) -> dict:
     optimizer implementation, resident model and source: {label: records}."""
     groups: dict = {}
     for r in paper_records(run_records(records)):
-        s = r["spec"]
+        s = r.spec
         precision, impl, in_backward, resident, clear = _training(s)
-        if (s["batch_size"], s["grad_ckpt"], s["state_bits"], precision, in_backward, clear) != \
+        if (s.batch_size, s.grad_ckpt, s.state_bits, precision, in_backward, clear) != \
                 (1, False, 32, "fp32", False, "after-step"):
             continue
         label = (f"{impl}" + (", whole CLIP resident" if resident == "clip" else "")
-                 + f"; {r['source']} ({r['environment'].get('device') or 'unknown device'})")
+                 + f"; {r.source} ({r.device or 'unknown device'})")
         groups.setdefault(label, []).append(r)
     return groups
 
@@ -523,12 +516,12 @@ def per_gpu_rows(records: list[dict]) -> tuple[list, list]:
         kind = head.rstrip("0123456789")
         return ("none", "ddp", "fsdp").index(kind) if kind in ("none", "ddp", "fsdp") else 9, int(head[len(kind):] or 0), col
     cells, cols = {}, set()
-    for r in records:
-        peak = r["metrics"].get("peak_allocated_bytes")
-        if r["status"] in ("ok", "oom") and peak and r["spec"].get("parallel") and r["spec"]["state_bits"] == 32:
-            col = _parallelism(r["spec"])
+    for r in as_records(records):
+        peak = r.metrics.get("peak_allocated_bytes")
+        if r.status.ran and peak and r.spec.state_bits == 32:
+            col = r.spec.parallelism
             cols.add(col)
-            cells[(r["spec"]["model"], r["spec"]["optim"], col)] = (peak, r["source"])
+            cells[(r.spec.model, r.spec.optim, col)] = (peak, r.source.value)
     if not any(c != "none" for c in cols):
         return [], []
     columns = sorted(cols, key=order)
@@ -559,17 +552,17 @@ def render_per_gpu(records: list[dict]) -> str:
             + tabulate(rows, headers=headers, tablefmt="github") + "\n")
 
 
-def render_floor(records: list[dict]) -> str:
+def render_floor(records: list) -> str:
     """Each configuration's floor (weights + gradients + optimizer state, in the dtypes it keeps them) and its
     peak allocated (or live) bytes as a multiple of it: how far a setup is from the least any implementation
     could need."""
     rows = []
-    for r in sorted(records, key=lambda r: r["key"]):
+    for r in sorted(as_records(records), key=lambda r: r.key):
         m = r["metrics"]
         if r["status"] not in ("ok", "oom") or not m.get("floor_bytes"):
             continue
         peak = m.get("peak_allocated_bytes", m.get("peak_live_bytes"))
-        rows.append([r["key"].rsplit("/", 2)[0], r["source"], _size(m["floor_bytes"]),
+        rows.append([r.config, r.source, _size(m["floor_bytes"]),
                      "n/a" if peak is None else _size(peak), m.get("peak_to_floor_ratio") or "n/a"])
     if not rows:
         return ""
@@ -670,18 +663,18 @@ def render_json(records: list[dict], metric: str = "reserved") -> str:
                        "rows": table_rows(records, metric)}, indent=2, sort_keys=True) + "\n"
 
 
-def _plot_parts(r: dict) -> dict:
+def _plot_parts(r: Record) -> dict:
     """What tells a bar apart, slot by slot: model, method and every setting (precision, optimizer
     implementation, checkpointing, batch, budget, parallelism), then the source."""
-    s = r["spec"]
+    s = r.spec
     precision, impl, in_backward, resident, clear = _training(s)
-    return {"model": s["model"], "optim": s["optim"], "bits": "8-bit" if s["state_bits"] == 8 else "",
+    return {"model": s.model, "optim": s.optim, "bits": "8-bit" if s.state_bits == 8 else "",
             "clear": "" if clear == "after-step" else f"clear {clear}",
-            "paged": "paged" if s.get("paged") else "", "precision": precision,
+            "paged": "paged" if s.paged else "", "precision": precision,
             "impl": impl if impl != "foreach" else "", "in_backward": "in-backward" if in_backward else "",
-            "resident": "clip resident" if resident == "clip" else "", "ckpt": "ckpt" if s["grad_ckpt"] else "",
-            "batch": f"bs{s['batch_size']}", "budget": s["budget"],
-            "parallel": _parallelism(s) if _parallelism(s) != "none" else "", "source": f"[{r['source']}]"}
+            "resident": "clip resident" if resident == "clip" else "", "ckpt": "ckpt" if s.grad_ckpt else "",
+            "batch": f"bs{s.batch_size}", "budget": s.budget,
+            "parallel": s.parallelism if s.parallelism != "none" else "", "source": f"[{r.source}]"}
 
 
 def plot_labels(records: list[dict]) -> tuple[list[str], str]:
@@ -694,18 +687,18 @@ def plot_labels(records: list[dict]) -> tuple[list[str], str]:
               and len({p[k] for p in parts}) == 1 and len(parts) > 1]
     labels = [" · ".join(v for k, v in p.items() if v and k not in shared) for p in parts]
     common = " · ".join(parts[0][k] for k in shared if parts[0][k]) if parts else ""
-    return ([label if labels.count(label) == 1 else f"{r['key']} [{r['source']}]" for label, r in zip(labels, recs)],
+    return ([label if labels.count(label) == 1 else f"{r.key} [{r.source}]" for label, r in zip(labels, recs)],
             common)
 
 
-def plot_rows(records: list[dict]) -> list[tuple[dict, str]]:
+def plot_rows(records: list) -> list[tuple[Record, str]]:
     """The plot's rows, top to bottom: every record (none dropped) with the note written in its row."""
     order = list(OPTIMS)
-    recs = sorted(records, key=lambda r: (list(MODELS).index(r["spec"]["model"]) if r["spec"]["model"] in MODELS
-                                          else 99, r["spec"]["model"], str(_setting(r)), -_method(r)[1],
-                                          order.index(r["spec"]["optim"]) if r["spec"]["optim"] in order else 99))
-    notes = {"oom": "OOM", "skipped": "skipped", "error": "error", "crashed": "crashed"}
-    return [(r, notes.get(r["status"], "")) for r in run_records(recs)]
+    recs = sorted(run_records(records), key=lambda r: (
+        list(MODELS).index(r.spec.model) if r.spec.model in MODELS else 99, r.spec.model, str(_setting(r)),
+        -_method(r)[1], order.index(r.spec.optim) if r.spec.optim in order else 99))
+    notes = {Status.OOM: "OOM", Status.SKIPPED: "skipped", Status.ERROR: "error", Status.CRASHED: "crashed"}
+    return [(r, notes.get(r.status, "")) for r in recs]
 
 
 def render_plot(records: list[dict], path: str) -> None:

@@ -16,11 +16,12 @@ import os
 
 from memprof.reports.palette import BUDGET_COLOR, CATEGORY_COLORS, category_label
 from memprof.simulation import CATEGORIES
+from memprof.vocabulary import STEP_PHASES, Phase
 
 MAX_POINTS = 1600
 TIMELINE_DIR = "timelines"
-PHASE_COLORS = {"setup": "#ffffff", "forward": "#eef4fb", "backward": "#fdf1e6", "optimizer": "#fbeaea",
-                "done": "#ffffff"}
+PHASE_COLORS = {Phase.SETUP: "#ffffff", Phase.FORWARD: "#eef4fb", Phase.BACKWARD: "#fdf1e6",
+                Phase.OPTIMIZER: "#fbeaea", Phase.DONE: "#ffffff"}
 
 
 def timeline_name(key: str) -> str:
@@ -137,7 +138,7 @@ def plot_timeline(path, title: str, predicted: dict | None = None, measured: dic
         xs = predicted["x"]
         bands = _bands(predicted)
         for (x0, name, step), x1 in zip(bands, [b[0] for b in bands[1:]] + [predicted["n_events"]]):
-            if name in ("forward", "backward", "optimizer"):
+            if name in STEP_PHASES:
                 ax.axvspan(x0, x1, color=PHASE_COLORS[name], zorder=0)
                 label = name if x1 - x0 > predicted["n_events"] / 12 else name[:3]
                 ax.text((x0 + x1) / 2, 1.0, f"{label} {step}", transform=ax.get_xaxis_transform(), ha="center",

@@ -43,7 +43,7 @@ def cmd_script(args) -> int:
 def _checked(args, fit: bool) -> int:
     from memprof.backends.registry import AUTO, get, resolve
     from memprof.errors import UsageError
-    from memprof.results import PREDICTED
+    from memprof.vocabulary import Source
     from memprof.script.runner import run_script, summary
 
     if getattr(args, "module", None) is not None:  # `-m MODULE ARGS...` (split off by split_script_module)
@@ -72,10 +72,10 @@ def _checked(args, fit: bool) -> int:
             raise UsageError(f"--out {args.out} is a file: give a directory")
         writable_dir(args.out)  # the check `memprof run` makes, with its message and exit status
     if fit:
-        if chosen.source != PREDICTED:
+        if chosen.source != Source.PREDICTED:
             raise UsageError("--fit-batch-arg searches on the simulated card: leave --backend out")
         return _fit(args)
-    measured = chosen.source != PREDICTED
+    measured = chosen.source != Source.PREDICTED
     snapshots = os.path.join(args.out, "snapshots") if args.out is not None and not measured else None
     from memprof.results import RunDirectory
 

@@ -124,7 +124,7 @@ class MeasuredCuda(Detection):
 
 def measured_result(meas):
     """The Result of a finished MeasuredCuda block (measured)."""
-    from memprof.results import MEASURED
+    from memprof.vocabulary import Source
     from memprof.budget import CONTEXT_ESTIMATE_BYTES, parse_budget
     from memprof.results import environment
     from memprof.script.record import script_result
@@ -158,6 +158,6 @@ def measured_result(meas):
     if budget is None:
         meas.budget = "device"
     try:
-        return script_result(meas, status, MEASURED, environment("cuda", name), metrics)
+        return script_result(meas, status, Source.MEASURED, environment("cuda", name), metrics)
     finally:
         meas.budget = budget

@@ -90,14 +90,14 @@ def script_result(device, status: str, source: str, env: dict, metrics: dict):
 def result_of(sim, out_dir: str | None = None, snapshot_dir: str | None = None):
     """The Result of a finished SimulatedCuda block (predicted); with `out_dir` / `snapshot_dir`, its timeline and
     predicted allocator snapshot are written there (memprof.reports.artifacts.write_artifacts)."""
-    from memprof.results import PREDICTED
+    from memprof.vocabulary import Source
     from memprof.results import environment
 
     status, metrics = sim.predict(out_dir, snapshot_dir, record_spec(sim).key)
     metrics["notes"] = [*metrics.get("notes", []), *sim.notes.values()]  # the rules' notes, then the script's
     # random fills of CPU tensors that went to the device unread, skipped (memprof.script.deferred)
     metrics["script_cpu_fills_skipped"] = sim.deferred.skipped
-    return script_result(sim, status, PREDICTED, environment("simulate", "cpu-simulated"), metrics)
+    return script_result(sim, status, Source.PREDICTED, environment("simulate", "cpu-simulated"), metrics)
 
 
 def script_label(path: str, args: list[str]) -> str:

@@ -11,9 +11,11 @@ given another); no module keeps a cache or switch of its own (tests/test_memo.py
 `rule.Rule` what the shortcuts need of its state. It imports nothing from backends, executors, planning,
 reports or the front doors (tests/test_layering.py)."""
 
-# what each storage is (memprof.simulation.tracing); torch-free, so reports can name them without torch
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "workspace",
-              "communication")  # DDP buckets, FSDP all-gather / reduce-scatter buffers (memprof.simulation.distributed)
+from memprof.vocabulary import Category
+
+# what each storage is (memprof.simulation.tracing), declared once (memprof.vocabulary.Category): torch-free, so
+# reports can name them without torch
+CATEGORIES = tuple(c.value for c in Category)
 
 
 def rule_descriptions() -> dict[str, tuple[str, str]]:
