@@ -6,8 +6,9 @@ Usage (scripts/gpu_check.sh installs the carried wheels and calls this):
     python scripts/gpu_check.py --predict DIR   # here: the predictions the check carries (DIR/results.jsonl)
 
 Stages run in order of value: the half-precision scripts (validation/raschka_vit_precision.py, ViT-B/16 bf16-true,
-bf16-mixed, measured with `memprof script --backend cuda` beside their predictions), a canary
-configuration (a failure stops the run with its error), the paper
+bf16-mixed, measured with `memprof script --backend cuda` beside their predictions, then scripts/conv_probe.py: the
+cuDNN workspaces of their patch embedding, the one allocation on their path whose size only the device decides), a
+canary configuration (a failure stops the run with its error), the paper
 grid (with allocator snapshots), the training setups (bf16-amp, fused optimizer off/in backward), ViT-B/16
 with checkpointing and at batch 32, the emulated 12 GB card (its out-of-memory pattern), DDP and FSDP at world
 size 1, the NVML sampler's overhead, the GPU-marked tests, and bf16 with cuDNN attention left on. Each
@@ -67,7 +68,7 @@ KILL_AFTER_ENV = "MEMPROF_GPU_CHECK_KILL_AFTER"  # tests: SIGKILL the check once
 SCRIPTS = (("tests/data/scripts/registry_twin.py", "--model", "vit-b-16", "--batch-size", "8"),
            ("tests/data/scripts/train_small.py", "--amp", "bf16", "--batch-size", "32"))
 # first of all: the half-precision cases, where the predictions of reserved memory come in low against a public
-# measurement (benchmarks/validation.py: Raschka's ViT-finetuning-scripts, -4.8% bf16-mixed, -8.5% bf16-true at
+# measurement (benchmarks/validation.py: Raschka's ViT-finetuning-scripts, -4.8% bf16-mixed, -7.7% bf16-true at
 # ViT-B/16 batch 16), measured beside their predictions so the first lent minutes answer where the gap is (the fp32
 # control, -2.2%, is the paper grid's business). Each ends with validation batches in eval mode, as the original's
 # epochs do.
@@ -75,6 +76,13 @@ HALF_SCRIPTS = tuple(("validation/raschka_vit_precision.py", "--model", "vit_b_1
                       "--batch-size", "16", "--eval-batches", "2") for precision in ("bf16-true", "bf16-mixed"))
 SCRIPTS_OUT = "cuda-scripts"
 SCRIPT_ESTIMATE_S = 12.0
+# after the half-precision scripts, in the same stage: what cuDNN's convolution holds while it runs (forward and weight
+# gradient of the ViT patch embedding, bf16/fp16/fp32, as those scripts run it): docs/reserved-half-precision.md says
+# how it and the scripts' per-phase peaks decide where the gap is. One bare process (torch, a CUDA context, twelve
+# convolutions), no model, no memprof.
+CONV_PROBE = "scripts/conv_probe.py"
+CONV_PROBE_OUT = "conv-probe.json"
+CONV_PROBE_ESTIMATE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -187,7 +195,8 @@ def plan(dry: bool = False, stages=STAGES) -> list[dict]:
             continue
         if stage.command in SCRIPT_STAGES:
             n = len(SCRIPT_STAGES[stage.command])
-            out.append({"stage": stage.name, "configs": n, "estimate_s": SCRIPT_ESTIMATE_S * n})
+            probe = CONV_PROBE_ESTIMATE_S if stage.command == "half-scripts" else 0.0
+            out.append({"stage": stage.name, "configs": n, "estimate_s": SCRIPT_ESTIMATE_S * n + probe})
             continue
         if stage.command:
             out.append({"stage": stage.name, "configs": 0, "estimate_s": GPU_TESTS_TIMEOUT_S / 2})
@@ -458,6 +467,32 @@ def run_scripts(scratch: str, budget: str, deadline: float, log: Log, scripts=No
     return "; ".join(problems)
 
 
+def run_conv_probe(scratch: str, deadline: float, log: Log) -> str:
+    """scripts/conv_probe.py in a fresh process (the per-configuration time-out), its JSON into the scratch folder
+    (CONV_PROBE_OUT, in the tarball); logs the workspace each problem held. Returns "" or what failed."""
+    if deadline - time.monotonic() < CONV_PROBE_ESTIMATE_S:
+        return f"deadline: no room for {CONV_PROBE}"
+    path = os.path.join(scratch, CONV_PROBE_OUT)
+    cmd = [sys.executable, os.path.join(ROOT, CONV_PROBE), "--out", path]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=PER_CONFIG_TIMEOUT_S)
+        text, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired:
+        text, rc = f"timed out after {PER_CONFIG_TIMEOUT_S:.0f} s", -1
+    if rc != 0:
+        log(f"  {CONV_PROBE}: rc={rc}: " + " | ".join(text.strip().splitlines()[-3:]))
+        return f"{CONV_PROBE}: rc={rc}"
+    with open(path, encoding="utf-8") as fh:
+        report = json.load(fh)
+    log(f"  {CONV_PROBE}: torch {report['torch']}, cuDNN {report['cudnn']}, {report['device']}")
+    for p in report["problems"]:
+        log(f"    {p['model']} b{p['batch']} {p['dtype']}: " + (p["error"] if "error" in p else
+            "forward {} / {} B, weight gradient {} / {} B held beyond the outputs (first call / cached plan)".format(
+                p["forward_transient_bytes_call1"], p["forward_transient_bytes_call2"],
+                p["wgrad_transient_bytes_call1"], p["wgrad_transient_bytes_call2"])))
+    return ""
+
+
 def run_gpu_tests(scratch: str, deadline: float, log: Log) -> str:
     """The GPU-marked tests, with this check's PYTHONPATH and a time-out; their output goes to the scratch
     folder. Returns "" or why they failed."""
@@ -534,6 +569,9 @@ def main(argv=None) -> int:
         log(f"stage {stage.name}")
         if stage.command in SCRIPT_STAGES:
             problem = run_scripts(scratch, budget, deadline, log, SCRIPT_STAGES[stage.command])
+            if stage.command == "half-scripts" and not problem.startswith("deadline"):
+                probe_problem = run_conv_probe(scratch, deadline, log)
+                problem = "; ".join(p for p in (problem, probe_problem) if p)
         elif stage.command:
             problem = run_gpu_tests(scratch, deadline, log)
         else:

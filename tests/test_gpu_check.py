@@ -70,6 +70,8 @@ def test_the_planned_device_time_fits_the_deadline():
     rows = check.plan()
     assert [r["stage"] for r in rows][:3] == ["half-precision", "canary", "paper"]  # the half-precision scripts first
     assert rows[0]["configs"] == len(check.HALF_SCRIPTS) == 2 and rows[2]["configs"] == 11 and check.planned_s(rows)  # the canary is measured once <= check.DEADLINE_S <= 8 * 60
+    # the first stage's time: its two scripts and the cuDNN workspace probe that follows them
+    assert rows[0]["estimate_s"] == 2 * check.SCRIPT_ESTIMATE_S + check.CONV_PROBE_ESTIMATE_S
     assert check.PER_CONFIG_TIMEOUT_S <= 60
     big = check.Stage("too-much", (check.Grid({"models": "vit-h-14", "optims": "all", "batch_size": "1,2,4,8,16"},
                                               "cuda"),))
@@ -183,3 +185,125 @@ def test_the_whole_rehearsal_brings_back_every_stage(tmp_path):
             "predicted/results.jsonl"} <= names
     fidelity_12g = (out / "fidelity-12g.md").read_text()
     assert "not measured yet" not in fidelity_12g
+
+
+def _probe():
+    spec = importlib.util.spec_from_file_location("conv_probe", ROOT / "scripts" / "conv_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_conv_probe_measures_the_validation_rows_patch_embeddings():
+    """scripts/conv_probe.py measures the convolution the half-precision validation rows run: torchvision's conv_proj
+    of vit_b_16 and vit_l_16 at the rows' batches (16, 32), in bf16, fp16 and fp32. By hand: ViT-B/16's bf16
+    output at batch 16 is 16 x 768 x 14 x 14 x 2 B = 4,816,896 B (the block the simulation frees after the patch
+    embedding); its weight 768 x 3 x 16 x 16."""
+    import math
+
+    import torch
+    import torchvision
+
+    probe = _probe()
+    rows = probe.problems()
+    assert [(r["model"], r["batch"], r["dtype"]) for r in rows] == [
+        (m, b, d) for m, b in (("vit_b_16", 16), ("vit_l_16", 32)) for d in ("bfloat16", "float16", "float32")]
+    with torch.device("meta"):
+        for r in rows:
+            conv = getattr(torchvision.models, r["model"])().conv_proj
+            assert list(conv.weight.shape) == r["weight"] and conv.stride == (16, 16) and conv.padding == (0, 0)
+            out = conv(torch.empty(r["input"], device="meta"))
+            assert list(out.shape) == r["output"]
+    b16 = next(r for r in rows if (r["model"], r["dtype"]) == ("vit_b_16", "bfloat16"))
+    assert math.prod(b16["output"]) * 2 == 4_816_896 and b16["weight"] == [768, 3, 16, 16]
+    # the validation table predicts the same batches the probe measures
+    spec = importlib.util.spec_from_file_location("validation_bench", ROOT / "benchmarks" / "validation.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["validation_bench"] = bench  # (its dataclasses look their module up there)
+    spec.loader.exec_module(bench)
+    batches = {(row.args[1], int(row.args[5])) for row in bench.ROWS if row.script == "raschka_vit_precision.py"}
+    assert batches == {(m, b) for m, b, _ in probe.MODELS}
+
+
+class _FakeCuda:
+    """torch.cuda's counters, for transient_bytes: `allocated` now, the peak since the last reset."""
+
+    def __init__(self, allocated):
+        self.allocated = self.peak = allocated
+
+    def alloc(self, n):
+        self.allocated += n
+        self.peak = max(self.peak, self.allocated)
+
+    def synchronize(self):
+        pass
+
+    def reset_peak_memory_stats(self):
+        self.peak = self.allocated
+
+    def max_memory_allocated(self):
+        return self.peak
+
+    def memory_allocated(self):
+        return self.allocated
+
+
+def test_the_probe_reads_what_an_op_held_beyond_its_outputs():
+    """transient_bytes: with 100 MiB already allocated, an op that leaves a 4,816,896 B output and held a
+    167,772,160 B workspace while it ran reads 167,772,160 B; one that allocates only its output reads 0 (the
+    negative control: an output is not a transient)."""
+    from types import SimpleNamespace
+
+    probe = _probe()
+    cuda = _FakeCuda(100 << 20)
+    fake_torch = SimpleNamespace(cuda=cuda)
+
+    def with_workspace():
+        cuda.alloc(4_816_896)  # the output
+        cuda.alloc(160 << 20)  # cuDNN's workspace (run_conv_plan), freed when the op returns
+        cuda.alloc(-(160 << 20))
+        return "out"
+
+    assert probe.transient_bytes(fake_torch, with_workspace) == (167_772_160, "out")
+    assert probe.transient_bytes(fake_torch, lambda: cuda.alloc(4_816_896)) == (0, None)
+
+
+def test_the_probe_refuses_without_a_gpu(tmp_path):
+    """Here (no GPU) the probe says so and exits 2 with nothing written: it measures a device, it predicts nothing."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the probe measures")
+    out = tmp_path / "probe.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "conv_probe.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and not out.exists()
+
+
+def test_the_first_stage_runs_the_conv_probe_and_logs_its_bytes(tmp_path, monkeypatch):
+    """run_conv_probe starts scripts/conv_probe.py with --out in the scratch folder (so its JSON travels in the
+    tarball) and logs each problem's bytes; a probe that fails is the stage's problem (negative control), and one
+    with no room before the deadline is not started."""
+    check = _module()
+    report = {"torch": "2.x", "cudnn": 91900, "device": "NVIDIA H200", "problems": [
+        {"model": "vit_b_16", "batch": 16, "dtype": "bfloat16", "forward_transient_bytes_call1": 0,
+         "forward_transient_bytes_call2": 0, "wgrad_transient_bytes_call1": 167772160,
+         "wgrad_transient_bytes_call2": 167772160},
+        {"model": "vit_l_16", "batch": 32, "dtype": "float32", "error": "RuntimeError: no engine"}]}
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        path = cmd[cmd.index("--out") + 1]
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(report, fh)
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(report), "")
+
+    monkeypatch.setattr(check.subprocess, "run", fake_run)
+    lines = []
+    assert check.run_conv_probe(str(tmp_path), time.monotonic() + 60, lines.append) == ""
+    assert calls[0][1].endswith(check.CONV_PROBE) and calls[0][-1] == str(tmp_path / check.CONV_PROBE_OUT)
+    assert "weight gradient 167772160 / 167772160 B" in " ".join(lines) and "RuntimeError: no engine" in lines[-1]
+    monkeypatch.setattr(check.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "boom"))
+    assert check.run_conv_probe(str(tmp_path), time.monotonic() + 60, lines.append) == f"{check.CONV_PROBE}: rc=1"
+    assert check.run_conv_probe(str(tmp_path), time.monotonic(), lines.append).startswith("deadline")

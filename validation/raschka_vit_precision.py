@@ -3,9 +3,14 @@
 Re-created in our own words from rasbt/ViT-finetuning-scripts, precision-benchmarks/torchvision-vit16-{large,small}
 (01_pytorch-fp32.py, 03_fp16-mixed.py, 04_bf16-mixed.py, 06_bf16-full.py; PyTorch 2.1.0+cu121, Lightning 2.1.0): a
 torchvision vit_l_16 (batch 32) or vit_b_16 (batch 16), its head replaced by a 10-class Linear, Adam(lr=5e-5), each
-step: forward, cross-entropy, zero_grad (after the forward, as there), backward, step, then the batch's argmax under
-no_grad. Lightning Fabric's precisions written out: 16-mixed is autocast(float16) with a GradScaler, bf16-mixed
-autocast(bfloat16), bf16-true the model (and the inputs) in bfloat16. CIFAR-10 resized to 224 is replaced by random
+step: forward, cross-entropy, zero_grad (after the forward, as in the scripts the READMEs' figures were published with,
+commit 2372d1b; a later "cosmetic fixes" commit moved it after the step without re-measuring), backward, step, then
+the batch's argmax under no_grad. Lightning Fabric's precisions written out: 16-mixed is autocast(float16) with a
+GradScaler, bf16-mixed autocast(bfloat16), bf16-true the model in bfloat16 with Fabric's handling of the batch (2.1:
+_FabricDataLoader moves the float32 batch to the device, _FabricModule.forward casts it with HalfPrecision.convert_input
+and the output back to float32 with convert_output, so the float32 batch stays alive, held by the loop variable, while
+its bfloat16 copy feeds the model; under autocast Fabric's cast of the input equals the one autocast makes at the patch
+embedding, so the mixed precisions are written as plain autocast). CIFAR-10 resized to 224 is replaced by random
 224x224 images (the memory does not depend on the pixels). Prints torch.cuda.max_memory_reserved() / 1e9, the figure
 the READMEs publish ("Memory used ... GB").
 
@@ -40,10 +45,11 @@ for step in range(a.steps):
     model.train()
     features = torch.rand(a.batch_size, 3, 224, 224).cuda()
     targets = torch.randint(0, 10, (a.batch_size,)).cuda()
-    if a.precision == "bf16-true":
-        features = features.to(torch.bfloat16)
     with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        logits = model(features)
+        if a.precision == "bf16-true":  # Fabric: the float32 batch stays; its bfloat16 copy in, float32 logits out
+            logits = model(features.to(torch.bfloat16)).float()
+        else:
+            logits = model(features)
         loss = F.cross_entropy(logits, targets)
     optimizer.zero_grad()
     if scaler is not None:
@@ -61,7 +67,7 @@ model.eval()
 with torch.no_grad():
     for _ in range(a.eval_batches):
         features = torch.rand(a.batch_size, 3, 224, 224).cuda()
-        outputs = model(features.to(torch.bfloat16) if a.precision == "bf16-true" else features)
+        outputs = model(features.to(torch.bfloat16)).float() if a.precision == "bf16-true" else model(features)
         predicted = torch.argmax(outputs, 1)
 
 print(f"Memory used: {torch.cuda.max_memory_reserved() / 1e9:.02f} GB")
