@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from typing import Any, Callable
 
 from memprof.errors import UsageError
@@ -47,6 +46,7 @@ def plan_one(model, optimizer, backend: str, source: str, out: str, **options):
     plan_run, as `memprof run` and a suite's [[run]] are."""
     from memprof.backends.registry import get
     from memprof.executors.runner import runs_in_caller
+    from memprof.models import local_only
     from memprof.plan import plan_run, run_options
 
     chosen = get(backend)
@@ -56,7 +56,7 @@ def plan_one(model, optimizer, backend: str, source: str, out: str, **options):
     if not isinstance(optimizer, str) or "," in optimizer or optimizer in ("paper", "all"):
         raise UsageError(f"optimizer {optimizer!r}: give one optimizer name (`memprof list optims`)")
     name = _model_name(model)
-    if not runs_in_caller(chosen, 1, 1) and name.startswith("py:@local:"):
+    if not runs_in_caller(chosen, 1, 1) and local_only(name):
         raise UsageError(f"model {getattr(model, '__qualname__', model)}: a measurement runs in a fresh process, "
                          f"which can only import a module-level factory; define it at the top level of a module")
     unknown = sorted(set(options) - set(RUN_KEYWORDS))  # (typed values go as they are: each row parses its own)

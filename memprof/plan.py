@@ -308,7 +308,7 @@ def parallel_axes(opts: dict, state_bits: list, backend: str) -> list[dict]:
 def plan_run(opts: dict, task: str = "run") -> RunPlan:
     """Validate every option of a run (UsageError, naming the option, on bad input) before anything runs."""
     from memprof.backends.registry import get as get_backend
-    from memprof.models import parse_models
+    from memprof.models import parse_models, takes_input_shape
     from memprof.optims import parse_optims
     from memprof.options import parse
     from memprof.spec import MIN_STEPS, expand_grid
@@ -319,8 +319,8 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
         models = parse_models(opts["models"], False, freeze=opts["freeze"], input_shape=opts["input_shape"])
         for info in models:
             get_backend(backend).check_model(info.name)
-    if opts["input_shape"] is not None and any(m.source == "open_clip" for m in models):
-        towers = [m.name for m in models if m.source == "open_clip"]
+    towers = [m.name for m in models if not takes_input_shape(m)]
+    if opts["input_shape"] is not None and towers:
         notes.append(f"memprof: note: --input-shape applies to timm:/torchvision:/py: models; open_clip towers "
                      f"({', '.join(towers)}) keep the image size of their config")
     with option("optims"):

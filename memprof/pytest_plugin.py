@@ -21,7 +21,6 @@ usage error or a failure, never a silent pass.
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 import pytest

@@ -232,7 +232,6 @@ def versions() -> dict:
 def predict_all(out_dir: str, budget: str, dry: bool, skip: set = frozenset()) -> list[dict]:
     """Every configuration the check measures, predicted for `budget` (the emulated stage for its card)."""
     from memprof.executors.runner import run_grid
-    from memprof.results import read_records
 
     os.makedirs(out_dir, exist_ok=True)
     for stage in STAGES:
@@ -297,7 +296,6 @@ def engine_digest() -> str:
 
 def carried_predictions(budget: str, dry: bool) -> tuple[list[dict] | None, str]:
     """The carried predictions and why they serve, or None and why not (then the check predicts again)."""
-    from memprof.results import read_records
 
     if dry:
         return None, "dry run: predicted afresh for test-vit"

@@ -8,7 +8,7 @@ import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, FakeTensor, FakeTensorMode,
                                            in_kernel_invocation_manager)
 
-from memprof.simulation import shared, tracker
+from memprof.simulation import shared
 from memprof.simulation.fast_dispatch import FrontCache, _fake_tensor
 from memprof.simulation.simulate import predict
 from memprof.spec import RunSpec

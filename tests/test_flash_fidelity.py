@@ -2,7 +2,6 @@
 device, and the backward's contiguous copies of a strided incoming gradient. Hand-computed on the test model
 (2 blocks, width 64, 4 heads of 16: a100-80g runs flash for bf16), each with a negative control."""
 
-import pytest
 
 from memprof.simulation import rules
 from memprof.simulation.simulate import prediction

@@ -125,7 +125,6 @@ def test_the_committed_predictions_were_made_by_this_engine():
 def test_the_committed_predictions_are_for_the_lent_h200_and_every_measured_configuration():
     """reports/gpu/predicted/ holds a prediction for every configuration the check grades, made for the H200's
     budget (and the emulated 12 GB card), under one torch version."""
-    from memprof.results import read_records
 
     check = _module()
     records = check.read_predictions(check.PREDICTED_DIR)

@@ -4,8 +4,6 @@ on real zero-filled copies of the model (FakeTensorMode's fallback for ops witho
 import gc
 
 import pytest
-import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memprof.simulation.simulate import predict
 from memprof.spec import RunSpec

@@ -5,7 +5,6 @@ paper; `compare` names the category that grew; a snapshot has an offline view in
 has a negative control: the check run on the old (broken) output fails. Rendering only: no prediction runs."""
 
 import copy
-import json
 from pathlib import Path
 
 import pytest

@@ -8,13 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 
 from memprof.script import simulated_cuda
-from memprof.script.failures import ScriptError
 from memprof.script.runner import run_script
 from memprof.simulation.memo import MEMO
 

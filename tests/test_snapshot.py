@@ -10,7 +10,6 @@ from torch.cuda import _memory_viz
 
 from memprof.simulation.allocator import CachingAllocatorModel
 from memprof.backends.registry import get
-from memprof.simulation.simulate import predict
 from memprof.reports.snapshot import (BASE_ADDR, SnapshotError, build_snapshot, check_snapshot, load_snapshot,
                               snapshot_name, state_totals, trace_peaks)
 from memprof.spec import RunSpec

@@ -5,7 +5,6 @@ prediction."""
 
 from __future__ import annotations
 
-import os
 
 from memprof.reports.artifacts import write_artifacts
 from memprof.backends.base import PREDICTED, Backend, Outcome

@@ -44,7 +44,6 @@ def _checked(args, fit: bool) -> int:
     from memprof.backends.registry import AUTO, get, resolve
     from memprof.errors import UsageError
     from memprof.vocabulary import Source
-    from memprof.script.runner import run_script, summary
 
     if getattr(args, "module", None) is not None:  # `-m MODULE ARGS...` (split off by split_script_module)
         args.args = ([args.file] if args.file is not None else []) + list(args.args) + \

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-PHASES = ("forward", "backward", "optimizer")
+from memprof.vocabulary import STEP_PHASES as PHASES
 
 
 class PhasePeaks:

@@ -57,7 +57,8 @@ def cpu_rules_step(build, step, batch, *, steps: int, budget: str | None, label:
     """The Result of the step traced under the CPU's rules: on fake tensors (`fake`, predicted) or real ones
     (measured on the CPU): peak live tensor bytes (memprof.simulation.simulate.cpu_rules_metrics)."""
     from memprof.harness import run_steps
-    from memprof.results import MEASURED, PREDICTED, Result, environment, make_record
+    from memprof.results import Result, environment, make_record
+    from memprof.vocabulary import Source
     from memprof.simulation.simulate import cpu_rules_metrics
     from memprof.simulation.tracing import trace_step
     from memprof.spec import RunSpec
@@ -74,7 +75,7 @@ def cpu_rules_step(build, step, batch, *, steps: int, budget: str | None, label:
         metrics.update(budget_device=device.label, budget_bytes=device.total_bytes)
     spec = RunSpec(model=step_label(build, label), optim="custom", steps=steps, budget=budget or "device")
     env = environment("simulate-cpu-rules", "cpu-simulated") if fake else environment("cpu", "cpu")
-    return Result(make_record(spec, "ok", PREDICTED if fake else MEASURED, env, metrics,
+    return Result(make_record(spec, "ok", Source.PREDICTED if fake else Source.MEASURED, env, metrics,
                               elapsed_s=time.perf_counter() - start))
 
 

@@ -35,6 +35,7 @@ from torch._subclasses.fake_tensor import (DataDependentOutputException, Dynamic
                                           FakeTensorMode, unset_fake_temporarily)
 
 from memprof.harness import apply_precision, prepare
+from memprof.models import rebuilds_alike
 from memprof.optims import REGISTRY as OPTIMS, build_optimizer
 from memprof.simulation.attribution import ModuleAttribution
 from memprof.simulation.distributed import local
@@ -50,7 +51,7 @@ def shareable(spec: RunSpec) -> bool:
     """Whether `spec`'s forward can come from the cache: not for the setups above, nor for a `py:` model,
     whose factory is the user's code and may build something else on the next call."""
     return (spec.parallel == "none" and not spec.optim_in_backward and spec.precision != "fp16-amp"
-            and not spec.model.startswith("py:") and spec.clear_grads == "after-step")
+            and rebuilds_alike(spec.model) and spec.clear_grads == "after-step")
 
 
 def forward_key(spec: RunSpec, rules) -> tuple:

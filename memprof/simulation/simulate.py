@@ -25,7 +25,7 @@ from memprof.budget import parse_budget
 from memprof.models import resolve_model
 from memprof.simulation.rules import FakeGradScalerStep, LayerNormStatsFp32, cuda_rules
 from memprof.spec import RunSpec
-from memprof.simulation.events import ALLOC, FREE, allocation_phases, live_after, phase_at
+from memprof.simulation.events import ALLOC, allocation_phases, live_after, phase_at
 from memprof.simulation.tracing import CATEGORIES, Trace, common_metrics, live_peak, peak_to_floor, trace
 
 
