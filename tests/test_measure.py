@@ -86,7 +86,7 @@ def test_worker_runtime_error_is_an_error_record(tmp_path):
 def test_resume_and_interrupt(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "memprof", "run", "--backend", "cpu", "--models", "test-vit", "--optims",
-           "adamw,sgd,sgd-fe,sgd-fe-nomom", "--grad-ckpt", "off,on", "--out", str(out), "--no-progress"]
+           "adamw,sgd,sgd-fe,sgd-fe-nomom", "--grad-ckpt", "off,on", "--steps", "40", "--out", str(out), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     results = out / "results.jsonl"
     deadline = time.time() + 120
@@ -95,8 +95,9 @@ def test_resume_and_interrupt(tmp_path):
     proc.send_signal(signal.SIGINT)  # Ctrl-C after the first configuration finished
     _, err = proc.communicate(timeout=120)
     kept = [json.loads(line) for line in results.read_text().splitlines()]
-    # a run that ignored SIGINT would finish all 8 configurations (each takes seconds) and exit 0; 8 rather than 4
-    # so that the configurations in flight when the signal lands cannot be all that is left
+    # a run that ignored SIGINT would finish all 8 configurations and exit 0; 8 rather than 4 so that the
+    # configurations in flight when the signal lands cannot be all that is left. 40 steps make each take a third of a
+    # second on 2 cores (at 2 steps the 7 after the first finish within one poll, and the signal lands after all 8)
     assert proc.returncode == 130, err
     assert "continue with --resume" in err and "Traceback" not in err
     assert 1 <= len(kept) < 8 and all(r["status"] == "ok" for r in kept)

@@ -106,7 +106,7 @@ def _written_names(path: Path) -> set[str]:
 MODULES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "memprof").rglob("*.py"))
 WRITERS = ("memprof/backends/cuda.py", "memprof/script/measure.py", "memprof/script/record.py",
            "memprof/simulation/rules.py", "memprof/simulation/distributed.py", "memprof/simulation/simulate.py",
-           "memprof/simulation/tracing.py", "memprof/planning/fit.py", "memprof/api.py")
+           "memprof/simulation/tracing.py", "memprof/planning/fit.py", "memprof/script/steps.py")
 
 
 @pytest.mark.parametrize("module", MODULES)
