@@ -173,6 +173,7 @@ def test_mismatched_pretrained_file_exit_2(tmp_path, capsys):
     assert "does not match this architecture" in err
 
 
+@pytest.mark.slow
 def test_run_with_accuracy_puts_verdicts_beside_memory(tmp_path):
     r = memprof("run", "--models", "test-vit", "--optims", "sgd-fe", "--accuracy", "--state-bits", "32",
                 "--grad-ckpt", "off", "--out", str(tmp_path), "--no-progress")

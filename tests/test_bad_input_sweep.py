@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # (about 9 s: a fresh process per case)
 def test_the_sweep_finds_nothing():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bad_input_sweep.py")], capture_output=True, text=True,
                        timeout=900)

@@ -87,6 +87,7 @@ def test_nomom_8bit_is_skipped_with_a_reason(tmp_path):
     assert "keeps no optimizer state" in (tmp_path / "results.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_missing_bitsandbytes_says_how_to_install(tmp_path):
     shadow = tmp_path / "shadow" / "bitsandbytes"
     shadow.mkdir(parents=True)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "memprof"
 # lowest first; a module belongs to the first layer with a prefix that names it or a package above it
 LAYERS = (
     ("core", ("memprof.errors", "memprof.budget", "memprof.recipe", "memprof.options", "memprof.metrics",
-              "memprof.suite", "memprof.vocabulary")),
+              "memprof.suite", "memprof.vocabulary", "memprof.plugin_registry")),
     ("sources", ("memprof.models", "memprof.model_sources", "memprof.optims", "memprof.spec", "memprof.records",
                  "memprof.results", "memprof.baseline", "memprof.harness")),
     # the engine in three: its core (the tracker, rules, allocator model) never imports the exact shortcuts above

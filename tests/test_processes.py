@@ -246,6 +246,7 @@ def test_a_dying_pool_worker_is_crashed_and_the_grid_goes_on(tmp_path, monkeypat
     assert records[1]["source"] == "predicted"
 
 
+@pytest.mark.slow
 def test_a_worker_past_its_time_is_crashed(monkeypatch):
     from memprof.executors.runner import run_isolated
     from memprof.spec import RunSpec

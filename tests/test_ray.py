@@ -51,7 +51,8 @@ def entries(steps: int = 2) -> list:
     return [GridEntry(RunSpec(model="test-vit", optim=o, steps=steps)) for o in ("adamw", "sgd")]
 
 
-@pytest.mark.parametrize("backend", ["simulate", pytest.param("cpu", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["simulate", "cpu"])
 def test_a_ray_run_gives_the_local_records(local_ray, tmp_path, backend):
     grid = entries() + [GridEntry(RunSpec(model="test-vit", optim="sgd", state_bits=8), "a skip, kept")]
     local = run_grid(grid, out(tmp_path / "local"), backend, progress=False, jobs=2)

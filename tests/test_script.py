@@ -575,6 +575,7 @@ def test_what_cannot_be_simulated_names_the_users_line(tmp_path):
     assert run(ok)[0].status == "incomplete"  # negative control: it runs (and trains no step)
 
 
+@pytest.mark.slow
 def test_memprof_script_command_line(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "memprof", "script", "--budget", "rtx4090", "--out", str(out), SMALL,
