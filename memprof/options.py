@@ -183,7 +183,7 @@ def add_options(parser, command: str, names=None) -> None:
     (not given), so presets and the table's defaults apply in memprof.plan.run_options."""
     for o in OPTIONS:
         if (names is None and command in o.commands) or (names is not None and o.name in names):
-            kwargs = {"default": False if o.name == "progress" else None, **o.flag}
+            kwargs = {"default": False if o.name == "progress" else None, "dest": o.name, **o.flag}
             parser.add_argument(o.option_string, help=o.help, **kwargs)
 
 

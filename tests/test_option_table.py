@@ -154,6 +154,8 @@ def test_every_command_takes_its_table_options_with_the_tables_help(command):
         action = flags.get(o.option_string)
         assert action is not None, f"{command} lacks {o.option_string}"
         assert action.help == o.help and action.default in (None, False), (command, o.name)
+        # the value lands under the row's name, where the command reads it (`--steps` of script: script_steps)
+        assert action.dest == (o.flag.get("dest") or o.name), (command, o.option_string, action.dest)
     # negative control: an option of another command is not there
     assert "--headroom" not in flags or command == "fit"
 

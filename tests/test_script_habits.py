@@ -264,6 +264,24 @@ def _cli(tmp_path, *argv):
     return code, out.getvalue(), err.getvalue()
 
 
+THREE_STEPS = """
+import torch
+m = torch.nn.Linear(64, 64).cuda(); opt = torch.optim.SGD(m.parameters(), lr=0.1)
+for _ in range(3):
+    m(torch.randn(4, 64, device="cuda")).sum().backward(); opt.step(); opt.zero_grad()
+"""
+
+
+def test_steps_on_the_command_line_stops_the_script_there(tmp_path):
+    code, out, _ = _cli(tmp_path, "--steps", "1", write(tmp_path, THREE_STEPS))
+    assert code == 0 and "ran 1 forward, 1 backward, 1 optimizer step\n" in out.replace("\n    ", " "), out
+
+
+def test_negative_control_without_steps_the_script_runs_to_its_end(tmp_path):
+    code, out, _ = _cli(tmp_path, write(tmp_path, THREE_STEPS))
+    assert code == 0 and "ran 3 forwards, 3 backwards, 3 optimizer steps" in out.replace("\n    ", " "), out
+
+
 @pytest.mark.parametrize("body,code,says", [
     ("import torch\nx = torch.randn(2, 4, device='cuda')\nx.topk(5)\n", 1, "k not in range"),
     ("import torch\nm = torch.nn.Linear(4, 2).cuda()\nloss = m(torch.randn(3, 4))\n", 1, "same device"),

@@ -147,6 +147,10 @@ def _gib(nbytes) -> str:
     return gib(nbytes)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def summary(result) -> str:
     """A few lines, each fitted to the terminal: the peaks on the card and the verdict (or why there is none), where
     the peak is, what was detected, the notes."""
@@ -190,8 +194,8 @@ def summary(result) -> str:
         f"optimizer {opt}{' in backward' if m.get('script_optimizer_in_backward') else ''}, "
         f"checkpointing {'seen' if m.get('script_checkpointing') else 'not seen'}, "
         f"parameters {m.get('params_trainable', 0):,} trainable / {m.get('params_frozen', 0):,} frozen; ran "
-        f"{m.get('script_forwards', 0)} forwards, {m.get('script_backwards', 0)} backwards, {steps} optimizer "
-        f"step{'' if steps == 1 else 's'}", "  "))
+        f"{_count(m.get('script_forwards', 0), 'forward')}, {_count(m.get('script_backwards', 0), 'backward')}, "
+        f"{_count(steps, 'optimizer step')}", "  "))
     for note in m.get("notes") or []:
         lines.append(wrapped(f"note: {note}", "  "))
     return "\n".join(lines)
