@@ -22,6 +22,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _a_100_column_terminal(monkeypatch):
+    """What the tests read is wrapped for a 100-column terminal, whatever COLUMNS the shell that runs them has (the
+    processes they start inherit it); a test of another width sets its own."""
+    monkeypatch.setenv("COLUMNS", "100")
+
+
+@pytest.fixture(autouse=True)
 def _fresh_forward_traces():
     """Each test predicts from scratch: no forward trace or attention recording carried over from another test's
     predictions."""
