@@ -97,7 +97,8 @@ def _interrupted(out_dir: str, exc: BaseException | None = None, file: str = "re
 
 def _finish(records: list[dict], out_dir: str) -> int:
     """The run's last line (status counts) and its exit status."""
-    from memprof.results import FAILED, summary_line
+    from memprof.results import summary_line
+    from memprof.vocabulary import FAILED
 
     failed = sum(1 for r in records if r["status"] in FAILED)
     _note(f"memprof: {summary_line(records)}" + (
@@ -436,7 +437,7 @@ def cmd_list(args) -> int:
     if args.what == "models" and args.filter:
         raise UsageError("--filter needs --source: e.g. memprof list models --source timm --filter 'vit_*'")
     if args.what == "models":
-        from memprof.models import REGISTRY, listed_models
+        from memprof.model_sources.open_clip import REGISTRY, listed_models
 
         rows = [[m.name, m.open_clip_config or "-", "+".join(m.embedding_modules), m.description]
                 for m in REGISTRY.values()]

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from memprof.errors import UsageError
 from memprof.options import RUN_OPTIONS  # every option of a run, with its default (the table: memprof.options)
-from memprof.results import FAILED, RESULTS_FILE, RunDirectory, read_records
+from memprof.results import RESULTS_FILE, RunDirectory, read_records
+from memprof.vocabulary import FAILED
 
 EXECUTORS = ("local", "ray")
 # Named sets of options. paper-2022: the paper grid as its 2022 setup ran it. PyTorch before 2.0 ran the
@@ -433,7 +434,7 @@ def _remaining(entries, out_dir: str, backend: str, resume: bool, retry_failed: 
     """The entries still to run in out_dir: all of them for a new directory; with --resume those without a
     record (and, with --retry-failed, those whose record is an error or a crash). Reusing a directory
     that holds results without --resume is refused: two runs would silently merge."""
-    from memprof.results import record_key
+    from memprof.records import record_key
 
     path = os.path.join(out_dir, RESULTS_FILE)
     if not os.path.exists(path) or os.path.getsize(path) == 0:

@@ -65,7 +65,7 @@ def overhead_rows(records: list[dict], field: str = "peak_reserved_bytes", budge
     """One row per paper claim with figures in `records` (the paper's setting: micro-batch 1, no
     checkpointing, 32-bit states): the implied X, the plausible ceiling (context estimate, or the measured
     context where a record has one, plus the text tower), and, per model, whether one X explains both claims."""
-    from memprof.models import REGISTRY
+    from memprof.model_sources.open_clip import REGISTRY
     from memprof.reports.paper import PAPER_CLAIMS
 
     paper = {}

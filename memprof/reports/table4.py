@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 from tabulate import tabulate
 
-from memprof.models import REGISTRY as MODELS
+from memprof.model_sources.open_clip import PAPER_MODELS, REGISTRY as MODELS
 from memprof.records import Record, as_records
 from memprof.reports.overhead import render_overhead
 from memprof.reports.paper import CLAIM_TOLERANCE_POINTS, PAPER_CLAIMS
@@ -73,7 +73,6 @@ def paper_settings(records: list[Record]) -> set:
     of the paper's, micro-batch 1. Only these get the paper's framing (how much more AdamW needs, the
     paper's claims and verdicts, the overhead its percentages imply); any other grid is a plain table of
     its own axes."""
-    from memprof.models import PAPER_MODELS
     from memprof.optims import PAPER_OPTIMS
 
     groups: dict = {}
