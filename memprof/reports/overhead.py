@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from memprof.budget import CONTEXT_ESTIMATE_BYTES
+from memprof.budget import CONTEXT_ESTIMATE_BYTES, gib_figure as _gib
 
 GIB = 1 << 30
 FE, NOMOM = "sgd-fe", "sgd-fe-nomom"
@@ -115,10 +115,6 @@ def overhead_rows(records: list[dict], field: str = "peak_reserved_bytes", budge
                              and abs(row["pct_with_fe_overhead"] - row["paper_pct"]) <= CLAIM_TOLERANCE_POINTS)
         fe_row["consistent"] = row["consistent"]
     return rows
-
-
-def _gib(v: float | None) -> str:
-    return "n/a" if v is None else f"{v / GIB:.2f}"
 
 
 def render_overhead(sets: dict[str, list[dict]], field: str = "peak_reserved_bytes") -> str:
