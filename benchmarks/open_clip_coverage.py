@@ -4,7 +4,7 @@ For every name in `open_clip.list_models()` it predicts AdamW at micro-batch 1 (
 in-process, one name at a time, exceptions caught) and writes a table name -> ok (predicted peak
 allocated bytes, seconds) or the exception type, its first line and the innermost frame where it was
 raised. Prints the ok share and the sweep's wall time. Names memprof lists as unsupported
-(memprof.models.UNSUPPORTED) fail with their UsageError unless --attempt-unsupported runs them anyway.
+(memprof.model_sources.open_clip.UNSUPPORTED) fail with their UsageError unless --attempt-unsupported runs them anyway.
 
     PYTHONPATH=$PWD python benchmarks/open_clip_coverage.py --out /tmp/coverage.md [--only SigLIP]
 """
@@ -50,12 +50,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="/tmp/open_clip_coverage.md", help="markdown table to write")
     ap.add_argument("--only", default="", help="substring filter on names")
     ap.add_argument("--attempt-unsupported", action="store_true",
-                    help="also run the names memprof.models.UNSUPPORTED rejects, to see what they trip on now")
+                    help="also run the names memprof.model_sources.open_clip.UNSUPPORTED rejects, to see what they "
+                         "trip on now")
     args = ap.parse_args(argv)
     if args.attempt_unsupported:
-        import memprof.models
+        import memprof.model_sources.open_clip
 
-        memprof.models.UNSUPPORTED.clear()
+        memprof.model_sources.open_clip.UNSUPPORTED.clear()
     names = [n for n in open_clip.list_models() if args.only in n]
     rows, t0 = [], time.perf_counter()
     for i, name in enumerate(names):

@@ -282,7 +282,7 @@ def run_accuracy(entries, out_dir: str, device: str, steps: int, lr_sgd: float |
 
     from tqdm import tqdm
 
-    from memprof.models import build_model, input_size, resolve_model
+    from memprof.models import build_model, input_shape, resolve_model
     from memprof.optims import REGISTRY
     from memprof.results import append, environment
 
@@ -300,7 +300,7 @@ def run_accuracy(entries, out_dir: str, device: str, steps: int, lr_sgd: float |
             try:
                 if spec.model not in sizes:
                     with torch.device("meta"):
-                        sizes[spec.model] = input_size(build_model(resolve_model(spec.model), 2))
+                        sizes[spec.model] = input_shape(build_model(resolve_model(spec.model), 2))[1:]
                 data = load_data(sizes[spec.model], data_path)
                 record["data"] = data.source
                 adaptive = REGISTRY[spec.optim].state_tensors_per_param == 2

@@ -22,11 +22,11 @@ from memprof.options import OPTIONS, SUITE
 
 # the keywords predict/measure take beyond their named parameters: every grid option of the table
 RUN_KEYWORDS = tuple(o.name for o in OPTIONS if SUITE in o.commands and o.name not in ("models", "optims", "backend"))
-from memprof.results import Result, _gib  # noqa: F401  (memprof.Result; the size formatter results print with)
+from memprof.results import Result  # noqa: F401  (memprof.Result)
 
 
 def _model_name(model: str | Callable[[], Any]) -> str:
-    from memprof.models import factory_name
+    from memprof.model_sources.py import factory_name
 
     if isinstance(model, str):
         if "," in model or model == "paper":

@@ -24,7 +24,8 @@ import subprocess
 from dataclasses import dataclass
 
 from memprof.errors import UsageError
-from memprof.results import SCHEMA_VERSION, read_records
+from memprof.records import SCHEMA_VERSION
+from memprof.results import read_records
 
 # short names for the command line -> fields of a memprof record's metrics
 FIELDS = {

@@ -87,6 +87,11 @@ def format_size(nbytes: float | None) -> str:
     return f"{nbytes:.0f} B"
 
 
+def gib_figure(nbytes: float | None) -> str:
+    """Bytes in GiB with two decimals, n/a for None (a report table's GiB column)."""
+    return "n/a" if nbytes is None else f"{nbytes / GiB:.2f}"
+
+
 def card_label(budget: str, total_bytes: int) -> str:
     """A budget as a person reads it: the card's name with its size (`titan-x (12 GiB)`), a bare size as a
     card of that size, `device` as the whole device."""

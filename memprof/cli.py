@@ -97,7 +97,8 @@ def _interrupted(out_dir: str, exc: BaseException | None = None, file: str = "re
 
 def _finish(records: list[dict], out_dir: str) -> int:
     """The run's last line (status counts) and its exit status."""
-    from memprof.results import FAILED, summary_line
+    from memprof.results import summary_line
+    from memprof.vocabulary import FAILED
 
     failed = sum(1 for r in records if r["status"] in FAILED)
     _note(f"memprof: {summary_line(records)}" + (
@@ -108,10 +109,8 @@ def _finish(records: list[dict], out_dir: str) -> int:
 def _run_options(args, command: str = RUN, **extra) -> dict:
     """The run options the command line gave (the table's, memprof.options), over `command`'s defaults where they
     differ from a run's, `extra` overriding them."""
-    from memprof.options import defaults_of, given_options
+    from memprof.options import RUN_OPTIONS, defaults_of, given_options
     from memprof.plan import run_options
-
-    from memprof.options import RUN_OPTIONS
 
     given = {k: v for k, v in given_options(args).items() if k in RUN_OPTIONS}  # (a command's own: it reads them)
     own = {k: v for k, v in defaults_of(command).items() if k in given} if command != RUN else {}
@@ -224,10 +223,9 @@ def cmd_fit(args) -> int:
 
 
 def cmd_advise(args) -> int:
-    from memprof.results import load_verdicts
     from memprof.planning.advise import advice, render_advice, render_advice_terminal
     from memprof.plan import execute, plan_advise
-    from memprof.results import RESULTS_FILE, RunDirectory, write_text
+    from memprof.results import RESULTS_FILE, RunDirectory, load_verdicts, write_text
 
     verdicts = load_verdicts(args.accuracy_from) if args.accuracy_from else {}
     if args.accuracy_from and not verdicts:
@@ -242,7 +240,7 @@ def cmd_advise(args) -> int:
         with RunDirectory(ap.run.out_dir):
             for line in [ap.run.announce, *ap.run.notes]:
                 _note(line)
-            records = {r["spec_key"]: r for r in _with_spec_keys(execute(ap.run, lock=False))}
+            records = {r.spec.key: r for r in execute(ap.run, lock=False)}
     except KeyboardInterrupt as exc:
         return _interrupted(ap.run.out_dir, exc, resume=None)
     result = advice(ap.candidates, records, ap.not_modelled, ap.not_applicable, verdicts)
@@ -252,17 +250,10 @@ def cmd_advise(args) -> int:
     return _finish(list(records.values()), ap.run.out_dir)
 
 
-def _with_spec_keys(records: list[dict]) -> list[dict]:
-    from memprof.spec import RunSpec
-
-    return [{**r, "spec_key": RunSpec(**r["spec"]).key} for r in records]
-
-
 def _plan_accuracy(args, run_options: dict | None = None):
     """Accuracy mode's plan; after a run (`run --accuracy`), for the run's models and optimizers."""
+    from memprof.options import given_options, options_of
     from memprof.plan import accuracy_options, plan_accuracy
-
-    from memprof.options import ACCURACY, given_options, options_of
 
     names = [o.name for o in options_of(ACCURACY)] + ["num_classes"]
     given = {k: v for k, v in given_options(args).items() if k in names}
@@ -280,10 +271,9 @@ def _execute_accuracy(accuracy, out_dir: str) -> None:
 
 
 def cmd_accuracy(args) -> int:
-    from memprof.results import ACCURACY_FILE, load_verdicts
     from memprof.plan import default_out, writable_dir
     from memprof.reports.table4 import render_verdicts
-    from memprof.results import write_text
+    from memprof.results import ACCURACY_FILE, load_verdicts, write_text
 
     accuracy = _plan_accuracy(args)
     out_dir = writable_dir(args.out if args.out is not None else default_out())
@@ -386,7 +376,7 @@ def cmd_baseline_save(args) -> int:
 
 def cmd_compare(args) -> int:
     from memprof.baseline import DEFAULT_FAIL, compare, load_any, parse_threshold
-    from memprof.reports.terminal import fit_table
+    from memprof.reports.terminal import fit_table, wrapped
 
     thresholds = [parse_threshold(t) for t in (args.fail or DEFAULT_FAIL)]
     base, current = load_any(args.baseline), load_any(args.current)
@@ -403,8 +393,6 @@ def cmd_compare(args) -> int:
             table = "\n\n".join(f"{config}\n" + "\n".join("  " + line for line in tabulate(
                 rows, headers=headers[1:], disable_numparse=True).splitlines()) for config, rows in groups.items())
         print(table)
-    from memprof.reports.terminal import wrapped
-
     for note in result.notes:
         print(wrapped(note))
     if result.regressions:
@@ -436,7 +424,7 @@ def cmd_list(args) -> int:
     if args.what == "models" and args.filter:
         raise UsageError("--filter needs --source: e.g. memprof list models --source timm --filter 'vit_*'")
     if args.what == "models":
-        from memprof.models import REGISTRY, listed_models
+        from memprof.model_sources.open_clip import REGISTRY, listed_models
 
         rows = [[m.name, m.open_clip_config or "-", "+".join(m.embedding_modules), m.description]
                 for m in REGISTRY.values()]
@@ -478,10 +466,6 @@ def cmd_list(args) -> int:
         print(fit_table(rows, ["name", "card", "memory", "compute capability", "L2 cache"], width))
         print("\nOr a size: --budget 11GiB (optionally with a compute capability: 80GiB@9.0)")
     return EXIT_OK
-
-
-def _executor_options(p) -> None:
-    add_options(p, None, ("executor", "ray_address"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -546,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--resume", action="store_true", help="skip configurations already in --out")
     suite.add_argument("--retry-failed", action="store_true", help="with --resume: rerun errored or crashed ones")
     suite.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _executor_options(suite)
+    add_options(suite, None, ("executor", "ray_address"))
     suite.set_defaults(func=cmd_suite)
 
     table = sub.add_parser("table", help="render Table 4 from a results.jsonl (markdown, CSV, JSON, PNG)")

@@ -15,11 +15,8 @@ import re
 from dataclasses import replace
 
 from memprof.errors import UsageError
-from memprof.model_sources.base import (CLIP_VIT_EMBEDDING, DEFAULT_INPUT_SHAPE, FAMILY_EMBEDDING,  # noqa: F401
-                                        ModelInfo)
-from memprof.model_sources.open_clip import (PAPER_MODELS, REGISTRY, UNSUPPORTED, listed_models,  # noqa: F401
-                                             open_clip_names, unsupported_table_problems)
-from memprof.model_sources.py import call_factory, factory_name  # noqa: F401 (memprof.api names a factory)
+from memprof.model_sources.base import ModelInfo
+from memprof.model_sources.open_clip import PAPER_MODELS
 from memprof.model_sources.registry import get as get_source, source_of
 
 
@@ -73,7 +70,7 @@ def resolve_model(name: str, simulated: bool = True, freeze: str | None = None,
 
     `simulated`: the simulation will trace it, so a name it cannot predict is a UsageError with the reason
     (memprof.backends.simulate checks with check_simulatable)."""
-    info = _resolve(name, simulated)
+    info = source_of(name).resolve(name, simulated)  # the source its prefix names, or the bare one that owns it
     origin = get_source(info.source)
     if freeze is not None:
         info = replace(info, embedding_modules=parse_freeze(freeze))
@@ -92,11 +89,6 @@ def resolve_model(name: str, simulated: bool = True, freeze: str | None = None,
 def check_simulatable(name: str) -> None:
     """A UsageError for a model the simulation cannot predict (open_clip's UNSUPPORTED), with its reason."""
     source_of(name).check_simulatable(name)
-
-
-def _resolve(name: str, simulated: bool = True) -> ModelInfo:
-    """The ModelInfo of a name, from the source its prefix names (or the bare source that owns it)."""
-    return source_of(name).resolve(name, simulated)
 
 
 def parse_models(text: str, simulated: bool = True, freeze: str | None = None,
@@ -124,10 +116,6 @@ def build_model(info: ModelInfo, num_classes: int):
     even for ViT-H/14.
     """
     return get_source(info.source).build(info, num_classes)
-
-
-def input_size(model) -> tuple[int, int]:
-    return input_shape(model)[1:]
 
 
 def input_shape(model) -> tuple[int, int, int]:

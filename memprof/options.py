@@ -62,11 +62,11 @@ OPTIONS: tuple[Option, ...] = (
     _o("grad_ckpt", "off", "off, on or off,on (default: off; accuracy: off,on)", toml=SWITCH, commands=TRAINING,
        parse=_SPEC + "switches", defaults=((ACCURACY, "off,on"),)),
     _o("state_bits", "32", "optimizer state bits: 32, 8 or 32,8 (8: bitsandbytes block-wise 8-bit states; accuracy's "
-       "default: 32,8)", toml=(str, int), commands=TRAINING, parse=_SPEC + "state_bits", defaults=((ACCURACY, "32,8"),)),
+       "default: 32,8)", toml=(str, int), commands=TRAINING, parse=_SPEC + "positive_ints", defaults=((ACCURACY, "32,8"),)),
     _o("paged", False, "8-bit states in bitsandbytes' paged optimizers (CUDA managed memory, outside torch's "
        "allocator)", toml=(bool,), action="store_true"),
     _o("batch_size", "1", "micro-batch sizes, comma list (default: 1)", toml=(str, int),
-       commands={RUN, SUITE, ADVISE, ACCURACY}, parse=_SPEC + "batch_sizes"),
+       commands={RUN, SUITE, ADVISE, ACCURACY}, parse=_SPEC + "positive_ints"),
     _o("steps", 2, "training steps per config (default: 2, the minimum)", toml=(int,), type=int),
     _o("budget", None, _BUDGET_HELP, commands=GRID | {ADVISE, SCRIPT}),
     _o("num_classes", 10, "classes of the new linear head (default: 10)", toml=(int,), type=int),

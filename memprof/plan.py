@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from memprof.errors import UsageError
 from memprof.options import RUN_OPTIONS  # every option of a run, with its default (the table: memprof.options)
-from memprof.results import FAILED, RESULTS_FILE, RunDirectory, read_records
+from memprof.results import RESULTS_FILE, RunDirectory, read_records
+from memprof.vocabulary import FAILED
 
 EXECUTORS = ("local", "ray")
 # Named sets of options. paper-2022: the paper grid as its 2022 setup ran it. PyTorch before 2.0 ran the
@@ -45,6 +46,16 @@ def option(name: str):
         if exc.option is None:
             exc.option = name
         raise
+
+
+def parsed(opts: dict, name: str):
+    """Option `name` of `opts` (the table's default where not given), typed by its row's parser (memprof.options);
+    a bad value is a UsageError naming the option."""
+    from memprof.options import BY_NAME, parse
+
+    with option(name):
+        given = opts.get(name)
+        return parse(name, BY_NAME[name].default if given is None else given)
 
 
 def flag(name: str) -> str:
@@ -266,9 +277,7 @@ def parallel_axes(opts: dict, state_bits: list, backend: str) -> list[dict]:
     from memprof.options import parse
     from memprof.spec import MAX_WORLD_SIZE
 
-    kinds = parse("parallel", opts.get("parallel", "none"))
-    with option("world_size"):
-        world = parse("world_size", opts.get("world_size", 1))
+    kinds, world = parsed(opts, "parallel"), parsed(opts, "world_size")
     if world > MAX_WORLD_SIZE:
         raise UsageError(f"--world-size {world}: at most {MAX_WORLD_SIZE} (rank 0's shards are a few elements past "
                          f"that)", option="world_size")
@@ -310,7 +319,6 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
     from memprof.backends.registry import get as get_backend
     from memprof.models import parse_models, takes_input_shape
     from memprof.optims import parse_optims
-    from memprof.options import parse
     from memprof.spec import MIN_STEPS, expand_grid
 
     notes: list[str] = []
@@ -329,12 +337,9 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
         raise UsageError(f"--freeze {opts['freeze']} names what a freeze-embed optimizer freezes, and none of "
                          f"{', '.join(o.name for o in optims)} freezes anything: add one (e.g. --optims sgd-fe), or "
                          f"drop --freeze", option="freeze")
-    with option("grad_ckpt"):
-        grad_ckpt = parse("grad_ckpt", opts["grad_ckpt"])
-    with option("state_bits"):
-        state_bits = unique(parse("state_bits", opts["state_bits"]), "state_bits", notes)
-    with option("batch_size"):
-        batch_sizes = unique(parse("batch_size", opts["batch_size"]), "batch_size", notes)
+    grad_ckpt = parsed(opts, "grad_ckpt")
+    state_bits = unique(parsed(opts, "state_bits"), "state_bits", notes)
+    batch_sizes = unique(parsed(opts, "batch_size"), "batch_size", notes)
     if max(batch_sizes) > MAX_BATCH_SIZE:
         raise UsageError(f"--batch-size {max(batch_sizes)}: at most {MAX_BATCH_SIZE} (2**31 - 1, the largest a CUDA "
                          f"kernel indexes; no card holds a batch near it)", option="batch_size")
@@ -386,8 +391,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
 
     with option("parallel"):
         parallel = parallel_axes(opts, state_bits, backend)
-    with option("resident"):
-        residents = parse("resident", opts["resident"])
+    residents = parsed(opts, "resident")
     if "clip" in residents:
         from memprof.models import text_config
 
@@ -409,15 +413,8 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
 
 def training_axes(opts: dict) -> dict:
     """--precision, --optim-impl and --optim-in-backward, validated: the expand_grid keywords."""
-    from memprof.options import BY_NAME, parse
-
-    def value(name):
-        with option(name):
-            given = opts.get(name)
-            return parse(name, BY_NAME[name].default if given is None else given)
-
-    clear, precisions, impls, in_backward = (value(n) for n in ("clear_grads", "precision", "optim_impl",
-                                                                 "optim_in_backward"))
+    clear, precisions, impls, in_backward = (parsed(opts, n) for n in ("clear_grads", "precision", "optim_impl",
+                                                                        "optim_in_backward"))
     if in_backward == [True] and precisions == ["fp16-amp"]:
         raise UsageError("--optim-in-backward on cannot honour --precision fp16-amp: GradScaler must see every gradient "
                          "(to skip the whole step on inf/nan) before any parameter is updated; use bf16-amp, or "
@@ -433,7 +430,7 @@ def _remaining(entries, out_dir: str, backend: str, resume: bool, retry_failed: 
     """The entries still to run in out_dir: all of them for a new directory; with --resume those without a
     record (and, with --retry-failed, those whose record is an error or a crash). Reusing a directory
     that holds results without --resume is refused: two runs would silently merge."""
-    from memprof.results import record_key
+    from memprof.records import record_key
 
     path = os.path.join(out_dir, RESULTS_FILE)
     if not os.path.exists(path) or os.path.getsize(path) == 0:
@@ -521,7 +518,6 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
     from memprof.models import parse_models
     from memprof.optims import parse_optims, require_bitsandbytes
     from memprof.recipe import DEFAULT_STEPS
-    from memprof.options import parse
     from memprof.spec import expand_grid
 
     notes: list[str] = []
@@ -529,9 +525,9 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
         models = parse_models(opts["models"], simulated=False)  # trains for real: every name runs
     with option("optims"):
         optims = parse_optims(opts["optims"])
-    entries = expand_grid(models, optims, parse("grad_ckpt", opts["grad_ckpt"]),
-                          unique(parse("state_bits", opts["state_bits"]), "state_bits", notes),
-                          unique(parse("batch_size", opts["batch_size"]), "batch_size", notes),
+    entries = expand_grid(models, optims, parsed(opts, "grad_ckpt"),
+                          unique(parsed(opts, "state_bits"), "state_bits", notes),
+                          unique(parsed(opts, "batch_size"), "batch_size", notes),
                           pretrained=opts["pretrained"], budget="device", **training_axes(opts))
     for name in ("lr_sgd", "lr_adaptive"):
         value = opts[name]

@@ -25,6 +25,8 @@ import sys
 
 import pytest
 
+from memprof.budget import format_size
+
 METRICS = {"allocated": "peak_allocated_bytes", "reserved": "peak_reserved_bytes"}  # marker metric= -> field
 _RECORDS = pytest.StashKey[list]()
 DEFAULT_BUDGET = "titan-x"
@@ -174,16 +176,10 @@ class CudaMemory:
         if self.limit_bytes is not None and (result.record["status"] == "oom" or peak > self.limit_bytes):
             from memprof.reports.terminal import WIDTH, wrapped
 
-            pytest.fail(wrapped(f"cuda_memory: {result.record['source']} peak {self.metric} {_size(peak)} exceeds the "
-                                f"limit {_size(self.limit_bytes)} (budget {self.budget})", width=WIDTH)
+            pytest.fail(wrapped(f"cuda_memory: {result.record['source']} peak {self.metric} {format_size(peak)} "
+                                f"exceeds the limit {format_size(self.limit_bytes)} (budget {self.budget})", width=WIDTH)
                         + f"\n{result}", pytrace=False)
         return result
-
-
-def _size(nbytes) -> str:
-    from memprof.api import _gib
-
-    return _gib(nbytes)
 
 
 @pytest.fixture
@@ -203,8 +199,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.section("memprof report")
     for nodeid, limit, result in records:
         r = result.record
-        limit_text = f", limit {_size(limit)}" if limit is not None else ""
-        terminalreporter.write_line(f"{nodeid}: peak {_size(result.peak_bytes)} ({r['source']}, "
+        limit_text = f", limit {format_size(limit)}" if limit is not None else ""
+        terminalreporter.write_line(f"{nodeid}: peak {format_size(result.peak_bytes)} ({r['source']}, "
                                     f"{r['environment']['backend']}), budget {r['spec']['budget']}{limit_text}"
                                     + ("" if r["status"] == "ok" else f" [{r['status']}]"))
 

@@ -1,14 +1,8 @@
 """The record of one configuration, typed: checked once, where it is made or read, then read by field.
 
-A record is one JSON object in a results.jsonl (memprof.results reads and writes the files). `Record` is that
-object (a dict: it is written, copied and compared as one, byte for byte as memprof has always written it,
-fields this version does not know included) with its parts read typed: the spec (memprof.spec.RunSpec: what was
-run), the status (Status), where its figures come from (Source: predicted or measured), the metrics (names
-declared in memprof.metrics, units in the names), the environment (backend, device, versions), the task (`run`,
-or `fit` for a batch-size search), the error or skip reason and the time it took. Its configuration
-(`config`, on the spec) is what every report pairs and labels records by.
-
-`Result` is the record as the Python API returns it (memprof.predict, memprof.measure, ...).
+A record is one JSON object in a results.jsonl (memprof.results reads and writes the files), kept byte for byte as
+memprof has always written it, fields this version does not know included. `Result` is the record as the Python
+API returns it (memprof.predict, memprof.measure, ...).
 """
 
 from __future__ import annotations
@@ -20,6 +14,7 @@ import re
 from importlib import metadata
 from typing import Any
 
+from memprof.budget import format_size
 from memprof.errors import UsageError
 from memprof.spec import RunSpec
 from memprof.vocabulary import Source, Status
@@ -100,10 +95,6 @@ class Record(dict):
         if isinstance(record, Result):
             return record.parsed
         return cls.parse(record)
-
-    def to_dict(self) -> dict:
-        """The JSON object as a plain dict (memprof.results.append writes it as one line)."""
-        return dict(self)
 
     key = property(lambda self: self["key"], doc="the spec's key and the backend (`...@simulate`, `#fit` for a search)")
     spec = property(lambda self: RunSpec.from_dict(self["spec"]), doc="what was run (memprof.spec.RunSpec)")
@@ -224,12 +215,6 @@ def _wrong_value(rec: dict) -> str | None:
 
 # --- the record as the Python API returns it --------------------------------------------------------------------
 
-def _gib(nbytes: int | None) -> str:
-    from memprof.budget import format_size
-
-    return format_size(nbytes)
-
-
 WIDTH = 100  # print(result) fits a terminal this wide
 
 
@@ -266,12 +251,8 @@ class Result:
 
     def __getattr__(self, name: str) -> Any:
         record = self.__dict__.get("record", {})
-        if name == "status" and "status" in record:
-            return Status(record["status"])
-        if name == "source" and "source" in record:
-            return Source(record["source"])
-        if name == "spec" and "spec" in record:
-            return RunSpec.from_dict(record["spec"])
+        if name in ("status", "source", "spec") and name in record:  # typed, as Record reads them
+            return getattr(Record, name).fget(record)
         if name in record:
             return record[name]
         if name in record.get("metrics", {}):
@@ -285,12 +266,7 @@ class Result:
     def __repr__(self) -> str:
         return f"Result({self.record.get('key')!r}, status={self.record.get('status')!r})"
 
-    @property
-    def peak_bytes(self) -> int | None:
-        """The peak a limit is checked against: allocated bytes (torch.cuda.max_memory_allocated, predicted
-        or measured); on the cpu backend, peak live tensor bytes."""
-        m = self.record["metrics"]
-        return m.get("peak_allocated_bytes", m.get("peak_live_bytes"))
+    peak_bytes = property(lambda self: Record.peak_bytes.fget(self.record), doc="as Record.peak_bytes")
 
     @property
     def ok(self) -> bool:
@@ -320,17 +296,17 @@ class Result:
             return [f"{head}: {r['error']}"]
         lines = [head]
         if "peak_allocated_bytes" in m:
-            lines.append(f"  peak allocated {_gib(m['peak_allocated_bytes'])}, reserved "
-                         f"{_gib(m.get('peak_reserved_bytes'))} on {r['spec']['budget']}"
+            lines.append(f"  peak allocated {format_size(m['peak_allocated_bytes'])}, reserved "
+                         f"{format_size(m.get('peak_reserved_bytes'))} on {r['spec']['budget']}"
                          + (f", fits: {'may not fit' if self.may_not_fit else 'yes' if self.fits else 'no'}"
                             if "fits" in m else ""))
         elif "peak_live_bytes" in m:
-            lines.append(f"  peak live tensors {_gib(m['peak_live_bytes'])} on {r['spec']['budget']}")
+            lines.append(f"  peak live tensors {format_size(m['peak_live_bytes'])} on {r['spec']['budget']}")
         if m.get("peak_phase"):
             lines.append(f"  at the peak: {m['peak_phase']} of step {m.get('peak_step')}, op {m.get('peak_op')}")
         if m.get("breakdown_at_peak_bytes"):
-            lines.append("  breakdown: " + ", ".join(f"{k} {_gib(v)}" for k, v in m["breakdown_at_peak_bytes"].items()
-                                                    if v))
+            lines.append("  breakdown: " + ", ".join(f"{k} {format_size(v)}"
+                                                    for k, v in m["breakdown_at_peak_bytes"].items() if v))
         if m.get("oom"):
             oom = m["oom"]
             lines.append(f"  out of memory in {oom.get('phase')} of step {oom.get('step')}"

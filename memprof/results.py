@@ -18,20 +18,18 @@ import os
 import platform
 
 from memprof.errors import UsageError, WriteFailed
-from memprof.records import (SCHEMA_VERSION, Record, Result, _gib, environment,  # noqa: F401 (re-exported)
-                             record_key)
-from memprof.vocabulary import FAILED, Status  # noqa: F401 (FAILED re-exported)
+from memprof.records import Record, Result, environment  # noqa: F401 (Result, environment: memprof.script's imports)
+from memprof.vocabulary import Status
 
 RESULTS_FILE = "results.jsonl"
 LOCK_FILE = ".memprof.lock"
-STATUSES = tuple(Status)  # incomplete: a script that trained no step
 
 
 def make_record(spec, status: str, source: str, env: dict, metrics: dict | None = None,
                 error: str | None = None, skip_reason: str | None = None, elapsed_s: float | None = None,
                 task: str = "run") -> dict:
     """A new record's JSON object (memprof.records.Record.make, as written)."""
-    return Record.make(spec, status, source, env, metrics, error, skip_reason, elapsed_s, task).to_dict()
+    return dict(Record.make(spec, status, source, env, metrics, error, skip_reason, elapsed_s, task))
 
 
 def write_error(path: str, exc: OSError, flag: str = "--out") -> WriteFailed:
@@ -44,7 +42,7 @@ def append(path: str, record: Record | dict) -> None:
 
     A file whose last line lacks its newline (a run killed mid-write, an editor) gets one first, so the
     new record never joins it. A failing write is a UsageError naming the path and the OS error."""
-    line = json.dumps(record.to_dict() if isinstance(record, Record) else record, sort_keys=True) + "\n"
+    line = json.dumps(record, sort_keys=True) + "\n"
     try:
         with open(path, "a+b") as fh:
             if fh.tell() > 0:
@@ -160,13 +158,9 @@ class RunDirectory:
         self._fh.close()
 
 
-def status_counts(records) -> dict:
-    return {s.value: sum(1 for r in records if r["status"] == s) for s in Status}
-
-
 def summary_line(records: list[dict]) -> str:
     """`12 configurations: 9 ok, 1 oom, 2 skipped, 0 error, 0 crashed` (the last line of a run)."""
-    counts = status_counts(records)
+    counts = {s.value: sum(1 for r in records if r["status"] == s) for s in Status}
     if not counts["incomplete"]:
         del counts["incomplete"]  # (a grid's configurations always train: said only where a script's did not)
     return f"{len(records)} configurations: " + ", ".join(f"{n} {s}" for s, n in counts.items())

@@ -12,7 +12,7 @@ from dataclasses import asdict, astuple, dataclass, fields, replace
 
 from memprof.budget import DEFAULT_BUDGET
 from memprof.errors import UsageError
-from memprof.models import ModelInfo
+from memprof.model_sources.base import ModelInfo
 from memprof.optims import OptimInfo
 
 MIN_STEPS = 2  # the optimizer creates its state in step 1; step 2 runs with that state present
@@ -154,25 +154,6 @@ class GridEntry:
     skip_reason: str | None = None
 
 
-def parse_ints(text: str, flag: str, minimum: int) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} '{text}': give whole numbers separated by commas, e.g. {flag} 1,32") from None
-    if not values:
-        raise UsageError(f"{flag} is empty: give at least one value, e.g. {flag} 1")
-    if min(values) < minimum:
-        raise UsageError(f"{flag} {min(values)}: must be at least {minimum}")
-    return values
-
-
-def parse_switch(text: str, flag: str) -> list[bool]:
-    words = [w.strip() for w in text.split(",") if w.strip()]
-    if not words or any(w not in ("off", "on") for w in words):
-        raise UsageError(f"{flag} '{text}': use off, on or off,on")
-    return [w == "on" for w in dict.fromkeys(words)]
-
-
 def parse_names(text: str, flag: str, choices: tuple, kind: str) -> list[str]:
     """A comma list of names from `choices` (`all` expands), each once; close matches for a typo."""
     from memprof.errors import unknown_name
@@ -192,18 +173,6 @@ def parse_names(text: str, flag: str, choices: tuple, kind: str) -> list[str]:
     return out
 
 
-def parse_precisions(text: str) -> list[str]:
-    return parse_names(text, "--precision", PRECISIONS, "precision")
-
-
-def parse_optim_impls(text: str) -> list[str]:
-    return parse_names(text, "--optim-impl", OPTIM_IMPLS, "optimizer implementation")
-
-
-def parse_clear_grads(text: str) -> list[str]:
-    return parse_names(text, "--clear-grads", CLEAR_GRADS, "--clear-grads value")
-
-
 # --- the option table's parsers (memprof.options.Option.parse): a value as the command line gives it (text), as a
 # suite's TOML or the Python API gives it (a number, a bool, a list), each to its typed list, with `flag` in errors
 
@@ -221,27 +190,37 @@ def switches(value, flag: str) -> list[bool]:
     """off, on, off,on; True / False; a list of them."""
     if not isinstance(value, (str, bool, list, tuple)):
         raise UsageError(f"{flag} {value!r}: give True/False or 'on'/'off' (a comma list: off,on)")
-    return parse_switch(_text(value, flag), flag)
+    text = _text(value, flag)
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words or any(w not in ("off", "on") for w in words):
+        raise UsageError(f"{flag} '{text}': use off, on or off,on")
+    return [w == "on" for w in dict.fromkeys(words)]
 
 
-def batch_sizes(value, flag: str) -> list[int]:
-    return parse_ints(_text(value, flag), flag, 1)
-
-
-def state_bits(value, flag: str) -> list[int]:
-    return parse_ints(_text(value, flag), flag, 1)
+def positive_ints(value, flag: str) -> list[int]:
+    """Whole numbers of at least 1, comma-separated (--batch-size, --state-bits)."""
+    text = _text(value, flag)
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} '{text}': give whole numbers separated by commas, e.g. {flag} 1,32") from None
+    if not values:
+        raise UsageError(f"{flag} is empty: give at least one value, e.g. {flag} 1")
+    if min(values) < 1:
+        raise UsageError(f"{flag} {min(values)}: must be at least 1")
+    return values
 
 
 def precisions(value, flag: str) -> list[str]:
-    return parse_precisions(_text(value, flag))
+    return parse_names(_text(value, flag), flag, PRECISIONS, "precision")
 
 
 def optim_impls(value, flag: str) -> list[str]:
-    return parse_optim_impls(_text(value, flag))
+    return parse_names(_text(value, flag), flag, OPTIM_IMPLS, "optimizer implementation")
 
 
 def clear_grads(value, flag: str) -> list[str]:
-    return parse_clear_grads(_text(value, flag))
+    return parse_names(_text(value, flag), flag, CLEAR_GRADS, "--clear-grads value")
 
 
 def residents(value, flag: str) -> list[str]:

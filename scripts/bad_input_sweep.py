@@ -266,10 +266,9 @@ def _fits_is_a_bool() -> bool:
 
 def _small_sizes_are_not_zero() -> bool:
     """a size under 0.05 MiB prints in KiB or B, not 0.0 MiB"""
-    from memprof.api import _gib
-    from memprof.reports.table4 import _size
+    from memprof.budget import format_size
 
-    return _gib(4096) == _size(4096) == "4.0 KiB" and _gib(100) == "100 B"
+    return format_size(4096) == "4.0 KiB" and format_size(100) == "100 B"
 
 
 def round3_cases(tmp: str, f) -> list[tuple]:

@@ -68,7 +68,8 @@ def test_list_commands():
 def tower_file(tmp_path_factory):
     import torch
 
-    from memprof.models import REGISTRY, build_model
+    from memprof.model_sources.open_clip import REGISTRY
+    from memprof.models import build_model
 
     path = tmp_path_factory.mktemp("w") / "test-vit.pt"
     torch.save(build_model(REGISTRY["test-vit"], 10).visual.state_dict(), path)
@@ -131,7 +132,7 @@ def test_pretrained_not_loadable_and_mismatched(tmp_path, tower_file):
 
 def test_failing_config_is_recorded_and_the_rest_go_on(tmp_path, monkeypatch):
     from memprof.simulation import simulate
-    from memprof.models import REGISTRY as MODELS
+    from memprof.model_sources.open_clip import REGISTRY as MODELS
     from memprof.optims import REGISTRY as OPTIMS
     from memprof.executors.runner import run_grid
     from memprof.spec import expand_grid
@@ -152,7 +153,7 @@ def test_failing_config_is_recorded_and_the_rest_go_on(tmp_path, monkeypatch):
 
 
 def test_parallel_and_serial_runs_agree(tmp_path):
-    from memprof.models import REGISTRY as MODELS
+    from memprof.model_sources.open_clip import REGISTRY as MODELS
     from memprof.optims import REGISTRY as OPTIMS
     from memprof.executors.runner import run_grid
     from memprof.spec import expand_grid

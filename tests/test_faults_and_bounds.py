@@ -489,10 +489,9 @@ def test_a_budget_past_every_card_says_so_and_tib_is_a_unit():
 @pytest.mark.parametrize("nbytes, shown", [(0, "0 B"), (512, "512 B"), (4096, "4.0 KiB"), (52428, "51.2 KiB"),
                                            (52429, "0.1 MiB"), (3 << 20, "3.0 MiB"), (2 << 30, "2.00 GiB")])
 def test_small_sizes_never_print_as_zero_mib(nbytes, shown):
-    from memprof.api import _gib
-    from memprof.reports.table4 import _size
+    from memprof.budget import format_size
 
-    assert _gib(nbytes) == _size(nbytes) == shown
+    assert format_size(nbytes) == shown
 
 
 def test_negative_control_the_old_formatter_printed_zero_mib():

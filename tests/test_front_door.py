@@ -257,11 +257,11 @@ def test_open_clip_names_read_like_open_clip(monkeypatch, tmp_path):
 
     import open_clip
 
-    from memprof import models
+    from memprof.model_sources import open_clip as sources
 
-    models.open_clip_names.cache_clear()
+    sources.open_clip_names.cache_clear()
     monkeypatch.delitem(sys.modules, "open_clip")
-    assert models.open_clip_names() == tuple(open_clip.list_models())
+    assert sources.open_clip_names() == tuple(open_clip.list_models())
     configs = tmp_path / "open_clip" / "model_configs"
     configs.mkdir(parents=True)
     full = {"embed_dim": 1, "vision_cfg": {}, "text_cfg": {}}
@@ -270,11 +270,11 @@ def test_open_clip_names_read_like_open_clip(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("open_clip", configs.parent / "__init__.py",
                                                   submodule_search_locations=[str(configs.parent)])
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "open_clip" else None)
-    models.open_clip_names.cache_clear()
+    sources.open_clip_names.cache_clear()
     try:
-        assert models.open_clip_names() == ("ViT-B-4", "ViT-B-16")  # natural order; "notes" is no config
+        assert sources.open_clip_names() == ("ViT-B-4", "ViT-B-16")  # natural order; "notes" is no config
     finally:
-        models.open_clip_names.cache_clear()
+        sources.open_clip_names.cache_clear()
 
 
 def test_a_suite_sets_every_run_option_a_run_takes(tmp_path):

@@ -13,7 +13,7 @@ from memprof.backends import cpu as cpu_backend
 from memprof.budget import GiB
 from memprof.backends.cuda import emulation_fraction, requested_bytes
 from memprof.errors import UsageError
-from memprof.models import REGISTRY as MODELS
+from memprof.model_sources.open_clip import REGISTRY as MODELS
 from memprof.optims import REGISTRY as OPTIMS
 from memprof.reports.fidelity import fidelity_rows, render_fidelity
 from memprof.executors.runner import run_grid, run_isolated

@@ -142,7 +142,8 @@ def test_the_built_in_sources_are_one_registry_line_each():
 def test_what_the_engine_and_the_api_ask_of_a_source(toy):
     """Answered by the source, not by its name: whether its forward may be traced once for every optimizer, whether a
     name is known in this process alone, whether --input-shape applies (negative controls: a user's factory)."""
-    from memprof.models import factory_name, local_only, rebuilds_alike, takes_input_shape
+    from memprof.model_sources.py import factory_name
+    from memprof.models import local_only, rebuilds_alike, takes_input_shape
 
     assert rebuilds_alike("toy:tiny") and rebuilds_alike("vit-b-16") and not rebuilds_alike("py:mod:factory")
     local = factory_name(lambda: None)

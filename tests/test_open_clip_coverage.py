@@ -7,8 +7,10 @@ import open_clip
 import pytest
 
 from memprof import models
+from memprof.model_sources import open_clip as sources
 from memprof.errors import UsageError
-from memprof.models import listed_models, resolve_model, unsupported_table_problems
+from memprof.model_sources.open_clip import listed_models, unsupported_table_problems
+from memprof.models import resolve_model
 from memprof.simulation.simulate import predict, predict_cpu
 from memprof.spec import RunSpec
 
@@ -31,7 +33,7 @@ def test_unsupported_table_check_fails_on_broken_entries():  # negative control
 
 
 def test_unsupported_name_rejected_with_reason(monkeypatch):  # negative control
-    monkeypatch.setitem(models.UNSUPPORTED, "RN50", ("some op has no fake kernel", True))
+    monkeypatch.setitem(sources.UNSUPPORTED, "RN50", ("some op has no fake kernel", True))
     with pytest.raises(UsageError, match="some op has no fake kernel.*--backend cpu"):
         resolve_model("RN50")
     with pytest.raises(UsageError, match="some op has no fake kernel"):
@@ -39,7 +41,7 @@ def test_unsupported_name_rejected_with_reason(monkeypatch):  # negative control
     assert resolve_model("RN50", simulated=False).name == "RN50"  # measuring backends still run it
     runnable, unsupported = listed_models()
     assert "RN50" not in runnable and unsupported["RN50"] == "some op has no fake kernel"
-    monkeypatch.setitem(models.UNSUPPORTED, "RN50", ("needs a GPU kernel", False))
+    monkeypatch.setitem(sources.UNSUPPORTED, "RN50", ("needs a GPU kernel", False))
     with pytest.raises(UsageError, match="only --backend cuda"):
         models.parse_models("vit-b-16,RN50")
 

@@ -19,7 +19,7 @@ from memprof.simulation.rules import (CudaAutocastPolicy, FlashAttentionBackward
                            cuda_autocast_lists, cuda_rules)
 from memprof.simulation.simulate import predict
 from memprof.spec import RunSpec, skip_reason
-from memprof.models import REGISTRY as MODELS
+from memprof.model_sources.open_clip import REGISTRY as MODELS
 from memprof.simulation.events import ALLOC
 from memprof.simulation.tracker import StorageTracker
 

@@ -217,7 +217,7 @@ def test_the_injected_exception_is_not_picklable():
 
 
 def _grid(*optims):
-    from memprof.models import REGISTRY as MODELS
+    from memprof.model_sources.open_clip import REGISTRY as MODELS
     from memprof.optims import REGISTRY as OPTIMS
     from memprof.spec import expand_grid
 

@@ -4,7 +4,8 @@ import pytest
 
 from memprof.budget import GiB, PROFILES, parse_budget
 from memprof.errors import UsageError
-from memprof.models import PAPER_MODELS, parse_models, resolve_model
+from memprof.model_sources.open_clip import PAPER_MODELS
+from memprof.models import parse_models, resolve_model
 from memprof.optims import PAPER_OPTIMS, REGISTRY as OPTIMS, parse_optims
 from memprof.spec import RunSpec, expand_grid
 

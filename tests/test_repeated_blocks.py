@@ -16,20 +16,21 @@ import pytest
 from memprof.simulation.rule import Rule
 import torch
 
-from memprof import harness, models
+from memprof import harness
+from memprof.model_sources import open_clip as sources
 from memprof.simulation import repeated_blocks, shared
 from memprof.simulation.simulate import predict_traced
 from memprof.simulation.tracing import trace
 from memprof.spec import RunSpec
 
-DEEP = models.ModelInfo("test-vit-deep", "test-vit with 9 blocks",
-                        vision_cfg=tuple((k, 9 if k == "layers" else v) for k, v in models.REGISTRY["test-vit"].vision_cfg),
-                        embed_dim=32)
+DEEP = sources.ModelInfo("test-vit-deep", "test-vit with 9 blocks", embed_dim=32,
+                         vision_cfg=tuple((k, 9 if k == "layers" else v)
+                                          for k, v in sources.REGISTRY["test-vit"].vision_cfg))
 
 
 @pytest.fixture(autouse=True)
 def deep_model(monkeypatch):
-    monkeypatch.setitem(models.REGISTRY, DEEP.name, DEEP)
+    monkeypatch.setitem(sources.REGISTRY, DEEP.name, DEEP)
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memprof.simulation import shared, tracing
-from memprof.models import REGISTRY as MODELS, build_model, freeze_embedding
+from memprof.model_sources.open_clip import REGISTRY as MODELS
+from memprof.models import build_model, freeze_embedding
 from memprof.optims import REGISTRY as OPTIMS
 from memprof.simulation.simulate import predict
 from memprof.simulation.tracing import to_device_order

@@ -227,7 +227,7 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
 def _dump_snapshot(snapshot_dir: str, spec: RunSpec) -> str:
     """The recorded snapshot, named by the record key (`<key>@cuda.pickle`, beside the simulation's
     `<key>@simulate.pickle` for the same configuration); returns its absolute path."""
-    from memprof.results import record_key
+    from memprof.records import record_key
     from memprof.reports.snapshot import snapshot_name
 
     os.makedirs(snapshot_dir, exist_ok=True)

@@ -218,7 +218,8 @@ def largest_that_fits(budget: str, optims: list[str]) -> str | None:
     import torch
 
     from memprof.backends.registry import get
-    from memprof.models import PAPER_MODELS, build_model, resolve_model
+    from memprof.model_sources.open_clip import PAPER_MODELS
+    from memprof.models import build_model, resolve_model
     from memprof.spec import RunSpec
 
     usable = usable_bytes(budget)

@@ -9,7 +9,7 @@ import os
 def write_artifacts(spec, p, out_dir: str | None, snapshot_dir: str | None) -> dict:
     """The timeline JSON (out_dir) and the predicted snapshot (snapshot_dir) of Prediction `p`; returns the
     metrics naming them."""
-    from memprof.results import record_key
+    from memprof.records import record_key
 
     key = record_key(spec, "simulate")
     out, metrics, device = {}, p.metrics, p.device

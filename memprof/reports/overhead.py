@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from memprof.budget import CONTEXT_ESTIMATE_BYTES
+from memprof.budget import CONTEXT_ESTIMATE_BYTES, gib_figure as _gib
 
 GIB = 1 << 30
 FE, NOMOM = "sgd-fe", "sgd-fe-nomom"
@@ -65,7 +65,7 @@ def overhead_rows(records: list[dict], field: str = "peak_reserved_bytes", budge
     """One row per paper claim with figures in `records` (the paper's setting: micro-batch 1, no
     checkpointing, 32-bit states): the implied X, the plausible ceiling (context estimate, or the measured
     context where a record has one, plus the text tower), and, per model, whether one X explains both claims."""
-    from memprof.models import REGISTRY
+    from memprof.model_sources.open_clip import REGISTRY
     from memprof.reports.paper import PAPER_CLAIMS
 
     paper = {}
@@ -115,10 +115,6 @@ def overhead_rows(records: list[dict], field: str = "peak_reserved_bytes", budge
                              and abs(row["pct_with_fe_overhead"] - row["paper_pct"]) <= CLAIM_TOLERANCE_POINTS)
         fe_row["consistent"] = row["consistent"]
     return rows
-
-
-def _gib(v: float | None) -> str:
-    return "n/a" if v is None else f"{v / GIB:.2f}"
 
 
 def render_overhead(sets: dict[str, list[dict]], field: str = "peak_reserved_bytes") -> str:

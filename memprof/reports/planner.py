@@ -9,16 +9,13 @@ import os
 
 from tabulate import tabulate
 
+from memprof.budget import gib_figure as _gib
 from memprof.records import Record, as_records
 from memprof.reports.terminal import fit_table
 from memprof.vocabulary import Status
 
 GIB = 1 << 30
 MIB = 1 << 20
-
-
-def _gib(v) -> str:
-    return "n/a" if v is None else f"{v / GIB:.2f}"
 
 
 def _config(rec: Record) -> str:

@@ -16,7 +16,8 @@ from collections import OrderedDict
 
 from tabulate import tabulate
 
-from memprof.models import REGISTRY as MODELS
+from memprof.budget import CONTEXT_ESTIMATE_BYTES, card_label, format_size as _size, gib_figure as gib
+from memprof.model_sources.open_clip import PAPER_MODELS, REGISTRY as MODELS
 from memprof.records import Record, as_records
 from memprof.reports.overhead import render_overhead
 from memprof.reports.paper import CLAIM_TOLERANCE_POINTS, PAPER_CLAIMS
@@ -73,7 +74,6 @@ def paper_settings(records: list[Record]) -> set:
     of the paper's, micro-batch 1. Only these get the paper's framing (how much more AdamW needs, the
     paper's claims and verdicts, the overhead its percentages imply); any other grid is a plain table of
     its own axes."""
-    from memprof.models import PAPER_MODELS
     from memprof.optims import PAPER_OPTIMS
 
     groups: dict = {}
@@ -81,12 +81,6 @@ def paper_settings(records: list[Record]) -> set:
         groups.setdefault(_setting(r), []).append(r)
     return {setting for setting, recs in groups.items()
             if setting[1] == 1 and all(r.spec.model in PAPER_MODELS and r.spec.optim in PAPER_OPTIMS for r in recs)}
-
-
-def paper_records(records: list[dict]) -> list[dict]:
-    """The records on the paper's grid (paper_settings)."""
-    paper = paper_settings(records)
-    return [r for r in records if _setting(r) in paper]
 
 
 def _setting_title(setting: tuple, paper: bool = True) -> str:
@@ -110,6 +104,11 @@ def _method_label(method: tuple) -> str:
 def _ordered(names, registry):
     known = [n for n in registry if n in names]
     return known + sorted(n for n in names if n not in registry)
+
+
+def _rank(name: str, registry: dict) -> int:
+    """A name's place in its registry (models, optimizers), 99 for one it does not hold."""
+    return list(registry).index(name) if name in registry else 99
 
 
 def _source(records: list[dict]) -> str:
@@ -153,17 +152,9 @@ def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
 def _usable(metrics: dict) -> int | None:
     """What the allocator could reserve on the budget card: the card minus the CUDA context (measured where a
     record has it, else the estimate the prediction used)."""
-    from memprof.budget import CONTEXT_ESTIMATE_BYTES
-
     total = metrics.get("budget_bytes")
     context = metrics.get("context_bytes") or metrics.get("context_bytes_estimate") or CONTEXT_ESTIMATE_BYTES
     return None if total is None else total - context
-
-
-def _size(nbytes: int) -> str:
-    from memprof.budget import format_size
-
-    return format_size(nbytes)
 
 
 def _verdict_text(verdict: dict | None) -> str:
@@ -207,8 +198,6 @@ def _cell(row: dict, metric: str) -> str:
 def _oom_cell(row: dict, metric: str, value: int) -> str:
     """The verdict against what the card offers: peak reserved beside the usable memory (the card minus the
     CUDA context), the NVML view beside the whole card, naming the card and its size."""
-    from memprof.budget import card_label
-
     head = f"OOM ({row['source']})"
     if row["budget_bytes"] is None or row["usable_bytes"] is None:
         return f"{head}: needs {_size(value)}, {_size(row['over_budget_bytes'])} over the budget"
@@ -230,9 +219,8 @@ def _sections(records: list[dict], metric: str, verdicts: dict | None) -> list[t
     for setting in OrderedDict.fromkeys(r["setting"] for r in rows):
         sub = [r for r in rows if r["setting"] == setting]
         models = _ordered({r["model"] for r in sub}, MODELS)
-        order = list(OPTIMS)
         methods = sorted({(r["optim"], r["state_bits"], r["paged"]) for r in sub},
-                         key=lambda m: (-m[1], m[2], order.index(m[0]) if m[0] in order else 99, m[0]))
+                         key=lambda m: (-m[1], m[2], _rank(m[0], OPTIMS), m[0]))
         cells = {((r["optim"], r["state_bits"], r["paged"]), r["model"]): _cell(r, metric) for r in sub}
         if verdicts:
             for r in sub:
@@ -279,7 +267,7 @@ def render_markdown(records: list[dict], metric: str = "reserved", verdicts: dic
                    "configuration; see accuracy.md beside this report for the checks and their figures.\n")
     out.append(render_ordering_notes(records))
     out.append(render_claims(records, metric))
-    out.append(render_overhead(overhead_sets(records), METRICS["reserved"][0]))
+    out.append(render_overhead(_paper_setups(records), METRICS["reserved"][0]))
     out.append(render_eight_bit_check(records, metric))
     out.append(render_state_bytes(records))
     out.append(render_per_gpu(records))
@@ -354,10 +342,12 @@ def _paper_setups(records: list[dict]) -> dict:
     """The paper's setting (micro-batch 1, no checkpointing, 32-bit, fp32, ordinary step), one group of records per
     optimizer implementation, resident model and source: {label: records}."""
     groups: dict = {}
-    for r in paper_records(run_records(records)):
+    runs = run_records(records)
+    paper = paper_settings(runs)
+    for r in runs:
         s = r.spec
         precision, impl, in_backward, resident, clear = _training(s)
-        if (s.batch_size, s.grad_ckpt, s.state_bits, precision, in_backward, clear) != \
+        if _setting(r) not in paper or (s.batch_size, s.grad_ckpt, s.state_bits, precision, in_backward, clear) != \
                 (1, False, 32, "fp32", False, "after-step"):
             continue
         label = (f"{impl}" + (", whole CLIP resident" if resident == "clip" else "")
@@ -374,8 +364,6 @@ def _ours(row: dict | None) -> str:
     if row is None or row["adamw_extra_pct"] is None:
         return "n/a"
     return f"AdamW {row['adamw_extra_pct']:+.0f}%" + (" (AdamW OOM)" if row["adamw_status"] == "oom" else "")
-
-
 
 
 # each metric as a claims column names it
@@ -446,11 +434,6 @@ def render_claims(records: list[dict], metric: str = "reserved") -> str:
     return head + "\n" + tabulate(lines, headers=claim_headers(metric), tablefmt="github") + "\n"
 
 
-def overhead_sets(records: list[dict]) -> dict:
-    """The paper's setting per setup (implementation, resident model, source), each judged on its own."""
-    return _paper_setups(records)
-
-
 def render_eight_bit_check(records: list[dict], metric: str) -> str:
     """Does 8-bit AdamW need less than fp32 SGD with momentum? Said for every model where both ran."""
     rows = {(r["model"], r["optim"], r["state_bits"], r["setting"]): r for r in table_rows(records, metric)}
@@ -497,9 +480,8 @@ def render_state_bytes(records: list[dict]) -> str:
                             4 + 4 + m["state_bytes_per_trainable_param"]])
     if not rows:
         return ""
-    order = list(OPTIMS)
-    table = [rows[k] for k in sorted(rows, key=lambda k: (list(MODELS).index(k[1]) if k[1] in MODELS else 99, k[1],
-                                                           -k[0][1], k[0][2], order.index(k[0][0]) if k[0][0] in order else 99))]
+    table = [rows[k] for k in sorted(rows, key=lambda k: (_rank(k[1], MODELS), k[1], -k[0][1], k[0][2],
+                                                           _rank(k[0][0], OPTIMS)))]
     return ("## Bytes per trainable parameter\n\nOptimizer state bytes per trainable parameter, read from the "
             "state tensors after the run (for 8-bit states: uint8 states, fp32 absmax per 256-element block, "
             "fp32 states for tensors under 4096 elements, the shared quantization maps). With the fp32 weight "
@@ -529,7 +511,7 @@ def per_gpu_rows(records: list[dict]) -> tuple[list, list]:
     models = _ordered({m for m, _, _ in cells}, MODELS)
     for model in models:
         for optim in _ordered({o for m, o, _ in cells if m == model}, OPTIMS):
-            rows.append([model, OPTIMS[optim].label if optim in OPTIMS else optim] +
+            rows.append([model, _method_label((optim, 32, False))] +
                         [_size(cells[(model, optim, c)][0]) if (model, optim, c) in cells else "" for c in columns])
         if (model, "adamw", columns[0]) in cells and (model, "sgd", columns[0]) in cells:
             rows.append([model, "SGD saves over AdamW"] + [
@@ -579,7 +561,6 @@ def render_sampler_effect(records: list[dict]) -> str:
         p = r["metrics"].get("nvml_15s_sampler")
         if r["source"] != "measured" or not p:
             continue
-        gib = lambda v: "n/a" if v is None else f"{v / GIB:.2f}"  # noqa: E731
         rows.append([r["key"], gib(p["peak_bytes"]), gib(p["lowest_recorded_bytes"]), p["run_s"],
                      p["readings_at_most"], f"{100 * p['share_of_phases_with_no_reading']:.0f}%",
                      "n/a" if p["share_of_time_near_peak"] is None else f"{100 * p['share_of_time_near_peak']:.1f}%"])
@@ -693,10 +674,8 @@ def plot_labels(records: list[dict]) -> tuple[list[str], str]:
 
 def plot_rows(records: list) -> list[tuple[Record, str]]:
     """The plot's rows, top to bottom: every record (none dropped) with the note written in its row."""
-    order = list(OPTIMS)
-    recs = sorted(run_records(records), key=lambda r: (
-        list(MODELS).index(r.spec.model) if r.spec.model in MODELS else 99, r.spec.model, str(_setting(r)),
-        -_method(r)[1], order.index(r.spec.optim) if r.spec.optim in order else 99))
+    recs = sorted(run_records(records), key=lambda r: (_rank(r.spec.model, MODELS), r.spec.model, str(_setting(r)),
+                                                       -_method(r)[1], _rank(r.spec.optim, OPTIMS)))
     notes = {Status.OOM: "OOM", Status.SKIPPED: "skipped", Status.ERROR: "error", Status.CRASHED: "crashed"}
     return [(r, notes.get(r.status, "")) for r in recs]
 
@@ -714,7 +693,6 @@ def render_plot(records: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from memprof.budget import card_label
     from memprof.reports.palette import (BUDGET_COLOR, CACHE_COLOR, CATEGORY_COLORS, MEASURED_COLOR,
                                          category_label)
     from memprof.simulation import CATEGORIES
