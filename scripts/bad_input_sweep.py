@@ -63,7 +63,7 @@ def cases(tmp: str) -> list[tuple[str, list[str], int]]:
     }.items():
         for v in values:
             out.append((f"run {flag} {v!r}", RUN + [f"{flag}={v}"], 2))
-    out += [(f"run --retry-failed without --out", RUN + ["--retry-failed"], 2),
+    out += [("run --retry-failed without --out", RUN + ["--retry-failed"], 2),
             ("run --resume without --out", RUN + ["--resume"], 2),
             ("fit --batch-size", ["fit", "--models", "test-vit", "--batch-size", "4"], 2),
             ("fit --max-batch-size 0", ["fit", "--models", "test-vit", "--max-batch-size", "0"], 2),

@@ -65,10 +65,10 @@ def measure(problem: dict) -> dict:
     stride, padding, dilation = [PATCH, PATCH], [0, 0], [1, 1]
     row = dict(problem)
     for call in (1, 2):
-        fwd, y = transient_bytes(torch, lambda: torch.nn.functional.conv2d(x, w, b, stride=PATCH))
+        fwd, y = transient_bytes(torch, lambda x=x, w=w, b=b: torch.nn.functional.conv2d(x, w, b, stride=PATCH))
         grad = torch.randn_like(y)
         del y
-        wgrad, grads = transient_bytes(torch, lambda: torch.ops.aten.convolution_backward(
+        wgrad, grads = transient_bytes(torch, lambda grad=grad, x=x, w=w: torch.ops.aten.convolution_backward(
             grad, x, w, [problem["weight"][0]], stride, padding, dilation, False, [0, 0], 1, [False, True, True]))
         del grads, grad
         row[f"forward_transient_bytes_call{call}"] = fwd
