@@ -99,7 +99,12 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", default="h100-80g")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(ROOT, "reports", "zoo", "zoo.jsonl"))
+    parser.add_argument("--summary", action="store_true", help="print the summary of --out and run nothing")
     args = parser.parse_args(argv)
+    if args.summary:
+        with open(args.out, encoding="utf-8") as fh:
+            print(summary([json.loads(line) for line in fh]))
+        return 0
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
     if args.models:
@@ -135,15 +140,35 @@ def main(argv=None) -> int:
     return 0
 
 
+def source_of(model: str) -> str:
+    """timm / torchvision / hf / open_clip, from the model's name as the sweep writes it."""
+    if model.startswith("py:zoo_hf:"):
+        return "hf"
+    prefix = model.split(":", 1)[0]
+    return prefix if prefix in ("timm", "torchvision") else "open_clip"
+
+
 def summary(rows: list[dict], wall_s: float | None = None) -> str:
+    """Counts (all, and per source), seconds summed over predictions, the ops no audit row covers (matched now,
+    against the audit as it stands, from each record's ops) and each refusal's or error's line."""
+    from memprof.simulation.audit import unaudited as unaudited_of
+
     by = {}
     for r in rows:
         by.setdefault(r["status"], []).append(r)
-    unaudited = sorted({op for r in rows for op in r.get("unaudited", [])})
     ops = sorted({op for r in rows for op in r.get("ops", [])})
+    unaudited = unaudited_of(ops)
     models = {r["model"] for r in rows}
     lines = [f"{len(models)} models x precisions = {len(rows)} predictions: "
              + ", ".join(f"{k} {len(v)}" for k, v in sorted(by.items()))]
+    for source in SOURCES:
+        mine = [r for r in rows if source_of(r["model"]) == source]
+        counts = {}
+        for r in mine:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        lines.append(f"  {source}: {len({r['model'] for r in mine})} models, {len(mine)} predictions: "
+                     + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+    lines.append(f"sum of per-prediction wall times {sum(r.get('seconds', 0) for r in rows):.0f} s")
     if wall_s is not None:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         lines.append(f"wall {wall_s:.0f} s this run; peak resident set {rss / 2**30:.2f} GiB")

@@ -158,7 +158,7 @@ ROWS = (
         "upsample_* ops, alike on both devices", "aten/src/ATen/native/UpSample*.cpp; cuda/UpSample*.cu",
         "the same", "same", "tests/test_device_audit.py::test_probes_alike",
         ("aten.upsample_bilinear2d.vec", "aten.upsample_bicubic2d.vec", "aten._upsample_bicubic2d_aa.default",
-         "aten.upsample_nearest2d.vec"), probe="interpolate"),
+         "aten.upsample_nearest2d.vec", "aten.upsample_nearest2d.default"), probe="interpolate"),
     Row("ctc_loss", "F.ctc_loss",
         "cuDNN's CTC when its conditions hold (int32 targets on the host, blank 0, ...), else _ctc_loss; both size "
         "their buffers from the target lengths' values", "aten/src/ATen/native/LossCTC.cpp ctc_loss; "
@@ -184,12 +184,41 @@ ROWS = (
         "CUDA parameters take the foreach implementation (multi-tensor kernels; full-size temporaries such as "
         "sqrt(exp_avg_sq)); fused only when asked", "torch/optim/optimizer.py _default_to_fused_or_foreach",
         "fake CPU parameters took the for-loop", "rule", "foreach-optimizer", ("aten._foreach_*", "aten._fused_*")),
-    Row("pooling, shuffles, reductions", "max/avg/adaptive pooling, pixel_shuffle, topk, cumsum, unfold, roll, "
-        "gather, normalize, cdist, BCE with logits", "the same ops on both devices",
+    Row("pooling, shuffles, reductions", "max/avg/adaptive pooling, pixel_shuffle, topk, cumsum, unfold / fold "
+        "(col2im, also unfold's backward), reflection padding, roll, gather, normalize, cdist, BCE with logits", "the same ops on both devices",
         "aten/src/ATen/native (OpInfo scan)", "the same", "same", "tests/test_device_audit.py::test_probes_alike",
         ("aten.max_pool2d_with_indices.default", "aten.max_pool2d_with_indices_backward.default",
          "aten._adaptive_avg_pool2d.default", "aten._adaptive_avg_pool2d_backward.default",
-         "aten.avg_pool2d.default", "aten.avg_pool2d_backward.default"), probe="pooling"),
+         "aten.avg_pool2d.default", "aten.avg_pool2d_backward.default", "aten.col2im.default",
+         "aten.reflection_pad2d.default", "aten.reflection_pad2d_backward.default"), probe="pooling"),
+    Row("elementwise arithmetic and comparisons", "addcmul (timm's LayerScale / optimizers' Python code), ~mask, "
+        "clamp, x // y (div rounding_mode), x > 0, x >= 0, 2 ** x, 1 - x, ReLU's backward (threshold_backward), "
+        "arange(start, end) (position ids made on the device)",
+        "TensorIterator kernels: one output of the broadcast shape and promoted dtype on both devices, no workspace; "
+        "autograd saves what derivatives.yaml names, device-independent",
+        "aten/src/ATen/native/PointwiseOps.cpp, BinaryOps.cpp, UnaryOps.cpp, TensorCompare.cpp, Activation.cpp "
+        "(threshold_backward); cuda/*.cu kernels", "the same", "same", "tests/test_device_audit.py::test_probes_alike",
+        ("aten.addcmul.default", "aten.bitwise_not.default", "aten.clamp.default", "aten.div.Tensor_mode",
+         "aten.gt.Scalar", "aten.ge.Scalar", "aten.pow.Scalar", "aten.rsub.Scalar", "aten.threshold_backward.default",
+         "aten.arange.start"),
+        probe="elementwise", dtypes=("float32", "bfloat16")),
+    Row("index_put, accumulate", "the backward of advanced indexing (IndexBackward0: a relative-position bias "
+        "table gathered by an index, Swin / SAM / BEiT / TinyViT), x.index_put_(idx, v, accumulate=True)",
+        "accumulate=True takes index_put_with_sort_kernel: linear index, arange, sorted and original indices (int64 "
+        "x N) and cub radix-sort alternate buffers (2 x 8N), released when the op returns; without accumulate the "
+        "TensorIterator kernel as on the CPU", "aten/src/ATen/native/cuda/Indexing.cu index_put_with_sort_kernel; "
+        "native/TensorAdvancedIndexing.cpp index_put_impl_", "the CPU's in-place accumulation: no temporaries",
+        "rule", "index-put-accumulate-sort", ("aten.index_put.default", "aten.index_put_.default",
+                                              "aten._unsafe_index_put.default", "aten._index_put_impl_.default")),
+    Row("attention on q/k/v other than 4-D", "F.scaled_dot_product_attention on [B*H, L, K] (SAM) or "
+        "[B, H, windows, L, K] (NesT, Hiera)", "every fused kernel requires 4-D q/k/v (check_tensor_shapes): 5-D "
+        "runs the math path; 3-D gets a singleton batch dimension first where the front end has "
+        "normalize_unbatched_input (torch 2.14; math on 2.11); a bool mask becomes additive first (every kernel "
+        "but cuDNN)", "aten/src/ATen/native/transformers/sdp_utils_cpp.h check_tensor_shapes, "
+        "normalize_unbatched_input; attention.cpp scaled_dot_product_attention",
+        "the fused ops were called on any rank (their shape functions read [B, H, L, K]: wrong shapes, errors)",
+        "rule", "tests/test_zoo_rules.py::test_non_4d_attention_is_the_math_path_as_on_the_cpu",
+        torch_2_11="3-D: the math path"),
     Row("an index made on the host", "x[torch.tensor([...])] (a literal index)",
         "the index is copied to the device (one block of 512 B or a few)", "aten/src/ATen/native/TensorAdvancedIndexing.cpp",
         "host literal, not counted", "rule", "cuda-device-branches", ("aten.index.Tensor",),
@@ -238,14 +267,23 @@ def _probes():
         "conv2d": lambda d, dt: F.conv2d(t(d, dt, 2, 3, 32, 32), t(d, dt, 8, 3, 4, 4), stride=4),
         "embedding": lambda d, dt: F.embedding(torch.zeros(4, 8, dtype=torch.long, device=d), t(d, dt, 100, 16)),
         "interpolate": lambda d, dt: (F.interpolate(t(d, dt, 2, 3, 8, 8), scale_factor=2, mode="bilinear"),
-                                      F.interpolate(t(d, dt, 2, 3, 8, 8), size=(5, 5), mode="bicubic", antialias=True)),
+                                      F.interpolate(t(d, dt, 2, 3, 8, 8), size=(5, 5), mode="bicubic", antialias=True),
+                                      F.interpolate(t(d, dt, 2, 3, 8, 8), scale_factor=2, mode="nearest")),
+        "elementwise": lambda d, dt: (torch.addcmul(t(d, dt, 8, 64), t(d, dt, 8, 64), t(d, dt, 8, 64), value=0.5),
+                                      ~(t(d, dt, 8, 64) > 0), t(d, dt, 8, 64).clamp(-1, 1),
+                                      torch.div(t(d, dt, 8, 64), t(d, dt, 8, 64), rounding_mode="floor"),
+                                      torch.pow(2.0, t(d, dt, 8, 64)), 1 - t(d, dt, 8, 64),
+                                      torch.ops.aten.threshold_backward(t(d, dt, 8, 64), t(d, dt, 8, 64), 0.0),
+                                      t(d, dt, 8, 64) >= 0, torch.arange(2, 66, device=d)),
         "activations": lambda d, dt: (F.gelu(t(d, dt, 8, 64), approximate="tanh"), F.silu(t(d, dt, 8, 64), inplace=True),
                                       F.hardswish(t(d, dt, 8, 64)), F.mish(t(d, dt, 8, 64)), F.gelu(t(d, dt, 8, 64))),
         "linear": lambda d, dt: (F.linear(t(d, dt, 2, 5, 8), t(d, dt, 4, 8), t(d, dt, 4)), t(d, dt, 2, 5, 8) @ t(d, dt, 8, 4)),
         "pooling": lambda d, dt: (F.max_pool2d(t(d, dt, 2, 3, 8, 8), 2), F.adaptive_avg_pool2d(t(d, dt, 2, 3, 8, 8), 1),
                                   F.avg_pool2d(t(d, dt, 2, 3, 8, 8), 2), F.pixel_shuffle(t(d, dt, 2, 4, 8, 8), 2),
                                   torch.topk(t(d, dt, 4, 8), 3)[0], torch.cumsum(t(d, dt, 4, 8), -1),
-                                  F.unfold(t(d, dt, 2, 3, 8, 8), 3), torch.roll(t(d, dt, 2, 3, 8, 8), 1, 2),
+                                  F.unfold(t(d, dt, 2, 3, 8, 8), 3), F.fold(t(d, dt, 2, 27, 36), (8, 8), 3),
+                                  F.pad(t(d, dt, 2, 3, 8, 8), (1, 1, 1, 1), mode="reflect"),
+                                  torch.roll(t(d, dt, 2, 3, 8, 8), 1, 2),
                                   F.normalize(t(d, dt, 4, 8), dim=-1),
                                   F.binary_cross_entropy_with_logits(t(d, dt, 4, 8), torch.rand(4, 8, device=d))),
     }

@@ -74,9 +74,11 @@ class MemEfficientAttention(Rule):
         and open_clip look up at call time) takes the path CUDA takes for fp32."""
         original = F.scaled_dot_product_attention
 
+        @batched_3d
         def sdpa(query, key, value, *args, **kwargs):
             if query.dtype == torch.float32 and not kwargs.get("enable_gqa"):
-                if not torch.backends.cuda.mem_efficient_sdp_enabled():  # the kernel restricted away (sdpa_kernel)
+                if not torch.backends.cuda.mem_efficient_sdp_enabled() or not fused_shapes(query, key, value):
+                    # the kernel restricted away (sdpa_kernel), or q/k/v not 4-D: CUDA's math path
                     return math_sdpa(query, key, value, *args, **kwargs)  # (flash takes no fp32 on CUDA)
                 if query.size(-1) % 4 == 0:
                     return efficient_sdpa(query, key, value, *args, **kwargs)
@@ -94,14 +96,67 @@ def efficient_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     """scaled_dot_product_attention through the op CUDA selects for fp32 inputs."""
     needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     return aten._scaled_dot_product_efficient_attention(
-        query, key, value, attn_mask, needs_lse, dropout_p, is_causal, scale=scale)[0]
+        query, key, value, additive_mask(attn_mask, query.dtype), needs_lse, dropout_p, is_causal, scale=scale)[0]
+
+
+def fused_shapes(query, key, value) -> bool:
+    """Whether q, k and v are all 4-D ([B, H, L, K]): every fused SDPA kernel on CUDA (flash, memory-efficient,
+    cuDNN) requires it (sdp_utils_cpp.h check_tensor_shapes, in each kernel's constraints in cuda/sdp_utils.cpp);
+    5-D inputs (NesT's and Hiera's [B, H, windows, L, K]) run the math path, and so do 3-D ones (SAM's
+    [B*H, L, K]) unless the front end gives them a batch dimension first (`front_end_batches_3d`)."""
+    return query.dim() == 4 and key.dim() == 4 and value.dim() == 4
+
+
+@functools.lru_cache(maxsize=None)
+def front_end_batches_3d() -> bool:
+    """Whether the installed torch's SDPA front end gives 3-D q/k/v a singleton batch dimension before it selects a
+    kernel (sdp_utils_cpp.h normalize_unbatched_input, pytorch#192271: in torch 2.14, not in 2.11), so that they
+    reach the fused kernels as [1, B*H, L, K]: read from what it dispatches for a tiny 3-D input."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with _disable_current_modes(), torch.autocast("cpu", enabled=False):  # real CPU tensors, outside any trace
+        q = torch.zeros(1, 2, 8)
+        with Ops():
+            torch._C._nn.scaled_dot_product_attention(q, q, q)
+    return bool(seen) and seen[0] is aten.unsqueeze.default
+
+
+def batched_3d(kernel):
+    """`kernel(query, key, value, attn_mask, ...)` as the front end runs it: 3-D q/k/v (and a mask, to 4-D) with a
+    leading singleton dimension where `front_end_batches_3d`, the output squeezed back."""
+    def run(query, key, value, attn_mask=None, *args, **kwargs):
+        if not (query.dim() == key.dim() == value.dim() == 3 and front_end_batches_3d()):
+            return kernel(query, key, value, attn_mask, *args, **kwargs)
+        while attn_mask is not None and attn_mask.dim() < 4:
+            attn_mask = attn_mask.unsqueeze(0)
+        return kernel(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), attn_mask, *args,
+                      **kwargs).squeeze(0)
+    return run
+
+
+def additive_mask(attn_mask, dtype):
+    """What SDPA's front end (attention.cpp scaled_dot_product_attention, convert_boolean_attn_mask) hands every
+    kernel but cuDNN: a bool mask becomes where(mask, 0, -inf), an additive mask of its shape in the query's dtype
+    (the two 0-dim operands are made on the device: two 512 B blocks); any other passes through. As the installed
+    torch's front end dispatches it (tests/test_zoo_rules.py compares)."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.where(attn_mask, torch.scalar_tensor(0.0, dtype=dtype), torch.scalar_tensor(float("-inf"), dtype=dtype))
 
 
 def math_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """scaled_dot_product_attention on CUDA's math path (`_scaled_dot_product_attention_math`), the kernel left
-    when the fused ones are switched off (torch.nn.attention.sdpa_kernel, torch.backends.cuda.enable_*_sdp)."""
-    return aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
-                                                   enable_gqa=enable_gqa)[0]
+    when the fused ones are switched off (torch.nn.attention.sdpa_kernel, torch.backends.cuda.enable_*_sdp) or
+    cannot take the inputs (`fused_shapes`)."""
+    return aten._scaled_dot_product_attention_math(query, key, value, additive_mask(attn_mask, query.dtype),
+                                                   dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
 
 
 MATMUL_OPS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
@@ -273,6 +328,51 @@ class TimmForeachChunks(Rule):
         if not self.chunk_elements:
             return {}
         return {"foreach_chunk_elements": {str(k): v for k, v in sorted(self.chunk_elements.items())}}
+
+
+INDEX_PUT_OPS = frozenset({aten.index_put.default, aten.index_put_.default, aten._unsafe_index_put.default,
+                           aten._index_put_impl_.default})
+
+
+class IndexPutAccumulate(Rule):
+    """index_put with accumulate=True (the backward of advanced indexing: IndexBackward0's index_backward, e.g. a
+    relative-position bias table gathered by an index, Swin / SAM / BEiT) sorts on CUDA: index_put_with_sort_kernel
+    makes the linear index, an arange, sorted_indices and orig_indices (four int64 tensors of the indices' broadcast
+    numel N) and cub's radix_sort_pairs takes alternate key and value buffers (2 x 8N) from the caching allocator;
+    all die when the op returns. The CPU's kernel accumulates in place without them. The cub bookkeeping (a few
+    hundred bytes) and the contiguous copy of a value that must be broadcast are not modelled."""
+
+    acts_on = INDEX_PUT_OPS
+    name = "index-put-accumulate-sort"
+    summary = ("index_put(accumulate=True) on CUDA sorts its indices: linear index, arange, sorted and original "
+               "indices (int64 x N each) and cub's alternate key/value buffers (2 x 8N), released when it returns")
+    source = ("aten/src/ATen/native/cuda/Indexing.cu index_put_with_sort_kernel; aten/src/ATen/native/"
+              "TensorAdvancedIndexing.cpp index_put_impl_ (accumulate on CUDA takes index_put_with_sort_stub)")
+
+    def __init__(self):
+        self.calls = 0
+
+    def after_op(self, tracker, func, args, kwargs, out) -> None:
+        if func not in INDEX_PUT_OPS:
+            return
+        accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+        indices = [i for i in args[1] if i is not None]
+        if not accumulate or not indices:
+            return
+        n = 1
+        for d in torch.broadcast_shapes(*(i.shape for i in indices)):
+            n *= d
+        if n == 0:
+            return
+        self.calls += 1
+        temps = [tracker.synthetic_alloc(8 * n, f"index_put accumulate {what} (int64)")
+                 for what in ("linear index", "arange", "sorted_indices", "orig_indices")]
+        temps.append(tracker.synthetic_alloc(16 * n, "index_put accumulate cub radix sort alternate buffers"))
+        for sid in reversed(temps):
+            tracker.free_synthetic(sid)
+
+    def idle(self) -> bool:
+        return not self.calls
 
 
 class InPlaceGradAccumulation(Rule):
@@ -703,10 +803,12 @@ class HalfPrecisionAttention(Rule):
         self.kernels: dict[str, int] = {}
 
     def backend(self, dtype, head_dim: int, masked: bool, kv_len: int = 2, dropout_p: float = 0.0,
-                mask_grad: bool = False) -> str:
+                mask_grad: bool = False, four_d: bool = True) -> str:
         """The kernel CUDA selects, among those enabled (torch.nn.attention.sdpa_kernel and
         torch.backends.cuda.enable_cudnn_sdp / enable_flash_sdp / enable_mem_efficient_sdp switch them off; math
-        is what is left)."""
+        is what is left, and all that takes q/k/v other than 4-D: `fused_shapes`)."""
+        if not four_d:
+            return "math"
         if self.cudnn_first and cudnn_eligible(head_dim, kv_len, dropout_p) and not mask_grad:
             # (a mask that requires grad, e.g. Swin's relative position bias: derivatives.yaml makes
             # _scaled_dot_product_cudnn_attention not differentiable in attn_bias, so it cannot be CUDA's choice)
@@ -722,6 +824,7 @@ class HalfPrecisionAttention(Rule):
     def mode(self):
         original = F.scaled_dot_product_attention
 
+        @batched_3d
         def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
             if query.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
                 low = torch.get_autocast_dtype("cpu")
@@ -741,7 +844,7 @@ class HalfPrecisionAttention(Rule):
 
     def _run(self, query, key, value, attn_mask, dropout_p, is_causal, scale):
         kind = self.backend(query.dtype, query.size(-1), attn_mask is not None, key.size(-2), dropout_p,
-                            attn_mask is not None and attn_mask.requires_grad)
+                            attn_mask is not None and attn_mask.requires_grad, fused_shapes(query, key, value))
         self.kernels[kind] = self.kernels.get(kind, 0) + 1
         if kind == "cudnn":
             if attn_mask is not None and attn_mask.dtype == torch.bool:  # where(~mask, -65504, 0) in q's dtype
@@ -755,6 +858,7 @@ class HalfPrecisionAttention(Rule):
             return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
         if kind == "efficient":
             return efficient_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
+        attn_mask = additive_mask(attn_mask, query.dtype)
         tracker = current_tracker()
         if tracker is not None and tracker.math_attention is not None:  # a shortcut stands for the composite
             return tracker.math_attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
@@ -1040,7 +1144,7 @@ RULES = {r.name: r for r in (CachingAllocator, ForeachOptimizer, HostLiterals, M
                              CublasWorkspace, EfficientAttentionBackward, TimmForeachChunks, ConvWorkspaceBound,
                              InPlaceGradAccumulation, Bitsandbytes8bit, CudaAutocastPolicy, HalfPrecisionAttention,
                              FlashAttentionBackward, CudnnAttentionWorkspace, FakeGradScalerStep, LayerNormStatsFp32,
-                             CudaDeviceBranches)}
+                             CudaDeviceBranches, IndexPutAccumulate)}
 
 
 def cuda_rules(device: DeviceProfile, spec=None) -> list[Rule]:
@@ -1048,7 +1152,8 @@ def cuda_rules(device: DeviceProfile, spec=None) -> list[Rule]:
     precision rules join only for a spec that trains in reduced precision, so fp32 runs list what they did."""
     rules = [CachingAllocator(), ForeachOptimizer(), HostLiterals(), MemEfficientAttention(),
              CublasWorkspace(device), EfficientAttentionBackward(device), TimmForeachChunks(device),
-             ConvWorkspaceBound(), InPlaceGradAccumulation(), Bitsandbytes8bit(), CudaDeviceBranches()]
+             ConvWorkspaceBound(), InPlaceGradAccumulation(), Bitsandbytes8bit(), CudaDeviceBranches(),
+             IndexPutAccumulate()]
     precision = getattr(spec, "precision", "fp32")
     if precision != "fp32":
         attention = HalfPrecisionAttention(device)
