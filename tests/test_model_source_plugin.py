@@ -133,7 +133,7 @@ def test_an_entry_point_source_serves_the_command_line(toy_module, tmp_path):
 
 def test_the_built_in_sources_are_one_registry_line_each():
     """Every built-in source is a module of its own named by one registry line, loaded only when asked for."""
-    assert set(registry.BUILTIN) == {"open_clip", "timm", "torchvision", "py"}
+    assert set(registry.BUILTIN) == {"open_clip", "timm", "torchvision", "py", "hf"}
     for name, path in registry.BUILTIN.items():
         module, _, attr = path.partition(":")
         assert module == f"memprof.model_sources.{name}" and registry.get(name).name == name

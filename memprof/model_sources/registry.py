@@ -19,6 +19,7 @@ BUILTIN = {
     "timm": "memprof.model_sources.timm:TimmSource",
     "torchvision": "memprof.model_sources.torchvision:TorchvisionSource",
     "py": "memprof.model_sources.py:PySource",
+    "hf": "memprof.model_sources.hf:HFSource",
 }
 SOURCES = Registry("model source", "memprof.model_sources", BUILTIN, "memprof list models --help")
 register, unregister, targets, names, get = SOURCES.register, SOURCES.unregister, SOURCES.targets, SOURCES.names, \
