@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from memprof.errors import UsageError
 from memprof.models import (build_text_tower, build_model, check_pretrained, freeze_embedding, input_shape,
-                            read_pretrained, resolve_model)
+                            read_pretrained, resolve_model, train_only)
 from memprof.optims import OptimInfo, REGISTRY as OPTIMS
 from memprof.spec import AMP_DTYPES, MODEL_DTYPES, RunSpec
 from memprof.vocabulary import Phase
@@ -52,6 +52,8 @@ def prepare(spec: RunSpec, load_weights: bool = True) -> Prepared:
         model.text = build_text_tower(info)
     model.train()
     frozen = freeze_embedding(model, info) if optim.freeze_embed else []
+    if spec.train != "all":  # partial fine-tuning: the rest gets no gradient (and so no optimizer state)
+        frozen = sorted({*frozen, *train_only(model, info, spec.train)})
     return Prepared(model, optim, frozen, state)
 
 
@@ -112,8 +114,9 @@ def train_steps(model, optimizer, spec: RunSpec, device, on_phase) -> None:
     zero_grad(set_to_none=True). `on_phase(name, step)` is called as each of forward / backward / optimizer
     begins, and once with "done" at the end. With optimizer-in-backward (`optimizer` an optims.InBackward)
     parameters are stepped and their gradients freed inside backward, so there is no optimizer phase and
-    nothing left to zero. The steps run through `run_steps`, the same path a user's own step function takes
-    (memprof.api.predict_step).
+    nothing left to zero. With `spec.grad_accum` N > 1 each optimizer step is N micro-steps (a fresh batch, forward
+    and backward each, the gradients accumulating), then the step and the clear. The steps run through `run_steps`,
+    the same path a user's own step function takes (memprof.api.predict_step).
     """
     c, h, w = input_shape(model)
     device_type = torch.device(device).type
@@ -125,22 +128,30 @@ def train_steps(model, optimizer, spec: RunSpec, device, on_phase) -> None:
         return (torch.randn(spec.batch_size, c, h, w, device=device, dtype=model_dtype(spec)),
                 torch.randint(0, spec.num_classes, (spec.batch_size,), device=device))
 
-    run_steps(model, optimizer, batch, step, spec.steps, on_phase)
+    run_steps(model, optimizer, batch, step, spec.steps, on_phase, grad_accum=spec.grad_accum)
 
 
 def classification_step(model, optimizer, inputs, amp=None, scaler=None, device_type: str = "cpu",
-                        in_backward: bool = False, clear_grads: str = "after-step"):
+                        in_backward: bool = False, clear_grads: str = "after-step", micro: int = 0,
+                        micro_steps: int = 1):
     """One step of the paper's fine-tuning: forward and cross-entropy (under autocast with `amp`), backward (of the
     scaled loss with a GradScaler), optimizer step and zero_grad(set_to_none=True) (none with optimizer-in-backward);
     returns the loss. clear_grads="before-backward" calls zero_grad after the forward instead, as torchvision's
     reference script and Lightning's automatic optimization do (the previous step's gradients live through the
-    forward)."""
+    forward). With gradient accumulation this is micro-step `micro` of `micro_steps`: the loss is divided by
+    `micro_steps` (as accumulating code does), the gradients are kept for the next micro-step, and only the last
+    steps the optimizer; before-backward clears before the first micro-step's backward only, as Lightning does
+    with accumulate_grad_batches."""
     images, labels = inputs
     with torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext():
         loss = F.cross_entropy(model(images), labels)
-    if clear_grads == "before-backward" and not in_backward:
+    if micro_steps > 1:
+        loss = loss / micro_steps
+    if clear_grads == "before-backward" and not in_backward and micro == 0:
         optimizer.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler is not None else loss).backward()
+    if micro < micro_steps - 1:
+        return loss
     if not in_backward:
         if scaler is not None:
             scaler.step(optimizer)
@@ -152,11 +163,32 @@ def classification_step(model, optimizer, inputs, amp=None, scaler=None, device_
     return loss
 
 
-def run_steps(model, optimizer, batch, step, steps: int, on_phase) -> None:
+def no_sync(model):
+    """The context a micro-step that is not the last of its optimizer step runs in: DistributedDataParallel's
+    no_sync() (no bucket reduction; the gradients accumulate locally), FSDP2's set_requires_gradient_sync(False)
+    for the duration; nothing for a single-process model. (The simulation's DDP rule replaces this function for
+    the run: its model is not wrapped, memprof.simulation.distributed.DDPBuckets.)"""
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        @contextlib.contextmanager
+        def unsynced():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return unsynced()
+    return contextlib.nullcontext()
+
+
+def run_steps(model, optimizer, batch, step, steps: int, on_phase, grad_accum: int = 1) -> None:
     """`steps` calls of `step(model, optimizer, batch())`, with the phases marked for `on_phase(name, step)`:
     "forward" before batch() makes the inputs, "backward" as torch.autograd.backward begins (Tensor.backward
     calls it; wrapped for the duration), "optimizer" as optimizer.step begins (a step pre-hook), "done" at
-    the end. The inputs are dropped after each step."""
+    the end. The inputs are dropped after each step. With `grad_accum` N > 1 each step is N calls of
+    `step(model, optimizer, batch(), micro=m, micro_steps=N)` (the step steps the optimizer at the last), each
+    marked forward / backward with the same step number; all but the last run under `no_sync(model)`."""
     current = [0]
     original = torch.autograd.backward
 
@@ -170,10 +202,18 @@ def run_steps(model, optimizer, batch, step, steps: int, on_phase) -> None:
     try:
         for i in range(steps):
             current[0] = i
-            on_phase(Phase.FORWARD, i)
-            inputs = batch()
-            step(model, optimizer, inputs)
-            del inputs
+            if grad_accum == 1:
+                on_phase(Phase.FORWARD, i)
+                inputs = batch()
+                step(model, optimizer, inputs)
+                del inputs
+                continue
+            for m in range(grad_accum):
+                on_phase(Phase.FORWARD, i)
+                inputs = batch()
+                with no_sync(model) if m < grad_accum - 1 else contextlib.nullcontext():
+                    step(model, optimizer, inputs, micro=m, micro_steps=grad_accum)
+                del inputs
     finally:
         torch.autograd.backward = original
         if handle is not None:

@@ -58,6 +58,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "ddp_bucket_cap_bytes": (B, "DDP's bucket cap"),
     "ddp_first_bucket_cap_bytes": (B, "DDP's first bucket's cap"),
     "ddp_bucket_count": (COUNT, "DDP's buckets"),
+    "ddp_bucket_copy_bytes": ("dict of B", "gradient bytes each backward copied into DDP's buckets, by step and "
+                              "micro-step ('1.0': step 1's first; 0 for a micro-step under no_sync)"),
     "rank_parameter_bytes": (B, "rank 0's share of the parameters (FSDP)"),
     "rank_gradient_bytes": (B, "rank 0's share of the gradients (FSDP)"),
     "rank_optimizer_state_bytes": (B, "rank 0's share of the optimizer state (FSDP)"),

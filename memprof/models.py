@@ -208,3 +208,103 @@ def text_config(info: ModelInfo) -> tuple[int, dict, bool]:
 def build_text_tower(info: ModelInfo):
     """CLIP's text tower and logit scale, frozen (`--resident clip`), from the model's source."""
     return get_source(info.source).text_tower(info)
+
+
+# --- partial fine-tuning (`--train`): where each family's residual blocks, final norm and head are ----------------
+
+# Per family (the module that defines the network's class, as the embedding's FAMILY_EMBEDDING is keyed), names
+# relative to the model memprof builds: `visual.` is the network, a wrapper's own modules (open_clip's linear
+# `head`) are named without it. blocks: the nn.ModuleList of residual blocks, in order (None: the model cannot
+# say: a ResNet's stages are four lists); tail: what follows the blocks before the head (final norms, open_clip's
+# output projection); head: the classification head.
+FAMILY_LAYOUT = {
+    "open_clip.transformer": {"blocks": "visual.transformer.resblocks", "tail": ("visual.ln_post", "visual.proj"),
+                              "head": ("head",)},
+    "open_clip.modified_resnet": {"blocks": None, "tail": (), "head": ("head",)},
+    "open_clip.timm_model": {"blocks": None, "tail": (), "head": ("head",)},
+    "timm.models.vision_transformer": {"blocks": "visual.blocks", "tail": ("visual.norm", "visual.fc_norm"),
+                                       "head": ("visual.head",)},
+    "timm.models.convnext": {"blocks": None, "tail": (), "head": ("visual.head",)},
+    "timm.models.resnet": {"blocks": None, "tail": (), "head": ("visual.fc",)},
+    "torchvision.models.vision_transformer": {"blocks": "visual.encoder.layers", "tail": ("visual.encoder.ln",),
+                                              "head": ("visual.heads",)},
+    "torchvision.models.convnext": {"blocks": None, "tail": (), "head": ("visual.classifier",)},
+    "torchvision.models.resnet": {"blocks": None, "tail": (), "head": ("visual.fc",)},
+}
+
+
+def layout(model) -> dict | None:
+    """The family layout of a built model (FAMILY_LAYOUT), or None where memprof does not know the family (a
+    `py:` factory's network)."""
+    return FAMILY_LAYOUT.get(type(model.visual).__module__)
+
+
+def _network_name(name: str) -> str:
+    """A name of the built model as --freeze and --train globs read it: relative to the network (`visual.`
+    dropped), a wrapper's own modules (open_clip's `head`) as they are."""
+    return name[len("visual."):] if name.startswith("visual.") else ("" if name == "visual" else name)
+
+
+def _under(params: dict, prefixes) -> set:
+    """Names of the parameters at or under any of the full names `prefixes`."""
+    return {n for n in params for pre in prefixes if n == pre or n.startswith(pre + ".")}
+
+
+def trained_parameters(model, info: ModelInfo, train: str) -> set:
+    """Full names of the parameters `--train` trains: all of them, the head, the last N blocks with the tail and
+    the head, or those at or under modules (or parameters) matching a glob. What the model cannot say, or a glob
+    that matches nothing, is a UsageError in one line."""
+    from memprof.spec import TRAIN_HEAD, TRAIN_LAST, TRAIN_WHOLE
+
+    params = dict(model.named_parameters())
+    if train == TRAIN_WHOLE:
+        return set(params)
+    known = layout(model)
+    if train == TRAIN_HEAD or train.startswith(TRAIN_LAST):
+        if known is None or (train != TRAIN_HEAD and known["blocks"] is None):
+            what = "its classification head" if train == TRAIN_HEAD else "its residual blocks as one list"
+            raise UsageError(f"--train {train}: {info.name} ({type(model.visual).__name__}) does not say where "
+                             f"{what} is: name the modules that train with globs instead, e.g. --train "
+                             f"'{_example_glob(model)}'")
+        chosen = set(known["head"])
+        if train.startswith(TRAIN_LAST):
+            n = int(train[len(TRAIN_LAST):])
+            blocks = dict(model.named_modules())[known["blocks"]]
+            if n > len(blocks):
+                raise UsageError(f"--train {train}: {info.name} has {len(blocks)} blocks; use --train "
+                                 f"last:{len(blocks)} or fewer (or all)")
+            chosen |= {f"{known['blocks']}.{i}" for i in range(len(blocks) - n, len(blocks))} | set(known["tail"])
+        return _under(params, chosen)
+    modules = {_network_name(n): n for n, _ in model.named_modules() if n not in ("", "visual")}
+    relative = {_network_name(n): n for n in params}
+    out: set = set()
+    for glob in (g.strip() for g in train.split(",") if g.strip()):
+        hits = [full for rel, full in modules.items() if fnmatch.fnmatchcase(rel, glob)]
+        direct = [full for rel, full in relative.items() if fnmatch.fnmatchcase(rel, glob)]
+        if not hits and not direct:
+            import difflib
+
+            close = [n for n in modules if fnmatch.fnmatchcase(n, "*" + glob)][:3] or difflib.get_close_matches(
+                glob, list(modules) + list(relative), n=3, cutoff=0.5)  # the glob anchored anywhere, else spelling
+            hint = (f"did you mean {', '.join(close)}?" if close else
+                    f"top-level modules: {', '.join(n for n in modules if '.' not in n)}")
+            raise UsageError(f"--train '{glob}' matches no module or parameter of {info.name} ({hint}); fix --train")
+        out |= _under(params, hits) | set(direct)
+    return out
+
+
+def _example_glob(model) -> str:
+    """A --train glob that names the network's last top-level module: what a linear probe trains in most models."""
+    names = [n for n, _ in model.visual.named_children()]
+    return names[-1] if names else "head"
+
+
+def train_only(model, info: ModelInfo, train: str) -> list[str]:
+    """requires_grad=False on every parameter `--train` does not train; returns their names."""
+    keep = trained_parameters(model, info, train)
+    frozen = []
+    for name, p in model.named_parameters():
+        if name not in keep:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen

@@ -34,6 +34,7 @@ class Option:
     cli_name: str | None = None  # the flag when it is not --<name> (e.g. --no-progress for progress)
     parse: str | None = None  # "module:function" (value, flag) -> typed value, imported when used; None: as given
     defaults: tuple = ()  # ((command, default), ...) where a command's default differs
+    not_for: tuple = ()  # ((command, why), ...): commands the option cannot apply to, and why (said if given there)
 
     @property
     def option_string(self) -> str:
@@ -43,8 +44,10 @@ class Option:
         return dict(self.defaults).get(command, self.default)
 
 
-def _o(name, default, help, toml=(str,), commands=GRID, cli_name=None, parse=None, defaults=(), **flag) -> Option:
-    return Option(name, default, help, toml, frozenset(commands), flag, cli_name, parse, tuple(defaults))
+def _o(name, default, help, toml=(str,), commands=GRID, cli_name=None, parse=None, defaults=(), not_for=(),
+       **flag) -> Option:
+    return Option(name, default, help, toml, frozenset(commands), flag, cli_name, parse, tuple(defaults),
+                  tuple(not_for))
 
 
 _BUDGET_HELP = ("card or size whose memory decides OOM: titan-x (12 GiB, the paper's card size; the simulation's "
@@ -94,6 +97,19 @@ OPTIONS: tuple[Option, ...] = (
        "(after the optimizer step, default) or before-backward (after the forward, as torchvision's reference script "
        "and Lightning do: the previous step's gradients live through the forward), or after-step,before-backward",
        commands=TRAINING, parse=_SPEC + "clear_grads"),
+    _o("grad_accum", "1", "gradient accumulation: micro-steps (forward + backward of --batch-size) per optimizer "
+       "step, the gradients alive and summed between them; the effective batch is batch x N; with --parallel ddp the "
+       "first N-1 run under no_sync() (default: 1; a comma list: 1,4)", toml=(str, int),
+       commands={RUN, FIT, SUITE, ADVISE}, parse=_SPEC + "grad_accums", metavar="N",
+       not_for=((SCRIPT, "a script's own loop decides how it accumulates: memprof script runs it as written"),
+                (ACCURACY, "accumulation sums the same gradients over micro-batches: what a configuration learns "
+                 "is the larger batch's, which --batch-size already checks"))),
+    _o("train", "all", "what trains (partial fine-tuning): all (default), head (a linear probe: only the "
+       "classification head), last:N (the last N residual blocks, the final norm and the head) or module-name "
+       "globs of the network (e.g. 'head,blocks.11.*'); the rest gets no gradient and no optimizer state",
+       metavar="WHAT", commands=TRAINING | {ADVISE}, parse=_SPEC + "train",
+       not_for=((SCRIPT, "a script's own code decides which parameters train (requires_grad): memprof script runs "
+                 "it as written"),)),
     _o("parallel", "none", "none, ddp, fsdp or a comma list: predict rank 0 of --world-size ranks (fake process "
        "group; simulate backend) (default: none)", parse=_SPEC + "parallelisms"),
     _o("world_size", 1, "ranks of --parallel (1..1024; default: 1); a script: a torchrun-style script "
@@ -178,13 +194,30 @@ def parse(name: str, value):
     return getattr(importlib.import_module(module), function)(value, option.option_string)
 
 
+def not_applicable(command: str) -> dict:
+    """Options `command` cannot take, with why: {option: why} (the table's `not_for`)."""
+    return {o.name: why for o in OPTIONS for c, why in o.not_for if c == command}
+
+
 def add_options(parser, command: str, names=None) -> None:
     """The flags of `command` (or of the given `names`) on an argparse parser, from the table: default None
-    (not given), so presets and the table's defaults apply in memprof.plan.run_options."""
+    (not given), so presets and the table's defaults apply in memprof.plan.run_options. An option the table says
+    does not apply to `command` is a hidden flag whose use is a one-line error saying why."""
+    import argparse
+
     for o in OPTIONS:
         if (names is None and command in o.commands) or (names is not None and o.name in names):
             kwargs = {"default": False if o.name == "progress" else None, "dest": o.name, **o.flag}
             parser.add_argument(o.option_string, help=o.help, **kwargs)
+        elif names is None and command in dict(o.not_for):
+            why = dict(o.not_for)[command]
+
+            class Refused(argparse.Action):
+                def __call__(self, parser, namespace, values, option_string=None, why=why):
+                    parser.error(f"{option_string} does not apply to {command}: {why}")
+
+            parser.add_argument(o.option_string, help=argparse.SUPPRESS, action=Refused, default=None,
+                                dest=f"_refused_{o.name}")
 
 
 def given_options(args) -> dict:

@@ -250,7 +250,7 @@ def plan_advise(opts: dict) -> AdvisePlan:
     from memprof.spec import GridEntry
 
     for name in ("models", "optims", "batch_size", "grad_ckpt", "state_bits", "precision", "optim_impl",
-                 "optim_in_backward", "clear_grads"):
+                 "optim_in_backward", "clear_grads", "grad_accum"):
         value = str(opts[name])
         if "," in value or value in ("paper", "all"):
             raise UsageError(f"advise starts from one configuration: give one value to {flag(name)} (got '{value}')",
@@ -344,6 +344,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
         raise UsageError(f"--batch-size {max(batch_sizes)}: at most {MAX_BATCH_SIZE} (2**31 - 1, the largest a CUDA "
                          f"kernel indexes; no card holds a batch near it)", option="batch_size")
     training = training_axes(opts)
+    check_train(models, training["train"], opts["num_classes"])
     if not isinstance(opts["steps"], int) or isinstance(opts["steps"], bool):
         raise UsageError(f"--steps {opts['steps']!r}: give a whole number, e.g. --steps 2", option="steps")
     if opts["steps"] > MAX_STEPS:
@@ -411,10 +412,31 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
     return RunPlan(entries, out_dir, backend, announce, opts, notes, task)
 
 
+def check_train(models, train: str, num_classes: int = 10) -> None:
+    """--train against each model, built on the meta device (shapes only): a head or blocks the model cannot say
+    where they are, or a glob that matches nothing, is a UsageError naming --train."""
+    if train == "all":
+        return
+    import torch
+
+    from memprof.models import build_model, trained_parameters
+
+    with option("train"):
+        for info in models:
+            with torch.device("meta"):
+                trained_parameters(build_model(info, num_classes), info, train)
+
+
 def training_axes(opts: dict) -> dict:
-    """--precision, --optim-impl and --optim-in-backward, validated: the expand_grid keywords."""
+    """--precision, --optim-impl, --optim-in-backward, --clear-grads, --grad-accum and --train, validated: the
+    expand_grid keywords."""
     clear, precisions, impls, in_backward = (parsed(opts, n) for n in ("clear_grads", "precision", "optim_impl",
                                                                         "optim_in_backward"))
+    accums, train = parsed(opts, "grad_accum"), parsed(opts, "train")
+    if in_backward == [True] and max(accums) > 1:
+        raise UsageError(f"--grad-accum {max(accums)} with --optim-in-backward on: optimizer-in-backward steps each "
+                         "parameter inside backward, so no gradient is left to accumulate; use --optim-in-backward "
+                         "off, or --grad-accum 1", option="grad_accum")
     if in_backward == [True] and precisions == ["fp16-amp"]:
         raise UsageError("--optim-in-backward on cannot honour --precision fp16-amp: GradScaler must see every gradient "
                          "(to skip the whole step on inf/nan) before any parameter is updated; use bf16-amp, or "
@@ -422,7 +444,8 @@ def training_axes(opts: dict) -> dict:
     if in_backward == [True] and "after-step" not in clear:
         raise UsageError("--clear-grads before-backward with --optim-in-backward on: optimizer-in-backward frees each "
                          "gradient inside backward, so there is none to keep", option="clear_grads")
-    return {"precisions": precisions, "optim_impls": impls, "in_backward": in_backward, "clear_grads": clear}
+    return {"precisions": precisions, "optim_impls": impls, "in_backward": in_backward, "clear_grads": clear,
+            "grad_accums": unique(accums, "grad_accum", []), "train": train}
 
 
 def _remaining(entries, out_dir: str, backend: str, resume: bool, retry_failed: bool, notes: list,
@@ -525,10 +548,12 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
         models = parse_models(opts["models"], simulated=False)  # trains for real: every name runs
     with option("optims"):
         optims = parse_optims(opts["optims"])
+    training = training_axes(opts)
+    check_train(models, training["train"], opts["num_classes"])
     entries = expand_grid(models, optims, parsed(opts, "grad_ckpt"),
                           unique(parsed(opts, "state_bits"), "state_bits", notes),
                           unique(parsed(opts, "batch_size"), "batch_size", notes),
-                          pretrained=opts["pretrained"], budget="device", **training_axes(opts))
+                          pretrained=opts["pretrained"], budget="device", **training)
     for name in ("lr_sgd", "lr_adaptive"):
         value = opts[name]
         if not math.isfinite(value) or value < 0:

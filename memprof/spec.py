@@ -24,6 +24,8 @@ AMP_DTYPES = {"bf16-amp": "bfloat16", "fp16-amp": "float16"}
 MODEL_DTYPES = {"bf16": "bfloat16"}
 OPTIM_IMPLS = ("foreach", "fused", "forloop")
 CLEAR_GRADS = ("after-step", "before-backward")  # when a step's zero_grad(set_to_none=True) runs
+MAX_GRAD_ACCUM = 1024  # micro-steps per optimizer step: each is traced (or run); past the first two they repeat
+TRAIN_WHOLE, TRAIN_HEAD, TRAIN_LAST = "all", "head", "last:"  # --train: the whole model, the head, the last N blocks
 RESIDENTS = ("tower", "clip")  # clip: CLIP's text tower and logit scale also on the device, frozen and unused
 DEFAULT_OPTIM_IMPL = "foreach"
 PURE_FP16 = ("fp16 (the whole model in float16) is not supported: fp16 has too little range for gradients and "
@@ -55,6 +57,8 @@ class RunSpec:
     grad_as_bucket_view: bool = False  # DDP's gradient_as_bucket_view
     reshard_after_forward: bool = True  # FSDP2's reshard_after_forward
     clear_grads: str = "after-step"  # after-step | before-backward (the previous step's gradients live through the forward)
+    grad_accum: int = 1  # micro-steps (forward + backward) per optimizer step, gradients accumulating between them
+    train: str = TRAIN_WHOLE  # what trains: all, head, last:N (blocks + final norm + head) or module-name globs
 
     @property
     def training(self) -> str:
@@ -69,6 +73,8 @@ class RunSpec:
             parts.append(f"{self.resident}-resident")
         if self.clear_grads != "after-step":
             parts.append(f"clear-{self.clear_grads}")
+        if self.grad_accum != 1:
+            parts.append(f"accum{self.grad_accum}")
         return "+".join(parts)
 
     @property
@@ -95,7 +101,9 @@ class RunSpec:
     @property
     def _variant(self) -> list[str]:
         return ([] if self.parallel == "none" else [self.parallelism]) + (
-            [f"freeze-{self.freeze}"] if self.freeze else []) + ([f"input-{self.input_shape}"] if self.input_shape else [])
+            [f"freeze-{self.freeze}"] if self.freeze else []) + (
+            [f"train-{self.train.replace(':', '')}"] if self.train != TRAIN_WHOLE else []) + (
+            [f"input-{self.input_shape}"] if self.input_shape else [])
 
     @property
     def parallelism(self) -> str:
@@ -223,6 +231,33 @@ def clear_grads(value, flag: str) -> list[str]:
     return parse_names(_text(value, flag), flag, CLEAR_GRADS, "--clear-grads value")
 
 
+def grad_accums(value, flag: str) -> list[int]:
+    """Micro-steps per optimizer step: whole numbers of at least 1, at most MAX_GRAD_ACCUM, comma-separated."""
+    values = positive_ints(value, flag)
+    if max(values) > MAX_GRAD_ACCUM:
+        raise UsageError(f"{flag} {max(values)}: at most {MAX_GRAD_ACCUM} micro-steps per optimizer step (each is "
+                         f"traced; past the second they repeat the same peak)")
+    return values
+
+
+def train(value, flag: str) -> str:
+    """all, head, last:N (N >= 1) or module-name globs (a comma list, as --freeze takes); checked against the model
+    when it is built (memprof.models.trained_parameters)."""
+    if not isinstance(value, str):
+        raise UsageError(f"{flag} {value!r}: give all, head, last:N or module-name globs, e.g. {flag} head")
+    text = ",".join(g.strip() for g in value.split(",") if g.strip())
+    if not text:
+        raise UsageError(f"{flag} is empty: give all, head, last:N or module-name globs, e.g. {flag} head")
+    if text.startswith(TRAIN_LAST) or text == "last":
+        n = text[len(TRAIN_LAST):]
+        if not n.isdigit() or int(n) < 1:
+            raise UsageError(f"{flag} '{text}': give the number of last blocks that train, e.g. {flag} last:2")
+        return f"{TRAIN_LAST}{int(n)}"
+    if "/" in text:
+        raise UsageError(f"{flag} '{text}': module names hold no '/': give globs such as {flag} 'head,blocks.11.*'")
+    return text
+
+
 def residents(value, flag: str) -> list[str]:
     return parse_names(_text(value, flag), flag, RESIDENTS, "resident")
 
@@ -239,7 +274,11 @@ def parallelisms(value, flag: str) -> list[str]:
 
 def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool = False,
                 grad_ckpt: bool = False, precision: str = "fp32", optim_impl: str = DEFAULT_OPTIM_IMPL,
-                in_backward: bool = False, parallel: str = "none", clear_grads: str = "after-step") -> str | None:
+                in_backward: bool = False, parallel: str = "none", clear_grads: str = "after-step",
+                grad_accum: int = 1) -> str | None:
+    if in_backward and grad_accum > 1:
+        return ("optimizer-in-backward steps each parameter inside backward, so no gradient is left to accumulate: "
+                f"--grad-accum {grad_accum} needs --optim-in-backward off")
     if in_backward and clear_grads != "after-step":
         return ("optimizer-in-backward frees each gradient inside backward: there is no gradient for "
                 f"--clear-grads {clear_grads} to keep")
@@ -277,19 +316,20 @@ def expand_grid(models: list[ModelInfo], optims: list[OptimInfo], grad_ckpt: lis
                 state_bits: list[int], batch_sizes: list[int], paged: bool = False,
                 precisions: list[str] = ("fp32",), optim_impls: list[str] = (DEFAULT_OPTIM_IMPL,),
                 in_backward: list[bool] = (False,), parallel: list[dict] = ({},),
-                clear_grads: list[str] = ("after-step",), **common) -> list[GridEntry]:
+                clear_grads: list[str] = ("after-step",), grad_accums: list[int] = (1,), **common) -> list[GridEntry]:
     """The product of the axes, in the order given, each entry with its skip reason (or None)."""
     for bits in state_bits:
         if bits not in (32, 8):
             raise UsageError(f"--state-bits {bits}: use 32, 8 or 32,8")
     entries = []
     freeze = common.pop("freeze", None)  # what a freeze-embed optimizer freezes: in its keys only
-    for par, clr, prec, impl, inb, m, o, ck, bits, bs in itertools.product(
+    for par, clr, prec, impl, inb, m, o, ck, bits, acc, bs in itertools.product(
             parallel, clear_grads, precisions, optim_impls, in_backward, models, optims, grad_ckpt, state_bits,
-            batch_sizes):
+            grad_accums, batch_sizes):
         spec = RunSpec(model=m.name, optim=o.name, grad_ckpt=ck, state_bits=bits, batch_size=bs,
                        paged=paged and bits == 8, precision=prec, optim_impl=impl, optim_in_backward=inb,
-                       clear_grads=clr, freeze=freeze if o.freeze_embed else None, **par, **common)
-        entries.append(GridEntry(spec, skip_reason(m, o, bits, spec.paged, ck, prec, impl, inb, spec.parallel, clr)))
+                       clear_grads=clr, grad_accum=acc, freeze=freeze if o.freeze_embed else None, **par, **common)
+        entries.append(GridEntry(spec, skip_reason(m, o, bits, spec.paged, ck, prec, impl, inb, spec.parallel, clr,
+                                                   acc)))
     return entries
 

@@ -13,7 +13,7 @@ def test_candidates_cover_single_changes_and_cross_axis_pairs():
     cands, not_modelled, not_applicable = candidates(RunSpec("test-vit", "adamw", batch_size=4))
     labels = {c.label for c in cands}
     assert {"(as given)", "freeze-embed", "SGD (freeze-embed)", "8-bit optimizer states", "gradient checkpointing",
-            "half the micro-batch, 2x gradient accumulation", "SGD (freeze-embed) + gradient checkpointing"} <= labels
+            "micro-batch 2 x 2 gradient accumulation", "SGD (freeze-embed) + gradient checkpointing"} <= labels
     assert not any("freeze-embed + SGD" in label for label in labels)  # one axis moves once
     assert ("SGD (freeze-embed, no momentum) + 8-bit optimizer states",
             "sgd-fe-nomom keeps no optimizer state, so 8-bit states change nothing") in not_applicable

@@ -31,6 +31,8 @@ EXAMPLES = {
     "clear_grads": ("before-backward", "before-backward", {}, "before-forward",
                     "unknown --clear-grads value 'before-forward'"),
     "optim_in_backward": ("on", True, {}, "maybe", "--optim-in-backward"),
+    "grad_accum": ("2", 2, {}, "0", "--grad-accum 0: must be at least 1"),
+    "train": ("last:1", "last:1", {}, "blocks.9*", "--train 'blocks.9*' matches no module or parameter of test-vit"),
     "parallel": ("ddp", "ddp", {"world_size": 2}, "dp", "unknown parallelism 'dp': did you mean ddp, fsdp?"),
     "world_size": ("2", 2, {"parallel": "ddp"}, "0", "--world-size 0"),
     "bucket_cap_mb": ("10", 10, {"parallel": "ddp"}, "-1", "--bucket-cap-mb"),
@@ -164,6 +166,7 @@ def test_every_command_takes_its_table_options_with_the_tables_help(command):
     (["--grad-ckpt", "maybe"], "--grad-ckpt 'maybe': use off, on or off,on"),
     (["--precision", "fp8"], "unknown precision 'fp8'"),
     (["--clear-grads", "never"], "unknown --clear-grads value 'never'"),
+    (["--train", "last:0"], "--train 'last:0': give the number of last blocks that train"),
 ])
 def test_a_bad_value_reads_the_same_from_run_advise_and_accuracy(tmp_path, capsys, argv, expect):
     errors = []
@@ -190,3 +193,28 @@ def test_world_size_reads_the_same_from_run_script_and_the_api(tmp_path, capsys)
         simulated_cuda(world_size=0)
     said.append(f"memprof: error: {exc.value}")
     assert len(set(said)) == 1 and "--world-size 0: use a whole number of at least 1" in said[0], said
+
+
+def test_grad_accum_reads_the_same_from_run_fit_and_advise(tmp_path, capsys):
+    errors = []
+    for command, extra in (("run", ["--models", "test-vit"]), ("fit", ["--models", "test-vit"]),
+                           ("advise", ["--models", "test-vit", "--optims", "sgd"])):
+        assert cli.main([command, *extra, "--grad-accum", "0", "--out", str(tmp_path / command)]) == 2
+        errors.append(capsys.readouterr().err.strip())
+    assert len(set(errors)) == 1 and "--grad-accum 0: must be at least 1" in errors[0], errors
+
+
+@pytest.mark.parametrize("command,flag", [("script", "--grad-accum"), ("script", "--train"),
+                                          ("accuracy", "--grad-accum")])
+def test_an_option_the_table_says_does_not_apply_is_refused_with_why(tmp_path, capsys, command, flag):
+    from memprof.options import not_applicable
+
+    script = tmp_path / "t.py"
+    script.write_text("pass\n")
+    argv = [command, flag, "2" if flag == "--grad-accum" else "head"] + ([str(script)] if command == "script" else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    why = not_applicable(command)[flag[2:].replace("-", "_")]
+    assert f"{flag} does not apply to {command}: {why}" in err and "\n" not in err, err
+    assert "--grad-accum" not in cli.build_parser().format_help()  # hidden, not offered (control: run's help has it)
+    assert "--grad-accum" in _parser_of("run").format_help() and "--grad-accum" not in _parser_of(command).format_help()

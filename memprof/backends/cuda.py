@@ -166,7 +166,8 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
 
     def on_phase(phase, step):
         peaks.enter(phase)
-        if phase in ("forward", "done"):
+        if phase == "done" or (phase == "forward" and step != state.get("timed")):  # a step's first micro-step
+            state["timed"] = step
             state["starts"].append(time.perf_counter())
         state["step"] = step
 

@@ -26,6 +26,16 @@ class Change:
     apply: Callable  # RunSpec -> RunSpec | None (None: does not apply to this configuration)
     modelled: Callable = lambda: True  # whether this version can predict it
     not_modelled_why: str = ""
+    words: Callable | None = None  # (base spec, changed spec) -> its cost in this candidate's figures
+
+    def label(self, base, spec) -> str:
+        """The change's name, with the figures it sets where it sets some (the micro-batch and accumulation)."""
+        if self.apply is _accumulate:
+            return f"micro-batch {spec.batch_size} x {spec.grad_accum} gradient accumulation"
+        return self.name
+
+    def cost_of(self, base, spec) -> str:
+        return self.words(base, spec) if self.words else self.cost
 
 
 def _optim(target: str):
@@ -75,9 +85,22 @@ def _bitsandbytes_installed() -> bool:
 
 
 def _accumulate(spec):
-    if spec.batch_size < 2:
+    """The micro-batch divided by its smallest prime factor p and the accumulation multiplied by p: the same
+    effective batch (micro-batch x accumulation) in p times the micro-steps (batch 8 -> 4 x 2, 9 -> 3 x 3);
+    None at micro-batch 1, or with optimizer-in-backward (nothing accumulates)."""
+    if spec.batch_size < 2 or spec.optim_in_backward:
         return None
-    return dataclasses.replace(spec, batch_size=spec.batch_size // 2)
+    p = next(d for d in range(2, spec.batch_size + 1) if spec.batch_size % d == 0)
+    return dataclasses.replace(spec, batch_size=spec.batch_size // p, grad_accum=spec.grad_accum * p)
+
+
+def _accumulation_words(base, spec) -> str:
+    """What an accumulation change does besides memory, in the candidate's figures."""
+    k = spec.grad_accum // base.grad_accum
+    return (f"effective batch unchanged: {spec.batch_size} x {spec.grad_accum} accumulation = "
+            f"{spec.batch_size * spec.grad_accum} samples per optimizer step, in {k}x the micro-steps (slower: "
+            "smaller kernels, one forward and backward per micro-batch); batch-norm statistics see the micro-batch "
+            "(batch-norm-free ViTs train the same)")
 
 
 CHANGES = (
@@ -93,8 +116,9 @@ CHANGES = (
            "bitsandbytes is not installed (pip install bitsandbytes)"),
     Change("gradient checkpointing", "grad_ckpt", 2, "recompute: about one extra forward pass per step "
            "(~20-30% slower)", _field("grad_ckpt", True)),
-    Change("half the micro-batch, 2x gradient accumulation", "batch_size", 2, "the same effective batch in twice "
-           "the steps (slower; batch-norm-free ViTs train the same)", _accumulate),
+    Change("smaller micro-batch, more gradient accumulation", "batch_size", 2, "the same effective batch (micro-batch "
+           "x accumulation) in more micro-steps (slower; batch-norm-free ViTs train the same)", _accumulate,
+           words=_accumulation_words),
     Change("fused optimizer", "optim_impl", 0, "none: the same update in one kernel per step", _field("optim_impl", "fused"),
            _has_field("optim_impl"), "this version has no --optim-impl axis"),
     Change("for-loop optimizer", "optim_impl", 1, "none in results; a slower step (one kernel per tensor)",
@@ -116,10 +140,15 @@ CHANGES = (
 class Candidate:
     changes: tuple[Change, ...]
     spec: object  # RunSpec
+    base: object = None  # the configuration as given (RunSpec)
 
     @property
     def label(self) -> str:
-        return " + ".join(c.name for c in self.changes) or "(as given)"
+        return " + ".join(c.label(self.base, self.spec) for c in self.changes) or "(as given)"
+
+    @property
+    def cost(self) -> str:
+        return "; ".join(c.cost_of(self.base, self.spec) for c in self.changes) or "none"
 
     @property
     def cost_rank(self) -> int:
@@ -134,7 +163,7 @@ def candidates(base, changes=CHANGES) -> tuple[list[Candidate], list[Change], li
     from memprof.spec import skip_reason
 
     modelled = [c for c in changes if c.modelled()]
-    out, not_applicable = [Candidate((), base)], []
+    out, not_applicable = [Candidate((), base, base)], []
     singles = [(c, c.apply(base)) for c in modelled]
     singles = [(c, s) for c, s in singles if s is not None]
     combos = [((c,), s) for c, s in singles]
@@ -147,11 +176,12 @@ def candidates(base, changes=CHANGES) -> tuple[list[Candidate], list[Change], li
             combos.append(((c1, c2), spec))
     for chs, spec in combos:
         why = skip_reason(resolve_model(spec.model), REGISTRY[spec.optim], spec.state_bits, spec.paged, spec.grad_ckpt,
-                          spec.precision, spec.optim_impl, spec.optim_in_backward, spec.parallel, spec.clear_grads)
+                          spec.precision, spec.optim_impl, spec.optim_in_backward, spec.parallel, spec.clear_grads,
+                          spec.grad_accum)
         if why:
-            not_applicable.append((" + ".join(c.name for c in chs), why))
+            not_applicable.append((" + ".join(c.label(base, spec) for c in chs), why))
         else:
-            out.append(Candidate(chs, spec))
+            out.append(Candidate(chs, spec, base))
     return out, [c for c in changes if not c.modelled()], not_applicable
 
 
@@ -213,7 +243,7 @@ def advice(candidates_: list[Candidate], records: dict, not_modelled, not_applic
             "status": rec["status"], "fits": rec["status"] == "ok", "may_not_fit": m.get("fits") == "may not fit",
             "peak_reserved_bytes": reserved, "peak_allocated_bytes": m.get("peak_allocated_bytes"),
             "headroom_bytes": None if reserved is None else budget.usable_bytes - reserved,
-            "cost_rank": cand.cost_rank, "cost": "; ".join(c.cost for c in cand.changes) or "none",
+            "cost_rank": cand.cost_rank, "cost": cand.cost,
             "accuracy": _verdict(verdicts, cand.spec), "error": rec.get("error"),
         })
     rows.sort(key=lambda r: (r["peak_reserved_bytes"] is None, r["peak_reserved_bytes"] or 0))

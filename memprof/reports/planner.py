@@ -45,6 +45,9 @@ def fit_rows(records: list) -> list[dict]:
             notes.append("peak is not monotone in batch size (allocator effects)")
         if m.get("search_failure") and r.status == Status.OK:
             notes.append(f"search stopped: {m['search_failure']}")
+        if r.spec.grad_accum > 1 and m.get("max_batch_size"):
+            notes.append(f"effective batch {m['max_batch_size'] * r.spec.grad_accum} (micro-batch "
+                         f"{m['max_batch_size']} x {r.spec.grad_accum} accumulation)")
         usable = (m.get("search_budget_bytes") or 0) + (m.get("search_headroom_bytes") or 0)
         may_not_fit = r.status == Status.OK and m.get("fits") == "may not fit"
         if may_not_fit:

@@ -43,15 +43,18 @@ def default_metric(records: list[dict]) -> str:
 def _training(spec: RunSpec) -> tuple:
     """How a record trains: precision, optimizer implementation, optimizer-in-backward, what is resident on
     the device, when gradients are cleared (older records: the defaults)."""
-    return spec.precision, spec.optim_impl, spec.optim_in_backward, spec.resident, spec.clear_grads
+    return (spec.precision, spec.optim_impl, spec.optim_in_backward, spec.resident, spec.clear_grads, spec.grad_accum,
+            spec.train)
 
 
 def _training_label(training: tuple) -> str:
-    precision, impl, in_backward, resident, clear = training
+    precision, impl, in_backward, resident, clear, accum, train = training
     return ", ".join([precision] + ([f"{impl} optimizer"] if impl != "foreach" else [])
                      + (["optimizer in backward"] if in_backward else [])
                      + (["whole CLIP model resident"] if resident == "clip" else [])
-                     + ([f"gradients cleared {clear.replace('-', ' ')}"] if clear != "after-step" else []))
+                     + ([f"gradients cleared {clear.replace('-', ' ')}"] if clear != "after-step" else [])
+                     + ([f"{accum}x gradient accumulation"] if accum != 1 else [])
+                     + ([f"training {train}"] if train != "all" else []))
 
 
 def _setting(rec: Record) -> tuple:
@@ -346,9 +349,9 @@ def _paper_setups(records: list[dict]) -> dict:
     paper = paper_settings(runs)
     for r in runs:
         s = r.spec
-        precision, impl, in_backward, resident, clear = _training(s)
-        if _setting(r) not in paper or (s.batch_size, s.grad_ckpt, s.state_bits, precision, in_backward, clear) != \
-                (1, False, 32, "fp32", False, "after-step"):
+        precision, impl, in_backward, resident, clear, accum, train = _training(s)
+        if _setting(r) not in paper or (s.batch_size, s.grad_ckpt, s.state_bits, precision, in_backward, clear, accum,
+                                        train) != (1, False, 32, "fp32", False, "after-step", 1, "all"):
             continue
         label = (f"{impl}" + (", whole CLIP resident" if resident == "clip" else "")
                  + f"; {r.source} ({r.device or 'unknown device'})")
@@ -648,9 +651,10 @@ def _plot_parts(r: Record) -> dict:
     """What tells a bar apart, slot by slot: model, method and every setting (precision, optimizer
     implementation, checkpointing, batch, budget, parallelism), then the source."""
     s = r.spec
-    precision, impl, in_backward, resident, clear = _training(s)
+    precision, impl, in_backward, resident, clear, accum, train = _training(s)
     return {"model": s.model, "optim": s.optim, "bits": "8-bit" if s.state_bits == 8 else "",
             "clear": "" if clear == "after-step" else f"clear {clear}",
+            "accum": "" if accum == 1 else f"accum {accum}", "train": "" if train == "all" else f"train {train}",
             "paged": "paged" if s.paged else "", "precision": precision,
             "impl": impl if impl != "foreach" else "", "in_backward": "in-backward" if in_backward else "",
             "resident": "clip resident" if resident == "clip" else "", "ckpt": "ckpt" if s.grad_ckpt else "",

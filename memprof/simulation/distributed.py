@@ -252,6 +252,9 @@ class DDPBuckets(Rule):
         self.ready: list = []  # parameters in the order their gradients became ready (first iteration)
         self.rebuilt = False
         self.bucket_bytes: list = []
+        self.syncing = True  # False inside no_sync(): the Reducer's hooks do nothing, gradients accumulate locally
+        self.copied: dict = {}  # "step.micro-step" -> bytes its backward copied into the buckets (0 under no_sync)
+        self._phase, self._backward = None, None
 
     def _assign(self, params, limits) -> None:
         import torch.distributed as dist
@@ -277,7 +280,26 @@ class DDPBuckets(Rule):
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._ready)
 
+    def mode(self):
+        """For the run: the harness's no_sync(model) (memprof.harness.no_sync) turns this rule's reduction off, as
+        DistributedDataParallel.no_sync() does its Reducer's (the model here is not wrapped)."""
+        from memprof import harness
+
+        @contextlib.contextmanager
+        def no_sync(model):
+            self.syncing = False
+            try:
+                yield
+            finally:
+                self.syncing = True
+
+        return mock.patch.object(harness, "no_sync", no_sync)
+
     def _ready(self, p) -> None:
+        if not self.syncing:  # no_sync(): Reducer::autograd_hook returns at once (no bucket, no ready order)
+            return
+        if self._backward is not None:
+            self.copied[self._backward] += p.numel() * p.element_size()
         if not self.rebuilt and id(p) not in {id(q) for q in self.ready}:
             self.ready.append(p)
         view = self.views[id(p)]
@@ -288,7 +310,12 @@ class DDPBuckets(Rule):
                     p.grad = view  # gradient_as_bucket_view: .grad is the bucket view; autograd's copy dies
 
     def before_op(self, tracker, func, args, kwargs):
-        # DDP rebuilds its buckets in gradient-ready order at the start of the second forward
+        if tracker.phase == "backward" and self._phase != "backward":  # a backward begins
+            micro = sum(1 for k in self.copied if k.startswith(f"{tracker.step}."))
+            self._backward = f"{tracker.step}.{micro}"
+            self.copied[self._backward] = 0
+        self._phase = tracker.phase
+        # DDP rebuilds its buckets in gradient-ready order at the start of the first forward after a synced backward
         if not self.rebuilt and tracker.phase == "forward" and tracker.step >= 1 and self.ready:
             self.rebuilt = True
             old = self.buckets
@@ -304,7 +331,8 @@ class DDPBuckets(Rule):
 
     def metrics(self) -> dict:
         return {"ddp_bucket_count": len(self.bucket_bytes), "ddp_bucket_bytes": sum(self.bucket_bytes),
-                "ddp_bucket_cap_bytes": self.cap_bytes, "ddp_first_bucket_cap_bytes": self.first_bytes}
+                "ddp_bucket_cap_bytes": self.cap_bytes, "ddp_first_bucket_cap_bytes": self.first_bytes,
+                "ddp_bucket_copy_bytes": dict(self.copied)}
 
 
 def sharded_bytes(model, trainable, optimizer) -> dict:

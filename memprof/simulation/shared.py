@@ -20,8 +20,8 @@ reused at other batches (`_with_windows`).
 
 Traced whole instead (`shareable`): optimizer-in-backward (its steps run inside backward), fp16-amp (the
 GradScaler steps the optimizer), data-parallel and sharded runs, `py:` models (the user's factory), gradients
-cleared before the backward (the optimizer's gradients live through the next forward), and real tensors (the cpu
-backend).
+cleared before the backward (the optimizer's gradients live through the next forward), gradient accumulation
+(the gradients live through the next micro-step, summed in place), and real tensors (the cpu backend).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def shareable(spec: RunSpec) -> bool:
     """Whether `spec`'s forward can come from the cache: not for the setups above, nor for a `py:` model,
     whose factory is the user's code and may build something else on the next call."""
     return (spec.parallel == "none" and not spec.optim_in_backward and spec.precision != "fp16-amp"
-            and rebuilds_alike(spec.model) and spec.clear_grads == "after-step")
+            and rebuilds_alike(spec.model) and spec.clear_grads == "after-step" and spec.grad_accum == 1)
 
 
 def forward_key(spec: RunSpec, rules) -> tuple:
@@ -109,6 +109,8 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
     register_meta_kernels()
     model, mode = prepared.model, FakeTensorMode()
     stack_of = repeated_blocks.block_stack(model) if repeat_blocks else None
+    if stack_of is not None and len({tuple(p.requires_grad for p in b.parameters()) for b in stack_of[3]}) > 1:
+        stack_of = None  # --train last:N: blocks that train and blocks that do not are no repeating stack
     initial = [r.state() for r in rules]  # to trace afresh if the blocks do not repeat
     with tracing.no_gc(), mode, contextlib.ExitStack() as stack:
         fake_storage(model)

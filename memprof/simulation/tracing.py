@@ -175,12 +175,18 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
                 optimizer.on_grad = lambda p: builder.own(builder.grads, (p.grad,))
             attribution = stack.enter_context(ModuleAttribution(model, tracker, optimizer))
 
+            held = [model, optimizer]  # for rank_bytes; cleared with the names below (ruff F821 on a closure's del)
+            timed = [None]  # the step whose start was taken (a step's later micro-steps are part of it)
+
             def on_phase(phase, step):
                 if phase == "optimizer":
                     builder.own(builder.grads, (p.grad for p in trainable if p.grad is not None))
                     if rank_bytes is not None:  # DDP / FSDP: what this rank holds of each
-                        rank.update(rank_bytes(model, trainable, optimizer))
-                if phase in ("forward", "done"):
+                        rank.update(rank_bytes(held[0], trainable, held[1]))
+                if phase == "forward":  # gradients alive into a forward (accumulating, or kept past the step)
+                    builder.own(builder.grads, (p.grad for p in trainable if p.grad is not None))
+                if phase == "done" or (phase == "forward" and step != timed[0]):
+                    timed[0] = step
                     starts.append(time.perf_counter())
                 tracker.set_phase(phase, step)
 
@@ -195,6 +201,7 @@ def trace_step(build, run, rules=(), fake: bool = True, limit_bytes: int | None 
             builder.record_model(model, trainable)
             result = builder.trace(list(tracker.events), rules, attribution.result(),
                                    [1000 * (b - a) for a, b in zip(starts[1:], starts[2:])], rank, frozen)
+            held.clear()
             del model, optimizer, run  # (trainable stays: on_phase closes over it)
     return result
 
