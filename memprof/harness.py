@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from memprof.errors import UsageError
+from memprof.model_sources.base import classification_loss
 from memprof.models import (build_text_tower, build_model, check_pretrained, freeze_embedding, input_shape,
                             read_pretrained, resolve_model)
 from memprof.optims import OptimInfo, REGISTRY as OPTIMS
@@ -137,7 +137,7 @@ def classification_step(model, optimizer, inputs, amp=None, scaler=None, device_
     forward)."""
     images, labels = inputs
     with torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext():
-        loss = F.cross_entropy(model(images), labels)
+        loss = classification_loss(model(images), labels)  # cross-entropy (main + auxiliary heads' for a tuple)
     if clear_grads == "before-backward" and not in_backward:
         optimizer.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler is not None else loss).backward()
