@@ -179,8 +179,9 @@ def aux_loss_weight(output) -> float:
 def classification_loss(output, labels):
     """The training step's loss: cross-entropy of the logits. A network that returns its auxiliary classifiers'
     logits too in training (a tuple or namedtuple, main logits first: torchvision's GoogLeNetOutputs, Inception3's
-    InceptionOutputs) is trained as its papers train it: the main loss plus `aux_loss_weight` times each auxiliary
-    head's cross-entropy (an absent head, None, adds nothing)."""
+    InceptionOutputs) is trained on the main loss plus `aux_loss_weight` times each auxiliary head's cross-entropy
+    (an absent head, None, adds nothing). torchvision's reference script has no such loss (its GoogLeNet and
+    Inception v3 weights are ported, not trained there)."""
     import torch.nn.functional as F
 
     if not isinstance(output, tuple):
