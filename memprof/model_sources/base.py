@@ -169,24 +169,19 @@ def host_side_on_cpu():
 # Inception v3's 0.4 (TF-slim's inception_v3 training and PyTorch's fine-tuning tutorial); any other tuple of logits
 # gets GoogLeNet's
 AUX_LOSS_WEIGHT = {"GoogLeNetOutputs": 0.3, "InceptionOutputs": 0.4}
-DEFAULT_AUX_LOSS_WEIGHT = 0.3
-
-
-def aux_loss_weight(output) -> float:
-    return AUX_LOSS_WEIGHT.get(type(output).__name__, DEFAULT_AUX_LOSS_WEIGHT)
 
 
 def classification_loss(output, labels):
     """The training step's loss: cross-entropy of the logits. A network that returns its auxiliary classifiers'
-    logits too in training (a tuple or namedtuple, main logits first: torchvision's GoogLeNetOutputs, Inception3's
-    InceptionOutputs) is trained on the main loss plus `aux_loss_weight` times each auxiliary head's cross-entropy
+    logits too in training (torchvision's GoogLeNetOutputs and Inception3's InceptionOutputs, main logits first) is
+    trained on the main loss plus its AUX_LOSS_WEIGHT times each auxiliary head's cross-entropy
     (an absent head, None, adds nothing). torchvision's reference script has no such loss (its GoogLeNet and
     Inception v3 weights are ported, not trained there)."""
     import torch.nn.functional as F
 
-    if not isinstance(output, tuple):
+    weight = AUX_LOSS_WEIGHT.get(type(output).__name__)
+    if weight is None:  # logits; any other output fails in cross_entropy as in the user's own loop
         return F.cross_entropy(output, labels)
-    weight = aux_loss_weight(output)
     loss = F.cross_entropy(output[0], labels)
     for aux in output[1:]:
         if aux is not None:
@@ -196,7 +191,7 @@ def classification_loss(output, labels):
 
 def aux_loss_note(output_type: str, heads: int) -> str:
     """What a record says of the loss `classification_loss` trains a network with auxiliary heads on."""
-    weight = AUX_LOSS_WEIGHT.get(output_type, DEFAULT_AUX_LOSS_WEIGHT)
+    weight = AUX_LOSS_WEIGHT[output_type]
     return (f"loss: the training forward returns {output_type} (logits and {heads} auxiliary classifier"
             f"{'s' if heads > 1 else ''}); trained on cross_entropy(logits) + {weight} x cross_entropy of each "
             f"auxiliary head's logits")
