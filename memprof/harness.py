@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from memprof.errors import UsageError
+from memprof.model_sources.base import classification_loss
 from memprof.models import (build_text_tower, build_model, check_pretrained, freeze_embedding, input_shape,
                             read_pretrained, resolve_model, train_only)
 from memprof.optims import OptimInfo, REGISTRY as OPTIMS
@@ -144,7 +144,7 @@ def classification_step(model, optimizer, inputs, amp=None, scaler=None, device_
     with accumulate_grad_batches."""
     images, labels = inputs
     with torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext():
-        loss = F.cross_entropy(model(images), labels)
+        loss = classification_loss(model(images), labels)  # cross-entropy (main + auxiliary heads' where named)
     if micro_steps > 1:
         loss = loss / micro_steps
     if clear_grads == "before-backward" and not in_backward and micro == 0:

@@ -31,6 +31,7 @@ freeze-embed freezes is declared per family (FAMILY_EMBEDDING: the module that d
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from memprof.errors import UsageError
@@ -63,6 +64,7 @@ class ModelInfo:
     source: str = "open_clip"  # the ModelSource it comes from (memprof.model_sources.registry)
     input_shape: tuple[int, int, int] | None = None  # (channels, height, width); None: the tower's image_size
     ckpt_switch: bool | None = None  # has set_grad_checkpointing (None: `vit` says, for open_clip towers)
+    notes: tuple[str, ...] = ()  # what a prediction's record says about the model (its `notes`), e.g. its loss
 
     @property
     def grad_ckpt_reason(self) -> str | None:
@@ -111,6 +113,88 @@ class ModelSource:
     def text_tower(self, info: ModelInfo):
         self.text_config(info)
         raise NotImplementedError
+
+
+def build_on_meta(make):
+    """`make()`, building a model on the current default device. On the meta device, a constructor that computes
+    with small tensors and reads them back to the host (torchvision's RegNet: its stage widths from torch.arange,
+    torch.round ... `.tolist()`) cannot run: meta tensors have no data. Such a model is built again with the CPU
+    as the default device and every parameter and buffer moved to meta as it is registered
+    (`host_side_on_cpu`): its host-side computations get their numbers, no parameter keeps storage. A model that
+    builds on meta is built there, exactly as before."""
+    import torch
+
+    if torch.get_default_device().type != "meta":
+        return make()
+    try:
+        return make()
+    except (NotImplementedError, RuntimeError) as exc:  # "Cannot copy out of meta tensor; no data!", .item()
+        if "meta" not in str(exc):
+            raise
+    with host_side_on_cpu():
+        return make()
+
+
+@contextlib.contextmanager
+def host_side_on_cpu():
+    """The CPU as the default device, with each parameter and buffer a module registers in this thread moved to
+    the meta device as it is registered (torch's global registration hooks): constructors compute on the CPU,
+    the model ends on meta. A tensor made before its registration is allocated (uninitialised) on the CPU for
+    that moment only; one a constructor fills before registering it is filled there."""
+    import threading
+
+    import torch
+    from torch.nn.modules import module as torch_module
+
+    owner = threading.get_ident()
+
+    def to_meta(module, name, tensor):
+        if tensor is None or tensor.device.type == "meta" or threading.get_ident() != owner:
+            return None
+        moved = tensor.to("meta")
+        return torch.nn.Parameter(moved, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else moved
+
+    hooks = (torch_module.register_module_parameter_registration_hook(to_meta),
+             torch_module.register_module_buffer_registration_hook(to_meta))
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+# the weight of each auxiliary classifier's loss, by the type of output that carries them: GoogLeNet's 0.3 (Szegedy
+# et al. 2015, "Going deeper with convolutions": "the losses of the auxiliary classifiers were weighted by 0.3"),
+# Inception v3's 0.4 (TF-slim's inception_v3 training and PyTorch's fine-tuning tutorial); any other tuple of logits
+# gets GoogLeNet's
+AUX_LOSS_WEIGHT = {"GoogLeNetOutputs": 0.3, "InceptionOutputs": 0.4}
+
+
+def classification_loss(output, labels):
+    """The training step's loss: cross-entropy of the logits. A network that returns its auxiliary classifiers'
+    logits too in training (torchvision's GoogLeNetOutputs and Inception3's InceptionOutputs, main logits first) is
+    trained on the main loss plus its AUX_LOSS_WEIGHT times each auxiliary head's cross-entropy
+    (an absent head, None, adds nothing). torchvision's reference script has no such loss (its GoogLeNet and
+    Inception v3 weights are ported, not trained there)."""
+    import torch.nn.functional as F
+
+    weight = AUX_LOSS_WEIGHT.get(type(output).__name__)
+    if weight is None:  # logits; any other output fails in cross_entropy as in the user's own loop
+        return F.cross_entropy(output, labels)
+    loss = F.cross_entropy(output[0], labels)
+    for aux in output[1:]:
+        if aux is not None:
+            loss = loss + weight * F.cross_entropy(aux, labels)
+    return loss
+
+
+def aux_loss_note(output_type: str, heads: int) -> str:
+    """What a record says of the loss `classification_loss` trains a network with auxiliary heads on."""
+    weight = AUX_LOSS_WEIGHT[output_type]
+    return (f"loss: the training forward returns {output_type} (logits and {heads} auxiliary classifier"
+            f"{'s' if heads > 1 else ''}); trained on cross_entropy(logits) + {weight} x cross_entropy of each "
+            f"auxiliary head's logits")
 
 
 def family_embedding(family: str) -> tuple[str, ...]:

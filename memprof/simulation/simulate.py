@@ -69,7 +69,11 @@ def prediction(spec: RunSpec, history: bool = False, capped_history: bool = Fals
             return trace_shared(spec, rules, memo or MEMO)
         return trace(spec, rules, front=(memo or MEMO).front)
 
-    return prediction_of(make_trace, spec.budget, spec, history, capped_history)
+    p = prediction_of(make_trace, spec.budget, spec, history, capped_history)
+    model_notes = resolve_model(spec.model, True, spec.freeze, spec.input_shape).notes  # e.g. the loss it trains on
+    if model_notes:
+        p.metrics["notes"] = [*p.metrics.get("notes", []), *model_notes]
+    return p
 
 
 def predict_traced(make_trace, budget: str, spec: RunSpec | None = None) -> tuple[str, dict]:
