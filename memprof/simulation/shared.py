@@ -221,6 +221,7 @@ def trace_windows(fwd: Forward, spec: RunSpec, rules, memo: Memo = MEMO) -> Wind
 def splice(fwd: Forward, opt: Windows, rules):
     """The full trace: `fwd`'s stream with `opt`'s events in place of the stand-in's windows; `rules` as they
     are after the optimizer's steps."""
+    from memprof.adapters import model_split
     from memprof.simulation.tracing import Trace, _categorize, common_rule_metrics
 
     events, at = [], 0
@@ -234,7 +235,7 @@ def splice(fwd: Forward, opt: Windows, rules):
                    params_total=sum(p.numel() for p in model.parameters()),
                    params_trainable=sum(p.numel() for p in fwd.trainable), frozen=fwd.frozen,
                    state=opt.state, rules=[r.describe() for r in rules], module={**fwd.module, **opt.module},
-                   extra={**common_rule_metrics(rules), **opt.floor})
+                   extra={**common_rule_metrics(rules), **opt.floor, **model_split(model, fwd.trainable)})
     result.category = _categorize(result.events, fwd.params, opt.grads, opt.states, result.origin)
     return result
 
