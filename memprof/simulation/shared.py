@@ -111,6 +111,9 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
     stack_of = repeated_blocks.block_stack(model) if repeat_blocks else None
     if stack_of is not None and len({tuple(p.requires_grad for p in b.parameters()) for b in stack_of[3]}) > 1:
         stack_of = None  # --train last:N: blocks that train and blocks that do not are no repeating stack
+    if stack_of is not None and any(isinstance(getattr(m, "base_layer", None), torch.nn.MultiheadAttention)
+                                    for m in model.modules()):
+        stack_of = None  # peft's MultiheadAttention LoRA re-registers its weights in each forward: traced whole
     initial = [r.state() for r in rules]  # to trace afresh if the blocks do not repeat
     with tracing.no_gc(), mode, contextlib.ExitStack() as stack:
         fake_storage(model)
