@@ -185,3 +185,28 @@ def test_a_script_wrapping_its_model_with_peft_is_labelled_and_agrees_with_mempr
 def test_vit_b_16_script_and_run_agree():
     """The issue's done-when at ViT-B/16 size (timm's vit_base_patch16_224: 12 blocks of width 768)."""
     _agree(*_script_and_run("vit_base_patch16_224"))
+
+
+def test_advise_weighs_lora_saying_what_trains():
+    from memprof.planning.advise import candidates
+
+    cands, _, not_applicable = candidates(RunSpec("test-vit", "adamw"))
+    lora = {c.label: c for c in cands if c.spec.peft == "lora" and len(c.changes) == 1}
+    assert set(lora) == {"LoRA r=8", "LoRA r=16"}
+    assert f"{ADAPTERS + HEAD:,} trainable parameters (rank-8 adapters and the head) instead of {PARAMS:,}" in \
+        lora["LoRA r=8"].cost
+    assert f"{2 * ADAPTERS + HEAD:,} trainable parameters" in lora["LoRA r=16"].cost  # r*(in+out): twice at r=16
+    assert any("LoRA" in label and "nothing left to freeze" in why for label, why in not_applicable)
+
+
+def test_table4_puts_lora_rows_beside_the_methods():
+    from memprof.reports.table4 import _method_label, table_rows
+    from memprof.results import make_record
+
+    records = [make_record(RunSpec("vit-b-16", optim, peft=peft), "ok", "predicted", {"backend": "simulate", "device": "x"},
+                           {"peak_reserved_bytes": size})
+               for optim, peft, size in (("adamw", "off", 300), ("sgd", "off", 200), ("adamw", "lora", 100))]
+    rows = {(r["optim"], r["peft"]): r for r in table_rows(records)}
+    assert rows[("adamw", "lora8")]["method"] == "AdamW + LoRA r=8" and rows[("adamw", "lora8")]["adamw_extra_pct"] == 200
+    assert rows[("sgd", "off")]["adamw_extra_pct"] == 50 and rows[("adamw", "off")]["adamw_extra_pct"] == 0
+    assert _method_label(("sgd", 32, False, "dora16-a32")) == "SGD + DoRA r=16 alpha=32"
