@@ -54,7 +54,22 @@ def prepare(spec: RunSpec, load_weights: bool = True) -> Prepared:
     frozen = freeze_embedding(model, info) if optim.freeze_embed else []
     if spec.train != "all":  # partial fine-tuning: the rest gets no gradient (and so no optimizer state)
         frozen = sorted({*frozen, *train_only(model, info, spec.train)})
+    if spec.peft != "off":  # peft's adapters: the base weights frozen, the adapters and the head train
+        from memprof.adapters import apply_peft
+
+        frozen = apply_peft(model, info, spec)
     return Prepared(model, optim, frozen, state)
+
+
+def load_visual(model, state: dict) -> None:
+    """The network's pretrained weights into a model, peft's adapters or not: a weight peft wrapped
+    (`attn.base_layer.in_proj_weight`) takes the file's `attn.in_proj_weight`; the adapters keep their own."""
+    own = model.visual.state_dict()
+    if set(own) == set(state):
+        model.visual.load_state_dict(state)
+        return
+    renamed = {k: state[k.replace(".base_layer.", ".")] for k in own if k.replace(".base_layer.", ".") in state}
+    model.visual.load_state_dict(renamed, strict=False)
 
 
 def materialize(model, device) -> None:

@@ -37,6 +37,12 @@ METRICS: dict[str, tuple[str, str]] = {
     "params_total": (COUNT, "parameters of the resident model"),
     "params_trainable": (COUNT, "parameters that train"),
     "params_frozen": (COUNT, "parameters that are frozen"),
+    "parameter_bytes_frozen": (B, "peft: bytes of the frozen parameters (the base weights)"),
+    "parameter_bytes_trainable": (B, "peft: bytes of the parameters that train (the adapters and the head)"),
+    "script_peft": (TEXT, "memprof script: the peft adapters the script's model holds (method, rank, alpha, adapter "
+                    "and trainable parameters)"),
+    "adapter_params": (COUNT, "peft: the adapters' parameters (lora_A, lora_B, DoRA's magnitudes)"),
+    "adapter_parameter_bytes": (B, "peft: the adapters' bytes (their gradients take as much again)"),
     "frozen_parameter_names": ("list of text", "the frozen parameters"),
     "alloc_requests": (COUNT, "allocations the step made (predicted)"),
     "unmodelled": ("list", "allocations the simulation does not model, each with its bound"),

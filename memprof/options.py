@@ -55,6 +55,8 @@ _BUDGET_HELP = ("card or size whose memory decides OOM: titan-x (12 GiB, the pap
                 "measuring backends' default). On a bigger GPU the cuda backend emulates the budget by capping the "
                 "allocator")
 _SPEC = "memprof.spec:"
+_SCRIPT_PEFT = ("a script's own code decides whether peft wraps its model: memprof script runs it as written (and "
+                "labels the adapters it finds)")
 
 OPTIONS: tuple[Option, ...] = (
     # the grid
@@ -110,6 +112,22 @@ OPTIONS: tuple[Option, ...] = (
        metavar="WHAT", commands=TRAINING | {ADVISE}, parse=_SPEC + "train",
        not_for=((SCRIPT, "a script's own code decides which parameters train (requires_grad): memprof script runs "
                  "it as written"),)),
+    _o("peft", "off", "parameter-efficient fine-tuning through the peft library: off (default), lora (LoRA adapters "
+       "on the frozen base weights; the head trains whole), dora (LoRA with a learned magnitude, "
+       "LoraConfig(use_dora=True)), or a comma list: off,lora (pip install peft)", commands=TRAINING,
+       parse=_SPEC + "pefts", not_for=((SCRIPT, _SCRIPT_PEFT),)),
+    _o("lora_rank", None, "--peft: the adapters' rank r (default: 8)", toml=(int,), commands=TRAINING, metavar="R",
+       parse=_SPEC + "lora_rank", not_for=((SCRIPT, _SCRIPT_PEFT),)),
+    _o("lora_alpha", None, "--peft: lora_alpha, the adapters' output scaled by alpha/r (default: 16)", toml=(int,),
+       commands=TRAINING, parse=_SPEC + "lora_alpha", not_for=((SCRIPT, _SCRIPT_PEFT),)),
+    _o("lora_dropout", None, "--peft: dropout on the adapters' input (default: 0.0, peft's; 0.1 as Hugging Face's "
+       "image-classification LoRA guide keeps a dropped copy of each adapted layer's input)", toml=(float, int),
+       commands=TRAINING, parse=_SPEC + "lora_dropout", not_for=((SCRIPT, _SCRIPT_PEFT),)),
+    _o("lora_targets", None, "--peft: the modules adapted, module-name globs of the network (default: each "
+       "family's attention and MLP layers: open_clip/torchvision 'transformer.resblocks.*.attn' (peft's "
+       "nn.MultiheadAttention layer) and the MLP linears, timm 'blocks.*.attn.qkv,blocks.*.attn.proj,"
+       "blocks.*.mlp.fc1,blocks.*.mlp.fc2'; other models: every linear but the head)", metavar="GLOB[,GLOB]",
+       commands=TRAINING, parse=_SPEC + "lora_targets", not_for=((SCRIPT, _SCRIPT_PEFT),)),
     _o("parallel", "none", "none, ddp, fsdp or a comma list: predict rank 0 of --world-size ranks (fake process "
        "group; simulate backend) (default: none)", parse=_SPEC + "parallelisms"),
     _o("world_size", 1, "ranks of --parallel (1..1024; default: 1); a script: a torchrun-style script "

@@ -345,6 +345,7 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
                          f"kernel indexes; no card holds a batch near it)", option="batch_size")
     training = training_axes(opts)
     check_train(models, training["train"], opts["num_classes"])
+    check_peft(models, training, opts["num_classes"])
     if not isinstance(opts["steps"], int) or isinstance(opts["steps"], bool):
         raise UsageError(f"--steps {opts['steps']!r}: give a whole number, e.g. --steps 2", option="steps")
     if opts["steps"] > MAX_STEPS:
@@ -444,8 +445,46 @@ def training_axes(opts: dict) -> dict:
     if in_backward == [True] and "after-step" not in clear:
         raise UsageError("--clear-grads before-backward with --optim-in-backward on: optimizer-in-backward frees each "
                          "gradient inside backward, so there is none to keep", option="clear_grads")
+    pefts = parsed(opts, "peft")
+    lora = {n: parsed(opts, n) for n in LORA_OPTIONS if opts.get(n) is not None}
+    if pefts == ["off"] and lora:
+        name = next(iter(lora))
+        raise UsageError(f"{flag(name)} applies to --peft lora or dora: add --peft lora (or off,lora), or drop "
+                         f"{flag(name)}", option=name)
+    if pefts != ["off"] and train != "all":
+        raise UsageError(f"--train {train} with --peft {','.join(pefts)}: peft freezes every base weight and trains "
+                         f"the adapters and the head, so there is nothing left for --train to choose; use --train all "
+                         f"(or --peft off)", option="train")
+    if pefts != ["off"]:
+        from memprof.adapters import require_peft
+
+        with option("peft"):
+            require_peft(next(p for p in pefts if p != "off"))
     return {"precisions": precisions, "optim_impls": impls, "in_backward": in_backward, "clear_grads": clear,
-            "grad_accums": unique(accums, "grad_accum", []), "train": train}
+            "grad_accums": unique(accums, "grad_accum", []), "train": train, "pefts": pefts, "lora": lora}
+
+
+LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def check_peft(models, training: dict, num_classes: int = 10) -> None:
+    """--peft's adapters injected into each model built on the meta device (shapes only): a target that matches no
+    module, or one peft cannot adapt, is a UsageError naming --lora-targets."""
+    methods = [p for p in training["pefts"] if p != "off"]
+    if not methods:
+        return
+    import torch
+
+    from memprof.adapters import apply_peft
+    from memprof.models import build_model
+    from memprof.spec import RunSpec
+
+    with option("lora_targets"):
+        for info in models:
+            for method in methods:
+                with torch.device("meta"):
+                    apply_peft(build_model(info, num_classes), info,
+                               RunSpec(info.name, "adamw", peft=method, **training["lora"]))
 
 
 def _remaining(entries, out_dir: str, backend: str, resume: bool, retry_failed: bool, notes: list,
@@ -550,6 +589,7 @@ def plan_accuracy(opts: dict) -> AccuracyPlan:
         optims = parse_optims(opts["optims"])
     training = training_axes(opts)
     check_train(models, training["train"], opts["num_classes"])
+    check_peft(models, training, opts["num_classes"])
     entries = expand_grid(models, optims, parsed(opts, "grad_ckpt"),
                           unique(parsed(opts, "state_bits"), "state_bits", notes),
                           unique(parsed(opts, "batch_size"), "batch_size", notes),

@@ -26,6 +26,7 @@ OPTIM_IMPLS = ("foreach", "fused", "forloop")
 CLEAR_GRADS = ("after-step", "before-backward")  # when a step's zero_grad(set_to_none=True) runs
 MAX_GRAD_ACCUM = 1024  # micro-steps per optimizer step: each is traced (or run); past the first two they repeat
 TRAIN_WHOLE, TRAIN_HEAD, TRAIN_LAST = "all", "head", "last:"  # --train: the whole model, the head, the last N blocks
+PEFT_OFF, PEFT_METHODS, LORA_RANK, LORA_ALPHA = "off", ("lora", "dora"), 8, 16  # memprof.adapters
 RESIDENTS = ("tower", "clip")  # clip: CLIP's text tower and logit scale also on the device, frozen and unused
 DEFAULT_OPTIM_IMPL = "foreach"
 PURE_FP16 = ("fp16 (the whole model in float16) is not supported: fp16 has too little range for gradients and "
@@ -59,6 +60,11 @@ class RunSpec:
     clear_grads: str = "after-step"  # after-step | before-backward (the previous step's gradients live through the forward)
     grad_accum: int = 1  # micro-steps (forward + backward) per optimizer step, gradients accumulating between them
     train: str = TRAIN_WHOLE  # what trains: all, head, last:N (blocks + final norm + head) or module-name globs
+    peft: str = PEFT_OFF  # off | lora | dora: peft's adapters on the frozen base weights (memprof.adapters)
+    lora_rank: int = 8  # LoraConfig's r, lora_alpha, lora_dropout; targets: module-name globs (None: the family's)
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str | None = None
 
     @property
     def training(self) -> str:
@@ -103,7 +109,23 @@ class RunSpec:
         return ([] if self.parallel == "none" else [self.parallelism]) + (
             [f"freeze-{self.freeze}"] if self.freeze else []) + (
             [f"train-{self.train.replace(':', '')}"] if self.train != TRAIN_WHOLE else []) + (
+            [self.adapters] if self.peft != PEFT_OFF else []) + (
             [f"input-{self.input_shape}"] if self.input_shape else [])
+
+    @property
+    def adapters(self) -> str:
+        """`lora8` (the method and rank), with `-a32` (alpha), `-d0.1` (dropout) and `-t<globs>` (targets) where
+        they differ from the defaults; `off` without peft (whose key has no such segment)."""
+        if self.peft == PEFT_OFF:
+            return PEFT_OFF
+        parts = [f"{self.peft}{self.lora_rank}"]
+        if self.lora_alpha != LORA_ALPHA:
+            parts.append(f"a{self.lora_alpha:g}")
+        if self.lora_dropout:
+            parts.append(f"d{self.lora_dropout:g}")
+        if self.lora_targets:
+            parts.append(f"t{self.lora_targets}")
+        return "-".join(parts)
 
     @property
     def parallelism(self) -> str:
@@ -258,6 +280,56 @@ def train(value, flag: str) -> str:
     return text
 
 
+def pefts(value, flag: str) -> list[str]:
+    """off, lora, dora or a comma list of them (a grid axis)."""
+    return parse_names(_text(value, flag), flag, (PEFT_OFF, *PEFT_METHODS), "--peft method")
+
+
+def _whole(value, flag: str, example: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
+        raise UsageError(f"{flag} {value!r}: give a whole number of at least 1, e.g. {flag} {example}")
+    return int(value)
+
+
+def lora_rank(value, flag: str) -> int:
+    """LoraConfig's r: the adapters' inner width, a whole number of at least 1."""
+    rank = _whole(value, flag, LORA_RANK)
+    if rank < 1:
+        raise UsageError(f"{flag} {rank}: a LoRA rank must be at least 1 (it is the adapters' inner width)")
+    return rank
+
+
+def lora_alpha(value, flag: str) -> int:
+    """LoraConfig's lora_alpha (the adapters' output is scaled by alpha / rank): a whole number of at least 1."""
+    alpha = _whole(value, flag, LORA_ALPHA)
+    if alpha < 1:
+        raise UsageError(f"{flag} {alpha}: must be at least 1 (the adapters' output is scaled by alpha / rank)")
+    return alpha
+
+
+def lora_dropout(value, flag: str) -> float:
+    try:
+        p = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        p = None
+    if p is None or not 0 <= p < 1:
+        raise UsageError(f"{flag} {value}: give a probability from 0 up to (not including) 1, e.g. {flag} 0.1")
+    return p
+
+
+def lora_targets(value, flag: str) -> str:
+    """Module-name globs relative to the network, a comma list (checked against the model when it is built,
+    memprof.adapters.target_modules)."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    text = ",".join(g.strip() for g in str(value).split(",") if g.strip()) if isinstance(value, str) else ""
+    if not text:
+        raise UsageError(f"{flag} is empty: give module-name globs, e.g. {flag} 'blocks.*.attn.qkv,blocks.*.mlp.fc1'")
+    if "/" in text:
+        raise UsageError(f"{flag} '{text}': module names hold no '/': give globs such as {flag} 'blocks.*.attn.qkv'")
+    return text
+
+
 def residents(value, flag: str) -> list[str]:
     return parse_names(_text(value, flag), flag, RESIDENTS, "resident")
 
@@ -275,7 +347,12 @@ def parallelisms(value, flag: str) -> list[str]:
 def skip_reason(model: ModelInfo, optim: OptimInfo, state_bits: int, paged: bool = False,
                 grad_ckpt: bool = False, precision: str = "fp32", optim_impl: str = DEFAULT_OPTIM_IMPL,
                 in_backward: bool = False, parallel: str = "none", clear_grads: str = "after-step",
-                grad_accum: int = 1) -> str | None:
+                grad_accum: int = 1, peft: str = PEFT_OFF) -> str | None:
+    if peft != PEFT_OFF and optim.freeze_embed:
+        return (f"--peft {peft} freezes every base weight, the embedding included, so {optim.name} has nothing left "
+                f"to freeze (it is {optim.name.rsplit('-', 1)[0]} under LoRA)")
+    if peft != PEFT_OFF and parallel == "fsdp":
+        return f"--peft {peft} under FSDP is not modelled (peft's adapters on sharded DTensor weights)"
     if in_backward and grad_accum > 1:
         return ("optimizer-in-backward steps each parameter inside backward, so no gradient is left to accumulate: "
                 f"--grad-accum {grad_accum} needs --optim-in-backward off")
@@ -316,20 +393,23 @@ def expand_grid(models: list[ModelInfo], optims: list[OptimInfo], grad_ckpt: lis
                 state_bits: list[int], batch_sizes: list[int], paged: bool = False,
                 precisions: list[str] = ("fp32",), optim_impls: list[str] = (DEFAULT_OPTIM_IMPL,),
                 in_backward: list[bool] = (False,), parallel: list[dict] = ({},),
-                clear_grads: list[str] = ("after-step",), grad_accums: list[int] = (1,), **common) -> list[GridEntry]:
-    """The product of the axes, in the order given, each entry with its skip reason (or None)."""
+                clear_grads: list[str] = ("after-step",), grad_accums: list[int] = (1,), pefts: list[str] = (PEFT_OFF,),
+                lora: dict | None = None, **common) -> list[GridEntry]:
+    """The product of the axes, in the order given, each entry with its skip reason (or None). `lora`: the
+    LoRA options (rank, alpha, dropout, targets) of the entries whose --peft is not off."""
     for bits in state_bits:
         if bits not in (32, 8):
             raise UsageError(f"--state-bits {bits}: use 32, 8 or 32,8")
     entries = []
     freeze = common.pop("freeze", None)  # what a freeze-embed optimizer freezes: in its keys only
-    for par, clr, prec, impl, inb, m, o, ck, bits, acc, bs in itertools.product(
-            parallel, clear_grads, precisions, optim_impls, in_backward, models, optims, grad_ckpt, state_bits,
+    for par, clr, prec, impl, inb, m, pe, o, ck, bits, acc, bs in itertools.product(
+            parallel, clear_grads, precisions, optim_impls, in_backward, models, pefts, optims, grad_ckpt, state_bits,
             grad_accums, batch_sizes):
         spec = RunSpec(model=m.name, optim=o.name, grad_ckpt=ck, state_bits=bits, batch_size=bs,
                        paged=paged and bits == 8, precision=prec, optim_impl=impl, optim_in_backward=inb,
-                       clear_grads=clr, grad_accum=acc, freeze=freeze if o.freeze_embed else None, **par, **common)
+                       clear_grads=clr, grad_accum=acc, freeze=freeze if o.freeze_embed else None, peft=pe,
+                       **((lora or {}) if pe != PEFT_OFF else {}), **par, **common)
         entries.append(GridEntry(spec, skip_reason(m, o, bits, spec.paged, ck, prec, impl, inb, spec.parallel, clr,
-                                                   acc)))
+                                                   acc, pe)))
     return entries
 

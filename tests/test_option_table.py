@@ -33,6 +33,12 @@ EXAMPLES = {
     "optim_in_backward": ("on", True, {}, "maybe", "--optim-in-backward"),
     "grad_accum": ("2", 2, {}, "0", "--grad-accum 0: must be at least 1"),
     "train": ("last:1", "last:1", {}, "blocks.9*", "--train 'blocks.9*' matches no module or parameter of test-vit"),
+    "peft": ("lora", "lora", {}, "lorax", "unknown --peft method 'lorax': did you mean lora"),
+    "lora_rank": ("4", 4, {"peft": "lora"}, "0", "--lora-rank 0: a LoRA rank must be at least 1"),
+    "lora_alpha": ("32", 32, {"peft": "lora"}, "0", "--lora-alpha 0: must be at least 1"),
+    "lora_dropout": ("0.1", 0.1, {"peft": "lora"}, "1.5", "--lora-dropout 1.5: give a probability"),
+    "lora_targets": ("transformer.resblocks.*.mlp.c_fc", "transformer.resblocks.*.mlp.c_fc", {"peft": "lora"},
+                     "blocks.*.qkv", "--lora-targets 'blocks.*.qkv' matches no module of test-vit"),
     "parallel": ("ddp", "ddp", {"world_size": 2}, "dp", "unknown parallelism 'dp': did you mean ddp, fsdp?"),
     "world_size": ("2", 2, {"parallel": "ddp"}, "0", "--world-size 0"),
     "bucket_cap_mb": ("10", 10, {"parallel": "ddp"}, "-1", "--bucket-cap-mb"),
@@ -131,7 +137,7 @@ def _typed(name: str, text: str):
     """The bad value as TOML and Python give it: a number where the option is a number."""
     option = next(o for o in OPTIONS if o.name == name)
     if option.toml[0] is int or (int in option.toml and str not in option.toml):
-        return int(text)
+        return int(text) if text.lstrip("-").isdigit() else float(text)
     if float in option.toml and str not in option.toml:
         return float(text)
     return text
@@ -167,6 +173,8 @@ def test_every_command_takes_its_table_options_with_the_tables_help(command):
     (["--precision", "fp8"], "unknown precision 'fp8'"),
     (["--clear-grads", "never"], "unknown --clear-grads value 'never'"),
     (["--train", "last:0"], "--train 'last:0': give the number of last blocks that train"),
+    (["--peft", "lora", "--lora-rank", "0"], "--lora-rank 0: a LoRA rank must be at least 1"),
+    (["--lora-rank", "4"], "--lora-rank applies to --peft lora or dora: add --peft lora"),
 ])
 def test_a_bad_value_reads_the_same_from_run_advise_and_accuracy(tmp_path, capsys, argv, expect):
     errors = []
@@ -204,7 +212,8 @@ def test_grad_accum_reads_the_same_from_run_fit_and_advise(tmp_path, capsys):
     assert len(set(errors)) == 1 and "--grad-accum 0: must be at least 1" in errors[0], errors
 
 
-@pytest.mark.parametrize("command,flag", [("script", "--grad-accum"), ("script", "--train"),
+@pytest.mark.parametrize("command,flag", [("script", "--grad-accum"), ("script", "--train"), ("script", "--peft"),
+                                          ("script", "--lora-rank"),
                                           ("accuracy", "--grad-accum")])
 def test_an_option_the_table_says_does_not_apply_is_refused_with_why(tmp_path, capsys, command, flag):
     from memprof.options import not_applicable

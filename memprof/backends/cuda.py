@@ -32,7 +32,8 @@ import torch
 
 from memprof.budget import NOMINAL_TOLERANCE, GiB, parse_budget
 from memprof.errors import UsageError
-from memprof.harness import apply_precision, materialize, prepare, sdpa_kernels, train_steps
+from memprof.adapters import model_split
+from memprof.harness import apply_precision, load_visual, materialize, prepare, sdpa_kernels, train_steps
 from memprof.backends import distributed
 from memprof.backends.base import MEASURED, Backend, as_outcome
 from memprof.backends.nvml import Nvml, Sampler, gpu_present, periodic_reading
@@ -179,7 +180,7 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
         model = prepared.model
         materialize(model, "cuda")  # setup: an OOM here (a small emulated budget) is a result too
         if prepared.pretrained_state is not None:
-            model.visual.load_state_dict(prepared.pretrained_state)
+            load_visual(model, prepared.pretrained_state)
         model = distributed.wrap(model, spec, "cuda")
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(prepared.optim_info, trainable, spec.state_bits, spec.paged, spec.optim_impl,
@@ -187,7 +188,7 @@ def measure(spec: RunSpec, snapshot_dir: str | None = None, nvml_period_ms: floa
         torch.cuda.synchronize()
         metrics.update(params_total=sum(p.numel() for p in model.parameters()),
                        params_trainable=sum(p.numel() for p in trainable), frozen_parameter_names=prepared.frozen,
-                       setup_allocated_bytes=torch.cuda.memory_allocated())
+                       setup_allocated_bytes=torch.cuda.memory_allocated(), **model_split(model, trainable))
         peaks.close()
         train_steps(model, optimizer, spec, "cuda", on_phase)
         metrics.update(floor(model, trainable, optimizer))

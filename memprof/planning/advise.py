@@ -10,6 +10,7 @@ is the first line of the answer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Callable
@@ -103,6 +104,41 @@ def _accumulation_words(base, spec) -> str:
             "(batch-norm-free ViTs train the same)")
 
 
+def _lora(rank: int):
+    """LoRA at `rank` (peft's adapters on the family's attention and MLP layers; the head trains whole): None where
+    the configuration already uses peft or trains part of the model (--train)."""
+    def apply(spec):
+        if getattr(spec, "peft", "off") != "off" or spec.train != "all":
+            return None
+        return dataclasses.replace(spec, peft="lora", lora_rank=rank)
+    return apply
+
+
+@functools.cache
+def trainable_parameters(spec) -> int:
+    """Parameters that train in `spec`'s model, counted on the meta device (no memory, no tracing)."""
+    import torch
+
+    from memprof.harness import prepare
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in prepare(spec, load_weights=False).model.parameters() if p.requires_grad)
+
+
+def _lora_words(base, spec) -> str:
+    """What LoRA changes besides memory, in this model's figures."""
+    before, after = trainable_parameters(base), trainable_parameters(spec)
+    return (f"a different method: {after:,} trainable parameters (rank-{spec.lora_rank} adapters and the head) "
+            f"instead of {before:,} ({100 * after / before:.1f}%); the base weights stay frozen, so what the model "
+            "can learn is limited to the adapters' rank")
+
+
+def _peft_installed() -> bool:
+    from memprof.adapters import peft_available
+
+    return peft_available()
+
+
 CHANGES = (
     Change("freeze-embed", "optimizer", 1, "the patch embedding stops training (~0.7% of a ViT's parameters); the "
            "paper finds no accuracy loss", _freeze_embed),
@@ -130,6 +166,10 @@ CHANGES = (
            "optimizer.step() instead of before backward, so the last step's gradients are gone before the next "
            "forward", _field("clear_grads", "after-step"), _has_field("clear_grads"),
            "this version has no --clear-grads axis"),
+    Change("LoRA r=8", "peft", 3, "a different method: low-rank adapters train, the base weights stay frozen",
+           _lora(8), _peft_installed, "peft is not installed (pip install peft)", words=_lora_words),
+    Change("LoRA r=16", "peft", 3, "a different method: low-rank adapters train, the base weights stay frozen",
+           _lora(16), _peft_installed, "peft is not installed (pip install peft)", words=_lora_words),
     Change("bf16 autocast", "precision", 2, "forward and backward in bfloat16 with fp32 master weights: lower "
            "numeric precision in activations", _field("precision", "bf16-amp"), _precision_modelled("bf16-amp"),
            "this version predicts fp32 only"),
@@ -177,7 +217,7 @@ def candidates(base, changes=CHANGES) -> tuple[list[Candidate], list[Change], li
     for chs, spec in combos:
         why = skip_reason(resolve_model(spec.model), REGISTRY[spec.optim], spec.state_bits, spec.paged, spec.grad_ckpt,
                           spec.precision, spec.optim_impl, spec.optim_in_backward, spec.parallel, spec.clear_grads,
-                          spec.grad_accum)
+                          spec.grad_accum, spec.peft)
         if why:
             not_applicable.append((" + ".join(c.label(base, spec) for c in chs), why))
         else:

@@ -94,14 +94,30 @@ def _setting_title(setting: tuple, paper: bool = True) -> str:
 
 
 def _method(rec: Record) -> tuple:
-    """A table row: the optimizer and how its states are kept (32-bit, 8-bit, 8-bit paged)."""
-    return rec.spec.optim, rec.spec.state_bits, rec.spec.paged
+    """A table row: the optimizer, how its states are kept (32-bit, 8-bit, 8-bit paged) and peft's adapters
+    (`off`, `lora8`: RunSpec.adapters), so a LoRA row sits beside the paper's methods in the same setting."""
+    return rec.spec.optim, rec.spec.state_bits, rec.spec.paged, rec.spec.adapters
 
 
 def _method_label(method: tuple) -> str:
-    optim, bits, paged = method
+    optim, bits, paged, adapters = (*method, "off")[:4]
     label = OPTIMS[optim].label if optim in OPTIMS else optim
-    return label if bits == 32 else f"{label}, 8-bit states" + (" (paged)" if paged else "")
+    label = label if bits == 32 else f"{label}, 8-bit states" + (" (paged)" if paged else "")
+    return label if adapters == "off" else f"{label} + {_adapters_label(adapters)}"
+
+
+def _adapters_label(adapters: str) -> str:
+    """`lora8` -> `LoRA r=8`, `dora16-a32` -> `DoRA r=16 alpha=32`."""
+    import re
+
+    head, *rest = adapters.split("-")
+    m = re.fullmatch(r"([a-z]+)(\d+)", head)
+    if m is None:
+        return adapters
+    words = [{"lora": "LoRA", "dora": "DoRA"}.get(m[1], m[1]), f"r={m[2]}"]
+    names = {"a": "alpha", "d": "dropout", "t": "targets"}
+    words += [f"{names[p[0]]}={p[1:]}" for p in rest if p[:1] in names]
+    return " ".join(words)
 
 
 def _ordered(names, registry):
@@ -129,7 +145,7 @@ def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
     rows = []
     for (setting, method, model), rec in by_key.items():
         value = rec.metrics.get(field)
-        adamw = by_key.get((setting, ("adamw", 32, False), model))
+        adamw = by_key.get((setting, ("adamw", 32, False, "off"), model))
         adamw_value = adamw.metrics.get(field) if adamw else None
         # a measured OOM's peak is cut short by the budget: no percentage can be computed from it
         truncated = adamw is not None and adamw.status == Status.OOM and adamw.source == Source.MEASURED
@@ -137,7 +153,7 @@ def table_rows(records: list[dict], metric: str = "reserved") -> list[dict]:
                  if value and adamw_value and rec.status.ran and not truncated and setting in paper else None)
         rows.append({
             "config": rec.config,
-            "setting": _setting_title(setting, setting in paper), "paper_grid": setting in paper, "optim": method[0], "state_bits": method[1], "paged": method[2],
+            "setting": _setting_title(setting, setting in paper), "paper_grid": setting in paper, "optim": method[0], "state_bits": method[1], "paged": method[2], "peft": method[3],
             "method": _method_label(method), "model": model, "status": rec.status.value,
             "source": rec.source.value, "metric": metric, f"{metric}_bytes": value,
             f"{metric}_gib": None if value is None else round(value / GIB, 3),
@@ -188,7 +204,7 @@ def _cell(row: dict, metric: str) -> str:
     if status == "oom":
         return _oom_cell(row, metric, value)
     text = _size(value)
-    if (row["optim"], row["state_bits"], row["paged"]) == ("adamw", 32, False):
+    if (row["optim"], row["state_bits"], row["paged"], row["peft"]) == ("adamw", 32, False, "off"):
         return text
     if row["adamw_extra_pct"] is not None:
         oom = " (AdamW OOM)" if row["adamw_status"] == "oom" else ""
@@ -222,14 +238,14 @@ def _sections(records: list[dict], metric: str, verdicts: dict | None) -> list[t
     for setting in OrderedDict.fromkeys(r["setting"] for r in rows):
         sub = [r for r in rows if r["setting"] == setting]
         models = _ordered({r["model"] for r in sub}, MODELS)
-        methods = sorted({(r["optim"], r["state_bits"], r["paged"]) for r in sub},
-                         key=lambda m: (-m[1], m[2], _rank(m[0], OPTIMS), m[0]))
-        cells = {((r["optim"], r["state_bits"], r["paged"]), r["model"]): _cell(r, metric) for r in sub}
+        methods = sorted({(r["optim"], r["state_bits"], r["paged"], r["peft"]) for r in sub},
+                         key=lambda m: (-m[1], m[2], m[3] != "off", m[3], _rank(m[0], OPTIMS), m[0]))
+        cells = {((r["optim"], r["state_bits"], r["paged"], r["peft"]), r["model"]): _cell(r, metric) for r in sub}
         if verdicts:
             for r in sub:
                 text = _verdict_text(verdicts.get(r["config"]))
                 if text:
-                    cells[((r["optim"], r["state_bits"], r["paged"]), r["model"])] += f"; {text}"
+                    cells[((r["optim"], r["state_bits"], r["paged"], r["peft"]), r["model"])] += f"; {text}"
         table = [[_method_label(m)] + [cells.get((m, model), "") for model in models] for m in methods]
         reasons = sorted({r["skip_reason"] for r in sub if r["status"] == "skipped"})
         out.append((setting, ["method"] + models, table, reasons))
@@ -319,9 +335,9 @@ def render_ordering_notes(records: list[dict]) -> str:
     paper = paper_settings(records)
     by = {(_setting(r), r["spec"]["model"], _method(r)): r for r in records if r["status"] in ("ok", "oom")}
     lines = []
-    for (setting, model, (optim, bits, paged)), rec in sorted(by.items(), key=lambda kv: str(kv[0])):
+    for (setting, model, (optim, bits, paged, adapters)), rec in sorted(by.items(), key=lambda kv: str(kv[0])):
         for less, more in SHOULD_NEED_LESS:
-            other = by.get((setting, model, (more, bits, paged)))
+            other = by.get((setting, model, (more, bits, paged, adapters)))
             if optim != less or other is None:
                 continue
             m, o = rec["metrics"], other["metrics"]
@@ -331,8 +347,9 @@ def render_ordering_notes(records: list[dict]) -> str:
                 alloc = (f"allocated {_size(m['peak_allocated_bytes'])} vs {_size(o['peak_allocated_bytes'])}"
                          if m.get("peak_allocated_bytes") is not None and o.get("peak_allocated_bytes") is not None
                          else "allocated figures not recorded")
-                lines.append(f"- {model}, {_method_label((less, bits, paged))} reserves "
-                             f"{_size(m['peak_reserved_bytes'])}, more than {_method_label((more, bits, paged))} "
+                lines.append(f"- {model}, {_method_label((less, bits, paged, adapters))} reserves "
+                             f"{_size(m['peak_reserved_bytes'])}, more than "
+                             f"{_method_label((more, bits, paged, adapters))} "
                              f"({_size(o['peak_reserved_bytes'])}), though it needs less: the caching allocator "
                              f"keeps freed blocks in segments sized by the order of requests, so a smaller peak can "
                              f"reserve more; {alloc} ({_setting_title(setting, setting in paper)}).")
@@ -351,7 +368,7 @@ def _paper_setups(records: list[dict]) -> dict:
         s = r.spec
         precision, impl, in_backward, resident, clear, accum, train = _training(s)
         if _setting(r) not in paper or (s.batch_size, s.grad_ckpt, s.state_bits, precision, in_backward, clear, accum,
-                                        train) != (1, False, 32, "fp32", False, "after-step", 1, "all"):
+                                        train, s.peft) != (1, False, 32, "fp32", False, "after-step", 1, "all", "off"):
             continue
         label = (f"{impl}" + (", whole CLIP resident" if resident == "clip" else "")
                  + f"; {r.source} ({r.device or 'unknown device'})")
@@ -360,7 +377,8 @@ def _paper_setups(records: list[dict]) -> dict:
 
 
 def _paper_setting_rows(records: list[dict], metric: str) -> dict:
-    return {(r["model"], r["optim"]): r for r in table_rows(records, metric) if r["state_bits"] == 32}
+    return {(r["model"], r["optim"]): r for r in table_rows(records, metric)
+            if r["state_bits"] == 32 and r["peft"] == "off"}
 
 
 def _ours(row: dict | None) -> str:
@@ -439,7 +457,8 @@ def render_claims(records: list[dict], metric: str = "reserved") -> str:
 
 def render_eight_bit_check(records: list[dict], metric: str) -> str:
     """Does 8-bit AdamW need less than fp32 SGD with momentum? Said for every model where both ran."""
-    rows = {(r["model"], r["optim"], r["state_bits"], r["setting"]): r for r in table_rows(records, metric)}
+    rows = {(r["model"], r["optim"], r["state_bits"], r["setting"]): r for r in table_rows(records, metric)
+            if r["peft"] == "off"}
     lines = []
     for (model, optim, bits, setting), row in sorted(rows.items()):
         if (optim, bits) != ("adamw", 8) or row[f"{metric}_bytes"] is None:
@@ -503,7 +522,7 @@ def per_gpu_rows(records: list[dict]) -> tuple[list, list]:
     cells, cols = {}, set()
     for r in as_records(records):
         peak = r.metrics.get("peak_allocated_bytes")
-        if r.status.ran and peak and r.spec.state_bits == 32:
+        if r.status.ran and peak and r.spec.state_bits == 32 and r.spec.peft == "off":
             col = r.spec.parallelism
             cols.add(col)
             cells[(r.spec.model, r.spec.optim, col)] = (peak, r.source.value)
@@ -655,6 +674,7 @@ def _plot_parts(r: Record) -> dict:
     return {"model": s.model, "optim": s.optim, "bits": "8-bit" if s.state_bits == 8 else "",
             "clear": "" if clear == "after-step" else f"clear {clear}",
             "accum": "" if accum == 1 else f"accum {accum}", "train": "" if train == "all" else f"train {train}",
+            "peft": "" if s.peft == "off" else s.adapters,
             "paged": "paged" if s.paged else "", "precision": precision,
             "impl": impl if impl != "foreach" else "", "in_backward": "in-backward" if in_backward else "",
             "resident": "clip resident" if resident == "clip" else "", "ckpt": "ckpt" if s.grad_ckpt else "",

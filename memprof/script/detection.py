@@ -35,7 +35,8 @@ class StopSimulation(BaseException):
 def new_detected() -> dict:
     return {"batch_size": None, "autocast_dtypes": [], "grad_scaler": False, "checkpointing": False,
             "optimizers": [], "steps": 0, "forwards": 0, "backwards": 0, "optimizer_in_backward": False,
-            "parallel": "none", "bucket_cap_mb": None, "grad_as_bucket_view": False, "reshard_after_forward": True}
+            "parallel": "none", "bucket_cap_mb": None, "grad_as_bucket_view": False, "reshard_after_forward": True,
+            "peft": None}
 
 
 def first_batched(value, is_device) -> torch.Tensor | None:
@@ -132,6 +133,10 @@ class Detection:
                 self.detected["batch_size"] = int(first.shape[0])
 
     def _record_params(self, module) -> None:
+        from memprof.adapters import detect
+
+        if self.detected["peft"] is None:  # a model the script wrapped with peft (LoRA, DoRA, ...)
+            self.detected["peft"] = detect(module)
         for name, p in module.named_parameters():
             if id(p) not in self._param_info:  # what the model holds, as its first forward finds it
                 self._param_info[id(p)] = (name, p.numel(), p.element_size(), p.requires_grad, str(p.dtype))

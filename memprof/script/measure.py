@@ -127,6 +127,7 @@ def measured_result(meas):
     from memprof.vocabulary import Source
     from memprof.budget import CONTEXT_ESTIMATE_BYTES, parse_budget
     from memprof.results import environment
+    from memprof.adapters import parameter_split
     from memprof.script.record import script_result
 
     name = torch.cuda.get_device_name()
@@ -137,6 +138,7 @@ def measured_result(meas):
         "params_total": sum(n for _, n, _, _, _ in info),
         "params_trainable": sum(n for _, n, _, rg, _ in info if rg),
         "params_frozen": sum(n for _, n, _, rg, _ in info if not rg),
+        **parameter_split((name, n, size, rg) for name, n, size, rg, _ in info),
         "optimizer_state_bytes": sum(meas._state_bytes.values()),
         "budget_device": name,
         "budget_bytes": total,

@@ -26,7 +26,17 @@ def record_spec(sim):
     return RunSpec(model=sim.label, optim="+".join(names) if names else "none", grad_ckpt=d["checkpointing"],
                    state_bits=8 if eight_bit else 32,
                    batch_size=d["batch_size"] or 0, precision=precision, steps=d["steps"], budget=sim.budget,
-                   optim_impl=impl, optim_in_backward=d["optimizer_in_backward"], **parallel_fields(sim))
+                   optim_impl=impl, optim_in_backward=d["optimizer_in_backward"], **parallel_fields(sim),
+                   **peft_fields(sim))
+
+
+def peft_fields(sim) -> dict:
+    """The RunSpec's --peft fields from the adapters the script's model holds (none: not wrapped by peft; a
+    method memprof's --peft does not name, LoHa or IA3, is said in the record's script_peft alone)."""
+    found = sim.detected.get("peft")
+    if not found or found["method"] not in ("lora", "dora"):
+        return {}
+    return {"peft": found["method"], "lora_rank": found["rank"], "lora_alpha": found["alpha"]}
 
 
 def parallel_fields(sim) -> dict:
@@ -61,6 +71,11 @@ def detected_metrics(device) -> dict:
         "script_backwards": d["backwards"],
         "script_steps_limit": device.max_steps,
     }
+    if d.get("peft"):
+        from memprof.adapters import detected_words
+
+        trainable = sum(n for _, n, _, rg, _ in device._param_info.values() if rg)
+        out["script_peft"] = detected_words(d["peft"], trainable)
     if getattr(device, "script_args", None) is not None:
         out["script_args"] = device.script_args
         out["script_path"] = device.user_file
@@ -73,6 +88,8 @@ def script_result(device, status: str, source: str, env: dict, metrics: dict):
     from memprof.results import Result, make_record
 
     metrics = {**metrics, **detected_metrics(device)}
+    if "script_peft" in metrics:
+        metrics["notes"] = [*metrics.get("notes", []), metrics["script_peft"]]
     reason = device.incomplete(bool(metrics.get("peak_allocated_bytes")))
     error = getattr(device, "error", None)
     if error is not None:  # the script's own error: what ran before it, no verdict on the card

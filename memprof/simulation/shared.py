@@ -111,6 +111,9 @@ def trace_forward(spec: RunSpec, rules, repeat_blocks: bool = True, replay_atten
     stack_of = repeated_blocks.block_stack(model) if repeat_blocks else None
     if stack_of is not None and len({tuple(p.requires_grad for p in b.parameters()) for b in stack_of[3]}) > 1:
         stack_of = None  # --train last:N: blocks that train and blocks that do not are no repeating stack
+    if stack_of is not None and any(isinstance(getattr(m, "base_layer", None), torch.nn.MultiheadAttention)
+                                    for m in model.modules()):
+        stack_of = None  # peft's MultiheadAttention LoRA re-registers its weights in each forward: traced whole
     initial = [r.state() for r in rules]  # to trace afresh if the blocks do not repeat
     with tracing.no_gc(), mode, contextlib.ExitStack() as stack:
         fake_storage(model)
@@ -221,6 +224,7 @@ def trace_windows(fwd: Forward, spec: RunSpec, rules, memo: Memo = MEMO) -> Wind
 def splice(fwd: Forward, opt: Windows, rules):
     """The full trace: `fwd`'s stream with `opt`'s events in place of the stand-in's windows; `rules` as they
     are after the optimizer's steps."""
+    from memprof.adapters import model_split
     from memprof.simulation.tracing import Trace, _categorize, common_rule_metrics
 
     events, at = [], 0
@@ -234,7 +238,7 @@ def splice(fwd: Forward, opt: Windows, rules):
                    params_total=sum(p.numel() for p in model.parameters()),
                    params_trainable=sum(p.numel() for p in fwd.trainable), frozen=fwd.frozen,
                    state=opt.state, rules=[r.describe() for r in rules], module={**fwd.module, **opt.module},
-                   extra={**common_rule_metrics(rules), **opt.floor})
+                   extra={**common_rule_metrics(rules), **opt.floor, **model_split(model, fwd.trainable)})
     result.category = _categorize(result.events, fwd.params, opt.grads, opt.states, result.origin)
     return result
 

@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import (DataDependentOutputException, Dynamic
 from memprof.simulation import distributed
 from memprof.simulation.distributed import local
 from memprof.simulation.fake_compat import fake_storage, register_meta_kernels
+from memprof.adapters import parameter_split
 from memprof.harness import apply_precision, prepare, train_steps
 from memprof.models import resolve_model
 from memprof.simulation.attribution import ModuleAttribution
@@ -257,6 +258,7 @@ class TraceBuilder:
                      sorted(name for name, _, _, _, trains, _ in info if not trains), state=state,
                      step_ms=list(step_ms), rules=[r.describe() for r in rules], module=module,
                      extra={**common_rule_metrics(rules), "floor_bytes": weights + grads + state["optimizer_state_bytes"],
+                            **parameter_split((n, held, size, trains) for n, _, held, size, trains, _ in info),
                             **(extra or {})},
                      stream=dict(tracker.stream))
 
