@@ -37,6 +37,10 @@ def prepare(spec: RunSpec, load_weights: bool = True) -> Prepared:
     With `load_weights=False` pretrained weights are only checked against the architecture (the
     simulation: weights do not change memory).
     """
+    if spec.objective != "classify":  # both CLIP towers, open_clip's loss
+        from memprof import contrastive
+
+        return contrastive.prepare(spec, load_weights)
     info = resolve_model(spec.model, False, spec.freeze, spec.input_shape)  # backends check their own names
     optim = OPTIMS[spec.optim]
     model = build_model(info, spec.num_classes)
@@ -118,6 +122,10 @@ def train_steps(model, optimizer, spec: RunSpec, device, on_phase) -> None:
     and backward each, the gradients accumulating), then the step and the clear. The steps run through `run_steps`,
     the same path a user's own step function takes (memprof.api.predict_step).
     """
+    if spec.objective != "classify":  # memprof.contrastive: image-text pairs, open_clip's loss
+        from memprof import contrastive
+
+        return contrastive.train_steps(model, optimizer, spec, device, on_phase)
     c, h, w = input_shape(model)
     device_type = torch.device(device).type
     step = functools.partial(classification_step, amp=autocast_dtype(spec), scaler=grad_scaler(spec, device),

@@ -59,6 +59,9 @@ class RunSpec:
     clear_grads: str = "after-step"  # after-step | before-backward (the previous step's gradients live through the forward)
     grad_accum: int = 1  # micro-steps (forward + backward) per optimizer step, gradients accumulating between them
     train: str = TRAIN_WHOLE  # what trains: all, head, last:N (blocks + final norm + head) or module-name globs
+    objective: str = "classify"  # classify | contrastive (both CLIP towers, open_clip's loss: memprof.contrastive)
+    lock_image: bool = False  # contrastive: open_clip's lock_image_tower
+    lock_text: bool = False  # contrastive: open_clip's lock_text_tower
 
     @property
     def training(self) -> str:
@@ -75,6 +78,8 @@ class RunSpec:
             parts.append(f"clear-{self.clear_grads}")
         if self.grad_accum != 1:
             parts.append(f"accum{self.grad_accum}")
+        parts += [p for p, on in ((self.objective, self.objective != "classify"), ("lock-image", self.lock_image),
+                                  ("lock-text", self.lock_text)) if on]
         return "+".join(parts)
 
     @property

@@ -33,6 +33,10 @@ EXAMPLES = {
     "optim_in_backward": ("on", True, {}, "maybe", "--optim-in-backward"),
     "grad_accum": ("2", 2, {}, "0", "--grad-accum 0: must be at least 1"),
     "train": ("last:1", "last:1", {}, "blocks.9*", "--train 'blocks.9*' matches no module or parameter of test-vit"),
+    "objective": ("contrastive", "contrastive", {}, "contrastiv", "unknown objective 'contrastiv': did you mean "
+                  "contrastive"),
+    "lock_image": (None, True, {"objective": "contrastive"}, None, None),
+    "lock_text": (None, True, {"objective": "contrastive"}, None, None),
     "parallel": ("ddp", "ddp", {"world_size": 2}, "dp", "unknown parallelism 'dp': did you mean ddp, fsdp?"),
     "world_size": ("2", 2, {"parallel": "ddp"}, "0", "--world-size 0"),
     "bucket_cap_mb": ("10", 10, {"parallel": "ddp"}, "-1", "--bucket-cap-mb"),
@@ -63,7 +67,7 @@ def _via_cli(tmp_path, options: dict) -> object:
     options = {**BASE, **options}
     argv = ["run", "--out", str(tmp_path / "cli")]
     for name, value in options.items():
-        argv += [_flag(name)] if value is True and name == "paged" else [_flag(name), str(value)]
+        argv += [_flag(name)] if value is True and name in ("paged", "lock_image", "lock_text") else [_flag(name), str(value)]
     return plan_run(cli._run_options(cli.build_parser().parse_args(argv)))
 
 
