@@ -88,15 +88,13 @@ def build_clip(info):
     return model
 
 
-def prepare(spec, load_weights: bool = True):
-    """harness.prepare for --objective contrastive: the CLIP model, gradient checkpointing in both towers (open_clip's
-    model.set_grad_checkpointing, as open_clip_train's --grad-checkpointing), the locks, freeze-embed."""
-    from memprof.harness import Prepared
+def prepare(spec, optim) -> tuple:
+    """(model, frozen parameter names) for harness.prepare under --objective contrastive: the CLIP model, gradient
+    checkpointing in both towers (open_clip's model.set_grad_checkpointing, as open_clip_train's
+    --grad-checkpointing), the locks, the embedding a freeze-embed optimizer (`optim`) freezes."""
     from memprof.models import freeze_embedding, resolve_model
-    from memprof.optims import REGISTRY as OPTIMS
 
     info = resolve_model(spec.model, False, spec.freeze, spec.input_shape)
-    optim = OPTIMS[spec.optim]
     model = build_clip(info)
     if spec.grad_ckpt:
         model.set_grad_checkpointing(True)
@@ -106,8 +104,7 @@ def prepare(spec, load_weights: bool = True):
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
     model.train()
     frozen = freeze_embedding(model, info) if optim.freeze_embed else []
-    frozen = sorted({*frozen, *(n for n, p in model.named_parameters() if not p.requires_grad)})
-    return Prepared(model, optim, frozen, None)
+    return model, sorted({*frozen, *(n for n, p in model.named_parameters() if not p.requires_grad)})
 
 
 def make_loss(model):
@@ -119,25 +116,25 @@ def make_loss(model):
     return ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1)
 
 
-def train_steps(model, optimizer, spec, device, on_phase) -> None:
-    """harness.train_steps for --objective contrastive: `spec.steps` steps of image-text pairs through
-    harness.run_steps (the same phases and the same path as every run)."""
+def steps(model, spec, device, amp, scaler, dtype, in_backward: bool) -> tuple:
+    """(batch, step) for harness.run_steps under --objective contrastive: a fresh batch of image-text pairs on the
+    device (images in the model's dtype `dtype`), and one step of contrastive_step with the run's one loss object,
+    autocast dtype `amp` and GradScaler `scaler`."""
     import torch
 
-    from memprof.harness import autocast_dtype, grad_scaler, input_shape, model_dtype, run_steps
+    from memprof.models import input_shape
 
     c, h, w = input_shape(model)
     context, vocab = model.contrastive_text
-    step = functools.partial(contrastive_step, loss=make_loss(model), amp=autocast_dtype(spec),
-                             scaler=grad_scaler(spec, device), device_type=torch.device(device).type,
-                             in_backward=getattr(optimizer, "optimizers", None) is not None,
+    step = functools.partial(contrastive_step, loss=make_loss(model), amp=amp, scaler=scaler,
+                             device_type=torch.device(device).type, in_backward=in_backward,
                              clear_grads=spec.clear_grads)
 
     def batch():
-        return (torch.randn(spec.batch_size, c, h, w, device=device, dtype=model_dtype(spec)),
+        return (torch.randn(spec.batch_size, c, h, w, device=device, dtype=dtype),
                 torch.randint(0, vocab, (spec.batch_size, context), device=device))
 
-    run_steps(model, optimizer, batch, step, spec.steps, on_phase, grad_accum=spec.grad_accum)
+    return batch, step
 
 
 def contrastive_step(model, optimizer, inputs, loss, amp=None, scaler=None, device_type: str = "cpu",
