@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memprof import contrastive
 from memprof.errors import UsageError
 from memprof.model_sources.base import classification_loss
 from memprof.models import (build_text_tower, build_model, check_pretrained, freeze_embedding, input_shape,
@@ -37,6 +38,9 @@ def prepare(spec: RunSpec, load_weights: bool = True) -> Prepared:
     With `load_weights=False` pretrained weights are only checked against the architecture (the
     simulation: weights do not change memory).
     """
+    if spec.objective != "classify":  # both CLIP towers, open_clip's loss (memprof.contrastive)
+        model, frozen = contrastive.prepare(spec, OPTIMS[spec.optim])
+        return Prepared(model, OPTIMS[spec.optim], frozen)
     info = resolve_model(spec.model, False, spec.freeze, spec.input_shape)  # backends check their own names
     optim = OPTIMS[spec.optim]
     model = build_model(info, spec.num_classes)
@@ -133,6 +137,10 @@ def train_steps(model, optimizer, spec: RunSpec, device, on_phase) -> None:
     and backward each, the gradients accumulating), then the step and the clear. The steps run through `run_steps`,
     the same path a user's own step function takes (memprof.api.predict_step).
     """
+    if spec.objective != "classify":  # memprof.contrastive: image-text pairs, open_clip's loss
+        batch, step = contrastive.steps(model, spec, device, autocast_dtype(spec), grad_scaler(spec, device),
+                                        model_dtype(spec), getattr(optimizer, "optimizers", None) is not None)
+        return run_steps(model, optimizer, batch, step, spec.steps, on_phase, grad_accum=spec.grad_accum)
     c, h, w = input_shape(model)
     device_type = torch.device(device).type
     step = functools.partial(classification_step, amp=autocast_dtype(spec), scaler=grad_scaler(spec, device),

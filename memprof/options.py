@@ -128,6 +128,15 @@ OPTIONS: tuple[Option, ...] = (
        "nn.MultiheadAttention layer) and the MLP linears, timm 'blocks.*.attn.qkv,blocks.*.attn.proj,"
        "blocks.*.mlp.fc1,blocks.*.mlp.fc2'; other models: every linear but the head)", metavar="GLOB[,GLOB]",
        commands=TRAINING, parse=_SPEC + "lora_targets", not_for=((SCRIPT, _SCRIPT_PEFT),)),
+    _o("objective", "classify", "what trains: classify (the image tower with a linear head, default) or "
+       "contrastive (both towers of an open_clip CLIP/SigLIP model on image-text pairs with open_clip's ClipLoss / "
+       "SigLipLoss, as open_clip_train trains them)", parse="memprof.contrastive:objective",
+       not_for=((SCRIPT, "a script's own loop decides what trains and on which loss: memprof script runs it as "
+                 "written"),)),
+    _o("lock_image", False, "contrastive: lock the image tower (open_clip's lock_image_tower, as open_clip_train's "
+       "--lock-image): no gradient, no optimizer state", toml=(bool,), action="store_true"),
+    _o("lock_text", False, "contrastive: lock the text tower (open_clip's lock_text_tower, as open_clip_train's "
+       "--lock-text)", toml=(bool,), action="store_true"),
     _o("parallel", "none", "none, ddp, fsdp or a comma list: predict rank 0 of --world-size ranks (fake process "
        "group; simulate backend) (default: none)", parse=_SPEC + "parallelisms"),
     _o("world_size", 1, "ranks of --parallel (1..1024; default: 1); a script: a torchrun-style script "

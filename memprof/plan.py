@@ -346,6 +346,9 @@ def plan_run(opts: dict, task: str = "run") -> RunPlan:
     training = training_axes(opts)
     check_train(models, training["train"], opts["num_classes"])
     check_peft(models, training, opts["num_classes"])
+    from memprof import contrastive
+
+    training.update(contrastive.plan(opts, models))  # --objective, --lock-image, --lock-text
     if not isinstance(opts["steps"], int) or isinstance(opts["steps"], bool):
         raise UsageError(f"--steps {opts['steps']!r}: give a whole number, e.g. --steps 2", option="steps")
     if opts["steps"] > MAX_STEPS:

@@ -65,6 +65,9 @@ class RunSpec:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: str | None = None
+    objective: str = "classify"  # classify | contrastive (both CLIP towers, open_clip's loss: memprof.contrastive)
+    lock_image: bool = False  # contrastive: open_clip's lock_image_tower
+    lock_text: bool = False  # contrastive: open_clip's lock_text_tower
 
     @property
     def training(self) -> str:
@@ -81,6 +84,8 @@ class RunSpec:
             parts.append(f"clear-{self.clear_grads}")
         if self.grad_accum != 1:
             parts.append(f"accum{self.grad_accum}")
+        parts += [p for p, on in ((self.objective, self.objective != "classify"), ("lock-image", self.lock_image),
+                                  ("lock-text", self.lock_text)) if on]
         return "+".join(parts)
 
     @property

@@ -106,8 +106,8 @@ def _csv(tmp_path, n=8):
 
 
 def test_open_clip_train_runs_unmodified_with_evaluation_and_checkpoints(tmp_path):
-    """open_clip_train trains both CLIP towers with the contrastive loss; `memprof run` trains the image tower with a
-    linear head, so the figures are not compared (both towers: the fine-tuning issue). The setup it detects is."""
+    """open_clip_train trains both CLIP towers with the contrastive loss, with evaluation and checkpoints: the setup
+    it detects is checked here; its figures against `memprof run --objective contrastive` in the test below."""
     _needs("open_clip_train", "pandas")
     data = _csv(tmp_path)
     common = ["-m", "open_clip_train.main", "--train-data", data, "--val-data", data, "--dataset-type", "csv",
@@ -132,3 +132,21 @@ def test_open_clip_train_synthetic_data(tmp_path):
                        "synthetic", "--train-num-samples", "8", "--model", "ViT-B-16", "--batch-size", "2", "--epochs",
                        "1", "--workers", "0", "--precision", "amp_bf16", "--logs", str(tmp_path / "logs"))
     assert rec["status"] == "ok" and rec["metrics"]["script_steps"] == 4
+
+
+@pytest.mark.parametrize("precision,run_precision,lock", [("fp32", "fp32", False), ("amp_bf16", "bf16-amp", True)])
+def test_open_clip_train_equals_memprof_run_contrastive(tmp_path, precision, run_precision, lock):
+    """Both towers, open_clip's ClipLoss, logit_scale trained and clamped: `memprof run --objective contrastive`
+    (memprof.contrastive) on the same model, precision, batch and lock. open_clip_train clears the gradients before
+    each forward (after loading the batch): memory-wise memprof's default --clear-grads after-step."""
+    _needs("open_clip_train")
+    rec, _, _ = script(tmp_path, "-m", "open_clip_train.main", "--train-data", "synthetic", "--dataset-type",
+                       "synthetic", "--train-num-samples", "8", "--model", "ViT-B-16", "--batch-size", "2", "--epochs",
+                       "1", "--workers", "0", "--precision", precision, *(["--lock-image"] if lock else []),
+                       "--logs", str(tmp_path / "logs"), name=precision)
+    m = rec["metrics"]
+    assert rec["status"] == "ok" and m["script_precision"] == run_precision and m["script_batch_size"] == 2
+    run = memprof.predict("ViT-B-16", "adamw", objective="contrastive", lock_image=lock, precision=run_precision,
+                          batch_size=2, budget="a100-80g")
+    assert run.record["metrics"]["params_trainable"] == m["params_trainable"]
+    close(rec, run, "(open_clip_train vs memprof run --objective contrastive)")

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1] / "memprof"
 LAYERS = (
     ("core", ("memprof.errors", "memprof.budget", "memprof.recipe", "memprof.options", "memprof.metrics",
               "memprof.suite", "memprof.vocabulary", "memprof.plugin_registry")),
-    ("sources", ("memprof.models", "memprof.adapters", "memprof.model_sources", "memprof.optims", "memprof.spec", "memprof.records",
-                 "memprof.results", "memprof.baseline", "memprof.harness")),
+    ("sources", ("memprof.models", "memprof.adapters", "memprof.model_sources", "memprof.optims", "memprof.spec",
+                 "memprof.records", "memprof.results", "memprof.baseline", "memprof.contrastive", "memprof.harness")),
     # the engine in three: its core (the tracker, rules, allocator model) never imports the exact shortcuts above
     # it, which never import the entrance (simulate) that composes them
     ("engine core", tuple(f"memprof.simulation.{m}" for m in (

@@ -39,6 +39,10 @@ EXAMPLES = {
     "lora_dropout": ("0.1", 0.1, {"peft": "lora"}, "1.5", "--lora-dropout 1.5: give a probability"),
     "lora_targets": ("transformer.resblocks.*.mlp.c_fc", "transformer.resblocks.*.mlp.c_fc", {"peft": "lora"},
                      "blocks.*.qkv", "--lora-targets 'blocks.*.qkv' matches no module of test-vit"),
+    "objective": ("contrastive", "contrastive", {}, "contrastiv", "unknown objective 'contrastiv': did you mean "
+                  "contrastive"),
+    "lock_image": (None, True, {"objective": "contrastive"}, None, None),
+    "lock_text": (None, True, {"objective": "contrastive"}, None, None),
     "parallel": ("ddp", "ddp", {"world_size": 2}, "dp", "unknown parallelism 'dp': did you mean ddp, fsdp?"),
     "world_size": ("2", 2, {"parallel": "ddp"}, "0", "--world-size 0"),
     "bucket_cap_mb": ("10", 10, {"parallel": "ddp"}, "-1", "--bucket-cap-mb"),
@@ -69,7 +73,7 @@ def _via_cli(tmp_path, options: dict) -> object:
     options = {**BASE, **options}
     argv = ["run", "--out", str(tmp_path / "cli")]
     for name, value in options.items():
-        argv += [_flag(name)] if value is True and name == "paged" else [_flag(name), str(value)]
+        argv += [_flag(name)] if value is True and name in ("paged", "lock_image", "lock_text") else [_flag(name), str(value)]
     return plan_run(cli._run_options(cli.build_parser().parse_args(argv)))
 
 
