@@ -98,3 +98,15 @@ def test_the_default_grid_keys_are_the_committed_ones_byte_for_byte(tmp_path):
     assert baseline and all(f"{RunSpec.from_dict(b['params']).key}@{b['backend']}" == b["name"] for b in baseline)
     changed = RunSpec.from_dict({**baseline[0]["params"], "grad_accum": 2, "train": "head"})
     assert f"{changed.key}@{baseline[0]['backend']}" != baseline[0]["name"]  # control: the check can fail
+
+
+def test_advise_weighs_a_linear_probe_saying_what_trains():
+    from memprof.planning.advise import candidates
+
+    cands, _, _ = candidates(RunSpec("test-vit", "adamw"))
+    (probe,) = [c for c in cands if c.label == "linear probe"]
+    assert probe.spec.train == "head"
+    assert f"only the head's {HEAD:,} parameters train instead of {PARAMS:,}" in probe.cost
+    # negative control: a configuration that already trains the head alone is offered no probe
+    cands, _, _ = candidates(RunSpec("test-vit", "adamw", train="head"))
+    assert not any("linear probe" in c.label for c in cands)

@@ -15,6 +15,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable
 
+from memprof.errors import UsageError
+
 GIB = 1 << 30
 
 
@@ -133,6 +135,28 @@ def _lora_words(base, spec) -> str:
             "can learn is limited to the adapters' rank")
 
 
+def _linear_probe(spec):
+    """Only the head trains (`--train head`): None where the configuration already trains part of the model, uses
+    peft or another objective, or where the model does not say where its head is."""
+    if spec.train != "all" or getattr(spec, "peft", "off") != "off" or getattr(spec, "objective", "classify") != \
+            "classify":
+        return None
+    probe = dataclasses.replace(spec, train="head")
+    try:
+        trainable_parameters(probe)
+    except UsageError:  # no declared head (a py: factory's network)
+        return None
+    return probe
+
+
+def _linear_probe_words(base, spec) -> str:
+    """What a linear probe changes besides memory, in this model's figures."""
+    before, after = trainable_parameters(base), trainable_parameters(spec)
+    return (f"a different method: only the head's {after:,} parameters train instead of {before:,} "
+            f"({100 * after / before:.2f}%); the backbone keeps its pretrained features, which usually costs "
+            "accuracy against fine-tuning it")
+
+
 def _peft_installed() -> bool:
     from memprof.adapters import peft_available
 
@@ -166,6 +190,8 @@ CHANGES = (
            "optimizer.step() instead of before backward, so the last step's gradients are gone before the next "
            "forward", _field("clear_grads", "after-step"), _has_field("clear_grads"),
            "this version has no --clear-grads axis"),
+    Change("linear probe", "train", 4, "a different method: only the head trains", _linear_probe,
+           words=_linear_probe_words),
     Change("LoRA r=8", "peft", 3, "a different method: low-rank adapters train, the base weights stay frozen",
            _lora(8), _peft_installed, "peft is not installed (pip install peft)", words=_lora_words),
     Change("LoRA r=16", "peft", 3, "a different method: low-rank adapters train, the base weights stay frozen",
