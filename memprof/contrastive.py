@@ -16,6 +16,12 @@ after-step (no tensor of the step is alive between the step and the next forward
 and model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True), open_clip_train's defaults for its flags of
 the same names: the locked tower gets no gradient and no optimizer state (logit_scale and logit_bias still train).
 
+A Hugging Face CLIP / SigLIP config (`hf:DIR`, model_type clip or siglip) trains as transformers' own CLIPModel /
+SiglipModel with its own loss (`return_loss=True`: clip_loss, or SigLIP's sigmoid loss), the loss alone kept for
+backward as the HF Trainer's compute_loss keeps it; its locks freeze `vision_model` + `visual_projection` /
+`text_model` + `text_projection` (transformers has no lock methods), and there is no logit-scale clamp (HF's
+training code has none).
+
 `test-vit` trains as a tiny CLIP here: its image tower with the text tower TEST_TEXT_CFG (tests).
 """
 
@@ -63,6 +69,19 @@ def clip_config(info) -> dict:
     return cfg
 
 
+def check(info) -> None:
+    """A UsageError in one line where `info` cannot train contrastively (clip_config's; for hf: the dual model's)."""
+    if info.source == "hf":
+        import torch
+
+        from memprof.model_sources.hf import dual_model
+
+        with torch.device("meta"):
+            dual_model(info.name)
+    else:
+        clip_config(info)
+
+
 def is_siglip(cfg: dict) -> bool:
     """A SigLIP architecture: its config carries the logit bias SigLipLoss needs."""
     return cfg.get("init_logit_bias") is not None
@@ -88,6 +107,51 @@ def build_clip(info):
     return model
 
 
+def hf_contrastive(info):
+    """transformers' CLIPModel / SiglipModel for an hf: dual config, as contrastive_step trains it: forward(images,
+    texts) returns {"loss": the model's own contrastive loss}; `.visual` is the whole network (the hf source's
+    embedding names, vision_model.embeddings..., are relative to it)."""
+    import torch.nn as nn
+
+    from memprof.model_sources.hf import dual_model
+
+    net, text = dual_model(info.name)
+    towers = {"image": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
+
+    class Model(nn.Module):
+        hf_contrastive = True
+        contrastive_siglip = False
+
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.input_shape = info.input_shape
+            self.contrastive_text = text
+
+        @property
+        def visual(self):
+            return self.net
+
+        def set_grad_checkpointing(self, enable=True):
+            self.net.set_grad_checkpointing(enable)
+
+        def _lock(self, tower: str) -> None:
+            for name, p in self.net.named_parameters():
+                if name.startswith(towers[tower]):
+                    p.requires_grad_(False)
+
+        def lock_image_tower(self, unlocked_groups=0, freeze_bn_stats=False):
+            self._lock("image")
+
+        def lock_text_tower(self, unlocked_layers=0, freeze_layer_norm=True):
+            self._lock("text")
+
+        def forward(self, images, texts):
+            return {"loss": self.net(pixel_values=images, input_ids=texts, return_loss=True).loss}
+
+    return Model()
+
+
 def prepare(spec, optim) -> tuple:
     """(model, frozen parameter names) for harness.prepare under --objective contrastive: the CLIP model, gradient
     checkpointing in both towers (open_clip's model.set_grad_checkpointing, as open_clip_train's
@@ -95,7 +159,7 @@ def prepare(spec, optim) -> tuple:
     from memprof.models import freeze_embedding, resolve_model
 
     info = resolve_model(spec.model, False, spec.freeze, spec.input_shape)
-    model = build_clip(info)
+    model = hf_contrastive(info) if info.source == "hf" else build_clip(info)
     if spec.grad_ckpt:
         model.set_grad_checkpointing(True)
     if spec.lock_image:
@@ -111,9 +175,16 @@ def make_loss(model):
     """open_clip.factory.create_loss's loss for one process: SigLipLoss for SigLIP, else ClipLoss."""
     from open_clip.loss import ClipLoss, SigLipLoss
 
+    if getattr(model, "hf_contrastive", False):
+        return _model_loss
     if getattr(model, "contrastive_siglip", False):
         return SigLipLoss(rank=0, world_size=1)
     return ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1)
+
+
+def _model_loss(loss, output_dict=True) -> dict:
+    """An HF dual model's own loss, as open_clip's losses return theirs."""
+    return {"contrastive_loss": loss}
 
 
 def steps(model, spec, device, amp, scaler, dtype, in_backward: bool) -> tuple:
@@ -157,8 +228,9 @@ def contrastive_step(model, optimizer, inputs, loss, amp=None, scaler=None, devi
             scaler.update()
         else:
             optimizer.step()
-    with torch.no_grad():
-        model.logit_scale.clamp_(0, math.log(100))
+    if not getattr(model, "hf_contrastive", False):  # open_clip_train clamps; HF's training code does not
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
     if not in_backward and clear_grads == "after-step":
         optimizer.zero_grad(set_to_none=True)
     return total_loss
@@ -181,7 +253,7 @@ def plan(opts: dict, models) -> dict:
         return {}
     for info in models:
         try:
-            clip_config(info)
+            check(info)
         except UsageError as exc:
             exc.option = "models"
             raise

@@ -208,6 +208,25 @@ def _set_grad_checkpointing(net, enable: bool = True) -> None:
     switch()
 
 
+def dual_model(name: str):
+    """The whole CLIP / SigLIP model of a dual config (both towers, their projections, the logit scale; SigLIP's
+    logit bias), float32, random weights (`--objective contrastive`: memprof.contrastive), with its text inputs'
+    (context length, vocabulary size); a UsageError in one line for a config without a text tower."""
+    import torch
+
+    transformers = _transformers()
+    config = copy.deepcopy(_config(name))
+    if _kind(config) != "tower" or getattr(config, "text_config", None) is None:
+        raise UsageError(f"contrastive needs a CLIP/SigLIP model: {name} ({config.model_type}) has no text tower "
+                         f"(give the dual model's config, model_type clip or siglip), or use --objective classify")
+    major = int(transformers.__version__.split(".")[0])
+    dtype = {"dtype": torch.float32} if major >= 5 else {"torch_dtype": torch.float32}
+    net = transformers.AutoModel.from_config(config, **dtype)
+    net.set_grad_checkpointing = types.MethodType(_set_grad_checkpointing, net)
+    text = config.text_config
+    return net, (text.max_position_embeddings, text.vocab_size)
+
+
 def hf_model(net, input_shape, head_width: int | None = None, num_classes: int = 0):
     """An HF network as memprof builds models: `.visual` is the network, the forward returns logits (a
     classifier's `.logits`; a tower's pooled output through a new `.head`)."""
