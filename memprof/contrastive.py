@@ -33,6 +33,7 @@ import functools
 import math
 
 from memprof.errors import UsageError
+from memprof.optims import step as optim_step
 
 OBJECTIVES = ("classify", "contrastive")  # classify: the image tower with a linear head (memprof's default)
 CLASSIFY = OBJECTIVES[0]
@@ -223,11 +224,7 @@ def contrastive_step(model, optimizer, inputs, loss, amp=None, scaler=None, devi
         optimizer.zero_grad(set_to_none=True)
     (scaler.scale(total_loss) if scaler is not None else total_loss).backward()
     if not in_backward:
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optim_step(optimizer, scaler)
     if not getattr(model, "hf_contrastive", False):  # open_clip_train clamps; HF's training code does not
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))

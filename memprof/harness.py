@@ -19,7 +19,7 @@ from memprof.errors import UsageError
 from memprof.model_sources.base import classification_loss
 from memprof.models import (build_text_tower, build_model, check_pretrained, freeze_embedding, input_shape,
                             read_pretrained, resolve_model, train_only)
-from memprof.optims import OptimInfo, REGISTRY as OPTIMS
+from memprof.optims import OptimInfo, REGISTRY as OPTIMS, step as optim_step
 from memprof.spec import AMP_DTYPES, MODEL_DTYPES, RunSpec
 from memprof.vocabulary import Phase
 
@@ -176,11 +176,7 @@ def classification_step(model, optimizer, inputs, amp=None, scaler=None, device_
     if micro < micro_steps - 1:
         return loss
     if not in_backward:
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optim_step(optimizer, scaler)
         if clear_grads == "after-step":
             optimizer.zero_grad(set_to_none=True)
     return loss

@@ -136,6 +136,15 @@ def build_optimizer(info: OptimInfo, params, state_bits: int = 32, paged: bool =
     return InBackward(list(params), make) if in_backward else make(params)
 
 
+def step(optimizer, scaler=None) -> None:
+    """optimizer.step(), through the GradScaler where there is one (its unscale and inf check, then its update)."""
+    if scaler is None:
+        optimizer.step()
+        return
+    scaler.step(optimizer)
+    scaler.update()
+
+
 class InBackward:
     """Optimizer-in-backward: one optimizer per parameter, stepped by the parameter's post-accumulate-grad hook
     the moment its gradient is complete, then `zero_grad(set_to_none=True)` frees that gradient (PyTorch

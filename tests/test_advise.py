@@ -34,6 +34,7 @@ def _advise(capsys, tmp_path, budget, *extra):
 
 
 @pytest.mark.bitsandbytes
+@pytest.mark.slow  # over 5 s on 2 cores: the slow set (CI gates on it too)
 def test_the_first_line_answers_and_a_roomy_budget_needs_nothing(capsys, tmp_path):
     code, out, err = _advise(capsys, tmp_path, "423MiB")  # 23 MiB usable: AdamW on test-vit reserves 24 MiB
     assert code == 0, err
@@ -45,6 +46,7 @@ def test_the_first_line_answers_and_a_roomy_budget_needs_nothing(capsys, tmp_pat
     assert code == 0 and out.startswith("the configuration already fits 8GiB")
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: the slow set (CI gates on it too)
 def test_the_terminal_gets_the_answer_and_a_short_list_the_file_gets_everything(capsys, tmp_path, monkeypatch):
     from memprof.planning.advise import SHOWN
 

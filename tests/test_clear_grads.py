@@ -36,6 +36,7 @@ def test_with_optimizer_in_backward_there_is_no_gradient_to_keep():
         memprof.predict("test-vit", "adamw", clear_grads="before-backward", optim_in_backward=True)
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: the slow set (CI gates on it too)
 def test_advise_points_out_that_clearing_after_the_step_is_cheaper(tmp_path):
     from memprof.cli import main
 

@@ -62,6 +62,7 @@ def test_isolated_worker_measures():
     assert out["metrics"]["peak_live_bytes"] > 0
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: the slow set (CI gates on it too)
 def test_killed_worker_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMPROF_TEST_CRASH", "/sgd/")
     entries = expand_grid([MODELS["test-vit"]], [OPTIMS["adamw"], OPTIMS["sgd"], OPTIMS["sgd-fe"]], [False], [32], [1],
@@ -83,6 +84,7 @@ def test_worker_runtime_error_is_an_error_record(tmp_path):
     assert out["status"] == "error" and "no such file" in out["error"]
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: the slow set (CI gates on it too)
 def test_resume_and_interrupt(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "memprof", "run", "--backend", "cpu", "--models", "test-vit", "--optims",

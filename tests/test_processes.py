@@ -109,6 +109,7 @@ def _kill9_then_survivors(proc: subprocess.Popen, procs: dict[int, int]) -> list
 
 # --- the check itself, and its negative control -----------------------------------------------------------
 
+@pytest.mark.slow  # over 5 s on 2 cores: the slow set (CI gates on it too)
 def test_the_check_sees_a_child_that_outlives_its_parent():
     """Negative control: a child started without any mechanism survives a kill -9 of its parent."""
     parent = subprocess.Popen([sys.executable, "-c", "import subprocess, time; "
@@ -236,6 +237,7 @@ def test_unpicklable_worker_error_arrives_as_its_type_and_message(tmp_path, monk
     assert error.endswith("in prediction)") and "cannot pickle" not in error
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: the slow set (CI gates on it too)
 def test_a_dying_pool_worker_is_crashed_and_the_grid_goes_on(tmp_path, monkeypatch):
     from memprof.executors.runner import run_grid
 

@@ -25,6 +25,7 @@ def test_fit_table_counts_the_padding_tabulate_leaves_at_line_ends():
     assert max(len(line) for line in plain.splitlines()) > 60
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: the slow set (CI gates on it too)
 def test_what_a_newcomer_runs_fits_100_columns(capsys, monkeypatch, tmp_path):
     """run, fit, advise and compare at 100 columns, on the test model: no line of what they print (stdout and
     stderr) is wider than the terminal."""
