@@ -210,3 +210,22 @@ def test_table4_puts_lora_rows_beside_the_methods():
     assert rows[("adamw", "lora8")]["method"] == "AdamW + LoRA r=8" and rows[("adamw", "lora8")]["adamw_extra_pct"] == 200
     assert rows[("sgd", "off")]["adamw_extra_pct"] == 50 and rows[("adamw", "off")]["adamw_extra_pct"] == 0
     assert _method_label(("sgd", 32, False, "dora16-a32")) == "SGD + DoRA r=16 alpha=32"
+
+
+def test_a_script_model_with_peft_multihead_attention_is_flagged_not_faithful():
+    """memprof script does not yet count the base weights peft's MultiheadAttention layer re-registers in each forward
+    (issue #33): such a model's record says so. Negative control: Linear targets only (timm's) get no flag."""
+    import torch.nn as nn
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from memprof.adapters import detect, detected_words
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.fc = nn.MultiheadAttention(16, 2), nn.Linear(16, 16)
+
+    mha = detect(inject_adapter_in_model(LoraConfig(r=2, target_modules=["attn", "fc"]), Net()))
+    assert mha["mha_layers"] == 1 and "NOT FAITHFUL: 1 of them" in detected_words(mha, 10)
+    linear = detect(inject_adapter_in_model(LoraConfig(r=2, target_modules=["fc"]), Net()))
+    assert linear["mha_layers"] == 0 and "NOT FAITHFUL" not in detected_words(linear, 10)
