@@ -232,6 +232,6 @@ def detected_words(found: dict, trainable: int) -> str:
              f"{trainable:,} trainable parameters")
     if found.get("mha_layers"):  # known gap (issue #33): flagged, not silently predicted
         words += (f"; NOT FAITHFUL: {found['mha_layers']} of them are peft's MultiheadAttention layer, which "
-                  "re-registers its base weights in each forward, and memprof script does not count those right yet (an open_clip "
-                  "ViT-B/16 predicts 16% low): `memprof run --peft lora` on the same model predicts it")
+                  "re-registers its base weights in each forward, and memprof script does not count those right yet "
+                  "(an open_clip ViT-B/16 predicts 16% low): `memprof run --peft lora` on the same model predicts it")
     return words
