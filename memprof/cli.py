@@ -48,6 +48,15 @@ def _note(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+def _execute(plan) -> list:
+    """A plan's announcement and notes, then its configurations (in the caller's RunDirectory)."""
+    from memprof.plan import execute
+
+    for line in [plan.announce, *plan.notes]:
+        _note(line)
+    return execute(plan, lock=False)
+
+
 def _wrote(*paths: str) -> None:
     """`memprof: wrote` and the files, by their folder, wrapped to the terminal (a path never splits)."""
     import textwrap
@@ -169,7 +178,7 @@ ACCURACY_FLAGS = tuple(o.name for o in OPTIONS if o.commands == {ACCURACY})  # a
 
 
 def cmd_run(args) -> int:
-    from memprof.plan import execute, flag, plan_run
+    from memprof.plan import flag, plan_run
     from memprof.results import RunDirectory
 
     given = [flag(n) for n in ACCURACY_FLAGS if getattr(args, n) is not None]
@@ -180,9 +189,7 @@ def cmd_run(args) -> int:
     accuracy = _plan_accuracy(args, plan.options) if args.accuracy else None
     try:
         with RunDirectory(plan.out_dir):
-            for line in [plan.announce, *plan.notes]:
-                _note(line)
-            records = execute(plan, lock=False)
+            records = _execute(plan)
             if accuracy:
                 _execute_accuracy(accuracy, plan.out_dir)
     except KeyboardInterrupt as exc:
@@ -197,16 +204,14 @@ def cmd_fit(args) -> int:
         from memprof.script.cli import cmd_fit_script
 
         return cmd_fit_script(args, args.argv)
-    from memprof.plan import execute, plan_fit
+    from memprof.plan import plan_fit
     from memprof.reports.planner import render_fit, write_fit_reports
     from memprof.results import RunDirectory
 
     plan = plan_fit(_run_options(args, batch_size=None), args.batch_size)
     try:
         with RunDirectory(plan.out_dir):
-            for line in [plan.announce, *plan.notes]:
-                _note(line)
-            records = execute(plan, lock=False)
+            records = _execute(plan)
     except KeyboardInterrupt as exc:
         return _interrupted(plan.out_dir, exc)
     tried = [r for r in records if r["status"] != "skipped"]
@@ -224,7 +229,7 @@ def cmd_fit(args) -> int:
 
 def cmd_advise(args) -> int:
     from memprof.planning.advise import advice, render_advice, render_advice_terminal
-    from memprof.plan import execute, plan_advise
+    from memprof.plan import plan_advise
     from memprof.results import RESULTS_FILE, RunDirectory, load_verdicts, write_text
 
     verdicts = load_verdicts(args.accuracy_from) if args.accuracy_from else {}
@@ -238,9 +243,7 @@ def cmd_advise(args) -> int:
     ap = plan_advise(_run_options(args, ADVISE, resume=False, retry_failed=False, snapshot=None, nvml_period_ms=None))
     try:
         with RunDirectory(ap.run.out_dir):
-            for line in [ap.run.announce, *ap.run.notes]:
-                _note(line)
-            records = {r.spec.key: r for r in execute(ap.run, lock=False)}
+            records = {r.spec.key: r for r in _execute(ap.run)}
     except KeyboardInterrupt as exc:
         return _interrupted(ap.run.out_dir, exc, resume=None)
     result = advice(ap.candidates, records, ap.not_modelled, ap.not_applicable, verdicts)
@@ -294,7 +297,7 @@ def cmd_accuracy(args) -> int:
 def cmd_suite(args) -> int:
     """Every [[run]] of a suite file into one results.jsonl; all runs are validated before the first starts,
     and an error names the line of the key it concerns."""
-    from memprof.plan import execute, plan_suite, writable_dir
+    from memprof.plan import plan_suite, writable_dir
     from memprof.results import RunDirectory
 
     name = os.path.splitext(os.path.basename(args.file))[0]
@@ -305,9 +308,7 @@ def cmd_suite(args) -> int:
     try:
         with RunDirectory(out_dir):
             for plan in plans:
-                for line in [plan.announce, *plan.notes]:
-                    _note(line)
-                records = execute(plan, lock=False)
+                records = _execute(plan)
     except KeyboardInterrupt as exc:
         return _interrupted(out_dir, exc, resume=f"continue with `memprof suite {args.file} --out {out_dir} --resume`")
     report(records, out_dir, None)

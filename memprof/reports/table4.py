@@ -438,12 +438,16 @@ def _claim_rows(records: list[dict], metric: str) -> list[list]:
     return lines
 
 
+def _table_section(title: str, text: str, rows: list, headers: list) -> str:
+    """A report section: `## title`, its text, then the rows as a table; none without rows."""
+    if not rows:
+        return ""
+    return f"## {title}\n\n{text}\n\n" + tabulate(rows, headers=headers, tablefmt="github") + "\n"
+
+
 def render_claims(records: list[dict], metric: str = "reserved") -> str:
     """The paper's claims beside ours, for the paper's setting (micro-batch 1, no checkpointing, 32-bit)."""
-    lines = _claim_rows(records, metric)
-    if not lines:
-        return ""
-    head = ("## The paper's claims beside ours\n\n"
+    return _table_section("The paper's claims beside ours", (
             "Paper: peak memory from Weights & Biases system metrics (NVML: the whole process, CUDA context "
             "included) on a 12 GB Titan-X, with the PyTorch of 2022. Ours: " + METRICS[metric][1] + " and, "
             + ("closer to what NVML sees, " if metric != "nvml-process" else "what torch reports, ")
@@ -451,8 +455,7 @@ def render_claims(records: list[dict], metric: str = "reserved") -> str:
             f"when it is within {CLAIM_TOLERANCE_POINTS} points of the paper's. Today's PyTorch runs "
             "AdamW in its foreach implementation, whose step holds one extra full-size copy of the trainable "
             "parameters, which widens the gap; a fixed per-process overhead (context, anything else the process "
-            "keeps on the GPU) narrows the paper's percentages.\n")
-    return head + "\n" + tabulate(lines, headers=claim_headers(metric), tablefmt="github") + "\n"
+            "keeps on the GPU) narrows the paper's percentages."), _claim_rows(records, metric), claim_headers(metric))
 
 
 def render_eight_bit_check(records: list[dict], metric: str) -> str:
@@ -484,10 +487,9 @@ def render_rules(records: list[dict]) -> str:
 
     known = rule_descriptions()
     lines = [[n, *known.get(n, ("(unknown rule)", ""))] for n in names]
-    return ("## How the predictions were made\n\nThe training steps ran on fake CPU tensors (no data, no memory); "
-            "every storage's allocation and release was replayed through a model of CUDA's caching allocator "
-            "with these rules:\n\n" + tabulate(lines, headers=["rule", "what it models", "source"],
-                                                tablefmt="github") + "\n")
+    return _table_section("How the predictions were made", "The training steps ran on fake CPU tensors (no data, no "
+                          "memory); every storage's allocation and release was replayed through a model of CUDA's "
+                          "caching allocator with these rules:", lines, ["rule", "what it models", "source"])
 
 
 def render_state_bytes(records: list[dict]) -> str:
@@ -500,16 +502,13 @@ def render_state_bytes(records: list[dict]) -> str:
             rows.setdefault((method, r["spec"]["model"]), [_method_label(method), r["spec"]["model"],
                             m["state_bytes_per_trainable_param"], m.get("state_params_fp32_kept", ""),
                             4 + 4 + m["state_bytes_per_trainable_param"]])
-    if not rows:
-        return ""
     table = [rows[k] for k in sorted(rows, key=lambda k: (_rank(k[1], MODELS), k[1], -k[0][1], k[0][2],
                                                            _rank(k[0][0], OPTIMS)))]
-    return ("## Bytes per trainable parameter\n\nOptimizer state bytes per trainable parameter, read from the "
+    return _table_section("Bytes per trainable parameter", ("Optimizer state bytes per trainable parameter, read from the "
             "state tensors after the run (for 8-bit states: uint8 states, fp32 absmax per 256-element block, "
             "fp32 states for tensors under 4096 elements, the shared quantization maps). With the fp32 weight "
-            "and gradient added, the paper's accounting: AdamW 16, SGD with momentum 12, without 8.\n\n"
-            + tabulate(table, headers=["method", "model", "state B/param", "params kept fp32", "weight+grad+state B/param"],
-                       tablefmt="github") + "\n")
+            "and gradient added, the paper's accounting: AdamW 16, SGD with momentum 12, without 8."),
+        table, ["method", "model", "state B/param", "params kept fp32", "weight+grad+state B/param"])
 
 
 def per_gpu_rows(records: list[dict]) -> tuple[list, list]:
@@ -546,14 +545,11 @@ def per_gpu_rows(records: list[dict]) -> tuple[list, list]:
 def render_per_gpu(records: list[dict]) -> str:
     """The per-GPU table: rank 0's peak allocated under DDP and FSDP at each world size."""
     headers, rows = per_gpu_rows(records)
-    if not rows:
-        return ""
-    return ("## Per GPU under DDP and FSDP\n\nRank 0's peak allocated bytes at each parallelism and world size "
+    return _table_section("Per GPU under DDP and FSDP", ("Rank 0's peak allocated bytes at each parallelism and world size "
             "(`ddp8`: DistributedDataParallel over 8 ranks; `fsdp8`: FSDP2 `fully_shard` per block over 8), "
             "predicted on a fake process group (memprof.simulation.distributed). DDP adds its gradient buckets at any world "
             "size; FSDP shards parameters, gradients and optimizer state, so the optimizer's share, and with it "
-            "SGD's saving over AdamW, shrinks as the world grows.\n\n"
-            + tabulate(rows, headers=headers, tablefmt="github") + "\n")
+            "SGD's saving over AdamW, shrinks as the world grows."), rows, headers)
 
 
 def render_floor(records: list) -> str:
@@ -568,11 +564,9 @@ def render_floor(records: list) -> str:
         peak = m.get("peak_allocated_bytes", m.get("peak_live_bytes"))
         rows.append([r.config, r.source, _size(m["floor_bytes"]),
                      "n/a" if peak is None else _size(peak), m.get("peak_to_floor_ratio") or "n/a"])
-    if not rows:
-        return ""
-    return ("## Floor: weights + gradients + optimizer state\n\nThe peak (allocated; live bytes on the cpu backend) "
-            "as a multiple of the floor, each figure predicted or measured as its source says.\n\n"
-            + tabulate(rows, headers=["config", "source", "floor", "peak", "peak / floor"], tablefmt="github") + "\n")
+    return _table_section("Floor: weights + gradients + optimizer state", "The peak (allocated; live bytes on the cpu "
+                          "backend) as a multiple of the floor, each figure predicted or measured as its source says.",
+                          rows, ["config", "source", "floor", "peak", "peak / floor"])
 
 
 def render_sampler_effect(records: list[dict]) -> str:
@@ -586,15 +580,12 @@ def render_sampler_effect(records: list[dict]) -> str:
         rows.append([r["key"], gib(p["peak_bytes"]), gib(p["lowest_recorded_bytes"]), p["run_s"],
                      p["readings_at_most"], f"{100 * p['share_of_phases_with_no_reading']:.0f}%",
                      "n/a" if p["share_of_time_near_peak"] is None else f"{100 * p['share_of_time_near_peak']:.1f}%"])
-    if not rows:
-        return ""
-    return ("## What a 15 s sampler would have recorded (measured)\n\n"
+    return _table_section("What a 15 s sampler would have recorded (measured)", (
             "The paper's figures come from Weights & Biases system metrics, one NVML reading per 15 s. From our 5 ms "
             "NVML series of the same process: the true peak, the lowest figure such a sampler can report (its "
             "highest reading, at the least lucky phase), how many readings the run allows, how often (over the "
-            "sampler's phase) it gets none, and the share of the run within 5% of the peak.\n\n"
-            + tabulate(rows, headers=["config", "NVML peak GiB", "15 s sampler, lowest GiB", "run s", "readings",
-                                      "no reading", "time near peak"], tablefmt="github") + "\n")
+            "sampler's phase) it gets none, and the share of the run within 5% of the peak."), rows,
+        ["config", "NVML peak GiB", "15 s sampler, lowest GiB", "run s", "readings", "no reading", "time near peak"])
 
 
 def render_reconciliation(records: list[dict]) -> str:
@@ -611,14 +602,11 @@ def render_reconciliation(records: list[dict]) -> str:
         rows.append([r["key"], r["source"], mib(alloc), mib(res - alloc), mib(res),
                      mib(None if proc is None else proc - res), mib(proc),
                      mib(None if dev is None or proc is None else dev - proc), mib(dev)])
-    if not rows:
-        return ""
-    return ("## One view: allocated, reserved, NVML (MiB, each at its own peak)\n\n"
+    return _table_section("One view: allocated, reserved, NVML (MiB, each at its own peak)", (
             "Predicted NVML process memory is peak reserved plus an estimated CUDA context; measured NVML "
-            "figures are sampled by PID (other processes count only in the device column).\n\n"
-            + tabulate(rows, headers=["config", "source", "allocated", "+ cache", "= reserved", "+ context/other",
-                                      "= NVML process", "+ other processes", "= NVML device"],
-                       tablefmt="github") + "\n")
+            "figures are sampled by PID (other processes count only in the device column)."), rows,
+        ["config", "source", "allocated", "+ cache", "= reserved", "+ context/other", "= NVML process",
+         "+ other processes", "= NVML device"])
 
 
 HOLDERS_SHOWN = 5
