@@ -262,9 +262,9 @@ def trained_parameters(model, info: ModelInfo, train: str) -> set:
     known = layout(model)
     if train == TRAIN_HEAD or train.startswith(TRAIN_LAST):
         if known is None or (train != TRAIN_HEAD and known["blocks"] is None):
-            what = "its classification head" if train == TRAIN_HEAD else "its residual blocks as one list"
+            what = "its classification head is" if train == TRAIN_HEAD else "its residual blocks are (as one list)"
             raise UsageError(f"--train {train}: {info.name} ({type(model.visual).__name__}) does not say where "
-                             f"{what} is: name the modules that train with globs instead, e.g. --train "
+                             f"{what}: name the modules that train with globs instead, e.g. --train "
                              f"'{_example_glob(model)}'")
         chosen = set(known["head"])
         if train.startswith(TRAIN_LAST):

@@ -131,12 +131,18 @@ def _shape(config) -> tuple[int, int, int]:
     return (channels, *DEFAULT_INPUT_SHAPE[1:])
 
 
+def _float32(transformers) -> dict:
+    """from_config's keyword for float32 weights whatever the config names (`dtype` from transformers 5 on)."""
+    import torch
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": torch.float32} if major >= 5 else {"torch_dtype": torch.float32}
+
+
 def _network(name: str, num_classes: int, input_shape=None):
     """The HF network for a name (on the current default device), with float32 weights whatever dtype the
     config names (memprof's --precision sets the dtype): the classifier, or the image tower and its pooled
     output's width."""
-    import torch
-
     transformers = _transformers()
     config = copy.deepcopy(_config(name))
     tower = _kind(config) == "tower"
@@ -145,8 +151,7 @@ def _network(name: str, num_classes: int, input_shape=None):
         channels, height, width = input_shape
         target.image_size = height if height == width else (height, width)
         target.num_channels = channels
-    major = int(transformers.__version__.split(".")[0])
-    dtype = {"dtype": torch.float32} if major >= 5 else {"torch_dtype": torch.float32}
+    dtype = _float32(transformers)
     if tower:
         return transformers.AutoModel.from_config(target, **dtype), target.hidden_size
     config.num_labels = num_classes
@@ -212,15 +217,12 @@ def dual_model(name: str):
     """The whole CLIP / SigLIP model of a dual config (both towers, their projections, the logit scale; SigLIP's
     logit bias), float32, random weights (`--objective contrastive`: memprof.contrastive), with its text inputs'
     (context length, vocabulary size); a UsageError in one line for a config without a text tower."""
-    import torch
-
     transformers = _transformers()
     config = copy.deepcopy(_config(name))
     if _kind(config) != "tower" or getattr(config, "text_config", None) is None:
         raise UsageError(f"contrastive needs a CLIP/SigLIP model: {name} ({config.model_type}) has no text tower "
                          f"(give the dual model's config, model_type clip or siglip), or use --objective classify")
-    major = int(transformers.__version__.split(".")[0])
-    dtype = {"dtype": torch.float32} if major >= 5 else {"torch_dtype": torch.float32}
+    dtype = _float32(transformers)
     net = transformers.AutoModel.from_config(config, **dtype)
     net.set_grad_checkpointing = types.MethodType(_set_grad_checkpointing, net)
     text = config.text_config
